@@ -1,1 +1,49 @@
+//! The VMM control protocol: newline-delimited JSON over a Unix socket.
+//!
+//! This crate is shared by the VMM (server side) and the admin shell (client side). It has no
+//! KVM dependency and performs no I/O except in the small blocking [`Client`].
+//!
+//! * A **request** is one line `{"cmd":"<name>", ...arguments}`; [`parse_request`] turns it into a
+//!   typed [`Request`] (a pure function), [`encode_request`] does the opposite.
+//! * A **response** is one line, exactly one per request and in request order:
+//!   `{"ok":true, ...fields}` or `{"ok":false,"error":"<message>"}` ([`Response`], typed bodies
+//!   in [`Reply`]).
+//! * An **event** is one line `{"event":"<name>", ...fields, "vm":"<name>","time":"<RFC 3339>"}`
+//!   sent to connections that issued `subscribe` ([`EventMessage`], [`Event`]).
+//! * [`LineBuffer`] frames a byte stream into lines with a bounded length.
+//!
+//! The full wire description with `socat` examples is in `docs/protocol.md`.
 
+mod client;
+mod error;
+mod event;
+mod framing;
+mod request;
+mod response;
+pub mod time;
+mod types;
+
+pub use client::{parse_response_line, Client, ClientError, ServerLine};
+pub use error::ProtocolError;
+pub use event::{Event, EventMessage};
+pub use framing::{FrameError, LineBuffer};
+pub use request::{encode_request, parse_request, parse_request_bytes, Request};
+pub use response::{
+    ConsoleAttached, KernelEntry, KernelList, KernelSelection, LogInfo, Reply, Response,
+    StatusInfo, StopOutcome, StopResult, WatchdogInfo,
+};
+pub use types::{PanicAction, ParseEnumError, ResetCause, VmState, WatchdogAction};
+
+/// Longest request line the server accepts, in bytes (without the newline).
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Longest response or event line a client should accept, in bytes. Larger than [`MAX_LINE`]
+/// because a `log` response carries the whole console scrollback (JSON-escaped).
+pub const MAX_RESPONSE_LINE: usize = 16 * 1024 * 1024;
+
+/// Default `timeout_s` of `shutdown` and `reboot`: seconds to wait for the guest before the hard
+/// action is taken.
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
+
+/// Largest accepted `timeout_s` (one day).
+pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;

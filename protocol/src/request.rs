@@ -1,0 +1,523 @@
+//! Requests: `{"cmd":"<name>", ...arguments}` lines and their typed form.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::error::ProtocolError;
+use crate::types::WatchdogAction;
+use crate::MAX_STOP_TIMEOUT_S;
+
+/// A typed control request. The wire form is one JSON object per line with the command name
+/// in `cmd` and the arguments as further members; unknown arguments are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// `{"cmd":"status"}`: state, kernel, uptime, boot count, watchdog.
+    Status,
+    /// `{"cmd":"pause"}`: freeze the vCPUs.
+    Pause,
+    /// `{"cmd":"resume"}`: continue a paused VM.
+    Resume,
+    /// `{"cmd":"reset"}`: hard reset now.
+    Reset,
+    /// `{"cmd":"poweroff"}`: hard power-off now; the VM goes to `stopped`.
+    Poweroff,
+    /// `{"cmd":"start"}`: boot a `stopped` VM.
+    Start,
+    /// `{"cmd":"shutdown","timeout_s":60}`: graceful shutdown, power-off after the timeout.
+    Shutdown {
+        /// Seconds to wait before the hard power-off (default
+        /// [`DEFAULT_STOP_TIMEOUT_S`](crate::DEFAULT_STOP_TIMEOUT_S)).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<u64>,
+    },
+    /// `{"cmd":"reboot","timeout_s":60}`: graceful reboot, hard reset after the timeout.
+    Reboot {
+        /// Seconds to wait before the hard reset (default
+        /// [`DEFAULT_STOP_TIMEOUT_S`](crate::DEFAULT_STOP_TIMEOUT_S)).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        timeout_s: Option<u64>,
+    },
+    /// `{"cmd":"kernels"}`: the kernel library.
+    Kernels,
+    /// `{"cmd":"set-kernel","name":"..."}`: the kernel for the next boot.
+    SetKernel {
+        /// Library entry name.
+        name: String,
+    },
+    /// `{"cmd":"console","replay":true}`: switch the connection to the raw console.
+    Console {
+        /// Send the scrollback before the live output.
+        #[serde(skip_serializing_if = "is_false")]
+        replay: bool,
+    },
+    /// `{"cmd":"log","bytes":65536}`: the console scrollback.
+    Log {
+        /// Only the last `bytes` bytes.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+    },
+    /// `{"cmd":"subscribe"}`: receive event lines on this connection from now on.
+    Subscribe,
+    /// `{"cmd":"watchdog"}`: watchdog state.
+    Watchdog,
+    /// `{"cmd":"set-watchdog","action":"reset"}`: the watchdog expiry action.
+    SetWatchdog {
+        /// The new action.
+        action: WatchdogAction,
+    },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Request {
+    /// Every command name, in documentation order (for help texts and completion).
+    pub const NAMES: &'static [&'static str] = &[
+        "status",
+        "pause",
+        "resume",
+        "reset",
+        "poweroff",
+        "start",
+        "shutdown",
+        "reboot",
+        "kernels",
+        "set-kernel",
+        "console",
+        "log",
+        "subscribe",
+        "watchdog",
+        "set-watchdog",
+    ];
+
+    /// The command name (`cmd`) of this request.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Reset => "reset",
+            Request::Poweroff => "poweroff",
+            Request::Start => "start",
+            Request::Shutdown { .. } => "shutdown",
+            Request::Reboot { .. } => "reboot",
+            Request::Kernels => "kernels",
+            Request::SetKernel { .. } => "set-kernel",
+            Request::Console { .. } => "console",
+            Request::Log { .. } => "log",
+            Request::Subscribe => "subscribe",
+            Request::Watchdog => "watchdog",
+            Request::SetWatchdog { .. } => "set-watchdog",
+        }
+    }
+}
+
+/// Arguments of one request, consumed one by one; whatever is left is an unknown argument.
+struct Args {
+    cmd: &'static str,
+    map: Map<String, Value>,
+}
+
+impl Args {
+    fn take(&mut self, arg: &'static str) -> Option<Value> {
+        // `null` means "not given": handy for clients that serialize absent options as null.
+        self.map.remove(arg).filter(|v| !v.is_null())
+    }
+
+    fn invalid(&self, arg: &'static str, expected: impl Into<String>) -> ProtocolError {
+        ProtocolError::InvalidArgument {
+            cmd: self.cmd,
+            arg,
+            expected: expected.into(),
+        }
+    }
+
+    fn opt_u64(&mut self, arg: &'static str, max: u64) -> Result<Option<u64>, ProtocolError> {
+        match self.take(arg) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= max => Ok(Some(n)),
+                _ if max == u64::MAX => Err(self.invalid(arg, "a non-negative integer")),
+                _ => Err(self.invalid(arg, format!("an integer from 0 to {max}"))),
+            },
+        }
+    }
+
+    fn opt_bool(&mut self, arg: &'static str) -> Result<Option<bool>, ProtocolError> {
+        match self.take(arg) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(self.invalid(arg, "true or false")),
+        }
+    }
+
+    fn string(&mut self, arg: &'static str) -> Result<String, ProtocolError> {
+        match self.take(arg) {
+            None => Err(ProtocolError::MissingArgument { cmd: self.cmd, arg }),
+            Some(Value::String(s)) if !s.is_empty() => Ok(s),
+            Some(_) => Err(self.invalid(arg, "a non-empty string")),
+        }
+    }
+
+    fn parsed<T: std::str::FromStr>(
+        &mut self,
+        arg: &'static str,
+        names: &str,
+    ) -> Result<T, ProtocolError> {
+        match self.take(arg) {
+            None => Err(ProtocolError::MissingArgument { cmd: self.cmd, arg }),
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| self.invalid(arg, format!("one of {names}"))),
+            Some(_) => Err(self.invalid(arg, format!("one of {names}"))),
+        }
+    }
+
+    fn finish(self) -> Result<(), ProtocolError> {
+        // Report in a stable order (serde_json's map is sorted).
+        match self.map.into_iter().next() {
+            None => Ok(()),
+            Some((arg, _)) => Err(ProtocolError::UnknownArgument { cmd: self.cmd, arg }),
+        }
+    }
+}
+
+/// Parses one request line (without its newline; surrounding whitespace is ignored).
+///
+/// A pure function: the server answers its error with `{"ok":false,"error":"<Display>"}` and
+/// keeps the connection open.
+pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
+    let value: Value =
+        serde_json::from_str(line).map_err(|e| ProtocolError::MalformedJson(e.to_string()))?;
+    let Value::Object(mut map) = value else {
+        return Err(ProtocolError::NotAnObject);
+    };
+    let name = match map.remove("cmd") {
+        None | Some(Value::Null) => return Err(ProtocolError::MissingCommand),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(ProtocolError::CommandNotString),
+    };
+    let Some(cmd) = Request::NAMES.iter().copied().find(|n| *n == name) else {
+        return Err(ProtocolError::UnknownCommand(truncate_for_message(&name)));
+    };
+    let mut args = Args { cmd, map };
+    let request = match cmd {
+        "status" => Request::Status,
+        "pause" => Request::Pause,
+        "resume" => Request::Resume,
+        "reset" => Request::Reset,
+        "poweroff" => Request::Poweroff,
+        "start" => Request::Start,
+        "shutdown" => Request::Shutdown {
+            timeout_s: args.opt_u64("timeout_s", MAX_STOP_TIMEOUT_S)?,
+        },
+        "reboot" => Request::Reboot {
+            timeout_s: args.opt_u64("timeout_s", MAX_STOP_TIMEOUT_S)?,
+        },
+        "kernels" => Request::Kernels,
+        "set-kernel" => Request::SetKernel {
+            name: args.string("name")?,
+        },
+        "console" => Request::Console {
+            replay: args.opt_bool("replay")?.unwrap_or(false),
+        },
+        "log" => Request::Log {
+            bytes: args.opt_u64("bytes", u64::MAX)?,
+        },
+        "subscribe" => Request::Subscribe,
+        "watchdog" => Request::Watchdog,
+        "set-watchdog" => Request::SetWatchdog {
+            action: args.parsed("action", WatchdogAction::NAMES)?,
+        },
+        // `cmd` comes from `Request::NAMES`, all of which are handled above.
+        other => return Err(ProtocolError::UnknownCommand(other.to_string())),
+    };
+    args.finish()?;
+    Ok(request)
+}
+
+/// [`parse_request`] for a raw line as framed by [`LineBuffer`](crate::LineBuffer).
+pub fn parse_request_bytes(line: &[u8]) -> Result<Request, ProtocolError> {
+    let line = std::str::from_utf8(line).map_err(|_| ProtocolError::InvalidUtf8)?;
+    parse_request(line)
+}
+
+/// Keeps error messages short when a client sends a huge command name.
+fn truncate_for_message(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Encodes a request as one line, newline included.
+pub fn encode_request(request: &Request) -> String {
+    // Serializing these plain types into a string cannot fail; fall back to the bare command
+    // rather than panicking.
+    let mut line = serde_json::to_string(request)
+        .unwrap_or_else(|_| format!("{{\"cmd\":\"{}\"}}", request.name()));
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn err(line: &str) -> String {
+        parse_request(line).unwrap_err().to_string()
+    }
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::Reset,
+            Request::Poweroff,
+            Request::Start,
+            Request::Shutdown { timeout_s: None },
+            Request::Shutdown { timeout_s: Some(5) },
+            Request::Reboot { timeout_s: None },
+            Request::Reboot { timeout_s: Some(0) },
+            Request::Kernels,
+            Request::SetKernel {
+                name: "mini-6.1 \"quoted\" ü".into(),
+            },
+            Request::Console { replay: false },
+            Request::Console { replay: true },
+            Request::Log { bytes: None },
+            Request::Log {
+                bytes: Some(u64::MAX),
+            },
+            Request::Subscribe,
+            Request::Watchdog,
+            Request::SetWatchdog {
+                action: WatchdogAction::None,
+            },
+            Request::SetWatchdog {
+                action: WatchdogAction::Shutdown,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips_through_encode_and_parse() {
+        for r in all_requests() {
+            let line = encode_request(&r);
+            assert!(line.ends_with('\n'));
+            assert_eq!(line.matches('\n').count(), 1, "{line}");
+            assert_eq!(parse_request(line.trim_end()).unwrap(), r, "{line}");
+        }
+    }
+
+    #[test]
+    fn every_name_is_parsed_and_named_back() {
+        let mut seen = Vec::new();
+        for r in all_requests() {
+            assert!(Request::NAMES.contains(&r.name()));
+            if !seen.contains(&r.name()) {
+                seen.push(r.name());
+            }
+        }
+        assert_eq!(seen, Request::NAMES);
+    }
+
+    #[test]
+    fn simple_commands_parse() {
+        assert_eq!(
+            parse_request(r#"{"cmd":"status"}"#).unwrap(),
+            Request::Status
+        );
+        assert_eq!(
+            parse_request(r#"  {"cmd":"pause"}  "#).unwrap(),
+            Request::Pause
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"shutdown","timeout_s":30}"#).unwrap(),
+            Request::Shutdown {
+                timeout_s: Some(30)
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"timeout_s":null,"cmd":"reboot"}"#).unwrap(),
+            Request::Reboot { timeout_s: None }
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"console"}"#).unwrap(),
+            Request::Console { replay: false }
+        );
+        assert_eq!(
+            parse_request(r#"{"cmd":"set-watchdog","action":"pause"}"#).unwrap(),
+            Request::SetWatchdog {
+                action: WatchdogAction::Pause
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_reported_with_position() {
+        assert!(err("{").starts_with("malformed JSON: "), "{}", err("{"));
+        assert!(err("").starts_with("malformed JSON: "));
+        assert!(err("status").starts_with("malformed JSON: "));
+        assert!(err(r#"{"cmd":"status"} trailing"#).starts_with("malformed JSON: "));
+        assert!(err(r#"{"cmd":"status",}"#).starts_with("malformed JSON: "));
+        assert!(err("{\"cmd\":\"st\u{0}atus\"}").starts_with("malformed JSON: "));
+        assert!(err("\u{feff}{\"cmd\":\"status\"}").starts_with("malformed JSON: "));
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        for line in [
+            "[]",
+            "1",
+            "\"status\"",
+            "null",
+            "true",
+            r#"[{"cmd":"status"}]"#,
+        ] {
+            assert_eq!(
+                parse_request(line),
+                Err(ProtocolError::NotAnObject),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_or_mistyped_cmd_is_refused() {
+        assert_eq!(err("{}"), "missing 'cmd' in request");
+        assert_eq!(err(r#"{"cmd":null}"#), "missing 'cmd' in request");
+        assert_eq!(err(r#"{"command":"status"}"#), "missing 'cmd' in request");
+        assert_eq!(err(r#"{"cmd":1}"#), "'cmd' must be a string");
+        assert_eq!(err(r#"{"cmd":["status"]}"#), "'cmd' must be a string");
+    }
+
+    #[test]
+    fn unknown_command_is_named() {
+        assert_eq!(err(r#"{"cmd":"x"}"#), "unknown command 'x'");
+        assert_eq!(err(r#"{"cmd":"STATUS"}"#), "unknown command 'STATUS'");
+        assert_eq!(
+            err(r#"{"cmd":"set_kernel"}"#),
+            "unknown command 'set_kernel'"
+        );
+        assert_eq!(err(r#"{"cmd":""}"#), "unknown command ''");
+        let long = "y".repeat(1000);
+        let msg = err(&format!(r#"{{"cmd":"{long}"}}"#));
+        assert!(msg.len() < 100, "{msg}");
+        let wide = "é".repeat(100);
+        assert!(err(&format!(r#"{{"cmd":"{wide}"}}"#)).ends_with("...'"));
+    }
+
+    #[test]
+    fn missing_arguments_are_named() {
+        assert_eq!(
+            err(r#"{"cmd":"set-kernel"}"#),
+            "missing argument 'name' for set-kernel"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-kernel","name":null}"#),
+            "missing argument 'name' for set-kernel"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-watchdog"}"#),
+            "missing argument 'action' for set-watchdog"
+        );
+    }
+
+    #[test]
+    fn invalid_arguments_say_what_is_expected() {
+        assert_eq!(
+            err(r#"{"cmd":"shutdown","timeout_s":-1}"#),
+            "invalid argument 'timeout_s' for shutdown: expected an integer from 0 to 86400"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"reboot","timeout_s":"10"}"#),
+            "invalid argument 'timeout_s' for reboot: expected an integer from 0 to 86400"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"reboot","timeout_s":1.5}"#),
+            "invalid argument 'timeout_s' for reboot: expected an integer from 0 to 86400"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"reboot","timeout_s":86401}"#),
+            "invalid argument 'timeout_s' for reboot: expected an integer from 0 to 86400"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"log","bytes":-5}"#),
+            "invalid argument 'bytes' for log: expected a non-negative integer"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"log","bytes":1e30}"#),
+            "invalid argument 'bytes' for log: expected a non-negative integer"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"console","replay":"yes"}"#),
+            "invalid argument 'replay' for console: expected true or false"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-kernel","name":""}"#),
+            "invalid argument 'name' for set-kernel: expected a non-empty string"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-kernel","name":7}"#),
+            "invalid argument 'name' for set-kernel: expected a non-empty string"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-watchdog","action":"explode"}"#),
+            "invalid argument 'action' for set-watchdog: expected one of reset, poweroff, pause, shutdown, none"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-watchdog","action":{"a":1}}"#),
+            "invalid argument 'action' for set-watchdog: expected one of reset, poweroff, pause, shutdown, none"
+        );
+    }
+
+    #[test]
+    fn unknown_arguments_are_refused() {
+        assert_eq!(
+            err(r#"{"cmd":"status","verbose":true}"#),
+            "unknown argument 'verbose' for status"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"shutdown","timeout":5}"#),
+            "unknown argument 'timeout' for shutdown"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-kernel","name":"a","b":1}"#),
+            "unknown argument 'b' for set-kernel"
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_is_refused() {
+        assert_eq!(
+            parse_request_bytes(b"{\"cmd\":\"\xff\"}"),
+            Err(ProtocolError::InvalidUtf8)
+        );
+        assert_eq!(
+            parse_request_bytes(br#"{"cmd":"status"}"#),
+            Ok(Request::Status)
+        );
+    }
+
+    #[test]
+    fn deeply_nested_json_is_an_error_not_a_crash() {
+        let line = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(err(&line).starts_with("malformed JSON: "));
+        let line = format!(
+            r#"{{"cmd":"status","x":{}1{}}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert!(err(&line).starts_with("malformed JSON: "));
+    }
+}

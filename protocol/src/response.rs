@@ -1,0 +1,448 @@
+//! Responses: `{"ok":true, ...}` / `{"ok":false,"error":"..."}` lines and typed bodies.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::client::ClientError;
+use crate::types::{PanicAction, ResetCause, VmState, WatchdogAction};
+
+/// `status`: `{"ok":true,"name":"web1","state":"running",...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// VM name.
+    pub name: String,
+    /// `running`, `paused` or `stopped`.
+    pub state: VmState,
+    /// Kernel library entry of the current (or last) boot.
+    pub kernel: String,
+    /// Kernel selected for the next boot, when it differs from `kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_kernel: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Milliseconds since the current boot (0 when stopped).
+    pub uptime_ms: u64,
+    /// Boots since the VMM process started (first boot = 1).
+    pub boot_count: u64,
+    /// Cause of the last reset, `null` if the guest was never reset.
+    #[serde(default)]
+    pub last_reset: Option<ResetCause>,
+    /// Watchdog state, `null` without a watchdog device.
+    #[serde(default)]
+    pub watchdog: Option<WatchdogInfo>,
+    /// What a guest panic does, `null` without a panic device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_panic: Option<PanicAction>,
+}
+
+/// `watchdog` and `set-watchdog`: `{"ok":true,"armed":true,"timeout_s":30,...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchdogInfo {
+    /// The guest started the timer and has not stopped it.
+    pub armed: bool,
+    /// Timeout the guest programmed (seconds), `null` if never programmed.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Seconds of guest running time left before expiry, `null` when not armed.
+    #[serde(default)]
+    pub seconds_left: Option<u64>,
+    /// Action taken on expiry.
+    pub action: WatchdogAction,
+    /// Number of expiries since the VMM process started.
+    pub expiries: u64,
+}
+
+/// One kernel library entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelEntry {
+    /// Name used by `set-kernel`.
+    pub name: String,
+    /// Kernel release (`uname -r`), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Free text from the library.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `kernels`: `{"ok":true,"kernels":[...],"current":"a","next":"b"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelList {
+    /// Library entries.
+    pub kernels: Vec<KernelEntry>,
+    /// Entry of the current (or last) boot.
+    #[serde(default)]
+    pub current: Option<String>,
+    /// Entry the next boot will use.
+    #[serde(default)]
+    pub next: Option<String>,
+}
+
+/// `set-kernel`: `{"ok":true,"next":"b","current":"a"}`; it takes effect at the next boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelSelection {
+    /// Entry the next boot will use.
+    pub next: String,
+    /// Entry of the current (or last) boot.
+    #[serde(default)]
+    pub current: Option<String>,
+}
+
+/// How a `shutdown` or `reboot` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopResult {
+    /// The guest complied in time.
+    Graceful,
+    /// The timeout expired and the hard action was taken.
+    Forced,
+}
+
+/// `shutdown`/`reboot`: `{"ok":true,"result":"graceful","elapsed_ms":5210}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopOutcome {
+    /// `graceful` or `forced`.
+    pub result: StopResult,
+    /// Milliseconds from the request to the guest stopping (or being reset).
+    pub elapsed_ms: u64,
+}
+
+/// `log`: `{"ok":true,"data":"...","bytes":1234,"total_bytes":99999}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogInfo {
+    /// The scrollback as text (invalid UTF-8 replaced by U+FFFD).
+    pub data: String,
+    /// Number of raw console bytes in `data`.
+    pub bytes: u64,
+    /// Console bytes the guest printed since the VMM started (so `total_bytes - bytes` is the
+    /// stream offset of `data`).
+    pub total_bytes: u64,
+}
+
+/// `console`: `{"ok":true,"replay_bytes":N}`; then N bytes of scrollback, then live output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleAttached {
+    /// Raw scrollback bytes that follow the reply line before the live output.
+    pub replay_bytes: u64,
+}
+
+/// A successful result, as produced by the server. Serializes to the fields that follow
+/// `"ok":true` on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// `{"ok":true}` (pause, resume, reset, poweroff, start, subscribe).
+    Done,
+    /// `status`.
+    Status(StatusInfo),
+    /// `kernels`.
+    Kernels(KernelList),
+    /// `set-kernel`.
+    KernelSelected(KernelSelection),
+    /// `shutdown`, `reboot`.
+    Stopped(StopOutcome),
+    /// `watchdog`, `set-watchdog`.
+    Watchdog(WatchdogInfo),
+    /// `log`.
+    Log(LogInfo),
+    /// `console`.
+    Console(ConsoleAttached),
+}
+
+impl Serialize for Reply {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Reply::Done => Map::new().serialize(serializer),
+            Reply::Status(v) => v.serialize(serializer),
+            Reply::Kernels(v) => v.serialize(serializer),
+            Reply::KernelSelected(v) => v.serialize(serializer),
+            Reply::Stopped(v) => v.serialize(serializer),
+            Reply::Watchdog(v) => v.serialize(serializer),
+            Reply::Log(v) => v.serialize(serializer),
+            Reply::Console(v) => v.serialize(serializer),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OkLine<'a> {
+    ok: bool,
+    #[serde(flatten)]
+    body: &'a Reply,
+}
+
+#[derive(Serialize)]
+struct ErrLine<'a> {
+    ok: bool,
+    error: &'a str,
+}
+
+impl Reply {
+    /// The response line `{"ok":true, ...}` including its newline.
+    pub fn to_line(&self) -> String {
+        let mut line = serde_json::to_string(&OkLine {
+            ok: true,
+            body: self,
+        })
+        // Plain structs with string keys always serialize; never panic in the server.
+        .unwrap_or_else(|e| error_line_inner(&format!("internal error: {e}")));
+        line.push('\n');
+        line
+    }
+}
+
+fn error_line_inner(message: &str) -> String {
+    serde_json::to_string(&ErrLine {
+        ok: false,
+        error: message,
+    })
+    .unwrap_or_else(|_| r#"{"ok":false,"error":"internal error"}"#.to_string())
+}
+
+/// The response line `{"ok":false,"error":"<message>"}` including its newline.
+pub fn error_line(message: &str) -> String {
+    let mut line = error_line_inner(message);
+    line.push('\n');
+    line
+}
+
+/// A response as read by a client: `Ok` with the fields after `"ok":true`, or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// `{"ok":true, ...fields}`: the fields without `ok`.
+    Ok(Map<String, Value>),
+    /// `{"ok":false,"error":"..."}`: the message.
+    Error(String),
+}
+
+impl Response {
+    /// The line for a server-side result, newline included.
+    pub fn line_for(result: &Result<Reply, String>) -> String {
+        match result {
+            Ok(reply) => reply.to_line(),
+            Err(message) => error_line(message),
+        }
+    }
+
+    /// The error line for `message`, newline included.
+    pub fn error_line(message: &str) -> String {
+        error_line(message)
+    }
+
+    /// Whether this is an `ok:true` response.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Response::Ok(_))
+    }
+
+    /// Decodes the fields of a successful response into `T` (e.g. [`StatusInfo`]); an error
+    /// response becomes [`ClientError::Remote`].
+    pub fn decode<T: DeserializeOwned>(self) -> Result<T, ClientError> {
+        match self {
+            Response::Ok(map) => serde_json::from_value(Value::Object(map))
+                .map_err(|e| ClientError::UnexpectedResponse(e.to_string())),
+            Response::Error(message) => Err(ClientError::Remote(message)),
+        }
+    }
+
+    /// `Ok(())` for a successful response, [`ClientError::Remote`] otherwise.
+    pub fn into_unit(self) -> Result<(), ClientError> {
+        match self {
+            Response::Ok(_) => Ok(()),
+            Response::Error(message) => Err(ClientError::Remote(message)),
+        }
+    }
+
+    /// Builds a response from a parsed JSON object that has an `ok` member.
+    pub(crate) fn from_object(mut map: Map<String, Value>) -> Result<Self, ClientError> {
+        match map.remove("ok") {
+            Some(Value::Bool(true)) => Ok(Response::Ok(map)),
+            Some(Value::Bool(false)) => match map.remove("error") {
+                Some(Value::String(message)) => Ok(Response::Error(message)),
+                _ => Err(ClientError::UnexpectedResponse(
+                    "error response without an 'error' message".into(),
+                )),
+            },
+            _ => Err(ClientError::UnexpectedResponse(
+                "'ok' must be true or false".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::client::{parse_response_line, ServerLine};
+
+    fn status() -> StatusInfo {
+        StatusInfo {
+            name: "web1".into(),
+            state: VmState::Running,
+            kernel: "mini".into(),
+            next_kernel: None,
+            vcpus: 2,
+            memory_mib: 512,
+            uptime_ms: 1234,
+            boot_count: 2,
+            last_reset: Some(ResetCause::Watchdog),
+            watchdog: Some(WatchdogInfo {
+                armed: true,
+                timeout_s: Some(30),
+                seconds_left: Some(12),
+                action: WatchdogAction::Reset,
+                expiries: 1,
+            }),
+            on_panic: Some(PanicAction::Pause),
+        }
+    }
+
+    fn all_replies() -> Vec<Reply> {
+        vec![
+            Reply::Done,
+            Reply::Status(status()),
+            Reply::Kernels(KernelList {
+                kernels: vec![
+                    KernelEntry {
+                        name: "mini".into(),
+                        version: Some("6.1.0".into()),
+                        description: None,
+                    },
+                    KernelEntry {
+                        name: "debian".into(),
+                        version: None,
+                        description: Some("Debian generic".into()),
+                    },
+                ],
+                current: Some("mini".into()),
+                next: Some("debian".into()),
+            }),
+            Reply::KernelSelected(KernelSelection {
+                next: "debian".into(),
+                current: None,
+            }),
+            Reply::Stopped(StopOutcome {
+                result: StopResult::Forced,
+                elapsed_ms: 60_000,
+            }),
+            Reply::Watchdog(WatchdogInfo {
+                armed: false,
+                timeout_s: None,
+                seconds_left: None,
+                action: WatchdogAction::None,
+                expiries: 0,
+            }),
+            Reply::Log(LogInfo {
+                data: "line1\r\nline2 \u{1b}[0m \"q\"\n".into(),
+                bytes: 22,
+                total_bytes: 1 << 40,
+            }),
+            Reply::Console(ConsoleAttached { replay_bytes: 77 }),
+        ]
+    }
+
+    #[test]
+    fn done_is_just_ok_true() {
+        assert_eq!(Reply::Done.to_line(), "{\"ok\":true}\n");
+    }
+
+    #[test]
+    fn ok_comes_first_and_fields_keep_struct_order() {
+        let line = Reply::Status(status()).to_line();
+        assert!(
+            line.starts_with(
+                r#"{"ok":true,"name":"web1","state":"running","kernel":"mini","vcpus":2"#
+            ),
+            "{line}"
+        );
+        assert!(line.contains(r#""last_reset":"watchdog""#));
+        assert!(line.contains(r#""watchdog":{"armed":true,"timeout_s":30,"seconds_left":12,"action":"reset","expiries":1}"#), "{line}");
+        assert!(!line.contains("next_kernel"));
+        assert!(line.ends_with("}\n"));
+        assert_eq!(line.matches('\n').count(), 1);
+    }
+
+    #[test]
+    fn error_line_escapes_the_message() {
+        let line = error_line("bad \"thing\"\nhere");
+        assert_eq!(
+            line,
+            "{\"ok\":false,\"error\":\"bad \\\"thing\\\"\\nhere\"}\n"
+        );
+        assert_eq!(
+            Response::line_for(&Err("x".into())),
+            "{\"ok\":false,\"error\":\"x\"}\n"
+        );
+    }
+
+    #[test]
+    fn replies_decode_on_the_client_side() {
+        for reply in all_replies() {
+            let line = reply.to_line();
+            assert_eq!(line.matches('\n').count(), 1, "{line}");
+            let ServerLine::Response(resp) = parse_response_line(&line).unwrap() else {
+                panic!("not a response: {line}");
+            };
+            assert!(resp.is_ok());
+            match &reply {
+                Reply::Done => resp.into_unit().unwrap(),
+                Reply::Status(v) => assert_eq!(&resp.decode::<StatusInfo>().unwrap(), v),
+                Reply::Kernels(v) => assert_eq!(&resp.decode::<KernelList>().unwrap(), v),
+                Reply::KernelSelected(v) => {
+                    assert_eq!(&resp.decode::<KernelSelection>().unwrap(), v)
+                }
+                Reply::Stopped(v) => assert_eq!(&resp.decode::<StopOutcome>().unwrap(), v),
+                Reply::Watchdog(v) => assert_eq!(&resp.decode::<WatchdogInfo>().unwrap(), v),
+                Reply::Log(v) => assert_eq!(&resp.decode::<LogInfo>().unwrap(), v),
+                Reply::Console(v) => assert_eq!(&resp.decode::<ConsoleAttached>().unwrap(), v),
+            }
+        }
+    }
+
+    #[test]
+    fn no_body_uses_the_reserved_keys() {
+        for reply in all_replies() {
+            let value: Value = serde_json::to_value(&reply).unwrap();
+            let map = value.as_object().unwrap();
+            assert!(
+                !map.contains_key("ok") && !map.contains_key("error") && !map.contains_key("event")
+            );
+        }
+    }
+
+    #[test]
+    fn error_response_decodes_to_remote_error() {
+        let ServerLine::Response(resp) =
+            parse_response_line(r#"{"ok":false,"error":"VM is stopped"}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(resp, Response::Error("VM is stopped".into()));
+        let err = resp.decode::<StatusInfo>().unwrap_err();
+        assert_eq!(err.to_string(), "VM is stopped");
+    }
+
+    #[test]
+    fn mismatched_body_is_an_unexpected_response() {
+        let ServerLine::Response(resp) = parse_response_line(r#"{"ok":true}"#).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(
+            resp.decode::<StatusInfo>(),
+            Err(ClientError::UnexpectedResponse(_))
+        ));
+    }
+
+    #[test]
+    fn status_from_an_older_server_without_optional_fields_decodes() {
+        let line = r#"{"ok":true,"name":"a","state":"stopped","kernel":"k","vcpus":1,"memory_mib":64,"uptime_ms":0,"boot_count":0}"#;
+        let ServerLine::Response(resp) = parse_response_line(line).unwrap() else {
+            panic!()
+        };
+        let s: StatusInfo = resp.decode().unwrap();
+        assert_eq!(s.last_reset, None);
+        assert_eq!(s.watchdog, None);
+    }
+}

@@ -3,6 +3,7 @@
 //! event loop.
 
 pub mod bus;
+pub mod legacy;
 
 pub use bus::{Bus, BusDevice};
 

@@ -1,1 +1,29 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmm::config::{Cli, VmConfig};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = match VmConfig::resolve(cli, vmm::config::host_memory_mib()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match vmm::run(cfg) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! The VM's configuration: command-line flags and an optional TOML file with
+//! the same keys (flags win), validated into a `VmConfig`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::layout::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
+
+pub const MAX_VCPUS: u8 = 8;
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    ReadFile { path: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    ParseFile { path: String, reason: String },
+    #[error("no kernel given: use --kernel PATH, or --kernel-dir DIR with --kernel-name NAME")]
+    NoKernel,
+    #[error("--kernel and --kernel-name are mutually exclusive")]
+    KernelTwice,
+    #[error("--kernel-name needs --kernel-dir")]
+    NoKernelDir,
+    #[error("kernel {0} not found")]
+    KernelMissing(String),
+    #[error("kernel library entry '{name}' not found in {dir} (entries: {entries})")]
+    LibraryEntryMissing {
+        name: String,
+        dir: String,
+        entries: String,
+    },
+    #[error("initrd {0} not found")]
+    InitrdMissing(String),
+    #[error("--memory {0}: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB")]
+    MemoryRange(u64),
+    #[error("--memory {asked} MiB is more than this host has ({host} MiB)")]
+    MemoryHost { asked: u64, host: u64 },
+    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u64),
+    #[error("--console {0}: must be 'stdio', 'none' or 'auto'")]
+    Console(String),
+    #[error("VM name '{0}' is invalid: use 1-64 letters, digits, '-', '_' or '.'")]
+    Name(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleMode {
+    /// stdio when stdin is a terminal, otherwise none.
+    #[default]
+    Auto,
+    Stdio,
+    None,
+}
+
+/// Command-line flags. Every field is optional so the TOML file can supply
+/// it; `resolve` applies defaults and checks.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(name = "vmm", version, about = "KVM virtual machine monitor: one process per guest")]
+pub struct Cli {
+    /// TOML file with the same keys as the flags (flags override it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The VM's name (logs, events, the admin shell).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Kernel image: bzImage, or an ELF vmlinux with a PVH entry.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (default: the library entry's, or a serial console).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Kernel library directory (entries are DIR/NAME/{bzImage,initrd.img,cmdline}).
+    #[arg(long, value_name = "DIR")]
+    pub kernel_dir: Option<PathBuf>,
+    /// Library entry to boot.
+    #[arg(long, value_name = "NAME")]
+    pub kernel_name: Option<String>,
+    /// Guest memory in MiB (default 256).
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u64>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u64>,
+    /// Append everything the guest prints to this file (O_APPEND).
+    #[arg(long, value_name = "PATH")]
+    pub console_log: Option<PathBuf>,
+    /// Where the serial console goes.
+    #[arg(long, value_enum)]
+    pub console: Option<ConsoleMode>,
+    /// Exit the process when the guest powers off (default when there is no control socket).
+    #[arg(long)]
+    pub exit_on_poweroff: bool,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    name: Option<String>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    cmdline: Option<String>,
+    kernel_dir: Option<PathBuf>,
+    kernel_name: Option<String>,
+    memory: Option<u64>,
+    vcpus: Option<u64>,
+    console_log: Option<PathBuf>,
+    console: Option<ConsoleMode>,
+    exit_on_poweroff: Option<bool>,
+}
+
+/// Where the kernel comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelSource {
+    Path {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+    },
+    Library {
+        dir: PathBuf,
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    pub name: String,
+    pub kernel: KernelSource,
+    /// Explicit command line; None means the library entry's or the default.
+    pub cmdline: Option<String>,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub console_log: Option<PathBuf>,
+    pub console: ConsoleMode,
+    pub exit_on_poweroff: bool,
+    /// The config file, if any (its directory holds the VM's state file).
+    pub config_file: Option<PathBuf>,
+}
+
+/// A resolved kernel: what one boot loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelChoice {
+    pub label: String,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl VmConfig {
+    /// Merges flags over the file and validates everything that can be
+    /// checked before touching KVM. `host_mib` is the host's memory.
+    pub fn resolve(cli: Cli, host_mib: Option<u64>) -> Result<VmConfig, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let name = cli.name.or(file.name).unwrap_or_else(|| "vm".to_string());
+        if !valid_name(&name) {
+            return Err(ConfigError::Name(name));
+        }
+        let kernel = cli.kernel.or(file.kernel);
+        let initrd = cli.initrd.or(file.initrd);
+        let kernel_dir = cli.kernel_dir.or(file.kernel_dir);
+        let kernel_name = cli.kernel_name.or(file.kernel_name);
+        let kernel = match (kernel, kernel_name) {
+            (Some(_), Some(_)) => return Err(ConfigError::KernelTwice),
+            (Some(k), None) => KernelSource::Path { kernel: k, initrd },
+            (None, Some(n)) => KernelSource::Library {
+                dir: kernel_dir.ok_or(ConfigError::NoKernelDir)?,
+                name: n,
+            },
+            (None, None) => return Err(ConfigError::NoKernel),
+        };
+        let mem_mib = cli.memory.or(file.memory).unwrap_or(256);
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&mem_mib) {
+            return Err(ConfigError::MemoryRange(mem_mib));
+        }
+        if let Some(host) = host_mib {
+            if mem_mib > host {
+                return Err(ConfigError::MemoryHost {
+                    asked: mem_mib,
+                    host,
+                });
+            }
+        }
+        let vcpus = cli.vcpus.or(file.vcpus).unwrap_or(1);
+        if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
+            return Err(ConfigError::Vcpus(vcpus));
+        }
+        let cfg = VmConfig {
+            name,
+            kernel,
+            cmdline: cli.cmdline.or(file.cmdline),
+            mem_mib,
+            vcpus: vcpus as u8,
+            console_log: cli.console_log.or(file.console_log),
+            console: cli.console.or(file.console).unwrap_or_default(),
+            exit_on_poweroff: cli.exit_on_poweroff || file.exit_on_poweroff.unwrap_or(false),
+            config_file: cli.config,
+        };
+        // Fail early on a missing kernel rather than at first boot.
+        cfg.kernel_choice(None)?;
+        Ok(cfg)
+    }
+
+    /// The kernel for the next boot: the library entry `override_name` if
+    /// given (a customer's `set-kernel`), else the configured one.
+    pub fn kernel_choice(&self, override_name: Option<&str>) -> Result<KernelChoice, ConfigError> {
+        match (&self.kernel, override_name) {
+            (KernelSource::Library { dir, .. }, Some(n)) if !n.is_empty() => {
+                library_entry(dir, n, self.cmdline.as_deref())
+            }
+            (KernelSource::Library { dir, name }, _) => {
+                library_entry(dir, name, self.cmdline.as_deref())
+            }
+            (KernelSource::Path { kernel, initrd }, _) => {
+                if !kernel.is_file() {
+                    return Err(ConfigError::KernelMissing(kernel.display().to_string()));
+                }
+                if let Some(i) = initrd {
+                    if !i.is_file() {
+                        return Err(ConfigError::InitrdMissing(i.display().to_string()));
+                    }
+                }
+                Ok(KernelChoice {
+                    label: kernel.display().to_string(),
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: self
+                        .cmdline
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+                })
+            }
+        }
+    }
+
+    pub fn library_dir(&self) -> Option<&Path> {
+        match &self.kernel {
+            KernelSource::Library { dir, .. } => Some(dir),
+            KernelSource::Path { .. } => None,
+        }
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::ReadFile {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+        path: path.display().to_string(),
+        reason: e.message().to_string(),
+    })
+}
+
+/// The entries of a kernel library: subdirectories holding a kernel.
+pub fn library_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.path().join("bzImage").is_file() || e.path().join("vmlinux").is_file())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+pub fn library_entry(
+    dir: &Path,
+    name: &str,
+    cmdline: Option<&str>,
+) -> Result<KernelChoice, ConfigError> {
+    let entry = dir.join(name);
+    let kernel = entry.join("bzImage");
+    if !valid_name(name) || !kernel.is_file() {
+        return Err(ConfigError::LibraryEntryMissing {
+            name: name.to_string(),
+            dir: dir.display().to_string(),
+            entries: library_entries(dir).join(", "),
+        });
+    }
+    let initrd = Some(entry.join("initrd.img")).filter(|p| p.is_file());
+    let cmdline = match cmdline {
+        Some(c) => c.to_string(),
+        None => std::fs::read_to_string(entry.join("cmdline"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| DEFAULT_CMDLINE.to_string()),
+    };
+    Ok(KernelChoice {
+        label: name.to_string(),
+        kernel,
+        initrd,
+        cmdline,
+    })
+}
+
+/// MemTotal of the host in MiB.
+pub fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vmm-cfg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn cli_with_kernel(k: &Path) -> Cli {
+        Cli {
+            kernel: Some(k.to_path_buf()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_apply_and_flags_override_the_file() {
+        let d = tmpdir("merge");
+        let k = d.join("bzImage");
+        std::fs::write(&k, b"x").unwrap();
+        let f = d.join("vm.toml");
+        std::fs::write(&f, format!("name = \"web1\"\nkernel = \"{}\"\nmemory = 512\nvcpus = 2\n", k.display())).unwrap();
+        let cli = Cli {
+            config: Some(f.clone()),
+            vcpus: Some(1),
+            ..Default::default()
+        };
+        let c = VmConfig::resolve(cli, Some(4096)).unwrap();
+        assert_eq!(c.name, "web1");
+        assert_eq!(c.mem_mib, 512);
+        assert_eq!(c.vcpus, 1, "the flag wins over the file");
+        assert_eq!(c.kernel_choice(None).unwrap().cmdline, DEFAULT_CMDLINE);
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let d = tmpdir("bad");
+        let k = d.join("bzImage");
+        std::fs::write(&k, b"x").unwrap();
+        let mut cli = cli_with_kernel(&k);
+        cli.memory = Some(0);
+        assert_eq!(VmConfig::resolve(cli.clone(), None), Err(ConfigError::MemoryRange(0)));
+        cli.memory = Some(8192);
+        assert!(matches!(
+            VmConfig::resolve(cli.clone(), Some(4096)),
+            Err(ConfigError::MemoryHost { .. })
+        ));
+        cli.memory = None;
+        cli.vcpus = Some(0);
+        assert_eq!(VmConfig::resolve(cli.clone(), None), Err(ConfigError::Vcpus(0)));
+        cli.vcpus = Some(9);
+        assert_eq!(VmConfig::resolve(cli.clone(), None), Err(ConfigError::Vcpus(9)));
+        cli.vcpus = None;
+        cli.name = Some("../etc".into());
+        assert!(matches!(VmConfig::resolve(cli, None), Err(ConfigError::Name(_))));
+        let missing = cli_with_kernel(&d.join("nope"));
+        let e = VmConfig::resolve(missing, None).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+        assert_eq!(VmConfig::resolve(Cli::default(), None), Err(ConfigError::NoKernel));
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn unknown_or_malformed_file_keys_are_rejected() {
+        let d = tmpdir("file");
+        let f = d.join("vm.toml");
+        std::fs::write(&f, "memroy = 5\n").unwrap();
+        let e = VmConfig::resolve(Cli { config: Some(f.clone()), ..Default::default() }, None).unwrap_err();
+        assert!(e.to_string().contains("memroy"), "{e}");
+        std::fs::write(&f, "memory = \"lots\"\n").unwrap();
+        assert!(VmConfig::resolve(Cli { config: Some(f), ..Default::default() }, None).is_err());
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn library_entries_resolve_with_their_cmdline() {
+        let d = tmpdir("lib");
+        for n in ["mini", "debian-6.1"] {
+            std::fs::create_dir_all(d.join(n)).unwrap();
+            std::fs::write(d.join(n).join("bzImage"), b"x").unwrap();
+        }
+        std::fs::write(d.join("mini").join("cmdline"), "console=ttyS0 quiet\n").unwrap();
+        std::fs::write(d.join("mini").join("initrd.img"), b"x").unwrap();
+        let cli = Cli {
+            kernel_dir: Some(d.clone()),
+            kernel_name: Some("mini".into()),
+            ..Default::default()
+        };
+        let c = VmConfig::resolve(cli, None).unwrap();
+        let k = c.kernel_choice(None).unwrap();
+        assert_eq!(k.cmdline, "console=ttyS0 quiet");
+        assert!(k.initrd.is_some());
+        let other = c.kernel_choice(Some("debian-6.1")).unwrap();
+        assert_eq!(other.label, "debian-6.1");
+        assert!(other.initrd.is_none());
+        let e = c.kernel_choice(Some("nope")).unwrap_err();
+        assert!(e.to_string().contains("debian-6.1, mini"), "{e}");
+        assert!(c.kernel_choice(Some("../mini")).is_err());
+        assert_eq!(library_entries(&d), vec!["debian-6.1", "mini"]);
+        std::fs::remove_dir_all(&d).ok();
+    }
+}

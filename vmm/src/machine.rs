@@ -1,0 +1,241 @@
+//! One boot of the guest: a KVM VM with its memory, devices and vCPU
+//! threads. A reset tears the whole `Machine` down and builds a new one
+//! (memory cleared, vCPUs and devices in their power-on state, kernel read
+//! again from disk); what outlives a boot (console, control socket, config)
+//! lives in the `Vmm`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use devices::legacy::serial::{SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
+use devices::legacy::{EventFdTrigger, SerialDevice};
+use devices::{Bus, BusDevice};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, BootSpec};
+use crate::cpu::{self, CpuidPolicy};
+use crate::events::VmEventQueue;
+use crate::layout;
+use crate::vcpu::{FallbackCounters, Vcpu, VcpuHandle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {mib} MiB of guest memory: {detail}")]
+    Memory { mib: u64, detail: String },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    #[error("{0}")]
+    Device(String),
+    #[error("{0}")]
+    Vcpu(String),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
+    move |source| MachineError::Kvm { what, source }
+}
+
+/// What a boot needs, resolved from the VM's config (the kernel may change
+/// between boots).
+#[derive(Clone, Debug)]
+pub struct BootConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub cpuid: CpuidPolicy,
+}
+
+/// A device the VMM adds on top of the fixed platform ones, per boot.
+pub struct PioDevice {
+    pub base: u64,
+    pub len: u64,
+    pub device: Arc<Mutex<dyn BusDevice>>,
+    /// (eventfd, gsi) pairs to register as irqfds.
+    pub irqs: Vec<(Arc<EventFd>, u32)>,
+}
+
+/// Long-lived things a boot plugs into.
+pub struct BootEnv<'a> {
+    pub events: &'a VmEventQueue,
+    pub serial_out: SerialOutput,
+    /// Signalled when the guest drained the UART's receive FIFO.
+    pub serial_input_drained: Option<EventFd>,
+    pub extra_pio: Vec<PioDevice>,
+    /// Runs on vCPU 0's thread right before its first KVM_RUN.
+    pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
+}
+
+pub struct Machine {
+    // Field order matters for drop: vCPU threads stop before the VM and
+    // memory go away.
+    vcpus: Vec<VcpuHandle>,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub fallback: Arc<FallbackCounters>,
+    pub started: Instant,
+    pub mem: GuestMemoryMmap,
+    _vm: VmFd,
+}
+
+impl Machine {
+    pub fn boot(kvm: &Kvm, cfg: &BootConfig, env: BootEnv) -> Result<Machine, MachineError> {
+        let started = Instant::now();
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(0xfffb_c000)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem_bytes = cfg.mem_mib << 20;
+        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_bytes)).map_err(|e| {
+            MachineError::Memory {
+                mib: cfg.mem_mib,
+                detail: e.to_string(),
+            }
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| MachineError::Memory {
+                    mib: cfg.mem_mib,
+                    detail: e.to_string(),
+                })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which this
+            // Machine keeps until after the VM fd is closed (field order).
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        let rsdp = GuestAddress(layout::ACPI_START);
+        let entry = boot::load(
+            &mem,
+            &BootSpec {
+                kernel: &cfg.kernel,
+                initrd: cfg.initrd.as_deref(),
+                cmdline: &cfg.cmdline,
+                mem_bytes,
+                rsdp,
+            },
+        )?;
+        crate::platform::write_acpi(&mem, cfg.vcpus, rsdp)?;
+
+        // Port I/O devices.
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| MachineError::Device(format!("serial eventfd: {e}")))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            EventFdTrigger::new(serial_irq),
+            env.serial_out,
+            env.serial_input_drained,
+        )));
+        pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
+            .map_err(|e| MachineError::Device(format!("serial: {e}")))?;
+        for d in env.extra_pio {
+            for (evt, gsi) in &d.irqs {
+                vm.register_irqfd(evt, *gsi)
+                    .map_err(kvm_err("KVM_IRQFD"))?;
+            }
+            pio.insert(d.device, d.base, d.len)
+                .map_err(|e| MachineError::Device(format!("port {:#x}: {e}", d.base)))?;
+        }
+        let pio = Arc::new(pio);
+        let mmio = Arc::new(Bus::new());
+
+        let supported = cpu::supported_cpuid(kvm)?;
+        let fallback = Arc::new(FallbackCounters::default());
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        let mut first_run = env.on_first_run;
+        for id in 0..cfg.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpu::filter_cpuid(&mut cpuid, id, cfg.vcpus, cfg.cpuid);
+            cpu::configure_vcpu(&fd, id, &cpuid, (id == 0).then_some(entry))?;
+            let v = Vcpu {
+                id,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                mem: mem.clone(),
+                events: env.events.clone(),
+                fallback: fallback.clone(),
+                on_first_run: if id == 0 { first_run.take() } else { None },
+            };
+            vcpus.push(v.spawn().map_err(MachineError::Vcpu)?);
+        }
+        Ok(Machine {
+            vcpus,
+            serial,
+            fallback,
+            started,
+            mem,
+            _vm: vm,
+        })
+    }
+
+    pub fn pause(&self) {
+        for v in &self.vcpus {
+            v.pause();
+        }
+        for v in &self.vcpus {
+            if !v.wait_parked(Duration::from_secs(5)) {
+                tracing::warn!("vCPU {} did not pause within 5 s", v.id);
+            }
+        }
+    }
+
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.resume();
+        }
+    }
+
+    /// Stops every vCPU; the VM and its memory go away when dropped.
+    pub fn shutdown(mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+    }
+
+    /// Feeds held-back console input to the UART; returns bytes taken.
+    pub fn feed_serial(&self, bytes: &[u8]) -> usize {
+        lock(&self.serial).enqueue_input(bytes)
+    }
+
+    pub fn fallback_summary(&self) -> (u64, u64, Vec<(String, u64)>) {
+        (
+            self.fallback.emulated.load(Ordering::Relaxed),
+            self.fallback.injected.load(Ordering::Relaxed),
+            lock(&self.fallback.kinds).summary(),
+        )
+    }
+}

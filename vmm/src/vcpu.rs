@@ -1,0 +1,394 @@
+//! The vCPU threads: `KVM_RUN`, exit dispatch to the buses, the PVM
+//! emulation fallback, and the small run/pause/exit state machine driven by
+//! the VMM thread (a signal plus `immediate_exit` kicks a vCPU out of the
+//! guest).
+
+use std::cell::Cell;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::bus::lock;
+use devices::{Bus, ResetCause};
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::emulate;
+use crate::events::{VmEvent, VmEventQueue};
+
+/// What the VMM wants a vCPU to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    Run,
+    Pause,
+    Exit,
+}
+
+/// Shared between a vCPU thread and the VMM thread.
+pub struct VcpuControl {
+    want: Mutex<(Want, bool /* parked */)>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    fn new() -> Self {
+        Self {
+            want: Mutex::new((Want::Run, false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn set(&self, w: Want) {
+        lock(&self.want).0 = w;
+        self.cv.notify_all();
+    }
+
+    /// Parks a running vCPU after a fatal exit; an `Exit` already asked
+    /// for is kept.
+    fn self_park(&self) {
+        let mut g = lock(&self.want);
+        if g.0 == Want::Run {
+            g.0 = Want::Pause;
+        }
+    }
+
+    /// Blocks while paused; returns false when the vCPU must exit.
+    /// `on_resume` runs when the vCPU leaves a pause.
+    fn wait_runnable(&self, on_resume: impl FnOnce()) -> bool {
+        let mut g = lock(&self.want);
+        let mut was_paused = false;
+        loop {
+            match g.0 {
+                Want::Run => {
+                    g.1 = false;
+                    drop(g);
+                    if was_paused {
+                        on_resume();
+                    }
+                    return true;
+                }
+                Want::Exit => {
+                    g.1 = true;
+                    self.cv.notify_all();
+                    return false;
+                }
+                Want::Pause => {
+                    was_paused = true;
+                    if !g.1 {
+                        g.1 = true;
+                        self.cv.notify_all();
+                    }
+                    g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
+
+    /// Waits until the vCPU sits outside `KVM_RUN` (paused or exiting).
+    fn wait_parked(&self, timeout: Duration) -> bool {
+        let g = lock(&self.want);
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |s| !s.1)
+            .unwrap_or_else(|e| e.into_inner());
+        g.1
+    }
+}
+
+/// Counters of one boot's PVM fallback work, shared by all vCPUs.
+#[derive(Default)]
+pub struct FallbackCounters {
+    pub emulated: AtomicU64,
+    pub injected: AtomicU64,
+    pub kinds: Mutex<emulate::Stats>,
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PTR.with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's own mapped kvm_run, set
+            // by the vCPU thread before KVM_RUN and valid while it lives;
+            // writing one byte is async-signal-safe.
+            unsafe { (*run).immediate_exit = 1 };
+        }
+    });
+}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+pub fn init_kick_signal() -> Result<(), String> {
+    register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"))
+}
+
+pub struct VcpuHandle {
+    pub id: u8,
+    control: Arc<VcpuControl>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // ESRCH once the thread is gone is fine.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    pub fn pause(&self) {
+        self.control.set(Want::Pause);
+        self.kick();
+    }
+
+    pub fn resume(&self) {
+        self.control.set(Want::Run);
+    }
+
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        self.control.wait_parked(timeout)
+    }
+
+    /// Stops the thread and joins it.
+    pub fn stop(&mut self) {
+        self.control.set(Want::Exit);
+        // The thread may be between the check and KVM_RUN: kick until parked.
+        for _ in 0..200 {
+            self.kick();
+            if self.control.wait_parked(Duration::from_millis(10)) {
+                break;
+            }
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub mem: GuestMemoryMmap,
+    pub events: VmEventQueue,
+    pub fallback: Arc<FallbackCounters>,
+    /// Called on the vCPU thread right before its first KVM_RUN.
+    pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
+}
+
+enum Next {
+    Continue,
+    Park,
+}
+
+impl Vcpu {
+    pub fn spawn(self) -> Result<VcpuHandle, String> {
+        let control = Arc::new(VcpuControl::new());
+        let c = control.clone();
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run_loop(&c))
+            .map_err(|e| format!("cannot start vCPU thread {id}: {e}"))?;
+        Ok(VcpuHandle {
+            id,
+            control,
+            thread: Some(thread),
+        })
+    }
+
+    fn run_loop(mut self, control: &VcpuControl) {
+        KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let mut first = self.on_first_run.take();
+        let mut parked = false;
+        loop {
+            if parked {
+                // Stay out of the guest until the VMM tears us down.
+                control.self_park();
+                parked = false;
+            }
+            let fd = &self.fd;
+            if !control.wait_runnable(|| {
+                // Tell the guest's kvmclock it was stopped, so it does not
+                // report soft lockups. EINVAL when the guest has no kvmclock.
+                let _ = fd.kvmclock_ctrl();
+            }) {
+                break;
+            }
+            if let Some(f) = first.take() {
+                f();
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        if !self.pio.read(u64::from(port), data) {
+                            data.fill(0xff);
+                        }
+                        Next::Continue
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        dispatch_write(&self.pio, u64::from(port), data);
+                        Next::Continue
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        if !self.mmio.read(addr, data) {
+                            data.fill(0xff);
+                        }
+                        Next::Continue
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        dispatch_write(&self.mmio, addr, data);
+                        Next::Continue
+                    }
+                    VcpuExit::Shutdown => {
+                        self.events.push(VmEvent::Guest(devices::GuestEvent::Reset(
+                            ResetCause::TripleFault,
+                        )));
+                        Next::Park
+                    }
+                    VcpuExit::Hlt => {
+                        // With the in-kernel LAPIC, HLT is handled by KVM;
+                        // an HLT exit means the vCPU can never wake up.
+                        self.events.push(VmEvent::VcpuFailed {
+                            vcpu: self.id,
+                            reason: "the vCPU halted with no way to wake it".into(),
+                        });
+                        Next::Park
+                    }
+                    VcpuExit::SystemEvent(kind, _) => {
+                        let ev = match kind {
+                            kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                                devices::GuestEvent::Reset(ResetCause::TripleFault)
+                            }
+                            _ => devices::GuestEvent::PowerOff,
+                        };
+                        self.events.push(VmEvent::Guest(ev));
+                        Next::Park
+                    }
+                    VcpuExit::InternalError => self.internal_error(),
+                    VcpuExit::Intr => Next::Continue,
+                    VcpuExit::FailEntry(reason, cpu) => {
+                        self.events.push(VmEvent::VcpuFailed {
+                            vcpu: self.id,
+                            reason: format!(
+                                "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+                            ),
+                        });
+                        Next::Park
+                    }
+                    other => {
+                        self.events.push(VmEvent::VcpuFailed {
+                            vcpu: self.id,
+                            reason: format!("unexpected KVM exit {other:?}"),
+                        });
+                        Next::Park
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    Next::Continue
+                }
+                Err(e) => {
+                    self.events.push(VmEvent::VcpuFailed {
+                        vcpu: self.id,
+                        reason: format!("KVM_RUN failed: {e}"),
+                    });
+                    Next::Park
+                }
+            };
+            if let Next::Park = next {
+                parked = true;
+            }
+        }
+        KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// KVM gave up on an instruction (PVM's emulator): emulate it here.
+    fn internal_error(&mut self) -> Next {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+        // `internal` member of the union is the one KVM filled in.
+        let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+        if suberror != kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            self.events.push(VmEvent::VcpuFailed {
+                vcpu: self.id,
+                reason: format!("KVM internal error, suberror {suberror}"),
+            });
+            return Next::Park;
+        }
+        match crate::fallback::emulate_at_rip(&self.fd, &self.mem, &self.fallback) {
+            Ok(()) => Next::Continue,
+            Err(reason) => {
+                self.events.push(VmEvent::VcpuFailed {
+                    vcpu: self.id,
+                    reason,
+                });
+                Next::Park
+            }
+        }
+    }
+}
+
+/// Port/MMIO writes: `rep outs` arrives as several elements in one exit.
+fn dispatch_write(bus: &Bus, addr: u64, data: &[u8]) {
+    if data.len() <= 8 {
+        bus.write(addr, data);
+    } else {
+        for b in data.chunks(1) {
+            bus.write(addr, b);
+        }
+    }
+}
+
+/// Reads guest-physical memory for diagnostics; never fails loudly.
+pub fn read_phys(mem: &GuestMemoryMmap, addr: u64, buf: &mut [u8]) -> bool {
+    mem.read_slice(buf, GuestAddress(addr)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_parks_on_pause_and_releases_on_run() {
+        let c = Arc::new(VcpuControl::new());
+        c.set(Want::Pause);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || {
+            let mut resumed = false;
+            let r = c2.wait_runnable(|| resumed = true);
+            (r, resumed)
+        });
+        assert!(c.wait_parked(Duration::from_secs(5)));
+        c.set(Want::Run);
+        assert_eq!(t.join().unwrap(), (true, true));
+    }
+
+    #[test]
+    fn control_exit_wins_over_pause() {
+        let c = Arc::new(VcpuControl::new());
+        c.set(Want::Pause);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || c2.wait_runnable(|| {}));
+        assert!(c.wait_parked(Duration::from_secs(5)));
+        c.set(Want::Exit);
+        assert!(!t.join().unwrap());
+    }
+}

@@ -111,13 +111,14 @@ pub fn emulate_at_rip(
         ));
     }
 
+    let before = state;
     let result = emulate::emulate(&code[..n], &mut state, &mut vmem);
     {
         let mut kinds = devices::bus::lock(&counters.kinds);
         if kinds.record(result.mnemonic) {
             tracing::info!(
                 "PVM fallback: emulating `{}` in userspace (first at RIP {:#x})",
-                emulate::disassemble(&code[..n], &state),
+                emulate::disassemble(&code[..n], &before),
                 rip
             );
         }

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use devices::legacy::serial::{SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
-use devices::legacy::{EventFdTrigger, SerialDevice};
+use devices::legacy::acpi_pm::{ACPI_PM_BASE, ACPI_PM_LEN};
+use devices::legacy::i8042::{I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_IRQ};
+use devices::legacy::pvpanic::{PVPANIC_LEN, PVPANIC_PORT};
+use devices::legacy::{AcpiPmDevice, EventFdTrigger, I8042Device, I8042Port, PvPanicDevice, SerialDevice};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -84,6 +87,7 @@ pub struct Machine {
     // memory go away.
     vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialDevice>>,
+    pub i8042: Arc<Mutex<I8042Device>>,
     pub fallback: Arc<FallbackCounters>,
     pub started: Instant,
     pub mem: GuestMemoryMmap,
@@ -158,6 +162,23 @@ impl Machine {
         )));
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
             .map_err(|e| MachineError::Device(format!("serial: {e}")))?;
+        let dev_err = |what: &str, e: devices::bus::BusError| MachineError::Device(format!("{what}: {e}"));
+        let kbd_irq = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| MachineError::Device(format!("i8042 eventfd: {e}")))?;
+        vm.register_irqfd(&kbd_irq, I8042_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
+        let i8042 = Arc::new(Mutex::new(I8042Device::new(
+            EventFdTrigger::new(kbd_irq),
+            env.events.sink(),
+        )));
+        pio.insert(Arc::new(Mutex::new(I8042Port::data(i8042.clone()))), I8042_DATA_PORT, 1)
+            .map_err(|e| dev_err("i8042", e))?;
+        pio.insert(Arc::new(Mutex::new(I8042Port::command(i8042.clone()))), I8042_COMMAND_PORT, 1)
+            .map_err(|e| dev_err("i8042", e))?;
+        pio.insert(Arc::new(Mutex::new(AcpiPmDevice::new(env.events.sink()))), ACPI_PM_BASE, ACPI_PM_LEN)
+            .map_err(|e| dev_err("ACPI PM", e))?;
+        pio.insert(Arc::new(Mutex::new(PvPanicDevice::new(env.events.sink()))), PVPANIC_PORT, PVPANIC_LEN)
+            .map_err(|e| dev_err("pvpanic", e))?;
         for d in env.extra_pio {
             for (evt, gsi) in &d.irqs {
                 vm.register_irqfd(evt, *gsi)
@@ -195,6 +216,7 @@ impl Machine {
         Ok(Machine {
             vcpus,
             serial,
+            i8042,
             fallback,
             started,
             mem,

@@ -95,6 +95,7 @@ impl Vm {
     /// Handles queued events; returns Some(exit code) when the process must end.
     pub fn handle_events(&mut self) -> Option<u8> {
         for ev in self.events.drain() {
+            tracing::debug!("vm event: {ev:?}");
             match ev {
                 VmEvent::Guest(GuestEvent::Reset(cause)) => {
                     self.last_reset = Some(cause);

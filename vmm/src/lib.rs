@@ -1,1 +1,2 @@
+pub mod acpi;
 pub mod emulate;

@@ -1,0 +1,462 @@
+#!/usr/bin/env bash
+# Build the guest kernel library used by the VMM's tests.
+#
+#   resources/build-kernels.sh [mini] [debian-6.1] [debian-6.12] [disk]
+#
+# No argument builds everything. Output:
+#   ${KERNEL_DIR:-<repo>/build/kernels}/<name>/{bzImage,initrd.img,cmdline,release,config}
+#   (mini also has vmlinux, the ELF with the PVH note, and System.map)
+#   <KERNEL_DIR>/../disks/rootfs.ext4
+# Expensive inputs (compiled kernels, Debian packages, apt state) are cached in
+# ${VMM_CACHE:-/var/cache/vmm-guest}, keyed by what they are built from, so a
+# fresh clone on the same machine reuses them. Re-running is a fast no-op.
+# Environment: KERNEL_DIR, VMM_CACHE, JOBS (make -j, default nproc),
+#   VMM_REFRESH=1 (look up the newest Debian kernel packages again).
+# Needs root (apt-get, mknod) only when something has to be built.
+# See resources/README.md.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RES=$REPO/resources
+KERNEL_DIR=${KERNEL_DIR:-$REPO/build/kernels}
+DISK_DIR=$(dirname "$KERNEL_DIR")/disks
+CACHE=${VMM_CACHE:-/var/cache/vmm-guest}
+JOBS=${JOBS:-$(nproc)}
+ALL_TARGETS=(mini debian-6.1 debian-6.12 disk)
+# Bump when the way a kernel is built changes (invalidates cached kernels).
+MINI_RECIPE=1
+DISK_UUID=5f1c0de0-7e57-4b1d-9a11-00000000d15c
+DISK_SIZE=64M
+
+MINI_CMDLINE="console=ttyS0 reboot=k panic=1 tsc=reliable no_timer_check lpj=5000000 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+DEBIAN_CMDLINE="console=ttyS0 reboot=k panic=1 rodata=off nowatchdog tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+# Modules the initramfs of a Debian kernel loads, in this order (each after
+# its dependencies from modules.dep). crc32c_generic is a soft dependency of
+# ext4/jbd2 (metadata_csum), so it is named explicitly.
+DEBIAN_MODULES=(crc32c_generic virtio virtio_ring virtio_mmio virtio_blk failover net_failover virtio_net ib700wdt pvpanic pvpanic_mmio ext4)
+
+say() { echo "==> $*"; }
+die() { echo "build-kernels.sh: error: $*" >&2; exit 1; }
+sha() { sha256sum | cut -c1-16; }
+
+usage() {
+	echo "usage: $0 [mini] [debian-6.1] [debian-6.12] [disk]   (no argument: all)"
+}
+
+# ---------------------------------------------------------------- arguments
+TARGETS=()
+for a in "$@"; do
+	case "$a" in
+	-h|--help) usage; exit 0 ;;
+	mini|debian-6.1|debian-6.12|disk) TARGETS+=("$a") ;;
+	*) usage >&2; die "unknown target '$a'" ;;
+	esac
+done
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
+
+# ---------------------------------------------------------------- packages
+pkg_installed() {
+	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
+}
+
+APT_UPDATED=
+ensure_packages() {
+	local missing=() p
+	for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
+	[ ${#missing[@]} -gt 0 ] || return 0
+	need_root "install ${missing[*]}"
+	if [ -z "$APT_UPDATED" ]; then
+		say "apt-get update"
+		apt-get update -q >/dev/null || die "apt-get update failed"
+		APT_UPDATED=1
+	fi
+	say "apt-get install ${missing[*]}"
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null ||
+		die "apt-get install ${missing[*]} failed"
+}
+
+need_root() {
+	[ "$(id -u)" = 0 ] || die "must run as root to $1"
+}
+
+COMMON_PKGS=(busybox-static cpio coreutils)
+MINI_PKGS=(linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev lz4 xz-utils kmod)
+DEBIAN_PKGS=(xz-utils zstd kmod debian-archive-keyring)
+DISK_PKGS=(e2fsprogs)
+
+# ---------------------------------------------------------------- keys
+# Everything that shapes the initramfs/rootfs contents, not the kernels.
+userspace_key() {
+	{
+		cat "$RES/build-kernels.sh" "$RES/initramfs/init" "$RES/rootfs/init" "$RES"/vmm-scripts/*
+		dpkg-query -W -f='${Version}' busybox-static
+	} | sha
+}
+
+mini_src_version() { dpkg-query -W -f='${Version}' linux-source-6.1; }
+mini_kernel_key() {
+	{ cat "$RES/mini.config"; mini_src_version; echo "recipe=$MINI_RECIPE"; } | sha
+}
+
+# Is <dir> an entry built with stamp <key>?
+up_to_date() { [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]; }
+
+# Replace directory $2 by staged directory $1 atomically enough.
+publish_dir() {
+	local tmp=$1 dst=$2
+	rm -rf "$dst.old"
+	[ ! -e "$dst" ] || mv "$dst" "$dst.old"
+	mv "$tmp" "$dst"
+	rm -rf "$dst.old"
+}
+
+# ---------------------------------------------------------------- userspace
+# Install busybox and its applet links into root directory $1.
+install_busybox() {
+	local root=$1 l
+	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin}
+	cp /bin/busybox "$root/bin/busybox"
+	for l in $("$root/bin/busybox" --list-full); do
+		case "$l" in bin/busybox|linuxrc) continue ;; esac
+		[ -e "$root/$l" ] || [ -L "$root/$l" ] || ln -s /bin/busybox "$root/$l"
+	done
+}
+
+install_common_files() {
+	local root=$1
+	mkdir -p "$root"/{dev,proc,sys,tmp,run,root,mnt,etc/vmm}
+	chmod 1777 "$root/tmp"
+	chmod 700 "$root/root"
+	mknod -m 600 "$root/dev/console" c 5 1
+	mknod -m 666 "$root/dev/null" c 1 3
+	printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+	printf 'root:x:0:\n' >"$root/etc/group"
+	printf 'export PS1='\''\\h:\\w# '\''\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\n' >"$root/etc/profile"
+	cp "$RES"/vmm-scripts/* "$root/etc/vmm/"
+}
+
+# Build an uncompressed newc cpio from directory $1 into file $2.
+make_cpio() {
+	local dir=$1 out=$2
+	find "$dir" -exec touch -h -d @0 {} +
+	(cd "$dir" && find . -mindepth 1 | LC_ALL=C sort |
+		cpio --quiet -o -H newc -R 0:0 --reproducible) >"$out.tmp"
+	mv "$out.tmp" "$out"
+}
+
+# make_initramfs <out-file> [<module-dir>]: module-dir holds <name>.ko files
+# and an "order" file listing them.
+make_initramfs() {
+	local out=$1 moddir=${2:-} stage
+	stage=$(mktemp -d "$CACHE/tmp/initramfs.XXXXXX")
+	install_busybox "$stage"
+	install_common_files "$stage"
+	mkdir -p "$stage/newroot" "$stage/lib/modules"
+	cp "$RES/initramfs/init" "$stage/init"
+	chmod 755 "$stage/init"
+	if [ -n "$moddir" ]; then
+		cp "$moddir"/*.ko "$stage/lib/modules/"
+		cp "$moddir/order" "$stage/etc/modules"
+	fi
+	make_cpio "$stage" "$out"
+	rm -rf "$stage"
+}
+
+# ---------------------------------------------------------------- mini
+mini_source_tree() {
+	local ver src tmp
+	ver=$(mini_src_version)
+	src=$CACHE/src/linux-source-6.1_$ver
+	if [ ! -f "$src/Makefile" ]; then
+		say "mini: unpacking /usr/src/linux-source-6.1.tar.xz ($ver)" >&2
+		[ -f /usr/src/linux-source-6.1.tar.xz ] || die "/usr/src/linux-source-6.1.tar.xz missing (package linux-source-6.1)"
+		tmp=$(mktemp -d "$CACHE/src/.unpack.XXXXXX")
+		tar -xf /usr/src/linux-source-6.1.tar.xz -C "$tmp" || die "cannot unpack linux-source-6.1.tar.xz"
+		rm -rf "$src"
+		mv "$tmp/linux-source-6.1" "$src"
+		rmdir "$tmp"
+	fi
+	echo "$src"
+}
+
+# Check every line of the fragment against the final .config.
+verify_config() {
+	local frag=$1 cfg=$2 line sym want bad=()
+	while IFS= read -r line; do
+		case "$line" in
+		CONFIG_*=*) sym=${line%%=*}; want=$line ;;
+		"# CONFIG_"*" is not set") sym=${line#\# }; sym=${sym%% *}; want= ;;
+		*) continue ;;
+		esac
+		if [ -n "$want" ]; then
+			grep -qxF -- "$want" "$cfg" || bad+=("$want (got: $(grep -E "^(# )?$sym[= ]" "$cfg" || echo unset))")
+		else
+			! grep -q "^$sym=" "$cfg" || bad+=("$sym off (got: $(grep "^$sym=" "$cfg"))")
+		fi
+	done <"$frag"
+	if [ ${#bad[@]} -gt 0 ]; then
+		printf '    %s\n' "${bad[@]}" >&2
+		die "mini: ${#bad[@]} option(s) of resources/mini.config did not survive olddefconfig: ${bad[*]%% *}"
+	fi
+}
+
+build_mini_kernel() {
+	local key=$1 out src obj log t0 release
+	out=$CACHE/kernels/mini-$key
+	[ -f "$out/.done" ] && { echo "$out"; return; }
+	src=$(mini_source_tree)
+	obj=$CACHE/obj/mini-$key
+	log=$CACHE/logs/mini-$key.log
+	mkdir -p "$CACHE/logs"
+	rm -rf "$obj" && mkdir -p "$obj"
+	local mk=(make -C "$src" O="$obj" ARCH=x86_64 LOCALVERSION=
+		KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=vmm-guest
+		"KBUILD_BUILD_TIMESTAMP=$(date -u -d @0)")
+	say "mini: configuring (tinyconfig + resources/mini.config) in $obj" >&2
+	{
+		"${mk[@]}" tinyconfig &&
+			(cd "$src" && scripts/kconfig/merge_config.sh -m -O "$obj" "$obj/.config" "$RES/mini.config") &&
+			"${mk[@]}" olddefconfig
+	} >"$log" 2>&1 || { tail -20 "$log" >&2; die "mini: configuration failed, see $log"; }
+	verify_config "$RES/mini.config" "$obj/.config"
+	say "mini: all $(grep -c '^CONFIG_\|^# CONFIG_' "$RES/mini.config") options of resources/mini.config verified in .config" >&2
+	say "mini: building bzImage with -j$JOBS (several minutes; log: $log)" >&2
+	t0=$SECONDS
+	"${mk[@]}" -j"$JOBS" bzImage >>"$log" 2>&1 || { tail -30 "$log" >&2; die "mini: kernel build failed, see $log"; }
+	release=$("${mk[@]}" -s kernelrelease 2>/dev/null | tail -1)
+	say "mini: built $release in $((SECONDS - t0))s" >&2
+	rm -rf "$out.tmp" && mkdir -p "$out.tmp"
+	cp "$obj/arch/x86/boot/bzImage" "$obj/vmlinux" "$obj/System.map" "$out.tmp/"
+	cp "$obj/.config" "$out.tmp/config"
+	echo "$release" >"$out.tmp/release"
+	echo "built in $((SECONDS - t0))s on $(date -u +%F)" >"$out.tmp/.done"
+	rm -rf "$out" && mv "$out.tmp" "$out"
+	rm -rf "$obj"
+	echo "$out"
+}
+
+target_mini() {
+	local kkey key dst kdir tmp
+	ensure_packages "${COMMON_PKGS[@]}" "${MINI_PKGS[@]}"
+	kkey=$(mini_kernel_key)
+	key=$kkey-$(userspace_key)
+	dst=$KERNEL_DIR/mini
+	if up_to_date "$dst" "$key"; then say "mini: up to date ($dst)"; return; fi
+	need_root "build the mini kernel and its initramfs"
+	kdir=$(build_mini_kernel "$kkey")
+	say "mini: kernel $(cat "$kdir/release") from cache $kdir"
+	tmp=$KERNEL_DIR/.mini.tmp.$$
+	rm -rf "$tmp" && mkdir -p "$tmp"
+	cp "$kdir"/{bzImage,vmlinux,System.map,config,release} "$tmp/"
+	echo "$MINI_CMDLINE" >"$tmp/cmdline"
+	say "mini: building initramfs"
+	make_initramfs "$tmp/initrd.img"
+	echo "$key" >"$tmp/.stamp"
+	publish_dir "$tmp" "$dst"
+	say "mini: done: $dst"
+}
+
+# ---------------------------------------------------------------- debian
+# Private apt configuration for suite set $1 (never touches the host's sources).
+APT_OPTS=()
+apt_setup() {
+	local name=$1 dir; shift
+	dir=$CACHE/apt/$name
+	mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/cache"
+	printf '%s\n' "$@" >"$dir/sources.list"
+	APT_OPTS=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+		-o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
+		-o "Dir::Cache::Archives=$dir/archives" -o Dir::Etc::Preferences=/dev/null
+		-o Dir::Etc::PreferencesParts=/dev/null -o APT::Get::List-Cleanup=0)
+}
+
+# debian_kernel <entry> <apt-name> <image-glob> <sources.list lines...>
+target_debian() {
+	local entry=$1 aptname=$2 glob=$3; shift 3
+	local dst pinf pin= key
+	dst=$KERNEL_DIR/$entry pinf=$CACHE/debian/$entry.pin
+	ensure_packages "${COMMON_PKGS[@]}" "${DEBIAN_PKGS[@]}"
+	mkdir -p "$CACHE/debian" 2>/dev/null || true
+	[ -n "${VMM_REFRESH:-}" ] || pin=$(cat "$pinf" 2>/dev/null || true)
+	if [ -n "$pin" ]; then
+		key=$(echo "$pin" | sha)-$(userspace_key)
+		if up_to_date "$dst" "$key"; then say "$entry: up to date ($pin, $dst)"; return; fi
+	fi
+	need_root "download and unpack Debian kernels"
+	apt_setup "$aptname" "$@"
+
+	local pkg ver deb
+	if [ -z "$pin" ]; then
+		say "$entry: apt-get update ($*)"
+		apt-get "${APT_OPTS[@]}" -q update >"$CACHE/logs/apt-$aptname.log" 2>&1 ||
+			{ tail -5 "$CACHE/logs/apt-$aptname.log" >&2; die "$entry: apt-get update failed (private config $CACHE/apt/$aptname)"; }
+		# linux-image-amd64 depends on the newest generic image package.
+		pkg=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions linux-image-amd64 2>/dev/null |
+			sed -n 's/^Depends: //p' | tr ',' '\n' | sed 's/^ *//; s/ .*//' | grep -E "^$glob\$" | head -1 || true)
+		[ -n "$pkg" ] || die "$entry: no package matching $glob in linux-image-amd64's dependencies"
+		ver=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -1)
+		pin="$pkg=$ver"
+		say "$entry: resolved $pin"
+	fi
+	pkg=${pin%%=*} ver=${pin#*=}
+	key=$(echo "$pin" | sha)-$(userspace_key)
+
+	local kdir=$CACHE/debian/${pkg}_$ver
+	if [ ! -f "$kdir/.done" ]; then
+		deb=$(ls "$CACHE/debian/dl/${pkg}_"*.deb 2>/dev/null | grep -F "_${ver//:/%3a}_" | head -1 || true)
+		if [ -z "$deb" ]; then
+			say "$entry: apt-get download $pkg=$ver"
+			mkdir -p "$CACHE/debian/dl"
+			if [ ! -f "$CACHE/apt/$aptname/lists/lock" ] || ! apt-cache "${APT_OPTS[@]}" show "$pkg=$ver" >/dev/null 2>&1; then
+				apt-get "${APT_OPTS[@]}" -q update >"$CACHE/logs/apt-$aptname.log" 2>&1 || die "$entry: apt-get update failed"
+			fi
+			(cd "$CACHE/debian/dl" && apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver" >"$CACHE/logs/apt-$aptname-download.log" 2>&1) ||
+				{ tail -5 "$CACHE/logs/apt-$aptname-download.log" >&2; die "$entry: apt-get download $pkg=$ver failed"; }
+			deb=$(ls "$CACHE/debian/dl/${pkg}_"*.deb | head -1)
+		fi
+		say "$entry: unpacking $(basename "$deb")"
+		unpack_debian_kernel "$entry" "$deb" "$kdir"
+	fi
+	echo "$pin" >"$pinf"
+
+	local release tmp
+	release=$(cat "$kdir/release")
+	tmp=$KERNEL_DIR/.$entry.tmp.$$
+	rm -rf "$tmp" && mkdir -p "$tmp"
+	cp "$kdir/vmlinuz" "$tmp/bzImage"
+	cp "$kdir/config" "$kdir/System.map" "$tmp/" 2>/dev/null || true
+	echo "$release" >"$tmp/release"
+	echo "$DEBIAN_CMDLINE" >"$tmp/cmdline"
+	echo "$pin" >"$tmp/package"
+	say "$entry: building initramfs with modules: $(tr '\n' ' ' <"$kdir/modules/order")"
+	make_initramfs "$tmp/initrd.img" "$kdir/modules"
+	echo "$key" >"$tmp/.stamp"
+	publish_dir "$tmp" "$dst"
+	say "$entry: done: $dst ($release)"
+}
+
+# unpack_debian_kernel <entry> <deb> <dir>: keep vmlinuz, config, System.map
+# and the initramfs modules (decompressed, with their dependencies).
+unpack_debian_kernel() {
+	local entry=$1 deb=$2 dir=$3 x vmlinuz release moddir
+	x=$(mktemp -d "$CACHE/tmp/deb.XXXXXX")
+	dpkg-deb -x "$deb" "$x" || die "$entry: dpkg-deb -x $deb failed"
+	vmlinuz=$(ls "$x"/boot/vmlinuz-* 2>/dev/null | head -1 || true)
+	[ -n "$vmlinuz" ] || die "$entry: $(basename "$deb") has no /boot/vmlinuz-*"
+	release=${vmlinuz##*/vmlinuz-}
+	moddir=
+	for d in "$x/lib/modules/$release" "$x/usr/lib/modules/$release"; do
+		[ -f "$d/modules.dep" ] && moddir=$d
+	done
+	if [ -z "$moddir" ]; then
+		# Packages ship modules.dep only if built; generate it.
+		for d in "$x/lib/modules/$release" "$x/usr/lib/modules/$release"; do
+			[ -d "$d" ] && moddir=$d
+		done
+		[ -n "$moddir" ] || die "$entry: $(basename "$deb") has no modules for $release"
+		depmod -b "${moddir%/lib/modules/*}" "$release" || die "$entry: depmod failed"
+	fi
+	rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/modules"
+	cp "$vmlinuz" "$dir.tmp/vmlinuz"
+	cp "$x/boot/config-$release" "$dir.tmp/config" 2>/dev/null || true
+	cp "$x/boot/System.map-$release" "$dir.tmp/System.map" 2>/dev/null || true
+	echo "$release" >"$dir.tmp/release"
+	resolve_modules "$moddir" "${DEBIAN_MODULES[@]}" >"$dir.tmp/modlist"
+	local name path
+	: >"$dir.tmp/modules/order"
+	while read -r name path; do
+		case "$path" in
+		builtin) echo "    $name: built in" >&2; continue ;;
+		missing) echo "    $name: not in this kernel, skipped" >&2; continue ;;
+		*.ko) cp "$moddir/$path" "$dir.tmp/modules/$name.ko" ;;
+		*.ko.xz) xz -dc "$moddir/$path" >"$dir.tmp/modules/$name.ko" ;;
+		*.ko.zst) zstd -qdc "$moddir/$path" >"$dir.tmp/modules/$name.ko" ;;
+		*.ko.gz) gzip -dc "$moddir/$path" >"$dir.tmp/modules/$name.ko" ;;
+		*) die "$entry: unexpected module file $path" ;;
+		esac
+		echo "$name" >>"$dir.tmp/modules/order"
+	done <"$dir.tmp/modlist"
+	touch "$dir.tmp/.done"
+	rm -rf "$dir" && mv "$dir.tmp" "$dir"
+	rm -rf "$x"
+}
+
+# resolve_modules <moddir> <names...>: print "name path" in load order
+# (dependencies first); path is "builtin" or "missing" when not a module.
+resolve_modules() {
+	local moddir=$1; shift
+	awk -v want="$*" -v builtin="$moddir/modules.builtin" '
+	function norm(p,  n) { n = p; sub(/.*\//, "", n); sub(/\.ko(\.(xz|zst|gz))?$/, "", n); gsub(/-/, "_", n); return n }
+	function visit(n,  a, k, i) {
+		if (n in seen) return
+		seen[n] = 1
+		if (!(n in path)) { print n, ((n in bi) ? "builtin" : "missing"); return }
+		k = split(deps[n], a, " ")
+		for (i = k; i >= 1; i--) visit(a[i])
+		print n, path[n]
+	}
+	BEGIN { while ((getline l < builtin) > 0) bi[norm(l)] = 1 }
+	{ p = $1; sub(/:$/, "", p); n = norm(p); path[n] = p; d = ""
+	  for (i = 2; i <= NF; i++) d = d " " norm($i); deps[n] = d }
+	END { k = split(want, w, " "); for (i = 1; i <= k; i++) { x = w[i]; gsub(/-/, "_", x); visit(x) } }
+	' "$moddir/modules.dep"
+}
+
+# ---------------------------------------------------------------- disk
+target_disk() {
+	local dst key stage
+	dst=$DISK_DIR/rootfs.ext4
+	ensure_packages "${COMMON_PKGS[@]}" "${DISK_PKGS[@]}"
+	key=$({ userspace_key; echo "$DISK_UUID $DISK_SIZE"; dpkg-query -W -f='${Version}' e2fsprogs; } | sha)
+	if [ -f "$dst" ] && [ "$(cat "$dst.stamp" 2>/dev/null)" = "$key" ]; then
+		say "disk: up to date ($dst)"; return
+	fi
+	need_root "build the root file system image"
+	say "disk: building $dst ($DISK_SIZE ext4, UUID $DISK_UUID)"
+	stage=$(mktemp -d "$CACHE/tmp/rootfs.XXXXXX")
+	install_busybox "$stage"
+	install_common_files "$stage"
+	rm -f "$stage/sbin/init"
+	cp "$RES/rootfs/init" "$stage/sbin/init"
+	chmod 755 "$stage/sbin/init"
+	find "$stage" -exec touch -h -d @0 {} +
+	mkdir -p "$DISK_DIR"
+	rm -f "$dst.tmp"
+	E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -t ext4 -L vmm-root -U "$DISK_UUID" \
+		-E "root_owner=0:0,hash_seed=$DISK_UUID" -d "$stage" "$dst.tmp" "$DISK_SIZE" ||
+		die "disk: mkfs.ext4 failed"
+	mv "$dst.tmp" "$dst"
+	echo "$key" >"$dst.stamp"
+	rm -rf "$stage"
+	say "disk: done: $dst"
+}
+
+# ---------------------------------------------------------------- main
+run_targets() {
+	local t
+	for t in "${TARGETS[@]}"; do
+		case "$t" in
+		mini) target_mini ;;
+		debian-6.1) target_debian debian-6.1 bookworm 'linux-image-6\.1\.[0-9]+-[0-9]+-amd64' \
+			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" \
+			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main" \
+			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main" ;;
+		debian-6.12) target_debian debian-6.12 trixie 'linux-image-6\.12\.[0-9]+\+deb13-amd64' \
+			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-updates main" \
+			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main" ;;
+		esac
+	done
+}
+
+if [ -w "$CACHE" ] || { [ ! -e "$CACHE" ] && [ "$(id -u)" = 0 ]; }; then
+	mkdir -p "$CACHE/tmp" "$CACHE/logs" "$CACHE/src" "$CACHE/kernels" "$CACHE/debian"
+	mkdir -p "$KERNEL_DIR" || die "cannot create $KERNEL_DIR"
+	# One builder at a time per cache (parallel test runs may all call us).
+	exec 9>"$CACHE/.lock"
+	if ! flock -n 9; then
+		say "waiting for another build-kernels.sh (lock $CACHE/.lock)"
+		flock 9
+	fi
+fi
+run_targets

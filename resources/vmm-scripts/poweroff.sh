@@ -1,0 +1,3 @@
+# vmm.run=poweroff: power off at once.
+sync
+poweroff -f

@@ -1,0 +1,3 @@
+# vmm.run=reboot: reboot at once (reboot=k on the cmdline: through the i8042).
+sync
+reboot -f

@@ -1,0 +1,652 @@
+//! virtio-blk over a raw image file (or block device).
+//!
+//! One request queue, served synchronously on the event loop: each request
+//! is one `preadv`/`pwritev` straight between the image and guest memory (no
+//! bounce buffer). FLUSH is an `fdatasync` that completes before the guest
+//! sees the status. Supported requests: IN, OUT, FLUSH, GET_ID, DISCARD and
+//! WRITE_ZEROES (the last two only on writable disks).
+//!
+//! A request's buffers are read as a byte stream (virtio 1.x makes no
+//! promise about how the driver splits them into descriptors): the first 16
+//! device-readable bytes are the header, the status is the last byte of the
+//! chain's last descriptor, which must be device-writable. What goes wrong
+//! with a chain and what the guest gets:
+//!
+//! | chain | result |
+//! |---|---|
+//! | loops, too long, `next` out of range, unreadable table | used len 0, no status |
+//! | last descriptor read-only, empty, or outside guest memory | used len 0, no status |
+//! | header shorter than 16 bytes or outside guest memory | IOERR |
+//! | readable descriptor after a writable one | IOERR |
+//! | IN with device-readable data, OUT with device-writable data | IOERR |
+//! | data outside guest memory, length not a multiple of 512 | IOERR |
+//! | sector range past the end of the disk | IOERR |
+//! | OUT, DISCARD, WRITE_ZEROES on a read-only disk | IOERR |
+//! | unknown request type | UNSUPP |
+//!
+//! None of these stops the queue: the next request is served normally.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::iov::{
+    parse_chain, preadv_all, push_iovecs, pwritev_all, read_segs, sub_segs, total_len, write_segs,
+    ParsedChain, Seg,
+};
+use super::{
+    drain_eventfd, new_queue_events, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt,
+    VirtioDevice, COMMON_FEATURES,
+};
+
+/// virtio device ID of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Length of the GET_ID serial.
+pub const ID_BYTES: usize = 20;
+
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+const MAX_DISCARD_SEG: u32 = 16;
+const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
+const CONFIG_SIZE: usize = 60;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+/// Request status bytes.
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
+const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// One `--disk`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Serial returned by GET_ID (`/sys/block/vdX/serial`), at most 20 bytes.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open disk image {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("disk image {} is locked by another process", path.display())]
+    Locked { path: PathBuf },
+    #[error("cannot lock disk image {}: {source}", path.display())]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("disk image {} is not a regular file or block device", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("cannot read the size of disk image {}: {source}", path.display())]
+    Size { path: PathBuf, source: io::Error },
+    #[error("disk id {id:?} is longer than {ID_BYTES} bytes")]
+    IdTooLong { id: String },
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Per-device counters, readable without the device lock.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    read_requests: AtomicU64,
+    write_requests: AtomicU64,
+    flush_requests: AtomicU64,
+    other_requests: AtomicU64,
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
+    io_errors: AtomicU64,
+    unsupported: AtomicU64,
+    invalid_chains: AtomicU64,
+}
+
+/// A snapshot of [`BlockCounters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub read_requests: u64,
+    pub write_requests: u64,
+    pub flush_requests: u64,
+    /// GET_ID, DISCARD, WRITE_ZEROES.
+    pub other_requests: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Requests completed with IOERR.
+    pub io_errors: u64,
+    /// Requests completed with UNSUPP.
+    pub unsupported: u64,
+    /// Chains returned with no status (see the module table).
+    pub invalid_chains: u64,
+}
+
+impl BlockCounters {
+    pub fn snapshot(&self) -> BlockStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BlockStats {
+            read_requests: g(&self.read_requests),
+            write_requests: g(&self.write_requests),
+            flush_requests: g(&self.flush_requests),
+            other_requests: g(&self.other_requests),
+            read_bytes: g(&self.read_bytes),
+            write_bytes: g(&self.write_bytes),
+            io_errors: g(&self.io_errors),
+            unsupported: g(&self.unsupported),
+            invalid_chains: g(&self.invalid_chains),
+        }
+    }
+}
+
+fn inc(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The image and request execution, independent of queues.
+struct Disk {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    /// Usable size in bytes (whole sectors).
+    capacity: u64,
+    counters: Arc<BlockCounters>,
+}
+
+struct Active {
+    mem: Arc<GuestMemoryMmap>,
+    queue: Queue,
+    interrupt: Interrupt,
+}
+
+/// A virtio-blk device. See the [module docs](super) for how it is shared
+/// between the MMIO bus and the event loop.
+pub struct Block {
+    disk: Disk,
+    queue_evts: Vec<EventFd>,
+    config: [u8; CONFIG_SIZE],
+    features: u64,
+    active: Option<Active>,
+}
+
+impl Block {
+    /// Opens and locks the image: writable images get an exclusive `flock`,
+    /// read-only ones a shared one, so a second VM cannot write an image in
+    /// use (nor read one being written).
+    pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        let path = cfg.path.clone();
+        let id_str = cfg.id.clone().unwrap_or_default();
+        if id_str.len() > ID_BYTES {
+            return Err(BlockError::IdTooLong { id: id_str });
+        }
+        let mut id = [0u8; ID_BYTES];
+        id[..id_str.len()].copy_from_slice(id_str.as_bytes());
+
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(|source| BlockError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| BlockError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        if !(meta.is_file() || meta.file_type().is_block_device()) {
+            return Err(BlockError::NotAFile { path });
+        }
+        let op = if cfg.read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        } | libc::LOCK_NB;
+        // SAFETY: `file` owns a valid descriptor; flock touches no memory.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                BlockError::Locked { path }
+            } else {
+                BlockError::Lock { path, source: e }
+            });
+        }
+        let size = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size {
+                path: path.clone(),
+                source,
+            })?;
+        let capacity = size / SECTOR_SIZE * SECTOR_SIZE;
+
+        let mut features = COMMON_FEATURES | F_FLUSH | F_SEG_MAX | F_BLK_SIZE;
+        if cfg.read_only {
+            features |= F_RO;
+        } else {
+            features |= F_DISCARD | F_WRITE_ZEROES;
+        }
+
+        let mut config = [0u8; CONFIG_SIZE];
+        let mut put =
+            |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
+        put(0, &(capacity / SECTOR_SIZE).to_le_bytes());
+        put(12, &SEG_MAX.to_le_bytes());
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEG.to_le_bytes());
+        put(44, &DISCARD_ALIGNMENT_SECTORS.to_le_bytes());
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(52, &MAX_DISCARD_SEG.to_le_bytes());
+        put(56, &[1]);
+
+        Ok(Self {
+            disk: Disk {
+                file,
+                path,
+                read_only: cfg.read_only,
+                id,
+                capacity,
+                counters: Arc::default(),
+            },
+            queue_evts: new_queue_events(1).map_err(BlockError::EventFd)?,
+            config,
+            features,
+            active: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.disk.path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only
+    }
+
+    /// Disk size in 512-byte sectors (a partial last sector is not exposed).
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.capacity / SECTOR_SIZE
+    }
+
+    /// Shared counters (read them without locking the device).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.disk.counters.clone()
+    }
+
+    pub fn stats(&self) -> BlockStats {
+        self.disk.counters.snapshot()
+    }
+
+    /// Serves every available request, then signals the guest if it wants
+    /// an interrupt. Called from the event loop on a queue notification.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut used_any = false;
+        loop {
+            if let Err(e) = active.queue.disable_notification(&*mem) {
+                tracing::debug!("virtio-blk: disable_notification: {e}");
+            }
+            let mut popped = false;
+            while let Some(chain) = active.queue.pop_descriptor_chain(&*mem) {
+                popped = true;
+                let head = chain.head_index();
+                let len = self.disk.handle(&mem, chain);
+                match active.queue.add_used(&*mem, head, len) {
+                    Ok(()) => used_any = true,
+                    // Only a head index out of range gets here; the chain
+                    // was already counted as invalid.
+                    Err(e) => tracing::debug!("virtio-blk: cannot return chain {head}: {e}"),
+                }
+            }
+            match active.queue.enable_notification(&*mem) {
+                // More arrived meanwhile; but if nothing could be popped the
+                // avail ring is broken and looping would spin.
+                Ok(true) if popped => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!("virtio-blk: enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any && active.queue.needs_notification(&*mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+    }
+}
+
+impl Disk {
+    /// Executes one request. Returns the used length (bytes written to the
+    /// chain, status included), 0 when no status could be written.
+    fn handle(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+        let c = &self.counters;
+        let invalid = || {
+            inc(&c.invalid_chains, 1);
+            0
+        };
+        let Ok(parsed) = parse_chain(chain) else {
+            return invalid();
+        };
+        let Some((last, true)) = parsed.last else {
+            return invalid();
+        };
+        let Some(status_addr) = last
+            .len
+            .checked_sub(1)
+            .and_then(|n| last.addr.checked_add(u64::from(n)))
+        else {
+            return invalid();
+        };
+        if !GuestMemoryBackend::check_range(mem, status_addr, 1) {
+            return invalid();
+        }
+        let data_w = sub_segs(&parsed.writable, 0, parsed.writable_len().saturating_sub(1))
+            .unwrap_or_default();
+        let (status, written) = match self.execute(mem, &parsed, &data_w) {
+            Ok(n) => (S_OK, n),
+            Err(s) => {
+                inc(
+                    if s == S_UNSUPP {
+                        &c.unsupported
+                    } else {
+                        &c.io_errors
+                    },
+                    1,
+                );
+                (s, 0)
+            }
+        };
+        if mem.write_obj(status, status_addr).is_err() {
+            return invalid();
+        }
+        written.saturating_add(1)
+    }
+
+    fn execute(&self, mem: &GuestMemoryMmap, p: &ParsedChain, data_w: &[Seg]) -> Result<u32, u8> {
+        if !p.well_ordered {
+            return Err(S_IOERR);
+        }
+        let mut hdr = [0u8; 16];
+        read_segs(mem, &p.readable, 0, &mut hdr).ok_or(S_IOERR)?;
+        let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&hdr[8..16]);
+        let sector = u64::from_le_bytes(sector);
+        let extra_r = p.readable_len() - 16;
+        let w_len = total_len(data_w);
+        let c = &self.counters;
+        match req_type {
+            T_IN => {
+                if extra_r != 0 {
+                    return Err(S_IOERR);
+                }
+                let off = self.range(sector, w_len)?;
+                let mut iovs = Vec::with_capacity(data_w.len());
+                push_iovecs(mem, data_w, &mut iovs).ok_or(S_IOERR)?;
+                preadv_all(self.file.as_raw_fd(), &mut iovs, off)
+                    .map_err(|e| self.io_err("read", e))?;
+                inc(&c.read_requests, 1);
+                inc(&c.read_bytes, w_len);
+                u32::try_from(w_len).map_err(|_| S_IOERR)
+            }
+            T_OUT => {
+                if self.read_only || w_len != 0 {
+                    return Err(S_IOERR);
+                }
+                let off = self.range(sector, extra_r)?;
+                let data = sub_segs(&p.readable, 16, extra_r).ok_or(S_IOERR)?;
+                let mut iovs = Vec::with_capacity(data.len());
+                push_iovecs(mem, &data, &mut iovs).ok_or(S_IOERR)?;
+                pwritev_all(self.file.as_raw_fd(), &mut iovs, off)
+                    .map_err(|e| self.io_err("write", e))?;
+                inc(&c.write_requests, 1);
+                inc(&c.write_bytes, extra_r);
+                Ok(0)
+            }
+            T_FLUSH => {
+                inc(&c.flush_requests, 1);
+                if !self.read_only {
+                    self.file.sync_data().map_err(|e| self.io_err("flush", e))?;
+                }
+                Ok(0)
+            }
+            T_GET_ID => {
+                inc(&c.other_requests, 1);
+                let n = (w_len as usize).min(ID_BYTES);
+                if n == 0 {
+                    return Err(S_IOERR);
+                }
+                write_segs(mem, data_w, 0, &self.id[..n]).ok_or(S_IOERR)?;
+                Ok(n as u32)
+            }
+            T_DISCARD | T_WRITE_ZEROES => {
+                inc(&c.other_requests, 1);
+                if self.read_only || w_len != 0 {
+                    return Err(S_IOERR);
+                }
+                self.discard_or_zero(mem, req_type, &p.readable, extra_r)?;
+                Ok(0)
+            }
+            _ => Err(S_UNSUPP),
+        }
+    }
+
+    fn io_err(&self, what: &str, e: io::Error) -> u8 {
+        tracing::warn!("virtio-blk {}: {what} failed: {e}", self.path.display());
+        S_IOERR
+    }
+
+    /// Byte offset of `len` bytes at `sector`, if whole sectors inside the disk.
+    fn range(&self, sector: u64, len: u64) -> Result<u64, u8> {
+        if len & (SECTOR_SIZE - 1) != 0 {
+            return Err(S_IOERR);
+        }
+        let off = sector.checked_mul(SECTOR_SIZE).ok_or(S_IOERR)?;
+        match off.checked_add(len) {
+            Some(end) if end <= self.capacity => Ok(off),
+            _ => Err(S_IOERR),
+        }
+    }
+
+    fn discard_or_zero(
+        &self,
+        mem: &GuestMemoryMmap,
+        req_type: u32,
+        readable: &[Seg],
+        len: u64,
+    ) -> Result<(), u8> {
+        if len == 0 || len & 15 != 0 || len / 16 > u64::from(MAX_DISCARD_SEG) {
+            return Err(S_IOERR);
+        }
+        for i in 0..len / 16 {
+            let mut seg = [0u8; 16];
+            read_segs(mem, readable, 16 + 16 * i, &mut seg).ok_or(S_IOERR)?;
+            let mut s = [0u8; 8];
+            s.copy_from_slice(&seg[0..8]);
+            let sector = u64::from_le_bytes(s);
+            let num = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            if flags & !WRITE_ZEROES_FLAG_UNMAP != 0
+                || (req_type == T_DISCARD && flags & WRITE_ZEROES_FLAG_UNMAP != 0)
+            {
+                return Err(S_UNSUPP);
+            }
+            if num > MAX_DISCARD_SECTORS {
+                return Err(S_IOERR);
+            }
+            let bytes = u64::from(num) * SECTOR_SIZE;
+            let off = self.range(sector, bytes)?;
+            if bytes == 0 {
+                continue;
+            }
+            if req_type == T_DISCARD {
+                // Discard is a hint: a file system without hole punching
+                // simply keeps the data.
+                match self.fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    bytes,
+                ) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                    Err(e) => return Err(self.io_err("discard", e)),
+                }
+            } else {
+                self.write_zeroes(off, bytes, flags & WRITE_ZEROES_FLAG_UNMAP != 0)
+                    .map_err(|e| self.io_err("write zeroes", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if unmap
+            && self
+                .fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    len,
+                )
+                .is_ok()
+        {
+            return Ok(());
+        }
+        if self
+            .fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+            .is_ok()
+        {
+            return Ok(());
+        }
+        use std::os::unix::fs::FileExt;
+        let zeros = vec![0u8; (1 << 20).min(len as usize)];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], off + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: a plain syscall on a descriptor we own; no memory is passed.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-blk: config write at {offset:#x} ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        mut queues: Vec<Queue>,
+        _acked_features: u64,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        // Serve whatever the driver queued before DRIVER_OK.
+        if let Err(e) = self.queue_evts[0].write(1) {
+            tracing::warn!("virtio-blk: cannot kick the request queue: {e}");
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, evt) in self.queue_evts.iter().enumerate() {
+            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
+                tracing::error!(
+                    "virtio-blk {}: cannot register queue eventfd: {e:?}",
+                    self.disk.path.display()
+                );
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if let Some(evt) = self.queue_evts.get(events.data() as usize) {
+            drain_eventfd(evt);
+        }
+        self.process_queue();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,304 @@
+//! Descriptor chains as lists of guest buffers, and scatter-gather I/O
+//! straight between files and guest memory.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::GuestMemoryMmap;
+
+/// Linux `IOV_MAX`: the most iovecs one `readv`/`writev` call accepts.
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// One guest buffer from a descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Seg {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// Why a chain could not be walked to its end.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ChainError {
+    /// Empty, looping, longer than the queue, a `next` out of range, an
+    /// unreadable descriptor table or a bad indirect table.
+    Malformed,
+}
+
+/// A descriptor chain split into its device-readable and device-writable
+/// buffers, in chain order.
+#[derive(Debug, Default)]
+pub(crate) struct ParsedChain {
+    pub readable: Vec<Seg>,
+    pub writable: Vec<Seg>,
+    /// False when a readable descriptor follows a writable one.
+    pub well_ordered: bool,
+    /// The last descriptor and whether it is device-writable.
+    pub last: Option<(Seg, bool)>,
+}
+
+impl ParsedChain {
+    pub fn readable_len(&self) -> u64 {
+        total_len(&self.readable)
+    }
+    pub fn writable_len(&self) -> u64 {
+        total_len(&self.writable)
+    }
+}
+
+pub(crate) fn total_len(segs: &[Seg]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Walks a chain to its end. A chain whose walk stops early (the iterator
+/// yields nothing, or its last descriptor still says NEXT: a loop, a chain
+/// longer than the queue, a `next` index out of range, an unreadable or
+/// invalid indirect table) is `Malformed`.
+pub(crate) fn parse_chain(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<ParsedChain, ChainError> {
+    let mut parsed = ParsedChain {
+        well_ordered: true,
+        ..Default::default()
+    };
+    let mut last_has_next = false;
+    for desc in chain {
+        let seg = Seg {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
+        let writable = desc.is_write_only();
+        if writable {
+            parsed.writable.push(seg);
+        } else {
+            if !parsed.writable.is_empty() {
+                parsed.well_ordered = false;
+            }
+            parsed.readable.push(seg);
+        }
+        parsed.last = Some((seg, writable));
+        last_has_next = desc.has_next();
+    }
+    if parsed.last.is_none() || last_has_next {
+        return Err(ChainError::Malformed);
+    }
+    Ok(parsed)
+}
+
+/// The bytes `[offset, offset + len)` of the stream formed by `segs`.
+/// Returns `None` if the stream is shorter.
+pub(crate) fn sub_segs(segs: &[Seg], mut offset: u64, mut len: u64) -> Option<Vec<Seg>> {
+    let mut out = Vec::new();
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        let slen = u64::from(s.len);
+        if offset >= slen {
+            offset -= slen;
+            continue;
+        }
+        let take = (slen - offset).min(len);
+        out.push(Seg {
+            addr: s.addr.checked_add(offset)?,
+            // `take <= s.len`, so it fits in u32.
+            len: u32::try_from(take).ok()?,
+        });
+        len -= take;
+        offset = 0;
+    }
+    (len == 0).then_some(out)
+}
+
+/// Reads `buf.len()` bytes at `offset` of the stream formed by `segs`.
+pub(crate) fn read_segs(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    offset: u64,
+    buf: &mut [u8],
+) -> Option<()> {
+    let mut done = 0usize;
+    for s in sub_segs(segs, offset, buf.len() as u64)? {
+        let n = s.len as usize;
+        mem.read_slice(&mut buf[done..done + n], s.addr).ok()?;
+        done += n;
+    }
+    Some(())
+}
+
+/// Writes `data` at `offset` of the stream formed by `segs`.
+pub(crate) fn write_segs(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    offset: u64,
+    data: &[u8],
+) -> Option<()> {
+    let mut done = 0usize;
+    for s in sub_segs(segs, offset, data.len() as u64)? {
+        let n = s.len as usize;
+        mem.write_slice(&data[done..done + n], s.addr).ok()?;
+        done += n;
+    }
+    Some(())
+}
+
+/// Appends host iovecs covering `segs` to `out`. Fails if any byte is
+/// outside guest memory. The pointers stay valid as long as `mem` lives
+/// (mmap-backed regions never move).
+pub(crate) fn push_iovecs(
+    mem: &GuestMemoryMmap,
+    segs: &[Seg],
+    out: &mut Vec<libc::iovec>,
+) -> Option<()> {
+    for s in segs {
+        if s.len == 0 {
+            continue;
+        }
+        for slice in GuestMemoryBackend::get_slices(mem, s.addr, s.len as usize) {
+            let slice = slice.ok()?;
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Some(())
+}
+
+/// Drops `n` bytes from the front of `iovs`, and any empty iovecs after them.
+fn advance(iovs: &mut &mut [libc::iovec], mut n: usize) {
+    while let Some(first) = iovs.first_mut() {
+        if n < first.iov_len {
+            // SAFETY: `n < iov_len`, so the new base stays inside the buffer
+            // the iovec describes.
+            first.iov_base = unsafe { first.iov_base.cast::<u8>().add(n) }.cast();
+            first.iov_len -= n;
+            if first.iov_len > 0 {
+                return;
+            }
+        } else {
+            n -= first.iov_len;
+        }
+        let taken = std::mem::take(iovs);
+        *iovs = &mut taken[1..];
+    }
+}
+
+fn strip_empty(iovs: &mut &mut [libc::iovec]) {
+    advance(iovs, 0);
+}
+
+/// `preadv` until every iovec is full. Reading past end of file is an error
+/// (`UnexpectedEof`): callers check bounds first, so it means the file shrank.
+pub(crate) fn preadv_all(fd: RawFd, iovs: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+    let mut iovs = iovs;
+    strip_empty(&mut iovs);
+    while !iovs.is_empty() {
+        let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
+        let off = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: every iovec points into guest memory that the caller keeps
+        // mapped for the duration of the call (it holds the `Arc` to the
+        // guest memory); `cnt` does not exceed the slice length.
+        let r = unsafe { libc::preadv(fd, iovs.as_ptr(), cnt, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        offset += r as u64;
+        advance(&mut iovs, r as usize);
+    }
+    Ok(())
+}
+
+/// `pwritev` until every iovec is written.
+pub(crate) fn pwritev_all(fd: RawFd, iovs: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+    let mut iovs = iovs;
+    strip_empty(&mut iovs);
+    while !iovs.is_empty() {
+        let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
+        let off = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: as in `preadv_all`; the kernel only reads the buffers.
+        let r = unsafe { libc::pwritev(fd, iovs.as_ptr(), cnt, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        offset += r as u64;
+        advance(&mut iovs, r as usize);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sub_segs_carves_ranges_across_buffers() {
+        let segs = [
+            Seg {
+                addr: GuestAddress(0x1000),
+                len: 16,
+            },
+            Seg {
+                addr: GuestAddress(0x2000),
+                len: 8,
+            },
+        ];
+        assert_eq!(
+            sub_segs(&segs, 12, 8),
+            Some(vec![
+                Seg {
+                    addr: GuestAddress(0x100c),
+                    len: 4
+                },
+                Seg {
+                    addr: GuestAddress(0x2000),
+                    len: 4
+                }
+            ])
+        );
+        assert_eq!(sub_segs(&segs, 20, 5), None);
+        assert_eq!(sub_segs(&segs, 24, 0), Some(vec![]));
+    }
+
+    #[test]
+    fn advance_skips_consumed_and_empty_iovecs() {
+        let mut a = [0u8; 4];
+        let mut b = [0u8; 4];
+        let mut v = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: 4,
+            },
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: 4,
+            },
+        ];
+        let mut s: &mut [libc::iovec] = &mut v;
+        advance(&mut s, 5);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].iov_len, 3);
+        advance(&mut s, 3);
+        assert!(s.is_empty());
+    }
+}

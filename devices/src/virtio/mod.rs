@@ -1,0 +1,276 @@
+//! Virtio devices (block, net) behind the virtio-mmio transport (virtio 1.x).
+//!
+//! # Pieces
+//! - [`VirtioDevice`]: what a device model offers the transport (type, features,
+//!   config space, queue sizes and queue-notification `EventFd`s, `activate`,
+//!   `reset`).
+//! - [`MmioTransport`]: the virtio-mmio register file (version 2). It is a
+//!   [`BusDevice`](crate::BusDevice) on the MMIO bus, [`MMIO_SIZE`] bytes wide.
+//! - [`Block`] and [`Net`]: the device models. Each also implements
+//!   `event_manager::MutEventSubscriber` and serves its queues from the VMM's
+//!   event loop.
+//! - [`Interrupt`]: the INTERRUPT_STATUS bits plus the `EventFd` the VMM
+//!   registers as a KVM irqfd.
+//! - [`GuestMemoryHandle`]: the guest memory, swappable per boot.
+//!
+//! # Threads and locking
+//! Two kinds of threads touch a device:
+//! - vCPU threads, through the MMIO bus, which holds the transport as
+//!   `Arc<Mutex<MmioTransport>>`;
+//! - the VMM thread running the `EventManager`, which holds the device model
+//!   itself as `Arc<Mutex<Block>>` (or `Net`), coerced to
+//!   `Arc<Mutex<dyn MutEventSubscriber + Send>>`.
+//!
+//! The transport keeps an `Arc<Mutex<dyn VirtioDevice>>` to the *same* device
+//! object. So there are two locks, always taken in the order transport →
+//! device, never the other way (the event loop only ever takes the device
+//! lock):
+//! - register accesses that only touch transport state (feature and queue
+//!   setup, QueueNotify, InterruptStatus/InterruptACK, ConfigGeneration) take
+//!   the transport lock only, so a vCPU acking an interrupt never waits behind
+//!   a disk read that the event loop is doing;
+//! - config-space accesses, DRIVER_OK (activation) and reset also take the
+//!   device lock, and therefore wait for the request the event loop is
+//!   serving to finish. After `reset` returns the device holds no queue, no
+//!   guest memory and no interrupt, so nothing stale can reach the guest.
+//!
+//! Queue notifications never take a lock on the vCPU side: the guest's write
+//! to QueueNotify is an ioeventfd (or, without one, the transport writes the
+//! same `EventFd`), and the event loop wakes the device.
+//!
+//! # Wiring (what the VMM does per device)
+//! ```ignore
+//! let mem = GuestMemoryHandle::new(guest_memory);            // once; `set` per boot
+//! let blk = Arc::new(Mutex::new(Block::new(&BlockConfig { .. })?));
+//! let transport = MmioTransport::new(blk.clone(), mem.clone())?;
+//! for (i, evt) in transport.queue_events().iter().enumerate() {
+//!     vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_OFFSET), i as u32)?;
+//! }
+//! vm.register_irqfd(transport.interrupt_event(), gsi)?;
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)?;
+//! event_manager.add_subscriber(blk);                          // registers queue fds
+//! ```
+//! On a guest reset the VMM calls [`MmioTransport::reset`] on every transport
+//! (the guest driver will also write status 0 when it probes again), then may
+//! `set` fresh memory in the handle; devices pick the memory up at the next
+//! DRIVER_OK.
+
+pub mod block;
+mod iov;
+pub mod mmio;
+pub mod net;
+mod tap;
+#[cfg(test)]
+pub(crate) mod test_utils;
+
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, RwLock};
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use block::{Block, BlockConfig, BlockError, BlockStats};
+pub use mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+pub use net::{Net, NetConfig, NetError, NetStats};
+
+/// Guest memory as the virtio devices see it (no dirty-page bitmap).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// `VIRTIO_F_VERSION_1`: virtio 1.x; the transport refuses drivers without it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Features every device here offers on top of its own.
+pub const COMMON_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
+/// INTERRUPT_STATUS bit: a queue has new used buffers.
+pub const INT_USED_RING: u32 = 0x1;
+/// INTERRUPT_STATUS bit: the configuration space changed.
+pub const INT_CONFIG_CHANGE: u32 = 0x2;
+
+/// Why a device refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the device expects {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("queue {0} is not ready or does not fit in guest memory")]
+    InvalidQueue(usize),
+    #[error("no guest memory is attached to the device")]
+    NoMemory,
+    #[error("device I/O setup failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A virtio device model, as the transport sees it.
+///
+/// Implementations keep all guest-visible I/O state behind `activate` /
+/// `reset`: before `activate` and after `reset` they must not touch guest
+/// memory or raise interrupts.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (1 = net, 2 = block).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the number of queues is this length.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One notification `EventFd` per queue, owned by the device. The
+    /// transport duplicates them (same underlying eventfd) for the VMM.
+    fn queue_events(&self) -> &[EventFd];
+    /// Features the device offers (including [`COMMON_FEATURES`]).
+    fn device_features(&self) -> u64;
+    /// Reads from the device-specific config space (offset from 0x100).
+    /// Bytes past the end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes to the device-specific config space. Read-only fields ignore it.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device: the driver set DRIVER_OK. `queues` are validated
+    /// and ready, in queue-index order; `acked_features` is what the driver
+    /// accepted.
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        queues: Vec<Queue>,
+        acked_features: u64,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device and forgets queues, memory and interrupt.
+    fn reset(&mut self);
+    /// Whether `activate` succeeded and no `reset` came since.
+    fn is_activated(&self) -> bool;
+}
+
+/// Copies `config[offset..]` into `data`, zero-filling past the end.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+struct InterruptInner {
+    status: AtomicU32,
+    config_generation: AtomicU32,
+    evt: EventFd,
+}
+
+/// The transport's interrupt line: INTERRUPT_STATUS plus the irqfd.
+///
+/// Cloning shares the same state. An `EventFd` write happens only when a
+/// status bit goes from 0 to 1: while the guest has not acknowledged the
+/// previous interrupt, its handler will see the new used buffers anyway
+/// (it acknowledges before it walks the used ring), so extra interrupts
+/// would only cost it spurious handler runs.
+#[derive(Clone)]
+pub struct Interrupt(Arc<InterruptInner>);
+
+impl Interrupt {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self(Arc::new(InterruptInner {
+            status: AtomicU32::new(0),
+            config_generation: AtomicU32::new(0),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })))
+    }
+
+    /// Signals used buffers on some queue (INTERRUPT_STATUS bit 0).
+    pub fn signal_used_queue(&self) {
+        self.signal(INT_USED_RING);
+    }
+
+    /// Signals a configuration change (bit 1) and bumps ConfigGeneration.
+    pub fn signal_config_change(&self) {
+        self.0.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.signal(INT_CONFIG_CHANGE);
+    }
+
+    fn signal(&self, bit: u32) {
+        let old = self.0.status.fetch_or(bit, Ordering::SeqCst);
+        if old & bit == 0 {
+            if let Err(e) = self.0.evt.write(1) {
+                tracing::warn!("virtio: cannot signal interrupt eventfd: {e}");
+            }
+        }
+    }
+
+    /// Current INTERRUPT_STATUS.
+    pub fn status(&self) -> u32 {
+        self.0.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the given bits.
+    pub fn ack(&self, bits: u32) {
+        self.0.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears every pending bit (device reset).
+    pub fn clear(&self) {
+        self.0.status.store(0, Ordering::SeqCst);
+    }
+
+    /// ConfigGeneration register value.
+    pub fn config_generation(&self) -> u32 {
+        self.0.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// The eventfd to register as the KVM irqfd.
+    pub fn event(&self) -> &EventFd {
+        &self.0.evt
+    }
+}
+
+/// The guest memory the devices use, shared between the VMM and all
+/// transports and swappable per boot.
+///
+/// The transport takes a snapshot (`Arc<GuestMemoryMmap>`) at DRIVER_OK and
+/// hands it to the device; the device drops it on reset. Replacing the memory
+/// therefore takes effect at the next activation: reset the transports first.
+#[derive(Clone, Default)]
+pub struct GuestMemoryHandle(Arc<RwLock<Option<Arc<GuestMemoryMmap>>>>);
+
+impl GuestMemoryHandle {
+    pub fn new(mem: GuestMemoryMmap) -> Self {
+        let h = Self::default();
+        h.set(Arc::new(mem));
+        h
+    }
+
+    /// A handle with no memory yet: activation fails until `set`.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Installs the memory for the next boot.
+    pub fn set(&self, mem: Arc<GuestMemoryMmap>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+    }
+
+    /// Drops the memory (devices keep their snapshot until reset).
+    pub fn clear(&self) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The current memory, if any.
+    pub fn get(&self) -> Option<Arc<GuestMemoryMmap>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Drains a queue-notification eventfd; `EAGAIN` (nothing pending) is fine.
+pub(crate) fn drain_eventfd(evt: &EventFd) {
+    if let Err(e) = evt.read() {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            tracing::warn!("virtio: reading a queue eventfd failed: {e}");
+        }
+    }
+}
+
+/// Creates `n` nonblocking queue-notification eventfds.
+pub(crate) fn new_queue_events(n: usize) -> io::Result<Vec<EventFd>> {
+    (0..n).map(|_| EventFd::new(EFD_NONBLOCK)).collect()
+}

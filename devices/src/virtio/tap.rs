@@ -1,0 +1,131 @@
+//! A TAP device opened through `/dev/net/tun`, with virtio-net headers.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Size of `virtio_net_hdr_v1` (with `num_buffers`): what the TAP prepends
+/// and expects on every frame.
+pub(crate) const VNET_HDR_LEN: usize = 12;
+
+pub(crate) struct Tap {
+    fd: OwnedFd,
+    name: String,
+    /// False for the socket stand-ins tests use: TUN ioctls are skipped.
+    is_tap: bool,
+}
+
+impl Tap {
+    /// Opens (creating it if absent and permitted) the TAP `name`, with
+    /// `IFF_NO_PI | IFF_VNET_HDR`, a 12-byte vnet header, no offloads yet,
+    /// nonblocking.
+    pub fn open(name: &str) -> io::Result<Self> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "interface names are 1 to 15 bytes without '/'",
+            ));
+        }
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        // SAFETY: ifreq is plain old data; all zeros is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tap = Self {
+            fd: file.into(),
+            name: name.to_owned(),
+            is_tap: true,
+        };
+        tap.set_offload(0)?;
+        Ok(tap)
+    }
+
+    /// A stand-in over any frame-preserving fd (a `SOCK_SEQPACKET` socket in
+    /// tests). It must already be nonblocking.
+    #[cfg(test)]
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            name: "test".into(),
+            is_tap: false,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `TUNSETOFFLOAD`: which offloaded (partial-checksum, GSO) frames the
+    /// TAP may hand us, i.e. what the guest accepts.
+    pub fn set_offload(&self, flags: libc::c_uint) -> io::Result<()> {
+        if !self.is_tap {
+            return Ok(());
+        }
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory.
+        if unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETOFFLOAD,
+                flags as libc::c_ulong,
+            )
+        } < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One frame (vnet header first) into `iovs`.
+    pub fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        let cnt = iovs.len().min(super::iov::IOV_MAX) as libc::c_int;
+        // SAFETY: the iovecs point to writable memory the caller keeps alive
+        // (guest memory held by an `Arc`, or a local buffer).
+        let r = unsafe { libc::readv(self.fd.as_raw_fd(), iovs.as_ptr(), cnt) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
+    /// One frame (vnet header first) from `iovs`.
+    pub fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        if iovs.len() > super::iov::IOV_MAX {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        // SAFETY: the iovecs point to readable memory the caller keeps alive.
+        let r = unsafe {
+            libc::writev(
+                self.fd.as_raw_fd(),
+                iovs.as_ptr(),
+                iovs.len() as libc::c_int,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}

@@ -1,0 +1,171 @@
+//! A minimal virtio driver for tests: programs the transport through its
+//! registers and writes split-ring descriptor chains into guest memory.
+#![allow(clippy::unwrap_used)]
+
+use vm_memory::{Address, Bytes, GuestAddress};
+
+use super::mmio::{reg, status};
+use super::{GuestMemoryMmap, MmioTransport};
+use crate::BusDevice;
+
+pub const MEM_SIZE: usize = 16 << 20;
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+
+pub fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+pub fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+pub fn write_reg(t: &mut MmioTransport, offset: u64, v: u32) {
+    t.write(offset, &v.to_le_bytes());
+}
+
+pub fn write_features(t: &mut MmioTransport, features: u64) {
+    write_reg(t, reg::DRIVER_FEATURES_SEL, 0);
+    write_reg(t, reg::DRIVER_FEATURES, features as u32);
+    write_reg(t, reg::DRIVER_FEATURES_SEL, 1);
+    write_reg(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
+}
+
+/// ACKNOWLEDGE, DRIVER, features, FEATURES_OK. Returns the status read back.
+pub fn negotiate(t: &mut MmioTransport, features: u64) -> u32 {
+    use status::*;
+    write_reg(t, reg::STATUS, ACKNOWLEDGE);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    write_features(t, features);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    read_reg(t, reg::STATUS)
+}
+
+/// Negotiates, sets up `queues` and sets DRIVER_OK. Returns the status.
+pub fn start(t: &mut MmioTransport, features: u64, queues: &[&TestQueue]) -> u32 {
+    negotiate(t, features);
+    for (i, q) in queues.iter().enumerate() {
+        q.setup(t, i as u32);
+    }
+    write_reg(t, reg::STATUS, 0xf);
+    read_reg(t, reg::STATUS)
+}
+
+/// Driver side of one split virtqueue.
+pub struct TestQueue {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl TestQueue {
+    pub fn new(base: u64, size: u16) -> Self {
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        Self {
+            size,
+            desc,
+            avail,
+            used,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    pub fn setup(&self, t: &mut MmioTransport, index: u32) {
+        write_reg(t, reg::QUEUE_SEL, index);
+        write_reg(t, reg::QUEUE_NUM, u32::from(self.size));
+        write_reg(t, reg::QUEUE_DESC_LOW, self.desc as u32);
+        write_reg(t, reg::QUEUE_DESC_HIGH, (self.desc >> 32) as u32);
+        write_reg(t, reg::QUEUE_DRIVER_LOW, self.avail as u32);
+        write_reg(t, reg::QUEUE_DRIVER_HIGH, (self.avail >> 32) as u32);
+        write_reg(t, reg::QUEUE_DEVICE_LOW, self.used as u32);
+        write_reg(t, reg::QUEUE_DEVICE_HIGH, (self.used >> 32) as u32);
+        write_reg(t, reg::QUEUE_READY, 1);
+    }
+
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let a = GuestAddress(self.desc + 16 * u64::from(index));
+        mem.write_obj(addr, a).unwrap();
+        mem.write_obj(len, a.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+        mem.write_obj(next, a.unchecked_add(14)).unwrap();
+    }
+
+    /// Makes `head` available.
+    pub fn push_avail(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
+            .unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
+    /// Allocates descriptor indices (wrapping) without publishing anything.
+    pub fn alloc(&mut self, n: u16) -> Vec<u16> {
+        (0..n)
+            .map(|_| {
+                let i = self.next_desc;
+                self.next_desc = (self.next_desc + 1) % self.size;
+                i
+            })
+            .collect()
+    }
+
+    /// Writes a well-linked chain of `(addr, len, writable)` buffers and
+    /// makes it available. Returns the head index.
+    pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
+        let idx = self.alloc(bufs.len() as u16);
+        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
+            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
+            let next = if k + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT;
+                idx[k + 1]
+            } else {
+                0
+            };
+            self.write_desc(mem, idx[k], addr, len, flags, next);
+        }
+        self.push_avail(mem, idx[0]);
+        idx[0]
+    }
+
+    /// New used-ring entries `(id, len)` since the last call.
+    pub fn used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
+        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        let mut out = Vec::new();
+        while self.used_seen != idx {
+            let slot = u64::from(self.used_seen % self.size);
+            let a = GuestAddress(self.used + 4 + 8 * slot);
+            let id: u32 = mem.read_obj(a).unwrap();
+            let len: u32 = mem.read_obj(a.unchecked_add(4)).unwrap();
+            out.push((id, len));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Sets `used_event` (for EVENT_IDX tests).
+    pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
+        mem.write_obj(v, GuestAddress(self.avail + 4 + 2 * u64::from(self.size)))
+            .unwrap();
+    }
+}

@@ -128,9 +128,22 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// Sends a request and waits for its response (queuing events that come first).
+    ///
+    /// When the VMM already closed the connection (it refused this peer, or has too many
+    /// connections), the write fails; the line it sent before closing is returned then.
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
-        self.send(request)?;
-        self.read_response()
+        match self.send(request) {
+            Ok(()) => self.read_response(),
+            Err(ClientError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                self.read_response().map_err(|_| ClientError::Io(e))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// [`call`](Self::call) and decode the successful response into `T`; an error response
@@ -335,6 +348,22 @@ mod tests {
         assert_eq!(attached.replay_bytes, 3);
         let (_, rest) = client.into_raw();
         assert_eq!(rest, b"abc\nlive\r\n\x1b[0m");
+    }
+
+    #[test]
+    fn a_refusal_sent_before_the_request_is_reported() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(
+            b"{\"ok\":false,\"error\":\"permission denied: uid 1 may not control this VM\"}\n",
+        )
+        .unwrap();
+        drop(b);
+        let mut c = Client::new(a);
+        let err = c.request::<StatusInfo>(&Request::Status).unwrap_err();
+        assert!(
+            matches!(&err, ClientError::Remote(m) if m.starts_with("permission denied")),
+            "{err}"
+        );
     }
 
     #[test]

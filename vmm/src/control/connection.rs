@@ -39,9 +39,9 @@ pub(crate) struct Connection {
     pub lines: LineBuffer,
     pub mode: Mode,
     pub subscribed: bool,
-    /// Sequence number of the request being answered.
+    /// Server-wide sequence number of the request being answered (never reused, so a late
+    /// answer for a closed connection cannot match a new one that got the same token).
     pub awaiting: Option<u64>,
-    pub next_seq: u64,
     out: Vec<u8>,
     out_pos: usize,
     /// The client shut down its sending side (or we saw EOF).
@@ -71,7 +71,6 @@ impl Connection {
             mode: Mode::Command,
             subscribed: false,
             awaiting: None,
-            next_seq: 0,
             out: Vec::new(),
             out_pos: 0,
             read_closed: false,

@@ -54,8 +54,7 @@ pub struct ControlServer {
     listener_paused: bool,
     shared: Arc<Shared>,
     console_wake: Arc<EventFd>,
-    handler: Box<dyn ControlHandler>,
-    hub: Option<ConsoleHub>,
+    actions: Actions,
     config: ControlConfig,
     conns: HashMap<u32, Connection>,
     next_token: u32,
@@ -96,10 +95,16 @@ impl ControlServer {
             listener,
             socket,
             listener_paused: false,
+            actions: Actions {
+                handler,
+                next_seq: 0,
+                hub: console,
+                shared: shared.clone(),
+                console_wake: console_wake.clone(),
+                console_backlog: config.limits.console_backlog,
+            },
             shared,
             console_wake,
-            handler,
-            hub: console,
             config,
             conns: HashMap::new(),
             next_token: FIRST_CONNECTION_TOKEN,
@@ -342,22 +347,14 @@ impl ControlServer {
                             Ok(line) => parse_request_bytes(&line),
                         };
                         match request {
-                            Ok(request) => dispatch(
-                                conn,
-                                request,
-                                &mut *self.handler,
-                                self.hub.as_ref(),
-                                &self.shared,
-                                &self.console_wake,
-                                &self.config.limits,
-                            ),
+                            Ok(request) => self.actions.dispatch(conn, request),
                             Err(e) => conn.queue(Response::error_line(&e.to_string()).as_bytes()),
                         }
                     }
                 }
                 Mode::Console(_) => {
                     if !conn.pending_input.is_empty() {
-                        if let Some(hub) = &self.hub {
+                        if let Some(hub) = &self.actions.hub {
                             let n =
                                 hub.push_input_or_notify(&conn.pending_input, &self.console_wake);
                             conn.pending_input.drain(..n);
@@ -404,67 +401,74 @@ impl ControlServer {
     }
 }
 
-/// Executes one parsed request: the connection-level ones here, the rest by the handler.
-fn dispatch(
-    conn: &mut Connection,
-    request: Request,
-    handler: &mut dyn ControlHandler,
-    hub: Option<&ConsoleHub>,
-    shared: &Arc<Shared>,
-    console_wake: &Arc<EventFd>,
-    limits: &ControlLimits,
-) {
-    const NO_CONSOLE: &str = "this VM has no console";
-    match request {
-        Request::Subscribe => {
-            conn.subscribed = true;
-            conn.queue(Reply::Done.to_line().as_bytes());
-        }
-        Request::Log { bytes } => {
-            let Some(hub) = hub else {
-                conn.queue(Response::error_line(NO_CONSOLE).as_bytes());
-                return;
-            };
-            let max = bytes.map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX));
-            let total_bytes = hub.total_output();
-            let data = hub.scrollback_tail(max);
-            let reply = Reply::Log(LogInfo {
-                bytes: data.len() as u64,
-                data: String::from_utf8_lossy(&data).into_owned(),
-                total_bytes,
-            });
-            conn.queue(reply.to_line().as_bytes());
-        }
-        Request::Console { replay } => {
-            let Some(hub) = hub else {
-                conn.queue(Response::error_line(NO_CONSOLE).as_bytes());
-                return;
-            };
-            let (reader, replayed) =
-                hub.attach_with_backlog(console_wake.clone(), replay, limits.console_backlog);
-            let reply = Reply::Console(ConsoleAttached {
-                replay_bytes: replayed.len() as u64,
-            });
-            conn.queue(reply.to_line().as_bytes());
-            conn.queue(&replayed);
-            // Whatever the client sent after its request line is console input already.
-            conn.pending_input = conn.lines.take_remaining();
-            conn.subscribed = false;
-            conn.mode = Mode::Console(reader);
-            tracing::debug!(uid = conn.peer.uid, "console attached");
-        }
-        request => {
-            let seq = conn.next_seq;
-            conn.next_seq += 1;
-            conn.awaiting = Some(seq);
-            let responder = Responder::new(
-                shared.clone(),
-                conn.token,
-                seq,
-                conn.peer.clone(),
-                request.name(),
-            );
-            handler.execute(request, responder);
+/// The actions side of the server: what executes a parsed request.
+struct Actions {
+    handler: Box<dyn ControlHandler>,
+    next_seq: u64,
+    hub: Option<ConsoleHub>,
+    shared: Arc<Shared>,
+    console_wake: Arc<EventFd>,
+    console_backlog: usize,
+}
+
+impl Actions {
+    /// Executes one parsed request: the connection-level ones here, the rest by the handler.
+    fn dispatch(&mut self, conn: &mut Connection, request: Request) {
+        const NO_CONSOLE: &str = "this VM has no console";
+        match request {
+            Request::Subscribe => {
+                conn.subscribed = true;
+                conn.queue(Reply::Done.to_line().as_bytes());
+            }
+            Request::Log { bytes } => {
+                let Some(hub) = &self.hub else {
+                    conn.queue(Response::error_line(NO_CONSOLE).as_bytes());
+                    return;
+                };
+                let max = bytes.map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX));
+                let total_bytes = hub.total_output();
+                let data = hub.scrollback_tail(max);
+                let reply = Reply::Log(LogInfo {
+                    bytes: data.len() as u64,
+                    data: String::from_utf8_lossy(&data).into_owned(),
+                    total_bytes,
+                });
+                conn.queue(reply.to_line().as_bytes());
+            }
+            Request::Console { replay } => {
+                let Some(hub) = &self.hub else {
+                    conn.queue(Response::error_line(NO_CONSOLE).as_bytes());
+                    return;
+                };
+                let (reader, replayed) = hub.attach_with_backlog(
+                    self.console_wake.clone(),
+                    replay,
+                    self.console_backlog,
+                );
+                let reply = Reply::Console(ConsoleAttached {
+                    replay_bytes: replayed.len() as u64,
+                });
+                conn.queue(reply.to_line().as_bytes());
+                conn.queue(&replayed);
+                // Whatever the client sent after its request line is console input already.
+                conn.pending_input = conn.lines.take_remaining();
+                conn.subscribed = false;
+                conn.mode = Mode::Console(reader);
+                tracing::debug!(uid = conn.peer.uid, "console attached");
+            }
+            request => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                conn.awaiting = Some(seq);
+                let responder = Responder::new(
+                    self.shared.clone(),
+                    conn.token,
+                    seq,
+                    conn.peer.clone(),
+                    request.name(),
+                );
+                self.handler.execute(request, responder);
+            }
         }
     }
 }

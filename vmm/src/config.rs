@@ -41,6 +41,14 @@ pub enum ConfigError {
     Vcpus(u64),
     #[error("--console {0}: must be 'stdio', 'none' or 'auto'")]
     Console(String),
+    #[error("{flag} {spec}: {reason}")]
+    Spec {
+        flag: String,
+        spec: String,
+        reason: String,
+    },
+    #[error("too many virtio devices ({0}); at most {max}", max = crate::layout::MAX_VIRTIO_DEVICES)]
+    TooManyDevices(usize),
     #[error("VM name '{0}' is invalid: use 1-64 letters, digits, '-', '_' or '.'")]
     Name(String),
 }
@@ -95,6 +103,15 @@ pub struct Cli {
     /// Exit the process when the guest powers off (default when there is no control socket).
     #[arg(long)]
     pub exit_on_poweroff: bool,
+    /// Listen for control requests on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// A virtio-block disk: path=FILE[,ro=on][,id=NAME] (repeatable).
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<String>,
+    /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -111,6 +128,11 @@ struct FileConfig {
     console_log: Option<PathBuf>,
     console: Option<ConsoleMode>,
     exit_on_poweroff: Option<bool>,
+    control: Option<PathBuf>,
+    #[serde(default)]
+    disk: Vec<String>,
+    #[serde(default)]
+    net: Vec<String>,
 }
 
 /// Where the kernel comes from.
@@ -139,6 +161,89 @@ pub struct VmConfig {
     pub exit_on_poweroff: bool,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+    pub disks: Vec<DiskSpec>,
+    pub nets: Vec<NetSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+}
+
+fn spec_pairs<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    spec.split(',')
+        .map(|kv| {
+            kv.split_once('=').ok_or_else(|| ConfigError::Spec {
+                flag: flag.to_string(),
+                spec: spec.to_string(),
+                reason: format!("'{kv}' is not key=value"),
+            })
+        })
+        .collect()
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
+    let err = |reason: String| ConfigError::Spec {
+        flag: "--disk".into(),
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut path = None;
+    let mut read_only = false;
+    let mut id = None;
+    for (k, v) in spec_pairs("--disk", spec)? {
+        match k {
+            "path" => path = Some(PathBuf::from(v)),
+            "ro" => read_only = parse_bool(v).ok_or_else(|| err(format!("ro={v}: use on or off")))?,
+            "id" if v.len() <= 20 => id = Some(v.to_string()),
+            "id" => return Err(err("id is longer than 20 bytes".into())),
+            other => return Err(err(format!("unknown key '{other}' (path, ro, id)"))),
+        }
+    }
+    let path = path.ok_or_else(|| err("path= is required".into()))?;
+    Ok(DiskSpec { path, read_only, id })
+}
+
+pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
+    let err = |reason: String| ConfigError::Spec {
+        flag: "--net".into(),
+        spec: spec.to_string(),
+        reason,
+    };
+    let mut tap = None;
+    let mut mac = None;
+    for (k, v) in spec_pairs("--net", spec)? {
+        match k {
+            "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v.to_string()),
+            "tap" => return Err(err("tap name must be 1-15 bytes".into())),
+            "mac" => {
+                mac = Some(
+                    devices::virtio::net::parse_mac(v)
+                        .ok_or_else(|| err(format!("mac={v} is not aa:bb:cc:dd:ee:ff")))?,
+                )
+            }
+            other => return Err(err(format!("unknown key '{other}' (tap, mac)"))),
+        }
+    }
+    let tap = tap.ok_or_else(|| err("tap= is required".into()))?;
+    Ok(NetSpec { tap, mac })
 }
 
 /// A resolved kernel: what one boot loads.
@@ -201,6 +306,19 @@ impl VmConfig {
         if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
             return Err(ConfigError::Vcpus(vcpus));
         }
+        let disk_specs = if cli.disks.is_empty() { file.disk } else { cli.disks };
+        let net_specs = if cli.nets.is_empty() { file.net } else { cli.nets };
+        let disks = disk_specs
+            .iter()
+            .map(|s| parse_disk(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let nets = net_specs
+            .iter()
+            .map(|s| parse_net(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if disks.len() + nets.len() > crate::layout::MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(disks.len() + nets.len()));
+        }
         let cfg = VmConfig {
             name,
             kernel,
@@ -211,6 +329,9 @@ impl VmConfig {
             console: cli.console.or(file.console).unwrap_or_default(),
             exit_on_poweroff: cli.exit_on_poweroff || file.exit_on_poweroff.unwrap_or(false),
             config_file: cli.config,
+            control: cli.control.or(file.control),
+            disks,
+            nets,
         };
         // Fail early on a missing kernel rather than at first boot.
         cfg.kernel_choice(None)?;
@@ -394,6 +515,24 @@ mod tests {
         std::fs::write(&f, "memory = \"lots\"\n").unwrap();
         assert!(VmConfig::resolve(Cli { config: Some(f), ..Default::default() }, None).is_err());
         std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn disk_and_net_specs_parse_and_bad_ones_say_why() {
+        let d = parse_disk("path=/x.img,ro=on,id=data1").unwrap();
+        assert_eq!(d.path, PathBuf::from("/x.img"));
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("data1"));
+        assert!(!parse_disk("path=/y").unwrap().read_only);
+        for bad in ["ro=on", "path=/x,ro=maybe", "path=/x,size=3", "path", "path=/x,id=012345678901234567890"] {
+            let e = parse_disk(bad).unwrap_err().to_string();
+            assert!(e.starts_with("--disk "), "{e}");
+        }
+        let n = parse_net("tap=tap0,mac=52:54:00:12:34:56").unwrap();
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert!(parse_net("tap=tap0,mac=zz").is_err());
+        assert!(parse_net("mac=52:54:00:12:34:56").is_err());
+        assert!(parse_net("tap=aaaaaaaaaaaaaaaaaaaa").is_err());
     }
 
     #[test]

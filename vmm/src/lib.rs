@@ -1,2 +1,22 @@
+//! The VMM library: configuration, guest memory layout, boot, vCPUs, the
+//! PVM fallback, and the VM lifecycle.
+
 pub mod acpi;
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod control;
+pub mod cpu;
 pub mod emulate;
+pub mod events;
+pub mod fallback;
+pub mod hooks;
+pub mod layout;
+pub mod machine;
+pub mod platform;
+pub mod runtime;
+pub mod vcpu;
+pub mod vm;
+pub mod watchdog;
+
+pub use runtime::run;

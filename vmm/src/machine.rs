@@ -17,7 +17,8 @@ use devices::legacy::pvpanic::{PVPANIC_LEN, PVPANIC_PORT};
 use devices::legacy::{AcpiPmDevice, EventFdTrigger, I8042Device, I8042Port, PvPanicDevice, SerialDevice};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use devices::virtio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -71,6 +72,15 @@ pub struct PioDevice {
     pub irqs: Vec<(Arc<EventFd>, u32)>,
 }
 
+/// A virtio-mmio device that lives across boots; each boot maps it at the
+/// same address and GSI.
+#[derive(Clone)]
+pub struct VirtioSlot {
+    pub transport: Arc<Mutex<MmioTransport>>,
+    pub base: u64,
+    pub gsi: u32,
+}
+
 /// Long-lived things a boot plugs into.
 pub struct BootEnv<'a> {
     pub events: &'a VmEventQueue,
@@ -78,6 +88,9 @@ pub struct BootEnv<'a> {
     /// Signalled when the guest drained the UART's receive FIFO.
     pub serial_input_drained: Option<EventFd>,
     pub extra_pio: Vec<PioDevice>,
+    pub virtio: Vec<VirtioSlot>,
+    /// Called with the new guest memory before any device can run.
+    pub set_memory: Option<Box<dyn FnOnce(&GuestMemoryMmap) + Send>>,
     /// Runs on vCPU 0's thread right before its first KVM_RUN.
     pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -88,6 +101,8 @@ pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042Device>>,
+    /// One edge = the ACPI power button pressed.
+    pub power_button: EventFd,
     pub fallback: Arc<FallbackCounters>,
     pub started: Instant,
     pub mem: GuestMemoryMmap,
@@ -137,17 +152,44 @@ impl Machine {
         }
 
         let rsdp = GuestAddress(layout::ACPI_START);
+        let mut cmdline = cfg.cmdline.clone();
+        for slot in &env.virtio {
+            // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
+            // kernels find the same devices in the DSDT.
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                layout::VIRTIO_MMIO_SIZE >> 10,
+                slot.base,
+                slot.gsi
+            ));
+        }
+        if cfg.cpuid.pvm_compat {
+            cmdline.push(' ');
+            cmdline.push_str(cpu::PVM_CMDLINE);
+        }
         let entry = boot::load(
             &mem,
             &BootSpec {
                 kernel: &cfg.kernel,
                 initrd: cfg.initrd.as_deref(),
-                cmdline: &cfg.cmdline,
+                cmdline: &cmdline,
                 mem_bytes,
                 rsdp,
             },
         )?;
-        crate::platform::write_acpi(&mem, cfg.vcpus, rsdp)?;
+        let acpi_slots: Vec<crate::acpi::VirtioMmioSlot> = env
+            .virtio
+            .iter()
+            .map(|s| crate::acpi::VirtioMmioSlot {
+                base: s.base,
+                size: layout::VIRTIO_MMIO_SIZE,
+                gsi: s.gsi,
+            })
+            .collect();
+        crate::platform::write_acpi(&mem, cfg.vcpus, &acpi_slots, rsdp)?;
+        if let Some(set) = env.set_memory {
+            set(&mem);
+        }
 
         // Port I/O devices.
         let mut pio = Bus::new();
@@ -179,6 +221,10 @@ impl Machine {
             .map_err(|e| dev_err("ACPI PM", e))?;
         pio.insert(Arc::new(Mutex::new(PvPanicDevice::new(env.events.sink()))), PVPANIC_PORT, PVPANIC_LEN)
             .map_err(|e| dev_err("pvpanic", e))?;
+        let power_button = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| MachineError::Device(format!("power button eventfd: {e}")))?;
+        vm.register_irqfd(&power_button, crate::platform::POWER_BUTTON_GSI)
+            .map_err(kvm_err("KVM_IRQFD (power button)"))?;
         for d in env.extra_pio {
             for (evt, gsi) in &d.irqs {
                 vm.register_irqfd(evt, *gsi)
@@ -188,7 +234,20 @@ impl Machine {
                 .map_err(|e| MachineError::Device(format!("port {:#x}: {e}", d.base)))?;
         }
         let pio = Arc::new(pio);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        for slot in &env.virtio {
+            let t = lock(&slot.transport);
+            for (i, evt) in t.queue_events().iter().enumerate() {
+                vm.register_ioevent(evt, &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET), i as u32)
+                    .map_err(kvm_err("KVM_IOEVENTFD (virtio queue)"))?;
+            }
+            vm.register_irqfd(t.interrupt_event(), slot.gsi)
+                .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            drop(t);
+            mmio.insert(slot.transport.clone(), slot.base, MMIO_SIZE)
+                .map_err(|e| dev_err("virtio-mmio", e))?;
+        }
+        let mmio = Arc::new(mmio);
 
         let supported = cpu::supported_cpuid(kvm)?;
         let fallback = Arc::new(FallbackCounters::default());
@@ -217,6 +276,7 @@ impl Machine {
             vcpus,
             serial,
             i8042,
+            power_button,
             fallback,
             started,
             mem,

@@ -1,19 +1,32 @@
-//! The VM lifecycle: boots, resets and power-offs of one guest inside this
-//! process, driven by events from vCPUs, devices and the control socket.
+//! The VM lifecycle: boots, resets, pauses and power-offs of one guest
+//! inside this process, driven by events from vCPUs and devices and by
+//! requests from the control socket.
 
-use std::time::Instant;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use devices::{GuestEvent, ResetCause};
+use devices::bus::lock;
+use devices::legacy::ib700::{IB700_BASE, IB700_LEN};
+use devices::legacy::serial::SerialOutput;
+use devices::{GuestEvent, ResetCause as DevResetCause};
 use kvm_ioctls::Kvm;
+use protocol::{Event, PanicAction, ResetCause, StopOutcome, StopResult, VmState, WatchdogAction};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::config::VmConfig;
 use crate::cpu::CpuidPolicy;
 use crate::events::{VmEvent, VmEventQueue};
-use crate::machine::{BootConfig, BootEnv, Machine, MachineError};
+use crate::machine::{BootConfig, BootEnv, Machine, MachineError, PioDevice, VirtioSlot};
+use crate::runtime::Subscriber;
+use devices::virtio::{Block, BlockConfig, GuestMemoryHandle, MmioTransport, Net, NetConfig};
+use std::sync::Mutex;
+use crate::watchdog::{GuestClock, Watchdog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM available and do you have permission on /dev/kvm?)")]
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
     OpenKvm(kvm_ioctls::Error),
     #[error("cannot boot: {0}")]
     Boot(#[from] MachineError),
@@ -23,11 +36,46 @@ pub enum VmmError {
     Setup(String),
 }
 
+/// What the process should do after handling events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunState {
-    Running,
-    Paused,
-    Stopped,
+pub enum Flow {
+    Continue,
+    Exit(u8),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopKind {
+    Shutdown,
+    Reboot,
+}
+
+/// Answer to a graceful `shutdown`/`reboot` once it completes or times out.
+pub type StopReply = Box<dyn FnOnce(Result<StopOutcome, String>) + Send>;
+
+struct PendingStop {
+    kind: StopKind,
+    started: Instant,
+    reply: Option<StopReply>,
+}
+
+/// Hooks the runtime plugs in: console, events.
+pub struct VmHooks {
+    /// A fresh writer for the UART of each boot.
+    pub serial_out: Box<dyn Fn() -> SerialOutput + Send>,
+    /// A boot started: mark it in the console log.
+    pub on_boot: Box<dyn Fn(u64, &str) + Send>,
+    /// Broadcast an event to subscribers.
+    pub publish: Box<dyn Fn(Event) + Send>,
+}
+
+impl Default for VmHooks {
+    fn default() -> Self {
+        VmHooks {
+            serial_out: Box::new(|| Box::new(std::io::stdout())),
+            on_boot: Box::new(|_, _| {}),
+            publish: Box::new(|_| {}),
+        }
+    }
 }
 
 pub struct Vm {
@@ -35,38 +83,156 @@ pub struct Vm {
     pub config: VmConfig,
     pub events: VmEventQueue,
     machine: Option<Machine>,
-    pub state: RunState,
+    pub state: VmState,
     pub boot_count: u64,
     pub last_reset: Option<ResetCause>,
+    boot_started: Instant,
     pub process_start: Instant,
     cpuid: CpuidPolicy,
+    pub watchdog: Watchdog,
+    pub watchdog_action: WatchdogAction,
+    pub panic_action: PanicAction,
+    pub alert_hook: Option<String>,
+    /// The library entry chosen for the next boot (`set-kernel`).
+    pub next_kernel: Option<String>,
+    pub current_kernel: String,
+    pub state_file: Option<PathBuf>,
+    pub stop_timeout: Duration,
+    pending_stop: Option<PendingStop>,
+    stop_timer: TimerFd,
+    /// Whether a guest poweroff ends the process.
+    pub exit_on_poweroff: bool,
+    pub hooks: VmHooks,
+    virtio: Vec<VirtioSlot>,
+    /// The block and net devices, for the event loop.
+    pub virtio_subscribers: Vec<Subscriber>,
+    mem_handle: GuestMemoryHandle,
+}
+
+/// Opens the disks and TAPs (start-up errors are clear and final) and puts
+/// each behind a virtio-mmio transport at its slot.
+fn create_virtio(
+    config: &VmConfig,
+    mem: &GuestMemoryHandle,
+) -> Result<(Vec<VirtioSlot>, Vec<Subscriber>), VmmError> {
+    let mut slots = Vec::new();
+    let mut subs: Vec<Subscriber> = Vec::new();
+    let mut add = |dev: Arc<Mutex<dyn devices::virtio::VirtioDevice>>, sub: Subscriber| {
+        let (base, gsi) = crate::layout::virtio_mmio_slot(slots.len());
+        let t = MmioTransport::new(dev, mem.clone())
+            .map_err(|e| VmmError::Setup(format!("virtio transport: {e}")))?;
+        slots.push(VirtioSlot {
+            transport: Arc::new(Mutex::new(t)),
+            base,
+            gsi,
+        });
+        subs.push(sub);
+        Ok::<(), VmmError>(())
+    };
+    for d in &config.disks {
+        let blk = Block::new(&BlockConfig {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            id: d.id.clone(),
+        })
+        .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let blk = Arc::new(Mutex::new(blk));
+        add(blk.clone(), blk)?;
+    }
+    for n in &config.nets {
+        let net = Net::new(&NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac,
+        })
+        .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let net = Arc::new(Mutex::new(net));
+        add(net.clone(), net)?;
+    }
+    Ok((slots, subs))
+}
+
+pub fn dev_cause(c: DevResetCause) -> ResetCause {
+    match c {
+        DevResetCause::I8042 | DevResetCause::AcpiReset => ResetCause::Guest,
+        DevResetCause::TripleFault => ResetCause::TripleFault,
+        DevResetCause::Watchdog => ResetCause::Watchdog,
+        DevResetCause::Panic => ResetCause::Panic,
+        DevResetCause::Request => ResetCause::Command,
+    }
 }
 
 impl Vm {
-    pub fn new(config: VmConfig) -> Result<Vm, VmmError> {
+    pub fn new(config: VmConfig, hooks: VmHooks) -> Result<Vm, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         crate::vcpu::init_kick_signal().map_err(VmmError::Setup)?;
-        let events = VmEventQueue::new().map_err(|e| VmmError::Setup(format!("eventfd: {e}")))?;
+        let setup = |what: &str, e: std::io::Error| VmmError::Setup(format!("{what}: {e}"));
+        let events = VmEventQueue::new().map_err(|e| setup("eventfd", e))?;
+        let clock = Arc::new(GuestClock::new());
+        let watchdog = Watchdog::new(clock, events.sink()).map_err(|e| setup("timerfd", e))?;
+        let stop_timer = TimerFd::new().map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
+        let exit_on_poweroff = config.exit_on_poweroff || config.control.is_none();
+        let mem_handle = GuestMemoryHandle::empty();
+        let (virtio, virtio_subscribers) = create_virtio(&config, &mem_handle)?;
         Ok(Vm {
             kvm,
+            current_kernel: String::new(),
             config,
             events,
             machine: None,
-            state: RunState::Stopped,
+            state: VmState::Stopped,
             boot_count: 0,
             last_reset: None,
+            boot_started: Instant::now(),
             process_start: Instant::now(),
             cpuid: CpuidPolicy {
                 pvm_compat: crate::platform::pvm_detected(),
             },
+            watchdog,
+            watchdog_action: WatchdogAction::Reset,
+            panic_action: PanicAction::Reset,
+            alert_hook: None,
+            next_kernel: None,
+            state_file: None,
+            stop_timeout: Duration::from_secs(60),
+            pending_stop: None,
+            stop_timer,
+            exit_on_poweroff,
+            hooks,
+            virtio,
+            virtio_subscribers,
+            mem_handle,
         })
     }
 
-    pub fn boot(&mut self) -> Result<(), VmmError> {
-        if let Some(m) = self.machine.take() {
-            m.shutdown();
+    pub fn watchdog_timer_fd(&self) -> RawFd {
+        self.watchdog.timer_fd()
+    }
+
+    pub fn stop_timer_fd(&self) -> RawFd {
+        self.stop_timer.as_raw_fd()
+    }
+
+    fn set_state(&mut self, state: VmState) {
+        if self.state != state {
+            let previous = self.state;
+            self.state = state;
+            (self.hooks.publish)(Event::StateChanged { state, previous });
         }
-        let choice = self.config.kernel_choice(None)?;
+    }
+
+    pub fn uptime(&self) -> Duration {
+        if self.state == VmState::Stopped {
+            Duration::ZERO
+        } else {
+            self.boot_started.elapsed()
+        }
+    }
+
+    /// Tears down the current boot (if any) and boots again: memory
+    /// cleared, devices and vCPUs fresh, kernel and initrd read from disk.
+    pub fn boot(&mut self) -> Result<(), VmmError> {
+        self.halt_machine();
+        let choice = self.config.kernel_choice(self.next_kernel.as_deref())?;
         let cfg = BootConfig {
             kernel: choice.kernel,
             initrd: choice.initrd,
@@ -75,75 +241,354 @@ impl Vm {
             vcpus: self.config.vcpus,
             cpuid: self.cpuid,
         };
+        self.watchdog.reset();
+        // A fresh boot starts running: the guest clock must not be paused.
+        self.watchdog.resume();
+        for slot in &self.virtio {
+            lock(&slot.transport).reset();
+        }
+        let handle = self.mem_handle.clone();
         let start = self.process_start;
+        let boot_no = self.boot_count + 1;
         let env = BootEnv {
             events: &self.events,
-            serial_out: Box::new(std::io::stdout()),
+            serial_out: (self.hooks.serial_out)(),
             serial_input_drained: None,
-            extra_pio: Vec::new(),
+            extra_pio: vec![PioDevice {
+                base: IB700_BASE,
+                len: IB700_LEN,
+                device: self.watchdog.device.clone(),
+                irqs: Vec::new(),
+            }],
+            virtio: self.virtio.clone(),
+            set_memory: Some(Box::new(move |mem| handle.set(Arc::new(mem.clone())))),
             on_first_run: Some(Box::new(move || {
-                tracing::info!("first KVM_RUN {:?} after process start", start.elapsed());
+                if boot_no == 1 {
+                    tracing::info!("first KVM_RUN {:?} after process start", start.elapsed());
+                }
             })),
         };
+        (self.hooks.on_boot)(boot_no, &choice.label);
         let m = Machine::boot(&self.kvm, &cfg, env)?;
         self.machine = Some(m);
-        self.boot_count += 1;
-        self.state = RunState::Running;
+        self.boot_count = boot_no;
+        self.boot_started = Instant::now();
+        self.current_kernel = choice.label.clone();
+        (self.hooks.publish)(Event::Boot {
+            boot_count: boot_no,
+            kernel: choice.label,
+        });
+        self.set_state(VmState::Running);
         Ok(())
     }
 
-    /// Handles queued events; returns Some(exit code) when the process must end.
-    pub fn handle_events(&mut self) -> Option<u8> {
-        for ev in self.events.drain() {
-            tracing::debug!("vm event: {ev:?}");
-            match ev {
-                VmEvent::Guest(GuestEvent::Reset(cause)) => {
-                    self.last_reset = Some(cause);
-                    if let Err(e) = self.boot() {
-                        eprintln!("vmm: reboot failed: {e}");
-                        self.state = RunState::Stopped;
-                        return Some(1);
-                    }
-                }
-                VmEvent::Guest(GuestEvent::PowerOff) => {
-                    if let Some(m) = self.machine.take() {
-                        m.shutdown();
-                    }
-                    self.state = RunState::Stopped;
-                    return Some(0);
-                }
-                VmEvent::Guest(GuestEvent::Panic(_)) | VmEvent::Guest(GuestEvent::WatchdogExpired) => {}
-                VmEvent::VcpuFailed { vcpu, reason } => {
-                    eprintln!("vmm: vCPU {vcpu}: {reason}");
-                    if let Some(m) = self.machine.take() {
-                        let (emu, inj, kinds) = m.fallback_summary();
-                        eprintln!("vmm: PVM fallback: {emu} emulated, {inj} exceptions injected: {kinds:?}");
-                        m.shutdown();
-                    }
-                    self.state = RunState::Stopped;
-                    return Some(1);
-                }
-                VmEvent::Timer => {}
+    fn halt_machine(&mut self) {
+        if let Some(m) = self.machine.take() {
+            let (emu, inj, kinds) = m.fallback_summary();
+            if emu + inj > 0 {
+                tracing::info!(
+                    "PVM fallback this boot: {emu} emulated, {inj} exceptions injected: {kinds:?}"
+                );
+            }
+            m.shutdown();
+        }
+    }
+
+    /// Hard reset now (works whatever the guest is doing).
+    pub fn reset(&mut self, cause: ResetCause) -> Result<(), VmmError> {
+        self.last_reset = Some(cause);
+        (self.hooks.publish)(Event::Reset { cause });
+        if let Err(e) = self.boot() {
+            self.set_state(VmState::Stopped);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Hard power-off: the VM is stopped, the process stays.
+    pub fn poweroff(&mut self) {
+        self.halt_machine();
+        self.watchdog.reset();
+        self.set_state(VmState::Stopped);
+    }
+
+    pub fn start(&mut self) -> Result<(), String> {
+        if self.state != VmState::Stopped {
+            return Err(format!("the VM is {}, not stopped", self.state));
+        }
+        self.boot().map_err(|e| e.to_string())
+    }
+
+    pub fn pause(&mut self) -> Result<(), String> {
+        match (&self.machine, self.state) {
+            (Some(m), VmState::Running) => {
+                m.pause();
+                self.watchdog.pause();
+                self.set_state(VmState::Paused);
+                Ok(())
+            }
+            (_, s) => Err(format!("the VM is {s}, not running")),
+        }
+    }
+
+    pub fn resume(&mut self) -> Result<(), String> {
+        match (&self.machine, self.state) {
+            (Some(m), VmState::Paused) => {
+                self.watchdog.resume();
+                m.resume();
+                self.set_state(VmState::Running);
+                Ok(())
+            }
+            (_, s) => Err(format!("the VM is {s}, not paused")),
+        }
+    }
+
+    /// Graceful shutdown or reboot: Ctrl-Alt-Del to the guest, then the
+    /// hard action after `timeout`. `reply` is called when it is settled.
+    pub fn graceful_stop(&mut self, kind: StopKind, timeout: Duration, reply: StopReply) {
+        if self.pending_stop.is_some() {
+            return reply(Err("a shutdown or reboot is already in progress".into()));
+        }
+        let Some(m) = &self.machine else {
+            return reply(Err(format!("the VM is {}", self.state)));
+        };
+        if self.state == VmState::Paused {
+            return reply(Err("the VM is paused: resume it first".into()));
+        }
+        // Both signals: an init maps Ctrl-Alt-Del (usually to reboot, which
+        // ends a pending shutdown too), ACPI-aware guests act on the button.
+        if let Err(e) = lock(&m.i8042).trigger_ctrl_alt_del() {
+            tracing::info!("Ctrl-Alt-Del not delivered ({e})");
+        }
+        if kind == StopKind::Shutdown {
+            if let Err(e) = m.power_button.write(1) {
+                tracing::info!("power button not delivered ({e})");
             }
         }
-        None
-    }
-}
-
-/// Runs the VM until it powers off or fails; returns the exit status.
-pub fn run(config: VmConfig) -> Result<u8, VmmError> {
-    let mut vm = Vm::new(config)?;
-    vm.boot()?;
-    loop {
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(vm.events.wake_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, -1) };
-        if let Some(code) = vm.handle_events() {
-            return Ok(code);
+        if let Err(e) = self.stop_timer.reset(timeout.max(Duration::from_millis(1)), None) {
+            tracing::warn!("cannot arm the shutdown timer: {e}");
         }
+        self.pending_stop = Some(PendingStop {
+            kind,
+            started: Instant::now(),
+            reply: Some(reply),
+        });
+    }
+
+    fn finish_stop(&mut self, result: StopResult) {
+        let _ = self.stop_timer.clear();
+        if let Some(mut p) = self.pending_stop.take() {
+            if let Some(r) = p.reply.take() {
+                r(Ok(StopOutcome {
+                    result,
+                    elapsed_ms: p.started.elapsed().as_millis() as u64,
+                }));
+            }
+        }
+    }
+
+    /// The graceful-stop timer fired: take the hard action.
+    pub fn on_stop_timer(&mut self) -> Flow {
+        let _ = self.stop_timer.wait();
+        let Some(p) = &self.pending_stop else {
+            return Flow::Continue;
+        };
+        match p.kind {
+            StopKind::Shutdown => {
+                self.poweroff();
+                self.finish_stop(StopResult::Forced);
+            }
+            StopKind::Reboot => {
+                let r = self.reset(ResetCause::RebootTimeout);
+                self.finish_stop(StopResult::Forced);
+                if let Err(e) = r {
+                    tracing::error!("reboot failed: {e}");
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The guest powered itself off.
+    fn guest_poweroff(&mut self) -> Flow {
+        match self.pending_stop.as_ref().map(|p| p.kind) {
+            Some(StopKind::Reboot) => {
+                // Asked to reboot, the guest powered off: boot it again.
+                let r = self.reset(ResetCause::Reboot);
+                self.finish_stop(StopResult::Graceful);
+                return self.flow_after(r);
+            }
+            Some(StopKind::Shutdown) => {
+                self.poweroff();
+                self.finish_stop(StopResult::Graceful);
+            }
+            None => self.poweroff(),
+        }
+        if self.exit_on_poweroff {
+            Flow::Exit(0)
+        } else {
+            Flow::Continue
+        }
+    }
+
+    /// The guest reset itself (i8042, ACPI, triple fault).
+    fn guest_reset(&mut self, cause: ResetCause) -> Flow {
+        match self.pending_stop.as_ref().map(|p| p.kind) {
+            Some(StopKind::Shutdown) => {
+                // Ctrl-Alt-Del usually means reboot to an init: we asked
+                // for a shutdown, so the VM stops here.
+                self.poweroff();
+                self.finish_stop(StopResult::Graceful);
+                if self.exit_on_poweroff {
+                    return Flow::Exit(0);
+                }
+                Flow::Continue
+            }
+            Some(StopKind::Reboot) => {
+                let r = self.reset(ResetCause::Reboot);
+                self.finish_stop(StopResult::Graceful);
+                self.flow_after(r)
+            }
+            None => {
+                let r = self.reset(cause);
+                self.flow_after(r)
+            }
+        }
+    }
+
+    fn flow_after(&mut self, r: Result<(), VmmError>) -> Flow {
+        match r {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                tracing::error!("boot failed: {e}");
+                eprintln!("vmm: {e}");
+                if self.exit_on_poweroff {
+                    Flow::Exit(1)
+                } else {
+                    Flow::Continue
+                }
+            }
+        }
+    }
+
+    fn alert(&self, event: &str) {
+        if let Some(cmd) = &self.alert_hook {
+            crate::hooks::run_alert_hook(
+                cmd,
+                event,
+                &self.config.name,
+                &protocol::time::now_rfc3339(),
+                crate::hooks::HOOK_TIMEOUT,
+            );
+        }
+    }
+
+    fn guest_panic(&mut self, bits: u8) -> Flow {
+        // Bit 1 alone: a crash kernel is loaded and takes over; no action.
+        if bits & 1 == 0 {
+            tracing::info!("guest reported a crash with kdump loaded (pvpanic {bits:#x})");
+            return Flow::Continue;
+        }
+        let action = self.panic_action;
+        tracing::warn!(vm = self.config.name, "guest kernel panicked; action: {action}");
+        (self.hooks.publish)(Event::Panic { action });
+        self.alert("panic");
+        match action {
+            PanicAction::Reset => {
+                let r = self.reset(ResetCause::Panic);
+                self.flow_after(r)
+            }
+            PanicAction::Pause => {
+                if let Err(e) = self.pause() {
+                    tracing::warn!("cannot pause after panic: {e}");
+                }
+                Flow::Continue
+            }
+            PanicAction::Poweroff => {
+                self.poweroff();
+                Flow::Continue
+            }
+            PanicAction::None => Flow::Continue,
+        }
+    }
+
+    fn watchdog_expired(&mut self) -> Flow {
+        let action = self.watchdog_action;
+        let expiries = self.watchdog.status().expiries;
+        tracing::warn!(vm = self.config.name, "watchdog expired; action: {action}");
+        (self.hooks.publish)(Event::Watchdog { action, expiries });
+        self.alert("watchdog");
+        match action {
+            WatchdogAction::Reset => {
+                let r = self.reset(ResetCause::Watchdog);
+                self.flow_after(r)
+            }
+            WatchdogAction::Poweroff => {
+                self.poweroff();
+                Flow::Continue
+            }
+            WatchdogAction::Pause => {
+                let _ = self.pause();
+                Flow::Continue
+            }
+            WatchdogAction::Shutdown => {
+                let timeout = self.stop_timeout;
+                self.graceful_stop(StopKind::Shutdown, timeout, Box::new(|_| {}));
+                Flow::Continue
+            }
+            WatchdogAction::None => Flow::Continue,
+        }
+    }
+
+    /// Handles queued events from vCPUs and devices.
+    pub fn handle_events(&mut self) -> Flow {
+        for ev in self.events.drain() {
+            tracing::debug!("vm event: {ev:?}");
+            let flow = match ev {
+                VmEvent::Guest(GuestEvent::Reset(cause)) => self.guest_reset(dev_cause(cause)),
+                VmEvent::Guest(GuestEvent::PowerOff) => self.guest_poweroff(),
+                VmEvent::Guest(GuestEvent::Panic(bits)) => self.guest_panic(bits),
+                VmEvent::Guest(GuestEvent::WatchdogExpired) => self.watchdog_expired(),
+                VmEvent::VcpuFailed { vcpu, reason } => {
+                    eprintln!("vmm: vCPU {vcpu}: {reason}");
+                    tracing::error!("vCPU {vcpu}: {reason}");
+                    self.poweroff();
+                    if self.exit_on_poweroff {
+                        Flow::Exit(1)
+                    } else {
+                        Flow::Continue
+                    }
+                }
+                VmEvent::Timer => Flow::Continue,
+            };
+            if let Flow::Exit(_) = flow {
+                return flow;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// The watchdog's host timer fired.
+    pub fn on_watchdog_timer(&mut self) -> Flow {
+        // The device pushes WatchdogExpired on the event queue if it fired.
+        self.watchdog.on_timer();
+        self.handle_events()
+    }
+
+    /// Feeds console input to the UART; returns how many bytes it took.
+    pub fn feed_console(&self, bytes: &[u8]) -> usize {
+        match &self.machine {
+            Some(m) => m.feed_serial(bytes),
+            None => bytes.len(), // no guest: input goes nowhere
+        }
+    }
+
+    pub fn fallback_summary(&self) -> Option<(u64, u64, Vec<(String, u64)>)> {
+        self.machine.as_ref().map(|m| m.fallback_summary())
+    }
+
+    /// Stops everything before the process exits.
+    pub fn teardown(&mut self) {
+        self.halt_machine();
     }
 }

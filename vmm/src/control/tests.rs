@@ -892,3 +892,154 @@ fn peers_outside_the_policy_are_refused_by_credentials() {
     let by_gid = as_other_user(65534, 4242, &h.path, b"{\"cmd\":\"status\"}\n").unwrap();
     assert!(by_gid.starts_with(b"{\"ok\":true,\"name\":\"test-vm\""));
 }
+
+/// The `docs/protocol.md` socat examples, run against the real server (skipped without socat).
+mod socat_examples {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    fn have_socat() -> bool {
+        Command::new("socat")
+            .arg("-V")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn sh(script: &str, socket: &Path) -> String {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("S", socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn one_shot_requests_and_error_table() {
+        if !have_socat() {
+            eprintln!("skipped: socat not installed");
+            return;
+        }
+        let h = Harness::start();
+        let out = sh(
+            r#"echo '{"cmd":"status"}' | socat - UNIX-CONNECT:$S"#,
+            &h.path,
+        );
+        assert!(
+            out.starts_with(r#"{"ok":true,"name":"test-vm","state":"running""#),
+            "{out}"
+        );
+
+        let out = sh(
+            r#"printf '%s\n' hello '[1]' '{}' '{"cmd":1}' '{"cmd":"x"}' '{"cmd":"set-kernel"}' '{"cmd":"reboot","timeout_s":"5"}' '{"cmd":"status","verbose":true}' | socat - UNIX-CONNECT:$S"#,
+            &h.path,
+        );
+        let errors: Vec<String> = out.lines().map(error_of).collect();
+        assert_eq!(
+            errors,
+            [
+                "malformed JSON: expected value at line 1 column 1",
+                "a request must be a JSON object like {\"cmd\":\"status\"}",
+                "missing 'cmd' in request",
+                "'cmd' must be a string",
+                "unknown command 'x'",
+                "missing argument 'name' for set-kernel",
+                "invalid argument 'timeout_s' for reboot: expected an integer from 0 to 86400",
+                "unknown argument 'verbose' for status",
+            ]
+        );
+    }
+
+    #[test]
+    fn slow_answers_with_a_raised_timeout() {
+        if !have_socat() {
+            eprintln!("skipped: socat not installed");
+            return;
+        }
+        let h = Harness::start();
+        // The fake answers shutdown after `timeout_s` milliseconds: 1500 ms > socat's 0.5 s.
+        let out = sh(
+            r#"echo '{"cmd":"shutdown","timeout_s":1500}' | socat -t 60 - UNIX-CONNECT:$S"#,
+            &h.path,
+        );
+        assert_eq!(
+            out,
+            "{\"ok\":true,\"result\":\"graceful\",\"elapsed_ms\":1500}\n"
+        );
+    }
+
+    #[test]
+    fn log_through_jq() {
+        if !have_socat() || Command::new("jq").arg("--version").output().is_err() {
+            eprintln!("skipped: socat or jq not installed");
+            return;
+        }
+        let h = Harness::start();
+        h.hub().output(b"Linux version 6.1\r\nlogin: ");
+        let out = sh(
+            r#"echo '{"cmd":"log","bytes":200}' | socat - UNIX-CONNECT:$S | jq -r .data"#,
+            &h.path,
+        );
+        assert_eq!(out, "Linux version 6.1\r\nlogin: \n");
+    }
+
+    #[test]
+    fn subscribe_and_console_streams_over_half_closed_socat() {
+        if !have_socat() {
+            eprintln!("skipped: socat not installed");
+            return;
+        }
+        let h = Harness::start();
+        for (request, expect_first) in [
+            (r#"{"cmd":"subscribe"}"#, "{\"ok\":true}\n"),
+            (
+                r#"{"cmd":"console","replay":true}"#,
+                // The subscribe round printed "guest output\n" already.
+                "{\"ok\":true,\"replay_bytes\":13}\n",
+            ),
+        ] {
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo '{request}' | exec socat -t 1000000 - UNIX-CONNECT:$S"
+                ))
+                .env("S", &h.path)
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut out = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line, expect_first);
+            // Well past socat's default 0.5 s: the stream must still be open.
+            std::thread::sleep(Duration::from_millis(800));
+            h.events.publish(Event::Reset {
+                cause: ResetCause::Watchdog,
+            });
+            let console = request.contains("console");
+            if console {
+                line.clear();
+                out.read_line(&mut line).unwrap();
+                assert_eq!(line, "guest output\n", "the replay");
+            }
+            h.hub().output(if console {
+                b"live output\n"
+            } else {
+                b"guest output\n"
+            });
+            line.clear();
+            out.read_line(&mut line).unwrap();
+            if !console {
+                assert!(line.starts_with("{\"event\":\"reset\",\"cause\":\"watchdog\",\"vm\":\"test-vm\",\"time\":\""), "{line}");
+            } else {
+                assert_eq!(line, "live output\n");
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -177,7 +177,11 @@ impl Connection {
         if want_read && !self.read_closed {
             set |= EventSet::IN;
         }
-        if self.out_len() > 0 {
+        let console_pending = match &self.mode {
+            Mode::Console(reader) => !reader.is_empty(),
+            Mode::Command => false,
+        };
+        if self.out_len() > 0 || console_pending {
             set |= EventSet::OUT;
         }
         set

@@ -26,6 +26,8 @@ const TOKEN_LISTENER: u32 = 0;
 const TOKEN_WAKE: u32 = 1;
 const TOKEN_CONSOLE_WAKE: u32 = 2;
 const FIRST_CONNECTION_TOKEN: u32 = 16;
+/// Rounds of pull-and-send per connection and wake-up.
+const SERVICE_ROUNDS: usize = 16;
 
 /// Counters for tests and diagnostics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,6 +61,7 @@ pub struct ControlServer {
     conns: HashMap<u32, Connection>,
     next_token: u32,
     dirty: Vec<u32>,
+    read_buf: Vec<u8>,
     stats: ControlStats,
 }
 
@@ -109,6 +112,7 @@ impl ControlServer {
             conns: HashMap::new(),
             next_token: FIRST_CONNECTION_TOKEN,
             dirty: Vec::new(),
+            read_buf: vec![0; READ_CHUNK],
             stats: ControlStats::default(),
         })
     }
@@ -239,7 +243,7 @@ impl ControlServer {
         if !set.intersects(EventSet::IN | EventSet::HANG_UP) || conn.read_closed {
             return;
         }
-        let mut buf = vec![0u8; READ_CHUNK];
+        let buf = &mut self.read_buf;
         // A hung-up peer's data is read to the end now: there will be no further events.
         let rounds = if conn.hung_up { usize::MAX } else { 4 };
         for _ in 0..rounds {
@@ -250,7 +254,7 @@ impl ControlServer {
             if !want {
                 break;
             }
-            match conn.read(&mut buf) {
+            match conn.read(buf) {
                 Ok(ReadOutcome::Data(n)) => match conn.mode {
                     Mode::Command => {
                         conn.lines.push(&buf[..n]);
@@ -324,12 +328,14 @@ impl ControlServer {
         }
     }
 
-    /// Moves data for one connection until it makes no more progress.
+    /// Moves data for one connection until it makes no more progress (or, for a console
+    /// that keeps streaming, for a bounded number of rounds: the OUT interest then brings us
+    /// back after the other connections had their turn).
     fn service(&mut self, token: u32) {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
-        loop {
+        for _ in 0..SERVICE_ROUNDS {
             if conn.broken {
                 return;
             }

@@ -1043,3 +1043,40 @@ mod socat_examples {
         }
     }
 }
+
+/// `status` round trips through the transport (fake handler): run with
+/// `cargo test --release -p vmm --lib -- --ignored status_latency --nocapture`.
+#[test]
+#[ignore]
+fn status_latency() {
+    let h = Harness::start();
+    for clients in [1usize, 50] {
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let mut c = h.client();
+                std::thread::spawn(move || {
+                    let mut times = Vec::with_capacity(2000);
+                    for _ in 0..2000 {
+                        let t = Instant::now();
+                        c.request::<StatusInfo>(&Request::Status).unwrap();
+                        times.push(t.elapsed());
+                    }
+                    times
+                })
+            })
+            .collect();
+        let mut all: Vec<Duration> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        all.sort();
+        let p = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+        eprintln!(
+            "{clients} client(s): p50 {:?}, p99 {:?}, max {:?} over {} requests",
+            p(0.50),
+            p(0.99),
+            all[all.len() - 1],
+            all.len()
+        );
+    }
+}

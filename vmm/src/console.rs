@@ -796,6 +796,7 @@ pub struct StdioConsole {
     wake: Arc<EventFd>,
     pending_out: Vec<u8>,
     pending_in: Vec<u8>,
+    owns_terminal: bool,
 }
 
 impl std::fmt::Debug for StdioConsole {
@@ -851,7 +852,9 @@ impl StdioConsole {
         } else {
             false
         };
-        Self::build(hub, quit, Some(0), None, stdout_output(), escape)
+        let mut console = Self::build(hub, quit, Some(0), None, stdout_output(), escape)?;
+        console.owns_terminal = escape;
+        Ok(console)
     }
 
     /// The console on given descriptors (pipes, sockets, pseudo-terminals): `input` is read,
@@ -893,6 +896,7 @@ impl StdioConsole {
             wake,
             pending_out: Vec::new(),
             pending_in: Vec::new(),
+            owns_terminal: false,
         })
     }
 
@@ -1038,7 +1042,7 @@ impl MutEventSubscriber for StdioConsole {
 
 impl Drop for StdioConsole {
     fn drop(&mut self) {
-        if self.input_fd == Some(0) {
+        if self.owns_terminal {
             restore_terminal();
         }
     }
@@ -1273,6 +1277,43 @@ mod tests {
         assert_eq!(hub.take_input(100), b"lo wo");
         assert!(!hub.has_input());
         hub.ack_input_event();
+    }
+
+    #[test]
+    fn raw_mode_is_entered_and_restored_on_a_pty() {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty fills two descriptors; the name/termios/winsize pointers may be null.
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: fresh descriptors we own.
+        let (_master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let get = || {
+            // SAFETY: termios is plain data filled by tcgetattr.
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: valid descriptor and pointer.
+            assert_eq!(unsafe { libc::tcgetattr(slave.as_raw_fd(), &mut t) }, 0);
+            t
+        };
+        let before = get();
+        assert_ne!(before.c_lflag & libc::ICANON, 0);
+        enter_raw_mode(slave.as_raw_fd()).unwrap();
+        let raw = get();
+        assert_eq!(raw.c_lflag & (libc::ICANON | libc::ECHO | libc::ISIG), 0);
+        assert_ne!(raw.c_oflag & libc::OPOST, 0, "output processing kept");
+        restore_terminal();
+        let after = get();
+        assert_eq!(after.c_lflag, before.c_lflag);
+        assert_eq!(after.c_iflag, before.c_iflag);
+        restore_terminal(); // idempotent
     }
 
     #[test]

@@ -106,6 +106,22 @@ pub struct Cli {
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// A Unix user allowed on the control socket (repeatable).
+    #[arg(long = "allow-user", value_name = "USER")]
+    pub allow_users: Vec<String>,
+    /// A Unix group allowed on the control socket (repeatable).
+    #[arg(long = "allow-group", value_name = "GROUP")]
+    pub allow_groups: Vec<String>,
+    /// Watchdog: action=reset|poweroff|pause|shutdown|none.
+    #[arg(long, value_name = "action=ACTION")]
+    pub watchdog: Option<String>,
+    /// What a guest panic (pvpanic) does: reset, pause, poweroff or none.
+    #[arg(long, value_name = "ACTION")]
+    pub on_panic: Option<String>,
+    /// Command run (by /bin/sh) on watchdog and panic events, with
+    /// VMM_EVENT, VMM_NAME and VMM_TIME in its environment.
+    #[arg(long, value_name = "CMD")]
+    pub alert_hook: Option<String>,
     /// A virtio-block disk: path=FILE[,ro=on][,id=NAME] (repeatable).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
@@ -129,6 +145,13 @@ struct FileConfig {
     console: Option<ConsoleMode>,
     exit_on_poweroff: Option<bool>,
     control: Option<PathBuf>,
+    #[serde(default)]
+    allow_user: Vec<String>,
+    #[serde(default)]
+    allow_group: Vec<String>,
+    watchdog: Option<String>,
+    on_panic: Option<String>,
+    alert_hook: Option<String>,
     #[serde(default)]
     disk: Vec<String>,
     #[serde(default)]
@@ -164,6 +187,11 @@ pub struct VmConfig {
     pub control: Option<PathBuf>,
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
+    pub allow_users: Vec<String>,
+    pub allow_groups: Vec<String>,
+    pub watchdog_action: protocol::WatchdogAction,
+    pub panic_action: protocol::PanicAction,
+    pub alert_hook: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -319,6 +347,28 @@ impl VmConfig {
         if disks.len() + nets.len() > crate::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(disks.len() + nets.len()));
         }
+        let watchdog_action = match cli.watchdog.or(file.watchdog) {
+            None => protocol::WatchdogAction::default(),
+            Some(spec) => {
+                let bad = |reason: String| ConfigError::Spec {
+                    flag: "--watchdog".into(),
+                    spec: spec.clone(),
+                    reason,
+                };
+                let v = spec
+                    .strip_prefix("action=")
+                    .ok_or_else(|| bad("expected action=ACTION".into()))?;
+                v.parse().map_err(|e: protocol::ParseEnumError| bad(e.to_string()))?
+            }
+        };
+        let panic_action = match cli.on_panic.or(file.on_panic) {
+            None => protocol::PanicAction::default(),
+            Some(v) => v.parse().map_err(|e: protocol::ParseEnumError| ConfigError::Spec {
+                flag: "--on-panic".into(),
+                spec: v.clone(),
+                reason: e.to_string(),
+            })?,
+        };
         let cfg = VmConfig {
             name,
             kernel,
@@ -332,6 +382,11 @@ impl VmConfig {
             control: cli.control.or(file.control),
             disks,
             nets,
+            allow_users: if cli.allow_users.is_empty() { file.allow_user } else { cli.allow_users },
+            allow_groups: if cli.allow_groups.is_empty() { file.allow_group } else { cli.allow_groups },
+            watchdog_action,
+            panic_action,
+            alert_hook: cli.alert_hook.or(file.alert_hook),
         };
         // Fail early on a missing kernel rather than at first boot.
         cfg.kernel_choice(None)?;
@@ -533,6 +588,28 @@ mod tests {
         assert!(parse_net("tap=tap0,mac=zz").is_err());
         assert!(parse_net("mac=52:54:00:12:34:56").is_err());
         assert!(parse_net("tap=aaaaaaaaaaaaaaaaaaaa").is_err());
+    }
+
+    #[test]
+    fn watchdog_and_panic_actions_parse() {
+        let d = tmpdir("actions");
+        let k = d.join("bzImage");
+        std::fs::write(&k, b"x").unwrap();
+        let mut cli = cli_with_kernel(&k);
+        cli.watchdog = Some("action=pause".into());
+        cli.on_panic = Some("none".into());
+        let c = VmConfig::resolve(cli.clone(), None).unwrap();
+        assert_eq!(c.watchdog_action, protocol::WatchdogAction::Pause);
+        assert_eq!(c.panic_action, protocol::PanicAction::None);
+        cli.watchdog = Some("action=explode".into());
+        let e = VmConfig::resolve(cli.clone(), None).unwrap_err().to_string();
+        assert!(e.contains("--watchdog") && e.contains("reset"), "{e}");
+        cli.watchdog = Some("reset".into());
+        assert!(VmConfig::resolve(cli.clone(), None).is_err());
+        cli.watchdog = None;
+        cli.on_panic = Some("reboot".into());
+        assert!(VmConfig::resolve(cli, None).is_err());
+        std::fs::remove_dir_all(&d).ok();
     }
 
     #[test]

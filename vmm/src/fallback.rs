@@ -111,6 +111,31 @@ pub fn emulate_at_rip(
         ));
     }
 
+    let user_mode = state.sregs.cs.selector & 3 == 3 || state.sregs.cs.dpl == 3;
+    // `int n` (CD ib): a software interrupt through the guest's IDT, with
+    // the return address past the instruction.
+    if n >= 2 && code[0] == 0xcd {
+        let vector = code[1];
+        state.regs.rip = state.regs.rip.wrapping_add(2);
+        vcpu.set_regs(&state.regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        let mut ev = vcpu
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = vector;
+        ev.interrupt.soft = 1;
+        vcpu.set_vcpu_events(&ev)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))?;
+        counters
+            .injected
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut kinds = devices::bus::lock(&counters.kinds);
+        if kinds.record(iced_x86::Mnemonic::Int) {
+            tracing::info!("PVM fallback: delivering `int {vector:#x}` as a software interrupt");
+        }
+        return Ok(());
+    }
     let before = state;
     let result = emulate::emulate(&code[..n], &mut state, &mut vmem);
     {
@@ -159,6 +184,18 @@ pub fn emulate_at_rip(
             ev.exception.nr = vector;
             ev.exception.has_error_code = u8::from(error_code.is_some());
             ev.exception.error_code = error_code.unwrap_or(0);
+            vcpu.set_vcpu_events(&ev)
+                .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+        }
+        Outcome::Unsupported { .. } | Outcome::Fault { .. } if user_mode => {
+            // What KVM would have done for guest user code: #UD. A guest
+            // process must not be able to stop its VM.
+            let mut ev: kvm_vcpu_events = vcpu
+                .get_vcpu_events()
+                .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+            ev.exception.injected = 1;
+            ev.exception.nr = emulate::vector::UD;
+            ev.exception.has_error_code = 0;
             vcpu.set_vcpu_events(&ev)
                 .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
         }

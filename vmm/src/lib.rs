@@ -2,6 +2,7 @@
 //! PVM fallback, and the VM lifecycle.
 
 pub mod acpi;
+pub mod actions;
 pub mod boot;
 pub mod config;
 pub mod console;

@@ -118,6 +118,19 @@ impl Machine {
         vm.set_identity_map_address(0xfffb_c000)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        if cfg.cpuid.pvm_compat {
+            // Under kvm_pvm, instructions its emulator cannot run in guest
+            // user mode (e.g. `int $0x80`, the 32-bit system call) would
+            // become #UD; with this cap they come to us instead.
+            let cap = kvm_bindings::kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+                args: [1, 0, 0, 0],
+                ..Default::default()
+            };
+            if let Err(e) = vm.enable_cap(&cap) {
+                tracing::info!("KVM_CAP_EXIT_ON_EMULATION_FAILURE unavailable: {e}");
+            }
+        }
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()

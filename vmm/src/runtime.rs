@@ -2,13 +2,19 @@
 //! (vCPU and device events, watchdog and shutdown timers), the control
 //! socket, the console and the virtio devices.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::lock;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::VmConfig;
+use crate::actions::{load_kernel_choice, state_file_path, VmControlHandler};
+use crate::config::{ConsoleMode, VmConfig};
+use crate::console::{ConsoleConfig, ConsoleHub, QuitRequested, StdioConsole};
+use crate::control::{AccessPolicy, ControlConfig, ControlServer, EventBroadcaster};
 use crate::vm::{Flow, Vm, VmHooks, VmmError};
 
 pub type SharedVm = Arc<Mutex<Vm>>;
@@ -36,40 +42,97 @@ impl ExitFlag {
 const TOKEN_EVENTS: u32 = 1;
 const TOKEN_WATCHDOG: u32 = 2;
 const TOKEN_STOP: u32 = 3;
+const TOKEN_INPUT: u32 = 4;
+const TOKEN_DRAINED: u32 = 5;
+const TOKEN_QUIT: u32 = 6;
+const TOKEN_SIGNAL: u32 = 7;
 
-/// Serves the VM's own wake-ups.
+/// The UART's output goes to the console hub.
+struct HubWriter(ConsoleHub);
+
+impl Write for HubWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.output(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves the VM's own wake-ups and console input.
 pub struct VmSubscriber {
     vm: SharedVm,
     exit: Arc<ExitFlag>,
+    hub: ConsoleHub,
+    /// Console input taken from the hub that the UART has not accepted yet.
+    pending_input: Vec<u8>,
+    input_drained: EventFd,
+    quit: QuitRequested,
+    signal: Arc<EventFd>,
 }
 
 impl VmSubscriber {
-    fn apply(&self, flow: Flow) {
-        if let Flow::Exit(code) = flow {
-            self.exit.request(code);
+    fn feed_input(&mut self, vm: &Vm) {
+        loop {
+            if self.pending_input.is_empty() {
+                self.pending_input = self.hub.take_input(64);
+                if self.pending_input.is_empty() {
+                    return;
+                }
+            }
+            let n = vm.feed_console(&self.pending_input);
+            self.pending_input.drain(..n.min(self.pending_input.len()));
+            if n == 0 {
+                // UART FIFO full: wait for the guest to drain it.
+                return;
+            }
         }
     }
 }
 
 impl MutEventSubscriber for VmSubscriber {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut vm = lock(&self.vm);
+        let vm_arc = self.vm.clone();
+        let mut vm = lock(&vm_arc);
         let flow = match events.data() {
             TOKEN_EVENTS => vm.handle_events(),
             TOKEN_WATCHDOG => vm.on_watchdog_timer(),
             TOKEN_STOP => vm.on_stop_timer(),
+            TOKEN_INPUT => {
+                self.hub.ack_input_event();
+                self.feed_input(&vm);
+                Flow::Continue
+            }
+            TOKEN_DRAINED => {
+                let _ = self.input_drained.read();
+                self.feed_input(&vm);
+                Flow::Continue
+            }
+            TOKEN_QUIT => Flow::Exit(0),
+            TOKEN_SIGNAL => {
+                let _ = self.signal.read();
+                tracing::info!("terminating on signal");
+                Flow::Exit(0)
+            }
             _ => Flow::Continue,
         };
         drop(vm);
-        self.apply(flow);
+        if let Flow::Exit(code) = flow {
+            self.exit.request(code);
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         let vm = lock(&self.vm);
         let fds = [
-            (vm.events.wake_fd().as_raw_fd_compat(), TOKEN_EVENTS),
+            (vm.events.wake_fd().as_raw_fd(), TOKEN_EVENTS),
             (vm.watchdog_timer_fd(), TOKEN_WATCHDOG),
             (vm.stop_timer_fd(), TOKEN_STOP),
+            (self.hub.input_eventfd().as_raw_fd(), TOKEN_INPUT),
+            (self.input_drained.as_raw_fd(), TOKEN_DRAINED),
+            (self.quit.eventfd().as_raw_fd(), TOKEN_QUIT),
+            (self.signal.as_raw_fd(), TOKEN_SIGNAL),
         ];
         for (fd, token) in fds {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
@@ -79,29 +142,103 @@ impl MutEventSubscriber for VmSubscriber {
     }
 }
 
-trait AsRawFdCompat {
-    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd;
-}
-impl<T: std::os::fd::AsRawFd> AsRawFdCompat for T {
-    fn as_raw_fd_compat(&self) -> std::os::fd::RawFd {
-        self.as_raw_fd()
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_terminate(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd: RawFd = SIGNAL_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) of 8 bytes from a local to an eventfd is
+        // async-signal-safe.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
     }
+}
+
+fn install_signal_handlers(evt: &EventFd) -> Result<(), VmmError> {
+    SIGNAL_FD.store(evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_terminate)
+            .map_err(|e| VmmError::Setup(format!("signal handler: {e}")))?;
+    }
+    Ok(())
+}
+
+fn stdin_is_tty() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(0) == 1 }
 }
 
 /// Runs the VM until it exits; returns the process exit status.
 pub fn run(config: VmConfig) -> Result<u8, VmmError> {
-    let vm = Vm::new(config, VmHooks::default())?;
+    let setup = |what: &str, e: &dyn std::fmt::Display| VmmError::Setup(format!("{what}: {e}"));
+    let hub = ConsoleHub::new(ConsoleConfig {
+        log_path: config.console_log.clone(),
+        ..Default::default()
+    })
+    .map_err(|e| setup("console", &e))?;
+    let broadcaster = EventBroadcaster::new(config.name.clone());
+
+    let h1 = hub.clone();
+    let h2 = hub.clone();
+    let b = broadcaster.clone();
+    let hooks = VmHooks {
+        serial_out: Box::new(move || Box::new(HubWriter(h1.clone()))),
+        on_boot: Box::new(move |n, reason| h2.mark_boot(n, reason)),
+        publish: Box::new(move |ev| {
+            b.publish(ev);
+        }),
+    };
+    let state_file = state_file_path(config.config_file.as_deref(), config.control.as_deref(), &config.name);
+    let mut vm = Vm::new(config.clone(), hooks)?;
+    if let Some(p) = &state_file {
+        vm.next_kernel = load_kernel_choice(p);
+    }
+    vm.state_file = state_file;
+    let input_drained = EventFd::new(EFD_NONBLOCK).map_err(|e| setup("eventfd", &e))?;
+    vm.serial_input_drained = Some(input_drained.try_clone().map_err(|e| setup("eventfd", &e))?);
     let vm: SharedVm = Arc::new(Mutex::new(vm));
+
     let exit = Arc::new(ExitFlag::default());
+    let quit = QuitRequested::new().map_err(|e| setup("eventfd", &e))?;
+    let signal = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| setup("eventfd", &e))?);
+    install_signal_handlers(&signal)?;
+
     let mut em: EventManager<Subscriber> =
-        EventManager::new().map_err(|e| VmmError::Setup(format!("event manager: {e}")))?;
+        EventManager::new().map_err(|e| setup("event manager", &e))?;
     em.add_subscriber(Arc::new(Mutex::new(VmSubscriber {
         vm: vm.clone(),
         exit: exit.clone(),
+        hub: hub.clone(),
+        pending_input: Vec::new(),
+        input_drained,
+        quit: quit.clone(),
+        signal,
     })));
     for sub in lock(&vm).virtio_subscribers.clone() {
         em.add_subscriber(sub);
     }
+    let stdio = match config.console {
+        ConsoleMode::Stdio => true,
+        ConsoleMode::None => false,
+        ConsoleMode::Auto => stdin_is_tty(),
+    };
+    if stdio {
+        let c = StdioConsole::new(hub.clone(), quit).map_err(|e| setup("console", &e))?;
+        em.add_subscriber(Arc::new(Mutex::new(c)));
+    }
+    if let Some(path) = &config.control {
+        let policy = AccessPolicy::resolve(&config.allow_users, &config.allow_groups)
+            .map_err(|e| setup("control socket", &e))?;
+        let server = ControlServer::new(
+            ControlConfig::new(path.clone(), policy),
+            Box::new(VmControlHandler { vm: vm.clone() }),
+            &broadcaster,
+            Some(hub.clone()),
+        )
+        .map_err(|e| VmmError::Setup(e.to_string()))?;
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+    }
+
     lock(&vm).boot()?;
     loop {
         if let Err(e) = em.run() {
@@ -109,6 +246,8 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         }
         if let Some(code) = exit.get() {
             lock(&vm).teardown();
+            // Let the stdio console flush what the guest printed last.
+            let _ = em.run_with_timeout(50);
             return Ok(code);
         }
     }

@@ -103,6 +103,8 @@ pub struct Vm {
     /// Whether a guest poweroff ends the process.
     pub exit_on_poweroff: bool,
     pub hooks: VmHooks,
+    /// Signalled by each boot's UART when the guest drained its input FIFO.
+    pub serial_input_drained: Option<vmm_sys_util::eventfd::EventFd>,
     virtio: Vec<VirtioSlot>,
     /// The block and net devices, for the event loop.
     pub virtio_subscribers: Vec<Subscriber>,
@@ -171,6 +173,8 @@ impl Vm {
         let watchdog = Watchdog::new(clock, events.sink()).map_err(|e| setup("timerfd", e))?;
         let stop_timer = TimerFd::new().map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
         let exit_on_poweroff = config.exit_on_poweroff || config.control.is_none();
+        let (watchdog_action, panic_action) = (config.watchdog_action, config.panic_action);
+        let alert_hook = config.alert_hook.clone();
         let mem_handle = GuestMemoryHandle::empty();
         let (virtio, virtio_subscribers) = create_virtio(&config, &mem_handle)?;
         Ok(Vm {
@@ -188,9 +192,9 @@ impl Vm {
                 pvm_compat: crate::platform::pvm_detected(),
             },
             watchdog,
-            watchdog_action: WatchdogAction::Reset,
-            panic_action: PanicAction::Reset,
-            alert_hook: None,
+            watchdog_action,
+            panic_action,
+            alert_hook,
             next_kernel: None,
             state_file: None,
             stop_timeout: Duration::from_secs(60),
@@ -198,6 +202,7 @@ impl Vm {
             stop_timer,
             exit_on_poweroff,
             hooks,
+            serial_input_drained: None,
             virtio,
             virtio_subscribers,
             mem_handle,
@@ -253,7 +258,10 @@ impl Vm {
         let env = BootEnv {
             events: &self.events,
             serial_out: (self.hooks.serial_out)(),
-            serial_input_drained: None,
+            serial_input_drained: self
+                .serial_input_drained
+                .as_ref()
+                .and_then(|e| e.try_clone().ok()),
             extra_pio: vec![PioDevice {
                 base: IB700_BASE,
                 len: IB700_LEN,
@@ -268,7 +276,12 @@ impl Vm {
                 }
             })),
         };
-        (self.hooks.on_boot)(boot_no, &choice.label);
+        let reason = match (self.state, self.last_reset) {
+            (VmState::Stopped, _) if boot_no > 1 => format!("start, kernel {}", choice.label),
+            (_, Some(c)) if boot_no > 1 => format!("reset: {c}, kernel {}", choice.label),
+            _ => format!("power-on, kernel {}", choice.label),
+        };
+        (self.hooks.on_boot)(boot_no, &reason);
         let m = Machine::boot(&self.kvm, &cfg, env)?;
         self.machine = Some(m);
         self.boot_count = boot_no;

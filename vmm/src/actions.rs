@@ -1,0 +1,187 @@
+//! The control socket's actions layer: executes typed requests on the VM.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devices::bus::lock;
+use protocol::{
+    Event, KernelEntry, KernelList, KernelSelection, Reply, Request, StatusInfo, WatchdogInfo,
+};
+
+use crate::config::{library_entries, library_entry};
+use crate::control::{ControlHandler, Responder};
+use crate::runtime::SharedVm;
+use crate::vm::{StopKind, Vm};
+
+pub struct VmControlHandler {
+    pub vm: SharedVm,
+}
+
+pub fn watchdog_info(vm: &Vm) -> WatchdogInfo {
+    let s = vm.watchdog.status();
+    WatchdogInfo {
+        armed: s.armed,
+        timeout_s: s.timeout_s.map(u64::from),
+        seconds_left: s.seconds_left,
+        action: vm.watchdog_action,
+        expiries: s.expiries,
+    }
+}
+
+pub fn status_info(vm: &Vm) -> StatusInfo {
+    StatusInfo {
+        name: vm.config.name.clone(),
+        state: vm.state,
+        kernel: vm.current_kernel.clone(),
+        next_kernel: vm.next_kernel.clone(),
+        vcpus: u32::from(vm.config.vcpus),
+        memory_mib: vm.config.mem_mib,
+        uptime_ms: vm.uptime().as_millis() as u64,
+        boot_count: vm.boot_count,
+        last_reset: vm.last_reset,
+        watchdog: Some(watchdog_info(vm)),
+        on_panic: Some(vm.panic_action),
+    }
+}
+
+fn kernel_list(vm: &Vm) -> Result<KernelList, String> {
+    let dir = vm
+        .config
+        .library_dir()
+        .ok_or("this VM boots a fixed kernel file, not a kernel library entry")?;
+    let kernels = library_entries(dir)
+        .into_iter()
+        .map(|name| KernelEntry {
+            version: std::fs::read_to_string(dir.join(&name).join("release"))
+                .ok()
+                .map(|s| s.trim().to_string()),
+            description: None,
+            name,
+        })
+        .collect();
+    Ok(KernelList {
+        kernels,
+        current: Some(vm.current_kernel.clone()),
+        next: vm.next_kernel.clone().or(Some(vm.current_kernel.clone())),
+    })
+}
+
+/// The state file keeps the customer's kernel choice across VMM restarts.
+pub fn save_kernel_choice(path: &Path, name: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{{\"kernel\":{}}}\n", serde_json::Value::from(name)))?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn load_kernel_choice(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("kernel")?.as_str().map(str::to_string)
+}
+
+/// Where the state file lives: beside the config file, else beside the
+/// control socket.
+pub fn state_file_path(config_file: Option<&Path>, control: Option<&Path>, name: &str) -> Option<PathBuf> {
+    config_file
+        .and_then(Path::parent)
+        .map(|d| d.join(format!("{name}.state.json")))
+        .or_else(|| control.and_then(Path::parent).map(|d| d.join("state.json")))
+}
+
+fn set_kernel(vm: &mut Vm, name: &str) -> Result<KernelSelection, String> {
+    let dir = vm
+        .config
+        .library_dir()
+        .ok_or("this VM boots a fixed kernel file, not a kernel library entry")?
+        .to_path_buf();
+    library_entry(&dir, name, None).map_err(|e| e.to_string())?;
+    if let Some(p) = &vm.state_file {
+        save_kernel_choice(p, name).map_err(|e| format!("cannot save the kernel choice in {}: {e}", p.display()))?;
+    }
+    vm.next_kernel = Some(name.to_string());
+    (vm.hooks.publish)(Event::KernelSelected {
+        kernel: name.to_string(),
+    });
+    Ok(KernelSelection {
+        next: name.to_string(),
+        current: Some(vm.current_kernel.clone()),
+    })
+}
+
+impl ControlHandler for VmControlHandler {
+    fn execute(&mut self, request: Request, responder: Responder) {
+        let mut vm = lock(&self.vm);
+        let done = |r: Result<(), String>| r.map(|()| Reply::Done);
+        let result = match request {
+            Request::Status => Ok(Reply::Status(status_info(&vm))),
+            Request::Pause => done(vm.pause()),
+            Request::Resume => done(vm.resume()),
+            Request::Reset => done(
+                vm.reset(protocol::ResetCause::Command)
+                    .map_err(|e| e.to_string()),
+            ),
+            Request::Poweroff => {
+                vm.poweroff();
+                Ok(Reply::Done)
+            }
+            Request::Start => done(vm.start()),
+            Request::Shutdown { timeout_s } | Request::Reboot { timeout_s } => {
+                let kind = if matches!(request, Request::Shutdown { .. }) {
+                    StopKind::Shutdown
+                } else {
+                    StopKind::Reboot
+                };
+                let timeout = timeout_s.map(Duration::from_secs).unwrap_or(vm.stop_timeout);
+                vm.graceful_stop(
+                    kind,
+                    timeout,
+                    Box::new(move |r| responder.send(r.map(Reply::Stopped))),
+                );
+                return;
+            }
+            Request::Kernels => kernel_list(&vm).map(Reply::Kernels),
+            Request::SetKernel { name } => set_kernel(&mut vm, &name).map(Reply::KernelSelected),
+            Request::Watchdog => Ok(Reply::Watchdog(watchdog_info(&vm))),
+            Request::SetWatchdog { action } => {
+                vm.watchdog_action = action;
+                Ok(Reply::Watchdog(watchdog_info(&vm)))
+            }
+            Request::Console { .. } | Request::Log { .. } | Request::Subscribe => {
+                Err("handled by the server".to_string())
+            }
+        };
+        drop(vm);
+        responder.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_choice_round_trips_through_the_state_file() {
+        let d = std::env::temp_dir().join(format!("vmm-state-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("vm.state.json");
+        assert_eq!(load_kernel_choice(&p), None);
+        save_kernel_choice(&p, "debian-6.12").unwrap();
+        assert_eq!(load_kernel_choice(&p).as_deref(), Some("debian-6.12"));
+        std::fs::write(&p, "not json").unwrap();
+        assert_eq!(load_kernel_choice(&p), None, "a corrupt file is ignored, not fatal");
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn state_file_sits_beside_the_config_or_the_socket() {
+        assert_eq!(
+            state_file_path(Some(Path::new("/etc/vmm/web1.toml")), None, "web1"),
+            Some(PathBuf::from("/etc/vmm/web1.state.json"))
+        );
+        assert_eq!(
+            state_file_path(None, Some(Path::new("/run/vmm/web1/control.sock")), "web1"),
+            Some(PathBuf::from("/run/vmm/web1/state.json"))
+        );
+        assert_eq!(state_file_path(None, None, "x"), None);
+    }
+}

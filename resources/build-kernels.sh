@@ -28,7 +28,7 @@ MINI_RECIPE=1
 DISK_UUID=5f1c0de0-7e57-4b1d-9a11-00000000d15c
 DISK_SIZE=64M
 
-MINI_CMDLINE="console=ttyS0 reboot=k panic=1 tsc=reliable no_timer_check lpj=5000000 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+MINI_CMDLINE="console=ttyS0 reboot=k panic=1 pci=off tsc=reliable no_timer_check lpj=5000000 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 DEBIAN_CMDLINE="console=ttyS0 reboot=k panic=1 rodata=off nowatchdog tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 # Modules the initramfs of a Debian kernel loads, in this order (each after
 # its dependencies from modules.dep). crc32c_generic is a soft dependency of
@@ -287,7 +287,7 @@ target_debian() {
 
 	local pkg ver deb
 	if [ -z "$pin" ]; then
-		say "$entry: apt-get update ($*)"
+		say "$entry: apt-get update (private config, $(sed -n 's/.* \([a-z-]*\) main$/\1/p' "$CACHE/apt/$aptname/sources.list" | tr '\n' ' '))"
 		apt-get "${APT_OPTS[@]}" -q update >"$CACHE/logs/apt-$aptname.log" 2>&1 ||
 			{ tail -5 "$CACHE/logs/apt-$aptname.log" >&2; die "$entry: apt-get update failed (private config $CACHE/apt/$aptname)"; }
 		# linux-image-amd64 depends on the newest generic image package.
@@ -359,7 +359,10 @@ unpack_debian_kernel() {
 	rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/modules"
 	cp "$vmlinuz" "$dir.tmp/vmlinuz"
 	cp "$x/boot/config-$release" "$dir.tmp/config" 2>/dev/null || true
-	cp "$x/boot/System.map-$release" "$dir.tmp/System.map" 2>/dev/null || true
+	# Debian ships a stub System.map (the real one is in the -dbg package).
+	if [ "$(stat -c %s "$x/boot/System.map-$release" 2>/dev/null || echo 0)" -gt 4096 ]; then
+		cp "$x/boot/System.map-$release" "$dir.tmp/System.map"
+	fi
 	echo "$release" >"$dir.tmp/release"
 	resolve_modules "$moddir" "${DEBIAN_MODULES[@]}" >"$dir.tmp/modlist"
 	local name path
@@ -422,9 +425,15 @@ target_disk() {
 	find "$stage" -exec touch -h -d @0 {} +
 	mkdir -p "$DISK_DIR"
 	rm -f "$dst.tmp"
+	truncate -s "$DISK_SIZE" "$dst.tmp"
 	E2FSPROGS_FAKE_TIME=1 mkfs.ext4 -q -F -t ext4 -L vmm-root -U "$DISK_UUID" \
-		-E "root_owner=0:0,hash_seed=$DISK_UUID" -d "$stage" "$dst.tmp" "$DISK_SIZE" ||
+		-E "root_owner=0:0,hash_seed=$DISK_UUID" -d "$stage" "$dst.tmp" ||
 		die "disk: mkfs.ext4 failed"
+	# mkfs copies ctime/atime from the staging tree: pin them for a
+	# byte-reproducible image.
+	(cd "$stage" && find . | sed 's|^\.||; s|^$|/|' | LC_ALL=C sort; echo /lost+found) |
+		awk '{ for (f = 1; f <= 4; f++) print "sif \"" $0 "\" " substr("atimectimemtimecrtime", (f-1)*5+1, f==4?6:5) " 0" }' |
+		E2FSPROGS_FAKE_TIME=1 debugfs -w -f - "$dst.tmp" >/dev/null 2>&1 || die "disk: debugfs (pinning timestamps) failed"
 	mv "$dst.tmp" "$dst"
 	echo "$key" >"$dst.stamp"
 	rm -rf "$stage"
@@ -437,6 +446,7 @@ run_targets() {
 	for t in "${TARGETS[@]}"; do
 		case "$t" in
 		mini) target_mini ;;
+		disk) target_disk ;;
 		debian-6.1) target_debian debian-6.1 bookworm 'linux-image-6\.1\.[0-9]+-[0-9]+-amd64' \
 			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" \
 			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main" \

@@ -66,6 +66,12 @@ pub enum Request {
         /// The new action.
         action: WatchdogAction,
     },
+    /// `{"cmd":"sysrq","key":"b"}`: press Alt+SysRq+key on the guest's
+    /// keyboard (b reboot, o power off, c crash, s sync, u remount ro, e, i).
+    Sysrq {
+        /// One letter.
+        key: String,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -90,6 +96,7 @@ impl Request {
         "subscribe",
         "watchdog",
         "set-watchdog",
+        "sysrq",
     ];
 
     /// The command name (`cmd`) of this request.
@@ -110,6 +117,7 @@ impl Request {
             Request::Subscribe => "subscribe",
             Request::Watchdog => "watchdog",
             Request::SetWatchdog { .. } => "set-watchdog",
+            Request::Sysrq { .. } => "sysrq",
         }
     }
 }
@@ -230,6 +238,9 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
         "watchdog" => Request::Watchdog,
         "set-watchdog" => Request::SetWatchdog {
             action: args.parsed("action", WatchdogAction::NAMES)?,
+        },
+        "sysrq" => Request::Sysrq {
+            key: args.string("key")?,
         },
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
         other => return Err(ProtocolError::UnknownCommand(other.to_string())),

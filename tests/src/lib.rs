@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod control;
 pub mod tiny;
 
 /// The workspace root.
@@ -122,7 +123,11 @@ fn pump(mut r: impl Read + Send + 'static, sh: Arc<(Mutex<Shared>, Condvar)>) {
 impl VmmProcess {
     /// Starts the vmm binary with `args` and `--console stdio`.
     pub fn spawn(args: &[&str]) -> VmmProcess {
-        Self::spawn_cmd(Command::new(bin("vmm")).args(args).args(["--console", "stdio"]))
+        Self::spawn_cmd(
+            Command::new(bin("vmm"))
+                .args(args)
+                .args(["--console", "stdio"]),
+        )
     }
 
     pub fn spawn_cmd(cmd: &mut Command) -> VmmProcess {
@@ -211,8 +216,18 @@ impl VmmProcess {
     /// A report for assertion messages: the tail of stdout and stderr.
     pub fn report(&self) -> String {
         let out = self.output();
-        let tail: String = out.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect();
-        format!("--- console (tail) ---\n{tail}\n--- stderr ---\n{}", self.stderr())
+        let tail: String = out
+            .chars()
+            .rev()
+            .take(3000)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!(
+            "--- console (tail) ---\n{tail}\n--- stderr ---\n{}",
+            self.stderr()
+        )
     }
 }
 

@@ -37,7 +37,7 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     put16(&mut f, 52, EHDR as u16);
     put16(&mut f, 54, PHDR as u16);
     put16(&mut f, 56, 2); // e_phnum
-    // PT_LOAD
+                          // PT_LOAD
     let p = EHDR;
     put32(&mut f, p, 1);
     put32(&mut f, p + 4, 7); // RWX
@@ -130,6 +130,53 @@ impl Asm {
         // Simpler: int3 with the IDT limit 0 set by the VMM (idt.limit = 0).
         self.code.push(0xcc);
         self
+    }
+    /// Prints `text` with one `rep outsb` (one exit per chunk, not per
+    /// byte), forever. The text is placed right after the code.
+    pub fn flood_forever(&mut self, text: &str) -> &mut Self {
+        // top: mov esi, imm32 ; mov ecx, len ; mov dx, 0x3f8 ; rep outsb ; jmp top
+        let top = self.here();
+        let esi_at = self.code.len() + 1;
+        self.code.push(0xbe);
+        self.code.extend_from_slice(&0u32.to_le_bytes());
+        self.code.push(0xb9);
+        self.code
+            .extend_from_slice(&(text.len() as u32).to_le_bytes());
+        self.code
+            .extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xf3, 0x6e]);
+        self.jmp_back(top);
+        let data = LOAD_ADDR as u32 + self.code.len() as u32;
+        self.code[esi_at..esi_at + 4].copy_from_slice(&data.to_le_bytes());
+        self.code.extend_from_slice(text.as_bytes());
+        self
+    }
+    /// The current position, for a later backward jump.
+    pub fn here(&self) -> usize {
+        self.code.len()
+    }
+    /// jmp to an earlier position (near, rel32).
+    pub fn jmp_back(&mut self, target: usize) -> &mut Self {
+        let rel = target as i64 - (self.code.len() as i64 + 5);
+        self.code.push(0xe9);
+        self.code.extend_from_slice(&(rel as i32).to_le_bytes());
+        self
+    }
+    /// Busy-waits about `n` iterations (mov ecx, n; loop $).
+    pub fn delay(&mut self, n: u32) -> &mut Self {
+        self.code.push(0xb9);
+        self.code.extend_from_slice(&n.to_le_bytes());
+        self.code.extend_from_slice(&[0xe2, 0xfe]);
+        self
+    }
+    /// Waits until the i8042 has a byte (status bit 0), then reads it.
+    pub fn wait_i8042_byte(&mut self) -> &mut Self {
+        let top = self.here();
+        self.inb(0x64);
+        // test al, 1 ; jz top
+        self.code.extend_from_slice(&[0xa8, 0x01, 0x0f, 0x84]);
+        let rel = top as i64 - (self.code.len() as i64 + 4);
+        self.code.extend_from_slice(&(rel as i32).to_le_bytes());
+        self.inb(0x60)
     }
     pub fn bytes(&self) -> &[u8] {
         &self.code

@@ -89,6 +89,9 @@ fn reads_of_unclaimed_ports_return_all_ones_and_the_guest_goes_on() {
     a.code[jne_at] = (fail_at - (jne_at + 1)) as u8;
     a.print("UNCLAIMED-BAD\r\n").outb(0x600, 0x34);
     let (_d, mut p) = boot_tiny("unclaimed", &a, &[]);
-    assert_eq!(p.wait_exit(Duration::from_secs(20)).and_then(|s| s.code()), Some(0));
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(20)).and_then(|s| s.code()),
+        Some(0)
+    );
     assert!(p.output().contains("UNCLAIMED-OK"), "{}", p.report());
 }

@@ -69,7 +69,10 @@ fn kernel_list(vm: &Vm) -> Result<KernelList, String> {
 /// The state file keeps the customer's kernel choice across VMM restarts.
 pub fn save_kernel_choice(path: &Path, name: &str) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{{\"kernel\":{}}}\n", serde_json::Value::from(name)))?;
+    std::fs::write(
+        &tmp,
+        format!("{{\"kernel\":{}}}\n", serde_json::Value::from(name)),
+    )?;
     std::fs::rename(&tmp, path)
 }
 
@@ -81,7 +84,11 @@ pub fn load_kernel_choice(path: &Path) -> Option<String> {
 
 /// Where the state file lives: beside the config file, else beside the
 /// control socket.
-pub fn state_file_path(config_file: Option<&Path>, control: Option<&Path>, name: &str) -> Option<PathBuf> {
+pub fn state_file_path(
+    config_file: Option<&Path>,
+    control: Option<&Path>,
+    name: &str,
+) -> Option<PathBuf> {
     config_file
         .and_then(Path::parent)
         .map(|d| d.join(format!("{name}.state.json")))
@@ -96,7 +103,8 @@ fn set_kernel(vm: &mut Vm, name: &str) -> Result<KernelSelection, String> {
         .to_path_buf();
     library_entry(&dir, name, None).map_err(|e| e.to_string())?;
     if let Some(p) = &vm.state_file {
-        save_kernel_choice(p, name).map_err(|e| format!("cannot save the kernel choice in {}: {e}", p.display()))?;
+        save_kernel_choice(p, name)
+            .map_err(|e| format!("cannot save the kernel choice in {}: {e}", p.display()))?;
     }
     vm.next_kernel = Some(name.to_string());
     (vm.hooks.publish)(Event::KernelSelected {
@@ -131,7 +139,9 @@ impl ControlHandler for VmControlHandler {
                 } else {
                     StopKind::Reboot
                 };
-                let timeout = timeout_s.map(Duration::from_secs).unwrap_or(vm.stop_timeout);
+                let timeout = timeout_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(vm.stop_timeout);
                 vm.graceful_stop(
                     kind,
                     timeout,
@@ -146,6 +156,7 @@ impl ControlHandler for VmControlHandler {
                 vm.watchdog_action = action;
                 Ok(Reply::Watchdog(watchdog_info(&vm)))
             }
+            Request::Sysrq { key } => done(vm.sysrq(&key)),
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => {
                 Err("handled by the server".to_string())
             }
@@ -168,7 +179,11 @@ mod tests {
         save_kernel_choice(&p, "debian-6.12").unwrap();
         assert_eq!(load_kernel_choice(&p).as_deref(), Some("debian-6.12"));
         std::fs::write(&p, "not json").unwrap();
-        assert_eq!(load_kernel_choice(&p), None, "a corrupt file is ignored, not fatal");
+        assert_eq!(
+            load_kernel_choice(&p),
+            None,
+            "a corrupt file is ignored, not fatal"
+        );
         std::fs::remove_dir_all(&d).ok();
     }
 

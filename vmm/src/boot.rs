@@ -12,9 +12,11 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::*;
@@ -22,13 +24,21 @@ use crate::layout::*;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("cannot open kernel {path}: {source}")]
-    OpenKernel { path: String, source: std::io::Error },
-    #[error("{path} is not a bootable kernel (neither a bzImage nor an ELF vmlinux with a PVH entry)")]
+    OpenKernel {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a bootable kernel (neither a bzImage nor an ELF vmlinux with a PVH entry)"
+    )]
     NotAKernel { path: String },
     #[error("cannot load kernel {path}: {detail}")]
     LoadKernel { path: String, detail: String },
     #[error("cannot read initrd {path}: {source}")]
-    ReadInitrd { path: String, source: std::io::Error },
+    ReadInitrd {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory below {limit:#x} after the kernel; give the guest more memory")]
     InitrdTooLarge { path: String, size: u64, limit: u64 },
     #[error("kernel command line is invalid: {0}")]
@@ -95,9 +105,11 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootErr
         linux_loader::loader::Error::Bzimage(
             linux_loader::loader::bzimage::Error::InvalidBzImage,
         )
-        | linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber) => {
-            BootError::NotAKernel { path: kpath.clone() }
-        }
+        | linux_loader::loader::Error::Elf(
+            linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+        ) => BootError::NotAKernel {
+            path: kpath.clone(),
+        },
         other => BootError::LoadKernel {
             path: kpath.clone(),
             detail: other.to_string(),

@@ -66,7 +66,11 @@ pub enum ConsoleMode {
 /// Command-line flags. Every field is optional so the TOML file can supply
 /// it; `resolve` applies defaults and checks.
 #[derive(Parser, Debug, Default, Clone)]
-#[command(name = "vmm", version, about = "KVM virtual machine monitor: one process per guest")]
+#[command(
+    name = "vmm",
+    version,
+    about = "KVM virtual machine monitor: one process per guest"
+)]
 pub struct Cli {
     /// TOML file with the same keys as the flags (flags override it).
     #[arg(long, value_name = "FILE")]
@@ -239,14 +243,20 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
     for (k, v) in spec_pairs("--disk", spec)? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
-            "ro" => read_only = parse_bool(v).ok_or_else(|| err(format!("ro={v}: use on or off")))?,
+            "ro" => {
+                read_only = parse_bool(v).ok_or_else(|| err(format!("ro={v}: use on or off")))?
+            }
             "id" if v.len() <= 20 => id = Some(v.to_string()),
             "id" => return Err(err("id is longer than 20 bytes".into())),
             other => return Err(err(format!("unknown key '{other}' (path, ro, id)"))),
         }
     }
     let path = path.ok_or_else(|| err("path= is required".into()))?;
-    Ok(DiskSpec { path, read_only, id })
+    Ok(DiskSpec {
+        path,
+        read_only,
+        id,
+    })
 }
 
 pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
@@ -334,8 +344,16 @@ impl VmConfig {
         if vcpus == 0 || vcpus > u64::from(MAX_VCPUS) {
             return Err(ConfigError::Vcpus(vcpus));
         }
-        let disk_specs = if cli.disks.is_empty() { file.disk } else { cli.disks };
-        let net_specs = if cli.nets.is_empty() { file.net } else { cli.nets };
+        let disk_specs = if cli.disks.is_empty() {
+            file.disk
+        } else {
+            cli.disks
+        };
+        let net_specs = if cli.nets.is_empty() {
+            file.net
+        } else {
+            cli.nets
+        };
         let disks = disk_specs
             .iter()
             .map(|s| parse_disk(s))
@@ -358,16 +376,19 @@ impl VmConfig {
                 let v = spec
                     .strip_prefix("action=")
                     .ok_or_else(|| bad("expected action=ACTION".into()))?;
-                v.parse().map_err(|e: protocol::ParseEnumError| bad(e.to_string()))?
+                v.parse()
+                    .map_err(|e: protocol::ParseEnumError| bad(e.to_string()))?
             }
         };
         let panic_action = match cli.on_panic.or(file.on_panic) {
             None => protocol::PanicAction::default(),
-            Some(v) => v.parse().map_err(|e: protocol::ParseEnumError| ConfigError::Spec {
-                flag: "--on-panic".into(),
-                spec: v.clone(),
-                reason: e.to_string(),
-            })?,
+            Some(v) => v
+                .parse()
+                .map_err(|e: protocol::ParseEnumError| ConfigError::Spec {
+                    flag: "--on-panic".into(),
+                    spec: v.clone(),
+                    reason: e.to_string(),
+                })?,
         };
         let cfg = VmConfig {
             name,
@@ -382,8 +403,16 @@ impl VmConfig {
             control: cli.control.or(file.control),
             disks,
             nets,
-            allow_users: if cli.allow_users.is_empty() { file.allow_user } else { cli.allow_users },
-            allow_groups: if cli.allow_groups.is_empty() { file.allow_group } else { cli.allow_groups },
+            allow_users: if cli.allow_users.is_empty() {
+                file.allow_user
+            } else {
+                cli.allow_users
+            },
+            allow_groups: if cli.allow_groups.is_empty() {
+                file.allow_group
+            } else {
+                cli.allow_groups
+            },
             watchdog_action,
             panic_action,
             alert_hook: cli.alert_hook.or(file.alert_hook),
@@ -449,7 +478,9 @@ pub fn library_entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| e.path().join("bzImage").is_file() || e.path().join("vmlinux").is_file())
+                .filter(|e| {
+                    e.path().join("bzImage").is_file() || e.path().join("vmlinux").is_file()
+                })
                 .filter_map(|e| e.file_name().into_string().ok())
                 .collect()
         })
@@ -518,7 +549,14 @@ mod tests {
         let k = d.join("bzImage");
         std::fs::write(&k, b"x").unwrap();
         let f = d.join("vm.toml");
-        std::fs::write(&f, format!("name = \"web1\"\nkernel = \"{}\"\nmemory = 512\nvcpus = 2\n", k.display())).unwrap();
+        std::fs::write(
+            &f,
+            format!(
+                "name = \"web1\"\nkernel = \"{}\"\nmemory = 512\nvcpus = 2\n",
+                k.display()
+            ),
+        )
+        .unwrap();
         let cli = Cli {
             config: Some(f.clone()),
             vcpus: Some(1),
@@ -539,7 +577,10 @@ mod tests {
         std::fs::write(&k, b"x").unwrap();
         let mut cli = cli_with_kernel(&k);
         cli.memory = Some(0);
-        assert_eq!(VmConfig::resolve(cli.clone(), None), Err(ConfigError::MemoryRange(0)));
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None),
+            Err(ConfigError::MemoryRange(0))
+        );
         cli.memory = Some(8192);
         assert!(matches!(
             VmConfig::resolve(cli.clone(), Some(4096)),
@@ -547,16 +588,28 @@ mod tests {
         ));
         cli.memory = None;
         cli.vcpus = Some(0);
-        assert_eq!(VmConfig::resolve(cli.clone(), None), Err(ConfigError::Vcpus(0)));
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None),
+            Err(ConfigError::Vcpus(0))
+        );
         cli.vcpus = Some(9);
-        assert_eq!(VmConfig::resolve(cli.clone(), None), Err(ConfigError::Vcpus(9)));
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None),
+            Err(ConfigError::Vcpus(9))
+        );
         cli.vcpus = None;
         cli.name = Some("../etc".into());
-        assert!(matches!(VmConfig::resolve(cli, None), Err(ConfigError::Name(_))));
+        assert!(matches!(
+            VmConfig::resolve(cli, None),
+            Err(ConfigError::Name(_))
+        ));
         let missing = cli_with_kernel(&d.join("nope"));
         let e = VmConfig::resolve(missing, None).unwrap_err();
         assert!(e.to_string().contains("not found"), "{e}");
-        assert_eq!(VmConfig::resolve(Cli::default(), None), Err(ConfigError::NoKernel));
+        assert_eq!(
+            VmConfig::resolve(Cli::default(), None),
+            Err(ConfigError::NoKernel)
+        );
         std::fs::remove_dir_all(&d).ok();
     }
 
@@ -565,10 +618,24 @@ mod tests {
         let d = tmpdir("file");
         let f = d.join("vm.toml");
         std::fs::write(&f, "memroy = 5\n").unwrap();
-        let e = VmConfig::resolve(Cli { config: Some(f.clone()), ..Default::default() }, None).unwrap_err();
+        let e = VmConfig::resolve(
+            Cli {
+                config: Some(f.clone()),
+                ..Default::default()
+            },
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("memroy"), "{e}");
         std::fs::write(&f, "memory = \"lots\"\n").unwrap();
-        assert!(VmConfig::resolve(Cli { config: Some(f), ..Default::default() }, None).is_err());
+        assert!(VmConfig::resolve(
+            Cli {
+                config: Some(f),
+                ..Default::default()
+            },
+            None
+        )
+        .is_err());
         std::fs::remove_dir_all(&d).ok();
     }
 
@@ -579,7 +646,13 @@ mod tests {
         assert!(d.read_only);
         assert_eq!(d.id.as_deref(), Some("data1"));
         assert!(!parse_disk("path=/y").unwrap().read_only);
-        for bad in ["ro=on", "path=/x,ro=maybe", "path=/x,size=3", "path", "path=/x,id=012345678901234567890"] {
+        for bad in [
+            "ro=on",
+            "path=/x,ro=maybe",
+            "path=/x,size=3",
+            "path",
+            "path=/x,id=012345678901234567890",
+        ] {
             let e = parse_disk(bad).unwrap_err().to_string();
             assert!(e.starts_with("--disk "), "{e}");
         }
@@ -602,7 +675,9 @@ mod tests {
         assert_eq!(c.watchdog_action, protocol::WatchdogAction::Pause);
         assert_eq!(c.panic_action, protocol::PanicAction::None);
         cli.watchdog = Some("action=explode".into());
-        let e = VmConfig::resolve(cli.clone(), None).unwrap_err().to_string();
+        let e = VmConfig::resolve(cli.clone(), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--watchdog") && e.contains("reset"), "{e}");
         cli.watchdog = Some("reset".into());
         assert!(VmConfig::resolve(cli.clone(), None).is_err());

@@ -1,7 +1,7 @@
 //! vCPU set-up: CPUID filtering, MSRs, registers, LAPIC and FPU.
 
 use kvm_bindings::{
-    kvm_fpu, kvm_regs, kvm_segment, CpuId, Msrs, kvm_msr_entry, KVM_MAX_CPUID_ENTRIES,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
@@ -50,8 +50,14 @@ mod bits {
     pub const INVPCID: u32 = 1 << 10;
     pub const RDSEED: u32 = 1 << 18;
     pub const SMAP: u32 = 1 << 20;
-    pub const AVX512_MASK: u32 =
-        (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+    pub const AVX512_MASK: u32 = (1 << 16)
+        | (1 << 17)
+        | (1 << 21)
+        | (1 << 26)
+        | (1 << 27)
+        | (1 << 28)
+        | (1 << 30)
+        | (1 << 31);
     // Leaf 0x8000_0001 ECX
     pub const ABM: u32 = 1 << 5;
     pub const SVM: u32 = 1 << 2;
@@ -64,7 +70,8 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, policy: CpuidPoli
     for e in cpuid.as_mut_slice().iter_mut() {
         match e.function {
             1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(vcpus) << 16);
+                e.ebx =
+                    (e.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(vcpus) << 16);
                 e.ecx |= bits::HYPERVISOR;
                 e.ecx &= !bits::VMX;
                 if pvm {
@@ -119,7 +126,8 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, policy: CpuidPoli
 /// keeps showing through CPUID even when we clear them (XSAVE, AVX, POPCNT,
 /// SMAP ...: its CPUID passes most host bits through). Linux's feature
 /// numbers are word*32+bit: word 4 is leaf 1 ECX, word 9 is leaf 7 EBX.
-pub const PVM_CMDLINE: &str = "vdso32=0 noxsave clearcpuid=129,140,141,150,151,153,154,156,157,158,288,293,298,304,306,308";
+pub const PVM_CMDLINE: &str =
+    "vdso32=0 noxsave clearcpuid=129,140,141,150,151,153,154,156,157,158,288,293,298,304,306,308";
 
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -150,7 +158,7 @@ pub fn boot_msrs() -> Vec<(u32, u64)> {
         (MSR_SYSCALL_MASK, 0),
         (MSR_LSTAR, 0),
         (MSR_IA32_TSC, 0),
-        (MSR_IA32_MISC_ENABLE, 1), // fast strings
+        (MSR_IA32_MISC_ENABLE, 1),          // fast strings
         (MSR_MTRR_DEF_TYPE, (1 << 11) | 6), // MTRRs on, default write-back
     ]
 }
@@ -185,7 +193,8 @@ pub fn configure_vcpu(
     cpuid: &CpuId,
     entry: Option<BootEntry>,
 ) -> Result<(), CpuError> {
-    vcpu.set_cpuid2(cpuid).map_err(setup_err(id, "KVM_SET_CPUID2"))?;
+    vcpu.set_cpuid2(cpuid)
+        .map_err(setup_err(id, "KVM_SET_CPUID2"))?;
 
     let msrs = boot_msrs();
     let entries: Vec<kvm_msr_entry> = msrs
@@ -222,7 +231,8 @@ pub fn configure_vcpu(
     let lvt1 = (get_lapic_reg(&lapic.regs, 0x360) & !0x700) | 0x400;
     set_lapic_reg(&mut lapic.regs, 0x350, lvt0);
     set_lapic_reg(&mut lapic.regs, 0x360, lvt1);
-    vcpu.set_lapic(&lapic).map_err(setup_err(id, "KVM_SET_LAPIC"))?;
+    vcpu.set_lapic(&lapic)
+        .map_err(setup_err(id, "KVM_SET_LAPIC"))?;
 
     let Some(entry) = entry else {
         return Ok(());
@@ -280,13 +290,20 @@ pub fn configure_vcpu(
             }
         }
     };
-    vcpu.set_sregs(&sregs).map_err(setup_err(id, "KVM_SET_SREGS"))?;
-    vcpu.set_regs(&regs).map_err(setup_err(id, "KVM_SET_REGS"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(setup_err(id, "KVM_SET_SREGS"))?;
+    vcpu.set_regs(&regs)
+        .map_err(setup_err(id, "KVM_SET_REGS"))?;
     Ok(())
 }
 
 fn get_lapic_reg(regs: &[std::os::raw::c_char; 1024], off: usize) -> u32 {
-    let b = [regs[off] as u8, regs[off + 1] as u8, regs[off + 2] as u8, regs[off + 3] as u8];
+    let b = [
+        regs[off] as u8,
+        regs[off + 1] as u8,
+        regs[off + 2] as u8,
+        regs[off + 3] as u8,
+    ];
     u32::from_le_bytes(b)
 }
 
@@ -339,13 +356,27 @@ mod tests {
     #[test]
     fn pvm_policy_hides_unemulated_features_and_keeps_the_rest() {
         let all = 0xffff_ffff;
-        let mut c = cpuid_with(&[(1, 0, 0, 0, all, all), (7, 0, 0, all, all, all), (0xd, 0, 7, 1, 2, 3)]);
+        let mut c = cpuid_with(&[
+            (1, 0, 0, 0, all, all),
+            (7, 0, 0, all, all, all),
+            (0xd, 0, 7, 1, 2, 3),
+        ]);
         filter_cpuid(&mut c, 0, 1, CpuidPolicy { pvm_compat: true });
         let l1 = leaf(&c, 1, 0);
-        for b in [bits::POPCNT, bits::CX16, bits::XSAVE, bits::OSXSAVE, bits::AVX, bits::RDRAND] {
+        for b in [
+            bits::POPCNT,
+            bits::CX16,
+            bits::XSAVE,
+            bits::OSXSAVE,
+            bits::AVX,
+            bits::RDRAND,
+        ] {
             assert_eq!(l1.ecx & b, 0, "bit {b:#x} still set");
         }
-        assert_eq!(l1.edx, all, "leaf 1 EDX untouched (FPU, SSE, SSE2, APIC ...)");
+        assert_eq!(
+            l1.edx, all,
+            "leaf 1 EDX untouched (FPU, SSE, SSE2, APIC ...)"
+        );
         let l7 = leaf(&c, 7, 0);
         assert_eq!(l7.ebx & bits::SMAP, 0);
         assert_eq!(l7.ebx & bits::AVX2, 0);
@@ -356,7 +387,10 @@ mod tests {
     #[test]
     fn default_policy_keeps_host_features() {
         let all = 0xffff_ffff;
-        let mut c = cpuid_with(&[(1, 0, 0, 0, all & !bits::VMX, all), (7, 0, 0, all, all, all)]);
+        let mut c = cpuid_with(&[
+            (1, 0, 0, 0, all & !bits::VMX, all),
+            (7, 0, 0, all, all, all),
+        ]);
         filter_cpuid(&mut c, 0, 1, CpuidPolicy::default());
         assert_ne!(leaf(&c, 1, 0).ecx & bits::POPCNT, 0);
         assert_eq!(leaf(&c, 7, 0).ebx, all);

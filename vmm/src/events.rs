@@ -12,7 +12,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub enum VmEvent {
     Guest(GuestEvent),
     /// A vCPU hit something it cannot continue from.
-    VcpuFailed { vcpu: u8, reason: String },
+    VcpuFailed {
+        vcpu: u8,
+        reason: String,
+    },
     /// The watchdog timer or another VMM-side timer fired.
     Timer,
 }

@@ -89,7 +89,9 @@ pub fn emulate_at_rip(
     counters: &FallbackCounters,
 ) -> Result<(), String> {
     let regs = vcpu.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-    let sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     let fpu = vcpu.get_fpu().map_err(|e| format!("KVM_GET_FPU: {e}"))?;
     let mut state = CpuState { regs, sregs, fpu };
     let mut vmem = VirtMem { vcpu, mem };

@@ -70,7 +70,11 @@ pub fn run_alert_hook(command: &str, event: &str, vm: &str, time: &str, timeout:
             };
             let (o, e) = (text(out), text(err));
             if let Some(s) = status {
-                tracing::info!(vm, event, "alert hook exited with {s}; stdout: {o:?}; stderr: {e:?}");
+                tracing::info!(
+                    vm,
+                    event,
+                    "alert hook exited with {s}; stdout: {o:?}; stderr: {e:?}"
+                );
             }
         });
     if let Err(e) = spawned {
@@ -87,8 +91,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmm-hook-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out");
-        let cmd = format!("echo \"$VMM_EVENT $VMM_NAME $VMM_TIME\" > {}", out.display());
-        run_alert_hook(&cmd, "watchdog", "web1", "2026-11-25T00:00:00Z", HOOK_TIMEOUT);
+        let cmd = format!(
+            "echo \"$VMM_EVENT $VMM_NAME $VMM_TIME\" > {}",
+            out.display()
+        );
+        run_alert_hook(
+            &cmd,
+            "watchdog",
+            "web1",
+            "2026-11-25T00:00:00Z",
+            HOOK_TIMEOUT,
+        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while !out.exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -103,6 +116,9 @@ mod tests {
     fn a_hanging_hook_is_killed_and_does_not_block_the_caller() {
         let start = Instant::now();
         run_alert_hook("sleep 30", "panic", "vm", "t", Duration::from_millis(200));
-        assert!(start.elapsed() < Duration::from_millis(100), "caller was blocked");
+        assert!(
+            start.elapsed() < Duration::from_millis(100),
+            "caller was blocked"
+        );
     }
 }

@@ -10,14 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
-use devices::legacy::serial::{SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
 use devices::legacy::acpi_pm::{ACPI_PM_BASE, ACPI_PM_LEN};
 use devices::legacy::i8042::{I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_IRQ};
 use devices::legacy::pvpanic::{PVPANIC_LEN, PVPANIC_PORT};
-use devices::legacy::{AcpiPmDevice, EventFdTrigger, I8042Device, I8042Port, PvPanicDevice, SerialDevice};
+use devices::legacy::serial::{SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
+use devices::legacy::{
+    AcpiPmDevice, EventFdTrigger, I8042Device, I8042Port, PvPanicDevice, SerialDevice,
+};
+use devices::virtio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use devices::virtio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -117,7 +119,8 @@ impl Machine {
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(0xfffb_c000)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         if cfg.cpuid.pvm_compat {
             // Under kvm_pvm, instructions its emulator cannot run in guest
             // user mode (e.g. `int $0x80`, the 32-bit system call) would
@@ -145,12 +148,12 @@ impl Machine {
             }
         })?;
         for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| MachineError::Memory {
-                    mib: cfg.mem_mib,
-                    detail: e.to_string(),
-                })?;
+            let host =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|e| MachineError::Memory {
+                        mib: cfg.mem_mib,
+                        detail: e.to_string(),
+                    })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -217,7 +220,8 @@ impl Machine {
         )));
         pio.insert(serial.clone(), COM1_BASE, COM1_LEN)
             .map_err(|e| MachineError::Device(format!("serial: {e}")))?;
-        let dev_err = |what: &str, e: devices::bus::BusError| MachineError::Device(format!("{what}: {e}"));
+        let dev_err =
+            |what: &str, e: devices::bus::BusError| MachineError::Device(format!("{what}: {e}"));
         let kbd_irq = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| MachineError::Device(format!("i8042 eventfd: {e}")))?;
         vm.register_irqfd(&kbd_irq, I8042_IRQ)
@@ -226,22 +230,37 @@ impl Machine {
             EventFdTrigger::new(kbd_irq),
             env.events.sink(),
         )));
-        pio.insert(Arc::new(Mutex::new(I8042Port::data(i8042.clone()))), I8042_DATA_PORT, 1)
-            .map_err(|e| dev_err("i8042", e))?;
-        pio.insert(Arc::new(Mutex::new(I8042Port::command(i8042.clone()))), I8042_COMMAND_PORT, 1)
-            .map_err(|e| dev_err("i8042", e))?;
-        pio.insert(Arc::new(Mutex::new(AcpiPmDevice::new(env.events.sink()))), ACPI_PM_BASE, ACPI_PM_LEN)
-            .map_err(|e| dev_err("ACPI PM", e))?;
-        pio.insert(Arc::new(Mutex::new(PvPanicDevice::new(env.events.sink()))), PVPANIC_PORT, PVPANIC_LEN)
-            .map_err(|e| dev_err("pvpanic", e))?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042Port::data(i8042.clone()))),
+            I8042_DATA_PORT,
+            1,
+        )
+        .map_err(|e| dev_err("i8042", e))?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042Port::command(i8042.clone()))),
+            I8042_COMMAND_PORT,
+            1,
+        )
+        .map_err(|e| dev_err("i8042", e))?;
+        pio.insert(
+            Arc::new(Mutex::new(AcpiPmDevice::new(env.events.sink()))),
+            ACPI_PM_BASE,
+            ACPI_PM_LEN,
+        )
+        .map_err(|e| dev_err("ACPI PM", e))?;
+        pio.insert(
+            Arc::new(Mutex::new(PvPanicDevice::new(env.events.sink()))),
+            PVPANIC_PORT,
+            PVPANIC_LEN,
+        )
+        .map_err(|e| dev_err("pvpanic", e))?;
         let power_button = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| MachineError::Device(format!("power button eventfd: {e}")))?;
         vm.register_irqfd(&power_button, crate::platform::POWER_BUTTON_GSI)
             .map_err(kvm_err("KVM_IRQFD (power button)"))?;
         for d in env.extra_pio {
             for (evt, gsi) in &d.irqs {
-                vm.register_irqfd(evt, *gsi)
-                    .map_err(kvm_err("KVM_IRQFD"))?;
+                vm.register_irqfd(evt, *gsi).map_err(kvm_err("KVM_IRQFD"))?;
             }
             pio.insert(d.device, d.base, d.len)
                 .map_err(|e| MachineError::Device(format!("port {:#x}: {e}", d.base)))?;
@@ -251,8 +270,12 @@ impl Machine {
         for slot in &env.virtio {
             let t = lock(&slot.transport);
             for (i, evt) in t.queue_events().iter().enumerate() {
-                vm.register_ioevent(evt, &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET), i as u32)
-                    .map_err(kvm_err("KVM_IOEVENTFD (virtio queue)"))?;
+                vm.register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(slot.base + NOTIFY_OFFSET),
+                    i as u32,
+                )
+                .map_err(kvm_err("KVM_IOEVENTFD (virtio queue)"))?;
             }
             vm.register_irqfd(t.interrupt_event(), slot.gsi)
                 .map_err(kvm_err("KVM_IRQFD (virtio)"))?;

@@ -188,14 +188,22 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
             b.publish(ev);
         }),
     };
-    let state_file = state_file_path(config.config_file.as_deref(), config.control.as_deref(), &config.name);
+    let state_file = state_file_path(
+        config.config_file.as_deref(),
+        config.control.as_deref(),
+        &config.name,
+    );
     let mut vm = Vm::new(config.clone(), hooks)?;
     if let Some(p) = &state_file {
         vm.next_kernel = load_kernel_choice(p);
     }
     vm.state_file = state_file;
     let input_drained = EventFd::new(EFD_NONBLOCK).map_err(|e| setup("eventfd", &e))?;
-    vm.serial_input_drained = Some(input_drained.try_clone().map_err(|e| setup("eventfd", &e))?);
+    vm.serial_input_drained = Some(
+        input_drained
+            .try_clone()
+            .map_err(|e| setup("eventfd", &e))?,
+    );
     let vm: SharedVm = Arc::new(Mutex::new(vm));
 
     let exit = Arc::new(ExitFlag::default());

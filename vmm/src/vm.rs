@@ -20,9 +20,9 @@ use crate::cpu::CpuidPolicy;
 use crate::events::{VmEvent, VmEventQueue};
 use crate::machine::{BootConfig, BootEnv, Machine, MachineError, PioDevice, VirtioSlot};
 use crate::runtime::Subscriber;
+use crate::watchdog::{GuestClock, Watchdog};
 use devices::virtio::{Block, BlockConfig, GuestMemoryHandle, MmioTransport, Net, NetConfig};
 use std::sync::Mutex;
-use crate::watchdog::{GuestClock, Watchdog};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -304,6 +304,8 @@ impl Vm {
                 );
             }
             m.shutdown();
+            // Whatever the old machine queued is stale now.
+            let _ = self.events.drain();
         }
     }
 
@@ -356,6 +358,20 @@ impl Vm {
         }
     }
 
+    /// Alt+SysRq+`key` on the guest keyboard.
+    pub fn sysrq(&mut self, key: &str) -> Result<(), String> {
+        let mut chars = key.chars();
+        let (Some(k), None) = (chars.next(), chars.next()) else {
+            return Err(format!("sysrq key must be one letter, not '{key}'"));
+        };
+        match (&self.machine, self.state) {
+            (Some(m), VmState::Running) => {
+                lock(&m.i8042).trigger_sysrq(k).map_err(|e| e.to_string())
+            }
+            (_, s) => Err(format!("the VM is {s}, not running")),
+        }
+    }
+
     /// Graceful shutdown or reboot: Ctrl-Alt-Del to the guest, then the
     /// hard action after `timeout`. `reply` is called when it is settled.
     pub fn graceful_stop(&mut self, kind: StopKind, timeout: Duration, reply: StopReply) {
@@ -378,7 +394,10 @@ impl Vm {
                 tracing::info!("power button not delivered ({e})");
             }
         }
-        if let Err(e) = self.stop_timer.reset(timeout.max(Duration::from_millis(1)), None) {
+        if let Err(e) = self
+            .stop_timer
+            .reset(timeout.max(Duration::from_millis(1)), None)
+        {
             tracing::warn!("cannot arm the shutdown timer: {e}");
         }
         self.pending_stop = Some(PendingStop {
@@ -503,7 +522,10 @@ impl Vm {
             return Flow::Continue;
         }
         let action = self.panic_action;
-        tracing::warn!(vm = self.config.name, "guest kernel panicked; action: {action}");
+        tracing::warn!(
+            vm = self.config.name,
+            "guest kernel panicked; action: {action}"
+        );
         (self.hooks.publish)(Event::Panic { action });
         self.alert("panic");
         match action {
@@ -555,8 +577,15 @@ impl Vm {
 
     /// Handles queued events from vCPUs and devices.
     pub fn handle_events(&mut self) -> Flow {
+        let boot = self.boot_count;
         for ev in self.events.drain() {
             tracing::debug!("vm event: {ev:?}");
+            if self.boot_count != boot || self.state == VmState::Stopped {
+                // Raised by a machine that is gone (a guest often pokes
+                // several reset mechanisms in a row): stale.
+                tracing::debug!("dropping stale event {ev:?}");
+                continue;
+            }
             let flow = match ev {
                 VmEvent::Guest(GuestEvent::Reset(cause)) => self.guest_reset(dev_cause(cause)),
                 VmEvent::Guest(GuestEvent::PowerOff) => self.guest_poweroff(),

@@ -169,6 +169,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let b = c.now();
         assert!(b >= a + Duration::from_millis(15));
-        assert!(b < a + Duration::from_millis(45), "the pause was not counted: {b:?}");
+        assert!(
+            b < a + Duration::from_millis(45),
+            "the pause was not counted: {b:?}"
+        );
     }
 }

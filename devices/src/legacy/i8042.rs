@@ -128,6 +128,20 @@ pub const CTRL_ALT_DEL_SET2: [u8; 11] = [
     0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14, // releases
 ];
 /// The same keys as the controller emits them with translation (set 1).
+/// (set 2, set 1) make codes of the letters SysRq commands use.
+pub fn sysrq_key_codes(key: char) -> Option<(u8, u8)> {
+    Some(match key {
+        'b' => (0x32, 0x30),
+        'c' => (0x21, 0x2e),
+        'e' => (0x24, 0x12),
+        'i' => (0x43, 0x17),
+        'o' => (0x44, 0x18),
+        's' => (0x1b, 0x1f),
+        'u' => (0x3c, 0x16),
+        _ => return None,
+    })
+}
+
 pub const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
 
 /// How many bytes the keyboard buffers while the guest is not reading.
@@ -139,6 +153,8 @@ pub enum I8042Error {
     BufferFull,
     #[error("the guest has disabled keyboard scanning")]
     ScanningDisabled,
+    #[error("unknown SysRq key '{0}' (use b, c, e, i, o, s or u)")]
+    UnknownKey(char),
 }
 
 /// The i8042 controller and its keyboard.
@@ -219,6 +235,27 @@ impl I8042Device {
             &CTRL_ALT_DEL_SET2
         };
         if !self.kbd_push(keys) {
+            return Err(I8042Error::BufferFull);
+        }
+        self.kick();
+        Ok(())
+    }
+
+    /// Queues Alt+SysRq+`key` (press and release) so the guest kernel runs
+    /// that magic SysRq command without help from its user space: `b`
+    /// reboot, `o` power off, `c` crash, `s` sync, `u` remount read-only.
+    pub fn trigger_sysrq(&mut self, key: char) -> Result<(), I8042Error> {
+        if !self.scanning {
+            return Err(I8042Error::ScanningDisabled);
+        }
+        let (set2, set1) = sysrq_key_codes(key).ok_or(I8042Error::UnknownKey(key))?;
+        let keys: Vec<u8> = if self.ctr & CTR_XLATE != 0 {
+            // Alt, SysRq (Alt+PrtSc), key, then the releases.
+            vec![0x38, 0x54, set1, set1 | 0x80, 0xd4, 0xb8]
+        } else {
+            vec![0x11, 0x84, set2, 0xf0, set2, 0xf0, 0x84, 0xf0, 0x11]
+        };
+        if !self.kbd_push(&keys) {
             return Err(I8042Error::BufferFull);
         }
         self.kick();

@@ -1,0 +1,117 @@
+//! A raw JSON-lines client for the control socket, as `socat` would use it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Ctl {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Ctl {
+    /// Connects, retrying while the VMM starts.
+    pub fn connect(path: &Path) -> Ctl {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(90)));
+                    let writer = s.try_clone().expect("clone socket");
+                    return Ctl {
+                        reader: BufReader::new(s),
+                        writer,
+                    };
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    panic!("cannot connect to {}: {e}", path.display())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    pub fn send_line(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write request");
+    }
+
+    pub fn read_value(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read response");
+        assert!(n > 0, "the VMM closed the connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// Sends one request line and returns the next line that is a response
+    /// (event lines in between are skipped).
+    pub fn call(&mut self, line: &str) -> Value {
+        self.send_line(line);
+        loop {
+            let v = self.read_value();
+            if v.get("ok").is_some() {
+                return v;
+            }
+        }
+    }
+
+    /// `call` that asserts success.
+    pub fn ok(&mut self, line: &str) -> Value {
+        let v = self.call(line);
+        assert_eq!(v["ok"], Value::Bool(true), "{line} -> {v}");
+        v
+    }
+
+    pub fn status(&mut self) -> Value {
+        self.ok(r#"{"cmd":"status"}"#)
+    }
+
+    /// Waits for an event line named `name`.
+    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let _ = self.writer.set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ));
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) => return None,
+                Ok(_) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["event"] == name {
+                            return Some(v);
+                        }
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Polls `status` until `pred` holds.
+    pub fn wait_status(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if pred(&s) || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        &self.writer
+    }
+
+    pub fn reader(&mut self) -> &mut BufReader<UnixStream> {
+        &mut self.reader
+    }
+}

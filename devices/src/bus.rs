@@ -138,7 +138,10 @@ mod tests {
         bus.insert(reg(4), 0x100, 4).unwrap();
         assert_eq!(
             bus.insert(reg(4), 0x102, 4),
-            Err(BusError::Overlap { base: 0x102, len: 4 })
+            Err(BusError::Overlap {
+                base: 0x102,
+                len: 4
+            })
         );
         assert_eq!(
             bus.insert(reg(4), 0xfe, 4),

@@ -89,17 +89,15 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, policy: CpuidPoli
                         | bits::PCLMUL);
                 }
             }
-            7 if e.index == 0 => {
-                if pvm {
-                    e.ebx &= !(bits::SMAP
-                        | bits::AVX2
-                        | bits::AVX512_MASK
-                        | bits::FSGSBASE
-                        | bits::INVPCID
-                        | bits::RDSEED);
-                    e.ecx = 0;
-                    e.edx = 0;
-                }
+            7 if e.index == 0 && pvm => {
+                e.ebx &= !(bits::SMAP
+                    | bits::AVX2
+                    | bits::AVX512_MASK
+                    | bits::FSGSBASE
+                    | bits::INVPCID
+                    | bits::RDSEED);
+                e.ecx = 0;
+                e.edx = 0;
             }
             0xb => {
                 // x2APIC topology: the APIC id of this vCPU.

@@ -83,6 +83,18 @@ pub struct VirtioSlot {
     pub gsi: u32,
 }
 
+/// Receives each boot's new guest memory.
+pub type MemoryHook = Box<dyn FnOnce(&GuestMemoryMmap) + Send>;
+
+/// The PVM fallback's work in one boot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FallbackSummary {
+    pub emulated: u64,
+    pub injected: u64,
+    /// (mnemonic, count), most frequent first.
+    pub kinds: Vec<(String, u64)>,
+}
+
 /// Long-lived things a boot plugs into.
 pub struct BootEnv<'a> {
     pub events: &'a VmEventQueue,
@@ -92,7 +104,7 @@ pub struct BootEnv<'a> {
     pub extra_pio: Vec<PioDevice>,
     pub virtio: Vec<VirtioSlot>,
     /// Called with the new guest memory before any device can run.
-    pub set_memory: Option<Box<dyn FnOnce(&GuestMemoryMmap) + Send>>,
+    pub set_memory: Option<MemoryHook>,
     /// Runs on vCPU 0's thread right before its first KVM_RUN.
     pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -349,11 +361,11 @@ impl Machine {
         lock(&self.serial).enqueue_input(bytes)
     }
 
-    pub fn fallback_summary(&self) -> (u64, u64, Vec<(String, u64)>) {
-        (
-            self.fallback.emulated.load(Ordering::Relaxed),
-            self.fallback.injected.load(Ordering::Relaxed),
-            lock(&self.fallback.kinds).summary(),
-        )
+    pub fn fallback_summary(&self) -> FallbackSummary {
+        FallbackSummary {
+            emulated: self.fallback.emulated.load(Ordering::Relaxed),
+            injected: self.fallback.injected.load(Ordering::Relaxed),
+            kinds: lock(&self.fallback.kinds).summary(),
+        }
     }
 }

@@ -58,12 +58,15 @@ struct PendingStop {
     reply: Option<StopReply>,
 }
 
+/// Told of each boot: its number and a reason for the console log.
+pub type BootHook = Box<dyn Fn(u64, &str) + Send>;
+
 /// Hooks the runtime plugs in: console, events.
 pub struct VmHooks {
     /// A fresh writer for the UART of each boot.
     pub serial_out: Box<dyn Fn() -> SerialOutput + Send>,
     /// A boot started: mark it in the console log.
-    pub on_boot: Box<dyn Fn(u64, &str) + Send>,
+    pub on_boot: BootHook,
     /// Broadcast an event to subscribers.
     pub publish: Box<dyn Fn(Event) + Send>,
 }
@@ -297,10 +300,13 @@ impl Vm {
 
     fn halt_machine(&mut self) {
         if let Some(m) = self.machine.take() {
-            let (emu, inj, kinds) = m.fallback_summary();
-            if emu + inj > 0 {
+            let f = m.fallback_summary();
+            if f.emulated + f.injected > 0 {
                 tracing::info!(
-                    "PVM fallback this boot: {emu} emulated, {inj} exceptions injected: {kinds:?}"
+                    "PVM fallback this boot: {} emulated, {} injected: {:?}",
+                    f.emulated,
+                    f.injected,
+                    f.kinds
                 );
             }
             m.shutdown();
@@ -625,7 +631,7 @@ impl Vm {
         }
     }
 
-    pub fn fallback_summary(&self) -> Option<(u64, u64, Vec<(String, u64)>)> {
+    pub fn fallback_summary(&self) -> Option<crate::machine::FallbackSummary> {
         self.machine.as_ref().map(|m| m.fallback_summary())
     }
 

@@ -88,8 +88,9 @@ DISK_PKGS=(e2fsprogs)
 # Everything that shapes the initramfs/rootfs contents, not the kernels.
 userspace_key() {
 	{
-		cat "$RES/build-kernels.sh" "$RES/initramfs/init" "$RES/rootfs/init" "$RES"/vmm-scripts/*
+		cat "$RES/build-kernels.sh" "$RES"/initramfs/* "$RES"/rootfs/* "$RES"/vmm-scripts/*
 		dpkg-query -W -f='${Version}' busybox-static
+		cat "$CACHE/busybox-i386.pin" 2>/dev/null || true
 	} | sha
 }
 
@@ -111,6 +112,61 @@ publish_dir() {
 }
 
 # ---------------------------------------------------------------- userspace
+BOOKWORM_SOURCES=(
+	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main"
+	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main"
+	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main"
+)
+
+# Debian's i386 busybox-static, for a 32-bit user space that enters the
+# kernel by int $0x80 (rdinit=/init32 vdso32=0). Fetched once through a
+# private i386 apt configuration, pinned in $CACHE/busybox-i386.pin.
+BUSYBOX32=
+ensure_busybox32() {
+	local pin ver dir deb log
+	pin=$(cat "$CACHE/busybox-i386.pin" 2>/dev/null || true)
+	if [ -n "$pin" ] && [ -z "${VMM_REFRESH:-}" ] && [ -x "$CACHE/busybox-i386/${pin//:/_}/busybox" ]; then
+		BUSYBOX32=$CACHE/busybox-i386/${pin//:/_}/busybox
+		return
+	fi
+	need_root "download the i386 busybox-static"
+	# busybox-static is not in bookworm-security; bookworm main has the
+	# point-release version.
+	APT_ARCH=i386 apt_setup bookworm-i386 "${BOOKWORM_SOURCES[0]}"
+	log=$CACHE/logs/apt-bookworm-i386.log
+	say "busybox32: apt-get update (private config, bookworm main i386)"
+	apt-get "${APT_OPTS[@]}" -q update >"$log" 2>&1 ||
+		{ tail -5 "$log" >&2; die "apt-get update for i386 busybox-static failed (private config $CACHE/apt/bookworm-i386)"; }
+	ver=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions busybox-static 2>/dev/null | sed -n 's/^Version: //p' | head -1)
+	[ -n "$ver" ] || die "no i386 busybox-static in bookworm"
+	dir=$CACHE/busybox-i386/${ver//:/_}
+	if [ ! -x "$dir/busybox" ]; then
+		say "busybox32: apt-get download busybox-static:i386=$ver"
+		rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/x"
+		(cd "$dir.tmp" && apt-get "${APT_OPTS[@]}" -q download "busybox-static=$ver" >>"$log" 2>&1) ||
+			{ tail -5 "$log" >&2; die "apt-get download busybox-static:i386=$ver failed"; }
+		deb=$(ls "$dir.tmp"/busybox-static_*_i386.deb 2>/dev/null | head -1 || true)
+		[ -n "$deb" ] || die "apt-get download busybox-static:i386 produced no i386 .deb"
+		dpkg-deb -x "$deb" "$dir.tmp/x" || die "dpkg-deb -x $deb failed"
+		cp "$dir.tmp/x/bin/busybox" "$dir.tmp/busybox"
+		rm -rf "$dir.tmp/x" "$dir"
+		mv "$dir.tmp" "$dir"
+	fi
+	echo "$ver" >"$CACHE/busybox-i386.pin"
+	BUSYBOX32=$dir/busybox
+}
+
+# /bin32: the i386 busybox with one symlink per applet, all in one directory.
+install_busybox32() {
+	local root=$1 l
+	mkdir -p "$root/bin32"
+	cp "$BUSYBOX32" "$root/bin32/busybox"
+	for l in $(/bin/busybox --list); do
+		case "$l" in busybox|linuxrc) continue ;; esac
+		ln -s busybox "$root/bin32/$l"
+	done
+}
+
 # Install busybox and its applet links into root directory $1.
 install_busybox() {
 	local root=$1 l
@@ -131,7 +187,7 @@ install_common_files() {
 	mknod -m 666 "$root/dev/null" c 1 3
 	printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 	printf 'root:x:0:\n' >"$root/etc/group"
-	printf 'export PS1='\''\\h:\\w# '\''\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\n' >"$root/etc/profile"
+	printf 'export PS1='\''\\h:\\w# '\''\nexport PATH=${VMM_PATH:-/bin:/sbin:/usr/bin:/usr/sbin}\n' >"$root/etc/profile"
 	cp "$RES"/vmm-scripts/* "$root/etc/vmm/"
 }
 
@@ -150,10 +206,11 @@ make_initramfs() {
 	local out=$1 moddir=${2:-} stage
 	stage=$(mktemp -d "$CACHE/tmp/initramfs.XXXXXX")
 	install_busybox "$stage"
+	install_busybox32 "$stage"
 	install_common_files "$stage"
 	mkdir -p "$stage/newroot" "$stage/lib/modules"
-	cp "$RES/initramfs/init" "$stage/init"
-	chmod 755 "$stage/init"
+	cp "$RES/initramfs/init" "$RES/initramfs/init32" "$stage/"
+	chmod 755 "$stage/init" "$stage/init32"
 	if [ -n "$moddir" ]; then
 		cp "$moddir"/*.ko "$stage/lib/modules/"
 		cp "$moddir/order" "$stage/etc/modules"
@@ -208,7 +265,7 @@ build_mini_kernel() {
 	obj=$CACHE/obj/mini-$key
 	log=$CACHE/logs/mini-$key.log
 	mkdir -p "$CACHE/logs"
-	rm -rf "$obj" && mkdir -p "$obj"
+	rm -rf "$CACHE"/obj/mini-* && mkdir -p "$obj"
 	local mk=(make -C "$src" O="$obj" ARCH=x86_64 LOCALVERSION=
 		KBUILD_BUILD_USER=vmm KBUILD_BUILD_HOST=vmm-guest
 		"KBUILD_BUILD_TIMESTAMP=$(date -u -d @0)")
@@ -238,6 +295,7 @@ build_mini_kernel() {
 target_mini() {
 	local kkey key dst kdir tmp
 	ensure_packages "${COMMON_PKGS[@]}" "${MINI_PKGS[@]}"
+	ensure_busybox32
 	kkey=$(mini_kernel_key)
 	key=$kkey-$(userspace_key)
 	dst=$KERNEL_DIR/mini
@@ -264,18 +322,21 @@ apt_setup() {
 	dir=$CACHE/apt/$name
 	mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/cache"
 	printf '%s\n' "$@" >"$dir/sources.list"
-	APT_OPTS=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+	APT_OPTS=(${APT_ARCH:+-o APT::Architecture=$APT_ARCH -o APT::Architectures=$APT_ARCH}
+		-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
 		-o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache"
 		-o "Dir::Cache::Archives=$dir/archives" -o Dir::Etc::Preferences=/dev/null
-		-o Dir::Etc::PreferencesParts=/dev/null -o APT::Get::List-Cleanup=0)
+		-o Dir::Etc::PreferencesParts=/dev/null -o APT::Get::List-Cleanup=0 -o Acquire::Retries=3)
 }
 
 # debian_kernel <entry> <apt-name> <image-glob> <sources.list lines...>
 target_debian() {
 	local entry=$1 aptname=$2 glob=$3; shift 3
+	local APT_ARCH=
 	local dst pinf pin= key
 	dst=$KERNEL_DIR/$entry pinf=$CACHE/debian/$entry.pin
 	ensure_packages "${COMMON_PKGS[@]}" "${DEBIAN_PKGS[@]}"
+	ensure_busybox32
 	mkdir -p "$CACHE/debian" 2>/dev/null || true
 	[ -n "${VMM_REFRESH:-}" ] || pin=$(cat "$pinf" 2>/dev/null || true)
 	if [ -n "$pin" ]; then
@@ -410,6 +471,7 @@ target_disk() {
 	local dst key stage
 	dst=$DISK_DIR/rootfs.ext4
 	ensure_packages "${COMMON_PKGS[@]}" "${DISK_PKGS[@]}"
+	ensure_busybox32
 	key=$({ userspace_key; echo "$DISK_UUID $DISK_SIZE"; dpkg-query -W -f='${Version}' e2fsprogs; } | sha)
 	if [ -f "$dst" ] && [ "$(cat "$dst.stamp" 2>/dev/null)" = "$key" ]; then
 		say "disk: up to date ($dst)"; return
@@ -418,10 +480,12 @@ target_disk() {
 	say "disk: building $dst ($DISK_SIZE ext4, UUID $DISK_UUID)"
 	stage=$(mktemp -d "$CACHE/tmp/rootfs.XXXXXX")
 	install_busybox "$stage"
+	install_busybox32 "$stage"
 	install_common_files "$stage"
 	rm -f "$stage/sbin/init"
 	cp "$RES/rootfs/init" "$stage/sbin/init"
-	chmod 755 "$stage/sbin/init"
+	cp "$RES/rootfs/init32" "$stage/sbin/init32"
+	chmod 755 "$stage/sbin/init" "$stage/sbin/init32"
 	find "$stage" -exec touch -h -d @0 {} +
 	mkdir -p "$DISK_DIR"
 	rm -f "$dst.tmp"
@@ -447,10 +511,7 @@ run_targets() {
 		case "$t" in
 		mini) target_mini ;;
 		disk) target_disk ;;
-		debian-6.1) target_debian debian-6.1 bookworm 'linux-image-6\.1\.[0-9]+-[0-9]+-amd64' \
-			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main" \
-			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main" \
-			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main" ;;
+		debian-6.1) target_debian debian-6.1 bookworm 'linux-image-6\.1\.[0-9]+-[0-9]+-amd64' "${BOOKWORM_SOURCES[@]}" ;;
 		debian-6.12) target_debian debian-6.12 trixie 'linux-image-6\.12\.[0-9]+\+deb13-amd64' \
 			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
 			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-updates main" \

@@ -55,6 +55,24 @@ impl Capture {
         lock(&self.data).buf.len()
     }
 
+    /// Waits until the writer closed its end (the process ended).
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = lock(&self.data);
+        while !g.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// Waits until one of `needles` occurs at or after byte `from`; returns
     /// which one, when the chunk completing it arrived, and the offset just
     /// past it.

@@ -139,7 +139,7 @@ impl Table {
 }
 
 #[cfg(test)]
-mod tests {
+mod unit {
     use super::*;
 
     #[test]

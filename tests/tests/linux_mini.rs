@@ -182,3 +182,98 @@ fn mini_with_one_vcpu_sees_one_cpu() {
         .to_string();
     assert!(mem.contains("K/130"), "128 MiB less the BIOS holes: {mem}");
 }
+
+fn dumpe2fs(image: &std::path::Path) -> String {
+    let out = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(image)
+        .output()
+        .expect("dumpe2fs (e2fsprogs) is needed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn field<'a>(dump: &'a str, name: &str) -> &'a str {
+    dump.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .map(|v| v.trim_start_matches(':').trim())
+        .unwrap_or("")
+}
+
+fn sha(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Boots mini with no initramfs and `root=/dev/vda`: the kernel itself
+/// mounts the ext4 image through virtio-blk and tries its init; the panic
+/// that follows powers the VM off (--on-panic poweroff).
+fn boot_root_disk(entry: &std::path::Path, image: &std::path::Path, ro: bool) -> VmmProcess {
+    let cmdline = format!("{} root=/dev/vda rootfstype=ext4 rw", mini_cmdline(entry));
+    let disk = format!("path={}{}", image.display(), if ro { ",ro=on" } else { "" });
+    let mut p = VmmProcess::spawn(&[
+        "--kernel",
+        entry.join("bzImage").to_str().unwrap_or_default(),
+        "--memory",
+        "128",
+        "--cmdline",
+        &cmdline,
+        "--disk",
+        &disk,
+        "--on-panic",
+        "poweroff",
+    ]);
+    let st = p.wait_exit(BOOT);
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", p.report());
+    p
+}
+
+#[test]
+fn mini_mounts_an_ext4_root_over_virtio_blk_and_writes_reach_the_image() {
+    let Some(entry) = library_entry("mini") else {
+        return;
+    };
+    let src = tests::repo_root().join("build/disks/rootfs.ext4");
+    assert!(
+        src.is_file(),
+        "build/disks/rootfs.ext4 missing: run resources/build-kernels.sh disk"
+    );
+    let dir = TempDir::new("mini-root");
+
+    // Writable: the guest kernel mounts it read-write, which updates the
+    // superblock (mount count, mount time) on the host's image file.
+    let img = dir.path().join("root.ext4");
+    std::fs::copy(&src, &img).expect("copy image");
+    let before = dumpe2fs(&img);
+    let p = boot_root_disk(&entry, &img, false);
+    assert!(
+        p.output()
+            .contains("VFS: Mounted root (ext4 filesystem) on device"),
+        "{}",
+        p.report()
+    );
+    let after = dumpe2fs(&img);
+    let count = |d: &str| field(d, "Mount count").parse::<u32>().unwrap_or(0);
+    assert_eq!(count(&after), count(&before) + 1, "{after}");
+    assert_ne!(field(&after, "Last mount time"), "n/a", "{after}");
+
+    // Read-only (ro=on): the kernel sees a read-only disk, mounts it
+    // read-only, and the image does not change by a single byte.
+    let ro_img = dir.path().join("ro.ext4");
+    std::fs::copy(&src, &ro_img).expect("copy image");
+    let hash = sha(&ro_img);
+    let p = boot_root_disk(&entry, &ro_img, true);
+    assert!(
+        p.output()
+            .contains("VFS: Mounted root (ext4 filesystem) readonly"),
+        "{}",
+        p.report()
+    );
+    assert_eq!(sha(&ro_img), hash, "a read-only disk changed");
+}

@@ -447,6 +447,17 @@ impl Vm {
         Flow::Continue
     }
 
+    /// A hard power-off decided by the VMM (panic or watchdog action): the
+    /// process ends too when it would on a guest power-off.
+    fn poweroff_flow(&mut self) -> Flow {
+        self.poweroff();
+        if self.exit_on_poweroff {
+            Flow::Exit(0)
+        } else {
+            Flow::Continue
+        }
+    }
+
     /// The guest powered itself off.
     fn guest_poweroff(&mut self) -> Flow {
         match self.pending_stop.as_ref().map(|p| p.kind) {
@@ -545,10 +556,7 @@ impl Vm {
                 }
                 Flow::Continue
             }
-            PanicAction::Poweroff => {
-                self.poweroff();
-                Flow::Continue
-            }
+            PanicAction::Poweroff => self.poweroff_flow(),
             PanicAction::None => Flow::Continue,
         }
     }
@@ -564,10 +572,7 @@ impl Vm {
                 let r = self.reset(ResetCause::Watchdog);
                 self.flow_after(r)
             }
-            WatchdogAction::Poweroff => {
-                self.poweroff();
-                Flow::Continue
-            }
+            WatchdogAction::Poweroff => self.poweroff_flow(),
             WatchdogAction::Pause => {
                 let _ = self.pause();
                 Flow::Continue

@@ -716,14 +716,18 @@ fn control(cx: &Ctx) -> Result<(), String> {
     let push = |t: &mut Table, label: &str, clients: usize, lat: &[f64], wall: f64| {
         let s = stats(lat);
         let f = |g: fn(&Stats) -> f64| s.as_ref().map(|s| dur(g(s))).unwrap_or_default();
-        let target = if label.starts_with("vmm") {
-            match s {
-                Some(s) if s.p99 < 1e-3 => "p99 < 1 ms: met",
-                Some(_) => "p99 < 1 ms: missed",
-                None => "",
-            }
-        } else {
-            ""
+        let rate = lat.len() as f64 / wall;
+        let target = match s {
+            _ if !label.starts_with("vmm") => String::new(),
+            // Back-to-back clients queue behind each other: by Little's
+            // law each waits about clients / throughput.
+            Some(_) if clients > 1 => format!(
+                "(queueing: {clients}/rate = {})",
+                dur(clients as f64 / rate)
+            ),
+            Some(s) if s.p99 < 1e-3 => "p99 < 1 ms idle: met".into(),
+            Some(_) => "p99 < 1 ms idle: missed".into(),
+            None => String::new(),
         };
         t.row(vec![
             label.into(),
@@ -733,8 +737,8 @@ fn control(cx: &Ctx) -> Result<(), String> {
             f(|s| s.p90),
             f(|s| s.p99),
             f(|s| s.max),
-            format!("{:.0}", lat.len() as f64 / wall),
-            target.into(),
+            format!("{rate:.0}"),
+            target,
         ]);
     };
 

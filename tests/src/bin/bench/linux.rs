@@ -12,6 +12,8 @@ use crate::report::{ratio, stats, Table};
 
 pub const RUN_INIT: &str = "Run /init as init process";
 pub const INIT_OK: &str = "VMM-INIT-OK";
+/// The console marker of a boot started by a control-socket `reset`.
+pub const RESET_MARKER: &str = "(reset: command";
 
 pub struct LinuxOpts {
     pub kernel_dir: PathBuf,
@@ -39,7 +41,10 @@ struct Run {
     reset_run_init: Option<f64>,
     reset_run_init_guest: Option<f64>,
     reset_init_ok: Option<f64>,
-    fallback: Vec<String>,
+    /// (boot number, the vmm's "PVM fallback this boot" summary)
+    fallback: Vec<(u64, String)>,
+    /// The boot number our `reset` started.
+    reset_boot: Option<u64>,
     notes: Vec<String>,
 }
 
@@ -88,7 +93,9 @@ pub fn bench(vmm: &Path, o: &LinuxOpts, tmp: &Path) -> Result<(), String> {
         }),
         ("cold: spawn -> VMM-INIT-OK", |r| r.cold_init_ok),
         ("reset: `reset` request round trip", |r| r.reset_rtt),
-        ("reset: request -> \"--- vmm: boot N\"", |r| r.reset_marker),
+        ("reset: request -> boot marker (console)", |r| {
+            r.reset_marker
+        }),
         ("reset: request -> \"Run /init\"", |r| r.reset_run_init),
         ("reset: guest printk time at \"Run /init\"", |r| {
             r.reset_run_init_guest
@@ -110,8 +117,13 @@ pub fn bench(vmm: &Path, o: &LinuxOpts, tmp: &Path) -> Result<(), String> {
     }
     t.print();
     for (i, r) in runs.iter().enumerate() {
-        for (b, f) in r.fallback.iter().enumerate() {
-            println!("  run {}: PVM fallback, boot {}: {f}", i + 1, b + 1);
+        for (b, f) in &r.fallback {
+            let which = match *b {
+                1 => " (cold)",
+                b if Some(b) == r.reset_boot => " (after our reset)",
+                _ => "",
+            };
+            println!("  run {}: PVM fallback, boot {b}{which}: {f}", i + 1);
         }
         if r.fallback.is_empty() {
             println!(
@@ -202,9 +214,10 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
     r.reset_rtt = Some(rtt.as_secs_f64());
     let (_, t_m, end) = p
         .out
-        .wait_any(&["--- vmm: boot "], from, left())
+        .wait_any(&[RESET_MARKER], from, left())
         .ok_or_else(|| format!("no boot marker after `reset`: {}", p.describe()))?;
     r.reset_marker = Some(since(t_m, t_reset));
+    r.reset_boot = boot_number(&p.out.text(), end);
     match p.out.wait_any(&[RUN_INIT], end, left()) {
         Some((_, t, e2)) => {
             r.reset_run_init = Some(since(t, t_reset));
@@ -236,14 +249,35 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
         );
     }
     p.kill();
-    r.fallback = strip_ansi(&p.err.text())
-        .lines()
-        .filter_map(|l| {
-            l.split_once("PVM fallback this boot: ")
-                .map(|(_, v)| v.to_string())
-        })
-        .collect();
+    r.fallback = fallback_lines(&strip_ansi(&p.err.text()));
     Ok(r)
+}
+
+/// The vmm's per-boot fallback summaries, each with the boot it belongs to
+/// (the `boot` event before it in the log).
+fn fallback_lines(log: &str) -> Vec<(u64, String)> {
+    let mut boot = 0;
+    let mut out = Vec::new();
+    for l in log.lines() {
+        if let Some(rest) = l.split_once("\"event\":\"boot\",\"boot_count\":") {
+            let n: String = rest.1.chars().take_while(char::is_ascii_digit).collect();
+            boot = n.parse().unwrap_or(boot);
+        } else if let Some((_, v)) = l.split_once("PVM fallback this boot: ") {
+            out.push((boot, v.to_string()));
+        }
+    }
+    out
+}
+
+/// N of the console's `--- vmm: boot N (...` marker that ends at `end`.
+fn boot_number(text: &str, end: usize) -> Option<u64> {
+    let head = text.get(..end)?;
+    let start = head.rfind("--- vmm: boot ")? + "--- vmm: boot ".len();
+    let n: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    n.parse().ok()
 }
 
 /// The printk timestamp (`[   12.345678]`) of the line ending at `end`.
@@ -265,5 +299,23 @@ mod unit {
         let end = t.find("more").unwrap_or(0);
         assert_eq!(printk_time(t, end - 2), Some(98.25));
         assert_eq!(printk_time("Run /init", 9), None);
+    }
+
+    #[test]
+    fn fallback_lines_belong_to_the_boot_logged_before_them() {
+        let log = "x {\"event\":\"boot\",\"boot_count\":1,\"kernel\":\"mini\"}\n\
+                   y PVM fallback this boot: 0 emulated, 1 injected: [(\"int3\", 1)]\n\
+                   z {\"event\":\"boot\",\"boot_count\":12,\"kernel\":\"mini\"}\n\
+                   y PVM fallback this boot: 3 emulated, 0 injected: []\n";
+        let f = fallback_lines(log);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].0, 1);
+        assert_eq!(
+            (f[1].0, f[1].1.as_str()),
+            (12, "3 emulated, 0 injected: []")
+        );
+        let con = "a\r\n--- vmm: boot 3 (reset: command, kernel mini) at T ---";
+        let end = con.find(RESET_MARKER).map(|i| i + RESET_MARKER.len());
+        assert_eq!(boot_number(con, end.unwrap_or(0)), Some(3));
     }
 }

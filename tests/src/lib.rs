@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod control;
 pub mod tiny;
+pub mod tiny_virtio;
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {

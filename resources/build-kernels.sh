@@ -119,7 +119,7 @@ BOOKWORM_SOURCES=(
 )
 
 # Debian's i386 busybox-static, for a 32-bit user space that enters the
-# kernel by int $0x80 (rdinit=/init32 vdso32=0). Fetched once through a
+# kernel by int $0x80 (initrd32.img + vdso32=0). Fetched once through a
 # private i386 apt configuration, pinned in $CACHE/busybox-i386.pin.
 BUSYBOX32=
 ensure_busybox32() {
@@ -167,12 +167,13 @@ install_busybox32() {
 	done
 }
 
-# Install busybox and its applet links into root directory $1.
+# install_busybox <root> [<binary>]: busybox (default: the host's amd64 one)
+# as /bin/busybox with its applet links.
 install_busybox() {
-	local root=$1 l
+	local root=$1 bin=${2:-/bin/busybox} l
 	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin}
-	cp /bin/busybox "$root/bin/busybox"
-	for l in $("$root/bin/busybox" --list-full); do
+	cp "$bin" "$root/bin/busybox"
+	for l in $(/bin/busybox --list-full); do
 		case "$l" in bin/busybox|linuxrc) continue ;; esac
 		[ -e "$root/$l" ] || [ -L "$root/$l" ] || ln -s /bin/busybox "$root/$l"
 	done
@@ -200,17 +201,16 @@ make_cpio() {
 	mv "$out.tmp" "$out"
 }
 
-# make_initramfs <out-file> [<module-dir>]: module-dir holds <name>.ko files
-# and an "order" file listing them.
+# make_initramfs <out-file> <busybox-binary> [<module-dir>]: module-dir holds
+# <name>.ko files and an "order" file listing them.
 make_initramfs() {
-	local out=$1 moddir=${2:-} stage
+	local out=$1 busybox=$2 moddir=${3:-} stage
 	stage=$(mktemp -d "$CACHE/tmp/initramfs.XXXXXX")
-	install_busybox "$stage"
-	install_busybox32 "$stage"
+	install_busybox "$stage" "$busybox"
 	install_common_files "$stage"
 	mkdir -p "$stage/newroot" "$stage/lib/modules"
-	cp "$RES/initramfs/init" "$RES/initramfs/init32" "$stage/"
-	chmod 755 "$stage/init" "$stage/init32"
+	cp "$RES/initramfs/init" "$stage/init"
+	chmod 755 "$stage/init"
 	if [ -n "$moddir" ]; then
 		cp "$moddir"/*.ko "$stage/lib/modules/"
 		cp "$moddir/order" "$stage/etc/modules"
@@ -307,8 +307,9 @@ target_mini() {
 	rm -rf "$tmp" && mkdir -p "$tmp"
 	cp "$kdir"/{bzImage,vmlinux,System.map,config,release} "$tmp/"
 	echo "$MINI_CMDLINE" >"$tmp/cmdline"
-	say "mini: building initramfs"
-	make_initramfs "$tmp/initrd.img"
+	say "mini: building initrd.img and initrd32.img"
+	make_initramfs "$tmp/initrd.img" /bin/busybox
+	make_initramfs "$tmp/initrd32.img" "$BUSYBOX32"
 	echo "$key" >"$tmp/.stamp"
 	publish_dir "$tmp" "$dst"
 	say "mini: done: $dst"
@@ -390,7 +391,8 @@ target_debian() {
 	echo "$DEBIAN_CMDLINE" >"$tmp/cmdline"
 	echo "$pin" >"$tmp/package"
 	say "$entry: building initramfs with modules: $(tr '\n' ' ' <"$kdir/modules/order")"
-	make_initramfs "$tmp/initrd.img" "$kdir/modules"
+	make_initramfs "$tmp/initrd.img" /bin/busybox "$kdir/modules"
+	make_initramfs "$tmp/initrd32.img" "$BUSYBOX32" "$kdir/modules"
 	echo "$key" >"$tmp/.stamp"
 	publish_dir "$tmp" "$dst"
 	say "$entry: done: $dst ($release)"

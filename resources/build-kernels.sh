@@ -28,8 +28,8 @@ MINI_RECIPE=1
 DISK_UUID=5f1c0de0-7e57-4b1d-9a11-00000000d15c
 DISK_SIZE=64M
 
-MINI_CMDLINE="console=ttyS0 reboot=k panic=1 pci=off tsc=reliable no_timer_check lpj=5000000 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
-DEBIAN_CMDLINE="console=ttyS0 reboot=k panic=1 rodata=off nowatchdog tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
+MINI_CMDLINE="console=ttyS0 reboot=k panic=1 pci=off tsc=reliable no_timer_check lpj=5000000 i8042.noaux i8042.nomux i8042.dumbkbd"
+DEBIAN_CMDLINE="console=ttyS0 reboot=k panic=1 rodata=off nowatchdog tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.dumbkbd"
 # Modules the initramfs of a Debian kernel loads, in this order (each after
 # its dependencies from modules.dep). crc32c_generic is a soft dependency of
 # ext4/jbd2 (metadata_csum), so it is named explicitly.

@@ -16,10 +16,13 @@ use tests::{library_entry, TempDir, VmmProcess};
 /// One boot of `mini` to init takes minutes under a software KVM.
 const BOOT: Duration = Duration::from_secs(600);
 
+/// The kernel's keyboard driver is bound: SysRq keys work from here on.
+const KEYBOARD_UP: &str = "input: AT Raw Set 2 keyboard";
+
 fn mini_cmdline(entry: &std::path::Path) -> String {
     let c = std::fs::read_to_string(entry.join("cmdline")).unwrap_or_default();
     // The keyboard must be found through ACPI (PNP0303) so that its IRQ is
-    // routed on a hardware-reduced platform.
+    // routed on a hardware-reduced platform (older libraries had nopnp).
     c.split_whitespace()
         .filter(|w| *w != "i8042.nopnp")
         .collect::<Vec<_>>()

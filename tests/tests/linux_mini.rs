@@ -117,7 +117,7 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
     // Boot 2: once the keyboard is up, Alt+SysRq+B reboots through the
     // keyboard controller (reboot=k).
     assert!(
-        p.wait_for_count("serio: i8042 KBD port", 2, BOOT),
+        p.wait_for_count(KEYBOARD_UP, 2, BOOT),
         "{}",
         p.report()
     );
@@ -134,7 +134,7 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
 
     // Boot 3: Alt+SysRq+O powers off through ACPI S5: the process ends with 0.
     assert!(
-        p.wait_for_count("serio: i8042 KBD port", 3, BOOT),
+        p.wait_for_count(KEYBOARD_UP, 3, BOOT),
         "{}",
         p.report()
     );

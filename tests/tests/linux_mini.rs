@@ -116,11 +116,7 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
 
     // Boot 2: once the keyboard is up, Alt+SysRq+B reboots through the
     // keyboard controller (reboot=k).
-    assert!(
-        p.wait_for_count(KEYBOARD_UP, 2, BOOT),
-        "{}",
-        p.report()
-    );
+    assert!(p.wait_for_count(KEYBOARD_UP, 2, BOOT), "{}", p.report());
     let mut c = Ctl::connect(&sock);
     c.ok(r#"{"cmd":"sysrq","key":"b"}"#);
     assert!(
@@ -133,11 +129,7 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
     assert_eq!(s["last_reset"], "guest");
 
     // Boot 3: Alt+SysRq+O powers off through ACPI S5: the process ends with 0.
-    assert!(
-        p.wait_for_count(KEYBOARD_UP, 3, BOOT),
-        "{}",
-        p.report()
-    );
+    assert!(p.wait_for_count(KEYBOARD_UP, 3, BOOT), "{}", p.report());
     c.ok(r#"{"cmd":"sysrq","key":"o"}"#);
     let st = p.wait_exit(Duration::from_secs(300));
     assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", p.report());

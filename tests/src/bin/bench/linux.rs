@@ -184,7 +184,7 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
     let (_, t_run, end) = p
         .out
         .wait_any(&[RUN_INIT], 0, left())
-        .ok_or_else(|| format!("no \"{RUN_INIT}\" within {:?}: {}", o.timeout, p.describe()))?;
+        .ok_or_else(|| format!("no \"{RUN_INIT}\" within {:?}: {}", o.timeout, p.ended()))?;
     r.cold_run_init = Some(since(t_run, p.spawned));
     r.cold_run_init_guest = printk_time(&p.out.text(), end);
     r.first_kvm_run = crate::first_kvm_run(&p.err.text()).map(|(d, _)| d);
@@ -215,7 +215,7 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
     let (_, t_m, end) = p
         .out
         .wait_any(&[RESET_MARKER], from, left())
-        .ok_or_else(|| format!("no boot marker after `reset`: {}", p.describe()))?;
+        .ok_or_else(|| format!("no boot marker after `reset`: {}", p.ended()))?;
     r.reset_marker = Some(since(t_m, t_reset));
     r.reset_boot = boot_number(&p.out.text(), end);
     match p.out.wait_any(&[RUN_INIT], end, left()) {

@@ -222,6 +222,15 @@ impl Proc {
         let _ = self.wait_exit(Duration::from_secs(10));
     }
 
+    /// `describe` after giving a process whose output just closed a moment
+    /// to be reaped (so it reads "exited with ..." rather than "running").
+    pub fn ended(&self) -> String {
+        if self.out.wait_closed(Duration::ZERO) {
+            let _ = self.wait_exit(Duration::from_secs(2));
+        }
+        self.describe()
+    }
+
     /// One line describing how it ended and the tail of its stderr.
     pub fn describe(&self) -> String {
         let g = lock(&self.exit.0);

@@ -894,6 +894,7 @@ struct Pty {
     master: File,
     out: Collector,
     pos: usize,
+    initial: libc::termios,
 }
 
 fn set_cloexec(fd: RawFd) {
@@ -947,6 +948,9 @@ fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
 impl Pty {
     fn spawn(mut cmd: Command) -> Pty {
         let (master, slave) = open_pty();
+        // Read before the shell can touch the terminal (line editing
+        // switches it to its own mode right away).
+        let initial = termios(slave.as_raw_fd());
         for (i, stdio) in [0, 1, 2]
             .iter()
             .map(|_| slave.try_clone().unwrap())
@@ -981,7 +985,13 @@ impl Pty {
             master,
             out,
             pos: 0,
+            initial,
         }
+    }
+
+    /// The terminal settings from before the shell started.
+    fn initial_termios(&self) -> libc::termios {
+        self.initial
     }
 
     fn expect(&mut self, needle: &str) {
@@ -1024,7 +1034,7 @@ fn interactive_completion_status_console_and_a_dying_vmm() {
     let mut cmd = shell_cmd(&home);
     cmd.env("NO_COLOR", "1").arg("--run-dir").arg(rd);
     let mut pty = Pty::spawn(cmd);
-    let original = pty.termios();
+    let original = pty.initial_termios();
 
     pty.expect("Your VMs: db, flaky, web1");
     pty.expect("vmm> ");
@@ -1126,7 +1136,7 @@ fn one_shot_console_restores_the_terminal_on_detach_sigterm_and_vmm_death() {
     let mut cmd = shell_cmd(rd);
     cmd.arg("--run-dir").arg(rd).args(["web1", "console"]);
     let mut pty = Pty::spawn(cmd);
-    let original = pty.termios();
+    let original = pty.initial_termios();
     pty.expect("replay: ");
     assert!(
         !same_termios(&pty.termios(), &original),
@@ -1141,7 +1151,7 @@ fn one_shot_console_restores_the_terminal_on_detach_sigterm_and_vmm_death() {
     let mut cmd = shell_cmd(rd);
     cmd.arg("--run-dir").arg(rd).args(["web1", "console"]);
     let mut pty = Pty::spawn(cmd);
-    let original = pty.termios();
+    let original = pty.initial_termios();
     pty.expect("replay: ");
     assert!(!same_termios(&pty.termios(), &original));
     // SAFETY: kill with our child's pid and a valid signal number.
@@ -1156,7 +1166,7 @@ fn one_shot_console_restores_the_terminal_on_detach_sigterm_and_vmm_death() {
     let mut cmd = shell_cmd(rd);
     cmd.arg("--run-dir").arg(rd).args(["flaky", "console"]);
     let mut pty = Pty::spawn(cmd);
-    let original = pty.termios();
+    let original = pty.initial_termios();
     pty.expect("dying");
     pty.expect("the VMM closed the console connection");
     let status = wait_exit(&mut pty.child);

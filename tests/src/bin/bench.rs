@@ -531,6 +531,7 @@ struct MemSamples {
     anon: Vec<f64>,
     guest: Vec<f64>,
     overhead: Vec<f64>,
+    private: Vec<f64>,
 }
 
 /// Boots the idle guest and waits for its line on the serial console.
@@ -560,7 +561,9 @@ fn mem_once(cx: &Ctx, v: &Vmm, s: &mut MemSamples) -> Result<(), String> {
     let guest = procfs::guest_ram_rss_kib(p.pid, cx.o.memory)? as f64;
     s.hwm.push(hwm);
     s.rss.push(procfs::status_kib(p.pid, "VmRSS")? as f64);
-    s.anon.push(procfs::status_kib(p.pid, "RssAnon")? as f64);
+    let anon = procfs::status_kib(p.pid, "RssAnon")? as f64;
+    s.anon.push(anon);
+    s.private.push(anon - guest);
     s.guest.push(guest);
     s.overhead.push(hwm - guest);
     p.kill();
@@ -586,7 +589,7 @@ fn memory(cx: &Ctx) -> Result<(), String> {
         "target",
     ]);
     let med = |v: &[f64]| stats(v).map(|s| s.median);
-    let rows: [(&str, MemField); 5] = [
+    let rows: [(&str, MemField); 6] = [
         ("peak RSS (VmHWM)", |s| &s.hwm),
         ("RSS now (VmRSS)", |s| &s.rss),
         ("anonymous RSS (RssAnon)", |s| &s.anon),
@@ -594,6 +597,9 @@ fn memory(cx: &Ctx) -> Result<(), String> {
             &s.guest
         }),
         ("overhead = peak RSS - guest RAM resident", |s| &s.overhead),
+        ("private overhead = RssAnon - guest RAM resident", |s| {
+            &s.private
+        }),
     ];
     for (label, f) in rows {
         let (a, b) = (med(f(&ours)), med(f(&q)));
@@ -618,7 +624,7 @@ fn memory(cx: &Ctx) -> Result<(), String> {
     }
     t.print();
     println!("  The guest touches a few pages (ELF, boot tables); QEMU's guest RAM may be backed by a 2 MiB transparent huge page.");
-    println!("  RSS includes shared library pages (file-backed) mapped by each process.");
+    println!("  RSS includes file-backed pages of the binary and shared libraries (shared between processes); RssAnon is private memory.");
     Ok(())
 }
 

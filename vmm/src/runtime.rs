@@ -254,8 +254,10 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         }
         if let Some(code) = exit.get() {
             lock(&vm).teardown();
-            // Let the stdio console flush what the guest printed last.
-            let _ = em.run_with_timeout(50);
+            if stdio {
+                // Let the stdio console flush what the guest printed last.
+                let _ = em.run_with_timeout(50);
+            }
             return Ok(code);
         }
     }

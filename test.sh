@@ -10,7 +10,7 @@ entries=(mini disk)
 resources/build-kernels.sh "${entries[@]}"
 export VMM_REQUIRE_KERNELS=1
 cargo build --workspace --all-targets
-cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 if [ "${VMM_SLOW:-0}" = 1 ]; then
     cargo test -p tests --test debian_boot -- --ignored --test-threads=1
 fi

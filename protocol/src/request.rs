@@ -317,6 +317,7 @@ mod tests {
             Request::SetWatchdog {
                 action: WatchdogAction::Shutdown,
             },
+            Request::Sysrq { key: "b".into() },
         ]
     }
 

@@ -28,6 +28,8 @@ pub enum Command {
     },
     /// `reset`: hard reset.
     Reset,
+    /// `sysrq KEY`: Alt+SysRq+KEY on the guest keyboard.
+    Sysrq(String),
     /// `pause`.
     Pause,
     /// `resume`.
@@ -154,6 +156,16 @@ pub const COMMANDS: &[CommandSpec] = &[
         summary: "hard reset at once (works when the guest hangs)",
         details: "",
         completions: &[],
+        interactive_only: false,
+    },
+    CommandSpec {
+        name: "sysrq",
+        args: "KEY",
+        summary: "press Alt+SysRq+KEY on the guest keyboard (b reboot, o power off, c crash, s sync, u remount ro)",
+        details: "The guest kernel acts on it by itself, without its user space: \
+                  useful when a guest is stuck but its kernel still runs. Keys pressed \
+                  before the guest's keyboard driver is up may be lost.",
+        completions: &["b", "o", "c", "s", "u", "e", "i"],
         interactive_only: false,
     },
     CommandSpec {
@@ -365,6 +377,11 @@ fn parse_command(name: &'static str, args: &[&str]) -> Result<Command, ShellErro
         "halt" => no_args(Command::Halt),
         "reset" => no_args(Command::Reset),
         "pause" => no_args(Command::Pause),
+        "sysrq" => match args {
+            [key] => Ok(Command::Sysrq((*key).to_string())),
+            [] => Err(ShellError::usage("sysrq needs a key: sysrq b|o|c|s|u|e|i")),
+            [_, extra, ..] => Err(unexpected(name, extra)),
+        },
         "resume" => no_args(Command::Resume),
         "console" => no_args(Command::Console),
         "events" => no_args(Command::Events),

@@ -128,6 +128,13 @@ impl Session {
             }
             Command::Start => simple(&mut conn, Request::Start, json, "started", out)?,
             Command::Pause => simple(&mut conn, Request::Pause, json, "paused", out)?,
+            Command::Sysrq(key) => simple(
+                &mut conn,
+                Request::Sysrq { key: key.clone() },
+                json,
+                "SysRq key pressed",
+                out,
+            )?,
             Command::Resume => simple(&mut conn, Request::Resume, json, "resumed", out)?,
             Command::Reset => simple(&mut conn, Request::Reset, json, "reset", out)?,
             Command::Halt => {

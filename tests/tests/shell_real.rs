@@ -71,6 +71,13 @@ fn one_shot_commands_drive_a_real_vm_and_other_users_see_nothing() {
     let v: Value = serde_json::from_str(out.lines().next().unwrap_or("{}")).expect("json");
     assert_eq!(v["boot_count"], 2);
 
+    let (code, out, err) = shell(&run, &["web1", "sysrq", "s"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("SysRq"), "{out}");
+    let (code, _, err) = shell(&run, &["web1", "sysrq", "x"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("unknown SysRq key"), "{err}");
+
     let (code, _, err) = shell(&run, &["web1", "frobnicate"]);
     assert_ne!(code, Some(0));
     assert_eq!(err.trim().lines().count(), 1, "{err}");

@@ -4,7 +4,7 @@
 #   resources/build-kernels.sh [mini] [debian-6.1] [debian-6.12] [disk]
 #
 # No argument builds everything. Output:
-#   ${KERNEL_DIR:-<repo>/build/kernels}/<name>/{bzImage,initrd.img,cmdline,release,config}
+#   ${KERNEL_DIR:-<repo>/build/kernels}/<name>/{bzImage,vmlinux,initrd.img,cmdline,release,config}
 #   (mini also has vmlinux, the ELF with the PVH note, and System.map)
 #   <KERNEL_DIR>/../disks/rootfs.ext4
 # Expensive inputs (compiled kernels, Debian packages, apt state) are cached in
@@ -386,6 +386,17 @@ target_debian() {
 	tmp=$KERNEL_DIR/.$entry.tmp.$$
 	rm -rf "$tmp" && mkdir -p "$tmp"
 	cp "$kdir/vmlinuz" "$tmp/bzImage"
+	# The uncompressed ELF too (it has the PVH entry note): under a software
+	# KVM the bzImage's own XZ/ZSTD decompressor runs emulated for minutes,
+	# a PVH boot of the vmlinux skips it.
+	if [ ! -s "$kdir/vmlinux" ]; then
+		local extract
+		extract="$(mini_source_tree)/scripts/extract-vmlinux"
+		say "$entry: extracting vmlinux from the bzImage"
+		"$extract" "$kdir/vmlinuz" >"$kdir/vmlinux.tmp" 2>/dev/null && mv "$kdir/vmlinux.tmp" "$kdir/vmlinux" ||
+			{ rm -f "$kdir/vmlinux.tmp"; say "$entry: could not extract vmlinux (bzImage only)"; }
+	fi
+	[ -s "$kdir/vmlinux" ] && cp "$kdir/vmlinux" "$tmp/vmlinux"
 	cp "$kdir/config" "$kdir/System.map" "$tmp/" 2>/dev/null || true
 	echo "$release" >"$tmp/release"
 	echo "$DEBIAN_CMDLINE" >"$tmp/cmdline"

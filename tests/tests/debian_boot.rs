@@ -20,11 +20,20 @@ fn boot_debian(name: &str) {
     let release = std::fs::read_to_string(entry.join("release")).unwrap_or_default();
     let cmdline = std::fs::read_to_string(entry.join("cmdline")).unwrap_or_default();
     let cmdline = format!("{} vmm.test=debian", cmdline.trim());
+    // The entry's vmlinux boots through PVH and skips the bzImage's
+    // decompressor, which runs emulated (for many minutes) under kvm_pvm.
+    let vmlinux = entry.join("vmlinux");
+    let kernel = if vmlinux.is_file() {
+        vmlinux
+    } else {
+        entry.join("bzImage")
+    };
+    let initrd = entry.join("initrd.img");
     let mut p = VmmProcess::spawn(&[
-        "--kernel-dir",
-        entry.parent().and_then(|p| p.to_str()).unwrap_or_default(),
-        "--kernel-name",
-        name,
+        "--kernel",
+        kernel.to_str().unwrap_or_default(),
+        "--initrd",
+        initrd.to_str().unwrap_or_default(),
         "--vcpus",
         "2",
         "--memory",

@@ -872,3 +872,45 @@ mod tests {
         assert_eq!(sink.take(), vec![GuestEvent::Reset(ResetCause::I8042)]);
     }
 }
+
+#[cfg(test)]
+mod sysrq_tests {
+    use super::*;
+    use crate::legacy::test_util::RecordingSink;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    fn read_all(dev: &mut I8042Device) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..64 {
+            let mut st = [0u8];
+            dev.read(COMMAND_OFFSET, &mut st);
+            if st[0] & 1 == 0 {
+                break;
+            }
+            let mut b = [0u8];
+            dev.read(DATA_OFFSET, &mut b);
+            out.push(b[0]);
+        }
+        out
+    }
+
+    #[test]
+    fn sysrq_queues_alt_sysrq_key_press_and_release_in_set2() {
+        let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut dev = I8042Device::new(irq.clone(), Arc::new(RecordingSink::default()));
+        dev.trigger_sysrq('o').unwrap();
+        assert_eq!(irq.eventfd().read().unwrap(), 1, "IRQ 1 raised");
+        assert_eq!(
+            read_all(&mut dev),
+            vec![0x11, 0x84, 0x44, 0xf0, 0x44, 0xf0, 0x84, 0xf0, 0x11]
+        );
+    }
+
+    #[test]
+    fn unknown_sysrq_key_is_refused_and_queues_nothing() {
+        let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut dev = I8042Device::new(irq, Arc::new(RecordingSink::default()));
+        assert_eq!(dev.trigger_sysrq('z'), Err(I8042Error::UnknownKey('z')));
+        assert_eq!(dev.pending_keyboard_bytes(), 0);
+    }
+}

@@ -12,8 +12,6 @@
 //! change, cancelled while paused) and calls `check_expired` when it fires;
 //! the expiry is decided on the virtual clock only.
 
-use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,63 +116,6 @@ impl Ib700Watchdog {
     pub fn reset(&mut self) {
         self.deadline = None;
         self.timeout_s = None;
-    }
-}
-
-/// What the VMM does when the watchdog fires.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum WatchdogAction {
-    /// Restart the guest (the default, as in QEMU).
-    #[default]
-    Reset,
-    /// Stop the guest at once.
-    Poweroff,
-    /// Pause the guest for inspection.
-    Pause,
-    /// Ask the guest to shut down gracefully (then power off on timeout).
-    Shutdown,
-    /// Only report the event.
-    None,
-}
-
-impl WatchdogAction {
-    pub const ALL: [WatchdogAction; 5] = [
-        Self::Reset,
-        Self::Poweroff,
-        Self::Pause,
-        Self::Shutdown,
-        Self::None,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Reset => "reset",
-            Self::Poweroff => "poweroff",
-            Self::Pause => "pause",
-            Self::Shutdown => "shutdown",
-            Self::None => "none",
-        }
-    }
-}
-
-impl fmt::Display for WatchdogAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown watchdog action `{0}`: expected one of reset, poweroff, pause, shutdown, none")]
-pub struct ParseWatchdogActionError(pub String);
-
-impl FromStr for WatchdogAction {
-    type Err = ParseWatchdogActionError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| ParseWatchdogActionError(s.to_owned()))
     }
 }
 
@@ -372,23 +313,6 @@ mod tests {
         w.reset();
         assert_eq!(w.deadline(), None);
         assert_eq!(w.status(s(0)).expiries, 1);
-    }
-
-    #[test]
-    fn action_parses_and_displays() {
-        for a in WatchdogAction::ALL {
-            assert_eq!(a.to_string().parse::<WatchdogAction>().unwrap(), a);
-        }
-        assert_eq!("pause".parse(), Ok(WatchdogAction::Pause));
-        assert_eq!("none".parse(), Ok(WatchdogAction::None));
-        assert_eq!(WatchdogAction::default(), WatchdogAction::Reset);
-        let err = "Reset".parse::<WatchdogAction>().unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "unknown watchdog action `Reset`: expected one of reset, poweroff, pause, shutdown, none"
-        );
-        assert!("".parse::<WatchdogAction>().is_err());
-        assert!("inject-nmi".parse::<WatchdogAction>().is_err());
     }
 
     /// A clock the test moves by hand; "paused" simply means not moving it.

@@ -23,7 +23,7 @@ pub mod serial;
 
 pub use acpi_pm::AcpiPmDevice;
 pub use i8042::{I8042Device, I8042Error, I8042Port};
-pub use ib700::{Ib700Device, Ib700Watchdog, WatchdogAction, WatchdogStatus};
+pub use ib700::{Ib700Device, Ib700Watchdog, WatchdogStatus};
 pub use pvpanic::PvPanicDevice;
 pub use serial::SerialDevice;
 

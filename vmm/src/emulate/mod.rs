@@ -265,6 +265,8 @@ pub(crate) enum Done {
     Next,
     /// Completed, then a trap-class exception: advance RIP and inject.
     Trap(u8),
+    /// A taken branch: RIP becomes this (un-masked) target.
+    Jump(u64),
 }
 
 /// Why an instruction's semantics did not complete. Nothing has been
@@ -382,11 +384,14 @@ pub fn emulate(code: &[u8], state: &mut CpuState, mem: &mut dyn GuestMemory) -> 
 
     let outcome = match result {
         Ok(done) => {
-            let next = mask_ip(work.regs.rip.wrapping_add(len as u64), bitness);
-            work.regs.rip = next;
+            let next = match done {
+                Done::Jump(target) => target,
+                _ => work.regs.rip.wrapping_add(len as u64),
+            };
+            work.regs.rip = mask_ip(next, bitness);
             work.regs.rflags &= !RFLAGS_RF;
             match done {
-                Done::Next => Outcome::Emulated,
+                Done::Next | Done::Jump(_) => Outcome::Emulated,
                 Done::Trap(vector) => Outcome::Inject {
                     vector,
                     error_code: None,

@@ -38,6 +38,14 @@ pub(crate) fn execute(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
             Ok(Done::Next)
         }
         Code::Wait => fwait(ctx),
+        // Seen under kvm_pvm while another vCPU patched nearby kernel text
+        // (jump labels): a near jump's only effect is the new RIP.
+        Code::Jmp_rel8_16
+        | Code::Jmp_rel8_32
+        | Code::Jmp_rel8_64
+        | Code::Jmp_rel16
+        | Code::Jmp_rel32_32
+        | Code::Jmp_rel32_64 => Ok(Done::Jump(ctx.instr.near_branch_target())),
         Code::Ldmxcsr_m32 => ldmxcsr(ctx),
         Code::Stmxcsr_m32 => stmxcsr(ctx),
         Code::Popcnt_r16_rm16 => popcnt(ctx, 2),

@@ -1152,3 +1152,37 @@ fn memfault_message_reads_well() {
         "guest write of 8 bytes at 0x1000 failed: not mapped"
     );
 }
+
+// ---- near jumps (seen during kernel text patching under kvm_pvm) --------
+
+#[test]
+fn near_jumps_set_rip_to_the_target_in_every_mode() {
+    // jmp short +0x38 (the bytes kvm_pvm gave up on: eb 38)
+    let mut st = state64();
+    let e = emulate(&[0xeb, 0x38], &mut st, &mut FakeMem::new());
+    assert_eq!(e.outcome, Outcome::Emulated);
+    assert_eq!(st.regs.rip, RIP64 + 2 + 0x38);
+    // jmp short backwards (-2: to itself)
+    let mut st = state64();
+    emulate(&[0xeb, 0xfe], &mut st, &mut FakeMem::new());
+    assert_eq!(st.regs.rip, RIP64);
+    // jmp rel32
+    let mut st = state64();
+    let e = emulate(
+        &[0xe9, 0x00, 0x10, 0x00, 0x00],
+        &mut st,
+        &mut FakeMem::new(),
+    );
+    assert_eq!(e.outcome, Outcome::Emulated);
+    assert_eq!(st.regs.rip, RIP64 + 5 + 0x1000);
+    // 32-bit mode wraps at 4 GiB
+    let mut st = state32();
+    st.regs.rip = 0xffff_fff0;
+    emulate(&[0xeb, 0x20], &mut st, &mut FakeMem::new());
+    assert_eq!(st.regs.rip, 0x12);
+    // 16-bit mode wraps at 64 KiB
+    let mut st = state16();
+    st.regs.rip = 0xfff0;
+    emulate(&[0xeb, 0x20], &mut st, &mut FakeMem::new());
+    assert_eq!(st.regs.rip, 0x12);
+}

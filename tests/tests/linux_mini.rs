@@ -29,13 +29,18 @@ fn mini_cmdline(entry: &std::path::Path) -> String {
 }
 
 /// Presses Alt+SysRq+`key` once a second until `done` (at most 2 min).
-fn press_sysrq_until(c: &mut Ctl, key: &str, done: impl Fn() -> bool) {
+/// Each press is its own connection, and errors are ignored: the VMM may
+/// be gone (power-off) or the guest keyboard not ready (press again).
+fn press_sysrq_until(sock: &std::path::Path, key: &str, done: impl Fn() -> bool) {
+    use std::io::{Read, Write};
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while !done() && std::time::Instant::now() < deadline {
-        let v = c.call(&format!(r#"{{"cmd":"sysrq","key":"{key}"}}"#));
-        // Between the guest's reset and its new keyboard driver the VMM
-        // may refuse (keyboard disabled); that is fine, press again.
-        let _ = v;
+        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.write_all(format!("{{\"cmd\":\"sysrq\",\"key\":\"{key}\"}}\n").as_bytes());
+            let mut answer = [0u8; 256];
+            let _ = s.read(&mut answer);
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
     assert!(done(), "SysRq {key} had no effect in 2 minutes");
@@ -132,7 +137,7 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
     let mut c = Ctl::connect(&sock);
     // Keys that arrive while the keyboard driver is still starting are
     // lost (as on hardware): press again until the guest acts.
-    press_sysrq_until(&mut c, "b", || p.output().contains("--- vmm: boot 3 "));
+    press_sysrq_until(&sock, "b", || p.output().contains("--- vmm: boot 3 "));
     assert!(
         p.wait_for("--- vmm: boot 3 (reset: guest", BOOT),
         "{}",
@@ -144,7 +149,8 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
 
     // Boot 3: Alt+SysRq+O powers off through ACPI S5: the process ends with 0.
     assert!(p.wait_for_count(KEYBOARD_UP, 3, BOOT), "{}", p.report());
-    press_sysrq_until(&mut c, "o", || p.output().contains("reboot: Power down"));
+    // The VMM removes its socket when it exits (--exit-on-poweroff).
+    press_sysrq_until(&sock, "o", || !sock.exists());
     let st = p.wait_exit(Duration::from_secs(300));
     assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", p.report());
 
@@ -160,8 +166,8 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
         text.contains("Run /init as init process"),
         "boot 1 reached init"
     );
-    assert!(text.contains("sysrq: Resetting"), "SysRq B in the log");
-    assert!(text.contains("sysrq: Power Off"), "SysRq O in the log");
+    // (The kernel's own "sysrq: ..." lines may not reach the console before
+    // it resets or powers off, so they are not asserted.)
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod control;
+pub mod pty;
 pub mod tiny;
 pub mod tiny_virtio;
 

@@ -5,12 +5,13 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+use tests::pty::{open_pty, same_termios, termios};
 
 use tests::tiny::{write_guest, Asm};
 use tests::{bin, TempDir, VmmProcess};
@@ -111,54 +112,6 @@ impl Collector {
         let g = self.buf.0.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&g.0).into_owned()
     }
-}
-
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: fcntl on a descriptor we own, with a valid command and flag.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-}
-
-fn open_pty() -> (OwnedFd, OwnedFd) {
-    let mut master: libc::c_int = -1;
-    let mut slave: libc::c_int = -1;
-    let ws = libc::winsize {
-        ws_row: 40,
-        ws_col: 120,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two descriptors into valid locals; name and termios are null
-    // (defaults), the window size points to a valid struct.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    set_cloexec(master);
-    set_cloexec(slave);
-    // SAFETY: openpty succeeded, so both are open descriptors that nothing else owns.
-    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
-}
-
-fn termios(fd: RawFd) -> libc::termios {
-    // SAFETY: an all-zero termios is valid storage for tcgetattr.
-    let mut t: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `t` is valid and writable; fd is our open pty.
-    assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
-    t
-}
-
-fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
-    a.c_iflag == b.c_iflag
-        && a.c_oflag == b.c_oflag
-        && a.c_cflag == b.c_cflag
-        && a.c_lflag == b.c_lflag
-        && a.c_cc == b.c_cc
 }
 
 struct Pty {

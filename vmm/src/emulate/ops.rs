@@ -57,7 +57,20 @@ pub(crate) fn execute(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
         Code::Movq_rm64_xmm => mov_xmm_to_gpr(ctx, 8),
         Code::Movq_xmm_xmmm64 => movq_load(ctx),
         Code::Movq_xmmm64_xmm => movq_store(ctx),
-        Code::Pxor_xmm_xmmm128 => pxor(ctx),
+        Code::Pxor_xmm_xmmm128 => packed(ctx, |a, b| a ^ b),
+        // SSE2 packed-integer arithmetic and logic: kvm_pvm gave up on
+        // `paddq xmm14, xmm15` while Debian 6.1 booted.
+        Code::Pand_xmm_xmmm128 => packed(ctx, |a, b| a & b),
+        Code::Pandn_xmm_xmmm128 => packed(ctx, |a, b| !a & b),
+        Code::Por_xmm_xmmm128 => packed(ctx, |a, b| a | b),
+        Code::Paddb_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 8, u64::wrapping_add)),
+        Code::Paddw_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 16, u64::wrapping_add)),
+        Code::Paddd_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 32, u64::wrapping_add)),
+        Code::Paddq_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 64, u64::wrapping_add)),
+        Code::Psubb_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 8, u64::wrapping_sub)),
+        Code::Psubw_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 16, u64::wrapping_sub)),
+        Code::Psubd_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 32, u64::wrapping_sub)),
+        Code::Psubq_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 64, u64::wrapping_sub)),
         Code::Cmpxchg8b_m64 => cmpxchg_double(ctx, 4),
         Code::Cmpxchg16b_m128 => cmpxchg_double(ctx, 8),
         Code::Xsave_mem
@@ -213,7 +226,28 @@ fn movq_store(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
 }
 
 /// `pxor xmm1, xmm2/m128`; a memory operand must be 16-byte aligned.
-fn pxor(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
+/// Applies `f` lane by lane: lanes of `bits` bits, each computed in a u64
+/// and truncated back to its width.
+fn lanes(a: u128, b: u128, bits: u32, f: fn(u64, u64) -> u64) -> u128 {
+    let mask: u128 = if bits == 64 {
+        u64::MAX as u128
+    } else {
+        (1u128 << bits) - 1
+    };
+    let mut out = 0u128;
+    let mut shift = 0;
+    while shift < 128 {
+        let x = ((a >> shift) & mask) as u64;
+        let y = ((b >> shift) & mask) as u64;
+        out |= (u128::from(f(x, y)) & mask) << shift;
+        shift += bits;
+    }
+    out
+}
+
+/// A two-operand SSE2 packed-integer instruction `xmm, xmm/m128`:
+/// dest = f(dest, source); a memory source must be 16-byte aligned.
+fn packed(ctx: &mut Ctx<'_>, f: impl Fn(u128, u128) -> u128) -> Result<Done, Fail> {
     check_sse(ctx)?;
     let source = match ctx.instr.op1_kind() {
         OpKind::Register => ctx.xmm(ctx.instr.op1_register())?,
@@ -228,7 +262,7 @@ fn pxor(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
         }
     };
     let dest = ctx.instr.op0_register();
-    let value = ctx.xmm(dest)? ^ source;
+    let value = f(ctx.xmm(dest)?, source);
     ctx.set_xmm(dest, value)?;
     Ok(Done::Next)
 }

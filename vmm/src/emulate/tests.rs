@@ -1186,3 +1186,61 @@ fn near_jumps_set_rip_to_the_target_in_every_mode() {
     emulate(&[0xeb, 0x20], &mut st, &mut FakeMem::new());
     assert_eq!(st.regs.rip, 0x12);
 }
+
+// ---- SSE2 packed-integer arithmetic (Debian 6.1 under kvm_pvm) ------------
+
+#[test]
+fn paddq_xmm14_xmm15_adds_both_quadwords_with_wraparound() {
+    // The bytes kvm_pvm gave up on: paddq xmm14, xmm15 = 66 45 0f d4 f7
+    let mut st = state64();
+    set_xmm(&mut st, 14, (5u128 << 64) | u128::from(u64::MAX));
+    set_xmm(&mut st, 15, (7u128 << 64) | 2);
+    let e = emulate(
+        &[0x66, 0x45, 0x0f, 0xd4, 0xf7],
+        &mut st,
+        &mut FakeMem::new(),
+    );
+    assert_eq!(e.outcome, Outcome::Emulated);
+    assert_eq!(xmm(&st, 14), (12u128 << 64) | 1, "low lane wraps, no carry");
+    assert_eq!(xmm(&st, 15), (7u128 << 64) | 2, "source untouched");
+    assert_eq!(st.regs.rip, RIP64 + 5);
+    assert!(e.modified.fpu);
+}
+
+#[test]
+fn packed_byte_word_dword_add_sub_and_logic() {
+    let a: u128 = 0x00ff_00ff_ffff_ffff_0000_0001_8000_0000;
+    let b: u128 = 0x0001_0001_0000_0001_ffff_ffff_8000_0000;
+    let run = |bytes: &[u8]| {
+        let mut st = state64();
+        set_xmm(&mut st, 1, a);
+        set_xmm(&mut st, 2, b);
+        let e = emulate(bytes, &mut st, &mut FakeMem::new());
+        assert_eq!(e.outcome, Outcome::Emulated, "{bytes:02x?}");
+        xmm(&st, 1)
+    };
+    // paddd xmm1, xmm2 (66 0f fe ca): per 32-bit lane, no carries across.
+    assert_eq!(
+        run(&[0x66, 0x0f, 0xfe, 0xca]),
+        0x0100_0100_0000_0000_0000_0000_0000_0000
+    );
+    // psubb xmm1, xmm2 (66 0f f8 ca)
+    assert_eq!(
+        run(&[0x66, 0x0f, 0xf8, 0xca]),
+        0x00fe_00fe_ffff_fffe_0101_0102_0000_0000
+    );
+    // pand / por / pandn
+    assert_eq!(run(&[0x66, 0x0f, 0xdb, 0xca]), a & b);
+    assert_eq!(run(&[0x66, 0x0f, 0xeb, 0xca]), a | b);
+    assert_eq!(run(&[0x66, 0x0f, 0xdf, 0xca]), !a & b);
+}
+
+#[test]
+fn packed_add_with_an_unaligned_memory_source_is_gp0() {
+    let mut st = state64();
+    st.regs.rax = 0x1001; // paddq xmm0, [rax]
+    let before = st;
+    let e = emulate(&[0x66, 0x0f, 0xd4, 0x00], &mut st, &mut FakeMem::new());
+    assert_eq!(e.outcome, injected(vector::GP, Some(0)));
+    assert_unchanged(&e, &before, &st);
+}

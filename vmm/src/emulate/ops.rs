@@ -71,6 +71,14 @@ pub(crate) fn execute(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
         Code::Psubw_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 16, u64::wrapping_sub)),
         Code::Psubd_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 32, u64::wrapping_sub)),
         Code::Psubq_xmm_xmmm128 => packed(ctx, |a, b| lanes(a, b, 64, u64::wrapping_sub)),
+        Code::Punpcklbw_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 8, false)),
+        Code::Punpcklwd_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 16, false)),
+        Code::Punpckldq_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 32, false)),
+        Code::Punpcklqdq_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 64, false)),
+        Code::Punpckhbw_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 8, true)),
+        Code::Punpckhwd_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 16, true)),
+        Code::Punpckhdq_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 32, true)),
+        Code::Punpckhqdq_xmm_xmmm128 => packed(ctx, |a, b| unpack(a, b, 64, true)),
         Code::Cmpxchg8b_m64 => cmpxchg_double(ctx, 4),
         Code::Cmpxchg16b_m128 => cmpxchg_double(ctx, 8),
         Code::Xsave_mem
@@ -225,7 +233,6 @@ fn movq_store(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
     Ok(Done::Next)
 }
 
-/// `pxor xmm1, xmm2/m128`; a memory operand must be 16-byte aligned.
 /// Applies `f` lane by lane: lanes of `bits` bits, each computed in a u64
 /// and truncated back to its width.
 fn lanes(a: u128, b: u128, bits: u32, f: fn(u64, u64) -> u64) -> u128 {
@@ -241,6 +248,24 @@ fn lanes(a: u128, b: u128, bits: u32, f: fn(u64, u64) -> u64) -> u128 {
         let y = ((b >> shift) & mask) as u64;
         out |= (u128::from(f(x, y)) & mask) << shift;
         shift += bits;
+    }
+    out
+}
+
+/// `punpckl*`/`punpckh*`: interleaves the low (or high) half's lanes of
+/// `a` (destination) and `b` (source): a0 b0 a1 b1 ...
+fn unpack(a: u128, b: u128, bits: u32, high: bool) -> u128 {
+    let mask: u128 = if bits == 64 {
+        u64::MAX as u128
+    } else {
+        (1u128 << bits) - 1
+    };
+    let base = if high { 64 } else { 0 };
+    let mut out = 0u128;
+    for i in 0..(64 / bits) {
+        let from = base + i * bits;
+        out |= ((a >> from) & mask) << (2 * i * bits);
+        out |= ((b >> from) & mask) << ((2 * i + 1) * bits);
     }
     out
 }

@@ -1244,3 +1244,34 @@ fn packed_add_with_an_unaligned_memory_source_is_gp0() {
     assert_eq!(e.outcome, injected(vector::GP, Some(0)));
     assert_unchanged(&e, &before, &st);
 }
+
+#[test]
+fn punpck_interleaves_low_and_high_lanes() {
+    // a = dwords [a0..a3] = 0x10,0x11,0x12,0x13 ; b = 0x20..0x23
+    let a: u128 = 0x13 << 96 | 0x12 << 64 | 0x11 << 32 | 0x10;
+    let b: u128 = 0x23 << 96 | 0x22 << 64 | 0x21 << 32 | 0x20;
+    let run = |bytes: &[u8]| {
+        let mut st = state64();
+        set_xmm(&mut st, 4, a);
+        set_xmm(&mut st, 5, b);
+        let e = emulate(bytes, &mut st, &mut FakeMem::new());
+        assert_eq!(e.outcome, Outcome::Emulated, "{bytes:02x?}");
+        xmm(&st, 4)
+    };
+    // punpckldq xmm4, xmm5 (66 0f 62 e5), the bytes Debian 6.1 stopped on
+    assert_eq!(
+        run(&[0x66, 0x0f, 0x62, 0xe5]),
+        0x21 << 96 | 0x11 << 64 | 0x20 << 32 | 0x10
+    );
+    // punpckhdq xmm4, xmm5 (66 0f 6a e5)
+    assert_eq!(
+        run(&[0x66, 0x0f, 0x6a, 0xe5]),
+        0x23 << 96 | 0x13 << 64 | 0x22 << 32 | 0x12
+    );
+    // punpcklqdq (66 0f 6c e5) and punpckhqdq (66 0f 6d e5)
+    assert_eq!(
+        run(&[0x66, 0x0f, 0x6c, 0xe5]),
+        (b & u128::from(u64::MAX)) << 64 | (a & u128::from(u64::MAX))
+    );
+    assert_eq!(run(&[0x66, 0x0f, 0x6d, 0xe5]), (b >> 64) << 64 | (a >> 64));
+}

@@ -124,10 +124,12 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, policy: CpuidPoli
 /// keeps showing through CPUID even when we clear them (XSAVE, AVX, POPCNT,
 /// SMAP ...: its CPUID passes most host bits through). Linux's feature
 /// numbers are word*32+bit: word 4 is leaf 1 ECX, word 9 is leaf 7 EBX.
+/// SSE3/SSSE3/SSE4.1/4.2 (128, 137, 147, 148) too: Debian 6.1 ran a
+/// `pshufb` routine kvm_pvm cannot emulate.
 /// `nokaslr`: the decompressor's random placement never finished printing
 /// under kvm_pvm (Debian 6.1: no output in 3 minutes; with it, at once).
 pub const PVM_CMDLINE: &str =
-    "vdso32=0 nokaslr noxsave clearcpuid=129,140,141,150,151,153,154,156,157,158,288,293,298,304,306,308";
+    "vdso32=0 nokaslr noxsave clearcpuid=128,129,137,140,141,147,148,150,151,153,154,156,157,158,288,293,298,304,306,308";
 
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

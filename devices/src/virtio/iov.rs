@@ -192,7 +192,31 @@ fn strip_empty(iovs: &mut &mut [libc::iovec]) {
 
 /// `preadv` until every iovec is full. Reading past end of file is an error
 /// (`UnexpectedEof`): callers check bounds first, so it means the file shrank.
-pub(crate) fn preadv_all(fd: RawFd, iovs: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
+pub(crate) fn preadv_all(fd: RawFd, iovs: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+    vectored_all(fd, iovs, offset, libc::preadv, io::ErrorKind::UnexpectedEof)
+}
+
+/// `pwritev` until every iovec is written.
+pub(crate) fn pwritev_all(fd: RawFd, iovs: &mut [libc::iovec], offset: u64) -> io::Result<()> {
+    vectored_all(fd, iovs, offset, libc::pwritev, io::ErrorKind::WriteZero)
+}
+
+type VectoredFn = unsafe extern "C" fn(
+    libc::c_int,
+    *const libc::iovec,
+    libc::c_int,
+    libc::off_t,
+) -> libc::ssize_t;
+
+/// Repeats `op` (`preadv` or `pwritev`) until every iovec is done, retrying
+/// on EINTR; a call that moves 0 bytes is the error `on_zero`.
+fn vectored_all(
+    fd: RawFd,
+    iovs: &mut [libc::iovec],
+    mut offset: u64,
+    op: VectoredFn,
+    on_zero: io::ErrorKind,
+) -> io::Result<()> {
     let mut iovs = iovs;
     strip_empty(&mut iovs);
     while !iovs.is_empty() {
@@ -201,7 +225,7 @@ pub(crate) fn preadv_all(fd: RawFd, iovs: &mut [libc::iovec], mut offset: u64) -
         // SAFETY: every iovec points into guest memory that the caller keeps
         // mapped for the duration of the call (it holds the `Arc` to the
         // guest memory); `cnt` does not exceed the slice length.
-        let r = unsafe { libc::preadv(fd, iovs.as_ptr(), cnt, off) };
+        let r = unsafe { op(fd, iovs.as_ptr(), cnt, off) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -210,32 +234,7 @@ pub(crate) fn preadv_all(fd: RawFd, iovs: &mut [libc::iovec], mut offset: u64) -
             return Err(e);
         }
         if r == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        offset += r as u64;
-        advance(&mut iovs, r as usize);
-    }
-    Ok(())
-}
-
-/// `pwritev` until every iovec is written.
-pub(crate) fn pwritev_all(fd: RawFd, iovs: &mut [libc::iovec], mut offset: u64) -> io::Result<()> {
-    let mut iovs = iovs;
-    strip_empty(&mut iovs);
-    while !iovs.is_empty() {
-        let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
-        let off = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: as in `preadv_all`; the kernel only reads the buffers.
-        let r = unsafe { libc::pwritev(fd, iovs.as_ptr(), cnt, off) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(on_zero.into());
         }
         offset += r as u64;
         advance(&mut iovs, r as usize);

@@ -2,6 +2,8 @@
 //! person would.
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
 
 fn set_cloexec(fd: RawFd) {
     // SAFETY: fcntl on a descriptor we own, with a valid command and flag.
@@ -49,4 +51,34 @@ pub fn same_termios(a: &libc::termios, b: &libc::termios) -> bool {
         && a.c_cflag == b.c_cflag
         && a.c_lflag == b.c_lflag
         && a.c_cc == b.c_cc
+}
+
+/// Makes `slave` the command's stdin, stdout, stderr and controlling
+/// terminal (a new session), as a login shell would have it.
+pub fn attach_to_pty(cmd: &mut Command, slave: &OwnedFd) {
+    for (i, stdio) in [0, 1, 2]
+        .iter()
+        .map(|_| slave.try_clone().expect("dup pty"))
+        .enumerate()
+    {
+        let stdio = Stdio::from(stdio);
+        match i {
+            0 => cmd.stdin(stdio),
+            1 => cmd.stdout(stdio),
+            _ => cmd.stderr(stdio),
+        };
+    }
+    // SAFETY: the closure runs in the child between fork and exec and only calls
+    // async-signal-safe functions (setsid, ioctl) on its own stdin.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }

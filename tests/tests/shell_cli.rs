@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tests::pty::{open_pty, same_termios, termios};
+use tests::pty::{attach_to_pty, open_pty, same_termios, termios};
 
 use serde_json::{json, Value};
 use tests::{bin, TempDir};
@@ -904,31 +904,7 @@ impl Pty {
         // Read before the shell can touch the terminal (line editing
         // switches it to its own mode right away).
         let initial = termios(slave.as_raw_fd());
-        for (i, stdio) in [0, 1, 2]
-            .iter()
-            .map(|_| slave.try_clone().unwrap())
-            .enumerate()
-        {
-            let stdio = Stdio::from(stdio);
-            match i {
-                0 => cmd.stdin(stdio),
-                1 => cmd.stdout(stdio),
-                _ => cmd.stderr(stdio),
-            };
-        }
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // async-signal-safe functions (setsid, ioctl) on its own stdin.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        attach_to_pty(&mut cmd, &slave);
         let child = cmd.spawn().expect("spawn vmm-shell on a pty");
         let master = File::from(master);
         let out = Collector::new(master.try_clone().unwrap());

@@ -6,12 +6,11 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tests::pty::{open_pty, same_termios, termios};
+use tests::pty::{attach_to_pty, open_pty, same_termios, termios};
 
 use tests::tiny::{write_guest, Asm};
 use tests::{bin, TempDir, VmmProcess};
@@ -129,31 +128,7 @@ impl Pty {
     fn spawn(mut cmd: Command) -> Pty {
         let (master, slave) = open_pty();
         let initial = termios(slave.as_raw_fd());
-        for (i, stdio) in [0, 1, 2]
-            .iter()
-            .map(|_| slave.try_clone().expect("dup pty"))
-            .enumerate()
-        {
-            let stdio = Stdio::from(stdio);
-            match i {
-                0 => cmd.stdin(stdio),
-                1 => cmd.stdout(stdio),
-                _ => cmd.stderr(stdio),
-            };
-        }
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // async-signal-safe functions (setsid, ioctl) on its own stdin.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        attach_to_pty(&mut cmd, &slave);
         let child = cmd.spawn().expect("spawn vmm-shell on a pty");
         let master = File::from(master);
         let out = Collector::new(master.try_clone().expect("dup pty master"));

@@ -126,7 +126,7 @@ pub struct Cli {
     /// VMM_EVENT, VMM_NAME and VMM_TIME in its environment.
     #[arg(long, value_name = "CMD")]
     pub alert_hook: Option<String>,
-    /// A virtio-block disk: path=FILE[,ro=on][,id=NAME] (repeatable).
+    /// A virtio-block disk: path=FILE[,ro=on][,id=NAME][,direct=on] (repeatable).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC] (repeatable).
@@ -203,6 +203,8 @@ pub struct DiskSpec {
     pub path: PathBuf,
     pub read_only: bool,
     pub id: Option<String>,
+    /// `direct=on`: O_DIRECT, the host page cache is bypassed.
+    pub direct: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +242,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
     let mut path = None;
     let mut read_only = false;
     let mut id = None;
+    let mut direct = false;
     for (k, v) in spec_pairs("--disk", spec)? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
@@ -248,7 +251,10 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
             }
             "id" if v.len() <= 20 => id = Some(v.to_string()),
             "id" => return Err(err("id is longer than 20 bytes".into())),
-            other => return Err(err(format!("unknown key '{other}' (path, ro, id)"))),
+            "direct" => {
+                direct = parse_bool(v).ok_or_else(|| err(format!("direct={v}: use on or off")))?
+            }
+            other => return Err(err(format!("unknown key '{other}' (path, ro, id, direct)"))),
         }
     }
     let path = path.ok_or_else(|| err("path= is required".into()))?;
@@ -256,6 +262,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
         path,
         read_only,
         id,
+        direct,
     })
 }
 
@@ -645,10 +652,13 @@ mod tests {
         assert_eq!(d.path, PathBuf::from("/x.img"));
         assert!(d.read_only);
         assert_eq!(d.id.as_deref(), Some("data1"));
+        assert!(!d.direct);
         assert!(!parse_disk("path=/y").unwrap().read_only);
+        assert!(parse_disk("path=/y,direct=on").unwrap().direct);
         for bad in [
             "ro=on",
             "path=/x,ro=maybe",
+            "path=/x,direct=sometimes",
             "path=/x,size=3",
             "path",
             "path=/x,id=012345678901234567890",

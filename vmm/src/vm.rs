@@ -139,6 +139,7 @@ fn create_virtio(
             path: d.path.clone(),
             read_only: d.read_only,
             id: d.id.clone(),
+            direct: d.direct,
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let blk = Arc::new(Mutex::new(blk));

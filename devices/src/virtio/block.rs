@@ -2,7 +2,8 @@
 //!
 //! One request queue, served synchronously on the event loop: each request
 //! is one `preadv`/`pwritev` straight between the image and guest memory (no
-//! bounce buffer). FLUSH is an `fdatasync` that completes before the guest
+//! bounce buffer). With `direct` the image is opened `O_DIRECT` (host page
+//! cache bypassed; see [`direct`](self::direct) for unaligned buffers). FLUSH is an `fdatasync` that completes before the guest
 //! sees the status. Supported requests: IN, OUT, FLUSH, GET_ID, DISCARD and
 //! WRITE_ZEROES (the last two only on writable disks).
 //!
@@ -38,6 +39,10 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
+
+mod direct;
+
+use direct::{bounce_read, bounce_write, AlignedBuf, DioAlign, BOUNCE_CHUNK};
 
 use super::iov::{
     parse_chain, preadv_all, push_iovecs, pwritev_all, read_segs, sub_segs, total_len, write_segs,
@@ -84,18 +89,22 @@ const F_WRITE_ZEROES: u64 = 1 << 14;
 const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 
 /// One `--disk`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockConfig {
     pub path: PathBuf,
     pub read_only: bool,
     /// Serial returned by GET_ID (`/sys/block/vdX/serial`), at most 20 bytes.
     pub id: Option<String>,
+    /// Open the image with `O_DIRECT` (bypass the host page cache).
+    pub direct: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("cannot open disk image {}: {source}", path.display())]
     Open { path: PathBuf, source: io::Error },
+    #[error("disk image {}: its file system does not support direct=on (O_DIRECT)", path.display())]
+    DirectUnsupported { path: PathBuf },
     #[error("disk image {} is locked by another process", path.display())]
     Locked { path: PathBuf },
     #[error("cannot lock disk image {}: {source}", path.display())]
@@ -171,6 +180,8 @@ struct Disk {
     id: [u8; ID_BYTES],
     /// Usable size in bytes (whole sectors).
     capacity: u64,
+    /// `Some` when the image is open with `O_DIRECT`.
+    dio: Option<DioAlign>,
     counters: Arc<BlockCounters>,
 }
 
@@ -203,14 +214,21 @@ impl Block {
         let mut id = [0u8; ID_BYTES];
         id[..id_str.len()].copy_from_slice(id_str.as_bytes());
 
+        let direct_flag = if cfg.direct { libc::O_DIRECT } else { 0 };
         let file = OpenOptions::new()
             .read(true)
             .write(!cfg.read_only)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | direct_flag)
             .open(&path)
-            .map_err(|source| BlockError::Open {
-                path: path.clone(),
-                source,
+            .map_err(|source| {
+                if cfg.direct && source.raw_os_error() == Some(libc::EINVAL) {
+                    BlockError::DirectUnsupported { path: path.clone() }
+                } else {
+                    BlockError::Open {
+                        path: path.clone(),
+                        source,
+                    }
+                }
             })?;
         let meta = file.metadata().map_err(|source| BlockError::Open {
             path: path.clone(),
@@ -240,6 +258,10 @@ impl Block {
                 source,
             })?;
         let capacity = size / SECTOR_SIZE * SECTOR_SIZE;
+        let dio = cfg.direct.then(|| DioAlign::probe(&file));
+        // The guest's logical block size: O_DIRECT offsets and lengths must
+        // be multiples of the host's, so tell the guest to use at least that.
+        let block_size = dio.map_or(SECTOR_SIZE, |d| d.offset.clamp(SECTOR_SIZE, 4096)) as u32;
 
         let mut features = COMMON_FEATURES | F_FLUSH | F_SEG_MAX | F_BLK_SIZE;
         if cfg.read_only {
@@ -253,7 +275,7 @@ impl Block {
             |off: usize, bytes: &[u8]| config[off..off + bytes.len()].copy_from_slice(bytes);
         put(0, &(capacity / SECTOR_SIZE).to_le_bytes());
         put(12, &SEG_MAX.to_le_bytes());
-        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(20, &block_size.to_le_bytes());
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(40, &MAX_DISCARD_SEG.to_le_bytes());
         put(44, &DISCARD_ALIGNMENT_SECTORS.to_le_bytes());
@@ -268,6 +290,7 @@ impl Block {
                 read_only: cfg.read_only,
                 id,
                 capacity,
+                dio,
                 counters: Arc::default(),
             },
             queue_evts: new_queue_events(1).map_err(BlockError::EventFd)?,
@@ -408,7 +431,7 @@ impl Disk {
                 let off = self.range(sector, w_len)?;
                 let mut iovs = Vec::with_capacity(data_w.len());
                 push_iovecs(mem, data_w, &mut iovs).ok_or(S_IOERR)?;
-                preadv_all(self.file.as_raw_fd(), &mut iovs, off)
+                self.read_into(mem, data_w, &mut iovs, off, w_len)
                     .map_err(|e| self.io_err("read", e))?;
                 inc(&c.read_requests, 1);
                 inc(&c.read_bytes, w_len);
@@ -422,7 +445,7 @@ impl Disk {
                 let data = sub_segs(&p.readable, 16, extra_r).ok_or(S_IOERR)?;
                 let mut iovs = Vec::with_capacity(data.len());
                 push_iovecs(mem, &data, &mut iovs).ok_or(S_IOERR)?;
-                pwritev_all(self.file.as_raw_fd(), &mut iovs, off)
+                self.write_from(mem, &data, &mut iovs, off, extra_r)
                     .map_err(|e| self.io_err("write", e))?;
                 inc(&c.write_requests, 1);
                 inc(&c.write_bytes, extra_r);
@@ -454,6 +477,56 @@ impl Disk {
             }
             _ => Err(S_UNSUPP),
         }
+    }
+
+    /// Reads `len` bytes at `off` into the guest buffers `segs` (whose host
+    /// iovecs are `iovs`): straight
+    /// into guest memory, or through a bounce buffer when `O_DIRECT` cannot
+    /// take the guest's buffers as they are.
+    fn read_into(
+        &self,
+        mem: &GuestMemoryMmap,
+        segs: &[Seg],
+        iovs: &mut [libc::iovec],
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let Some(dio) = self.dio else {
+            return preadv_all(self.file.as_raw_fd(), iovs, off);
+        };
+        if dio.allows(iovs, off) {
+            match preadv_all(self.file.as_raw_fd(), iovs, off) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                done => return done,
+            }
+        }
+        bounce_read(&self.file, dio, off, len, |at, bytes| {
+            write_segs(mem, segs, at, bytes).ok_or_else(outside_memory)
+        })
+    }
+
+    /// Writes the `len` bytes of the guest buffers `segs` at `off` (see
+    /// [`Self::read_into`]).
+    fn write_from(
+        &self,
+        mem: &GuestMemoryMmap,
+        segs: &[Seg],
+        iovs: &mut [libc::iovec],
+        off: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let Some(dio) = self.dio else {
+            return pwritev_all(self.file.as_raw_fd(), iovs, off);
+        };
+        if dio.allows(iovs, off) {
+            match pwritev_all(self.file.as_raw_fd(), iovs, off) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                done => return done,
+            }
+        }
+        bounce_write(&self.file, dio, off, len, |at, bytes| {
+            read_segs(mem, segs, at, bytes).ok_or_else(outside_memory)
+        })
     }
 
     fn io_err(&self, what: &str, e: io::Error) -> u8 {
@@ -547,7 +620,12 @@ impl Disk {
             return Ok(());
         }
         use std::os::unix::fs::FileExt;
-        let zeros = vec![0u8; (1 << 20).min(len as usize)];
+        // Aligned, so that it also serves O_DIRECT images.
+        let zeros = AlignedBuf::new(
+            BOUNCE_CHUNK.min(usize::try_from(len).unwrap_or(BOUNCE_CHUNK)),
+            self.dio.map_or(SECTOR_SIZE, |d| d.mem),
+        );
+        let zeros = zeros.as_slice();
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(zeros.len() as u64) as usize;
@@ -650,3 +728,7 @@ impl MutEventSubscriber for Block {
 
 #[cfg(test)]
 mod tests;
+
+fn outside_memory() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory")
+}

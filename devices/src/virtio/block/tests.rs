@@ -28,7 +28,14 @@ struct Fixture {
 }
 
 fn image(sectors: u64) -> TempFile {
-    let f = TempFile::new().unwrap();
+    image_in(sectors, None)
+}
+
+fn image_in(sectors: u64, dir: Option<&Path>) -> TempFile {
+    let f = match dir {
+        Some(d) => TempFile::new_in(d).unwrap(),
+        None => TempFile::new().unwrap(),
+    };
     let data: Vec<u8> = (0..sectors * SECTOR_SIZE)
         .map(|i| (i / 512) as u8)
         .collect();
@@ -51,15 +58,29 @@ impl Fixture {
     }
 
     fn with_features(read_only: bool, features: u64) -> Self {
-        let file = image(DISK_SECTORS);
-        let blk = Arc::new(Mutex::new(
-            Block::new(&BlockConfig {
-                path: file.as_path().to_owned(),
-                read_only,
-                id: Some("disk-serial-1".into()),
-            })
-            .unwrap(),
-        ));
+        Self::build(read_only, features, false)
+    }
+
+    /// A writable disk opened with O_DIRECT, on a file system that has it
+    /// (tmpfs before Linux 6.6 does not: then the crate's own directory).
+    fn direct() -> Self {
+        Self::build(false, VIRTIO_F_VERSION_1, true)
+    }
+
+    fn build(read_only: bool, features: u64, direct: bool) -> Self {
+        let cfg = |file: &TempFile| BlockConfig {
+            path: file.as_path().to_owned(),
+            read_only,
+            id: Some("disk-serial-1".into()),
+            direct,
+        };
+        let mut file = image(DISK_SECTORS);
+        let mut blk = Block::new(&cfg(&file));
+        if let Err(BlockError::DirectUnsupported { .. }) = blk {
+            file = image_in(DISK_SECTORS, Some(Path::new(env!("CARGO_MANIFEST_DIR"))));
+            blk = Block::new(&cfg(&file));
+        }
+        let blk = Arc::new(Mutex::new(blk.unwrap()));
         let handle = GuestMemoryHandle::new(guest_memory());
         let mem = handle.get().unwrap();
         let mut t = MmioTransport::new(blk.clone(), handle).unwrap();
@@ -514,6 +535,7 @@ fn get_id_with_short_buffer_and_default_id() {
         path: file.as_path().to_owned(),
         read_only: true,
         id: None,
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(blk.disk.id, [0u8; 20]);
@@ -521,6 +543,7 @@ fn get_id_with_short_buffer_and_default_id() {
         path: file.as_path().to_owned(),
         read_only: true,
         id: Some("x".repeat(21)),
+        ..Default::default()
     });
     assert!(matches!(long, Err(BlockError::IdTooLong { .. })));
 }
@@ -601,6 +624,7 @@ fn writable_image_already_locked_is_a_clear_error() {
         path: file.as_path().to_owned(),
         read_only: false,
         id: None,
+        ..Default::default()
     };
     let _first = Block::new(&cfg).unwrap();
     let err = Block::new(&cfg).err().unwrap();
@@ -630,6 +654,7 @@ fn missing_image_is_a_clear_error() {
         path: "/nonexistent/disk.img".into(),
         read_only: false,
         id: None,
+        ..Default::default()
     };
     let msg = Block::new(&cfg).err().unwrap().to_string();
     assert!(
@@ -640,6 +665,7 @@ fn missing_image_is_a_clear_error() {
         path: "/".into(),
         read_only: true,
         id: None,
+        ..Default::default()
     };
     let msg = Block::new(&dir).err().unwrap().to_string();
     assert_eq!(msg, "disk image / is not a regular file or block device");
@@ -653,6 +679,7 @@ fn partial_last_sector_is_not_exposed() {
         path: f.as_path().to_owned(),
         read_only: true,
         id: None,
+        ..Default::default()
     })
     .unwrap();
     assert_eq!(blk.capacity_sectors(), 1);
@@ -704,6 +731,7 @@ fn requests_queued_before_driver_ok_are_served_at_activation() {
             path: file.as_path().to_owned(),
             read_only: false,
             id: None,
+            ..Default::default()
         })
         .unwrap(),
     ));
@@ -759,6 +787,7 @@ fn bus_and_event_loop_share_the_device_across_threads() {
             path: file.as_path().to_owned(),
             read_only: false,
             id: None,
+            ..Default::default()
         })
         .unwrap(),
     ));
@@ -835,4 +864,75 @@ fn bus_and_event_loop_share_the_device_across_threads() {
             .all(|&b| b == i as u8 ^ 0x5a));
     }
     assert_eq!(blk.lock().unwrap().stats().write_requests, 32);
+}
+
+#[test]
+fn direct_disk_serves_aligned_and_unaligned_guest_buffers() {
+    let mut f = Fixture::direct();
+    assert!(f.blk.lock().unwrap().disk.dio.is_some());
+    // Page-aligned buffer: straight O_DIRECT.
+    let (len, st) = f.read(3, 1024);
+    assert_eq!((len, st), (1025, S_OK));
+    let d = f.data(1024);
+    assert!(d[..512].iter().all(|&b| b == 3) && d[512..].iter().all(|&b| b == 4));
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i * 13) as u8).collect();
+    assert_eq!(f.write(8, &payload), (1, S_OK));
+    assert_eq!(&file_contents(&f.file)[8 * 512..16 * 512], &payload[..]);
+
+    // The same data split over buffers O_DIRECT cannot take (odd address,
+    // lengths not multiples of 512): served through the bounce buffer.
+    let odd = DATA + 0x1_0000 + 3;
+    f.hdr(T_IN, 8);
+    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let head = f.q.add_chain(
+        &f.mem,
+        &[
+            (HDR, 16, false),
+            (odd, 100, true),
+            (odd + 1000, 3996, true),
+            (STATUS, 1, true),
+        ],
+    );
+    assert_eq!(f.notify_and_wait(head), 4097);
+    assert_eq!(f.status(), S_OK);
+    let mut got = vec![0u8; 4096];
+    f.mem
+        .read_slice(&mut got[..100], GuestAddress(odd))
+        .unwrap();
+    f.mem
+        .read_slice(&mut got[100..], GuestAddress(odd + 1000))
+        .unwrap();
+    assert_eq!(got, payload);
+
+    let back: Vec<u8> = payload.iter().map(|b| b ^ 0x5a).collect();
+    f.mem.write_slice(&back[..100], GuestAddress(odd)).unwrap();
+    f.mem
+        .write_slice(&back[100..], GuestAddress(odd + 1000))
+        .unwrap();
+    f.hdr(T_OUT, 20);
+    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let head = f.q.add_chain(
+        &f.mem,
+        &[
+            (HDR, 16, false),
+            (odd, 100, false),
+            (odd + 1000, 3996, false),
+            (STATUS, 1, true),
+        ],
+    );
+    assert_eq!(f.notify_and_wait(head), 1);
+    assert_eq!(f.status(), S_OK);
+    assert_eq!(&file_contents(&f.file)[20 * 512..28 * 512], &back[..]);
+
+    f.assert_still_serving();
+    let s = f.stats();
+    assert_eq!((s.read_requests, s.write_requests, s.io_errors), (3, 2, 0));
+}
+
+#[test]
+fn direct_disk_reports_its_logical_block_size() {
+    let mut f = Fixture::direct();
+    let dio = f.blk.lock().unwrap().disk.dio.unwrap();
+    let expect = dio.offset.clamp(512, 4096) as u32;
+    assert_eq!(read_reg(&mut f.t, 0x100 + 20), expect);
 }

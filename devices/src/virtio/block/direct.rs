@@ -64,11 +64,12 @@ impl DioAlign {
     }
 
     /// Whether an `O_DIRECT` transfer of `iovs` at `offset` may go straight.
+    /// (Both alignments are powers of two.)
     pub fn allows(&self, iovs: &[libc::iovec], offset: u64) -> bool {
-        offset % self.offset == 0
+        let (mem_mask, off_mask) = (self.mem - 1, self.offset - 1);
+        offset & off_mask == 0
             && iovs.iter().all(|v| {
-                (v.iov_base as usize as u64) % self.mem == 0
-                    && (v.iov_len as u64) % self.offset == 0
+                (v.iov_base as usize as u64) & mem_mask == 0 && (v.iov_len as u64) & off_mask == 0
             })
     }
 }

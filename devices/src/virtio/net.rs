@@ -227,7 +227,20 @@ struct Active {
     /// A frame read ahead into `bounce` (its length), waiting for buffers.
     pending: usize,
     bounce: Vec<u8>,
+    /// Scratch space reused for every frame (no allocation per frame).
+    rx_iov: IovScratch,
+    rx_parts: Vec<(u16, u32)>,
 }
+
+/// Host iovecs built for one `readv` and dropped right after it.
+#[derive(Default)]
+struct IovScratch(Vec<libc::iovec>);
+
+// SAFETY: the raw pointers inside are only dereferenced by the kernel during
+// a `readv` made by the thread that holds the device (and built just before
+// it from `Active::mem`, which keeps the memory mapped); nothing reads them
+// from another thread.
+unsafe impl Send for IovScratch {}
 
 /// A virtio-net device. See the [module docs](super) for how it is shared
 /// between the MMIO bus and the event loop.
@@ -476,7 +489,7 @@ impl Active {
             // A reader may report more than fit (the TAP counts a frame it
             // truncated): never trust `n` beyond the buffers offered.
             let result = match self.rx_iovecs() {
-                Some((iovs, cap)) => tap.readv(&iovs).map(|n| (n.min(cap), false)),
+                Some(cap) => tap.readv(&self.rx_iov.0).map(|n| (n.min(cap), false)),
                 None => {
                     // Not enough room for a maximal frame: read ahead into
                     // the bounce buffer, deliver when it fits.
@@ -513,10 +526,12 @@ impl Active {
         }
     }
 
-    /// Iovecs (and their total size) over the chains at hand for a direct
-    /// read, or `None` when they cannot hold a maximal frame (MRG_RXBUF).
-    fn rx_iovecs(&self) -> Option<(Vec<libc::iovec>, usize)> {
-        let mut iovs = Vec::new();
+    /// Builds `rx_iov` over the chains at hand for a direct read and
+    /// returns their total size, or `None` when they cannot hold a maximal
+    /// frame (MRG_RXBUF).
+    fn rx_iovecs(&mut self) -> Option<usize> {
+        let iovs = &mut self.rx_iov.0;
+        iovs.clear();
         let mut cap = 0usize;
         for ch in &self.rx_chains {
             iovs.extend(ch.host.iter().map(|&(base, len)| libc::iovec {
@@ -531,14 +546,15 @@ impl Active {
         if iovs.len() > IOV_MAX || (self.mrg_rxbuf && cap < MAX_FRAME) {
             return None;
         }
-        Some((iovs, cap))
+        Some(cap)
     }
 
     /// Hands a frame of `n` bytes to the guest: it is already in the front
     /// chains (direct read) or in `bounce` (`from_bounce`).
     fn complete_rx(&mut self, n: usize, from_bounce: bool, c: &NetCounters) {
         let mem = self.mem.clone();
-        let mut parts: Vec<(u16, u32)> = Vec::new();
+        let mut parts = std::mem::take(&mut self.rx_parts);
+        parts.clear();
         let mut first_segs: Option<Vec<Seg>> = None;
         let mut done = 0usize;
         while done < n {
@@ -564,11 +580,12 @@ impl Active {
             // can see the first buffer.
             let _ = write_segs(&mem, &segs, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
         }
-        for (head, len) in parts {
+        for &(head, len) in &parts {
             if let Err(e) = self.rx.add_used(&*mem, head, len) {
                 tracing::debug!("virtio-net: cannot return RX chain {head}: {e}");
             }
         }
+        self.rx_parts = parts;
         inc(&c.rx_packets, 1);
         inc(&c.rx_bytes, (n - VNET_HDR_LEN) as u64);
     }
@@ -645,6 +662,8 @@ impl VirtioDevice for Net {
             rx_cap: 0,
             pending: 0,
             bounce: Vec::new(),
+            rx_iov: IovScratch::default(),
+            rx_parts: Vec::new(),
         });
         // The event loop picks the device up from here: the RX kick starts
         // polling the TAP, the TX kick sends what was queued early.

@@ -5,8 +5,17 @@
 #   scripts/bench.sh                 # all tiny-guest figures (~1 minute)
 #   scripts/bench.sh --linux         # + mini Linux boot (minutes under kvm_pvm)
 #   scripts/bench.sh --help          # every option
+#   scripts/bench.sh --devices       # virtio-blk/net device path vs the host
+#                                    # doing the same I/O (root; --help for more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--devices" ]; then
+    shift
+    cargo build --release -q -p vmm -p tests --bin vmm --bin devbench
+    target="${CARGO_TARGET_DIR:-target}/release"
+    exec "$target/devbench" --vmm "$target/vmm" "$@"
+fi
 
 if ! command -v qemu-system-x86_64 >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -1,0 +1,341 @@
+//! virtio-net through the harness vs reading/writing a TAP directly.
+//!
+//! Both sides use a TAP opened the same way (`IFF_TAP | IFF_NO_PI |
+//! IFF_VNET_HDR`, 12-byte header) in a network namespace of the benchmark's
+//! own, so nothing reaches the host's network.
+//! - TX (guest → host): `count` frames; the device writes each chain to its
+//!   TAP, the baseline `write`s each frame to its TAP.
+//! - RX (host → guest): `count` frames are queued on the TAP first (an
+//!   `AF_PACKET` socket sends them out of the interface; `txqueuelen` is
+//!   raised so the TAP keeps them all), then the clock starts and the
+//!   device (into 2 KiB mergeable RX buffers) or the baseline (`read`)
+//!   drains them. Pre-queuing keeps the sender off the 2 CPUs while the
+//!   reader is timed.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::virtio::net::F_MRG_RXBUF;
+use devices::virtio::{Net, NetConfig, VIRTIO_F_VERSION_1};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::driver::{thread_cpu_secs, Driver, Pass, Vq};
+
+const VNET_HDR: usize = 12;
+const RXQ: u64 = 0x1_0000;
+const TXQ: u64 = 0x2_0000;
+const RX_BUFS: u64 = 0x10_0000;
+const RX_BUF_LEN: u32 = 2048;
+const TX_BUFS: u64 = 0x100_0000;
+const TX_SLOT: u64 = 2048;
+const MEM: usize = 32 << 20;
+const QSIZE: u16 = 256;
+/// The TAP must be able to hold every pre-queued frame.
+const TXQUEUELEN: usize = 200_000;
+/// The most frames one RX round may pre-queue.
+pub const MAX_FRAMES: usize = TXQUEUELEN / 2;
+
+/// Moves this process into a network namespace of its own (root only).
+pub fn enter_private_netns() -> io::Result<()> {
+    // SAFETY: unshare takes flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let st = Command::new("ip").args(args).status()?;
+    if !st.success() {
+        return Err(io::Error::other(format!("ip {} failed", args.join(" "))));
+    }
+    Ok(())
+}
+
+/// Sets the interface up with a deep queue.
+pub fn bring_up(name: &str) -> io::Result<()> {
+    ip(&[
+        "link",
+        "set",
+        "dev",
+        name,
+        "txqueuelen",
+        &TXQUEUELEN.to_string(),
+        "up",
+    ])
+}
+
+/// A TAP opened like the device opens its own.
+pub struct RawTap {
+    file: File,
+}
+
+impl RawTap {
+    pub fn open(name: &str) -> io::Result<RawTap> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")?;
+        // SAFETY: ifreq is plain old data; all zeros is valid.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+        // SAFETY: TUNSETIFF reads/writes one ifreq that outlives the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let hdr = VNET_HDR as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RawTap { file })
+    }
+
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for reads of its length.
+        let r = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is valid for writes of its length.
+        let r = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+}
+
+/// An Ethernet frame of `len` bytes (≥ 14) with a local experimental
+/// EtherType, so the host stack drops it cheaply; the same for both sides.
+pub fn frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    for (i, b) in f.iter_mut().enumerate().skip(14) {
+        *b = i as u8;
+    }
+    f
+}
+
+/// Sends `count` frames out of `ifname` with an `AF_PACKET` socket (they
+/// land in the TAP's queue for its reader). The socket receives nothing
+/// (protocol 0).
+pub fn inject(ifname: &str, frame: &[u8], count: usize) -> io::Result<()> {
+    let proto = 0u16;
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and is owned here.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let cname = std::ffi::CString::new(ifname).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: sockaddr_ll is plain old data.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: `sll` is a valid sockaddr_ll of the size given.
+    let r = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut sent = 0;
+    while sent < count {
+        // SAFETY: `frame` is valid for reads of its length.
+        let r = unsafe { libc::send(sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                std::thread::sleep(Duration::from_micros(50));
+                continue;
+            }
+            return Err(e);
+        }
+        sent += 1;
+    }
+    Ok(())
+}
+
+fn tx_packet(frame: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; VNET_HDR];
+    p.extend_from_slice(frame);
+    p
+}
+
+/// Baseline TX: `count` writes.
+pub fn raw_tx(tap: &RawTap, frame: &[u8], count: usize) -> io::Result<Pass> {
+    let p = tx_packet(frame);
+    let (t, c) = (Instant::now(), thread_cpu_secs());
+    for _ in 0..count {
+        tap.write(&p)?;
+    }
+    Ok(Pass {
+        secs: t.elapsed().as_secs_f64(),
+        cpu_secs: thread_cpu_secs() - c,
+    })
+}
+
+/// Baseline RX: reads `count` queued frames.
+pub fn raw_rx(tap: &RawTap, count: usize) -> io::Result<Pass> {
+    let mut buf = vec![0u8; 65536 + VNET_HDR];
+    let (t, c) = (Instant::now(), thread_cpu_secs());
+    for _ in 0..count {
+        tap.read(&mut buf)?;
+    }
+    Ok(Pass {
+        secs: t.elapsed().as_secs_f64(),
+        cpu_secs: thread_cpu_secs() - c,
+    })
+}
+
+/// The device and its driver, queues started, no buffers posted yet; one
+/// per round (dropping it closes the TAP, which then disappears).
+pub struct DeviceSide {
+    d: Driver,
+    rx: Vq,
+    tx: Vq,
+}
+
+impl DeviceSide {
+    fn finish(&self, t: Instant, cpu_start: f64) -> Pass {
+        let secs = t.elapsed().as_secs_f64();
+        Pass {
+            secs,
+            cpu_secs: self.d.device_cpu_secs() - cpu_start,
+        }
+    }
+
+    /// Opens (creates) the TAP, starts the device and sets the link up.
+    pub fn new(tap: &str) -> io::Result<DeviceSide> {
+        let net = Net::new(&NetConfig {
+            tap: tap.to_owned(),
+            mac: None,
+        })
+        .map_err(io::Error::other)?;
+        let mut d = Driver::new(Arc::new(Mutex::new(net)), MEM)?;
+        let rx = Vq::new(0, RXQ, QSIZE);
+        let tx = Vq::new(1, TXQ, QSIZE);
+        d.start(VIRTIO_F_VERSION_1 | F_MRG_RXBUF, &[&rx, &tx])?;
+        bring_up(tap)?;
+        Ok(DeviceSide { d, rx, tx })
+    }
+
+    /// TX of `count` frames, up to a queue's worth in flight: the chains
+    /// are written once and recycled as the device returns them. Seconds.
+    pub fn tx(&mut self, frame: &[u8], count: usize) -> io::Result<Pass> {
+        let p = tx_packet(frame);
+        let mem = self.d.mem.clone();
+        let len = p.len() as u32;
+        let mut heads = Vec::new();
+        for i in 0..u64::from(QSIZE) {
+            let addr = TX_BUFS + i * TX_SLOT;
+            mem.write_slice(&p, GuestAddress(addr))
+                .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
+            heads.push(
+                self.tx
+                    .add(&mem, &[(addr, len, false)])
+                    .ok_or_else(|| io::Error::other("tx queue full"))?,
+            );
+        }
+        if count < heads.len() {
+            return Err(io::Error::other("fewer frames than a queue's worth"));
+        }
+        let (t, c) = (Instant::now(), self.d.device_cpu_secs());
+        let mut queued = heads.len();
+        let mut done = 0usize;
+        self.tx.publish(&mem)?;
+        self.d.notify(1)?;
+        while done < count {
+            if !self.d.wait_interrupt(Duration::from_secs(10))? {
+                return Err(io::Error::other("no TX interrupt from virtio-net in 10 s"));
+            }
+            let used = self.tx.take_used(&mem);
+            done += used.len();
+            let mut more = false;
+            for (head, _) in used {
+                if queued < count {
+                    self.tx
+                        .recycle(&mem, head)
+                        .ok_or_else(|| io::Error::other("recycle"))?;
+                    queued += 1;
+                    more = true;
+                } else {
+                    self.tx.release(head);
+                }
+            }
+            if more {
+                self.tx.publish(&mem)?;
+                if self.tx.kick_needed(&mem) {
+                    self.d.notify(1)?;
+                }
+            }
+        }
+        Ok(self.finish(t, c))
+    }
+
+    /// RX of `count` frames already queued on the TAP, into a ring of
+    /// fixed 2 KiB buffers recycled as they come back (the last ones stay
+    /// posted: once per `DeviceSide`). Seconds.
+    pub fn rx(&mut self, count: usize) -> io::Result<Pass> {
+        let mem = self.d.mem.clone();
+        for i in 0..u64::from(QSIZE) {
+            let addr = RX_BUFS + i * u64::from(RX_BUF_LEN);
+            self.rx
+                .add(&mem, &[(addr, RX_BUF_LEN, true)])
+                .ok_or_else(|| io::Error::other("rx queue full"))?;
+        }
+        let (t, c) = (Instant::now(), self.d.device_cpu_secs());
+        self.rx.publish(&mem)?;
+        self.d.notify(0)?;
+        let mut got = 0usize;
+        while got < count {
+            if !self.d.wait_interrupt(Duration::from_secs(10))? {
+                return Err(io::Error::other(format!(
+                    "no RX interrupt from virtio-net in 10 s ({got} of {count} frames)"
+                )));
+            }
+            // With MRG_RXBUF and 2 KiB buffers every frame here fits one
+            // buffer (num_buffers = 1): one used entry per frame.
+            let used = self.rx.take_used(&mem);
+            got += used.len();
+            for (head, _) in used {
+                self.rx
+                    .recycle(&mem, head)
+                    .ok_or_else(|| io::Error::other("recycle"))?;
+            }
+            self.rx.publish(&mem)?;
+            if self.rx.kick_needed(&mem) {
+                self.d.notify(0)?;
+            }
+        }
+        Ok(self.finish(t, c))
+    }
+}

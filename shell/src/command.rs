@@ -379,7 +379,9 @@ fn parse_command(name: &'static str, args: &[&str]) -> Result<Command, ShellErro
         "pause" => no_args(Command::Pause),
         "sysrq" => match args {
             [key] => Ok(Command::Sysrq((*key).to_string())),
-            [] => Err(ShellError::usage("sysrq needs a key: sysrq b|o|c|s|u|e|i")),
+            [] => Err(ShellError::usage(
+                "sysrq needs a key: sysrq b|o|c|s|u|e|i|l|w|t|m|0-9 (any letter or digit)",
+            )),
             [_, extra, ..] => Err(unexpected(name, extra)),
         },
         "resume" => no_args(Command::Resume),

@@ -265,11 +265,12 @@ fn a_paused_vm_never_fires_its_watchdog() {
         "wdt-pause",
         &ready_then(|a| {
             arm_watchdog_2s(a);
-            a.spin();
+            a.print("ARMED\r\n").spin();
         }),
         &[],
     );
-    assert!(vm.p.wait_for("READY", T));
+    // Paused only once the guest has armed it (READY comes before that).
+    assert!(vm.p.wait_for("ARMED", T));
     let mut c = vm.ctl();
     c.ok(r#"{"cmd":"pause"}"#);
     std::thread::sleep(Duration::from_secs(4));
@@ -483,7 +484,7 @@ fn sysrq_and_ctrl_alt_del_reach_the_keyboard() {
     let mut c = vm.ctl();
     c.ok(r#"{"cmd":"sysrq","key":"s"}"#);
     assert!(vm.p.wait_for("KEY", T));
-    let v = c.call(r#"{"cmd":"sysrq","key":"q"}"#);
+    let v = c.call(r#"{"cmd":"sysrq","key":"?"}"#);
     assert_eq!(v["ok"], false);
 }
 

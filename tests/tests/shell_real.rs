@@ -74,7 +74,7 @@ fn one_shot_commands_drive_a_real_vm_and_other_users_see_nothing() {
     let (code, out, err) = shell(&run, &["web1", "sysrq", "s"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("SysRq"), "{out}");
-    let (code, _, err) = shell(&run, &["web1", "sysrq", "x"]);
+    let (code, _, err) = shell(&run, &["web1", "sysrq", "%"]);
     assert_ne!(code, Some(0));
     assert!(err.contains("unknown SysRq key"), "{err}");
 

@@ -128,16 +128,48 @@ pub const CTRL_ALT_DEL_SET2: [u8; 11] = [
     0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14, // releases
 ];
 /// The same keys as the controller emits them with translation (set 1).
-/// (set 2, set 1) make codes of the letters SysRq commands use.
+/// (set 2, set 1) make codes of the keys SysRq commands use: every letter
+/// (b reboot, o power off, c crash, s sync, u remount read-only, e/i
+/// terminate/kill tasks, l/w/t/m/p backtraces and dumps, …) and the digits
+/// (console log level).
 pub fn sysrq_key_codes(key: char) -> Option<(u8, u8)> {
     Some(match key {
+        'a' => (0x1c, 0x1e),
         'b' => (0x32, 0x30),
         'c' => (0x21, 0x2e),
+        'd' => (0x23, 0x20),
         'e' => (0x24, 0x12),
+        'f' => (0x2b, 0x21),
+        'g' => (0x34, 0x22),
+        'h' => (0x33, 0x23),
         'i' => (0x43, 0x17),
+        'j' => (0x3b, 0x24),
+        'k' => (0x42, 0x25),
+        'l' => (0x4b, 0x26),
+        'm' => (0x3a, 0x32),
+        'n' => (0x31, 0x31),
         'o' => (0x44, 0x18),
+        'p' => (0x4d, 0x19),
+        'q' => (0x15, 0x10),
+        'r' => (0x2d, 0x13),
         's' => (0x1b, 0x1f),
+        't' => (0x2c, 0x14),
         'u' => (0x3c, 0x16),
+        'v' => (0x2a, 0x2f),
+        'w' => (0x1d, 0x11),
+        'x' => (0x22, 0x2d),
+        'y' => (0x35, 0x15),
+        'z' => (0x1a, 0x2c),
+        '1' => (0x16, 0x02),
+        '2' => (0x1e, 0x03),
+        '3' => (0x26, 0x04),
+        '4' => (0x25, 0x05),
+        '5' => (0x2e, 0x06),
+        '6' => (0x36, 0x07),
+        '7' => (0x3d, 0x08),
+        '8' => (0x3e, 0x09),
+        '9' => (0x46, 0x0a),
+        '0' => (0x45, 0x0b),
         _ => return None,
     })
 }
@@ -153,7 +185,7 @@ pub enum I8042Error {
     BufferFull,
     #[error("the guest has disabled keyboard scanning")]
     ScanningDisabled,
-    #[error("unknown SysRq key '{0}' (use b, c, e, i, o, s or u)")]
+    #[error("unknown SysRq key '{0}' (use a letter a-z or a digit 0-9)")]
     UnknownKey(char),
 }
 
@@ -910,7 +942,8 @@ mod sysrq_tests {
     fn unknown_sysrq_key_is_refused_and_queues_nothing() {
         let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let mut dev = I8042Device::new(irq, Arc::new(RecordingSink::default()));
-        assert_eq!(dev.trigger_sysrq('z'), Err(I8042Error::UnknownKey('z')));
+        assert_eq!(dev.trigger_sysrq('?'), Err(I8042Error::UnknownKey('?')));
+        assert_eq!(dev.trigger_sysrq('B'), Err(I8042Error::UnknownKey('B')));
         assert_eq!(dev.pending_keyboard_bytes(), 0);
     }
 }

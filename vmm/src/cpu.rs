@@ -60,6 +60,10 @@ mod bits {
         | (1 << 31);
     // Leaf 0x8000_0001 ECX
     pub const ABM: u32 = 1 << 5;
+    // Leaf 0x4000_0001 EAX (KVM paravirt features)
+    pub const KVM_PV_UNHALT: u32 = 1 << 7;
+    pub const KVM_PV_SEND_IPI: u32 = 1 << 11;
+    pub const KVM_PV_SCHED_YIELD: u32 = 1 << 13;
     pub const SVM: u32 = 1 << 2;
 }
 
@@ -109,6 +113,14 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, policy: CpuidPoli
                 e.ecx = 0;
                 e.edx = 0;
             }
+            // The paravirt features that work by hypercall (VMCALL): kvm_pvm
+            // emulates each VMCALL and then a batch of the instructions after
+            // it, so a guest using them for every IPI, lock hand-over and
+            // yield crawls. Debian 6.1 sat in `kvm_kick_cpu` for minutes,
+            // ~600k VMCALLs/s. Native IPIs and spinlocks do not need them.
+            0x4000_0001 if pvm => {
+                e.eax &= !(bits::KVM_PV_UNHALT | bits::KVM_PV_SEND_IPI | bits::KVM_PV_SCHED_YIELD);
+            }
             0x8000_0001 => {
                 e.ecx &= !bits::SVM;
                 if pvm {
@@ -128,8 +140,10 @@ pub fn filter_cpuid(cpuid: &mut CpuId, vcpu_id: u8, vcpus: u8, policy: CpuidPoli
 /// `pshufb` routine kvm_pvm cannot emulate.
 /// `nokaslr`: the decompressor's random placement never finished printing
 /// under kvm_pvm (Debian 6.1: no output in 3 minutes; with it, at once).
+/// `nopvspin`: no paravirt spinlocks even if kvm_pvm shows PV_UNHALT anyway
+/// (see `filter_cpuid`).
 pub const PVM_CMDLINE: &str =
-    "vdso32=0 nokaslr noxsave clearcpuid=128,129,137,140,141,147,148,150,151,153,154,156,157,158,288,293,298,304,306,308";
+    "vdso32=0 nokaslr noxsave nopvspin clearcpuid=128,129,137,140,141,147,148,150,151,153,154,156,157,158,288,293,298,304,306,308";
 
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -362,8 +376,15 @@ mod tests {
             (1, 0, 0, 0, all, all),
             (7, 0, 0, all, all, all),
             (0xd, 0, 7, 1, 2, 3),
+            (0x4000_0001, 0, all, 0, 0, 0),
         ]);
         filter_cpuid(&mut c, 0, 1, CpuidPolicy { pvm_compat: true });
+        let kvm = leaf(&c, 0x4000_0001, 0).eax;
+        assert_eq!(
+            kvm & (bits::KVM_PV_UNHALT | bits::KVM_PV_SEND_IPI | bits::KVM_PV_SCHED_YIELD),
+            0
+        );
+        assert_ne!(kvm & 1, 0, "kvm-clock stays");
         let l1 = leaf(&c, 1, 0);
         for b in [
             bits::POPCNT,

@@ -240,7 +240,7 @@ fn run_net(o: &Opts, t: &mut Table) -> Result<(), String> {
             let h = net::raw_rx(&raw, n).map_err(|e| format!("raw RX: {e}"))?;
             let mut dev = device()?;
             net::inject(dev_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
-            let d = dev.rx(n).map_err(|e| format!("virtio RX: {e}"))?;
+            let d = dev.rx(n, len).map_err(|e| format!("virtio RX: {e}"))?;
             rx_pps.add(n as f64, n as f64, h, d);
             rx_mb.add((n * len) as f64, n as f64, h, d);
         }

@@ -20,6 +20,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::virtio::net::NetCounters;
 use devices::virtio::net::F_MRG_RXBUF;
 use devices::virtio::{Net, NetConfig, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
@@ -40,11 +41,17 @@ const TXQUEUELEN: usize = 200_000;
 /// The most frames one RX round may pre-queue.
 pub const MAX_FRAMES: usize = TXQUEUELEN / 2;
 
-/// Moves this process into a network namespace of its own (root only).
+/// Moves this process into a network namespace of its own (root only),
+/// with IPv6 off so that the kernel sends nothing of its own (router
+/// solicitations, MLD reports) through the TAPs.
 pub fn enter_private_netns() -> io::Result<()> {
     // SAFETY: unshare takes flags only.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    for conf in ["all", "default"] {
+        // A kernel without IPv6 has no such file, and nothing to silence.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1");
     }
     Ok(())
 }
@@ -222,9 +229,24 @@ pub struct DeviceSide {
     d: Driver,
     rx: Vq,
     tx: Vq,
+    counters: Arc<NetCounters>,
 }
 
 impl DeviceSide {
+    /// Checks the device's own counters: every frame really went through.
+    fn check(&self, tx: u64, rx: u64) -> io::Result<()> {
+        let s = self.counters.snapshot();
+        if s.tx_packets != tx
+            || s.rx_packets != rx
+            || s.tx_dropped + s.rx_dropped + s.invalid_chains != 0
+        {
+            return Err(io::Error::other(format!(
+                "virtio-net counters disagree: {s:?}"
+            )));
+        }
+        Ok(())
+    }
+
     fn finish(&self, t: Instant, cpu_start: f64) -> Pass {
         let secs = t.elapsed().as_secs_f64();
         Pass {
@@ -240,12 +262,18 @@ impl DeviceSide {
             mac: None,
         })
         .map_err(io::Error::other)?;
+        let counters = net.counters();
         let mut d = Driver::new(Arc::new(Mutex::new(net)), MEM)?;
         let rx = Vq::new(0, RXQ, QSIZE);
         let tx = Vq::new(1, TXQ, QSIZE);
         d.start(VIRTIO_F_VERSION_1 | F_MRG_RXBUF, &[&rx, &tx])?;
         bring_up(tap)?;
-        Ok(DeviceSide { d, rx, tx })
+        Ok(DeviceSide {
+            d,
+            rx,
+            tx,
+            counters,
+        })
     }
 
     /// TX of `count` frames, up to a queue's worth in flight: the chains
@@ -298,13 +326,15 @@ impl DeviceSide {
                 }
             }
         }
-        Ok(self.finish(t, c))
+        let pass = self.finish(t, c);
+        self.check(count as u64, 0)?;
+        Ok(pass)
     }
 
     /// RX of `count` frames already queued on the TAP, into a ring of
     /// fixed 2 KiB buffers recycled as they come back (the last ones stay
     /// posted: once per `DeviceSide`). Seconds.
-    pub fn rx(&mut self, count: usize) -> io::Result<Pass> {
+    pub fn rx(&mut self, count: usize, frame_len: usize) -> io::Result<Pass> {
         let mem = self.d.mem.clone();
         for i in 0..u64::from(QSIZE) {
             let addr = RX_BUFS + i * u64::from(RX_BUF_LEN);
@@ -325,6 +355,15 @@ impl DeviceSide {
             // With MRG_RXBUF and 2 KiB buffers every frame here fits one
             // buffer (num_buffers = 1): one used entry per frame.
             let used = self.rx.take_used(&mem);
+            if let Some(&(_, len)) = used
+                .iter()
+                .find(|&&(_, len)| len as usize != frame_len + VNET_HDR)
+            {
+                return Err(io::Error::other(format!(
+                    "RX used length {len}, expected {}",
+                    frame_len + VNET_HDR
+                )));
+            }
             got += used.len();
             for (head, _) in used {
                 self.rx
@@ -336,6 +375,8 @@ impl DeviceSide {
                 self.d.notify(0)?;
             }
         }
-        Ok(self.finish(t, c))
+        let pass = self.finish(t, c);
+        self.check(0, count as u64)?;
+        Ok(pass)
     }
 }

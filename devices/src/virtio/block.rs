@@ -431,7 +431,7 @@ impl Disk {
                 let off = self.range(sector, w_len)?;
                 let mut iovs = Vec::with_capacity(data_w.len());
                 push_iovecs(mem, data_w, &mut iovs).ok_or(S_IOERR)?;
-                self.read_into(mem, data_w, &mut iovs, off, w_len)
+                self.transfer(Dir::Read, mem, data_w, &mut iovs, off, w_len)
                     .map_err(|e| self.io_err("read", e))?;
                 inc(&c.read_requests, 1);
                 inc(&c.read_bytes, w_len);
@@ -445,7 +445,7 @@ impl Disk {
                 let data = sub_segs(&p.readable, 16, extra_r).ok_or(S_IOERR)?;
                 let mut iovs = Vec::with_capacity(data.len());
                 push_iovecs(mem, &data, &mut iovs).ok_or(S_IOERR)?;
-                self.write_from(mem, &data, &mut iovs, off, extra_r)
+                self.transfer(Dir::Write, mem, &data, &mut iovs, off, extra_r)
                     .map_err(|e| self.io_err("write", e))?;
                 inc(&c.write_requests, 1);
                 inc(&c.write_bytes, extra_r);
@@ -479,54 +479,41 @@ impl Disk {
         }
     }
 
-    /// Reads `len` bytes at `off` into the guest buffers `segs` (whose host
-    /// iovecs are `iovs`): straight
-    /// into guest memory, or through a bounce buffer when `O_DIRECT` cannot
-    /// take the guest's buffers as they are.
-    fn read_into(
+    /// Moves `len` bytes between the image at `off` and the guest buffers
+    /// `segs` (whose host iovecs are `iovs`): straight between the file and
+    /// guest memory, or through a bounce buffer when `O_DIRECT` cannot take
+    /// the guest's buffers as they are.
+    fn transfer(
         &self,
+        dir: Dir,
         mem: &GuestMemoryMmap,
         segs: &[Seg],
         iovs: &mut [libc::iovec],
         off: u64,
         len: u64,
     ) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        let direct = |iovs: &mut [libc::iovec]| match dir {
+            Dir::Read => preadv_all(fd, iovs, off),
+            Dir::Write => pwritev_all(fd, iovs, off),
+        };
         let Some(dio) = self.dio else {
-            return preadv_all(self.file.as_raw_fd(), iovs, off);
+            return direct(iovs);
         };
         if dio.allows(iovs, off) {
-            match preadv_all(self.file.as_raw_fd(), iovs, off) {
+            match direct(iovs) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 done => return done,
             }
         }
-        bounce_read(&self.file, dio, off, len, |at, bytes| {
-            write_segs(mem, segs, at, bytes).ok_or_else(outside_memory)
-        })
-    }
-
-    /// Writes the `len` bytes of the guest buffers `segs` at `off` (see
-    /// [`Self::read_into`]).
-    fn write_from(
-        &self,
-        mem: &GuestMemoryMmap,
-        segs: &[Seg],
-        iovs: &mut [libc::iovec],
-        off: u64,
-        len: u64,
-    ) -> io::Result<()> {
-        let Some(dio) = self.dio else {
-            return pwritev_all(self.file.as_raw_fd(), iovs, off);
-        };
-        if dio.allows(iovs, off) {
-            match pwritev_all(self.file.as_raw_fd(), iovs, off) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                done => return done,
-            }
+        match dir {
+            Dir::Read => bounce_read(&self.file, dio, off, len, |at, bytes| {
+                write_segs(mem, segs, at, bytes).ok_or_else(outside_memory)
+            }),
+            Dir::Write => bounce_write(&self.file, dio, off, len, |at, bytes| {
+                read_segs(mem, segs, at, bytes).ok_or_else(outside_memory)
+            }),
         }
-        bounce_write(&self.file, dio, off, len, |at, bytes| {
-            read_segs(mem, segs, at, bytes).ok_or_else(outside_memory)
-        })
     }
 
     fn io_err(&self, what: &str, e: io::Error) -> u8 {
@@ -728,6 +715,15 @@ impl MutEventSubscriber for Block {
 
 #[cfg(test)]
 mod tests;
+
+/// Which way a [`Disk::transfer`] goes.
+#[derive(Clone, Copy)]
+enum Dir {
+    /// Image → guest (IN).
+    Read,
+    /// Guest → image (OUT).
+    Write,
+}
 
 fn outside_memory() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, "buffer outside guest memory")

@@ -59,7 +59,7 @@ pub mod block;
 mod iov;
 pub mod mmio;
 pub mod net;
-mod tap;
+pub mod tap;
 #[cfg(test)]
 pub(crate) mod test_utils;
 

@@ -7,9 +7,9 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`): what the TAP prepends
 /// and expects on every frame.
-pub(crate) const VNET_HDR_LEN: usize = 12;
+pub const VNET_HDR_LEN: usize = 12;
 
-pub(crate) struct Tap {
+pub struct Tap {
     fd: OwnedFd,
     name: String,
     /// False for the socket stand-ins tests use: TUN ioctls are skipped.
@@ -92,8 +92,25 @@ impl Tap {
         Ok(())
     }
 
+    /// One frame (vnet header first) into `buf`; `WouldBlock` when none is
+    /// waiting. Returns the frame's length.
+    pub fn read_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.readv(&[libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }])
+    }
+
+    /// Sends one frame (vnet header first).
+    pub fn write_frame(&self, buf: &[u8]) -> io::Result<usize> {
+        self.writev(&[libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        }])
+    }
+
     /// One frame (vnet header first) into `iovs`.
-    pub fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+    pub(crate) fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
         let cnt = iovs.len().min(super::iov::IOV_MAX) as libc::c_int;
         // SAFETY: the iovecs point to writable memory the caller keeps alive
         // (guest memory held by an `Arc`, or a local buffer).
@@ -105,7 +122,7 @@ impl Tap {
     }
 
     /// One frame (vnet header first) from `iovs`.
-    pub fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+    pub(crate) fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
         if iovs.len() > super::iov::IOV_MAX {
             return Err(io::ErrorKind::InvalidInput.into());
         }

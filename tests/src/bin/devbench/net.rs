@@ -1,6 +1,6 @@
 //! virtio-net through the harness vs reading/writing a TAP directly.
 //!
-//! Both sides use a TAP opened the same way (`IFF_TAP | IFF_NO_PI |
+//! Both sides use a TAP opened by the same code (`IFF_TAP | IFF_NO_PI |
 //! IFF_VNET_HDR`, 12-byte header) in a network namespace of the benchmark's
 //! own, so nothing reaches the host's network.
 //! - TX (guest → host): `count` frames; the device writes each chain to its
@@ -12,22 +12,21 @@
 //!   drains them. Pre-queuing keeps the sender off the 2 CPUs while the
 //!   reader is timed.
 
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::virtio::net::NetCounters;
 use devices::virtio::net::F_MRG_RXBUF;
+pub use devices::virtio::tap::Tap as RawTap;
+use devices::virtio::tap::VNET_HDR_LEN as VNET_HDR;
 use devices::virtio::{Net, NetConfig, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::driver::{thread_cpu_secs, Driver, Pass, Vq};
 
-const VNET_HDR: usize = 12;
 const RXQ: u64 = 0x1_0000;
 const TXQ: u64 = 0x2_0000;
 const RX_BUFS: u64 = 0x10_0000;
@@ -75,56 +74,6 @@ pub fn bring_up(name: &str) -> io::Result<()> {
         &TXQUEUELEN.to_string(),
         "up",
     ])
-}
-
-/// A TAP opened like the device opens its own.
-pub struct RawTap {
-    file: File,
-}
-
-impl RawTap {
-    pub fn open(name: &str) -> io::Result<RawTap> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open("/dev/net/tun")?;
-        // SAFETY: ifreq is plain old data; all zeros is valid.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
-        // SAFETY: TUNSETIFF reads/writes one ifreq that outlives the call.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let hdr = VNET_HDR as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int.
-        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(RawTap { file })
-    }
-
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for reads of its length.
-        let r = unsafe { libc::write(self.file.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(r as usize)
-    }
-
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for writes of its length.
-        let r = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(r as usize)
-    }
 }
 
 /// An Ethernet frame of `len` bytes (≥ 14) with a local experimental
@@ -202,7 +151,7 @@ pub fn raw_tx(tap: &RawTap, frame: &[u8], count: usize) -> io::Result<Pass> {
     let p = tx_packet(frame);
     let (t, c) = (Instant::now(), thread_cpu_secs());
     for _ in 0..count {
-        tap.write(&p)?;
+        tap.write_frame(&p)?;
     }
     Ok(Pass {
         secs: t.elapsed().as_secs_f64(),
@@ -214,13 +163,33 @@ pub fn raw_tx(tap: &RawTap, frame: &[u8], count: usize) -> io::Result<Pass> {
 pub fn raw_rx(tap: &RawTap, count: usize) -> io::Result<Pass> {
     let mut buf = vec![0u8; 65536 + VNET_HDR];
     let (t, c) = (Instant::now(), thread_cpu_secs());
-    for _ in 0..count {
-        tap.read(&mut buf)?;
+    let mut got = 0;
+    while got < count {
+        match tap.read_frame(&mut buf) {
+            Ok(_) => got += 1,
+            // The last frames may still be on their way through the stack.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(tap)?,
+            Err(e) => return Err(e),
+        }
     }
     Ok(Pass {
         secs: t.elapsed().as_secs_f64(),
         cpu_secs: thread_cpu_secs() - c,
     })
+}
+
+fn wait_readable(tap: &RawTap) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: tap.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    match unsafe { libc::poll(&mut pfd, 1, 1000) } {
+        1.. => Ok(()),
+        0 => Err(io::Error::other("a queued frame never reached the TAP")),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 /// The device and its driver, queues started, no buffers posted yet; one

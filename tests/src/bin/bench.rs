@@ -44,7 +44,7 @@ usage: bench [options]
   --linux-timeout S    per-run limit (default 1200)
   --linux-memory MIB   (default 256)
   --linux-initrd32     boot the entry's initrd32.img (i386 user space) with vdso32=0
-  --linux-kernel FILE  kernel file of the entry (default bzImage; vmlinux boots via PVH)
+  --linux-kernel FILE  kernel file of the entry (default: what --kernel-name boots, vmlinux when present)
   --kernel-dir DIR     kernel library (default: build/kernels)
   --kernel-name NAME   library entry (default: mini)";
 
@@ -100,7 +100,7 @@ fn parse_args() -> Result<Opts, String> {
             timeout: Duration::from_secs(1200),
             memory_mib: 256,
             initrd32: false,
-            kernel_file: "bzImage".into(),
+            kernel_file: String::new(),
         },
     };
     let mut it = std::env::args().skip(1);

@@ -99,6 +99,10 @@ pub(crate) fn execute(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
         // variants, which have exception fixups; KVM already handled every
         // MSR it knows before giving up.
         Code::Rdmsr | Code::Wrmsr => Err(Fail::gp0()),
+        // Linux's MDS/TSA mitigation (`x86_clear_cpu_buffers`: `verw` of
+        // __KERNEL_DS on every return to user space); Debian 6.12 stopped on
+        // it under kvm_pvm.
+        Code::Verw_rm16 | Code::Verw_r32m16 | Code::Verw_r64m16 => verw(ctx),
         Code::Ud2
         | Code::Ud0
         | Code::Ud0_r16_rm16
@@ -187,6 +191,56 @@ fn popcnt(ctx: &mut Ctx<'_>, size: usize) -> Result<Done, Fail> {
         *rflags |= FLAG_ZF;
     }
     Ok(Done::Next)
+}
+
+/// `verw r/m16`: ZF = whether the selector names a writable data segment
+/// the current privilege level may use (descriptor read from the GDT or
+/// LDT); other flags are kept. `#UD` outside protected mode. The
+/// micro-architectural buffer clearing that kernels use it for has no
+/// meaning here: it happens on the host's own transitions.
+fn verw(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
+    const CR0_PE: u64 = 1;
+    if ctx.st.sregs.cr0 & CR0_PE == 0 || ctx.st.regs.rflags & super::RFLAGS_VM != 0 {
+        return Err(Fail::ud());
+    }
+    let selector = ctx.read_rm(0, 2)? as u16;
+    let writable = writable_data_segment(ctx, selector)?;
+    let rflags = &mut ctx.st.regs.rflags;
+    if writable {
+        *rflags |= FLAG_ZF;
+    } else {
+        *rflags &= !FLAG_ZF;
+    }
+    Ok(Done::Next)
+}
+
+/// The `verw` checks for one selector: not null, inside its descriptor
+/// table's limit, a data segment (S=1, not code) with the writable bit, and
+/// DPL ≥ max(CPL, RPL).
+fn writable_data_segment(ctx: &mut Ctx<'_>, selector: u16) -> Result<bool, Fail> {
+    if selector & !3 == 0 {
+        return Ok(false);
+    }
+    let sregs = &ctx.st.sregs;
+    let (base, limit) = if selector & 4 != 0 {
+        if sregs.ldt.unusable != 0 || sregs.ldt.present == 0 {
+            return Ok(false);
+        }
+        (sregs.ldt.base, u64::from(sregs.ldt.limit))
+    } else {
+        (sregs.gdt.base, u64::from(sregs.gdt.limit))
+    };
+    let offset = u64::from(selector & !7);
+    if offset + 7 > limit {
+        return Ok(false);
+    }
+    let cpl = sregs.cs.selector & 3;
+    let mut descriptor = [0u8; 8];
+    ctx.read_mem(base.wrapping_add(offset), &mut descriptor)?;
+    let access = descriptor[5];
+    let (s, code, write) = (access & 0x10 != 0, access & 0x08 != 0, access & 0x02 != 0);
+    let dpl = u16::from((access >> 5) & 3);
+    Ok(s && !code && write && dpl >= cpl && dpl >= (selector & 3))
 }
 
 /// `movd xmm, r/m32` / `movq xmm, r/m64`: zero-extends into the xmm

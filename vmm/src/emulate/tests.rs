@@ -1275,3 +1275,75 @@ fn punpck_interleaves_low_and_high_lanes() {
     );
     assert_eq!(run(&[0x66, 0x0f, 0x6d, 0xe5]), (b >> 64) << 64 | (a >> 64));
 }
+
+// ---- verw ----------------------------------------------------------------
+
+/// A GDT at `GDT` with: 1 = 64-bit code, 2 = writable data (DPL 0),
+/// 3 = read-only data, 4 = writable data DPL 3.
+const GDT: u64 = 0xffff_ffff_8200_0000;
+
+fn with_gdt(st: &mut CpuState) -> FakeMem {
+    let mut mem = FakeMem::new();
+    let mut gdt = vec![0u8; 5 * 8];
+    let access = [(1, 0x9b), (2, 0x93), (3, 0x91), (4, 0xf3)];
+    for (i, a) in access {
+        gdt[i * 8 + 5] = a;
+        gdt[i * 8] = 0xff;
+        gdt[i * 8 + 1] = 0xff;
+    }
+    mem.map(GDT, &gdt);
+    st.sregs.gdt.base = GDT;
+    st.sregs.gdt.limit = (gdt.len() - 1) as u16;
+    st.sregs.ldt.unusable = 1;
+    mem
+}
+
+#[test]
+fn verw_sets_zf_only_for_writable_data_segments_it_may_use() {
+    // verw [rip+0] reads the selector from the 2 bytes after the instruction;
+    // verw ax (0f 00 e8) takes it from a register.
+    for (sel, zf) in [
+        (0x10u64, true), // writable data, DPL 0
+        (0x08, false),   // code
+        (0x18, false),   // read-only data
+        (0x00, false),   // null
+        (0x30, false),   // beyond the GDT limit
+        (0x23, true),    // DPL 3, RPL 3
+        (0x13, false),   // DPL 0 < RPL 3
+        (0x14, false),   // LDT, unusable
+    ] {
+        let mut st = state64();
+        let mut mem = with_gdt(&mut st);
+        st.regs.rax = 0xdead_0000 | sel;
+        st.regs.rflags = 0x2 | FLAGS_ALL & !ZF | if zf { 0 } else { ZF };
+        let e = emulate(&[0x0f, 0x00, 0xe8], &mut st, &mut mem);
+        assert_eq!(e.outcome, Outcome::Emulated, "selector {sel:#x}");
+        assert_eq!(e.mnemonic, Mnemonic::Verw);
+        assert_eq!(st.regs.rflags & ZF != 0, zf, "selector {sel:#x}");
+        assert_eq!(
+            st.regs.rflags & (FLAGS_ALL & !ZF),
+            FLAGS_ALL & !ZF,
+            "other flags kept"
+        );
+        assert_eq!(st.regs.rip, RIP64 + 3);
+    }
+}
+
+#[test]
+fn verw_of_a_memory_operand_and_outside_protected_mode() {
+    let mut st = state64();
+    let mut mem = with_gdt(&mut st);
+    // verw [rip+0]; the selector 0x10 right after the instruction.
+    mem.map(RIP64, &[0x0f, 0x00, 0x2d, 0, 0, 0, 0, 0x10, 0x00]);
+    let code = mem.get(RIP64, 7);
+    let e = emulate(&code, &mut st, &mut mem);
+    assert_eq!(e.outcome, Outcome::Emulated);
+    assert_ne!(st.regs.rflags & ZF, 0);
+    assert_eq!(st.regs.rip, RIP64 + 7);
+
+    let mut st = state16();
+    let before = st;
+    let e = emulate(&[0x0f, 0x00, 0xe8], &mut st, &mut FakeMem::new());
+    assert_eq!(e.outcome, injected(vector::UD, None));
+    assert_unchanged(&e, &before, &st);
+}

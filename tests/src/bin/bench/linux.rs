@@ -23,7 +23,8 @@ pub struct LinuxOpts {
     pub memory_mib: u64,
     /// Boot the entry's initrd32.img (i386 busybox) with `vdso32=0`.
     pub initrd32: bool,
-    /// The entry's kernel file (bzImage, or vmlinux for a PVH boot).
+    /// The entry's kernel file (bzImage, or vmlinux for a PVH boot); empty:
+    /// what `--kernel-name` boots (vmlinux when the entry has one).
     pub kernel_file: String,
 }
 
@@ -50,7 +51,15 @@ struct Run {
 
 pub fn bench(vmm: &Path, o: &LinuxOpts, tmp: &Path) -> Result<(), String> {
     let entry = o.kernel_dir.join(&o.name);
-    if !entry.join(&o.kernel_file).is_file() {
+    let kernel_file = if o.kernel_file.is_empty() {
+        ["vmlinux", "bzImage"]
+            .into_iter()
+            .find(|f| entry.join(f).is_file())
+            .unwrap_or("bzImage")
+    } else {
+        o.kernel_file.as_str()
+    };
+    if !entry.join(kernel_file).is_file() {
         return Err(format!(
             "kernel library entry {} missing: run resources/build-kernels.sh {}",
             entry.display(),
@@ -60,7 +69,7 @@ pub fn bench(vmm: &Path, o: &LinuxOpts, tmp: &Path) -> Result<(), String> {
     println!(
         "  boot: {}/{} with {}, {} MiB, 1 vCPU, control socket; VMM_LOG=info",
         entry.display(),
-        o.kernel_file,
+        kernel_file,
         if o.initrd32 {
             "initrd32.img (i386 user space) and vdso32=0"
         } else {
@@ -145,7 +154,7 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let sock = dir.join("control.sock");
     let mut c = Command::new(vmm);
-    if o.initrd32 || o.kernel_file != "bzImage" {
+    if o.initrd32 || !o.kernel_file.is_empty() {
         let base = std::fs::read_to_string(entry.join("cmdline"))
             .map_err(|e| format!("cannot read {}/cmdline: {e}", entry.display()))?;
         let mut cmdline = base.trim().to_string();

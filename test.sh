@@ -18,5 +18,5 @@ cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 if [ "${VMM_SLOW:-0}" = 1 ]; then
     cargo test -p tests --test debian_boot -- --ignored --test-threads=1
 elif [ "${VMM_DEBIAN:-1}" = 1 ]; then
-    cargo test -p tests --test debian_boot -- --ignored --test-threads=1 debian_6_1
+    cargo test -p tests --test debian_boot -- --ignored --exact debian_6_1_boots_to_init_and_reboots_in_process
 fi

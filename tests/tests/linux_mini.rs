@@ -7,6 +7,7 @@
 //! keyboard-controller reboot and an ACPI S5 power-off — every one of them
 //! driven by the real, unmodified kernel code paths.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use tests::control::Ctl;
@@ -58,6 +59,20 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
     let dir = TempDir::new("mini");
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 8 << 20]).expect("disk image");
+    // A second disk of another size, opened O_DIRECT where the file system
+    // allows it (tmpfs before Linux 6.6 does not: then the usual way).
+    let disk2 = dir.path().join("disk2.img");
+    std::fs::write(&disk2, vec![0u8; 24 << 20]).expect("disk image");
+    let direct = if std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&disk2)
+        .is_ok()
+    {
+        ",direct=on"
+    } else {
+        ""
+    };
     let sock = dir.path().join("run/mini/control.sock");
     let log = dir.path().join("console.log");
     let cmdline = format!("{} vmm.test=marker-42", mini_cmdline(&entry));
@@ -76,6 +91,8 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
         &cmdline,
         "--disk",
         &format!("path={},id=testdisk", disk.display()),
+        "--disk",
+        &format!("path={},id=second{direct}", disk2.display()),
         "--control",
         sock.to_str().unwrap_or_default(),
         "--console-log",
@@ -109,9 +126,17 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
         .unwrap_or_default()
         .contains("vmm.test=marker-42"));
     assert!(out.contains("ACPI: PM: (supports S0 S5)"), "{}", p.report());
-    // The disk, found through the ACPI DSDT: 8 MiB = 16384 sectors.
+    // Both disks, found through the ACPI DSDT, in --disk order: 8 MiB =
+    // 16384 sectors, 24 MiB = 49152.
     assert!(
         out.contains("[vda] 16384 512-byte logical blocks"),
+        "{}",
+        p.report()
+    );
+    // (With direct=on the block size is the host's O_DIRECT alignment.)
+    assert!(
+        out.contains("[vdb] 49152 512-byte logical blocks")
+            || out.contains("[vdb] 6144 4096-byte logical blocks"),
         "{}",
         p.report()
     );

@@ -161,7 +161,7 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "sysrq",
         args: "KEY",
-        summary: "press Alt+SysRq+KEY on the guest keyboard (b reboot, o power off, c crash, s sync, u remount ro)",
+        summary: "press Alt+SysRq+KEY on the guest keyboard (b reboot, o power off, c crash, s sync, u remount ro, l/w/t backtraces; any letter or digit)",
         details: "The guest kernel acts on it by itself, without its user space: \
                   useful when a guest is stuck but its kernel still runs. Keys pressed \
                   before the guest's keyboard driver is up may be lost.",

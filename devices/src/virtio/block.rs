@@ -3,8 +3,8 @@
 //! One request queue, served synchronously on the event loop: each request
 //! is one `preadv`/`pwritev` straight between the image and guest memory (no
 //! bounce buffer). With `direct` the image is opened `O_DIRECT` (host page
-//! cache bypassed; see [`direct`](self::direct) for unaligned buffers). FLUSH is an `fdatasync` that completes before the guest
-//! sees the status. Supported requests: IN, OUT, FLUSH, GET_ID, DISCARD and
+//! cache bypassed; see [`direct`](self::direct) for unaligned buffers).
+//! FLUSH is an `fdatasync` that completes before the guest sees the status. Supported requests: IN, OUT, FLUSH, GET_ID, DISCARD and
 //! WRITE_ZEROES (the last two only on writable disks).
 //!
 //! A request's buffers are read as a byte stream (virtio 1.x makes no
@@ -42,7 +42,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 mod direct;
 
-use direct::{bounce_read, bounce_write, AlignedBuf, DioAlign, BOUNCE_CHUNK};
+pub use direct::AlignedBuf;
+use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
 
 use super::iov::{
     parse_chain, preadv_all, push_iovecs, pwritev_all, read_segs, sub_segs, total_len, write_segs,
@@ -607,19 +608,12 @@ impl Disk {
             return Ok(());
         }
         use std::os::unix::fs::FileExt;
-        // Aligned, so that it also serves O_DIRECT images.
-        let zeros = AlignedBuf::new(
-            BOUNCE_CHUNK.min(usize::try_from(len).unwrap_or(BOUNCE_CHUNK)),
-            self.dio.map_or(SECTOR_SIZE, |d| d.mem),
-        );
-        let zeros = zeros.as_slice();
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.file.write_all_at(&zeros[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        // The buffer starts zeroed and is only written out; aligned, so that
+        // it also serves O_DIRECT images.
+        let align = self.dio.map_or(SECTOR_SIZE, |d| d.mem);
+        in_chunks(len, align, |done, zeros| {
+            self.file.write_all_at(zeros, off + done)
+        })
     }
 
     fn fallocate(&self, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {

@@ -287,14 +287,15 @@ fn movq_store(ctx: &mut Ctx<'_>) -> Result<Done, Fail> {
     Ok(Done::Next)
 }
 
+/// The low `bits` (8 to 64) bits of a u128.
+fn lane_mask(bits: u32) -> u128 {
+    u128::from(u64::MAX >> (64 - bits))
+}
+
 /// Applies `f` lane by lane: lanes of `bits` bits, each computed in a u64
 /// and truncated back to its width.
 fn lanes(a: u128, b: u128, bits: u32, f: fn(u64, u64) -> u64) -> u128 {
-    let mask: u128 = if bits == 64 {
-        u64::MAX as u128
-    } else {
-        (1u128 << bits) - 1
-    };
+    let mask = lane_mask(bits);
     let mut out = 0u128;
     let mut shift = 0;
     while shift < 128 {
@@ -309,11 +310,7 @@ fn lanes(a: u128, b: u128, bits: u32, f: fn(u64, u64) -> u64) -> u128 {
 /// `punpckl*`/`punpckh*`: interleaves the low (or high) half's lanes of
 /// `a` (destination) and `b` (source): a0 b0 a1 b1 ...
 fn unpack(a: u128, b: u128, bits: u32, high: bool) -> u128 {
-    let mask: u128 = if bits == 64 {
-        u64::MAX as u128
-    } else {
-        (1u128 << bits) - 1
-    };
+    let mask = lane_mask(bits);
     let base = if high { 64 } else { 0 };
     let mut out = 0u128;
     for i in 0..(64 / bits) {

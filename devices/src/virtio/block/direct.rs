@@ -30,7 +30,7 @@ const DEFAULT_ALIGN: u64 = 512;
 /// practice; larger reported values are honoured too).
 const BOUNCE_ALIGN: usize = 4096;
 /// The most a bounce buffer holds; longer requests go in pieces.
-pub(crate) const BOUNCE_CHUNK: usize = 1 << 20;
+const BOUNCE_CHUNK: usize = 1 << 20;
 
 impl DioAlign {
     /// Asks the kernel (`statx` with `STATX_DIOALIGN`) for `file`'s
@@ -75,13 +75,14 @@ impl DioAlign {
 }
 
 /// A zeroed buffer whose start is aligned for `O_DIRECT`.
-pub(crate) struct AlignedBuf {
+pub struct AlignedBuf {
     storage: Vec<u8>,
     start: usize,
     len: usize,
 }
 
 impl AlignedBuf {
+    /// `len` zeroed bytes starting at a multiple of `align` (at least 4096).
     pub fn new(len: usize, align: u64) -> Self {
         let align = usize::try_from(align)
             .unwrap_or(BOUNCE_ALIGN)
@@ -113,16 +114,10 @@ pub(crate) fn bounce_read(
     len: u64,
     mut deliver: impl FnMut(u64, &[u8]) -> io::Result<()>,
 ) -> io::Result<()> {
-    let mut buf = AlignedBuf::new(chunk(len), align.mem);
-    let mut done = 0u64;
-    while done < len {
-        let n = chunk(len - done);
-        let piece = &mut buf.as_mut_slice()[..n];
+    in_chunks(len, align.mem, |done, piece| {
         file.read_exact_at(piece, offset + done)?;
-        deliver(done, piece)?;
-        done += n as u64;
-    }
-    Ok(())
+        deliver(done, piece)
+    })
 }
 
 /// Writes `len` bytes at `offset` through a bounce buffer, asking
@@ -134,13 +129,25 @@ pub(crate) fn bounce_write(
     len: u64,
     mut fetch: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
 ) -> io::Result<()> {
-    let mut buf = AlignedBuf::new(chunk(len), align.mem);
+    in_chunks(len, align.mem, |done, piece| {
+        fetch(done, piece)?;
+        file.write_all_at(piece, offset + done)
+    })
+}
+
+/// Walks `len` bytes in pieces of at most [`BOUNCE_CHUNK`], handing
+/// `step(done, piece)` one zeroed-at-first buffer aligned to `mem_align`,
+/// reused for every piece.
+pub(crate) fn in_chunks(
+    len: u64,
+    mem_align: u64,
+    mut step: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut buf = AlignedBuf::new(chunk(len), mem_align);
     let mut done = 0u64;
     while done < len {
         let n = chunk(len - done);
-        let piece = &mut buf.as_mut_slice()[..n];
-        fetch(done, piece)?;
-        file.write_all_at(piece, offset + done)?;
+        step(done, &mut buf.as_mut_slice()[..n])?;
         done += n as u64;
     }
     Ok(())

@@ -8,12 +8,13 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use devices::virtio::block::AlignedBuf;
 use devices::virtio::{Block, BlockConfig, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::driver::{thread_cpu_secs, Driver, Pass, Vq};
+use crate::driver::{thread_cpu_secs, Driver, Pass, Stopwatch, Vq};
 
 pub const SEQ_BLOCK: usize = 1 << 20;
 pub const RAND_BLOCK: usize = 4096;
@@ -76,28 +77,6 @@ pub fn prepare_file(path: &Path, size: u64) -> io::Result<()> {
     f.sync_all()
 }
 
-/// A buffer aligned for O_DIRECT.
-struct Aligned {
-    storage: Vec<u8>,
-    start: usize,
-    len: usize,
-}
-
-impl Aligned {
-    fn new(len: usize) -> Aligned {
-        let storage = vec![0x5au8; len + 4096];
-        let start = storage.as_ptr().align_offset(4096);
-        Aligned {
-            storage,
-            start,
-            len,
-        }
-    }
-    fn buf(&mut self) -> &mut [u8] {
-        &mut self.storage[self.start..self.start + self.len]
-    }
-}
-
 /// The host alone: `pread`/`pwrite` with O_DIRECT.
 pub fn host_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
     let f = OpenOptions::new()
@@ -105,43 +84,39 @@ pub fn host_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
         .write(op == Op::SeqWrite)
         .custom_flags(libc::O_DIRECT)
         .open(path)?;
-    let mut a = Aligned::new(op.block());
-    let (t, c) = (Instant::now(), thread_cpu_secs());
+    let mut a = AlignedBuf::new(op.block(), 4096);
+    let buf = a.as_mut_slice();
+    // Real, written pages, as the guest's are.
+    buf.fill(0x5a);
+    let sw = Stopwatch::start(thread_cpu_secs());
     for &off in offsets {
         match op {
-            Op::SeqWrite => f.write_all_at(a.buf(), off)?,
-            _ => f.read_exact_at(a.buf(), off)?,
+            Op::SeqWrite => f.write_all_at(buf, off)?,
+            _ => f.read_exact_at(buf, off)?,
         }
     }
     if op == Op::SeqWrite {
         f.sync_data()?;
     }
-    Ok(Pass {
-        secs: t.elapsed().as_secs_f64(),
-        cpu_secs: thread_cpu_secs() - c,
-    })
+    Ok(sw.finish(thread_cpu_secs()))
 }
 
 /// The same I/O as virtio-blk requests through the real device
 /// (`direct=on`), transport and event loop.
 pub fn device_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
-    let blk = Block::new(&BlockConfig {
+    let (mut d, mut q) = start_device(BlockConfig {
         path: path.to_owned(),
         read_only: false,
         id: None,
         direct: true,
-    })
-    .map_err(io::Error::other)?;
-    let mut d = Driver::new(Arc::new(Mutex::new(blk)), MEM)?;
-    let mut q = Vq::new(0, QUEUE, 256);
-    d.start(VIRTIO_F_VERSION_1, &[&q])?;
+    })?;
     // The guest's data pages are real, written pages (as the host buffer
     // is), not the untouched zero page.
     d.mem
         .write_slice(&vec![0x5au8; SEQ_BLOCK], GuestAddress(DATA))
         .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
     let len = op.block() as u32;
-    let (t, c) = (Instant::now(), d.device_cpu_secs());
+    let sw = Stopwatch::start(d.device_cpu_secs());
     for &off in offsets {
         let (kind, data_writable) = match op {
             Op::SeqWrite => (1u32, false),
@@ -153,35 +128,32 @@ pub fn device_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
         // FLUSH, as a guest's fsync / dd conv=fsync ends with.
         request(&mut d, &mut q, 4, 0, 0, false)?;
     }
-    let secs = t.elapsed().as_secs_f64();
-    Ok(Pass {
-        secs,
-        cpu_secs: d.device_cpu_secs() - c,
-    })
+    Ok(sw.finish(d.device_cpu_secs()))
 }
 
 /// `count` GET_ID requests, one at a time: the round trip kick → event
 /// loop → device → interrupt → driver, with no disk I/O in it.
 pub fn device_round_trips(path: &Path, count: usize) -> io::Result<Pass> {
-    let blk = Block::new(&BlockConfig {
+    let (mut d, mut q) = start_device(BlockConfig {
         path: path.to_owned(),
         read_only: true,
         id: Some("devbench".into()),
         direct: true,
-    })
-    .map_err(io::Error::other)?;
-    let mut d = Driver::new(Arc::new(Mutex::new(blk)), MEM)?;
-    let mut q = Vq::new(0, QUEUE, 256);
-    d.start(VIRTIO_F_VERSION_1, &[&q])?;
-    let (t, c) = (Instant::now(), d.device_cpu_secs());
+    })?;
+    let sw = Stopwatch::start(d.device_cpu_secs());
     for _ in 0..count {
         request(&mut d, &mut q, 8, 0, 20, true)?;
     }
-    let secs = t.elapsed().as_secs_f64();
-    Ok(Pass {
-        secs,
-        cpu_secs: d.device_cpu_secs() - c,
-    })
+    Ok(sw.finish(d.device_cpu_secs()))
+}
+
+/// The device on the event loop, its queue set up and DRIVER_OK.
+fn start_device(cfg: BlockConfig) -> io::Result<(Driver, Vq)> {
+    let blk = Block::new(&cfg).map_err(io::Error::other)?;
+    let mut d = Driver::new(Arc::new(Mutex::new(blk)), MEM)?;
+    let q = Vq::new(0, QUEUE, 256);
+    d.start(VIRTIO_F_VERSION_1, &[&q])?;
+    Ok((d, q))
 }
 
 fn request(

@@ -46,6 +46,45 @@ pub struct Pass {
     pub cpu_secs: f64,
 }
 
+/// Times one pass: wall clock from `start`, CPU from the two readings of
+/// whichever thread does the I/O.
+pub struct Stopwatch {
+    started: std::time::Instant,
+    cpu_at_start: f64,
+}
+
+impl Stopwatch {
+    pub fn start(cpu_now: f64) -> Stopwatch {
+        Stopwatch {
+            started: std::time::Instant::now(),
+            cpu_at_start: cpu_now,
+        }
+    }
+
+    pub fn finish(self, cpu_now: f64) -> Pass {
+        Pass {
+            secs: self.started.elapsed().as_secs_f64(),
+            cpu_secs: cpu_now - self.cpu_at_start,
+        }
+    }
+}
+
+/// Waits up to `timeout` for `fd` to become readable; false on timeout.
+pub fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    match unsafe { libc::poll(&mut pfd, 1, ms) } {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(false),
+        _ => Ok(true),
+    }
+}
+
 /// CPU time the calling thread has used, in seconds.
 pub fn thread_cpu_secs() -> f64 {
     let mut ts = libc::timespec {
@@ -189,18 +228,7 @@ impl Driver {
     /// Waits for the irqfd to fire, then reads and acknowledges
     /// INTERRUPT_STATUS as the guest's handler does. False on timeout.
     pub fn wait_interrupt(&mut self, timeout: Duration) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.irq.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if r == 0 {
+        if !wait_readable(self.irq.as_raw_fd(), timeout)? {
             return Ok(false);
         }
         let _ = self.irq.read();
@@ -271,11 +299,17 @@ impl Vq {
                 .ok()?;
         }
         let head = ids[0];
+        self.push_avail(mem, head)?;
+        self.chains[usize::from(head)] = ids;
+        Some(head)
+    }
+
+    /// Puts `head` in the next avail-ring slot (visible after `publish`).
+    fn push_avail(&mut self, mem: &GuestMemoryMmap, head: u16) -> Option<()> {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(slot)).ok()?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.chains[usize::from(head)] = ids;
-        Some(head)
+        Some(())
     }
 
     /// Puts a chain the device returned back in the avail ring as it is
@@ -285,10 +319,7 @@ impl Vq {
         if self.chains.get(usize::from(head))?.is_empty() {
             return None;
         }
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        mem.write_obj(head, GuestAddress(slot)).ok()?;
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        Some(())
+        self.push_avail(mem, head)
     }
 
     /// Whether the device wants a kick for new buffers: not while it sets

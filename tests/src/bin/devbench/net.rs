@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devices::virtio::net::NetCounters;
 use devices::virtio::net::F_MRG_RXBUF;
@@ -25,7 +25,7 @@ use devices::virtio::tap::VNET_HDR_LEN as VNET_HDR;
 use devices::virtio::{Net, NetConfig, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::driver::{thread_cpu_secs, Driver, Pass, Vq};
+use crate::driver::{thread_cpu_secs, wait_readable, Driver, Pass, Stopwatch, Vq};
 
 const RXQ: u64 = 0x1_0000;
 const TXQ: u64 = 0x2_0000;
@@ -93,7 +93,6 @@ pub fn frame(len: usize) -> Vec<u8> {
 /// land in the TAP's queue for its reader). The socket receives nothing
 /// (protocol 0).
 pub fn inject(ifname: &str, frame: &[u8], count: usize) -> io::Result<()> {
-    let proto = 0u16;
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
     if fd < 0 {
@@ -110,7 +109,8 @@ pub fn inject(ifname: &str, frame: &[u8], count: usize) -> io::Result<()> {
     // SAFETY: sockaddr_ll is plain old data.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = proto;
+    // Protocol 0: send only.
+    sll.sll_protocol = 0;
     sll.sll_ifindex = ifindex as i32;
     // SAFETY: `sll` is a valid sockaddr_ll of the size given.
     let r = unsafe {
@@ -149,47 +149,31 @@ fn tx_packet(frame: &[u8]) -> Vec<u8> {
 /// Baseline TX: `count` writes.
 pub fn raw_tx(tap: &RawTap, frame: &[u8], count: usize) -> io::Result<Pass> {
     let p = tx_packet(frame);
-    let (t, c) = (Instant::now(), thread_cpu_secs());
+    let sw = Stopwatch::start(thread_cpu_secs());
     for _ in 0..count {
         tap.write_frame(&p)?;
     }
-    Ok(Pass {
-        secs: t.elapsed().as_secs_f64(),
-        cpu_secs: thread_cpu_secs() - c,
-    })
+    Ok(sw.finish(thread_cpu_secs()))
 }
 
 /// Baseline RX: reads `count` queued frames.
 pub fn raw_rx(tap: &RawTap, count: usize) -> io::Result<Pass> {
     let mut buf = vec![0u8; 65536 + VNET_HDR];
-    let (t, c) = (Instant::now(), thread_cpu_secs());
+    let sw = Stopwatch::start(thread_cpu_secs());
     let mut got = 0;
     while got < count {
         match tap.read_frame(&mut buf) {
             Ok(_) => got += 1,
             // The last frames may still be on their way through the stack.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(tap)?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if !wait_readable(tap.as_raw_fd(), Duration::from_secs(1))? {
+                    return Err(io::Error::other("a queued frame never reached the TAP"));
+                }
+            }
             Err(e) => return Err(e),
         }
     }
-    Ok(Pass {
-        secs: t.elapsed().as_secs_f64(),
-        cpu_secs: thread_cpu_secs() - c,
-    })
-}
-
-fn wait_readable(tap: &RawTap) -> io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: tap.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    match unsafe { libc::poll(&mut pfd, 1, 1000) } {
-        1.. => Ok(()),
-        0 => Err(io::Error::other("a queued frame never reached the TAP")),
-        _ => Err(io::Error::last_os_error()),
-    }
+    Ok(sw.finish(thread_cpu_secs()))
 }
 
 /// The device and its driver, queues started, no buffers posted yet; one
@@ -214,14 +198,6 @@ impl DeviceSide {
             )));
         }
         Ok(())
-    }
-
-    fn finish(&self, t: Instant, cpu_start: f64) -> Pass {
-        let secs = t.elapsed().as_secs_f64();
-        Pass {
-            secs,
-            cpu_secs: self.d.device_cpu_secs() - cpu_start,
-        }
     }
 
     /// Opens (creates) the TAP, starts the device and sets the link up.
@@ -251,22 +227,20 @@ impl DeviceSide {
         let p = tx_packet(frame);
         let mem = self.d.mem.clone();
         let len = p.len() as u32;
-        let mut heads = Vec::new();
+        let ring = usize::from(QSIZE);
+        if count < ring {
+            return Err(io::Error::other("fewer frames than a queue's worth"));
+        }
         for i in 0..u64::from(QSIZE) {
             let addr = TX_BUFS + i * TX_SLOT;
             mem.write_slice(&p, GuestAddress(addr))
                 .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
-            heads.push(
-                self.tx
-                    .add(&mem, &[(addr, len, false)])
-                    .ok_or_else(|| io::Error::other("tx queue full"))?,
-            );
+            self.tx
+                .add(&mem, &[(addr, len, false)])
+                .ok_or_else(|| io::Error::other("tx queue full"))?;
         }
-        if count < heads.len() {
-            return Err(io::Error::other("fewer frames than a queue's worth"));
-        }
-        let (t, c) = (Instant::now(), self.d.device_cpu_secs());
-        let mut queued = heads.len();
+        let sw = Stopwatch::start(self.d.device_cpu_secs());
+        let mut queued = ring;
         let mut done = 0usize;
         self.tx.publish(&mem)?;
         self.d.notify(1)?;
@@ -295,7 +269,7 @@ impl DeviceSide {
                 }
             }
         }
-        let pass = self.finish(t, c);
+        let pass = sw.finish(self.d.device_cpu_secs());
         self.check(count as u64, 0)?;
         Ok(pass)
     }
@@ -311,7 +285,7 @@ impl DeviceSide {
                 .add(&mem, &[(addr, RX_BUF_LEN, true)])
                 .ok_or_else(|| io::Error::other("rx queue full"))?;
         }
-        let (t, c) = (Instant::now(), self.d.device_cpu_secs());
+        let sw = Stopwatch::start(self.d.device_cpu_secs());
         self.rx.publish(&mem)?;
         self.d.notify(0)?;
         let mut got = 0usize;
@@ -344,7 +318,7 @@ impl DeviceSide {
                 self.d.notify(0)?;
             }
         }
-        let pass = self.finish(t, c);
+        let pass = sw.finish(self.d.device_cpu_secs());
         self.check(0, count as u64)?;
         Ok(pass)
     }

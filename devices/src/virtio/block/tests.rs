@@ -936,3 +936,39 @@ fn direct_disk_reports_its_logical_block_size() {
     let expect = dio.offset.clamp(512, 4096) as u32;
     assert_eq!(read_reg(&mut f.t, 0x100 + 20), expect);
 }
+
+#[test]
+fn direct_disk_rejects_hostile_chains_and_keeps_serving() {
+    let mut f = Fixture::direct();
+    let before = file_contents(&f.file);
+    // An unaligned buffer (bounce path) straddling the end of guest memory.
+    let edge = MEM_SIZE as u64 - 253;
+    f.hdr(T_IN, 0);
+    assert_eq!(
+        f.submit(&[(HDR, 16, false), (edge, 512, true), (STATUS, 1, true)]),
+        1
+    );
+    assert_eq!(f.status(), S_IOERR);
+    // OUT whose second, unaligned buffer lies outside memory: nothing is
+    // written, not even the first buffer's bytes.
+    f.hdr(T_OUT, 0);
+    f.mem
+        .write_slice(&[9u8; 100], GuestAddress(DATA + 3))
+        .unwrap();
+    let len = f.submit(&[
+        (HDR, 16, false),
+        (DATA + 3, 100, false),
+        (MEM_SIZE as u64 + 0x1000, 412, false),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!((len, f.status()), (1, S_IOERR));
+    // Unaligned and past the end of the disk.
+    f.hdr(T_IN, DISK_SECTORS - 1);
+    assert_eq!(
+        f.submit(&[(HDR, 16, false), (DATA + 3, 1024, true), (STATUS, 1, true)]),
+        1
+    );
+    assert_eq!(f.status(), S_IOERR);
+    assert_eq!(file_contents(&f.file), before);
+    f.assert_still_serving();
+}

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Build the guest kernel library used by the VMM's tests.
 #
-#   resources/build-kernels.sh [mini] [debian-6.1] [debian-6.12] [disk]
+#   resources/build-kernels.sh [mini] [debian-6.1] [debian-6.12] [disk] [testhost]
 #
 # No argument builds everything. Output:
 #   ${KERNEL_DIR:-<repo>/build/kernels}/<name>/{bzImage,vmlinux,initrd.img,cmdline,release,config}
 #   (mini also has vmlinux, the ELF with the PVH note, and System.map)
 #   <KERNEL_DIR>/../disks/rootfs.ext4
+#   <KERNEL_DIR>/../testhost/ (the test host QEMU boots: resources/testhost/build.sh)
 # Expensive inputs (compiled kernels, Debian packages, apt state) are cached in
 # ${VMM_CACHE:-/var/cache/vmm-guest}, keyed by what they are built from, so a
 # fresh clone on the same machine reuses them. Re-running is a fast no-op.
@@ -22,7 +23,7 @@ KERNEL_DIR=${KERNEL_DIR:-$REPO/build/kernels}
 DISK_DIR=$(dirname "$KERNEL_DIR")/disks
 CACHE=${VMM_CACHE:-/var/cache/vmm-guest}
 JOBS=${JOBS:-$(nproc)}
-ALL_TARGETS=(mini debian-6.1 debian-6.12 disk)
+ALL_TARGETS=(mini debian-6.1 debian-6.12 disk testhost)
 # Bump when the way a kernel is built changes (invalidates cached kernels).
 MINI_RECIPE=1
 DISK_UUID=5f1c0de0-7e57-4b1d-9a11-00000000d15c
@@ -40,7 +41,7 @@ die() { echo "build-kernels.sh: error: $*" >&2; exit 1; }
 sha() { sha256sum | cut -c1-16; }
 
 usage() {
-	echo "usage: $0 [mini] [debian-6.1] [debian-6.12] [disk]   (no argument: all)"
+	echo "usage: $0 [mini] [debian-6.1] [debian-6.12] [disk] [testhost]   (no argument: all)"
 }
 
 # ---------------------------------------------------------------- arguments
@@ -48,7 +49,7 @@ TARGETS=()
 for a in "$@"; do
 	case "$a" in
 	-h|--help) usage; exit 0 ;;
-	mini|debian-6.1|debian-6.12|disk) TARGETS+=("$a") ;;
+	mini|debian-6.1|debian-6.12|disk|testhost) TARGETS+=("$a") ;;
 	*) usage >&2; die "unknown target '$a'" ;;
 	esac
 done
@@ -112,6 +113,7 @@ publish_dir() {
 }
 
 # ---------------------------------------------------------------- userspace
+DEBIAN_61_GLOB='linux-image-6\.1\.[0-9]+-[0-9]+-amd64'
 BOOKWORM_SOURCES=(
 	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main"
 	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main"
@@ -330,26 +332,19 @@ apt_setup() {
 		-o Dir::Etc::PreferencesParts=/dev/null -o APT::Get::List-Cleanup=0 -o Acquire::Retries=3)
 }
 
-# debian_kernel <entry> <apt-name> <image-glob> <sources.list lines...>
-target_debian() {
+# debian_pin <entry> <apt-name> <image-glob> <sources.list lines...>: the
+# "package=version" an entry uses (pinned in $CACHE/debian/<entry>.pin; the
+# first run, or VMM_REFRESH=1, resolves the newest through a private apt
+# configuration).
+debian_pin() {
 	local entry=$1 aptname=$2 glob=$3; shift 3
-	local APT_ARCH=
-	local dst pinf pin= key
-	dst=$KERNEL_DIR/$entry pinf=$CACHE/debian/$entry.pin
-	ensure_packages "${COMMON_PKGS[@]}" "${DEBIAN_PKGS[@]}"
-	ensure_busybox32
-	mkdir -p "$CACHE/debian" 2>/dev/null || true
+	local APT_ARCH= pinf pin= pkg ver
+	pinf=$CACHE/debian/$entry.pin
 	[ -n "${VMM_REFRESH:-}" ] || pin=$(cat "$pinf" 2>/dev/null || true)
-	if [ -n "$pin" ]; then
-		key=$(echo "$pin" | sha)-$(userspace_key)
-		if up_to_date "$dst" "$key"; then say "$entry: up to date ($pin, $dst)"; return; fi
-	fi
-	need_root "download and unpack Debian kernels"
-	apt_setup "$aptname" "$@"
-
-	local pkg ver deb
 	if [ -z "$pin" ]; then
-		say "$entry: apt-get update (private config, $(sed -n 's/.* \([a-z-]*\) main$/\1/p' "$CACHE/apt/$aptname/sources.list" | tr '\n' ' '))"
+		need_root "resolve Debian kernel packages"
+		apt_setup "$aptname" "$@"
+		say "$entry: apt-get update (private config, $(sed -n 's/.* \([a-z-]*\) main$/\1/p' "$CACHE/apt/$aptname/sources.list" | tr '\n' ' '))" >&2
 		apt-get "${APT_OPTS[@]}" -q update >"$CACHE/logs/apt-$aptname.log" 2>&1 ||
 			{ tail -5 "$CACHE/logs/apt-$aptname.log" >&2; die "$entry: apt-get update failed (private config $CACHE/apt/$aptname)"; }
 		# linux-image-amd64 depends on the newest generic image package.
@@ -358,28 +353,53 @@ target_debian() {
 		[ -n "$pkg" ] || die "$entry: no package matching $glob in linux-image-amd64's dependencies"
 		ver=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions "$pkg" | sed -n 's/^Version: //p' | head -1)
 		pin="$pkg=$ver"
-		say "$entry: resolved $pin"
+		say "$entry: resolved $pin" >&2
 	fi
-	pkg=${pin%%=*} ver=${pin#*=}
-	key=$(echo "$pin" | sha)-$(userspace_key)
+	echo "$pin"
+}
 
+# debian_deb <entry> <apt-name> <pin> <sources.list lines...>: the path of
+# the pinned package's .deb in $CACHE/debian/dl (downloaded once).
+debian_deb() {
+	local entry=$1 aptname=$2 pin=$3; shift 3
+	local APT_ARCH= pkg=${pin%%=*} ver=${pin#*=} deb
+	deb=$(ls "$CACHE/debian/dl/${pkg}_"*.deb 2>/dev/null | grep -F "_${ver//:/%3a}_" | head -1 || true)
+	if [ -z "$deb" ]; then
+		need_root "download Debian kernel packages"
+		apt_setup "$aptname" "$@"
+		say "$entry: apt-get download $pkg=$ver" >&2
+		mkdir -p "$CACHE/debian/dl"
+		if [ ! -f "$CACHE/apt/$aptname/lists/lock" ] || ! apt-cache "${APT_OPTS[@]}" show "$pkg=$ver" >/dev/null 2>&1; then
+			apt-get "${APT_OPTS[@]}" -q update >"$CACHE/logs/apt-$aptname.log" 2>&1 || die "$entry: apt-get update failed"
+		fi
+		(cd "$CACHE/debian/dl" && apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver" >"$CACHE/logs/apt-$aptname-download.log" 2>&1) ||
+			{ tail -5 "$CACHE/logs/apt-$aptname-download.log" >&2; die "$entry: apt-get download $pkg=$ver failed"; }
+		deb=$(ls "$CACHE/debian/dl/${pkg}_"*.deb | grep -F "_${ver//:/%3a}_" | head -1)
+	fi
+	echo "$deb"
+}
+
+# target_debian <entry> <apt-name> <image-glob> <sources.list lines...>
+target_debian() {
+	local entry=$1 aptname=$2 glob=$3; shift 3
+	local dst pin key
+	dst=$KERNEL_DIR/$entry
+	ensure_packages "${COMMON_PKGS[@]}" "${DEBIAN_PKGS[@]}"
+	ensure_busybox32
+	mkdir -p "$CACHE/debian" 2>/dev/null || true
+	pin=$(debian_pin "$entry" "$aptname" "$glob" "$@")
+	key=$(echo "$pin" | sha)-$(userspace_key)
+	if up_to_date "$dst" "$key"; then say "$entry: up to date ($pin, $dst)"; return; fi
+	need_root "unpack Debian kernels"
+
+	local pkg=${pin%%=*} ver=${pin#*=} deb
 	local kdir=$CACHE/debian/${pkg}_$ver
 	if [ ! -f "$kdir/.done" ]; then
-		deb=$(ls "$CACHE/debian/dl/${pkg}_"*.deb 2>/dev/null | grep -F "_${ver//:/%3a}_" | head -1 || true)
-		if [ -z "$deb" ]; then
-			say "$entry: apt-get download $pkg=$ver"
-			mkdir -p "$CACHE/debian/dl"
-			if [ ! -f "$CACHE/apt/$aptname/lists/lock" ] || ! apt-cache "${APT_OPTS[@]}" show "$pkg=$ver" >/dev/null 2>&1; then
-				apt-get "${APT_OPTS[@]}" -q update >"$CACHE/logs/apt-$aptname.log" 2>&1 || die "$entry: apt-get update failed"
-			fi
-			(cd "$CACHE/debian/dl" && apt-get "${APT_OPTS[@]}" -q download "$pkg=$ver" >"$CACHE/logs/apt-$aptname-download.log" 2>&1) ||
-				{ tail -5 "$CACHE/logs/apt-$aptname-download.log" >&2; die "$entry: apt-get download $pkg=$ver failed"; }
-			deb=$(ls "$CACHE/debian/dl/${pkg}_"*.deb | head -1)
-		fi
+		deb=$(debian_deb "$entry" "$aptname" "$pin" "$@")
 		say "$entry: unpacking $(basename "$deb")"
 		unpack_debian_kernel "$entry" "$deb" "$kdir"
 	fi
-	echo "$pin" >"$pinf"
+	echo "$pin" >"$CACHE/debian/$entry.pin"
 
 	local release tmp
 	release=$(cat "$kdir/release")
@@ -517,6 +537,10 @@ target_disk() {
 	say "disk: done: $dst"
 }
 
+# ---------------------------------------------------------------- testhost
+# shellcheck source=testhost/build.sh
+. "$RES/testhost/build.sh"
+
 # ---------------------------------------------------------------- main
 run_targets() {
 	local t
@@ -524,7 +548,8 @@ run_targets() {
 		case "$t" in
 		mini) target_mini ;;
 		disk) target_disk ;;
-		debian-6.1) target_debian debian-6.1 bookworm 'linux-image-6\.1\.[0-9]+-[0-9]+-amd64' "${BOOKWORM_SOURCES[@]}" ;;
+		debian-6.1) target_debian debian-6.1 bookworm "$DEBIAN_61_GLOB" "${BOOKWORM_SOURCES[@]}" ;;
+		testhost) target_testhost ;;
 		debian-6.12) target_debian debian-6.12 trixie 'linux-image-6\.12\.[0-9]+\+deb13-amd64' \
 			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
 			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-updates main" \

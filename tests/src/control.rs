@@ -1,23 +1,29 @@
 //! A raw JSON-lines client for the control socket, as `socat` would use it.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::host::{Host, Stream};
+
 pub struct Ctl {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
+    reader: BufReader<Stream>,
+    writer: Stream,
 }
 
 impl Ctl {
-    /// Connects, retrying while the VMM starts.
+    /// Connects to a socket on this machine, retrying while the VMM starts.
     pub fn connect(path: &Path) -> Ctl {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        Self::connect_on(&Host::Local, path)
+    }
+
+    /// Connects to a socket on `host`, retrying while the VMM starts.
+    pub fn connect_on(host: &Host, path: &Path) -> Ctl {
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match UnixStream::connect(path) {
+            match host.connect(path) {
                 Ok(s) => {
                     let _ = s.set_read_timeout(Some(Duration::from_secs(90)));
                     let writer = s.try_clone().expect("clone socket");
@@ -107,11 +113,11 @@ impl Ctl {
         }
     }
 
-    pub fn stream(&self) -> &UnixStream {
+    pub fn stream(&self) -> &Stream {
         &self.writer
     }
 
-    pub fn reader(&mut self) -> &mut BufReader<UnixStream> {
+    pub fn reader(&mut self) -> &mut BufReader<Stream> {
         &mut self.reader
     }
 }

@@ -4,14 +4,19 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod control;
+pub mod guest;
+pub mod host;
 pub mod pty;
+pub mod testhost;
 pub mod tiny;
 pub mod tiny_virtio;
+
+pub use host::{host, Host, Proc};
 
 /// The workspace root.
 pub fn repo_root() -> PathBuf {
@@ -82,7 +87,7 @@ impl Drop for TempDir {
     }
 }
 
-fn rand_u64() -> u64 {
+pub(crate) fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);
@@ -96,10 +101,11 @@ struct Shared {
     closed: bool,
 }
 
-/// A running `vmm` process with its console on pipes.
+/// A running `vmm` process with its console on pipes, on this machine or
+/// in the test host.
 pub struct VmmProcess {
-    pub child: Child,
-    stdin: Option<ChildStdin>,
+    pub child: Proc,
+    stdin: Option<Box<dyn Write + Send>>,
     stdout: Arc<(Mutex<Shared>, Condvar)>,
     stderr: Arc<(Mutex<Shared>, Condvar)>,
     status: Option<ExitStatus>,
@@ -123,7 +129,7 @@ fn pump(mut r: impl Read + Send + 'static, sh: Arc<(Mutex<Shared>, Condvar)>) {
 }
 
 impl VmmProcess {
-    /// Starts the vmm binary with `args` and `--console stdio`.
+    /// Starts the vmm binary on this machine with `args` and `--console stdio`.
     pub fn spawn(args: &[&str]) -> VmmProcess {
         Self::spawn_cmd(
             Command::new(bin("vmm"))
@@ -132,18 +138,44 @@ impl VmmProcess {
         )
     }
 
+    /// Starts the vmm binary on `host` with `args` and `--console stdio`.
+    pub fn spawn_on(host: &Host, args: &[&str]) -> VmmProcess {
+        Self::spawn_on_with(host, &[], args)
+    }
+
+    /// The same, the command line behind `prefix` (e.g. `ip netns exec NS`).
+    pub fn spawn_on_with(host: &Host, prefix: &[&str], args: &[&str]) -> VmmProcess {
+        let vmm = bin("vmm");
+        let mut argv = prefix.to_vec();
+        argv.push(vmm.to_str().unwrap_or("vmm"));
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--console", "stdio"]);
+        let proc = host
+            .spawn(&argv, &[])
+            .unwrap_or_else(|e| panic!("start vmm: {e}\n{}", host.report()));
+        Self::from_proc(proc)
+    }
+
     pub fn spawn_cmd(cmd: &mut Command) -> VmmProcess {
-        let mut child = cmd
+        let child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start vmm");
+        Self::from_proc(Proc::Local(child))
+    }
+
+    pub fn from_proc(mut child: Proc) -> VmmProcess {
         let stdout = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
         let stderr = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
-        pump(child.stdout.take().expect("stdout"), stdout.clone());
-        pump(child.stderr.take().expect("stderr"), stderr.clone());
-        let stdin = child.stdin.take();
+        if let Some(o) = child.take_stdout() {
+            pump(o, stdout.clone());
+        }
+        if let Some(e) = child.take_stderr() {
+            pump(e, stderr.clone());
+        }
+        let stdin = child.take_stdin();
         VmmProcess {
             child,
             stdin,
@@ -158,29 +190,58 @@ impl VmmProcess {
         String::from_utf8_lossy(&g.out).into_owned()
     }
 
+    /// The console output from byte `from` on (see [`VmmProcess::len`]).
+    pub fn output_from(&self, from: usize) -> String {
+        let g = self.stdout.0.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(g.out.get(from..).unwrap_or_default()).into_owned()
+    }
+
+    /// How many console bytes have arrived so far.
+    pub fn len(&self) -> usize {
+        let g = self.stdout.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn stderr(&self) -> String {
         let g = self.stderr.0.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&g.out).into_owned()
     }
 
-    /// Waits until the console output contains `needle` `count` times.
-    pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+    /// Waits until the console output from byte `from` on satisfies `pred`;
+    /// returns what it found.
+    pub fn wait_until<T>(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &*self.stdout;
         let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if String::from_utf8_lossy(&g.out).matches(needle).count() >= count {
-                return true;
+            let text = String::from_utf8_lossy(g.out.get(from..).unwrap_or_default());
+            if let Some(t) = pred(&text) {
+                return Some(t);
             }
             let now = Instant::now();
             if now >= deadline || g.closed {
-                return false;
+                return None;
             }
             g = cv
                 .wait_timeout(g, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Waits until the console output contains `needle` `count` times.
+    pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
+        self.wait_until(0, timeout, |t| (t.matches(needle).count() >= count).then_some(()))
+            .is_some()
     }
 
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
@@ -200,19 +261,16 @@ impl VmmProcess {
         if let Some(s) = self.status {
             return Some(s);
         }
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                self.status = Some(s);
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        let s = self.child.wait_timeout(timeout);
+        self.status = s;
+        s
     }
 
     pub fn is_alive(&mut self) -> bool {
-        self.status.is_none() && matches!(self.child.try_wait(), Ok(None))
+        if self.status.is_none() {
+            self.status = self.child.try_wait();
+        }
+        self.status.is_none()
     }
 
     /// A report for assertion messages: the tail of stdout and stderr.
@@ -237,7 +295,7 @@ impl Drop for VmmProcess {
     fn drop(&mut self) {
         if self.is_alive() {
             let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = self.child.wait_timeout(Duration::from_secs(5));
         }
     }
 }

@@ -7,6 +7,9 @@
 #   scripts/bench.sh --help          # every option
 #   scripts/bench.sh --devices       # virtio-blk/net device path vs the host
 #                                    # doing the same I/O (root; --help for more)
+#   scripts/bench.sh --testhost      # real guests, ours vs QEMU -enable-kvm side by
+#                                    # side: boot, guest dd, TCP (in the test host
+#                                    # without hardware KVM; --help for more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +18,15 @@ if [ "${1:-}" = "--devices" ]; then
     cargo build --release -q -p vmm -p tests --bin vmm --bin devbench
     target="${CARGO_TARGET_DIR:-target}/release"
     exec "$target/devbench" --vmm "$target/vmm" "$@"
+fi
+
+if [ "${1:-}" = "--testhost" ]; then
+    shift
+    scripts/host-deps.sh
+    . scripts/testhost-needed.sh
+    resources/build-kernels.sh mini ${in_testhost:+testhost}
+    cargo build --release -q -p vmm -p tests --bin vmm --bin vmm-testhost --bin testhost-bench
+    exec "${CARGO_TARGET_DIR:-target}/release/testhost-bench" "$@"
 fi
 
 if ! command -v qemu-system-x86_64 >/dev/null; then

@@ -1,4 +1,5 @@
-# vmm.run=blkbench: the guest half of `scripts/bench.sh --devices --guest`.
+# vmm.run=blkbench: the guest half of `scripts/bench.sh --devices --guest`
+# and of `scripts/bench.sh --testhost`'s disk rows.
 # Sequential 1 MiB O_DIRECT reads, then writes, over all of /dev/vda (a
 # scratch disk the benchmark attached), each printed as busybox dd's summary
 # line; then power off.

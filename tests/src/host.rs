@@ -20,7 +20,8 @@ use crate::testhost::{ExecOptions, RemoteChild, TestHost};
 /// space cannot make system calls)?
 pub fn hardware_kvm() -> bool {
     !Path::new("/sys/module/kvm_pvm").exists()
-        && (Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists())
+        && (Path::new("/sys/module/kvm_intel").exists()
+            || Path::new("/sys/module/kvm_amd").exists())
 }
 
 pub enum Host {

@@ -240,8 +240,10 @@ impl VmmProcess {
 
     /// Waits until the console output contains `needle` `count` times.
     pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) -> bool {
-        self.wait_until(0, timeout, |t| (t.matches(needle).count() >= count).then_some(()))
-            .is_some()
+        self.wait_until(0, timeout, |t| {
+            (t.matches(needle).count() >= count).then_some(())
+        })
+        .is_some()
     }
 
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {

@@ -1,11 +1,9 @@
-//! Real Linux (the `mini` kernel from the kernel library) under real KVM.
-//!
-//! Under this machine's kvm_pvm, guest user space cannot make system calls
-//! (see README.md), so these tests check what the kernel itself shows and
-//! does: its log (CPUs, memory, command line, release, virtio disk), a
-//! panic reported through pvpanic, SysRq from the i8042 keyboard, a
-//! keyboard-controller reboot and an ACPI S5 power-off — every one of them
-//! driven by the real, unmodified kernel code paths.
+//! Real Linux (the `mini` kernel from the kernel library) on this machine's
+//! own /dev/kvm, up to the start of its user space: what the kernel shows of
+//! the machine in its log. Where /dev/kvm is kvm_pvm this keeps the VMM's PVM
+//! compatibility layer tested with a real kernel (user space cannot make
+//! system calls there, see README.md); everything past `Run /init` is tested
+//! in `tests/userspace`, with real user space.
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
@@ -15,9 +13,6 @@ use tests::{library_entry, TempDir, VmmProcess};
 
 /// One boot of `mini` to init takes minutes under a software KVM.
 const BOOT: Duration = Duration::from_secs(600);
-
-/// The kernel's keyboard driver is bound: SysRq keys work from here on.
-const KEYBOARD_UP: &str = "input: AT Raw Set 2 keyboard";
 
 fn mini_cmdline(entry: &std::path::Path) -> String {
     let c = std::fs::read_to_string(entry.join("cmdline")).unwrap_or_default();
@@ -29,30 +24,17 @@ fn mini_cmdline(entry: &std::path::Path) -> String {
         .join(" ")
 }
 
-/// Presses Alt+SysRq+`key` once a second until `done` (at most 2 min).
-/// Each press is its own connection, and errors are ignored: the VMM may
-/// be gone (power-off) or the guest keyboard not ready (press again).
-fn press_sysrq_until(sock: &std::path::Path, key: &str, done: impl Fn() -> bool) {
-    use std::io::{Read, Write};
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !done() && std::time::Instant::now() < deadline {
-        if let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(format!("{{\"cmd\":\"sysrq\",\"key\":\"{key}\"}}\n").as_bytes());
-            let mut answer = [0u8; 256];
-            let _ = s.read(&mut answer);
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    assert!(done(), "SysRq {key} had no effect in 2 minutes");
-}
-
 fn log_line<'a>(out: &'a str, needle: &str) -> Option<&'a str> {
     out.lines().find(|l| l.contains(needle))
 }
 
+/// The kernel's own view of the machine, from its log, up to the start of
+/// user space. Under kvm_pvm (the PVM compatibility layer: CPUID masks,
+/// command-line additions, the fallback emulator) nothing past that can
+/// run; on hardware KVM it runs the same. User space is tested in
+/// `tests/userspace` (in the test host where /dev/kvm is kvm_pvm).
 #[test]
-fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
+fn mini_reaches_init_and_its_kernel_sees_the_machine_it_was_given() {
     let Some(entry) = library_entry("mini") else {
         return;
     };
@@ -74,9 +56,8 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
         ""
     };
     let sock = dir.path().join("run/mini/control.sock");
-    let log = dir.path().join("console.log");
     let cmdline = format!("{} vmm.test=marker-42", mini_cmdline(&entry));
-    let mut p = VmmProcess::spawn(&[
+    let p = VmmProcess::spawn(&[
         "--name",
         "mini",
         "--kernel-dir",
@@ -95,14 +76,7 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
         &format!("path={},id=second{direct}", disk2.display()),
         "--control",
         sock.to_str().unwrap_or_default(),
-        "--console-log",
-        log.to_str().unwrap_or_default(),
-        "--exit-on-poweroff",
     ]);
-    let mut sub = Ctl::connect(&sock);
-    sub.ok(r#"{"cmd":"subscribe"}"#);
-
-    // Boot 1: the kernel's own view of the machine.
     assert!(
         p.wait_for("Run /init as init process", BOOT),
         "{}",
@@ -140,59 +114,10 @@ fn mini_boots_panics_reboots_and_powers_off_in_one_process() {
         "{}",
         p.report()
     );
-
-    // The init cannot run here (no system calls under kvm_pvm): the kernel
-    // panics, pvpanic tells us, and the default panic action resets.
-    let ev = sub.wait_event("panic", BOOT).expect("panic event");
-    assert_eq!(ev["action"], "reset");
-    let ev = sub
-        .wait_event("reset", Duration::from_secs(30))
-        .expect("reset event");
-    assert_eq!(ev["cause"], "panic");
-    assert!(
-        p.wait_for("--- vmm: boot 2 (reset: panic", BOOT),
-        "{}",
-        p.report()
-    );
-    assert!(p.is_alive());
-
-    // Boot 2: once the keyboard is up, Alt+SysRq+B reboots through the
-    // keyboard controller (reboot=k).
-    assert!(p.wait_for_count(KEYBOARD_UP, 2, BOOT), "{}", p.report());
-    let mut c = Ctl::connect(&sock);
-    // Keys that arrive while the keyboard driver is still starting are
-    // lost (as on hardware): press again until the guest acts.
-    press_sysrq_until(&sock, "b", || p.output().contains("--- vmm: boot 3 "));
-    assert!(
-        p.wait_for("--- vmm: boot 3 (reset: guest", BOOT),
-        "{}",
-        p.report()
-    );
-    let s = c.status();
-    assert_eq!(s["boot_count"], 3);
-    assert_eq!(s["last_reset"], "guest");
-
-    // Boot 3: Alt+SysRq+O powers off through ACPI S5: the process ends with 0.
-    assert!(p.wait_for_count(KEYBOARD_UP, 3, BOOT), "{}", p.report());
-    // The VMM removes its socket when it exits (--exit-on-poweroff).
-    press_sysrq_until(&sock, "o", || !sock.exists());
-    let st = p.wait_exit(Duration::from_secs(300));
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", p.report());
-
-    // The console log holds every boot, marked.
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
-    for n in 1..=3 {
-        assert!(
-            text.contains(&format!("--- vmm: boot {n} ")),
-            "boot {n} missing from the log"
-        );
-    }
-    assert!(
-        text.contains("Run /init as init process"),
-        "boot 1 reached init"
-    );
-    // (The kernel's own "sysrq: ..." lines may not reach the console before
-    // it resets or powers off, so they are not asserted.)
+    // The control socket answers while the guest runs.
+    let s = Ctl::connect(&sock).status();
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["boot_count"], 1, "{s}");
 }
 
 #[test]
@@ -221,99 +146,4 @@ fn mini_with_one_vcpu_sees_one_cpu() {
         .unwrap_or_default()
         .to_string();
     assert!(mem.contains("K/130"), "128 MiB less the BIOS holes: {mem}");
-}
-
-fn dumpe2fs(image: &std::path::Path) -> String {
-    let out = std::process::Command::new("dumpe2fs")
-        .arg("-h")
-        .arg(image)
-        .output()
-        .expect("dumpe2fs (e2fsprogs) is needed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn field<'a>(dump: &'a str, name: &str) -> &'a str {
-    dump.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .map(|v| v.trim_start_matches(':').trim())
-        .unwrap_or("")
-}
-
-fn sha(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
-
-/// Boots mini with no initramfs and `root=/dev/vda`: the kernel itself
-/// mounts the ext4 image through virtio-blk and tries its init; the panic
-/// that follows powers the VM off (--on-panic poweroff).
-fn boot_root_disk(entry: &std::path::Path, image: &std::path::Path, ro: bool) -> VmmProcess {
-    let cmdline = format!("{} root=/dev/vda rootfstype=ext4 rw", mini_cmdline(entry));
-    let disk = format!("path={}{}", image.display(), if ro { ",ro=on" } else { "" });
-    let mut p = VmmProcess::spawn(&[
-        "--kernel",
-        entry.join("bzImage").to_str().unwrap_or_default(),
-        "--memory",
-        "128",
-        "--cmdline",
-        &cmdline,
-        "--disk",
-        &disk,
-        "--on-panic",
-        "poweroff",
-    ]);
-    let st = p.wait_exit(BOOT);
-    assert_eq!(st.and_then(|s| s.code()), Some(0), "{}", p.report());
-    p
-}
-
-#[test]
-fn mini_mounts_an_ext4_root_over_virtio_blk_and_writes_reach_the_image() {
-    let Some(entry) = library_entry("mini") else {
-        return;
-    };
-    let src = tests::repo_root().join("build/disks/rootfs.ext4");
-    assert!(
-        src.is_file(),
-        "build/disks/rootfs.ext4 missing: run resources/build-kernels.sh disk"
-    );
-    let dir = TempDir::new("mini-root");
-
-    // Writable: the guest kernel mounts it read-write, which updates the
-    // superblock (mount count, mount time) on the host's image file.
-    let img = dir.path().join("root.ext4");
-    std::fs::copy(&src, &img).expect("copy image");
-    let before = dumpe2fs(&img);
-    let p = boot_root_disk(&entry, &img, false);
-    assert!(
-        p.output()
-            .contains("VFS: Mounted root (ext4 filesystem) on device"),
-        "{}",
-        p.report()
-    );
-    let after = dumpe2fs(&img);
-    let count = |d: &str| field(d, "Mount count").parse::<u32>().unwrap_or(0);
-    assert_eq!(count(&after), count(&before) + 1, "{after}");
-    assert_ne!(field(&after, "Last mount time"), "n/a", "{after}");
-
-    // Read-only (ro=on): the kernel sees a read-only disk, mounts it
-    // read-only, and the image does not change by a single byte.
-    let ro_img = dir.path().join("ro.ext4");
-    std::fs::copy(&src, &ro_img).expect("copy image");
-    let hash = sha(&ro_img);
-    let p = boot_root_disk(&entry, &ro_img, true);
-    assert!(
-        p.output()
-            .contains("VFS: Mounted root (ext4 filesystem) readonly"),
-        "{}",
-        p.report()
-    );
-    assert_eq!(sha(&ro_img), hash, "a read-only disk changed");
 }

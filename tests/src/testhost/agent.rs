@@ -41,7 +41,9 @@ fn handle(conn: TcpStream) -> io::Result<()> {
     let line = proto::read_line(&mut reader)?;
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
-        Err(e) => return proto::write_json(&mut writer, &Reply::error(format!("bad request: {e}"))),
+        Err(e) => {
+            return proto::write_json(&mut writer, &Reply::error(format!("bad request: {e}")))
+        }
     };
     match req {
         Request::Ping => {
@@ -72,7 +74,11 @@ fn handle(conn: TcpStream) -> io::Result<()> {
 }
 
 /// Copies both ways until either side ends, then ends the other.
-fn relay(mut from_client: BufReader<TcpStream>, to_client: TcpStream, unix: UnixStream) -> io::Result<()> {
+fn relay(
+    mut from_client: BufReader<TcpStream>,
+    to_client: TcpStream,
+    unix: UnixStream,
+) -> io::Result<()> {
     let mut unix_w = unix.try_clone()?;
     let mut unix_r = unix;
     let mut client_w = to_client.try_clone()?;
@@ -152,7 +158,10 @@ fn exec(
 ) -> io::Result<()> {
     let out: Out = Arc::new(Mutex::new(conn.try_clone()?));
     let Some((prog, args)) = argv.split_first() else {
-        return proto::write_json(&mut *out.lock().unwrap_or_else(|e| e.into_inner()), &Reply::error("empty argv"));
+        return proto::write_json(
+            &mut *out.lock().unwrap_or_else(|e| e.into_inner()),
+            &Reply::error("empty argv"),
+        );
     };
     let mut cmd = Command::new(prog);
     cmd.args(args);

@@ -36,7 +36,10 @@ impl Agent {
         let line = read_reply_line(&mut s)?;
         s.set_read_timeout(None)?;
         let reply: Reply = serde_json::from_str(&line).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidData, format!("agent reply {line:?}: {e}"))
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("agent reply {line:?}: {e}"),
+            )
         })?;
         if !reply.ok {
             return Err(io::Error::other(
@@ -96,7 +99,10 @@ fn read_reply_line(s: &mut TcpStream) -> io::Result<String> {
         }
         line.push(b[0]);
     }
-    Err(io::Error::new(io::ErrorKind::InvalidData, "reply line too long"))
+    Err(io::Error::new(
+        io::ErrorKind::InvalidData,
+        "reply line too long",
+    ))
 }
 
 fn pipe() -> io::Result<(File, File)> {

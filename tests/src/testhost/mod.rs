@@ -184,7 +184,10 @@ impl TestHost {
     /// Is it still running? (Its kernel may have died under it: see
     /// `wedge` for the emulator fault behind that.)
     pub fn is_alive(&self) -> bool {
-        self.exit.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        self.exit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
             && !std::fs::read_to_string(&self.log)
                 .unwrap_or_default()
                 .contains("Kernel panic")

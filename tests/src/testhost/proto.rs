@@ -146,7 +146,10 @@ mod tests {
         write_frame(&mut buf, STDOUT, b"hello").unwrap();
         write_frame(&mut buf, EXIT, &0i32.to_le_bytes()).unwrap();
         let mut r = &buf[..];
-        assert_eq!(read_frame(&mut r).unwrap(), Some((STDOUT, b"hello".to_vec())));
+        assert_eq!(
+            read_frame(&mut r).unwrap(),
+            Some((STDOUT, b"hello".to_vec()))
+        );
         assert_eq!(read_frame(&mut r).unwrap(), Some((EXIT, vec![0; 4])));
         assert_eq!(read_frame(&mut r).unwrap(), None);
     }

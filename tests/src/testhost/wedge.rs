@@ -51,3 +51,34 @@ pub fn wedged_vmms(host: &Host) -> Vec<u32> {
         Err(_) => Vec::new(),
     }
 }
+
+const THREADS: &str = r#"p=PID
+for t in /proc/$p/task/*; do
+    echo "thread $(basename $t) $(cat $t/comm) state=$(awk '{print $3}' $t/stat) wchan=$(cat $t/wchan 2>/dev/null)"
+    sed 's/^/    /' $t/stack 2>/dev/null | head -8
+done
+for d in /sys/kernel/debug/kvm/$p-*; do
+    [ -d "$d" ] || continue
+    a=$(cd $d && grep -H . exits halt_exits pf_guest pf_taken irq_injections io_exits mmio_exits signal_exits 2>/dev/null | tr '\n' ' ')
+    sleep 1
+    b=$(cd $d && grep -H . exits halt_exits pf_guest pf_taken irq_injections io_exits mmio_exits signal_exits 2>/dev/null | tr '\n' ' ')
+    echo "kvm counters: $a"
+    echo "one second later: $b"
+done"#;
+
+/// For a failure's report: the VMM's threads in the test host (state,
+/// kernel wait channel and stack) and its KVM counters one second apart,
+/// so a hang that is neither the known wedge nor the VMM's fault can be
+/// told apart afterwards.
+pub fn threads_report(host: &Host, pid: u32) -> String {
+    if !host.is_test_host() || !host.is_alive() {
+        return String::new();
+    }
+    match host.try_sh(
+        &THREADS.replace("PID", &pid.to_string()),
+        Duration::from_secs(30),
+    ) {
+        Ok(out) => format!("--- vmm threads in the test host ---\n{}", out.stdout),
+        Err(e) => format!("--- vmm threads in the test host: {e}"),
+    }
+}

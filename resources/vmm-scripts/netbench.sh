@@ -1,0 +1,20 @@
+# vmm.run=netbench: the guest half of `scripts/bench.sh --testhost`'s network
+# rows. The host (10.0.2.1, the TAP's other end) listens on 5001 (sink) and
+# 5002 (sends VMM_NET_MIB MiB, default 64) before the guest boots. The guest
+# sends, then receives, timing each on its own clock; then powers off.
+mib=${VMM_NET_MIB:-64}
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in vmm.net_mib=*) mib=${arg#vmm.net_mib=} ;; esac
+done
+ip addr add 10.0.2.2/24 dev eth0 && ip link set eth0 up
+now() { cut -d' ' -f1 /proc/uptime; }
+t0=$(now)
+dd if=/dev/zero bs=65536 count=$((mib * 16)) 2>/dev/null | nc 10.0.2.1 5001
+t1=$(now)
+echo "vmm-bench: net-tx $mib MiB $(awk "BEGIN { print $t1 - $t0 }") s"
+t0=$(now)
+nc 10.0.2.1 5002 </dev/null | dd of=/dev/null bs=65536 2>/dev/null
+t1=$(now)
+echo "vmm-bench: net-rx $mib MiB $(awk "BEGIN { print $t1 - $t0 }") s"
+echo "vmm-bench: done"
+poweroff -f

@@ -1,0 +1,412 @@
+//! `testhost-bench`: our VMM next to QEMU (`-enable-kvm`) on the same host
+//! in one run — inside the test host on a machine without hardware KVM
+//! (`scripts/bench.sh --testhost`), else on this machine's KVM. Not a test:
+//! it prints medians and ratios. Under the test host every figure is
+//! scaled by software emulation: compare ours with QEMU's, never with
+//! hardware numbers.
+//!
+//! Rows (the `mini` kernel and its initramfs, 1 vCPU, 256 MiB):
+//! * boot: process start → `VMM-INIT-OK` (user space) on the serial
+//!   console; ours vs QEMU `-M microvm` and `-M q35`;
+//! * disk: the guest's busybox `dd` with O_DIRECT over a 256 MiB virtio
+//!   disk (`vmm.run=blkbench`), the image `direct=on` for us and
+//!   `cache=none,aio=native` for QEMU, on an ext4;
+//! * net: 64 MiB each way over TCP between the guest and its TAP's host
+//!   end (`vmm.run=netbench`, timed in the guest), ours vs QEMU's
+//!   virtio-net (userspace, and with vhost-net).
+
+// The benchmark's table and statistics helpers (this binary uses a part).
+#[allow(dead_code)]
+#[path = "bench/report.rs"]
+mod report;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use report::{stats, Stats, Table};
+use tests::guest::{entry_cmdline, kernel_dir, HostDir, NetNs};
+use tests::{bin, host, Host, VmmProcess};
+
+const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+const MARKER: &str = "VMM-INIT-OK";
+const TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Clone, Copy, PartialEq)]
+enum Peer {
+    Ours,
+    Microvm,
+    Q35,
+}
+
+impl Peer {
+    fn label(self) -> &'static str {
+        match self {
+            Peer::Ours => "vmm",
+            Peer::Microvm => "QEMU microvm",
+            Peer::Q35 => "QEMU q35",
+        }
+    }
+}
+
+struct Guest {
+    kernel: String,
+    initrd: String,
+    cmdline: String,
+}
+
+/// The command line that boots `g` with `extra` kernel arguments and
+/// `devices` (already in the peer's syntax).
+fn argv(peer: Peer, g: &Guest, extra: &str, devices: &[String]) -> Vec<String> {
+    let cmdline = format!("{} {extra}", g.cmdline);
+    let mut v: Vec<String> = match peer {
+        Peer::Ours => vec![
+            bin("vmm").display().to_string(),
+            "--kernel".into(),
+            g.kernel.clone(),
+            "--initrd".into(),
+            g.initrd.clone(),
+            "--memory".into(),
+            "256".into(),
+            "--vcpus".into(),
+            "1".into(),
+            "--console".into(),
+            "stdio".into(),
+            "--cmdline".into(),
+            cmdline,
+        ],
+        Peer::Microvm | Peer::Q35 => {
+            let machine = if peer == Peer::Microvm {
+                "microvm"
+            } else {
+                "q35"
+            };
+            [
+                QEMU,
+                "-M",
+                machine,
+                "-enable-kvm",
+                "-cpu",
+                "host",
+                "-m",
+                "256",
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-kernel",
+                &g.kernel,
+                "-initrd",
+                &g.initrd,
+                "-append",
+                &cmdline,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        }
+    };
+    v.extend(devices.iter().cloned());
+    v
+}
+
+fn start(h: &Host, prefix: &[&str], argv: &[String]) -> VmmProcess {
+    let mut full: Vec<&str> = prefix.to_vec();
+    full.extend(argv.iter().map(String::as_str));
+    let p = h
+        .spawn(&full, &[])
+        .unwrap_or_else(|e| panic!("start {}: {e}", argv[0]));
+    VmmProcess::from_proc(p)
+}
+
+/// Seconds from spawn to the user-space marker.
+fn boot_once(h: &Host, peer: Peer, g: &Guest) -> Option<f64> {
+    let t0 = Instant::now();
+    let mut p = start(h, &[], &argv(peer, g, "", &[]));
+    let ok = p.wait_for(MARKER, TIMEOUT);
+    let t = t0.elapsed().as_secs_f64();
+    let _ = p.child.kill();
+    if !ok {
+        eprintln!("{}: no {MARKER}\n{}", peer.label(), p.report());
+        return None;
+    }
+    Some(t)
+}
+
+/// Runs a `vmm.run=` guest script to its power-off; returns its console.
+fn run_script(
+    h: &Host,
+    prefix: &[&str],
+    peer: Peer,
+    g: &Guest,
+    extra: &str,
+    devices: &[String],
+) -> String {
+    let mut p = start(h, prefix, &argv(peer, g, extra, devices));
+    if !p.wait_for("vmm-bench: done", TIMEOUT) {
+        eprintln!(
+            "{}: the guest script did not finish\n{}",
+            peer.label(),
+            p.report()
+        );
+    }
+    let _ = p.wait_exit(Duration::from_secs(30));
+    let _ = p.child.kill();
+    p.output()
+}
+
+/// MB/s from busybox dd's summary in a `vmm-bench: NAME ...` line.
+fn dd_rate(out: &str, name: &str) -> Option<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("vmm-bench: {name} ")))?;
+    let (bytes, rest) = line.split_once(" bytes")?;
+    let bytes: f64 = bytes.split_whitespace().last()?.parse().ok()?;
+    let secs: f64 = rest
+        .split(", ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    (secs > 0.0).then(|| bytes / secs / 1e6)
+}
+
+/// MB/s from a `vmm-bench: net-tx 64 MiB 2.31 s` line.
+fn net_rate(out: &str, name: &str) -> Option<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("vmm-bench: {name} ")))?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let mib: f64 = w.get(2)?.parse().ok()?;
+    let secs: f64 = w.get(4)?.parse().ok()?;
+    (secs > 0.0).then(|| mib * 1048576.0 / secs / 1e6)
+}
+
+fn median(v: &[f64]) -> Option<Stats> {
+    stats(v)
+}
+
+fn main() -> ExitCode {
+    let mut runs = 5usize;
+    let mut only: Vec<String> = vec!["boot".into(), "disk".into(), "net".into()];
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = args.next().and_then(|n| n.parse().ok()).unwrap_or(runs),
+            "--only" => {
+                only = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_string)
+                    .collect()
+            }
+            "--help" | "-h" => {
+                println!("testhost-bench [--runs N] [--only boot,disk,net]   (scripts/bench.sh --testhost)");
+                return ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("testhost-bench: error: unknown argument {other:?}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let h = host();
+    let entry = kernel_dir().join("mini");
+    let g = Guest {
+        kernel: entry.join("vmlinux").display().to_string(),
+        initrd: entry.join("initrd.img").display().to_string(),
+        cmdline: entry_cmdline("mini"),
+    };
+    let place = if h.is_test_host() {
+        "inside the test host (QEMU TCG, AMD SVM): every figure is scaled by software emulation, compare the ratios"
+    } else {
+        "on this machine's hardware KVM"
+    };
+    println!("testhost-bench: {runs} runs, alternating, medians; {place}");
+
+    if only.iter().any(|o| o == "boot") {
+        let peers = [Peer::Ours, Peer::Microvm, Peer::Q35];
+        let mut t: Vec<Vec<f64>> = vec![Vec::new(); peers.len()];
+        for r in 0..runs {
+            for (i, p) in peers.iter().enumerate() {
+                if let Some(s) = boot_once(h, *p, &g) {
+                    t[i].push(s);
+                }
+            }
+            eprintln!("boot run {}/{runs} done", r + 1);
+        }
+        let ours = median(&t[0]).map(|s| s.median);
+        let mut tab = Table::new(&["boot → user space", "median", "min", "max", "QEMU / vmm"]);
+        for (i, p) in peers.iter().enumerate() {
+            let s = median(&t[i]);
+            tab.row(vec![
+                p.label().into(),
+                s.map_or("-".into(), |s| report::dur(s.median)),
+                s.map_or("-".into(), |s| report::dur(s.min)),
+                s.map_or("-".into(), |s| report::dur(s.max)),
+                if i == 0 {
+                    "".into()
+                } else {
+                    report::ratio(s.map(|s| s.median), ours)
+                },
+            ]);
+        }
+        tab.print();
+    }
+
+    if only.iter().any(|o| o == "disk") {
+        let dir = HostDir::new(h, "bench-disk");
+        let fs = dir.join("fs.img");
+        let mnt = dir.join("mnt");
+        h.sh(&format!(
+            "set -e; truncate -s 1G {fs}; mkfs.ext4 -q {fs}; mkdir {mnt}; mount -o loop {fs} {mnt}; \
+             truncate -s 256M {mnt}/disk.img"
+        ))
+        .ok("an ext4 for the disk image");
+        let img = format!("{mnt}/disk.img");
+        let cases: [(Peer, Vec<String>); 2] = [
+            (
+                Peer::Ours,
+                vec!["--disk".into(), format!("path={img},direct=on")],
+            ),
+            (
+                Peer::Microvm,
+                vec![
+                    "-drive".into(),
+                    format!("file={img},if=none,id=d0,format=raw,cache=none,aio=native"),
+                    "-device".into(),
+                    "virtio-blk-device,drive=d0".into(),
+                ],
+            ),
+        ];
+        let mut rd: Vec<Vec<f64>> = vec![Vec::new(); 2];
+        let mut wr: Vec<Vec<f64>> = vec![Vec::new(); 2];
+        for r in 0..runs {
+            for (i, (p, dev)) in cases.iter().enumerate() {
+                let out = run_script(h, &[], *p, &g, "vmm.run=blkbench", dev);
+                match (dd_rate(&out, "seq-read"), dd_rate(&out, "seq-write")) {
+                    (Some(a), Some(b)) => {
+                        rd[i].push(a);
+                        wr[i].push(b);
+                    }
+                    _ => eprintln!(
+                        "{}: no dd figures:\n{}",
+                        p.label(),
+                        out.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+                    ),
+                }
+            }
+            eprintln!("disk run {}/{runs} done", r + 1);
+        }
+        let _ = h.sh(&format!("umount {mnt}"));
+        let mut tab = Table::new(&[
+            "guest dd, O_DIRECT, 1 MiB",
+            "vmm MB/s",
+            "QEMU MB/s",
+            "vmm / QEMU",
+        ]);
+        for (label, v) in [("sequential read", &rd), ("sequential write", &wr)] {
+            let (a, b) = (
+                median(&v[0]).map(|s| s.median),
+                median(&v[1]).map(|s| s.median),
+            );
+            tab.row(vec![
+                label.into(),
+                a.map_or("-".into(), |x| format!("{x:.1}")),
+                b.map_or("-".into(), |x| format!("{x:.1}")),
+                report::ratio(a, b),
+            ]);
+        }
+        tab.print();
+    }
+
+    if only.iter().any(|o| o == "net") {
+        let ns = NetNs::new(h, "bench");
+        let netdev = |vhost: &str| {
+            vec![
+                "-netdev".to_string(),
+                format!("tap,id=n0,ifname=tap0,script=no,downscript=no,vhost={vhost}"),
+                "-device".to_string(),
+                "virtio-net-device,netdev=n0".to_string(),
+            ]
+        };
+        let cases: [(&str, Peer, Vec<String>); 3] = [
+            ("vmm", Peer::Ours, vec!["--net".into(), "tap=tap0".into()]),
+            ("QEMU", Peer::Microvm, netdev("off")),
+            ("QEMU vhost-net", Peer::Microvm, netdev("on")),
+        ];
+        let prefix = ["ip", "netns", "exec", ns.name.as_str()];
+        let mut tx: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        let mut rx: Vec<Vec<f64>> = vec![Vec::new(); 3];
+        for r in 0..runs {
+            for (i, (label, p, dev)) in cases.iter().enumerate() {
+                // The host end: a sink on 5001, a 64 MiB source on 5002.
+                let mut sink = h
+                    .spawn(
+                        &[
+                            &prefix[..],
+                            &["socat", "-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"],
+                        ]
+                        .concat(),
+                        &[],
+                    )
+                    .expect("sink");
+                let mut source = h
+                    .spawn(
+                        &[
+                            &prefix[..],
+                            &[
+                                "sh",
+                                "-c",
+                                "head -c 67108864 /dev/zero | socat -u - TCP-LISTEN:5002,reuseaddr",
+                            ],
+                        ]
+                        .concat(),
+                        &[],
+                    )
+                    .expect("source");
+                let out = run_script(h, &prefix, *p, &g, "vmm.run=netbench vmm.net_mib=64", dev);
+                let _ = sink.kill();
+                let _ = source.kill();
+                match (net_rate(&out, "net-tx"), net_rate(&out, "net-rx")) {
+                    (Some(a), Some(b)) => {
+                        tx[i].push(a);
+                        rx[i].push(b);
+                    }
+                    _ => eprintln!(
+                        "{label}: no network figures:\n{}",
+                        out.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+                    ),
+                }
+            }
+            eprintln!("net run {}/{runs} done", r + 1);
+        }
+        let mut tab = Table::new(&[
+            "TCP, 64 MiB",
+            "vmm MB/s",
+            "QEMU MB/s",
+            "vmm / QEMU",
+            "QEMU vhost MB/s",
+            "vmm / vhost",
+        ]);
+        for (label, v) in [("guest → host", &tx), ("host → guest", &rx)] {
+            let m = |i: usize| median(&v[i]).map(|s| s.median);
+            let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.1}"));
+            tab.row(vec![
+                label.into(),
+                f(m(0)),
+                f(m(1)),
+                report::ratio(m(0), m(1)),
+                f(m(2)),
+                report::ratio(m(0), m(2)),
+            ]);
+        }
+        tab.print();
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,534 @@
+//! A real Linux guest from the kernel library, started by `vmm` on the
+//! test process's [`Host`], whose shell on the serial console the tests
+//! type into and read from as a person would.
+
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::control::Ctl;
+use crate::host::{host, Host};
+use crate::testhost::wedge::wedged_vmms;
+use crate::VmmProcess;
+
+/// Boots to a shell take seconds in the test host; this leaves room for a
+/// loaded machine.
+pub const BOOT: Duration = Duration::from_secs(240);
+/// The usual bound for one command typed into the guest.
+pub const CMD: Duration = Duration::from_secs(120);
+
+/// The line the library's initramfs prints once user space runs.
+pub const INIT_OK: &str = "VMM-INIT-OK";
+/// The line the root disk's init prints (after switch_root).
+pub const ROOT_OK: &str = "VMM-ROOT-OK";
+
+/// A scratch directory on a host, removed on drop.
+pub struct HostDir {
+    host: &'static Host,
+    path: PathBuf,
+}
+
+impl HostDir {
+    pub fn new(host: &'static Host, tag: &str) -> HostDir {
+        let out = host
+            .sh(&format!("mktemp -d /tmp/vmm-e2e-{tag}-XXXXXX"))
+            .ok("mktemp");
+        HostDir {
+            host,
+            path: PathBuf::from(out.trim()),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `name` inside it, as a string for command lines.
+    pub fn join(&self, name: &str) -> String {
+        self.path.join(name).display().to_string()
+    }
+}
+
+impl Drop for HostDir {
+    fn drop(&mut self) {
+        let _ = self.host.try_sh(
+            &format!("rm -rf '{}'", self.path.display()),
+            Duration::from_secs(60),
+        );
+    }
+}
+
+/// How to start a guest.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: String,
+    /// Library entry (`build/kernels/<kernel>`).
+    pub kernel: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the entry's command line.
+    pub cmdline: String,
+    /// More `vmm` arguments (disks, nets, actions).
+    pub args: Vec<String>,
+    /// Run the VMM in this network namespace (see [`NetNs`]).
+    pub netns: Option<String>,
+    /// Pass the library's own command line of each entry (no `--cmdline`):
+    /// for a guest that switches kernels.
+    pub entry_cmdline: bool,
+}
+
+impl Spec {
+    pub fn new(kernel: &str) -> Spec {
+        Spec {
+            name: format!("g-{kernel}"),
+            kernel: kernel.to_string(),
+            vcpus: 1,
+            memory_mib: 256,
+            cmdline: String::new(),
+            args: Vec::new(),
+            netns: None,
+            entry_cmdline: false,
+        }
+    }
+
+    pub fn name(mut self, name: &str) -> Spec {
+        self.name = name.to_string();
+        self
+    }
+
+    /// Runs the VMM inside `ns` (its TAPs are there).
+    pub fn netns(mut self, ns: &NetNs) -> Spec {
+        self.netns = Some(ns.name.clone());
+        self
+    }
+
+    /// Each library entry boots with its own command line (no extra words).
+    pub fn entry_cmdline(mut self) -> Spec {
+        self.entry_cmdline = true;
+        self
+    }
+
+    pub fn vcpus(mut self, n: u32) -> Spec {
+        self.vcpus = n;
+        self
+    }
+
+    pub fn memory(mut self, mib: u32) -> Spec {
+        self.memory_mib = mib;
+        self
+    }
+
+    pub fn cmdline(mut self, extra: &str) -> Spec {
+        if !self.cmdline.is_empty() {
+            self.cmdline.push(' ');
+        }
+        self.cmdline.push_str(extra);
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Spec {
+        self.args.push(a.to_string());
+        self
+    }
+
+    pub fn args(mut self, a: &[&str]) -> Spec {
+        self.args.extend(a.iter().map(|s| s.to_string()));
+        self
+    }
+}
+
+/// The kernel library (`build/kernels`), by its path on every host.
+pub fn kernel_dir() -> PathBuf {
+    crate::kernel_dir()
+}
+
+/// The default command line of a library entry.
+pub fn entry_cmdline(kernel: &str) -> String {
+    let p = kernel_dir().join(kernel).join("cmdline");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run resources/build-kernels.sh {kernel})",
+                p.display()
+            )
+        })
+        .trim()
+        .to_string()
+}
+
+/// The `uname -r` of a library entry.
+pub fn entry_release(kernel: &str) -> String {
+    let p = kernel_dir().join(kernel).join("release");
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run resources/build-kernels.sh {kernel})",
+                p.display()
+            )
+        })
+        .trim()
+        .to_string()
+}
+
+pub struct Guest {
+    pub host: &'static Host,
+    pub vmm: VmmProcess,
+    /// Its scratch directory on the host (control socket, logs, images).
+    pub dir: HostDir,
+    pub sock: PathBuf,
+    pub spec: Spec,
+    /// The `vmm` arguments it was started with.
+    args: Vec<String>,
+    seq: u32,
+}
+
+impl Guest {
+    /// Starts `vmm` with a control socket; does not wait for the guest.
+    pub fn start(host: &'static Host, spec: Spec) -> Guest {
+        let dir = HostDir::new(host, &spec.name);
+        Self::start_in(host, spec, dir)
+    }
+
+    /// Starts `vmm` with its control socket in `dir` (which may already
+    /// hold the guest's disk images).
+    pub fn start_in(host: &'static Host, spec: Spec, dir: HostDir) -> Guest {
+        let sock = dir.path().join(format!("run/{}/control.sock", spec.name));
+        let cmdline = format!("{} {}", entry_cmdline(&spec.kernel), spec.cmdline);
+        let kdir = kernel_dir().display().to_string();
+        let vcpus = spec.vcpus.to_string();
+        let mem = spec.memory_mib.to_string();
+        let sock_s = sock.display().to_string();
+        let log = dir.join("console.log");
+        let mut args: Vec<String> = [
+            "--name",
+            &spec.name,
+            "--kernel-dir",
+            &kdir,
+            "--kernel-name",
+            &spec.kernel,
+            "--vcpus",
+            &vcpus,
+            "--memory",
+            &mem,
+            "--control",
+            &sock_s,
+            "--console-log",
+            &log,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !spec.entry_cmdline {
+            args.extend(["--cmdline".to_string(), cmdline.trim().to_string()]);
+        }
+        args.extend(spec.args.iter().cloned());
+        let vmm = Self::spawn_vmm(host, spec.netns.as_deref(), &args);
+        Guest {
+            host,
+            vmm,
+            dir,
+            sock,
+            spec,
+            args,
+            seq: 0,
+        }
+    }
+
+    fn spawn_vmm(host: &Host, netns: Option<&str>, args: &[String]) -> VmmProcess {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match netns {
+            Some(ns) => VmmProcess::spawn_on_with(host, &["ip", "netns", "exec", ns], &args),
+            None => VmmProcess::spawn_on(host, &args),
+        }
+    }
+
+    /// Is this guest wedged by the test host's emulator (see
+    /// `testhost::wedge`)? Always false on hardware KVM.
+    pub fn wedged(&self) -> bool {
+        wedged_vmms(self.host).contains(&self.vmm.child.id())
+    }
+
+    /// What a timeout message says about the test host's known fault;
+    /// without it, the VMM's threads and KVM counters, for the diagnosis.
+    fn wedge_note(&self) -> String {
+        if self.wedged() {
+            EMULATOR_FAULT.with(|f| f.set(true));
+            "\nNOTE: the test host's emulator wedged this guest (a vCPU entered at the \
+             test host's own VMRUN address: a fault of QEMU's TCG SVM emulation, \
+             docs/notes.md), not the VMM"
+                .to_string()
+        } else {
+            format!(
+                "\n{}",
+                crate::testhost::wedge::threads_report(self.host, self.vmm.child.id())
+            )
+        }
+    }
+
+    /// Waits for `marker` (the guest's first user-space line). A guest that
+    /// the test host's emulator wedged on the way (`testhost::wedge`) is
+    /// started again, at most twice, and the test output says so.
+    pub fn wait_boot(&mut self, marker: &str) {
+        let deadline = Instant::now() + BOOT;
+        let mut restarts = 0;
+        loop {
+            let seen = self.vmm.wait_until(0, Duration::from_secs(20), |t| {
+                t.contains(marker).then_some(())
+            });
+            if seen.is_some() {
+                return;
+            }
+            assert!(
+                self.vmm.is_alive(),
+                "the VMM exited before {marker:?}\n{}",
+                self.report()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{marker:?} not seen on the console within {BOOT:?}{}\n{}",
+                self.wedge_note(),
+                self.report()
+            );
+            if self.wedged() {
+                restarts += 1;
+                assert!(
+                    restarts <= 2,
+                    "the test host's emulator wedged this guest three times\n{}",
+                    self.report()
+                );
+                eprintln!(
+                    "NOTE: the test host's emulator wedged guest {} on its way to {marker:?} \
+                     (QEMU TCG SVM fault, docs/notes.md); starting it again ({restarts}/2)",
+                    self.spec.name
+                );
+                let _ = self.vmm.child.kill();
+                let _ = self.vmm.wait_exit(Duration::from_secs(10));
+                self.vmm = Self::spawn_vmm(self.host, self.spec.netns.as_deref(), &self.args);
+            }
+        }
+    }
+
+    /// Ends the VMM (SIGKILL) and hands back the guest's directory, so
+    /// its images can be checked with no VMM holding them.
+    pub fn into_dir(self) -> HostDir {
+        let Guest { mut vmm, dir, .. } = self;
+        let _ = vmm.child.kill();
+        let _ = vmm.wait_exit(Duration::from_secs(30));
+        dir
+    }
+
+    /// A control-socket client.
+    pub fn ctl(&self) -> Ctl {
+        Ctl::connect_on(self.host, &self.sock)
+    }
+
+    /// For assertion messages.
+    pub fn report(&self) -> String {
+        format!("{}\n{}", self.vmm.report(), self.host.report())
+    }
+
+    /// Waits until `needle` was printed `count` times on the console.
+    pub fn expect_count(&self, needle: &str, count: usize, timeout: Duration) {
+        if !self.vmm.wait_for_count(needle, count, timeout) {
+            panic!(
+                "{needle:?} not seen {count} times on the console within {timeout:?}{}\n{}",
+                self.wedge_note(),
+                self.report()
+            );
+        }
+    }
+
+    /// Waits for `needle` on the console.
+    pub fn expect(&self, needle: &str, timeout: Duration) {
+        self.expect_from(0, needle, timeout);
+    }
+
+    /// Waits for `needle` on the console after byte `from`.
+    pub fn expect_from(&self, from: usize, needle: &str, timeout: Duration) {
+        if self
+            .vmm
+            .wait_until(from, timeout, |t| t.contains(needle).then_some(()))
+            .is_none()
+        {
+            panic!(
+                "{needle:?} not seen on the console within {timeout:?}{}\n{}",
+                self.wedge_note(),
+                self.report()
+            );
+        }
+    }
+
+    /// Waits for user space (`marker`, e.g. [`INIT_OK`]) and for the
+    /// console shell to answer; makes the shell's lines long (no wrapping
+    /// of typed commands) and keeps kernel messages below emergencies off
+    /// the console while commands run.
+    pub fn wait_shell(&mut self, marker: &str) {
+        self.wait_boot(marker);
+        // The shell may not be reading yet: ask until it answers.
+        for _ in 0..60 {
+            if self
+                .try_run("stty cols 4000 rows 50; dmesg -n 1", Duration::from_secs(5))
+                .is_some()
+            {
+                return;
+            }
+        }
+        panic!(
+            "the guest's console shell does not answer\n{}",
+            self.report()
+        );
+    }
+
+    /// Types `cmd` into the console shell and waits for it to finish:
+    /// `None` if it did not within `timeout`, else its exit status and its
+    /// output (stdout and stderr, `\r` removed).
+    pub fn try_run(&mut self, cmd: &str, timeout: Duration) -> Option<(i32, String)> {
+        self.seq += 1;
+        let n = self.seq;
+        let from = self.vmm.len();
+        // The marker as typed ("@@E""ND") differs from what echo prints
+        // (@@END), so the shell's echo of the typed line never matches.
+        let typed_marker = format!("\"@@E\"\"ND-{n} $?@@\"");
+        let sep = if cmd.trim_end().ends_with('&') {
+            " "
+        } else {
+            "; "
+        };
+        self.vmm.send(&format!("{cmd}{sep}echo {typed_marker}\n"));
+        let needle = format!("@@END-{n} ");
+        let (at, code) = self.vmm.wait_until(from, timeout, |t| {
+            let i = t.find(&needle)?;
+            let rest = &t[i + needle.len()..];
+            let j = rest.find("@@")?;
+            Some((i, rest[..j].trim().parse::<i32>().ok()?))
+        })?;
+        let text = self.vmm.output_from(from);
+        let text = &text[..at.min(text.len())];
+        // Skip the echoed command line: echoed twice when it arrives before
+        // the shell's line editor took the terminal (once by the kernel's
+        // tty, once by the editor), so after the last echo.
+        let start = text
+            .rfind(&typed_marker)
+            .and_then(|i| text[i..].find('\n').map(|j| i + j + 1))
+            .unwrap_or(0);
+        Some((code, text[start..].replace('\r', "")))
+    }
+
+    /// [`Guest::try_run`] that fails the test on a timeout.
+    pub fn run_status(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        match self.try_run(cmd, timeout) {
+            Some(r) => r,
+            None => panic!(
+                "`{cmd}` did not finish in the guest within {timeout:?}{}\n{}",
+                self.wedge_note(),
+                self.report()
+            ),
+        }
+    }
+
+    /// Runs `cmd` in the guest, asserting exit status 0; its output.
+    pub fn run(&mut self, cmd: &str) -> String {
+        let (code, out) = self.run_status(cmd, CMD);
+        assert_eq!(
+            code,
+            0,
+            "`{cmd}` failed in the guest:\n{out}\n{}",
+            self.report()
+        );
+        out
+    }
+}
+
+thread_local! {
+    /// Set when this test thread diagnosed a fault of the test host's
+    /// emulator (a wedged guest).
+    static EMULATOR_FAULT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs a test's body on the current host. If the body fails *and* the
+/// failure is the test host emulator's (a guest diagnosed as wedged by it,
+/// or the test host itself died: see `testhost::wedge`), the body runs
+/// once more, on a test host that is alive, and the output says so. Any
+/// other failure, and a second one, fails the test.
+///
+/// In the test host, scenarios run one at a time whatever the test harness'
+/// thread count: two busy guests at once made its emulator's fault kill the
+/// test host itself every minute or two (docs/notes.md).
+pub fn scenario(body: impl Fn(&'static Host)) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = host()
+        .is_test_host()
+        .then(|| ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()));
+    for attempt in 1..=2 {
+        EMULATOR_FAULT.with(|f| f.set(false));
+        let h = host();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| body(h))) {
+            Ok(()) => return,
+            Err(panic) => {
+                let fault = EMULATOR_FAULT.with(|f| f.get()) || !h.is_alive();
+                if attempt == 1 && fault {
+                    eprintln!(
+                        "NOTE: the failure above is the test host emulator's (docs/notes.md, \
+                         \"The test host\"), not the VMM's: running the test again"
+                    );
+                    continue;
+                }
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+/// A network namespace on a host with a TAP (`tap0`, 10.0.2.1/24 on the
+/// host side) for a guest's `--net tap=tap0`; removed on drop.
+pub struct NetNs {
+    host: &'static Host,
+    pub name: String,
+}
+
+/// The host side of a [`NetNs`]'s TAP.
+pub const HOST_IP: &str = "10.0.2.1";
+/// What tests give the guest's eth0.
+pub const GUEST_IP: &str = "10.0.2.2";
+
+impl NetNs {
+    pub fn new(host: &'static Host, tag: &str) -> NetNs {
+        let name = format!("vmm-{tag}-{}", crate::rand_u64() % 1_000_000);
+        host.sh(&format!(
+            "set -e; ip netns add {name}; ip -n {name} link set lo up; \
+             ip -n {name} tuntap add dev tap0 mode tap; \
+             ip -n {name} addr add {HOST_IP}/24 dev tap0; ip -n {name} link set tap0 up"
+        ))
+        .ok("create a network namespace with a TAP");
+        NetNs { host, name }
+    }
+
+    /// Runs `script` inside the namespace.
+    pub fn sh(&self, script: &str) -> crate::host::Output {
+        self.host.sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            script.replace('\'', "'\\''")
+        ))
+    }
+
+    /// A command line prefix that runs inside the namespace.
+    pub fn exec_prefix(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = self.host.try_sh(
+            &format!("ip netns del {}", self.name),
+            Duration::from_secs(60),
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! The newcomer's main job (`./run.sh`, which builds and then runs
+//! `scripts/demo.sh`): on this machine a guest whose shell answers on the
+//! terminal and whose control socket is up — right here on hardware KVM,
+//! inside the test host where this machine's /dev/kvm cannot run guest user
+//! space. Driven on a pseudo-terminal as a person would: type a command,
+//! read its answer, ask the admin shell for the status, quit with Ctrl-A x.
+
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tests::pty::{attach_to_pty, open_pty};
+use tests::{bin, repo_root, TempDir};
+
+/// Boots the test host (when needed) and the guest: generous for a loaded
+/// machine.
+const T: Duration = Duration::from_secs(300);
+
+fn read_until(r: &mut dyn Read, buf: &mut Vec<u8>, from: usize, needle: &str) -> usize {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(i) = String::from_utf8_lossy(&buf[from.min(buf.len())..]).find(needle) {
+            return from + i + needle.len();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not seen on the terminal:\n{}",
+            String::from_utf8_lossy(buf)
+        );
+        let mut chunk = [0u8; 4096];
+        match r.read(&mut chunk) {
+            Ok(0) | Err(_) => panic!(
+                "the terminal closed before {needle:?}:\n{}",
+                String::from_utf8_lossy(buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+#[test]
+fn the_demo_gives_a_guest_shell_on_the_terminal_and_a_control_socket() {
+    let run_dir = TempDir::new("demo-run");
+    let bindir = bin("vmm")
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let (master, slave) = open_pty();
+    let mut cmd = Command::new(repo_root().join("scripts/demo.sh"));
+    cmd.env("BIN", &bindir)
+        .env("VMM_RUN_DIR", run_dir.path())
+        .env("TERM", "xterm");
+    attach_to_pty(&mut cmd, &slave);
+    let mut child = cmd.spawn().expect("start scripts/demo.sh");
+    drop(slave);
+    let mut out = std::fs::File::from(master.try_clone().expect("dup pty"));
+    let mut input = std::fs::File::from(master);
+    let mut screen = Vec::new();
+
+    let at = read_until(&mut out, &mut screen, 0, "VMM-INIT-OK");
+    // The console shell answers what is typed (typed again until the
+    // shell is there to read it).
+    let deadline = Instant::now() + T;
+    let mut typed = Instant::now() - Duration::from_secs(10);
+    while !String::from_utf8_lossy(&screen[at..]).contains("demo-42\r\n") {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's shell did not answer:\n{}",
+            String::from_utf8_lossy(&screen)
+        );
+        if typed.elapsed() > Duration::from_secs(5) {
+            input.write_all(b"echo demo-$((6*7))\r").expect("type");
+            typed = Instant::now();
+        }
+        let _ = read_some(&mut out, &mut screen);
+    }
+
+    // The control socket is up where the demo says, for the admin shell.
+    let status = Command::new(bin("vmm-shell"))
+        .args(["--run-dir"])
+        .arg(run_dir.path())
+        .args(["demo", "status"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("vmm-shell");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(text.contains("running"), "{text}");
+
+    // Ctrl-A x quits the VMM, and the demo ends cleanly.
+    input.write_all(&[0x01, b'x']).expect("Ctrl-A x");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let st = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        // Keep draining the terminal so nothing blocks on it.
+        let _ = read_some(&mut out, &mut screen);
+        assert!(
+            Instant::now() < deadline,
+            "the demo did not end after Ctrl-A x:\n{}",
+            String::from_utf8_lossy(&screen[at..])
+        );
+    };
+    assert!(st.success(), "{st}:\n{}", String::from_utf8_lossy(&screen));
+}
+
+fn read_some(r: &mut std::fs::File, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: r.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd for at most 200 ms.
+    let n = unsafe { libc::poll(&mut pfd, 1, 200) };
+    if n <= 0 {
+        return Ok(0);
+    }
+    let mut chunk = [0u8; 4096];
+    let n = r.read(&mut chunk)?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
+}

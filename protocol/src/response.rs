@@ -99,12 +99,15 @@ pub enum StopResult {
     Graceful,
     /// The timeout expired and the hard action was taken.
     Forced,
+    /// Another power action (`poweroff`, `reset`, `start`, a newer
+    /// `shutdown`/`reboot`) came first; this request's deadline is void.
+    Superseded,
 }
 
 /// `shutdown`/`reboot`: `{"ok":true,"result":"graceful","elapsed_ms":5210}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopOutcome {
-    /// `graceful` or `forced`.
+    /// `graceful`, `forced` or `superseded`.
     pub result: StopResult,
     /// Milliseconds from the request to the guest stopping (or being reset).
     pub elapsed_ms: u64,

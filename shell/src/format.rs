@@ -360,6 +360,12 @@ pub fn stop_outcome(vm: &str, reboot: bool, o: &StopOutcome, style: Style) -> St
             "{vm} did not reboot in time: {} after {took}.",
             style.yellow("reset")
         ),
+        (false, StopResult::Superseded) => {
+            format!("{vm}: the shutdown was overtaken by another power action ({took}).")
+        }
+        (true, StopResult::Superseded) => {
+            format!("{vm}: the reboot was overtaken by another power action ({took}).")
+        }
     }
 }
 

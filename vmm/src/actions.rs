@@ -31,7 +31,7 @@ pub fn watchdog_info(vm: &Vm) -> WatchdogInfo {
 pub fn status_info(vm: &Vm) -> StatusInfo {
     StatusInfo {
         name: vm.config.name.clone(),
-        state: vm.state,
+        state: vm.state(),
         kernel: vm.current_kernel.clone(),
         next_kernel: vm.next_kernel.clone(),
         vcpus: u32::from(vm.config.vcpus),

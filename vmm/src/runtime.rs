@@ -247,7 +247,7 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         em.add_subscriber(Arc::new(Mutex::new(server)));
     }
 
-    lock(&vm).boot()?;
+    lock(&vm).power_on()?;
     loop {
         if let Err(e) = em.run() {
             tracing::error!("event loop: {e}");

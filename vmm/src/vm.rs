@@ -15,6 +15,9 @@ use kvm_ioctls::Kvm;
 use protocol::{Event, PanicAction, ResetCause, StopOutcome, StopResult, VmState, WatchdogAction};
 use vmm_sys_util::timerfd::TimerFd;
 
+pub use crate::lifecycle::StopKind;
+use crate::lifecycle::{Action, Input, Lifecycle};
+
 use crate::config::VmConfig;
 use crate::cpu::CpuidPolicy;
 use crate::events::{VmEvent, VmEventQueue};
@@ -23,6 +26,15 @@ use crate::runtime::Subscriber;
 use crate::watchdog::{GuestClock, Watchdog};
 use devices::virtio::{Block, BlockConfig, GuestMemoryHandle, MmioTransport, Net, NetConfig};
 use std::sync::Mutex;
+
+/// Why a lifecycle input was not carried out.
+#[derive(Debug, thiserror::Error)]
+enum ApplyError {
+    #[error("{0}")]
+    Refused(crate::lifecycle::Refusal),
+    #[error("{0}")]
+    Boot(VmmError),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -43,19 +55,13 @@ pub enum Flow {
     Exit(u8),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopKind {
-    Shutdown,
-    Reboot,
-}
-
 /// Answer to a graceful `shutdown`/`reboot` once it completes or times out.
 pub type StopReply = Box<dyn FnOnce(Result<StopOutcome, String>) + Send>;
 
+/// The answer owed to a `shutdown`/`reboot` the lifecycle holds pending.
 struct PendingStop {
-    kind: StopKind,
     started: Instant,
-    reply: Option<StopReply>,
+    reply: StopReply,
 }
 
 /// Told of each boot: its number and a reason for the console log.
@@ -86,7 +92,9 @@ pub struct Vm {
     pub config: VmConfig,
     pub events: VmEventQueue,
     machine: Option<Machine>,
-    pub state: VmState,
+    /// The published state (`state_changed` events follow it).
+    state: VmState,
+    lifecycle: Lifecycle,
     pub boot_count: u64,
     pub last_reset: Option<ResetCause>,
     boot_started: Instant,
@@ -102,6 +110,8 @@ pub struct Vm {
     pub state_file: Option<PathBuf>,
     pub stop_timeout: Duration,
     pending_stop: Option<PendingStop>,
+    /// A `shutdown`/`reboot` being admitted: (timeout, reply).
+    stop_request: Option<(Duration, StopReply)>,
     stop_timer: TimerFd,
     /// Whether a guest poweroff ends the process.
     pub exit_on_poweroff: bool,
@@ -175,7 +185,8 @@ impl Vm {
         let events = VmEventQueue::new().map_err(|e| setup("eventfd", e))?;
         let clock = Arc::new(GuestClock::new());
         let watchdog = Watchdog::new(clock, events.sink()).map_err(|e| setup("timerfd", e))?;
-        let stop_timer = TimerFd::new().map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
+        let stop_timer = crate::timer::nonblocking_timer()
+            .map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
         let exit_on_poweroff = config.exit_on_poweroff || config.control.is_none();
         let (watchdog_action, panic_action) = (config.watchdog_action, config.panic_action);
         let alert_hook = config.alert_hook.clone();
@@ -188,6 +199,7 @@ impl Vm {
             events,
             machine: None,
             state: VmState::Stopped,
+            lifecycle: Lifecycle::new(),
             boot_count: 0,
             last_reset: None,
             boot_started: Instant::now(),
@@ -203,6 +215,7 @@ impl Vm {
             state_file: None,
             stop_timeout: Duration::from_secs(60),
             pending_stop: None,
+            stop_request: None,
             stop_timer,
             exit_on_poweroff,
             hooks,
@@ -237,9 +250,136 @@ impl Vm {
         }
     }
 
+    /// Carries out what the lifecycle decides for `input`, in order, then
+    /// publishes the resulting state. A refusal changes nothing; a boot
+    /// that fails leaves the VM stopped.
+    fn apply(&mut self, input: Input) -> Result<(), ApplyError> {
+        let actions = self.lifecycle.on(input).map_err(ApplyError::Refused)?;
+        let mut result = Ok(());
+        for action in actions {
+            match action {
+                Action::Boot(cause) => {
+                    if let Some(cause) = cause {
+                        self.last_reset = Some(cause);
+                        (self.hooks.publish)(Event::Reset { cause });
+                    }
+                    if let Err(e) = self.boot(cause) {
+                        self.halt_machine();
+                        self.lifecycle.boot_failed();
+                        result = Err(ApplyError::Boot(e));
+                    }
+                }
+                Action::Halt => {
+                    self.halt_machine();
+                    self.watchdog.reset();
+                }
+                Action::Pause => {
+                    if let Some(m) = &self.machine {
+                        m.pause();
+                    }
+                    self.watchdog.pause();
+                }
+                Action::Resume => {
+                    self.watchdog.resume();
+                    if let Some(m) = &self.machine {
+                        m.resume();
+                    }
+                }
+                Action::AskGuest(kind) => self.ask_guest(kind),
+                Action::Settle(result) => self.settle(result),
+            }
+        }
+        self.set_state(self.lifecycle.state());
+        result
+    }
+
+    /// Graceful stop, first half: Ctrl-Alt-Del (and the ACPI power button
+    /// for a shutdown) to the guest, and the deadline armed.
+    fn ask_guest(&mut self, kind: StopKind) {
+        let Some((timeout, reply)) = self.stop_request.take() else {
+            return;
+        };
+        if let Some(m) = &self.machine {
+            // Both signals: an init maps Ctrl-Alt-Del (usually to reboot,
+            // which ends a pending shutdown too), ACPI-aware guests act on
+            // the button.
+            if let Err(e) = lock(&m.i8042).trigger_ctrl_alt_del() {
+                tracing::info!("Ctrl-Alt-Del not delivered ({e})");
+            }
+            if kind == StopKind::Shutdown {
+                if let Err(e) = m.power_button.write(1) {
+                    tracing::info!("power button not delivered ({e})");
+                }
+            }
+        }
+        if let Err(e) = self
+            .stop_timer
+            .reset(timeout.max(Duration::from_millis(1)), None)
+        {
+            tracing::warn!("cannot arm the shutdown timer: {e}");
+        }
+        self.pending_stop = Some(PendingStop {
+            started: Instant::now(),
+            reply,
+        });
+    }
+
+    /// Graceful stop, second half: the answer, and the deadline disarmed.
+    fn settle(&mut self, result: StopResult) {
+        if let Err(e) = self.stop_timer.clear() {
+            tracing::warn!("cannot disarm the shutdown timer: {e}");
+        }
+        if let Some(p) = self.pending_stop.take() {
+            (p.reply)(Ok(StopOutcome {
+                result,
+                elapsed_ms: u64::try_from(p.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }));
+        }
+    }
+
+    /// The first boot of the process.
+    pub fn power_on(&mut self) -> Result<(), VmmError> {
+        match self.apply(Input::Start) {
+            Err(ApplyError::Boot(e)) => Err(e),
+            Err(ApplyError::Refused(r)) => Err(VmmError::Setup(r.to_string())),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Hard reset now (works whatever the guest is doing).
+    pub fn reset(&mut self, cause: ResetCause) -> Result<(), VmmError> {
+        match self.apply(Input::Reset(cause)) {
+            Err(ApplyError::Boot(e)) => Err(e),
+            Err(ApplyError::Refused(r)) => Err(VmmError::Setup(r.to_string())),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Hard power-off: the VM is stopped, the process stays.
+    pub fn poweroff(&mut self) {
+        // A power-off is never refused.
+        let _ = self.apply(Input::Poweroff);
+    }
+
+    pub fn start(&mut self) -> Result<(), String> {
+        self.apply(Input::Start).map_err(|e| e.to_string())
+    }
+
+    pub fn pause(&mut self) -> Result<(), String> {
+        self.apply(Input::Pause).map_err(|e| e.to_string())
+    }
+
+    pub fn resume(&mut self) -> Result<(), String> {
+        self.apply(Input::Resume).map_err(|e| e.to_string())
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
     /// Tears down the current boot (if any) and boots again: memory
     /// cleared, devices and vCPUs fresh, kernel and initrd read from disk.
-    pub fn boot(&mut self) -> Result<(), VmmError> {
+    fn boot(&mut self, cause: Option<ResetCause>) -> Result<(), VmmError> {
         self.halt_machine();
         let choice = self.config.kernel_choice(self.next_kernel.as_deref())?;
         let cfg = BootConfig {
@@ -280,10 +420,10 @@ impl Vm {
                 }
             })),
         };
-        let reason = match (self.state, self.last_reset) {
-            (VmState::Stopped, _) if boot_no > 1 => format!("start, kernel {}", choice.label),
-            (_, Some(c)) if boot_no > 1 => format!("reset: {c}, kernel {}", choice.label),
-            _ => format!("power-on, kernel {}", choice.label),
+        let reason = match cause {
+            Some(c) => format!("reset: {c}, kernel {}", choice.label),
+            None if boot_no > 1 => format!("start, kernel {}", choice.label),
+            None => format!("power-on, kernel {}", choice.label),
         };
         (self.hooks.on_boot)(boot_no, &reason);
         let m = Machine::boot(&self.kvm, &cfg, env)?;
@@ -295,7 +435,6 @@ impl Vm {
             boot_count: boot_no,
             kernel: choice.label,
         });
-        self.set_state(VmState::Running);
         Ok(())
     }
 
@@ -316,56 +455,6 @@ impl Vm {
         }
     }
 
-    /// Hard reset now (works whatever the guest is doing).
-    pub fn reset(&mut self, cause: ResetCause) -> Result<(), VmmError> {
-        self.last_reset = Some(cause);
-        (self.hooks.publish)(Event::Reset { cause });
-        if let Err(e) = self.boot() {
-            self.set_state(VmState::Stopped);
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Hard power-off: the VM is stopped, the process stays.
-    pub fn poweroff(&mut self) {
-        self.halt_machine();
-        self.watchdog.reset();
-        self.set_state(VmState::Stopped);
-    }
-
-    pub fn start(&mut self) -> Result<(), String> {
-        if self.state != VmState::Stopped {
-            return Err(format!("the VM is {}, not stopped", self.state));
-        }
-        self.boot().map_err(|e| e.to_string())
-    }
-
-    pub fn pause(&mut self) -> Result<(), String> {
-        match (&self.machine, self.state) {
-            (Some(m), VmState::Running) => {
-                m.pause();
-                self.watchdog.pause();
-                self.set_state(VmState::Paused);
-                Ok(())
-            }
-            (_, s) => Err(format!("the VM is {s}, not running")),
-        }
-    }
-
-    pub fn resume(&mut self) -> Result<(), String> {
-        match (&self.machine, self.state) {
-            (Some(m), VmState::Paused) => {
-                self.watchdog.resume();
-                m.resume();
-                self.set_state(VmState::Running);
-                Ok(())
-            }
-            (_, s) => Err(format!("the VM is {s}, not paused")),
-        }
-    }
-
-    /// Alt+SysRq+`key` on the guest keyboard.
     pub fn sysrq(&mut self, key: &str) -> Result<(), String> {
         let mut chars = key.chars();
         let (Some(k), None) = (chars.next(), chars.next()) else {
@@ -380,72 +469,28 @@ impl Vm {
     }
 
     /// Graceful shutdown or reboot: Ctrl-Alt-Del to the guest, then the
-    /// hard action after `timeout`. `reply` is called when it is settled.
+    /// hard action after `timeout`. `reply` is called when it is settled:
+    /// by the guest, by the deadline, or by a later power action.
     pub fn graceful_stop(&mut self, kind: StopKind, timeout: Duration, reply: StopReply) {
-        if self.pending_stop.is_some() {
-            return reply(Err("a shutdown or reboot is already in progress".into()));
-        }
-        let Some(m) = &self.machine else {
-            return reply(Err(format!("the VM is {}", self.state)));
-        };
-        if self.state == VmState::Paused {
-            return reply(Err("the VM is paused: resume it first".into()));
-        }
-        // Both signals: an init maps Ctrl-Alt-Del (usually to reboot, which
-        // ends a pending shutdown too), ACPI-aware guests act on the button.
-        if let Err(e) = lock(&m.i8042).trigger_ctrl_alt_del() {
-            tracing::info!("Ctrl-Alt-Del not delivered ({e})");
-        }
-        if kind == StopKind::Shutdown {
-            if let Err(e) = m.power_button.write(1) {
-                tracing::info!("power button not delivered ({e})");
-            }
-        }
-        if let Err(e) = self
-            .stop_timer
-            .reset(timeout.max(Duration::from_millis(1)), None)
-        {
-            tracing::warn!("cannot arm the shutdown timer: {e}");
-        }
-        self.pending_stop = Some(PendingStop {
-            kind,
-            started: Instant::now(),
-            reply: Some(reply),
-        });
-    }
-
-    fn finish_stop(&mut self, result: StopResult) {
-        let _ = self.stop_timer.clear();
-        if let Some(mut p) = self.pending_stop.take() {
-            if let Some(r) = p.reply.take() {
-                r(Ok(StopOutcome {
-                    result,
-                    elapsed_ms: p.started.elapsed().as_millis() as u64,
-                }));
-            }
+        self.stop_request = Some((timeout, reply));
+        let r = self.apply(Input::Graceful(kind));
+        if let Some((_, reply)) = self.stop_request.take() {
+            // Refused: the request was not admitted.
+            let msg = match r {
+                Err(e) => e.to_string(),
+                Ok(()) => format!("the VM is {}", self.state),
+            };
+            reply(Err(msg));
         }
     }
 
-    /// The graceful-stop timer fired: take the hard action.
+    /// The graceful-stop deadline fired: take the hard action.
     pub fn on_stop_timer(&mut self) -> Flow {
-        let _ = self.stop_timer.wait();
-        let Some(p) = &self.pending_stop else {
+        if !crate::timer::take_expiry(&mut self.stop_timer) {
             return Flow::Continue;
-        };
-        match p.kind {
-            StopKind::Shutdown => {
-                self.poweroff();
-                self.finish_stop(StopResult::Forced);
-            }
-            StopKind::Reboot => {
-                let r = self.reset(ResetCause::RebootTimeout);
-                self.finish_stop(StopResult::Forced);
-                if let Err(e) = r {
-                    tracing::error!("reboot failed: {e}");
-                }
-            }
         }
-        Flow::Continue
+        let r = self.apply(Input::StopDeadline);
+        self.flow_after(r)
     }
 
     /// A hard power-off decided by the VMM (panic or watchdog action): the
@@ -459,57 +504,20 @@ impl Vm {
         }
     }
 
-    /// The guest powered itself off.
-    fn guest_poweroff(&mut self) -> Flow {
-        match self.pending_stop.as_ref().map(|p| p.kind) {
-            Some(StopKind::Reboot) => {
-                // Asked to reboot, the guest powered off: boot it again.
-                let r = self.reset(ResetCause::Reboot);
-                self.finish_stop(StopResult::Graceful);
-                return self.flow_after(r);
-            }
-            Some(StopKind::Shutdown) => {
-                self.poweroff();
-                self.finish_stop(StopResult::Graceful);
-            }
-            None => self.poweroff(),
+    /// The guest powered itself off (or reset itself: `cause`). A pending
+    /// shutdown/reboot decides what that means.
+    fn guest_power(&mut self, input: Input) -> Flow {
+        let r = self.apply(input);
+        if r.is_ok() && self.state == VmState::Stopped && self.exit_on_poweroff {
+            return Flow::Exit(0);
         }
-        if self.exit_on_poweroff {
-            Flow::Exit(0)
-        } else {
-            Flow::Continue
-        }
+        self.flow_after(r)
     }
 
-    /// The guest reset itself (i8042, ACPI, triple fault).
-    fn guest_reset(&mut self, cause: ResetCause) -> Flow {
-        match self.pending_stop.as_ref().map(|p| p.kind) {
-            Some(StopKind::Shutdown) => {
-                // Ctrl-Alt-Del usually means reboot to an init: we asked
-                // for a shutdown, so the VM stops here.
-                self.poweroff();
-                self.finish_stop(StopResult::Graceful);
-                if self.exit_on_poweroff {
-                    return Flow::Exit(0);
-                }
-                Flow::Continue
-            }
-            Some(StopKind::Reboot) => {
-                let r = self.reset(ResetCause::Reboot);
-                self.finish_stop(StopResult::Graceful);
-                self.flow_after(r)
-            }
-            None => {
-                let r = self.reset(cause);
-                self.flow_after(r)
-            }
-        }
-    }
-
-    fn flow_after(&mut self, r: Result<(), VmmError>) -> Flow {
+    fn flow_after(&mut self, r: Result<(), ApplyError>) -> Flow {
         match r {
-            Ok(()) => Flow::Continue,
-            Err(e) => {
+            Ok(()) | Err(ApplyError::Refused(_)) => Flow::Continue,
+            Err(ApplyError::Boot(e)) => {
                 tracing::error!("boot failed: {e}");
                 eprintln!("vmm: {e}");
                 if self.exit_on_poweroff {
@@ -548,7 +556,7 @@ impl Vm {
         self.alert("panic");
         match action {
             PanicAction::Reset => {
-                let r = self.reset(ResetCause::Panic);
+                let r = self.apply(Input::Reset(ResetCause::Panic));
                 self.flow_after(r)
             }
             PanicAction::Pause => {
@@ -570,7 +578,7 @@ impl Vm {
         self.alert("watchdog");
         match action {
             WatchdogAction::Reset => {
-                let r = self.reset(ResetCause::Watchdog);
+                let r = self.apply(Input::Reset(ResetCause::Watchdog));
                 self.flow_after(r)
             }
             WatchdogAction::Poweroff => self.poweroff_flow(),
@@ -599,8 +607,10 @@ impl Vm {
                 continue;
             }
             let flow = match ev {
-                VmEvent::Guest(GuestEvent::Reset(cause)) => self.guest_reset(dev_cause(cause)),
-                VmEvent::Guest(GuestEvent::PowerOff) => self.guest_poweroff(),
+                VmEvent::Guest(GuestEvent::Reset(cause)) => {
+                    self.guest_power(Input::GuestReset(dev_cause(cause)))
+                }
+                VmEvent::Guest(GuestEvent::PowerOff) => self.guest_power(Input::GuestPoweroff),
                 VmEvent::Guest(GuestEvent::Panic(bits)) => self.guest_panic(bits),
                 VmEvent::Guest(GuestEvent::WatchdogExpired) => self.watchdog_expired(),
                 VmEvent::VcpuFailed { vcpu, reason } => {

@@ -21,7 +21,9 @@ use clap::{Parser, Subcommand};
 use tests::testhost::{self, agent, proto, qemu, Agent};
 
 #[derive(Parser)]
-#[command(about = "The test host: a QEMU-emulated machine with AMD SVM where the VMM runs on real KVM")]
+#[command(
+    about = "The test host: a QEMU-emulated machine with AMD SVM where the VMM runs on real KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -161,7 +163,9 @@ fn run(
         serial: qemu::Serial::Stdio,
         port,
         share: match share {
-            Some(d) => Some(std::fs::canonicalize(&d).map_err(|e| format!("{}: {e}", d.display()))?),
+            Some(d) => {
+                Some(std::fs::canonicalize(&d).map_err(|e| format!("{}: {e}", d.display()))?)
+            }
             None => None,
         },
     };

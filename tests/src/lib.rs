@@ -29,12 +29,12 @@ pub fn repo_root() -> PathBuf {
 /// Path of a binary built by this workspace (same profile as the tests).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/test-xxxx -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    // A test: target/<profile>/deps/test-xxxx; a binary (a benchmark):
+    // target/<profile>/<bin>. Either way target/<profile>/<name>.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
     dir.join(name)
 }
 
@@ -286,8 +286,18 @@ impl VmmProcess {
             .into_iter()
             .rev()
             .collect();
+        // The whole console, for a failure whose cause is further back.
+        let path = std::env::temp_dir().join(format!(
+            "vmm-test-console-{}-{}.log",
+            std::process::id(),
+            rand_u64() % 1_000_000
+        ));
+        let saved = match std::fs::write(&path, out.as_bytes()) {
+            Ok(()) => format!("whole console: {}", path.display()),
+            Err(e) => format!("whole console not saved: {e}"),
+        };
         format!(
-            "--- console (tail) ---\n{tail}\n--- stderr ---\n{}",
+            "--- console (tail; {saved}) ---\n{tail}\n--- stderr ---\n{}",
             self.stderr()
         )
     }

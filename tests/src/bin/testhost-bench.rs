@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use report::{stats, Stats, Table};
 use tests::guest::{entry_cmdline, kernel_dir, HostDir, NetNs};
+use tests::testhost::wedge::wedged_vmms;
 use tests::{bin, host, Host, VmmProcess};
 
 const QEMU: &str = "/usr/bin/qemu-system-x86_64";
@@ -122,18 +123,59 @@ fn start(h: &Host, prefix: &[&str], argv: &[String]) -> VmmProcess {
     VmmProcess::from_proc(p)
 }
 
+enum Wait {
+    Seen,
+    /// The test host's emulator fault (`tests::testhost::wedge`): the
+    /// run says nothing about either VMM and is done again.
+    Wedged,
+    TimedOut,
+}
+
+/// Waits for `needle` on `p`'s console, checking a silent guest for the
+/// test host's emulator wedge (it hits QEMU's guests as well as ours).
+fn wait_marker(h: &Host, p: &VmmProcess, needle: &str) -> Wait {
+    let deadline = Instant::now() + TIMEOUT;
+    while Instant::now() < deadline {
+        if p.wait_for(needle, Duration::from_secs(15)) {
+            return Wait::Seen;
+        }
+        if wedged_vmms(h).contains(&p.child.id()) {
+            return Wait::Wedged;
+        }
+    }
+    Wait::TimedOut
+}
+
+/// Runs `once` again (at most twice) when the emulator wedged it.
+fn unwedged<T>(what: &str, mut once: impl FnMut() -> Result<T, Wait>) -> Option<T> {
+    for attempt in 1..=3 {
+        match once() {
+            Ok(t) => return Some(t),
+            Err(Wait::Wedged) if attempt < 3 => {
+                eprintln!("NOTE: {what}: the test host's emulator wedged the guest; run again")
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Seconds from spawn to the user-space marker.
 fn boot_once(h: &Host, peer: Peer, g: &Guest) -> Option<f64> {
-    let t0 = Instant::now();
-    let mut p = start(h, &[], &argv(peer, g, "", &[]));
-    let ok = p.wait_for(MARKER, TIMEOUT);
-    let t = t0.elapsed().as_secs_f64();
-    let _ = p.child.kill();
-    if !ok {
-        eprintln!("{}: no {MARKER}\n{}", peer.label(), p.report());
-        return None;
-    }
-    Some(t)
+    unwedged(peer.label(), || {
+        let t0 = Instant::now();
+        let mut p = start(h, &[], &argv(peer, g, "", &[]));
+        let w = wait_marker(h, &p, MARKER);
+        let t = t0.elapsed().as_secs_f64();
+        let _ = p.child.kill();
+        match w {
+            Wait::Seen => Ok(t),
+            other => {
+                eprintln!("{}: no {MARKER}\n{}", peer.label(), p.report());
+                Err(other)
+            }
+        }
+    })
 }
 
 /// Runs a `vmm.run=` guest script to its power-off; returns its console.
@@ -145,17 +187,24 @@ fn run_script(
     extra: &str,
     devices: &[String],
 ) -> String {
-    let mut p = start(h, prefix, &argv(peer, g, extra, devices));
-    if !p.wait_for("vmm-bench: done", TIMEOUT) {
-        eprintln!(
-            "{}: the guest script did not finish\n{}",
-            peer.label(),
-            p.report()
-        );
-    }
-    let _ = p.wait_exit(Duration::from_secs(30));
-    let _ = p.child.kill();
-    p.output()
+    let once = || {
+        let mut p = start(h, prefix, &argv(peer, g, extra, devices));
+        let w = wait_marker(h, &p, "vmm-bench: done");
+        let _ = p.wait_exit(Duration::from_secs(30));
+        let _ = p.child.kill();
+        match w {
+            Wait::Seen => Ok(p.output()),
+            other => {
+                eprintln!(
+                    "{}: the guest script did not finish\n{}",
+                    peer.label(),
+                    p.report()
+                );
+                Err(other)
+            }
+        }
+    };
+    unwedged(peer.label(), once).unwrap_or_default()
 }
 
 /// MB/s from busybox dd's summary in a `vmm-bench: NAME ...` line.

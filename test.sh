@@ -15,7 +15,14 @@ scripts/host-deps.sh
 resources/build-kernels.sh mini disk debian-6.1 debian-6.12 ${in_testhost:+testhost}
 export VMM_REQUIRE_KERNELS=1
 cargo build --workspace --all-targets
-cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
+rm -f target/testhost-retries.log
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" || status=$?
+if [ -s target/testhost-retries.log ]; then
+    echo "==> tests the test host ran twice (docs/notes.md, \"The test host\"):"
+    cat target/testhost-retries.log
+fi
+[ "$status" = 0 ] || exit "$status"
 if [ "${VMM_SLOW:-0}" = 1 ]; then
     cargo test -p tests --test debian_boot -- --ignored --test-threads=1
 fi

@@ -144,9 +144,9 @@ pub fn kernel_dir() -> PathBuf {
     crate::kernel_dir()
 }
 
-/// The default command line of a library entry.
-pub fn entry_cmdline(kernel: &str) -> String {
-    let p = kernel_dir().join(kernel).join("cmdline");
+/// A file of a library entry (`cmdline`, `release`), trimmed.
+fn entry_file(kernel: &str, name: &str) -> String {
+    let p = kernel_dir().join(kernel).join(name);
     std::fs::read_to_string(&p)
         .unwrap_or_else(|e| {
             panic!(
@@ -158,18 +158,14 @@ pub fn entry_cmdline(kernel: &str) -> String {
         .to_string()
 }
 
+/// The default command line of a library entry.
+pub fn entry_cmdline(kernel: &str) -> String {
+    entry_file(kernel, "cmdline")
+}
+
 /// The `uname -r` of a library entry.
 pub fn entry_release(kernel: &str) -> String {
-    let p = kernel_dir().join(kernel).join("release");
-    std::fs::read_to_string(&p)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run resources/build-kernels.sh {kernel})",
-                p.display()
-            )
-        })
-        .trim()
-        .to_string()
+    entry_file(kernel, "release")
 }
 
 pub struct Guest {

@@ -10,7 +10,8 @@ fn set_cloexec(fd: RawFd) {
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
-pub fn open_pty() -> (OwnedFd, OwnedFd) {
+/// A pseudo-terminal pair (master, slave), both close-on-exec, 120x40.
+pub fn try_open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut master: libc::c_int = -1;
     let mut slave: libc::c_int = -1;
     let ws = libc::winsize {
@@ -30,11 +31,18 @@ pub fn open_pty() -> (OwnedFd, OwnedFd) {
             &ws,
         )
     };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     set_cloexec(master);
     set_cloexec(slave);
     // SAFETY: openpty succeeded, so both are open descriptors that nothing else owns.
-    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+    Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
+}
+
+/// [`try_open_pty`] for tests: a failure fails the test.
+pub fn open_pty() -> (OwnedFd, OwnedFd) {
+    try_open_pty().unwrap_or_else(|e| panic!("openpty: {e}"))
 }
 
 pub fn termios(fd: RawFd) -> libc::termios {

@@ -7,7 +7,6 @@
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, Stdio};
@@ -92,37 +91,6 @@ fn relay(
     Ok(())
 }
 
-fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut master: libc::c_int = -1;
-    let mut slave: libc::c_int = -1;
-    let ws = libc::winsize {
-        ws_row: 40,
-        ws_col: 120,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty writes two descriptors into valid locals; name and
-    // termios are null (defaults) and the window size is a valid struct.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    for fd in [master, slave] {
-        // SAFETY: fcntl on a descriptor openpty just gave us.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
-    // SAFETY: openpty succeeded: both are open descriptors owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) })
-}
-
 type Out = Arc<Mutex<TcpStream>>;
 
 fn send(out: &Out, kind: u8, data: &[u8]) -> io::Result<()> {
@@ -172,7 +140,7 @@ fn exec(
         cmd.current_dir(d);
     }
     let master = if pty {
-        let (master, slave) = open_pty()?;
+        let (master, slave) = crate::pty::try_open_pty()?;
         cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));

@@ -19,6 +19,10 @@ pub const BOOT: Duration = Duration::from_secs(240);
 /// The usual bound for one command typed into the guest.
 pub const CMD: Duration = Duration::from_secs(120);
 
+/// How long a silent console is waited on before the test host and the
+/// guest are checked for the emulator's faults (see [`Guest::watch`]).
+const WATCH_SLICE: Duration = Duration::from_secs(20);
+
 /// The line the library's initramfs prints once user space runs.
 pub const INIT_OK: &str = "VMM-INIT-OK";
 /// The line the root disk's init prints (after switch_root).
@@ -234,10 +238,20 @@ impl Guest {
 
     fn spawn_vmm(host: &Host, netns: Option<&str>, args: &[String]) -> VmmProcess {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        match netns {
+        let vmm = match netns {
             Some(ns) => VmmProcess::spawn_on_with(host, &["ip", "netns", "exec", ns], &args),
             None => VmmProcess::spawn_on(host, &args),
-        }
+        };
+        let reader = vmm.stderr_reader();
+        VMM_STDERRS.with(|v| v.borrow_mut().push(Box::new(reader)));
+        vmm
+    }
+
+    /// Did this guest triple-fault at the test host's own VMRUN address
+    /// (the emulator's fault, `testhost::wedge`)?
+    pub fn emulator_triple_fault(&self) -> bool {
+        self.host.is_test_host()
+            && crate::testhost::wedge::triple_fault_at_vmrun(self.host, &self.vmm.stderr())
     }
 
     /// Is this guest wedged by the test host's emulator (see
@@ -249,7 +263,13 @@ impl Guest {
     /// What a timeout message says about the test host's known fault;
     /// without it, the VMM's threads and KVM counters, for the diagnosis.
     fn wedge_note(&self) -> String {
-        if self.wedged() {
+        if self.emulator_triple_fault() {
+            EMULATOR_FAULT.with(|f| f.set(true));
+            "\nNOTE: a vCPU of this guest triple-faulted at the test host's own VMRUN \
+             address (QEMU's TCG SVM emulation restored the test host's instruction \
+             pointer into the guest: docs/notes.md), not the VMM"
+                .to_string()
+        } else if self.wedged() {
             EMULATOR_FAULT.with(|f| f.set(true));
             "\nNOTE: the test host's emulator wedged this guest (a vCPU entered at the \
              test host's own VMRUN address: a fault of QEMU's TCG SVM emulation, \
@@ -276,6 +296,12 @@ impl Guest {
             if seen.is_some() {
                 return;
             }
+            assert!(
+                self.host.is_alive(),
+                "the test host died or hung before {marker:?} (its emulator's fault, \
+                 docs/notes.md)\n{}",
+                self.report()
+            );
             assert!(
                 self.vmm.is_alive(),
                 "the VMM exited before {marker:?}\n{}",
@@ -325,9 +351,43 @@ impl Guest {
         format!("{}\n{}", self.vmm.report(), self.host.report())
     }
 
+    /// Waits (at most `timeout`) until the console from byte `from` on
+    /// satisfies `pred`, as [`VmmProcess::wait_until`]; but in the test
+    /// host, after every [`WATCH_SLICE`] of console silence, gives up at
+    /// once if the test host died or hung or its emulator wedged the guest
+    /// (the caller's failure report then says which), instead of waiting
+    /// out a long timeout for nothing.
+    fn watch<T>(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let len = self.vmm.len();
+            let slice = deadline
+                .saturating_duration_since(Instant::now())
+                .min(WATCH_SLICE);
+            if let Some(t) = self.vmm.wait_until(from, slice, &pred) {
+                return Some(t);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let silent = self.vmm.len() == len;
+            if self.host.is_test_host() && silent && (!self.host.is_alive() || self.wedged()) {
+                return None;
+            }
+        }
+    }
+
     /// Waits until `needle` was printed `count` times on the console.
     pub fn expect_count(&self, needle: &str, count: usize, timeout: Duration) {
-        if !self.vmm.wait_for_count(needle, count, timeout) {
+        let seen = self.watch(0, timeout, |t| {
+            (t.matches(needle).count() >= count).then_some(())
+        });
+        if seen.is_none() {
             panic!(
                 "{needle:?} not seen {count} times on the console within {timeout:?}{}\n{}",
                 self.wedge_note(),
@@ -344,8 +404,7 @@ impl Guest {
     /// Waits for `needle` on the console after byte `from`.
     pub fn expect_from(&self, from: usize, needle: &str, timeout: Duration) {
         if self
-            .vmm
-            .wait_until(from, timeout, |t| t.contains(needle).then_some(()))
+            .watch(from, timeout, |t| t.contains(needle).then_some(()))
             .is_none()
         {
             panic!(
@@ -394,7 +453,7 @@ impl Guest {
         };
         self.vmm.send(&format!("{cmd}{sep}echo {typed_marker}\n"));
         let needle = format!("@@END-{n} ");
-        let (at, code) = self.vmm.wait_until(from, timeout, |t| {
+        let (at, code) = self.watch(from, timeout, |t| {
             let i = t.find(&needle)?;
             let rest = &t[i + needle.len()..];
             let j = rest.find("@@")?;
@@ -441,56 +500,78 @@ thread_local! {
     /// Set when this test thread diagnosed a fault of the test host's
     /// emulator (a wedged guest).
     static EMULATOR_FAULT: Cell<bool> = const { Cell::new(false) };
+    /// The stderr of every VMM this scenario run started, for the
+    /// post-mortem of a failure that no `Guest` method diagnosed.
+    static VMM_STDERRS: std::cell::RefCell<Vec<Box<dyn Fn() -> String>>> =
+        std::cell::RefCell::new(Vec::new());
+}
+
+/// Did a VMM of this scenario run log a triple fault at the test host's
+/// own VMRUN address?
+fn emulator_triple_fault_in_run(h: &Host) -> bool {
+    if !h.is_test_host() {
+        return false;
+    }
+    let logs: Vec<String> = VMM_STDERRS.with(|v| v.borrow().iter().map(|f| f()).collect());
+    logs.iter()
+        .any(|e| crate::testhost::wedge::triple_fault_at_vmrun(h, e))
 }
 
 /// Runs a test's body on the current host. If the body fails *and* the
 /// failure is the test host emulator's (a guest diagnosed as wedged by it,
-/// or the test host itself died: see `testhost::wedge`), the body runs
-/// once more, on a test host that is alive, and the output says so. In
-/// the test host an undiagnosed failure also gets one more run; on
-/// hardware KVM it fails the test. A second failure always fails it.
-/// Every retry is also appended to `target/testhost-retries.log`, which
-/// `./test.sh` prints at the end (a passing retry's output is otherwise
-/// swallowed by the test harness).
+/// or the test host itself died or hung: see `testhost::wedge`), the body
+/// runs again, on a test host that is alive (at most four runs in all),
+/// and the output says so. In the test host an undiagnosed failure also
+/// gets one more run; on hardware KVM it fails the test. Every retry is
+/// also appended to `target/testhost-retries.log`, which `./test.sh`
+/// prints at the end (a passing retry's output is otherwise swallowed by
+/// the test harness).
 ///
 /// In the test host, scenarios run one at a time whatever the test harness'
 /// thread count: two busy guests at once made its emulator's fault kill the
 /// test host itself every minute or two (docs/notes.md).
 pub fn scenario(body: impl Fn(&'static Host)) {
+    /// Runs of one scenario at most. A boot in the test host meets the
+    /// emulator's fault now and then (Debian 6.12's early boot more often
+    /// than mini's), and a scenario boots up to four times.
+    const MAX_RUNS: u32 = 4;
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = host()
         .is_test_host()
         .then(|| ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()));
-    for attempt in 1..=2 {
+    let mut undiagnosed_retried = false;
+    for attempt in 1..=MAX_RUNS {
         EMULATOR_FAULT.with(|f| f.set(false));
+        VMM_STDERRS.with(|v| v.borrow_mut().clear());
         let h = host();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| body(h))) {
-            Ok(()) => return,
-            Err(panic) => {
-                let fault = EMULATOR_FAULT.with(|f| f.get()) || !h.is_alive();
-                if attempt == 1 && fault {
-                    log_retry("emulator fault (diagnosed)", &panic);
-                    eprintln!(
-                        "NOTE: the failure above is the test host emulator's (docs/notes.md, \
-                         \"The test host\"), not the VMM's: running the test again"
-                    );
-                    continue;
-                }
-                // In software emulation a rare failure is not diagnosed
-                // as the emulator's yet still goes away (docs/notes.md,
-                // "Left to do"): once, said loudly, with the first
-                // failure's report above. A failure that repeats fails.
-                if attempt == 1 && h.is_test_host() {
-                    log_retry("UNDIAGNOSED failure", &panic);
-                    eprintln!(
-                        "NOTE: UNDIAGNOSED failure in the test host (report above, whole \
-                         console saved): running the test once more; a second failure fails it"
-                    );
-                    continue;
-                }
-                std::panic::resume_unwind(panic);
-            }
+        let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| body(h))) else {
+            return;
+        };
+        let last = attempt == MAX_RUNS;
+        let fault =
+            EMULATOR_FAULT.with(|f| f.get()) || !h.is_alive() || emulator_triple_fault_in_run(h);
+        if fault && !last {
+            log_retry("emulator fault (diagnosed)", &*panic);
+            eprintln!(
+                "NOTE: the failure above is the test host emulator's (docs/notes.md, \
+                 \"The test host\"), not the VMM's: running the test again"
+            );
+            continue;
         }
+        // In software emulation a rare failure is not diagnosed as the
+        // emulator's yet still goes away (docs/notes.md, "Left to do"):
+        // once, said loudly, with the first failure's report above. A
+        // failure that repeats fails.
+        if h.is_test_host() && !undiagnosed_retried && !last {
+            undiagnosed_retried = true;
+            log_retry("UNDIAGNOSED failure", &*panic);
+            eprintln!(
+                "NOTE: UNDIAGNOSED failure in the test host (report above, whole \
+                 console saved): running the test once more; a second failure fails it"
+            );
+            continue;
+        }
+        std::panic::resume_unwind(panic);
     }
 }
 

@@ -285,6 +285,7 @@ impl Host {
 
     fn spawn_with(&self, argv: &[&str], env: &[(&str, &str)], pty: bool) -> io::Result<Proc> {
         match self {
+            Host::Test(th) if th.known_dead() => Err(dead()),
             Host::Test(th) => {
                 let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
                 let opts = ExecOptions {
@@ -366,6 +367,7 @@ impl Host {
     pub fn connect(&self, path: &Path) -> io::Result<Stream> {
         match self {
             Host::Local => UnixStream::connect(path).map(Stream::Unix),
+            Host::Test(th) if th.known_dead() => Err(dead()),
             Host::Test(th) => th
                 .agent
                 .connect(&path.display().to_string())
@@ -380,6 +382,10 @@ impl Host {
             Host::Test(th) => format!("--- test host console (tail) ---\n{}", th.console_tail(20)),
         }
     }
+}
+
+fn dead() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the test host died")
 }
 
 fn collect(mut r: Box<dyn Read + Send>) -> std::thread::JoinHandle<String> {

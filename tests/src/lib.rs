@@ -206,6 +206,15 @@ impl VmmProcess {
         self.len() == 0
     }
 
+    /// A reader of its stderr that outlives it (for post-mortems).
+    pub fn stderr_reader(&self) -> impl Fn() -> String + Send + 'static {
+        let e = self.stderr.clone();
+        move || {
+            let g = e.0.lock().unwrap_or_else(|e| e.into_inner());
+            String::from_utf8_lossy(&g.out).into_owned()
+        }
+    }
+
     pub fn stderr(&self) -> String {
         let g = self.stderr.0.lock().unwrap_or_else(|e| e.into_inner());
         String::from_utf8_lossy(&g.out).into_owned()

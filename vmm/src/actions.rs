@@ -121,7 +121,10 @@ impl ControlHandler for VmControlHandler {
         let mut vm = lock(&self.vm);
         let done = |r: Result<(), String>| r.map(|()| Reply::Done);
         let result = match request {
-            Request::Status => Ok(Reply::Status(status_info(&vm))),
+            Request::Status => {
+                crate::fatal::inject("control-status");
+                Ok(Reply::Status(status_info(&vm)))
+            }
             Request::Pause => done(vm.pause()),
             Request::Resume => done(vm.resume()),
             Request::Reset => done(

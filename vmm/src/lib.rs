@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod emulate;
 pub mod events;
 pub mod fallback;
+pub mod fatal;
 pub mod hooks;
 pub mod layout;
 pub mod lifecycle;

@@ -4,6 +4,7 @@ use clap::Parser;
 use vmm::config::{Cli, VmConfig};
 
 fn main() -> ExitCode {
+    vmm::fatal::install_panic_policy();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")

@@ -217,6 +217,7 @@ impl Vcpu {
     fn run_loop(mut self, control: &VcpuControl) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut first = self.on_first_run.take();
+        crate::fatal::inject("vcpu");
         let mut parked = false;
         loop {
             if parked {
@@ -258,6 +259,20 @@ impl Vcpu {
                         Next::Continue
                     }
                     VcpuExit::Shutdown => {
+                        // Where it died, for whoever debugs the guest (or
+                        // the hypervisor under us): one line.
+                        match self.fd.get_regs() {
+                            Ok(r) => tracing::warn!(
+                                "vCPU {}: triple fault (KVM shutdown exit) at rip={:#x} rsp={:#x}",
+                                self.id,
+                                r.rip,
+                                r.rsp
+                            ),
+                            Err(e) => tracing::warn!(
+                                "vCPU {}: triple fault (KVM shutdown exit); registers: {e}",
+                                self.id
+                            ),
+                        }
                         self.events.push(VmEvent::Guest(devices::GuestEvent::Reset(
                             ResetCause::TripleFault,
                         )));

@@ -26,6 +26,12 @@
 //! | unknown request type | UNSUPP |
 //!
 //! None of these stops the queue: the next request is served normally.
+//!
+//! A wake-up serves at most a queue's worth of requests (the queue size):
+//! a guest that refills the ring as fast as it is drained would otherwise
+//! keep the event loop here for good, starving the console, the control
+//! socket and the other devices. With work left, the device kicks its own
+//! queue eventfd and yields; the event loop comes back after the others.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -200,6 +206,8 @@ pub struct Block {
     config: [u8; CONFIG_SIZE],
     features: u64,
     active: Option<Active>,
+    /// Requests served per wake-up at most; `None`: the queue's size.
+    budget: Option<u16>,
 }
 
 impl Block {
@@ -298,6 +306,7 @@ impl Block {
             config,
             features,
             active: None,
+            budget: None,
         })
     }
 
@@ -323,15 +332,19 @@ impl Block {
         self.disk.counters.snapshot()
     }
 
-    /// Serves every available request, then signals the guest if it wants
-    /// an interrupt. Called from the event loop on a queue notification.
+    /// Serves the available requests, at most a budget's worth (see the
+    /// module's documentation), then signals the guest if it wants an
+    /// interrupt. Called from the event loop on a queue notification.
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
+        let budget = self.budget.unwrap_or_else(|| active.queue.size()).max(1);
+        let mut served: u16 = 0;
         let mut used_any = false;
-        loop {
+        let mut more = false;
+        'wake: loop {
             if let Err(e) = active.queue.disable_notification(&*mem) {
                 tracing::debug!("virtio-blk: disable_notification: {e}");
             }
@@ -345,6 +358,13 @@ impl Block {
                     // Only a head index out of range gets here; the chain
                     // was already counted as invalid.
                     Err(e) => tracing::debug!("virtio-blk: cannot return chain {head}: {e}"),
+                }
+                served = served.saturating_add(1);
+                if served >= budget {
+                    // Notifications stay off: the self-kick below brings
+                    // the event loop back, the guest need not.
+                    more = true;
+                    break 'wake;
                 }
             }
             match active.queue.enable_notification(&*mem) {
@@ -361,6 +381,19 @@ impl Block {
         if used_any && active.queue.needs_notification(&*mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
+        if more {
+            if let Some(evt) = self.queue_evts.first() {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("virtio-blk: cannot re-arm its queue: {e}");
+                }
+            }
+        }
+    }
+
+    /// Overrides the per-wake-up budget (tests).
+    #[cfg(test)]
+    pub(crate) fn set_budget(&mut self, n: u16) {
+        self.budget = Some(n);
     }
 }
 

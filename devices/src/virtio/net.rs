@@ -21,6 +21,13 @@
 //! on; the guest's next RX notification puts it back. Nothing spins and
 //! nothing is read that cannot be delivered.
 //!
+//! A wake-up moves at most a queue's worth (the queue size) of frames
+//! each way: a flood from the TAP into a guest that refills its ring as
+//! fast, or a guest that refills its TX ring as fast, would otherwise keep
+//! the event loop here for good. RX then yields with the TAP still polled
+//! (epoll reports it again after the other ready events); TX kicks its own
+//! queue eventfd.
+//!
 //! MAC: the configured one, else one derived from the TAP name with
 //! FNV-1a (locally administered, unicast): stable across restarts of the
 //! same VM on the same TAP, different for different TAP names.
@@ -213,6 +220,9 @@ enum RxOutcome {
     Drained,
     /// A frame may be waiting but the guest gave no (or too few) buffers.
     NoBuffers,
+    /// This wake-up's budget of frames is spent; the TAP may hold more
+    /// (it stays polled, so the event loop comes back after the others).
+    Budget,
 }
 
 struct Active {
@@ -252,6 +262,9 @@ pub struct Net {
     active: Option<Active>,
     tap_registered: bool,
     counters: Arc<NetCounters>,
+    /// Frames (RX) or chains (TX) served per wake-up at most; `None`: the
+    /// queue's size. See the module's documentation.
+    budget: Option<u16>,
 }
 
 impl Net {
@@ -276,6 +289,7 @@ impl Net {
             queue_evts: new_queue_events(2).map_err(NetError::EventFd)?,
             active: None,
             tap_registered: false,
+            budget: None,
             counters: Arc::default(),
         })
     }
@@ -329,11 +343,12 @@ impl Net {
         let mem = a.mem.clone();
         let mut used = false;
         let mut outcome = RxOutcome::Drained;
+        let mut frames = self.budget.unwrap_or_else(|| a.rx.size()).max(1);
         for _ in 0..8 {
-            let (o, u) = a.process_rx(&self.tap, &self.counters);
+            let (o, u) = a.process_rx(&self.tap, &self.counters, &mut frames);
             used |= u;
             outcome = o;
-            if matches!(outcome, RxOutcome::Drained) {
+            if !matches!(outcome, RxOutcome::NoBuffers) {
                 break;
             }
             // Out of buffers: ask the guest to notify us when it adds some.
@@ -351,7 +366,7 @@ impl Net {
             a.interrupt.signal_used_queue();
         }
         match outcome {
-            RxOutcome::Drained => {
+            RxOutcome::Drained | RxOutcome::Budget => {
                 // The TAP is polled while there are buffers: RX
                 // notifications are not needed meanwhile.
                 if let Err(e) = a.rx.disable_notification(&*mem) {
@@ -377,7 +392,10 @@ impl Net {
         let c = &self.counters;
         let mut used = false;
         let mut iovs: Vec<libc::iovec> = Vec::new();
-        loop {
+        let budget = self.budget.unwrap_or_else(|| a.tx.size()).max(1);
+        let mut served: u16 = 0;
+        let mut more = false;
+        'wake: loop {
             if let Err(e) = a.tx.disable_notification(&*mem) {
                 tracing::debug!("virtio-net: disable_notification: {e}");
             }
@@ -409,6 +427,13 @@ impl Net {
                     Ok(()) => used = true,
                     Err(e) => tracing::debug!("virtio-net: cannot return TX chain {head}: {e}"),
                 }
+                served = served.saturating_add(1);
+                if served >= budget {
+                    // Notifications stay off: the self-kick below brings
+                    // the event loop back, the guest need not.
+                    more = true;
+                    break 'wake;
+                }
             }
             match a.tx.enable_notification(&*mem) {
                 Ok(true) if popped => continue,
@@ -422,6 +447,17 @@ impl Net {
         if used && a.tx.needs_notification(&*mem).unwrap_or(true) {
             a.interrupt.signal_used_queue();
         }
+        if more {
+            if let Err(e) = self.queue_evts[TX].write(1) {
+                tracing::warn!("virtio-net: cannot re-arm its TX queue: {e}");
+            }
+        }
+    }
+
+    /// Overrides the per-wake-up budget (tests).
+    #[cfg(test)]
+    pub(crate) fn set_budget(&mut self, n: u16) {
+        self.budget = Some(n);
     }
 }
 
@@ -467,10 +503,13 @@ impl Active {
 
     /// Reads frames from the TAP into RX buffers. Returns the outcome and
     /// whether used buffers were added.
-    fn process_rx(&mut self, tap: &Tap, c: &NetCounters) -> (RxOutcome, bool) {
+    fn process_rx(&mut self, tap: &Tap, c: &NetCounters, frames: &mut u16) -> (RxOutcome, bool) {
         let mut used = false;
         let mut errors = 0;
         loop {
+            if *frames == 0 {
+                return (RxOutcome::Budget, used);
+            }
             if self.pending > 0 {
                 used |= self.fill_rx(self.pending, c);
                 if self.rx_cap < self.pending {
@@ -479,6 +518,7 @@ impl Active {
                 let n = std::mem::take(&mut self.pending);
                 self.complete_rx(n, true, c);
                 used = true;
+                *frames = frames.saturating_sub(1);
                 continue;
             }
             let need = if self.mrg_rxbuf { MAX_FRAME } else { 1 };
@@ -508,6 +548,7 @@ impl Active {
                 Ok((n, false)) => {
                     self.complete_rx(n, false, c);
                     used = true;
+                    *frames = frames.saturating_sub(1);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return (RxOutcome::Drained, used);

@@ -13,9 +13,11 @@ pub mod wedge;
 
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use client::{Agent, ExecOptions, RemoteChild};
@@ -34,9 +36,25 @@ pub struct TestHost {
     /// How long it took from QEMU's start to the agent's first answer.
     pub boot_time: Duration,
     pub qemu_pid: u32,
+    /// QEMU's pidfd, to kill it even after its exit raced with ours.
+    qemu_pidfd: OwnedFd,
     /// QEMU's exit status, once it has exited.
     exit: Exited,
+    /// Set once its agent stopped answering (its kernel hung: see
+    /// `wedge`); QEMU is then killed.
+    dead: AtomicBool,
+    /// When the agent last answered a liveness ping.
+    last_pong: Mutex<Instant>,
 }
+
+/// How long the agent may take to answer a liveness ping. It answers in
+/// milliseconds even while a guest boots; a test host whose kernel hung
+/// (seen in CI: no panic on its console, QEMU still running, every later
+/// test failing on the dead agent) never does.
+const PING_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A ping this recent vouches for the test host.
+const PONG_FRESH: Duration = Duration::from_secs(5);
 
 type Exited = std::sync::Arc<std::sync::Mutex<Option<String>>>;
 
@@ -63,11 +81,40 @@ fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A pidfd for our child `pid`, taken before it is reaped (so the pid
+/// names it).
+fn pidfd_open(pid: u32) -> Result<OwnedFd, String> {
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(format!(
+            "pidfd_open of the test host's QEMU: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// SIGKILL to the process behind `pidfd` (a no-op once it has exited).
+fn kill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) with a pidfd we own, no siginfo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
 /// Spawns QEMU from a thread that lives as long as the process, with
 /// PR_SET_PDEATHSIG, so the test host dies with the process however it
 /// ends (the death signal follows the parent *thread*).
-fn spawn_for_life(mut cmd: std::process::Command) -> Result<(u32, Exited), String> {
-    let (tx, rx) = mpsc::channel::<Result<u32, String>>();
+fn spawn_for_life(mut cmd: std::process::Command) -> Result<(u32, OwnedFd, Exited), String> {
+    let (tx, rx) = mpsc::channel::<Result<(u32, OwnedFd), String>>();
     let exited = Exited::default();
     let exit_tx = exited.clone();
     std::thread::Builder::new()
@@ -87,7 +134,7 @@ fn spawn_for_life(mut cmd: std::process::Command) -> Result<(u32, Exited), Strin
             let child: Result<Child, _> = cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn();
             match child {
                 Ok(mut c) => {
-                    let _ = tx.send(Ok(c.id()));
+                    let _ = tx.send(pidfd_open(c.id()).map(|fd| (c.id(), fd)));
                     let status = c.wait();
                     *exit_tx.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!("{status:?}"));
                     // Stay alive: this thread is the test host's parent.
@@ -101,10 +148,10 @@ fn spawn_for_life(mut cmd: std::process::Command) -> Result<(u32, Exited), Strin
             }
         })
         .map_err(|e| format!("cannot start a thread: {e}"))?;
-    let pid = rx
+    let (pid, pidfd) = rx
         .recv()
         .map_err(|_| "the QEMU thread died".to_string())??;
-    Ok((pid, exited))
+    Ok((pid, pidfd, exited))
 }
 
 impl TestHost {
@@ -140,7 +187,7 @@ impl TestHost {
                 .map_err(|e| format!("{}: {e}", err_path.display()))?;
             cmd.stderr(err);
             let t0 = Instant::now();
-            let (qemu_pid, exited) = spawn_for_life(cmd)?;
+            let (qemu_pid, qemu_pidfd, exited) = spawn_for_life(cmd)?;
             let agent = Agent {
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             };
@@ -161,12 +208,14 @@ impl TestHost {
                         release: files.release,
                         boot_time: t0.elapsed(),
                         qemu_pid,
+                        qemu_pidfd,
                         exit: exited,
+                        dead: AtomicBool::new(false),
+                        last_pong: Mutex::new(Instant::now()),
                     });
                 }
                 if t0.elapsed() > BOOT_TIMEOUT {
-                    // SAFETY: kill(2) of the QEMU process we started.
-                    unsafe { libc::kill(qemu_pid as i32, libc::SIGKILL) };
+                    kill(&qemu_pidfd);
                     return Err(format!(
                         "the test host's agent did not answer within {BOOT_TIMEOUT:?}\n--- console ---\n{}",
                         tail(log, 30)
@@ -181,16 +230,49 @@ impl TestHost {
         Err(last)
     }
 
-    /// Is it still running? (Its kernel may have died under it: see
-    /// `wedge` for the emulator fault behind that.)
+    /// Is it still running and answering? Its kernel may have died
+    /// under it, or hung (see `wedge` for the emulator fault behind
+    /// both): QEMU exited, a panic or a kernel BUG on its console, or an
+    /// agent that did not answer two pings. A test host found dead stays
+    /// dead, and its QEMU is killed.
     pub fn is_alive(&self) -> bool {
-        self.exit
+        if self.dead.load(Ordering::SeqCst) {
+            return false;
+        }
+        let exited = self
+            .exit
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .is_none()
-            && !std::fs::read_to_string(&self.log)
-                .unwrap_or_default()
-                .contains("Kernel panic")
+            .is_some();
+        let console = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let died = exited || console.contains("Kernel panic");
+        if !died && self.answers() {
+            return true;
+        }
+        self.dead.store(true, Ordering::SeqCst);
+        kill(&self.qemu_pidfd);
+        false
+    }
+
+    /// Was it found dead already? (No ping: for clean-up code, which
+    /// should not wait on a dead agent.)
+    pub fn known_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Did the agent answer a ping lately, or does it now (two tries)?
+    fn answers(&self) -> bool {
+        let mut last = self.last_pong.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() < PONG_FRESH {
+            return true;
+        }
+        for _ in 0..2 {
+            if self.agent.ping(PING_TIMEOUT).is_ok() {
+                *last = Instant::now();
+                return true;
+            }
+        }
+        false
     }
 
     /// The last lines of its console, for failure messages.

@@ -99,9 +99,11 @@ pub fn command(files: &Files, opts: &Options) -> Command {
     // tsc=reliable: TCG's TSC is one clock for all vCPUs, but the kernel's
     // warp check across its threads calls it unsynchronized; KVM then
     // "catches up" each guest vCPU's TSC separately when its thread moves,
-    // and guests hang early in boot.
+    // and guests hang early in boot. oops=panic: an oops (the emulator
+    // fault's "stack guard page was hit") ends QEMU at once (panic=-1 with
+    // -no-reboot) instead of leaving a half-dead test host.
     let mut append = format!(
-        "console=ttyS0 panic=-1 quiet loglevel=4 tsc=reliable testhost.agent={} testhost.modules={}",
+        "console=ttyS0 panic=-1 oops=panic quiet loglevel=4 tsc=reliable testhost.agent={} testhost.modules={}",
         opts.agent.display(),
         files.modules
     );

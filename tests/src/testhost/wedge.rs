@@ -82,3 +82,57 @@ pub fn threads_report(host: &Host, pid: u32) -> String {
         Err(e) => format!("--- vmm threads in the test host: {e}"),
     }
 }
+
+/// The test host's own VMRUN address (`__svm_vcpu_run` in kvm_amd), from
+/// its /proc/kallsyms; `None` off the test host or if it cannot be read.
+pub fn vmrun_address(host: &Host) -> Option<u64> {
+    if !host.is_test_host() || !host.is_alive() {
+        return None;
+    }
+    let out = host
+        .try_sh(
+            "grep -m1 ' __svm_vcpu_run' /proc/kallsyms",
+            Duration::from_secs(30),
+        )
+        .ok()?;
+    let addr = out.stdout.split_whitespace().next()?;
+    u64::from_str_radix(addr, 16).ok().filter(|&a| a != 0)
+}
+
+/// The instruction pointers of the triple faults the VMM logged (its
+/// `triple fault (KVM shutdown exit) at rip=0x...` lines).
+pub fn triple_fault_rips(vmm_stderr: &str) -> Vec<u64> {
+    vmm_stderr
+        .lines()
+        .filter(|l| l.contains("triple fault"))
+        .filter_map(|l| {
+            let hex = l.split("rip=0x").nth(1)?;
+            let hex: String = hex.chars().take_while(char::is_ascii_hexdigit).collect();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .collect()
+}
+
+/// Did one of those triple faults happen in the test host's own VMRUN
+/// code (the first form of the fault above, ending in a triple fault
+/// instead of the page-fault loop)? A guest never runs there.
+pub fn triple_fault_at_vmrun(host: &Host, vmm_stderr: &str) -> bool {
+    let rips = triple_fault_rips(vmm_stderr);
+    if rips.is_empty() {
+        return false;
+    }
+    vmrun_address(host)
+        .is_some_and(|a| rips.iter().any(|&r| r >= a && r < a.saturating_add(0x1000)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn triple_fault_lines_give_their_rip() {
+        let err = "x\n2026 WARN vmm::vcpu: vCPU 0: triple fault (KVM shutdown exit) at rip=0xffffffffc0a1b2c3 rsp=0x10\n";
+        assert_eq!(triple_fault_rips(err), vec![0xffff_ffff_c0a1_b2c3]);
+        assert!(triple_fault_rips("vCPU 0: triple fault; registers: EIO").is_empty());
+    }
+}

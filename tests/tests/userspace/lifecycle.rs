@@ -31,8 +31,12 @@ fn shutdown_reaches_the_guests_init_and_the_vm_stops_cleanly() {
     });
 }
 
+// Reboots are split over two tests of three boots each: in the test host
+// every boot risks the emulator's fault (docs/notes.md), and a short test
+// that met it is cheaper to run again.
+
 #[test]
-fn reboots_from_the_guest_the_socket_and_the_keyboard_stay_in_one_process() {
+fn a_reboot_from_the_guest_and_one_from_the_socket_stay_in_one_process() {
     scenario(|h| {
         let mut g = boot(
             h,
@@ -48,25 +52,34 @@ fn reboots_from_the_guest_the_socket_and_the_keyboard_stay_in_one_process() {
         let r = ctl.ok(r#"{"cmd":"reboot","timeout_s":120}"#);
         assert_eq!(r["result"], "graceful", "{r}");
         g.expect_count(INIT_OK, 3, BOOT);
-        // 3. A hard reset from the control socket.
-        ctl.ok(r#"{"cmd":"reset"}"#);
-        g.expect_count(INIT_OK, 4, BOOT);
-        // 4. Alt+SysRq+B on the emulated keyboard: the kernel reboots at
-        // once. (Keys that arrive before its keyboard driver is bound are
-        // lost, as on hardware: press until it acts.)
-        let deadline = std::time::Instant::now() + BOOT;
-        while !g.vmm.output().contains("--- vmm: boot 5 ") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "SysRq B had no effect\n{}",
-                g.report()
-            );
-            let _ = ctl.call(r#"{"cmd":"sysrq","key":"b"}"#);
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        g.expect_count(INIT_OK, 5, BOOT);
         let s = ctl.status();
-        assert_eq!(s["boot_count"], 5, "{s}");
+        assert_eq!(s["boot_count"], 3, "{s}");
+        assert_eq!(s["last_reset"], "reboot", "{s}");
+        assert_eq!(g.vmm.child.id(), pid);
+        assert!(g.vmm.is_alive());
+    });
+}
+
+#[test]
+fn a_reset_from_the_socket_and_sysrq_b_on_the_keyboard_stay_in_one_process() {
+    scenario(|h| {
+        let mut g = boot(h, Spec::new("mini").cmdline("vmm.init=busybox"));
+        let pid = g.vmm.child.id();
+        // 1. A hard reset from the control socket.
+        let mut ctl = g.ctl();
+        ctl.ok(r#"{"cmd":"reset"}"#);
+        g.expect_count(INIT_OK, 2, BOOT);
+        // 2. Alt+SysRq+B on the emulated keyboard: the kernel reboots at
+        // once. The shell is up, so its keyboard driver is bound: one
+        // press must do. (Pressing again while the reboot is on its way
+        // would land in the next boot and reboot that one too.)
+        g.run("echo keyboard-ready");
+        let from = g.vmm.len();
+        ctl.ok(r#"{"cmd":"sysrq","key":"b"}"#);
+        g.expect_from(from, "--- vmm: boot 3 ", Duration::from_secs(60));
+        g.expect_count(INIT_OK, 3, BOOT);
+        let s = ctl.status();
+        assert_eq!(s["boot_count"], 3, "{s}");
         assert_eq!(s["last_reset"], "guest", "{s}");
         assert_eq!(g.vmm.child.id(), pid);
         assert!(g.vmm.is_alive());

@@ -582,3 +582,44 @@ fn tap_tx_and_rx_in_a_network_namespace() {
     // A thread of its own: the namespace dies with it.
     std::thread::spawn(tap_test_body).join().unwrap();
 }
+
+/// Used entries that each single event-loop pass returns, until idle.
+fn used_per_pass(f: &mut Fixture, tx: bool) -> Vec<usize> {
+    let mut per_pass = Vec::new();
+    while f.em.run_with_timeout(20).unwrap() > 0 {
+        let q = if tx { &mut f.txq } else { &mut f.rxq };
+        per_pass.push(q.used(&f.mem).len());
+    }
+    per_pass
+}
+
+#[test]
+fn a_tx_wake_up_sends_at_most_its_budget_and_comes_back_for_the_rest() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);
+    f.net.lock().unwrap().set_budget(2);
+    let frame = framed(&payload(60, 7));
+    f.mem.write_slice(&frame, GuestAddress(TXBUF)).unwrap();
+    for _ in 0..5 {
+        f.txq.add_chain(&f.mem, &[(TXBUF, 72, false)]);
+    }
+    write_reg(&mut f.t, reg::QUEUE_NOTIFY, 1);
+    assert_eq!(used_per_pass(&mut f, true), vec![2, 2, 1]);
+    for _ in 0..5 {
+        assert_eq!(recv_timeout(&host, 1000).as_deref(), Some(&frame[..]));
+    }
+}
+
+#[test]
+fn an_rx_wake_up_delivers_at_most_its_budget_and_the_tap_brings_it_back() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);
+    f.net.lock().unwrap().set_budget(2);
+    f.post_rx(6, 2048);
+    f.settle();
+    assert!(f.tap_polled());
+    for i in 0..5 {
+        send(&host, &framed(&payload(100, i)));
+    }
+    assert_eq!(used_per_pass(&mut f, false), vec![2, 2, 1]);
+    assert_eq!(f.stats().rx_packets, 5);
+    assert!(f.tap_polled(), "a buffer is left: the TAP stays polled");
+}

@@ -87,7 +87,7 @@ impl Drop for TempDir {
     }
 }
 
-pub(crate) fn rand_u64() -> u64 {
+pub fn rand_u64() -> u64 {
     let mut b = [0u8; 8];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);

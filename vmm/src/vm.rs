@@ -119,20 +119,24 @@ pub struct Vm {
     /// Signalled by each boot's UART when the guest drained its input FIFO.
     pub serial_input_drained: Option<vmm_sys_util::eventfd::EventFd>,
     virtio: Vec<VirtioSlot>,
-    /// The block and net devices, for the event loop.
+    /// The net devices, for the event loop.
     pub virtio_subscribers: Vec<Subscriber>,
+    /// The block devices, each served on an I/O thread of its own (see
+    /// `runtime::spawn_disk_threads`), with a name for it.
+    pub disk_subscribers: Vec<(String, Subscriber)>,
     mem_handle: GuestMemoryHandle,
 }
 
 /// Opens the disks and TAPs (start-up errors are clear and final) and puts
 /// each behind a virtio-mmio transport at its slot.
-fn create_virtio(
-    config: &VmConfig,
-    mem: &GuestMemoryHandle,
-) -> Result<(Vec<VirtioSlot>, Vec<Subscriber>), VmmError> {
+/// The virtio devices: their MMIO slots, the event-loop subscribers (net)
+/// and the disks' subscribers (each for an I/O thread, named).
+type VirtioSet = (Vec<VirtioSlot>, Vec<Subscriber>, Vec<(String, Subscriber)>);
+
+fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet, VmmError> {
     let mut slots = Vec::new();
-    let mut subs: Vec<Subscriber> = Vec::new();
-    let mut add = |dev: Arc<Mutex<dyn devices::virtio::VirtioDevice>>, sub: Subscriber| {
+    let mut disks: Vec<(String, Subscriber)> = Vec::new();
+    let mut add_slot = |dev: Arc<Mutex<dyn devices::virtio::VirtioDevice>>| {
         let (base, gsi) = crate::layout::virtio_mmio_slot(slots.len());
         let t = MmioTransport::new(dev, mem.clone())
             .map_err(|e| VmmError::Setup(format!("virtio transport: {e}")))?;
@@ -141,10 +145,9 @@ fn create_virtio(
             base,
             gsi,
         });
-        subs.push(sub);
         Ok::<(), VmmError>(())
     };
-    for d in &config.disks {
+    for (i, d) in config.disks.iter().enumerate() {
         let blk = Block::new(&BlockConfig {
             path: d.path.clone(),
             read_only: d.read_only,
@@ -153,8 +156,10 @@ fn create_virtio(
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let blk = Arc::new(Mutex::new(blk));
-        add(blk.clone(), blk)?;
+        add_slot(blk.clone())?;
+        disks.push((format!("disk{i}"), blk));
     }
+    let mut nets: Vec<Subscriber> = Vec::new();
     for n in &config.nets {
         let net = Net::new(&NetConfig {
             tap: n.tap.clone(),
@@ -162,9 +167,10 @@ fn create_virtio(
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let net = Arc::new(Mutex::new(net));
-        add(net.clone(), net)?;
+        add_slot(net.clone())?;
+        nets.push(net);
     }
-    Ok((slots, subs))
+    Ok((slots, nets, disks))
 }
 
 pub fn dev_cause(c: DevResetCause) -> ResetCause {
@@ -191,7 +197,7 @@ impl Vm {
         let (watchdog_action, panic_action) = (config.watchdog_action, config.panic_action);
         let alert_hook = config.alert_hook.clone();
         let mem_handle = GuestMemoryHandle::empty();
-        let (virtio, virtio_subscribers) = create_virtio(&config, &mem_handle)?;
+        let (virtio, virtio_subscribers, disk_subscribers) = create_virtio(&config, &mem_handle)?;
         Ok(Vm {
             kvm,
             current_kernel: String::new(),
@@ -222,6 +228,7 @@ impl Vm {
             serial_input_drained: None,
             virtio,
             virtio_subscribers,
+            disk_subscribers,
             mem_handle,
         })
     }

@@ -1,6 +1,8 @@
 //! virtio-blk over a raw image file (or block device).
 //!
-//! One request queue, served synchronously on the event loop: each request
+//! One request queue, served synchronously by whatever event loop the
+//! device is registered on (the VMM gives each disk an I/O thread of its
+//! own, so a slow image stalls nothing else): each request
 //! is one `preadv`/`pwritev` straight between the image and guest memory (no
 //! bounce buffer). With `direct` the image is opened `O_DIRECT` (host page
 //! cache bypassed; see [`direct`](self::direct) for unaligned buffers).

@@ -53,8 +53,8 @@ fn a_reboot_from_the_guest_and_one_from_the_socket_stay_in_one_process() {
         assert_eq!(r["result"], "graceful", "{r}");
         g.expect_count(INIT_OK, 3, BOOT);
         let s = ctl.status();
-        assert_eq!(s["boot_count"], 3, "{s}");
-        assert_eq!(s["last_reset"], "reboot", "{s}");
+        assert_eq!(s["boot_count"], 3, "{s}\n{}", g.report());
+        assert_eq!(s["last_reset"], "reboot", "{s}\n{}", g.report());
         assert_eq!(g.vmm.child.id(), pid);
         assert!(g.vmm.is_alive());
     });
@@ -79,8 +79,8 @@ fn a_reset_from_the_socket_and_sysrq_b_on_the_keyboard_stay_in_one_process() {
         g.expect_from(from, "--- vmm: boot 3 ", Duration::from_secs(60));
         g.expect_count(INIT_OK, 3, BOOT);
         let s = ctl.status();
-        assert_eq!(s["boot_count"], 3, "{s}");
-        assert_eq!(s["last_reset"], "guest", "{s}");
+        assert_eq!(s["boot_count"], 3, "{s}\n{}", g.report());
+        assert_eq!(s["last_reset"], "guest", "{s}\n{}", g.report());
         assert_eq!(g.vmm.child.id(), pid);
         assert!(g.vmm.is_alive());
     });

@@ -375,7 +375,6 @@ fn main() -> ExitCode {
     }
 
     if only.iter().any(|o| o == "net") {
-        let ns = NetNs::new(h, "bench");
         let netdev = |vhost: &str| {
             vec![
                 "-netdev".to_string(),
@@ -389,36 +388,43 @@ fn main() -> ExitCode {
             ("QEMU", Peer::Microvm, netdev("off")),
             ("QEMU vhost-net", Peer::Microvm, netdev("on")),
         ];
-        let prefix = ["ip", "netns", "exec", ns.name.as_str()];
         let mut tx: Vec<Vec<f64>> = vec![Vec::new(); 3];
         let mut rx: Vec<Vec<f64>> = vec![Vec::new(); 3];
         for r in 0..runs {
+            // A test host that the emulator's fault killed is replaced
+            // (host() boots another), with a namespace of its own.
+            let h = host();
+            let ns = NetNs::new(h, "bench");
+            let prefix = ["ip", "netns", "exec", ns.name.as_str()];
             for (i, (label, p, dev)) in cases.iter().enumerate() {
                 // The host end: a sink on 5001, a 64 MiB source on 5002.
-                let mut sink = h
-                    .spawn(
+                let sink = h.spawn(
+                    &[
+                        &prefix[..],
+                        &["socat", "-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"],
+                    ]
+                    .concat(),
+                    &[],
+                );
+                let source = h.spawn(
+                    &[
+                        &prefix[..],
                         &[
-                            &prefix[..],
-                            &["socat", "-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"],
-                        ]
-                        .concat(),
-                        &[],
-                    )
-                    .expect("sink");
-                let mut source = h
-                    .spawn(
-                        &[
-                            &prefix[..],
-                            &[
-                                "sh",
-                                "-c",
-                                "head -c 67108864 /dev/zero | socat -u - TCP-LISTEN:5002,reuseaddr",
-                            ],
-                        ]
-                        .concat(),
-                        &[],
-                    )
-                    .expect("source");
+                            "sh",
+                            "-c",
+                            "head -c 67108864 /dev/zero | socat -u - TCP-LISTEN:5002,reuseaddr",
+                        ],
+                    ]
+                    .concat(),
+                    &[],
+                );
+                let (mut sink, mut source) = match (sink, source) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(e), _) | (_, Err(e)) => {
+                        eprintln!("{label}: cannot start the host end ({e}): run skipped");
+                        continue;
+                    }
+                };
                 let out = run_script(h, &prefix, *p, &g, "vmm.run=netbench vmm.net_mib=64", dev);
                 let _ = sink.kill();
                 let _ = source.kill();

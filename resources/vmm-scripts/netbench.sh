@@ -8,13 +8,34 @@ for arg in $(cat /proc/cmdline); do
 done
 ip addr add 10.0.2.2/24 dev eth0 && ip link set eth0 up
 now() { cut -d' ' -f1 /proc/uptime; }
-t0=$(now)
-dd if=/dev/zero bs=65536 count=$((mib * 16)) 2>/dev/null | nc 10.0.2.1 5001
-t1=$(now)
-echo "vmm-bench: net-tx $mib MiB $(awk "BEGIN { print $t1 - $t0 }") s"
-t0=$(now)
-nc 10.0.2.1 5002 </dev/null | dd of=/dev/null bs=65536 2>/dev/null
-t1=$(now)
-echo "vmm-bench: net-rx $mib MiB $(awk "BEGIN { print $t1 - $t0 }") s"
+bytes=$((mib * 1048576))
+# The host's listeners may start after the guest is up: a refused
+# connection is tried again, and a half that moved less than it should
+# says "failed" instead of a time (a refused nc once gave a bogus figure).
+tries=0
+while :; do
+	t0=$(now)
+	if dd if=/dev/zero bs=65536 count=$((mib * 16)) 2>/dev/null | nc 10.0.2.1 5001; then
+		t1=$(now)
+		echo "vmm-bench: net-tx $mib MiB $(awk "BEGIN { print $t1 - $t0 }") s"
+		break
+	fi
+	tries=$((tries + 1))
+	[ $tries -lt 10 ] || { echo "vmm-bench: net-tx failed"; break; }
+	sleep 1
+done
+tries=0
+while :; do
+	t0=$(now)
+	n=$(nc 10.0.2.1 5002 </dev/null | wc -c)
+	t1=$(now)
+	if [ "$n" = "$bytes" ]; then
+		echo "vmm-bench: net-rx $mib MiB $(awk "BEGIN { print $t1 - $t0 }") s"
+		break
+	fi
+	tries=$((tries + 1))
+	[ $tries -lt 10 ] && [ "$n" = 0 ] || { echo "vmm-bench: net-rx failed ($n bytes)"; break; }
+	sleep 1
+done
 echo "vmm-bench: done"
 poweroff -f

@@ -142,6 +142,10 @@ fn wait_marker(h: &Host, p: &VmmProcess, needle: &str) -> Wait {
         if wedged_vmms(h).contains(&p.child.id()) {
             return Wait::Wedged;
         }
+        if !h.is_alive() {
+            eprintln!("NOTE: the test host died or hung (its emulator's fault): run lost");
+            return Wait::TimedOut;
+        }
     }
     Wait::TimedOut
 }
@@ -340,6 +344,11 @@ fn main() -> ExitCode {
                 let out = run_script(h, &[], *p, &g, "vmm.run=blkbench", dev);
                 match (dd_rate(&out, "seq-read"), dd_rate(&out, "seq-write")) {
                     (Some(a), Some(b)) => {
+                        eprintln!(
+                            "disk run {}: {}: read {a:.1} MB/s, write {b:.1} MB/s",
+                            r + 1,
+                            p.label()
+                        );
                         rd[i].push(a);
                         wr[i].push(b);
                     }
@@ -430,6 +439,9 @@ fn main() -> ExitCode {
                 let _ = source.kill();
                 match (net_rate(&out, "net-tx"), net_rate(&out, "net-rx")) {
                     (Some(a), Some(b)) => {
+                        // Each run's figures as they come: a run that the
+                        // emulator kills later loses nothing printed here.
+                        eprintln!("net run {}: {label}: tx {a:.1} MB/s, rx {b:.1} MB/s", r + 1);
                         tx[i].push(a);
                         rx[i].push(b);
                     }

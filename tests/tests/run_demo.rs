@@ -16,7 +16,15 @@ use tests::{bin, repo_root, TempDir};
 /// machine.
 const T: Duration = Duration::from_secs(300);
 
-fn read_until(r: &mut dyn Read, buf: &mut Vec<u8>, from: usize, needle: &str) -> usize {
+/// Reads the terminal until `needle` shows after byte `from`; fails at the
+/// deadline or when the demo exits first (reads poll, so neither is missed).
+fn read_until(
+    r: &mut std::fs::File,
+    buf: &mut Vec<u8>,
+    from: usize,
+    needle: &str,
+    child: &mut std::process::Child,
+) -> usize {
     let deadline = Instant::now() + T;
     loop {
         if let Some(i) = String::from_utf8_lossy(&buf[from.min(buf.len())..]).find(needle) {
@@ -24,17 +32,17 @@ fn read_until(r: &mut dyn Read, buf: &mut Vec<u8>, from: usize, needle: &str) ->
         }
         assert!(
             Instant::now() < deadline,
-            "{needle:?} not seen on the terminal:\n{}",
+            "{needle:?} not seen on the terminal within {T:?}:\n{}",
             String::from_utf8_lossy(buf)
         );
-        let mut chunk = [0u8; 4096];
-        match r.read(&mut chunk) {
-            Ok(0) | Err(_) => panic!(
-                "the terminal closed before {needle:?}:\n{}",
+        if let Ok(Some(st)) = child.try_wait() {
+            let _ = read_some(r, buf);
+            panic!(
+                "the demo exited ({st}) before {needle:?}:\n{}",
                 String::from_utf8_lossy(buf)
-            ),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            );
         }
+        let _ = read_some(r, buf);
     }
 }
 
@@ -52,12 +60,15 @@ fn the_demo_gives_a_guest_shell_on_the_terminal_and_a_control_socket() {
         .env("TERM", "xterm");
     attach_to_pty(&mut cmd, &slave);
     let mut child = cmd.spawn().expect("start scripts/demo.sh");
+    // The Command holds copies of the terminal's slave side: closed here,
+    // so that the demo's end shows as the terminal's end.
+    drop(cmd);
     drop(slave);
     let mut out = std::fs::File::from(master.try_clone().expect("dup pty"));
     let mut input = std::fs::File::from(master);
     let mut screen = Vec::new();
 
-    let at = read_until(&mut out, &mut screen, 0, "VMM-INIT-OK");
+    let at = read_until(&mut out, &mut screen, 0, "VMM-INIT-OK", &mut child);
     // The console shell answers what is typed (typed again until the
     // shell is there to read it). The typed line says demo-$((6*7)), so
     // demo-42 is the shell's answer; its line end depends on how many

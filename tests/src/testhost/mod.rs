@@ -158,6 +158,14 @@ impl TestHost {
     /// Boots a test host for tests: its console goes to `log`, its agent
     /// is `agent` (the `vmm-testhost` binary).
     pub fn boot(repo: &Path, agent: &Path, log: &Path) -> Result<TestHost, String> {
+        // The test host sees the outer root at the same paths, except its
+        // /tmp, which is a tmpfs of its own (resources/testhost/init).
+        if repo.starts_with("/tmp") || agent.starts_with("/tmp") {
+            return Err(format!(
+                "the test host cannot see {} (its /tmp is its own): put the repository and its target directory outside /tmp",
+                repo.display()
+            ));
+        }
         let files = qemu::Files::locate(&files_dir(repo))?;
         let cpus = std::env::var("VMM_TESTHOST_CPUS")
             .ok()

@@ -406,11 +406,19 @@ fn main() -> ExitCode {
             let ns = NetNs::new(h, "bench");
             let prefix = ["ip", "netns", "exec", ns.name.as_str()];
             for (i, (label, p, dev)) in cases.iter().enumerate() {
-                // The host end: a sink on 5001, a 64 MiB source on 5002.
+                // The host end: a sink on 5001, a 64 MiB source on 5002;
+                // `fork`, so that a guest run again after the emulator
+                // wedged it (or one that retries a refused connection)
+                // finds them still listening.
                 let sink = h.spawn(
                     &[
                         &prefix[..],
-                        &["socat", "-u", "TCP-LISTEN:5001,reuseaddr", "OPEN:/dev/null"],
+                        &[
+                            "socat",
+                            "-u",
+                            "TCP-LISTEN:5001,reuseaddr,fork",
+                            "OPEN:/dev/null",
+                        ],
                     ]
                     .concat(),
                     &[],
@@ -419,9 +427,10 @@ fn main() -> ExitCode {
                     &[
                         &prefix[..],
                         &[
-                            "sh",
-                            "-c",
-                            "head -c 67108864 /dev/zero | socat -u - TCP-LISTEN:5002,reuseaddr",
+                            "socat",
+                            "-u",
+                            "TCP-LISTEN:5002,reuseaddr,fork",
+                            "SYSTEM:head -c 67108864 /dev/zero",
                         ],
                     ]
                     .concat(),

@@ -340,8 +340,12 @@ impl Guest {
             // above), starts again.
             restarts += 1;
             let what = if triple_fault {
-                let rips = crate::testhost::wedge::triple_fault_rips(&self.vmm.stderr());
-                format!("triple-faulted (rip {rips:#x?})")
+                let rips: Vec<String> =
+                    crate::testhost::wedge::triple_fault_rips(&self.vmm.stderr())
+                        .iter()
+                        .map(|r| format!("{r:#x}"))
+                        .collect();
+                format!("triple-faulted (rip {})", rips.join(", "))
             } else {
                 "was wedged".to_string()
             };

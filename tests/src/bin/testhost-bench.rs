@@ -428,7 +428,6 @@ fn main() -> ExitCode {
                         &prefix[..],
                         &[
                             "socat",
-                            "-u",
                             "TCP-LISTEN:5002,reuseaddr,fork",
                             "SYSTEM:head -c 67108864 /dev/zero",
                         ],

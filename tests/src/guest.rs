@@ -294,9 +294,8 @@ impl Guest {
             // on the way resets it, and the next boot's marker would hide
             // that.
             let seen = self.vmm.wait_until(0, Duration::from_secs(20), |t| {
-                let fault = t.find("(reset: triple_fault");
-                match (t.find(marker), fault) {
-                    (_, Some(f)) if t.find(marker).is_none_or(|m| m > f) => Some(false),
+                match (t.find(marker), t.find("(reset: triple_fault")) {
+                    (m, Some(f)) if m.is_none_or(|m| m > f) => Some(false),
                     (Some(_), _) => Some(true),
                     _ => None,
                 }
@@ -548,9 +547,15 @@ fn emulator_triple_fault_in_run(h: &Host) -> bool {
     if !h.is_test_host() {
         return false;
     }
-    let logs: Vec<String> = VMM_STDERRS.with(|v| v.borrow().iter().map(|f| f()).collect());
-    logs.iter()
-        .any(|e| crate::testhost::wedge::triple_fault_at_vmrun(h, e))
+    // One log of all the run's VMMs: the test host's kallsyms is read once.
+    let logs = VMM_STDERRS.with(|v| {
+        v.borrow()
+            .iter()
+            .map(|f| f())
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    crate::testhost::wedge::triple_fault_at_vmrun(h, &logs)
 }
 
 /// Runs a test's body on the current host. If the body fails *and* the

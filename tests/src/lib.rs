@@ -216,8 +216,7 @@ impl VmmProcess {
     }
 
     pub fn stderr(&self) -> String {
-        let g = self.stderr.0.lock().unwrap_or_else(|e| e.into_inner());
-        String::from_utf8_lossy(&g.out).into_owned()
+        self.stderr_reader()()
     }
 
     /// Waits until the console output from byte `from` on satisfies `pred`;

@@ -187,3 +187,19 @@ impl Asm {
 pub fn write_guest(path: &Path, asm: &Asm) -> std::io::Result<()> {
     std::fs::write(path, pvh_elf(asm.bytes()))
 }
+
+/// The command line of a VMM running `asm` as its guest (written to
+/// `dir/tiny.elf`): named `name`, 64 MiB, control socket `sock`, console on
+/// stdio. Callers add arguments or environment, then
+/// [`crate::VmmProcess::spawn_cmd`].
+pub fn vmm_command(dir: &Path, name: &str, asm: &Asm, sock: &Path) -> std::process::Command {
+    let k = dir.join("tiny.elf");
+    write_guest(&k, asm).expect("write the tiny guest");
+    let mut cmd = std::process::Command::new(crate::bin("vmm"));
+    cmd.args(["--name", name, "--memory", "64", "--console", "stdio"])
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--control")
+        .arg(sock);
+    cmd
+}

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::control::Ctl;
-use tests::tiny::{write_guest, Asm};
+use tests::tiny::{vmm_command, write_guest, Asm};
 use tests::{TempDir, VmmProcess};
 
 struct Vm {
@@ -26,21 +26,8 @@ impl Vm {
 
 fn start(tag: &str, asm: &Asm, extra: &[&str]) -> Vm {
     let dir = TempDir::new(tag);
-    let k = dir.path().join("tiny.elf");
-    write_guest(&k, asm).expect("write guest");
     let sock = dir.path().join("run/vm1/control.sock");
-    let mut args = vec![
-        "--name",
-        "vm1",
-        "--kernel",
-        k.to_str().unwrap_or_default(),
-        "--memory",
-        "64",
-        "--control",
-        sock.to_str().unwrap_or_default(),
-    ];
-    args.extend_from_slice(extra);
-    let p = VmmProcess::spawn(&args);
+    let p = VmmProcess::spawn_cmd(vmm_command(dir.path(), "vm1", asm, &sock).args(extra));
     Vm { dir, p }
 }
 

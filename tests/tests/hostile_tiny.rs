@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tests::control::Ctl;
-use tests::tiny::{write_guest, Asm};
+use tests::tiny::{vmm_command, Asm};
 use tests::{TempDir, VmmProcess};
 
 struct Vm {
@@ -20,19 +20,8 @@ impl Vm {
 
 fn start(tag: &str, asm: &Asm) -> Vm {
     let dir = TempDir::new(tag);
-    let k = dir.path().join("tiny.elf");
-    write_guest(&k, asm).expect("write guest");
     let sock = dir.path().join("control.sock");
-    let p = VmmProcess::spawn(&[
-        "--name",
-        "hostile",
-        "--kernel",
-        k.to_str().unwrap_or_default(),
-        "--memory",
-        "64",
-        "--control",
-        sock.to_str().unwrap_or_default(),
-    ]);
+    let p = VmmProcess::spawn_cmd(&mut vmm_command(dir.path(), "hostile", asm, &sock));
     Vm { dir, p }
 }
 

@@ -3,29 +3,21 @@
 //! or its event loop and still says `running` (vmm/src/fatal.rs).
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
 use std::time::Duration;
 
 use tests::control::Ctl;
-use tests::tiny::{write_guest, Asm};
-use tests::{bin, TempDir, VmmProcess};
+use tests::tiny::{vmm_command, Asm};
+use tests::{TempDir, VmmProcess};
 
 /// A tiny guest that says READY and spins, in a VMM whose `point`
 /// panics (`VMM_TEST_PANIC`).
 fn start(tag: &str, point: &str) -> (TempDir, VmmProcess) {
     let dir = TempDir::new(tag);
-    let k = dir.path().join("tiny.elf");
     let mut a = Asm::new();
     a.print("READY\r\n").spin();
-    write_guest(&k, &a).expect("write guest");
     let sock = dir.path().join("control.sock");
     let p = VmmProcess::spawn_cmd(
-        Command::new(bin("vmm"))
-            .args(["--name", "panicky", "--memory", "64", "--console", "stdio"])
-            .arg("--kernel")
-            .arg(&k)
-            .arg("--control")
-            .arg(&sock)
+        vmm_command(dir.path(), "panicky", &a, &sock)
             .env("VMM_TEST_PANIC", point)
             .env_remove("RUST_BACKTRACE"),
     );

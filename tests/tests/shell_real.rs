@@ -4,7 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::tiny::{write_guest, Asm};
+use tests::tiny::{vmm_command, Asm};
 use tests::{bin, TempDir, VmmProcess};
 
 fn shell(run_dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
@@ -24,22 +24,11 @@ fn shell(run_dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, Stri
 #[test]
 fn one_shot_commands_drive_a_real_vm_and_other_users_see_nothing() {
     let dir = TempDir::new("shell-real");
-    let k = dir.path().join("tiny.elf");
     let mut a = Asm::new();
     a.print("SHELL-READY\r\n").cli_hlt_forever();
-    write_guest(&k, &a).expect("guest");
     let run = dir.path().join("run");
     let sock = run.join("web1/control.sock");
-    let p = VmmProcess::spawn(&[
-        "--name",
-        "web1",
-        "--kernel",
-        k.to_str().unwrap_or_default(),
-        "--memory",
-        "64",
-        "--control",
-        sock.to_str().unwrap_or_default(),
-    ]);
+    let p = VmmProcess::spawn_cmd(&mut vmm_command(dir.path(), "web1", &a, &sock));
     assert!(
         p.wait_for("SHELL-READY", Duration::from_secs(20)),
         "{}",

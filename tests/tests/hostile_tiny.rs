@@ -131,3 +131,78 @@ fn a_second_graceful_request_replaces_the_first_and_both_are_answered() {
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert_eq!(c.status()["state"], "stopped");
 }
+
+#[test]
+fn a_pvpanic_storm_runs_the_alert_hook_once_logs_a_bounded_number_of_lines_and_leaks_no_descriptor()
+{
+    // 100 000 panics as fast as the guest can write the port, then an ACPI
+    // poweroff: events are handled in order, so `stopped` means every panic
+    // before it was handled too.
+    const PANICS: u32 = 100_000;
+    let mut a = Asm::new();
+    a.print("READY\r\n");
+    a.code.push(0xb9); // mov ecx, PANICS
+    a.code.extend_from_slice(&PANICS.to_le_bytes());
+    let top = a.here();
+    a.outb(0x505, 1);
+    let rel = top as i64 - (a.here() as i64 + 2);
+    a.code.extend_from_slice(&[0xe2, rel as i8 as u8]); // loop top
+    a.print("STORM-DONE\r\n").outb(0x600, 0x34).spin();
+
+    let dir = TempDir::new("panic-storm");
+    let sock = dir.path().join("control.sock");
+    let (out, fds) = (dir.path().join("hook.txt"), dir.path().join("fds.txt"));
+    // The hook lists its own shell's descriptors: whatever the VMM leaked to
+    // it (eventfds, KVM, the control socket) shows up there.
+    let hook = format!(
+        "ls -l /proc/$$/fd/ > {}; echo \"$VMM_EVENT $VMM_COALESCED\" >> {}",
+        fds.display(),
+        out.display()
+    );
+    let mut cmd = vmm_command(dir.path(), "storm", &a, &sock);
+    cmd.args(["--on-panic", "none", "--alert-hook", &hook]);
+    let mut p = VmmProcess::spawn_cmd(&mut cmd);
+    assert!(p.wait_for("READY", T), "{}", p.report());
+    let mut c = Ctl::connect(&sock);
+    let s = c.wait_status(Duration::from_secs(120), |s| s["state"] == "stopped");
+    assert_eq!(s["state"], "stopped", "{s}\n{}", p.report());
+    assert!(p.output().contains("STORM-DONE"));
+    let deadline = Instant::now() + T;
+    let hook_lines = || std::fs::read_to_string(&out).unwrap_or_default();
+    while hook_lines().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(c.status()["state"], "stopped", "the control socket answers");
+    p.child.signal(libc::SIGTERM).expect("SIGTERM");
+    assert!(
+        p.wait_exit(T).is_some_and(|s| s.success()),
+        "{}",
+        p.report()
+    );
+
+    let lines = hook_lines();
+    assert_eq!(
+        lines.trim(),
+        "panic 0",
+        "the hook ran more than once:\n{lines}"
+    );
+    let listing = std::fs::read_to_string(&fds).unwrap_or_default();
+    for leak in [
+        "anon_inode",
+        "socket:",
+        "/dev/kvm",
+        "/dev/net/tun",
+        "control.sock",
+    ] {
+        assert!(
+            !listing.contains(leak),
+            "the alert hook inherited a VMM descriptor ({leak}):\n{listing}"
+        );
+    }
+    let logged = p.stderr().matches("guest kernel panicked").count();
+    eprintln!("{PANICS} guest panics: {logged} log lines");
+    assert!(
+        (1..=devices::ratelimit::BURST as usize + 5).contains(&logged),
+        "{logged} log lines for {PANICS} guest panics"
+    );
+}

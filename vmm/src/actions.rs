@@ -66,18 +66,38 @@ fn kernel_list(vm: &Vm) -> Result<KernelList, String> {
     })
 }
 
-/// The state file keeps the customer's kernel choice across VMM restarts.
+/// The state file keeps the customer's kernel choice across VMM restarts. Written to a
+/// temporary file then renamed (a crash leaves the old choice, never half a file); neither is
+/// opened through a symbolic link (`O_NOFOLLOW`), so a link planted there is refused.
 pub fn save_kernel_choice(path: &Path, name: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        format!("{{\"kernel\":{}}}\n", serde_json::Value::from(name)),
-    )?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    f.write_all(format!("{{\"kernel\":{}}}\n", serde_json::Value::from(name)).as_bytes())?;
+    f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 
 pub fn load_kernel_choice(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?
+        // A state file is a few bytes; more is not ours.
+        .take(64 * 1024)
+        .read_to_string(&mut text)
+        .ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v.get("kernel")?.as_str().map(str::to_string)
 }
@@ -187,6 +207,24 @@ mod tests {
             None,
             "a corrupt file is ignored, not fatal"
         );
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn a_link_planted_at_the_state_file_is_not_written_through() {
+        let d = std::env::temp_dir().join(format!("vmm-state-link-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let p = d.join("vm.state.json");
+        std::os::unix::fs::symlink(&victim, p.with_extension("tmp")).unwrap();
+        let e = save_kernel_choice(&p, "x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        std::fs::remove_file(p.with_extension("tmp")).unwrap();
+        std::fs::write(&victim, "{\"kernel\":\"planted\"}").unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        assert_eq!(load_kernel_choice(&p), None, "read through a link");
         std::fs::remove_dir_all(&d).ok();
     }
 

@@ -9,6 +9,8 @@ use serde::Deserialize;
 use crate::layout::{MAX_MEMORY_MIB, MIN_MEMORY_MIB};
 
 pub const MAX_VCPUS: u8 = 8;
+/// Largest console log file before rotation (1 TiB: a typo, not a choice, beyond).
+pub const MAX_CONSOLE_LOG_MIB: u64 = 1 << 20;
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +37,8 @@ pub enum ConfigError {
     InitrdMissing(String),
     #[error("--memory {0}: must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB")]
     MemoryRange(u64),
+    #[error("--console-log-max {0}: must be between 1 and {MAX_CONSOLE_LOG_MIB} MiB")]
+    ConsoleLogMax(u64),
     #[error("--memory {asked} MiB is more than this host has ({host} MiB)")]
     MemoryHost { asked: u64, host: u64 },
     #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
@@ -101,6 +105,12 @@ pub struct Cli {
     /// Append everything the guest prints to this file (O_APPEND).
     #[arg(long, value_name = "PATH")]
     pub console_log: Option<PathBuf>,
+    /// Rotate the console log before it passes this size (MiB, default 64).
+    #[arg(long, value_name = "MIB")]
+    pub console_log_max: Option<u64>,
+    /// Rotated console logs kept (PATH.1 ... PATH.N, default 2; 0 keeps none).
+    #[arg(long, value_name = "N")]
+    pub console_log_keep: Option<u32>,
     /// Where the serial console goes.
     #[arg(long, value_enum)]
     pub console: Option<ConsoleMode>,
@@ -146,6 +156,8 @@ struct FileConfig {
     memory: Option<u64>,
     vcpus: Option<u64>,
     console_log: Option<PathBuf>,
+    console_log_max: Option<u64>,
+    console_log_keep: Option<u32>,
     console: Option<ConsoleMode>,
     exit_on_poweroff: Option<bool>,
     control: Option<PathBuf>,
@@ -184,6 +196,8 @@ pub struct VmConfig {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub console_log: Option<PathBuf>,
+    /// The console log's size cap and rotation.
+    pub console_log_limits: crate::console::LogLimits,
     pub console: ConsoleMode,
     pub exit_on_poweroff: bool,
     /// The config file, if any (its directory holds the VM's state file).
@@ -397,6 +411,24 @@ impl VmConfig {
                     reason: e.to_string(),
                 })?,
         };
+        let console_log_limits = {
+            use crate::console::LogLimits;
+            let mib = cli
+                .console_log_max
+                .or(file.console_log_max)
+                .unwrap_or(LogLimits::DEFAULT_MAX_MIB);
+            let max_bytes = mib
+                .checked_mul(1 << 20)
+                .filter(|_| (1..=MAX_CONSOLE_LOG_MIB).contains(&mib))
+                .ok_or(ConfigError::ConsoleLogMax(mib))?;
+            LogLimits {
+                max_bytes,
+                keep: cli
+                    .console_log_keep
+                    .or(file.console_log_keep)
+                    .unwrap_or(LogLimits::DEFAULT_KEEP),
+            }
+        };
         let cfg = VmConfig {
             name,
             kernel,
@@ -404,6 +436,7 @@ impl VmConfig {
             mem_mib,
             vcpus: vcpus as u8,
             console_log: cli.console_log.or(file.console_log),
+            console_log_limits,
             console: cli.console.or(file.console).unwrap_or_default(),
             exit_on_poweroff: cli.exit_on_poweroff || file.exit_on_poweroff.unwrap_or(false),
             config_file: cli.config,
@@ -601,6 +634,17 @@ mod tests {
             Err(ConfigError::MemoryHost { .. })
         ));
         cli.memory = None;
+        cli.console_log_max = Some(0);
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None),
+            Err(ConfigError::ConsoleLogMax(0))
+        );
+        cli.console_log_max = Some(u64::MAX);
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None),
+            Err(ConfigError::ConsoleLogMax(u64::MAX))
+        );
+        cli.console_log_max = None;
         cli.vcpus = Some(0);
         assert_eq!(
             VmConfig::resolve(cli.clone(), None),

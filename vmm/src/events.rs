@@ -1,5 +1,11 @@
 //! Events that vCPU threads and devices raise for the VMM thread: a queue
 //! plus an `EventFd` that wakes the event loop.
+//!
+//! The guest decides how often most of these happen (a loop writing the
+//! pvpanic port, a reset loop on every vCPU), so the queue is bounded: an
+//! event equal to one already waiting is dropped, and the queue never holds
+//! more than the distinct events there are (a handful of kinds, plus one
+//! failure per vCPU). The VMM thread handles each kind once per wake-up.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -35,13 +41,20 @@ impl VmEventQueue {
         Ok(Self {
             inner: Arc::new(Inner {
                 queue: Mutex::new(VecDeque::new()),
-                wake: EventFd::new(EFD_NONBLOCK)?,
+                wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             }),
         })
     }
 
     pub fn push(&self, ev: VmEvent) {
-        lock(&self.inner.queue).push_back(ev);
+        {
+            let mut q = lock(&self.inner.queue);
+            if q.contains(&ev) {
+                // Already waiting: handling it once is what the guest gets.
+                return;
+            }
+            q.push_back(ev);
+        }
         // A full counter still leaves the fd readable: ignoring is right.
         let _ = self.inner.wake.write(1);
     }
@@ -87,5 +100,33 @@ mod tests {
             ]
         );
         assert!(q.drain().is_empty());
+    }
+
+    #[test]
+    fn a_storm_of_equal_events_queues_each_once() {
+        let q = VmEventQueue::new().unwrap();
+        let sink = q.sink();
+        for _ in 0..100_000 {
+            sink.notify(GuestEvent::Panic(1));
+            sink.notify(GuestEvent::Reset(ResetCause::TripleFault));
+        }
+        q.push(VmEvent::VcpuFailed {
+            vcpu: 0,
+            reason: "x".into(),
+        });
+        assert_eq!(
+            q.drain(),
+            vec![
+                VmEvent::Guest(GuestEvent::Panic(1)),
+                VmEvent::Guest(GuestEvent::Reset(ResetCause::TripleFault)),
+                VmEvent::VcpuFailed {
+                    vcpu: 0,
+                    reason: "x".into()
+                },
+            ]
+        );
+        // Once handled, the next one is news again.
+        sink.notify(GuestEvent::Panic(1));
+        assert_eq!(q.drain(), vec![VmEvent::Guest(GuestEvent::Panic(1))]);
     }
 }

@@ -1,84 +1,273 @@
 //! The operator's alert hook: a command run on `watchdog` and `panic`
-//! events, in its own thread, killed if it outlives its timeout.
+//! events. A guest decides how often those happen (a panic loop, a pvpanic
+//! storm, a watchdog set to expire at once), so the hook is gated: at most
+//! one runs at a time per VM, and an event repeated within [`HOOK_HOLDOFF`]
+//! of its last run is coalesced into a count the next run reports
+//! (`VMM_COALESCED`). Each run has its own thread and is killed if it
+//! outlives its timeout.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+use devices::bus::lock;
 
-/// Runs `command` (through `/bin/sh -c`) with VMM_EVENT, VMM_NAME and
-/// VMM_TIME in its environment. Never blocks the caller.
-pub fn run_alert_hook(command: &str, event: &str, vm: &str, time: &str, timeout: Duration) {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same event again within this long of its last hook run does not run
+/// the hook again; it is counted instead.
+pub const HOOK_HOLDOFF: Duration = Duration::from_secs(60);
+
+/// One hook run the gate admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookRun {
+    pub event: &'static str,
+    /// When the event happened (RFC 3339), not when the hook starts.
+    pub time: String,
+    /// Events of this kind coalesced since the previous run.
+    pub coalesced: u64,
+}
+
+#[derive(Debug, Default)]
+struct KindState {
+    last_run: Option<Instant>,
+    coalesced: u64,
+    /// Admitted while another kind's hook ran: runs when it ends (the time).
+    pending: Option<String>,
+}
+
+/// The policy, pure: which events run the hook and when.
+#[derive(Debug)]
+pub struct HookGate {
+    holdoff: Duration,
+    running: bool,
+    kinds: Vec<(&'static str, KindState)>,
+}
+
+/// What [`HookGate::offer`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// Start a run now.
+    Run(HookRun),
+    /// Another kind's hook is running: this one runs when that ends.
+    Queued,
+    /// Counted into the next run of this kind; `first` is true for the first
+    /// event coalesced since the last run (the one worth a log line).
+    Coalesced { first: bool },
+}
+
+impl HookGate {
+    pub fn new(holdoff: Duration) -> Self {
+        HookGate {
+            holdoff,
+            running: false,
+            kinds: Vec::new(),
+        }
+    }
+
+    fn kind(&mut self, event: &'static str) -> &mut KindState {
+        let i = match self.kinds.iter().position(|(k, _)| *k == event) {
+            Some(i) => i,
+            None => {
+                self.kinds.push((event, KindState::default()));
+                self.kinds.len() - 1
+            }
+        };
+        &mut self.kinds[i].1
+    }
+
+    /// An event happened at `now` (`time` is its RFC 3339 form).
+    pub fn offer(&mut self, event: &'static str, time: String, now: Instant) -> Offer {
+        let holdoff = self.holdoff;
+        let running = self.running;
+        let k = self.kind(event);
+        let recent = k
+            .last_run
+            .is_some_and(|t| now.saturating_duration_since(t) < holdoff);
+        if k.pending.is_some() || recent {
+            k.coalesced = k.coalesced.saturating_add(1);
+            return Offer::Coalesced {
+                first: k.coalesced == 1,
+            };
+        }
+        if running {
+            k.pending = Some(time);
+            return Offer::Queued;
+        }
+        k.last_run = Some(now);
+        let coalesced = std::mem::take(&mut k.coalesced);
+        self.running = true;
+        Offer::Run(HookRun {
+            event,
+            time,
+            coalesced,
+        })
+    }
+
+    /// The running hook ended at `now`: the next queued run, if any.
+    pub fn finished(&mut self, now: Instant) -> Option<HookRun> {
+        for (event, k) in &mut self.kinds {
+            if let Some(time) = k.pending.take() {
+                k.last_run = Some(now);
+                return Some(HookRun {
+                    event,
+                    time,
+                    coalesced: std::mem::take(&mut k.coalesced),
+                });
+            }
+        }
+        self.running = false;
+        None
+    }
+}
+
+/// A VM's alert hook: the command and its gate.
+pub struct AlertHook {
+    command: String,
+    vm: String,
+    timeout: Duration,
+    gate: Arc<Mutex<HookGate>>,
+}
+
+impl AlertHook {
+    pub fn new(command: &str, vm: &str) -> Self {
+        Self::with_timing(command, vm, HOOK_TIMEOUT, HOOK_HOLDOFF)
+    }
+
+    pub fn with_timing(command: &str, vm: &str, timeout: Duration, holdoff: Duration) -> Self {
+        AlertHook {
+            command: command.to_string(),
+            vm: vm.to_string(),
+            timeout,
+            gate: Arc::new(Mutex::new(HookGate::new(holdoff))),
+        }
+    }
+
+    /// `event` happened now. Never blocks the caller.
+    pub fn fire(&self, event: &'static str) {
+        let offer = lock(&self.gate).offer(event, protocol::time::now_rfc3339(), Instant::now());
+        match offer {
+            Offer::Run(run) => self.start(run),
+            Offer::Queued => {
+                tracing::info!(vm = self.vm, event, "alert hook busy; this one runs next")
+            }
+            Offer::Coalesced { first: true } => tracing::info!(
+                vm = self.vm,
+                event,
+                "alert hook ran for this event less than {:?} ago; repeats are counted (VMM_COALESCED)",
+                HOOK_HOLDOFF
+            ),
+            Offer::Coalesced { first: false } => {}
+        }
+    }
+
+    fn start(&self, first: HookRun) {
+        let (command, vm, timeout) = (self.command.clone(), self.vm.clone(), self.timeout);
+        let gate = self.gate.clone();
+        let spawned = std::thread::Builder::new()
+            .name("alert-hook".into())
+            .spawn(move || {
+                let mut run = Some(first);
+                while let Some(r) = run {
+                    run_once(&command, &vm, &r, timeout);
+                    run = lock(&gate).finished(Instant::now());
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start alert hook thread: {e}");
+            // Nothing runs: let the next event try again.
+            while lock(&self.gate).finished(Instant::now()).is_some() {}
+        }
+    }
+}
+
+/// Runs the command (through `/bin/sh -c`) with VMM_EVENT, VMM_NAME,
+/// VMM_TIME and VMM_COALESCED in its environment, and waits for it (at most
+/// `timeout`). Its output is logged (64 KiB of each stream at most).
+fn run_once(command: &str, vm: &str, run: &HookRun, timeout: Duration) {
+    let event = run.event;
+    let mut child = match Command::new("/bin/sh")
+        .arg("-c")
         .arg(command)
         .env("VMM_EVENT", event)
         .env("VMM_NAME", vm)
-        .env("VMM_TIME", time)
+        .env("VMM_TIME", &run.time)
+        .env("VMM_COALESCED", run.coalesced.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let event = event.to_string();
-    let vm = vm.to_string();
-    let spawned = std::thread::Builder::new()
-        .name("alert-hook".into())
-        .spawn(move || {
-            let mut child = match cmd.spawn() {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(vm, event, "alert hook could not start: {e}");
-                    return;
-                }
-            };
-            // Collect output without blocking the wait loop.
-            let out = child.stdout.take().map(|s| {
-                std::thread::spawn(move || {
-                    let mut v = Vec::new();
-                    let _ = s.take(64 * 1024).read_to_end(&mut v);
-                    v
-                })
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout kills what it started too.
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(vm, event, "alert hook could not start: {e}");
+            return;
+        }
+    };
+    // Collect output without blocking the wait loop.
+    let collect = |s: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = mpsc::channel();
+        if let Some(s) = s {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                let _ = s.take(64 * 1024).read_to_end(&mut v);
+                let _ = tx.send(v);
             });
-            let err = child.stderr.take().map(|s| {
-                std::thread::spawn(move || {
-                    let mut v = Vec::new();
-                    let _ = s.take(64 * 1024).read_to_end(&mut v);
-                    v
-                })
-            });
-            let start = Instant::now();
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(s)) => break Some(s),
-                    Ok(None) if start.elapsed() >= timeout => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        tracing::warn!(vm, event, "alert hook killed after {timeout:?}");
-                        break None;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                    Err(e) => {
-                        tracing::warn!(vm, event, "alert hook: {e}");
-                        break None;
-                    }
+        }
+        rx
+    };
+    let out = collect(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err = collect(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if start.elapsed() >= timeout => {
+                if let Ok(pgid) = i32::try_from(child.id()) {
+                    // SAFETY: kill(2) on the process group we created for the hook; no
+                    // memory is involved.
+                    unsafe { libc::kill(-pgid, libc::SIGKILL) };
                 }
-            };
-            let text = |h: Option<std::thread::JoinHandle<Vec<u8>>>| {
-                h.and_then(|h| h.join().ok())
-                    .map(|v| String::from_utf8_lossy(&v).trim().to_string())
-                    .unwrap_or_default()
-            };
-            let (o, e) = (text(out), text(err));
-            if let Some(s) = status {
-                tracing::info!(
-                    vm,
-                    event,
-                    "alert hook exited with {s}; stdout: {o:?}; stderr: {e:?}"
-                );
+                let _ = child.kill();
+                let _ = child.wait();
+                tracing::warn!(vm, event, "alert hook killed after {timeout:?}");
+                break None;
             }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot start alert hook thread: {e}");
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                tracing::warn!(vm, event, "alert hook: {e}");
+                break None;
+            }
+        }
+    };
+    // Something the hook left running in the background may hold its output open: wait
+    // for that only briefly, the next hook must not wait on it.
+    let text = |rx: mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(1))
+            .map(|v| String::from_utf8_lossy(&v).trim().to_string())
+            .unwrap_or_default()
+    };
+    let (o, e) = (text(out), text(err));
+    if let Some(s) = status {
+        tracing::info!(
+            vm,
+            event,
+            "alert hook exited with {s}; stdout: {o:?}; stderr: {e:?}"
+        );
     }
 }
 
@@ -86,39 +275,148 @@ pub fn run_alert_hook(command: &str, event: &str, vm: &str, time: &str, timeout:
 mod tests {
     use super::*;
 
+    fn wait_for_file(path: &std::path::Path) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     #[test]
     fn hook_gets_the_event_in_its_environment() {
         let dir = std::env::temp_dir().join(format!("vmm-hook-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = dir.join("out");
         let cmd = format!(
-            "echo \"$VMM_EVENT $VMM_NAME $VMM_TIME\" > {}",
+            "echo \"$VMM_EVENT $VMM_NAME $VMM_COALESCED\" > {}",
             out.display()
         );
-        run_alert_hook(
-            &cmd,
-            "watchdog",
-            "web1",
-            "2026-11-25T00:00:00Z",
-            HOOK_TIMEOUT,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !out.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-        let s = std::fs::read_to_string(&out).unwrap();
-        assert_eq!(s.trim(), "watchdog web1 2026-11-25T00:00:00Z");
+        AlertHook::new(&cmd, "web1").fire("watchdog");
+        assert_eq!(wait_for_file(&out).trim(), "watchdog web1 0");
         std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
     fn a_hanging_hook_is_killed_and_does_not_block_the_caller() {
+        let hook =
+            AlertHook::with_timing("sleep 30", "vm", Duration::from_millis(200), HOOK_HOLDOFF);
         let start = Instant::now();
-        run_alert_hook("sleep 30", "panic", "vm", "t", Duration::from_millis(200));
+        hook.fire("panic");
         assert!(
             start.elapsed() < Duration::from_millis(100),
             "caller was blocked"
         );
+        // Killed at its timeout, the gate is free for the other event.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&hook.gate).running && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !lock(&hook.gate).running,
+            "the killed hook still holds the gate"
+        );
+    }
+
+    #[test]
+    fn a_hook_that_leaves_a_process_holding_its_output_frees_the_gate() {
+        let hook = AlertHook::new("sleep 30 & echo started", "vm");
+        hook.fire("panic");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&hook.gate).running && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !lock(&hook.gate).running,
+            "the gate waits on the background process"
+        );
+    }
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn a_storm_of_one_event_runs_the_hook_once() {
+        let mut g = HookGate::new(HOOK_HOLDOFF);
+        let now = t0();
+        assert!(matches!(g.offer("panic", "t".into(), now), Offer::Run(_)));
+        assert_eq!(
+            g.offer("panic", "t".into(), now),
+            Offer::Coalesced { first: true }
+        );
+        for i in 0..10_000u64 {
+            let at = now + Duration::from_millis(i);
+            assert_eq!(
+                g.offer("panic", "t".into(), at),
+                Offer::Coalesced { first: false }
+            );
+        }
+        assert_eq!(g.finished(now + Duration::from_secs(11)), None);
+        // Still within the hold-off after the run ended: counted.
+        assert!(matches!(
+            g.offer("panic", "t".into(), now + Duration::from_secs(30)),
+            Offer::Coalesced { .. }
+        ));
+    }
+
+    #[test]
+    fn the_first_run_after_the_holdoff_reports_how_many_were_coalesced() {
+        let mut g = HookGate::new(HOOK_HOLDOFF);
+        let now = t0();
+        let _ = g.offer("panic", "a".into(), now);
+        for _ in 0..5 {
+            let _ = g.offer("panic", "b".into(), now + Duration::from_secs(1));
+        }
+        assert_eq!(g.finished(now + Duration::from_secs(2)), None);
+        let later = now + HOOK_HOLDOFF + Duration::from_secs(1);
+        assert_eq!(
+            g.offer("panic", "c".into(), later),
+            Offer::Run(HookRun {
+                event: "panic",
+                time: "c".into(),
+                coalesced: 5
+            })
+        );
+    }
+
+    #[test]
+    fn another_event_while_the_hook_runs_runs_right_after_it() {
+        let mut g = HookGate::new(HOOK_HOLDOFF);
+        let now = t0();
+        assert!(matches!(g.offer("panic", "p".into(), now), Offer::Run(_)));
+        assert_eq!(g.offer("watchdog", "w".into(), now), Offer::Queued);
+        // Its repeats while it waits are counted, not queued twice.
+        assert_eq!(
+            g.offer("watchdog", "w2".into(), now),
+            Offer::Coalesced { first: true }
+        );
+        assert_eq!(
+            g.finished(now + Duration::from_secs(1)),
+            Some(HookRun {
+                event: "watchdog",
+                time: "w".into(),
+                coalesced: 1
+            })
+        );
+        assert_eq!(g.finished(now + Duration::from_secs(2)), None);
+        assert!(!g.running);
+    }
+
+    #[test]
+    fn a_crash_loop_runs_the_hook_at_most_once_per_holdoff() {
+        let mut g = HookGate::new(HOOK_HOLDOFF);
+        let now = t0();
+        let mut runs = 0;
+        // A guest that panics every 5 s for an hour, each hook taking 1 s.
+        for i in 0..720u64 {
+            let at = now + Duration::from_secs(5 * i);
+            if let Offer::Run(_) = g.offer("panic", "t".into(), at) {
+                runs += 1;
+                assert_eq!(g.finished(at + Duration::from_secs(1)), None);
+            }
+        }
+        assert_eq!(runs, 60);
     }
 }

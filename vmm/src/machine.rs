@@ -143,7 +143,7 @@ impl Machine {
                 ..Default::default()
             };
             if let Err(e) = vm.enable_cap(&cap) {
-                tracing::info!("KVM_CAP_EXIT_ON_EMULATION_FAILURE unavailable: {e}");
+                devices::limited!(info, "KVM_CAP_EXIT_ON_EMULATION_FAILURE unavailable: {e}");
             }
         }
         let pit = kvm_pit_config {
@@ -221,7 +221,7 @@ impl Machine {
 
         // Port I/O devices.
         let mut pio = Bus::new();
-        let serial_irq = EventFd::new(EFD_NONBLOCK)
+        let serial_irq = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| MachineError::Device(format!("serial eventfd: {e}")))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
@@ -234,7 +234,7 @@ impl Machine {
             .map_err(|e| MachineError::Device(format!("serial: {e}")))?;
         let dev_err =
             |what: &str, e: devices::bus::BusError| MachineError::Device(format!("{what}: {e}"));
-        let kbd_irq = EventFd::new(EFD_NONBLOCK)
+        let kbd_irq = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| MachineError::Device(format!("i8042 eventfd: {e}")))?;
         vm.register_irqfd(&kbd_irq, I8042_IRQ)
             .map_err(kvm_err("KVM_IRQFD (i8042)"))?;
@@ -266,7 +266,7 @@ impl Machine {
             PVPANIC_LEN,
         )
         .map_err(|e| dev_err("pvpanic", e))?;
-        let power_button = EventFd::new(EFD_NONBLOCK)
+        let power_button = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| MachineError::Device(format!("power button eventfd: {e}")))?;
         vm.register_irqfd(&power_button, crate::platform::POWER_BUTTON_GSI)
             .map_err(kvm_err("KVM_IRQFD (power button)"))?;

@@ -196,6 +196,7 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| VmmError::Setup(format!("{what}: {e}"));
     let hub = ConsoleHub::new(ConsoleConfig {
         log_path: config.console_log.clone(),
+        log_limits: config.console_log_limits,
         ..Default::default()
     })
     .map_err(|e| setup("console", &e))?;
@@ -221,7 +222,8 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         vm.next_kernel = load_kernel_choice(p);
     }
     vm.state_file = state_file;
-    let input_drained = EventFd::new(EFD_NONBLOCK).map_err(|e| setup("eventfd", &e))?;
+    let input_drained =
+        EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| setup("eventfd", &e))?;
     vm.serial_input_drained = Some(
         input_drained
             .try_clone()
@@ -231,7 +233,8 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
 
     let exit = Arc::new(ExitFlag::default());
     let quit = QuitRequested::new().map_err(|e| setup("eventfd", &e))?;
-    let signal = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| setup("eventfd", &e))?);
+    let signal =
+        Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| setup("eventfd", &e))?);
     install_signal_handlers(&signal)?;
 
     let mut em: EventManager<Subscriber> =

@@ -262,13 +262,15 @@ impl Vcpu {
                         // Where it died, for whoever debugs the guest (or
                         // the hypervisor under us): one line.
                         match self.fd.get_regs() {
-                            Ok(r) => tracing::warn!(
+                            Ok(r) => devices::limited!(
+                                warn,
                                 "vCPU {}: triple fault (KVM shutdown exit) at rip={:#x} rsp={:#x}",
                                 self.id,
                                 r.rip,
                                 r.rsp
                             ),
-                            Err(e) => tracing::warn!(
+                            Err(e) => devices::limited!(
+                                warn,
                                 "vCPU {}: triple fault (KVM shutdown exit); registers: {e}",
                                 self.id
                             ),

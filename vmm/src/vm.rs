@@ -103,7 +103,7 @@ pub struct Vm {
     pub watchdog: Watchdog,
     pub watchdog_action: WatchdogAction,
     pub panic_action: PanicAction,
-    pub alert_hook: Option<String>,
+    pub alert_hook: Option<crate::hooks::AlertHook>,
     /// The library entry chosen for the next boot (`set-kernel`).
     pub next_kernel: Option<String>,
     pub current_kernel: String,
@@ -195,7 +195,10 @@ impl Vm {
             .map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
         let exit_on_poweroff = config.exit_on_poweroff || config.control.is_none();
         let (watchdog_action, panic_action) = (config.watchdog_action, config.panic_action);
-        let alert_hook = config.alert_hook.clone();
+        let alert_hook = config
+            .alert_hook
+            .as_deref()
+            .map(|cmd| crate::hooks::AlertHook::new(cmd, &config.name));
         let mem_handle = GuestMemoryHandle::empty();
         let (virtio, virtio_subscribers, disk_subscribers) = create_virtio(&config, &mem_handle)?;
         Ok(Vm {
@@ -449,7 +452,8 @@ impl Vm {
         if let Some(m) = self.machine.take() {
             let f = m.fallback_summary();
             if f.emulated + f.injected > 0 {
-                tracing::info!(
+                devices::limited!(
+                    info,
                     "PVM fallback this boot: {} emulated, {} injected: {:?}",
                     f.emulated,
                     f.injected,
@@ -536,26 +540,24 @@ impl Vm {
         }
     }
 
-    fn alert(&self, event: &str) {
-        if let Some(cmd) = &self.alert_hook {
-            crate::hooks::run_alert_hook(
-                cmd,
-                event,
-                &self.config.name,
-                &protocol::time::now_rfc3339(),
-                crate::hooks::HOOK_TIMEOUT,
-            );
+    fn alert(&self, event: &'static str) {
+        if let Some(hook) = &self.alert_hook {
+            hook.fire(event);
         }
     }
 
     fn guest_panic(&mut self, bits: u8) -> Flow {
         // Bit 1 alone: a crash kernel is loaded and takes over; no action.
         if bits & 1 == 0 {
-            tracing::info!("guest reported a crash with kdump loaded (pvpanic {bits:#x})");
+            devices::limited!(
+                info,
+                "guest reported a crash with kdump loaded (pvpanic {bits:#x})"
+            );
             return Flow::Continue;
         }
         let action = self.panic_action;
-        tracing::warn!(
+        devices::limited!(
+            warn,
             vm = self.config.name,
             "guest kernel panicked; action: {action}"
         );
@@ -580,7 +582,11 @@ impl Vm {
     fn watchdog_expired(&mut self) -> Flow {
         let action = self.watchdog_action;
         let expiries = self.watchdog.status().expiries;
-        tracing::warn!(vm = self.config.name, "watchdog expired; action: {action}");
+        devices::limited!(
+            warn,
+            vm = self.config.name,
+            "watchdog expired; action: {action}"
+        );
         (self.hooks.publish)(Event::Watchdog { action, expiries });
         self.alert("watchdog");
         match action {

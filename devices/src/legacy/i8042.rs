@@ -928,7 +928,7 @@ mod sysrq_tests {
 
     #[test]
     fn sysrq_queues_alt_sysrq_key_press_and_release_in_set2() {
-        let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         let mut dev = I8042Device::new(irq.clone(), Arc::new(RecordingSink::default()));
         dev.trigger_sysrq('o').unwrap();
         assert_eq!(irq.eventfd().read().unwrap(), 1, "IRQ 1 raised");
@@ -940,7 +940,7 @@ mod sysrq_tests {
 
     #[test]
     fn unknown_sysrq_key_is_refused_and_queues_nothing() {
-        let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let irq = EventFdTrigger::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap());
         let mut dev = I8042Device::new(irq, Arc::new(RecordingSink::default()));
         assert_eq!(dev.trigger_sysrq('?'), Err(I8042Error::UnknownKey('?')));
         assert_eq!(dev.trigger_sysrq('B'), Err(I8042Error::UnknownKey('B')));

@@ -95,7 +95,7 @@ pub(crate) mod test_util {
 
     /// A non-blocking trigger and a way to count how often it fired.
     pub fn irq() -> EventFdTrigger {
-        EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap())
     }
 
     /// How many times `t` fired since the last call (0 when none).

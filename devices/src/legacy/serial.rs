@@ -320,7 +320,7 @@ mod tests {
 
     #[test]
     fn input_drained_event_fires_when_guest_empties_fifo() {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let evt = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         let mut d = SerialDevice::new(irq(), Box::new(io::sink()), Some(evt.try_clone().unwrap()));
         d.enqueue_input(b"ab");
         rd(&mut d, DATA);

@@ -553,7 +553,11 @@ impl Disk {
     }
 
     fn io_err(&self, what: &str, e: io::Error) -> u8 {
-        tracing::warn!("virtio-blk {}: {what} failed: {e}", self.path.display());
+        crate::limited!(
+            warn,
+            "virtio-blk {}: {what} failed: {e}",
+            self.path.display()
+        );
         S_IOERR
     }
 

@@ -336,7 +336,8 @@ impl MmioTransport {
             return;
         }
         if v & FAILED != 0 {
-            tracing::info!(
+            crate::limited!(
+                info,
                 "virtio-mmio: driver set FAILED (device id {})",
                 self.device_id
             );
@@ -361,7 +362,8 @@ impl MmioTransport {
                 FEATURES_OK => {
                     let ok = self.status == ACKNOWLEDGE | DRIVER && self.features_acceptable();
                     if !ok {
-                        tracing::warn!(
+                        crate::limited!(
+                            warn,
                             "virtio-mmio: refusing FEATURES_OK for features {:#x} (device offers {:#x}, VERSION_1 is required)",
                             self.driver_features,
                             self.device_features
@@ -373,7 +375,8 @@ impl MmioTransport {
                     if self.status != ACKNOWLEDGE | DRIVER | FEATURES_OK {
                         false
                     } else if let Err(e) = self.activate() {
-                        tracing::warn!(
+                        crate::limited!(
+                            warn,
                             "virtio-mmio: device {} failed to start: {e}",
                             self.device_id
                         );

@@ -174,7 +174,7 @@ impl Interrupt {
         Ok(Self(Arc::new(InterruptInner {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
-            evt: EventFd::new(EFD_NONBLOCK)?,
+            evt: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
         })))
     }
 
@@ -272,5 +272,7 @@ pub(crate) fn drain_eventfd(evt: &EventFd) {
 
 /// Creates `n` nonblocking queue-notification eventfds.
 pub(crate) fn new_queue_events(n: usize) -> io::Result<Vec<EventFd>> {
-    (0..n).map(|_| EventFd::new(EFD_NONBLOCK)).collect()
+    (0..n)
+        .map(|_| EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC))
+        .collect()
 }

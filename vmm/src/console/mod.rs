@@ -13,19 +13,19 @@
 //!
 //! [`StdioConsole`] connects the hub to the VMM's own terminal (raw mode, Ctrl-A escapes).
 //!
-//! Files: `escape.rs` (the Ctrl-A parser), `terminal.rs` (raw mode and its restore from signal
+//! Files: `logfile.rs` (the console log: its writer thread, size cap and rotation),
+//! `escape.rs` (the Ctrl-A parser), `terminal.rs` (raw mode and its restore from signal
 //! handlers, atexit and the panic hook), `stdio.rs` ([`StdioConsole`], [`QuitRequested`]),
 //! `tests.rs`.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::OpenOptions;
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, Weak};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
 use std::time::SystemTime;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
@@ -37,9 +37,6 @@ pub const DEFAULT_SCROLLBACK: usize = 1024 * 1024;
 pub const DEFAULT_READER_BACKLOG: usize = 256 * 1024;
 /// Default input queue size (bytes typed or pasted but not yet taken by the UART).
 pub const DEFAULT_INPUT_CAPACITY: usize = 64 * 1024;
-/// Backlog of the log-file writer before its oldest pending bytes are dropped.
-const LOG_BACKLOG: usize = 4 * 1024 * 1024;
-
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -87,6 +84,8 @@ pub struct ConsoleConfig {
     pub input_capacity: usize,
     /// `--console-log`: appended to (O_APPEND), created with mode 0640.
     pub log_path: Option<PathBuf>,
+    /// Its size cap and how many rotated files are kept.
+    pub log_limits: LogLimits,
 }
 
 impl Default for ConsoleConfig {
@@ -96,13 +95,14 @@ impl Default for ConsoleConfig {
             reader_backlog: DEFAULT_READER_BACKLOG,
             input_capacity: DEFAULT_INPUT_CAPACITY,
             log_path: None,
+            log_limits: LogLimits::default(),
         }
     }
 }
 
 /// A bounded byte queue that drops its oldest bytes when full and remembers how many.
 #[derive(Debug)]
-struct DropQueue {
+pub(super) struct DropQueue {
     buf: VecDeque<u8>,
     cap: usize,
     dropped: u64,
@@ -177,90 +177,6 @@ struct InputState {
     waiters: Vec<Arc<EventFd>>,
 }
 
-struct LogShared {
-    queue: Mutex<(DropQueue, bool)>,
-    cond: Condvar,
-}
-
-struct LogWriter {
-    shared: Arc<LogShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl LogWriter {
-    fn start(path: &Path) -> Result<Self, ConsoleError> {
-        let file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o640)
-            .open(path)
-            .map_err(|source| ConsoleError::OpenLog {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let shared = Arc::new(LogShared {
-            queue: Mutex::new((DropQueue::new(LOG_BACKLOG), false)),
-            cond: Condvar::new(),
-        });
-        let thread_shared = shared.clone();
-        let display = path.display().to_string();
-        let thread = std::thread::Builder::new()
-            .name("console-log".into())
-            .spawn(move || log_writer_thread(file, &thread_shared, &display))
-            .map_err(ConsoleError::LogThread)?;
-        Ok(LogWriter {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    fn push(&self, bytes: &[u8]) {
-        if lock(&self.shared.queue).0.push(bytes) {
-            self.shared.cond.notify_one();
-        }
-    }
-}
-
-impl Drop for LogWriter {
-    fn drop(&mut self) {
-        lock(&self.shared.queue).1 = true;
-        self.shared.cond.notify_one();
-        if let Some(thread) = self.thread.take() {
-            // The writer flushes what is queued and exits; a panic there is already reported.
-            let _ = thread.join();
-        }
-    }
-}
-
-fn log_writer_thread(mut file: File, shared: &LogShared, path: &str) {
-    let mut chunk = Vec::with_capacity(64 * 1024);
-    let mut failing = false;
-    loop {
-        let closed = {
-            let mut guard = lock(&shared.queue);
-            while guard.0.is_empty() && !guard.1 {
-                guard = shared.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
-            }
-            chunk.clear();
-            guard.0.take(usize::MAX, &mut chunk);
-            guard.1
-        };
-        if !chunk.is_empty() {
-            match file.write_all(&chunk) {
-                Ok(()) => failing = false,
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!("console log {path}: write failed: {e}");
-                }
-                Err(_) => {}
-            }
-        }
-        if closed && lock(&shared.queue).0.is_empty() {
-            return;
-        }
-    }
-}
-
 struct HubInner {
     state: Mutex<HubState>,
     reader_backlog: usize,
@@ -287,7 +203,7 @@ impl ConsoleHub {
     /// Creates the hub; opens the log file (O_APPEND, created 0640) and starts its writer thread.
     pub fn new(config: ConsoleConfig) -> Result<Self, ConsoleError> {
         let log = match &config.log_path {
-            Some(path) => Some(LogWriter::start(path)?),
+            Some(path) => Some(LogWriter::start(path, config.log_limits)?),
             None => None,
         };
         Ok(ConsoleHub {
@@ -305,7 +221,8 @@ impl ConsoleHub {
                     waiters: Vec::new(),
                 }),
                 input_cap: config.input_capacity.max(1),
-                input_evt: EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd)?,
+                input_evt: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(ConsoleError::EventFd)?,
                 log,
             }),
         })
@@ -528,11 +445,14 @@ impl Drop for ConsoleReader {
 }
 
 mod escape;
+mod logfile;
 mod stdio;
 mod terminal;
 
 use escape::*;
 pub use escape::{EscapeCommand, EscapeParser};
+pub use logfile::LogLimits;
+use logfile::LogWriter;
 use stdio::*;
 pub use stdio::{QuitRequested, StdioConsole};
 pub use terminal::restore_terminal;

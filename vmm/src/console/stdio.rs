@@ -16,7 +16,7 @@ impl QuitRequested {
     pub fn new() -> io::Result<Self> {
         Ok(QuitRequested {
             flag: Arc::new(AtomicBool::new(false)),
-            evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            evt: Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
         })
     }
 
@@ -196,7 +196,9 @@ impl StdioConsole {
         output: Output,
         escape: bool,
     ) -> Result<Self, ConsoleError> {
-        let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd)?);
+        let wake = Arc::new(
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ConsoleError::EventFd)?,
+        );
         let (reader, _) = hub.attach(wake.clone(), false);
         Ok(StdioConsole {
             hub,

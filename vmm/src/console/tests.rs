@@ -1,6 +1,7 @@
 use super::*;
 use event_manager::{EventManager, SubscriberOps};
-use std::io::Read;
+use std::fs::File;
+use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ fn hub_with(scrollback: usize, backlog: usize) -> ConsoleHub {
 }
 
 fn waker() -> Arc<EventFd> {
-    Arc::new(EventFd::new(EFD_NONBLOCK).unwrap())
+    Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap())
 }
 
 #[test]

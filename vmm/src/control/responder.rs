@@ -46,7 +46,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new() -> std::io::Result<Arc<Self>> {
         Ok(Arc::new(Shared {
-            wake: EventFd::new(EFD_NONBLOCK)?,
+            wake: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             pending: Mutex::new(Pending::default()),
         }))
     }

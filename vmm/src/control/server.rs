@@ -86,7 +86,9 @@ impl ControlServer {
     ) -> Result<Self, ControlError> {
         let (listener, socket) = socket::bind(&config.path, config.policy.socket_gid)?;
         let shared = Shared::new().map_err(ControlError::EventFd)?;
-        let console_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(ControlError::EventFd)?);
+        let console_wake = Arc::new(
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ControlError::EventFd)?,
+        );
         let weak = Arc::downgrade(&shared);
         events.add_listener(move |message| {
             if let Some(shared) = weak.upgrade() {

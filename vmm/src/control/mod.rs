@@ -71,6 +71,9 @@ pub struct ControlLimits {
     pub max_event_backlog: usize,
     /// Console backlog per console connection before the oldest bytes are dropped.
     pub console_backlog: usize,
+    /// Unsent answers all connections together may hold; a `log` answer that would pass it
+    /// is refused with an error (every other answer is small: see `OUT_HIGH_WATER`).
+    pub max_unsent_output: usize,
 }
 
 impl Default for ControlLimits {
@@ -80,6 +83,7 @@ impl Default for ControlLimits {
             max_line: protocol::MAX_LINE,
             max_event_backlog: 1024 * 1024,
             console_backlog: crate::console::DEFAULT_READER_BACKLOG,
+            max_unsent_output: 16 * 1024 * 1024,
         }
     }
 }

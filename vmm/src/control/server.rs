@@ -107,6 +107,8 @@ impl ControlServer {
                 shared: shared.clone(),
                 console_wake: console_wake.clone(),
                 console_backlog: config.limits.console_backlog,
+                max_unsent: config.limits.max_unsent_output,
+                unsent_elsewhere: 0,
             },
             shared,
             console_wake,
@@ -334,6 +336,12 @@ impl ControlServer {
     /// that keeps streaming, for a bounded number of rounds: the OUT interest then brings us
     /// back after the other connections had their turn).
     fn service(&mut self, token: u32) {
+        self.actions.unsent_elsewhere = self
+            .conns
+            .iter()
+            .filter(|(t, _)| **t != token)
+            .map(|(_, c)| c.out_len())
+            .sum();
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
         };
@@ -417,6 +425,10 @@ struct Actions {
     shared: Arc<Shared>,
     console_wake: Arc<EventFd>,
     console_backlog: usize,
+    /// Most bytes of answers all connections together may hold unsent (see `dispatch`).
+    max_unsent: usize,
+    /// Unsent answer bytes of the other connections, set before a connection is served.
+    unsent_elsewhere: usize,
 }
 
 impl Actions {
@@ -440,8 +452,24 @@ impl Actions {
                     bytes: data.len() as u64,
                     data: String::from_utf8_lossy(&data).into_owned(),
                     total_bytes,
-                });
-                conn.queue(reply.to_line().as_bytes());
+                })
+                .to_line();
+                // A `log` answer can be megabytes (a scrollback of control characters is six
+                // bytes each in JSON). Clients that ask and never read would otherwise pin
+                // that much each, times the connection limit.
+                let unsent = self.unsent_elsewhere.saturating_add(conn.out_len());
+                if unsent.saturating_add(reply.len()) > self.max_unsent {
+                    conn.queue(
+                        Response::error_line(&format!(
+                            "too much unread output on this VM's control socket ({} KiB); \
+                             read earlier answers, or ask for fewer bytes",
+                            unsent / 1024
+                        ))
+                        .as_bytes(),
+                    );
+                    return;
+                }
+                conn.queue(reply.as_bytes());
             }
             Request::Console { replay } => {
                 let Some(hub) = &self.hub else {

@@ -665,6 +665,49 @@ fn a_full_megabyte_log_is_delivered() {
 }
 
 #[test]
+fn clients_that_ask_for_logs_and_never_read_cannot_pin_unbounded_memory() {
+    let h = Harness::start();
+    // A megabyte of control characters: six bytes each in the JSON answer.
+    for _ in 0..1024 {
+        h.hub().output(&[1u8; 1024]);
+    }
+    let mut hogs = Vec::new();
+    let mut refused = None;
+    for _ in 0..8 {
+        let mut s = h.raw();
+        s.write_all(b"{\"cmd\":\"log\"}\n").unwrap();
+        // The first byte of the answer: the server has handled this request.
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).unwrap();
+        if first[0] == b'{' {
+            let mut rest = [0u8; 11];
+            s.read_exact(&mut rest).unwrap();
+            if &rest == b"\"ok\":false," {
+                let mut line = String::new();
+                BufReader::new(&mut s).read_line(&mut line).unwrap();
+                refused = Some(line);
+                break;
+            }
+        }
+        hogs.push(s);
+    }
+    let refused = refused.expect("every megabyte answer was queued");
+    assert!(
+        refused.contains("too much unread output on this VM's control socket"),
+        "{refused}"
+    );
+    assert!(hogs.len() <= 3, "{} answers of 6 MiB queued", hogs.len());
+    // Everything else is still answered, and once the hogs are gone, so is `log`.
+    h.client().request::<StatusInfo>(&Request::Status).unwrap();
+    drop(hogs);
+    wait_for("the hogs' answers to be dropped", || {
+        h.stats().connections == 0
+    });
+    let log: LogInfo = h.client().request(&Request::Log { bytes: None }).unwrap();
+    assert_eq!(log.bytes, 1024 * 1024);
+}
+
+#[test]
 fn console_and_log_without_a_console_are_errors() {
     let h = Harness::with(Options {
         console: false,

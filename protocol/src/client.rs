@@ -311,6 +311,7 @@ mod tests {
             last_reset: None,
             watchdog: None,
             on_panic: None,
+            disks: vec![],
         })
         .to_line();
         let event = EventMessage::now(

@@ -36,6 +36,26 @@ pub struct StatusInfo {
     /// What a guest panic does, `null` without a panic device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_panic: Option<PanicAction>,
+    /// The VM's disks, in the guest's order (`vda` first); absent without disks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskInfo>,
+}
+
+/// One disk in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// `disk0`, `disk1`, ... (also the name of its I/O thread).
+    pub id: String,
+    /// The image on the host.
+    pub path: String,
+    pub read_only: bool,
+    /// How requests reach the image: `io_uring` or `sync`.
+    pub engine: String,
+    /// Bytes the guest read and wrote since the VMM started.
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Requests that failed on the host side (the guest saw an I/O error).
+    pub io_errors: u64,
 }
 
 /// `watchdog` and `set-watchdog`: `{"ok":true,"armed":true,"timeout_s":30,...}`.
@@ -299,6 +319,7 @@ mod tests {
                 expiries: 1,
             }),
             on_panic: Some(PanicAction::Pause),
+            disks: vec![],
         }
     }
 

@@ -461,6 +461,7 @@ mod tests {
                 expiries: 1,
             }),
             on_panic: Some(PanicAction::Pause),
+            disks: vec![],
         }
     }
 

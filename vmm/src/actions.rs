@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use devices::bus::lock;
 use protocol::{
-    Event, KernelEntry, KernelList, KernelSelection, Reply, Request, StatusInfo, WatchdogInfo,
+    DiskInfo, Event, KernelEntry, KernelList, KernelSelection, Reply, Request, StatusInfo,
+    WatchdogInfo,
 };
 
 use crate::config::{library_entries, library_entry};
@@ -41,6 +42,22 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
         last_reset: vm.last_reset,
         watchdog: Some(watchdog_info(vm)),
         on_panic: Some(vm.panic_action),
+        disks: vm
+            .disks
+            .iter()
+            .map(|d| {
+                let s = d.counters.snapshot();
+                DiskInfo {
+                    id: d.id.clone(),
+                    path: d.path.display().to_string(),
+                    read_only: d.read_only,
+                    engine: d.engine.to_string(),
+                    read_bytes: s.read_bytes,
+                    write_bytes: s.write_bytes,
+                    io_errors: s.io_errors,
+                }
+            })
+            .collect(),
     }
 }
 

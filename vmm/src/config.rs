@@ -219,6 +219,8 @@ pub struct DiskSpec {
     pub id: Option<String>,
     /// `direct=on`: O_DIRECT, the host page cache is bypassed.
     pub direct: bool,
+    /// `io=auto|sync|io_uring`: how requests reach the image.
+    pub engine: devices::virtio::IoEngine,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -257,6 +259,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
     let mut read_only = false;
     let mut id = None;
     let mut direct = false;
+    let mut engine = devices::virtio::IoEngine::default();
     for (k, v) in spec_pairs("--disk", spec)? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
@@ -268,7 +271,12 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
             "direct" => {
                 direct = parse_bool(v).ok_or_else(|| err(format!("direct={v}: use on or off")))?
             }
-            other => return Err(err(format!("unknown key '{other}' (path, ro, id, direct)"))),
+            "io" => engine = v.parse().map_err(err)?,
+            other => {
+                return Err(err(format!(
+                    "unknown key '{other}' (path, ro, id, direct, io)"
+                )))
+            }
         }
     }
     let path = path.ok_or_else(|| err("path= is required".into()))?;
@@ -277,6 +285,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
         read_only,
         id,
         direct,
+        engine,
     })
 }
 

@@ -124,18 +124,36 @@ pub struct Vm {
     /// The block devices, each served on an I/O thread of its own (see
     /// `runtime::spawn_disk_threads`), with a name for it.
     pub disk_subscribers: Vec<(String, Subscriber)>,
+    /// What `status` shows of each disk (read without the device's lock, which a
+    /// stalled disk's thread may hold).
+    pub disks: Vec<DiskSource>,
     mem_handle: GuestMemoryHandle,
+}
+
+/// A disk as `status` shows it.
+pub struct DiskSource {
+    pub id: String,
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+    pub engine: &'static str,
+    pub counters: Arc<devices::virtio::BlockCounters>,
 }
 
 /// Opens the disks and TAPs (start-up errors are clear and final) and puts
 /// each behind a virtio-mmio transport at its slot.
 /// The virtio devices: their MMIO slots, the event-loop subscribers (net)
 /// and the disks' subscribers (each for an I/O thread, named).
-type VirtioSet = (Vec<VirtioSlot>, Vec<Subscriber>, Vec<(String, Subscriber)>);
+type VirtioSet = (
+    Vec<VirtioSlot>,
+    Vec<Subscriber>,
+    Vec<(String, Subscriber)>,
+    Vec<DiskSource>,
+);
 
 fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet, VmmError> {
     let mut slots = Vec::new();
     let mut disks: Vec<(String, Subscriber)> = Vec::new();
+    let mut sources = Vec::new();
     let mut add_slot = |dev: Arc<Mutex<dyn devices::virtio::VirtioDevice>>| {
         let (base, gsi) = crate::layout::virtio_mmio_slot(slots.len());
         let t = MmioTransport::new(dev, mem.clone())
@@ -153,8 +171,16 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             read_only: d.read_only,
             id: d.id.clone(),
             direct: d.direct,
+            engine: d.engine,
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
+        sources.push(DiskSource {
+            id: format!("disk{i}"),
+            path: d.path.clone(),
+            read_only: d.read_only,
+            engine: blk.engine_name(),
+            counters: blk.counters(),
+        });
         let blk = Arc::new(Mutex::new(blk));
         add_slot(blk.clone())?;
         disks.push((format!("disk{i}"), blk));
@@ -170,7 +196,7 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         add_slot(net.clone())?;
         nets.push(net);
     }
-    Ok((slots, nets, disks))
+    Ok((slots, nets, disks, sources))
 }
 
 pub fn dev_cause(c: DevResetCause) -> ResetCause {
@@ -200,7 +226,8 @@ impl Vm {
             .as_deref()
             .map(|cmd| crate::hooks::AlertHook::new(cmd, &config.name));
         let mem_handle = GuestMemoryHandle::empty();
-        let (virtio, virtio_subscribers, disk_subscribers) = create_virtio(&config, &mem_handle)?;
+        let (virtio, virtio_subscribers, disk_subscribers, disks) =
+            create_virtio(&config, &mem_handle)?;
         Ok(Vm {
             kvm,
             current_kernel: String::new(),
@@ -232,6 +259,7 @@ impl Vm {
             virtio,
             virtio_subscribers,
             disk_subscribers,
+            disks,
             mem_handle,
         })
     }

@@ -45,13 +45,15 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 mod direct;
+mod uring;
 
 pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
+use uring::{InFlight, IoKind, IoOp, Uring};
 
 use super::iov::{
     parse_chain, preadv_all, push_iovecs, pwritev_all, read_segs, sub_segs, total_len, write_segs,
@@ -106,6 +108,32 @@ pub struct BlockConfig {
     pub id: Option<String>,
     /// Open the image with `O_DIRECT` (bypass the host page cache).
     pub direct: bool,
+    /// How reads, writes and flushes reach the image.
+    pub engine: IoEngine,
+}
+
+/// How a disk's reads, writes and flushes reach the image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoEngine {
+    /// io_uring where the kernel offers it, else synchronous.
+    #[default]
+    Auto,
+    /// One request at a time, `preadv`/`pwritev`/`fdatasync` on the disk's thread.
+    Sync,
+    /// io_uring: up to a queue's worth of requests in flight (an error where unavailable).
+    Uring,
+}
+
+impl std::str::FromStr for IoEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoEngine::Auto),
+            "sync" => Ok(IoEngine::Sync),
+            "io_uring" | "uring" => Ok(IoEngine::Uring),
+            _ => Err(format!("unknown I/O engine {s:?} (auto, sync, io_uring)")),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +154,8 @@ pub enum BlockError {
     IdTooLong { id: String },
     #[error("cannot create an eventfd: {0}")]
     EventFd(io::Error),
+    #[error("disk image {}: io=io_uring asked, but this kernel does not offer it: {source}", path.display())]
+    Uring { path: PathBuf, source: io::Error },
 }
 
 /// Per-device counters, readable without the device lock.
@@ -210,7 +240,12 @@ pub struct Block {
     active: Option<Active>,
     /// Requests served per wake-up at most; `None`: the queue's size.
     budget: Option<u16>,
+    /// The io_uring engine; `None`: requests run synchronously.
+    ring: Option<Uring>,
 }
+
+/// Event-loop token of the io_uring completion eventfd (queue eventfds use their index).
+const RING_TOKEN: u32 = 0x100;
 
 impl Block {
     /// Opens and locks the image: writable images get an exclusive `flock`,
@@ -294,7 +329,28 @@ impl Block {
         put(52, &MAX_DISCARD_SEG.to_le_bytes());
         put(56, &[1]);
 
+        let ring = match cfg.engine {
+            IoEngine::Sync => None,
+            IoEngine::Uring => {
+                Some(Uring::new(QUEUE_SIZE).map_err(|source| BlockError::Uring {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            IoEngine::Auto => match Uring::new(QUEUE_SIZE) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    crate::limited!(
+                        info,
+                        "virtio-blk {}: io_uring unavailable ({e}); serving requests one at a time",
+                        path.display()
+                    );
+                    None
+                }
+            },
+        };
         Ok(Self {
+            ring,
             disk: Disk {
                 file,
                 path,
@@ -334,6 +390,15 @@ impl Block {
         self.disk.counters.snapshot()
     }
 
+    /// The engine serving this disk: `io_uring` or `sync`.
+    pub fn engine_name(&self) -> &'static str {
+        if self.ring.is_some() {
+            "io_uring"
+        } else {
+            "sync"
+        }
+    }
+
     /// Serves the available requests, at most a budget's worth (see the
     /// module's documentation), then signals the guest if it wants an
     /// interrupt. Called from the event loop on a queue notification.
@@ -354,7 +419,41 @@ impl Block {
             while let Some(chain) = active.queue.pop_descriptor_chain(&*mem) {
                 popped = true;
                 let head = chain.head_index();
-                let len = self.disk.handle(&mem, chain);
+                let len = match self.disk.handle(&mem, chain) {
+                    Handled::Done(len) => len,
+                    Handled::Io { status_addr, op } => {
+                        let req = InFlight {
+                            head,
+                            status_addr,
+                            op,
+                            mem: mem.clone(),
+                        };
+                        let fd = self.disk.file.as_raw_fd();
+                        // Buffers O_DIRECT cannot take go through the bounce buffer here.
+                        let direct_ok = req.op.kind == IoKind::Flush
+                            || self
+                                .disk
+                                .dio
+                                .is_none_or(|d| d.allows(&req.op.iovs, req.op.off));
+                        let req = match self.ring.as_mut().filter(|_| direct_ok) {
+                            Some(ring) => match ring.push(fd, req) {
+                                Ok(()) => {
+                                    served = served.saturating_add(1);
+                                    if served >= budget {
+                                        more = true;
+                                        break 'wake;
+                                    }
+                                    continue;
+                                }
+                                Err(req) => req,
+                            },
+                            None => req,
+                        };
+                        let mut op = req.op;
+                        let r = self.disk.run_io(&mem, &mut op);
+                        self.disk.complete(&mem, req.status_addr, &op, r)
+                    }
+                };
                 match active.queue.add_used(&*mem, head, len) {
                     Ok(()) => used_any = true,
                     // Only a head index out of range gets here; the chain
@@ -380,6 +479,15 @@ impl Block {
                 }
             }
         }
+        if let Some(ring) = self.ring.as_mut() {
+            if let Err(e) = ring.submit() {
+                crate::limited!(
+                    warn,
+                    "virtio-blk {}: io_uring submit: {e}",
+                    self.disk.path.display()
+                );
+            }
+        }
         if used_any && active.queue.needs_notification(&*mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
@@ -392,6 +500,37 @@ impl Block {
         }
     }
 
+    /// Completes the requests io_uring finished: status, used ring, interrupt.
+    fn complete_ring(&mut self) {
+        let (Some(ring), Some(active)) = (self.ring.as_mut(), self.active.as_mut()) else {
+            return;
+        };
+        let disk = &self.disk;
+        let mut used_any = false;
+        ring.reap(|mut req, res| {
+            let r = disk.async_result(&req.mem, &mut req.op, res);
+            let len = disk.complete(&req.mem, req.status_addr, &req.op, r);
+            match active.queue.add_used(&*req.mem, req.head, len) {
+                Ok(()) => used_any = true,
+                Err(e) => tracing::debug!("virtio-blk: cannot return chain {}: {e}", req.head),
+            }
+        });
+        if used_any
+            && active
+                .queue
+                .needs_notification(&*active.mem)
+                .unwrap_or(true)
+        {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Requests io_uring has in flight (tests).
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.ring.as_ref().map_or(0, Uring::in_flight)
+    }
+
     /// Overrides the per-wake-up budget (tests).
     #[cfg(test)]
     pub(crate) fn set_budget(&mut self, n: u16) {
@@ -400,13 +539,14 @@ impl Block {
 }
 
 impl Disk {
-    /// Executes one request. Returns the used length (bytes written to the
-    /// chain, status included), 0 when no status could be written.
-    fn handle(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    /// Executes one request, or prepares its I/O. `Done` carries the used
+    /// length (bytes written to the chain, status included), 0 when no status
+    /// could be written.
+    fn handle(&self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Handled {
         let c = &self.counters;
         let invalid = || {
             inc(&c.invalid_chains, 1);
-            0
+            Handled::Done(0)
         };
         let Ok(parsed) = parse_chain(chain) else {
             return invalid();
@@ -426,7 +566,71 @@ impl Disk {
         }
         let data_w = sub_segs(&parsed.writable, 0, parsed.writable_len().saturating_sub(1))
             .unwrap_or_default();
-        let (status, written) = match self.execute(mem, &parsed, &data_w) {
+        match self.execute(mem, &parsed, &data_w) {
+            Ok(Exec::Io(op)) => Handled::Io { status_addr, op },
+            Ok(Exec::Done(n)) => Handled::Done(self.finish(mem, status_addr, Ok(n))),
+            Err(s) => Handled::Done(self.finish(mem, status_addr, Err(s))),
+        }
+    }
+
+    /// Runs a request's I/O on this thread.
+    fn run_io(&self, mem: &GuestMemoryMmap, op: &mut IoOp) -> io::Result<()> {
+        match op.kind {
+            IoKind::Read => self.transfer(Dir::Read, mem, &op.segs, &mut op.iovs, op.off, op.len),
+            IoKind::Write => self.transfer(Dir::Write, mem, &op.segs, &mut op.iovs, op.off, op.len),
+            IoKind::Flush => self.file.sync_data(),
+        }
+    }
+
+    /// What an io_uring completion (`res`: bytes or -errno) means for the request. A short
+    /// transfer, an interrupted call, or an O_DIRECT refusal of the guest's buffers is
+    /// finished on this thread the way the synchronous engine does it.
+    fn async_result(&self, mem: &GuestMemoryMmap, op: &mut IoOp, res: i32) -> io::Result<()> {
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(res.saturating_neg());
+            let retry = matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN))
+                || (self.dio.is_some() && e.raw_os_error() == Some(libc::EINVAL));
+            return if retry { self.run_io(mem, op) } else { Err(e) };
+        }
+        if op.kind != IoKind::Flush && (res as u64) < op.len {
+            // Reading or writing the same bytes again is harmless.
+            return self.run_io(mem, op);
+        }
+        Ok(())
+    }
+
+    /// A request's I/O ended with `r`: its status (and counters).
+    fn complete(
+        &self,
+        mem: &GuestMemoryMmap,
+        status_addr: GuestAddress,
+        op: &IoOp,
+        r: io::Result<()>,
+    ) -> u32 {
+        let c = &self.counters;
+        let r = match (op.kind, r) {
+            (IoKind::Read, Ok(())) => {
+                inc(&c.read_requests, 1);
+                inc(&c.read_bytes, op.len);
+                u32::try_from(op.len).map_err(|_| S_IOERR)
+            }
+            (IoKind::Write, Ok(())) => {
+                inc(&c.write_requests, 1);
+                inc(&c.write_bytes, op.len);
+                Ok(0)
+            }
+            (IoKind::Flush, Ok(())) => Ok(0),
+            (IoKind::Read, Err(e)) => Err(self.io_err("read", e)),
+            (IoKind::Write, Err(e)) => Err(self.io_err("write", e)),
+            (IoKind::Flush, Err(e)) => Err(self.io_err("flush", e)),
+        };
+        self.finish(mem, status_addr, r)
+    }
+
+    /// Writes the status byte; returns the used length (0: no status could be written).
+    fn finish(&self, mem: &GuestMemoryMmap, status_addr: GuestAddress, r: Result<u32, u8>) -> u32 {
+        let c = &self.counters;
+        let (status, written) = match r {
             Ok(n) => (S_OK, n),
             Err(s) => {
                 inc(
@@ -441,12 +645,13 @@ impl Disk {
             }
         };
         if mem.write_obj(status, status_addr).is_err() {
-            return invalid();
+            inc(&c.invalid_chains, 1);
+            return 0;
         }
         written.saturating_add(1)
     }
 
-    fn execute(&self, mem: &GuestMemoryMmap, p: &ParsedChain, data_w: &[Seg]) -> Result<u32, u8> {
+    fn execute(&self, mem: &GuestMemoryMmap, p: &ParsedChain, data_w: &[Seg]) -> Result<Exec, u8> {
         if !p.well_ordered {
             return Err(S_IOERR);
         }
@@ -465,13 +670,16 @@ impl Disk {
                     return Err(S_IOERR);
                 }
                 let off = self.range(sector, w_len)?;
+                u32::try_from(w_len).map_err(|_| S_IOERR)?;
                 let mut iovs = Vec::with_capacity(data_w.len());
                 push_iovecs(mem, data_w, &mut iovs).ok_or(S_IOERR)?;
-                self.transfer(Dir::Read, mem, data_w, &mut iovs, off, w_len)
-                    .map_err(|e| self.io_err("read", e))?;
-                inc(&c.read_requests, 1);
-                inc(&c.read_bytes, w_len);
-                u32::try_from(w_len).map_err(|_| S_IOERR)
+                Ok(Exec::Io(IoOp {
+                    kind: IoKind::Read,
+                    off,
+                    len: w_len,
+                    segs: data_w.to_vec(),
+                    iovs,
+                }))
             }
             T_OUT => {
                 if self.read_only || w_len != 0 {
@@ -481,18 +689,26 @@ impl Disk {
                 let data = sub_segs(&p.readable, 16, extra_r).ok_or(S_IOERR)?;
                 let mut iovs = Vec::with_capacity(data.len());
                 push_iovecs(mem, &data, &mut iovs).ok_or(S_IOERR)?;
-                self.transfer(Dir::Write, mem, &data, &mut iovs, off, extra_r)
-                    .map_err(|e| self.io_err("write", e))?;
-                inc(&c.write_requests, 1);
-                inc(&c.write_bytes, extra_r);
-                Ok(0)
+                Ok(Exec::Io(IoOp {
+                    kind: IoKind::Write,
+                    off,
+                    len: extra_r,
+                    segs: data,
+                    iovs,
+                }))
             }
             T_FLUSH => {
                 inc(&c.flush_requests, 1);
-                if !self.read_only {
-                    self.file.sync_data().map_err(|e| self.io_err("flush", e))?;
+                if self.read_only {
+                    return Ok(Exec::Done(0));
                 }
-                Ok(0)
+                Ok(Exec::Io(IoOp {
+                    kind: IoKind::Flush,
+                    off: 0,
+                    len: 0,
+                    segs: Vec::new(),
+                    iovs: Vec::new(),
+                }))
             }
             T_GET_ID => {
                 inc(&c.other_requests, 1);
@@ -501,7 +717,7 @@ impl Disk {
                     return Err(S_IOERR);
                 }
                 write_segs(mem, data_w, 0, &self.id[..n]).ok_or(S_IOERR)?;
-                Ok(n as u32)
+                Ok(Exec::Done(n as u32))
             }
             T_DISCARD | T_WRITE_ZEROES => {
                 inc(&c.other_requests, 1);
@@ -509,7 +725,7 @@ impl Disk {
                     return Err(S_IOERR);
                 }
                 self.discard_or_zero(mem, req_type, &p.readable, extra_r)?;
-                Ok(0)
+                Ok(Exec::Done(0))
             }
             _ => Err(S_UNSUPP),
         }
@@ -718,6 +934,11 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
+        // No completion of the old queue may reach a new one; the guest memory stays mapped
+        // meanwhile (each request holds it).
+        if let Some(ring) = self.ring.as_mut() {
+            ring.wait_all(|_, _| {});
+        }
         self.active = None;
     }
 
@@ -728,6 +949,14 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
+        if let Some(ring) = &self.ring {
+            if let Err(e) = ops.add(Events::with_data(ring.event(), RING_TOKEN, EventSet::IN)) {
+                tracing::error!(
+                    "virtio-blk {}: cannot register the io_uring eventfd: {e:?}",
+                    self.disk.path.display()
+                );
+            }
+        }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 tracing::error!(
@@ -739,6 +968,10 @@ impl MutEventSubscriber for Block {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == RING_TOKEN {
+            self.complete_ring();
+            return;
+        }
         if let Some(evt) = self.queue_evts.get(events.data() as usize) {
             drain_eventfd(evt);
         }
@@ -748,6 +981,21 @@ impl MutEventSubscriber for Block {
 
 #[cfg(test)]
 mod tests;
+
+/// What [`Disk::handle`] made of a request.
+enum Handled {
+    /// Finished (or refused): the used length.
+    Done(u32),
+    /// Its I/O is still to run (synchronously, or in io_uring).
+    Io { status_addr: GuestAddress, op: IoOp },
+}
+
+/// What [`Disk::execute`] made of a valid request.
+enum Exec {
+    /// Finished: bytes written to the guest.
+    Done(u32),
+    Io(IoOp),
+}
 
 /// Which way a [`Disk::transfer`] goes.
 #[derive(Clone, Copy)]

@@ -168,7 +168,7 @@ pub(crate) fn push_iovecs(
 }
 
 /// Drops `n` bytes from the front of `iovs`, and any empty iovecs after them.
-fn advance(iovs: &mut &mut [libc::iovec], mut n: usize) {
+pub(crate) fn advance(iovs: &mut &mut [libc::iovec], mut n: usize) {
     while let Some(first) = iovs.first_mut() {
         if n < first.iov_len {
             // SAFETY: `n < iov_len`, so the new base stays inside the buffer

@@ -70,7 +70,7 @@ use std::sync::{Arc, RwLock};
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use block::{Block, BlockConfig, BlockError, BlockStats};
+pub use block::{Block, BlockConfig, BlockCounters, BlockError, BlockStats, IoEngine};
 pub use mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 pub use net::{Net, NetConfig, NetError, NetStats};
 

@@ -97,7 +97,8 @@ fn two_disks_show_their_sizes_and_serials_in_order() {
 
 /// The guest writes 4 MiB to its disk with `conv=fsync`; once dd has
 /// returned, the VMM is killed with SIGKILL: the data is in the image.
-fn fsynced_data_survives_sigkill(direct: bool) {
+/// `engine`: the disk's `io=` (`status` must show it in use).
+fn fsynced_data_survives_sigkill(direct: bool, engine: &str) {
     scenario(|h| {
         let dir = HostDir::new(h, "fsync");
         // O_DIRECT needs a file system that has it: tmpfs before Linux 6.6
@@ -116,11 +117,14 @@ fn fsynced_data_survives_sigkill(direct: bool) {
         };
         h.sh(&format!("truncate -s 16M {img}")).ok("image");
         let opts = if direct { ",direct=on" } else { "" };
+        let opts = format!("{opts},io={engine}");
         let spec = Spec::new("mini")
             .memory(128)
             .args(&["--disk", &format!("path={img},id=data{opts}")]);
         let mut g = Guest::start_in(h, spec, HostDir::new(h, "fsync-vm"));
         g.wait_shell(tests::guest::INIT_OK);
+        let status = g.ctl().status();
+        assert_eq!(status["disks"][0]["engine"], engine, "{status}");
         let want = g
             .run("dd if=/dev/urandom of=/tmp/p bs=1M count=4 2>/dev/null && sha256sum /tmp/p")
             .split_whitespace()
@@ -128,6 +132,8 @@ fn fsynced_data_survives_sigkill(direct: bool) {
             .unwrap_or_default()
             .to_string();
         g.run("dd if=/tmp/p of=/dev/vda bs=1M conv=fsync 2>/dev/null");
+        let status = g.ctl().status();
+        assert_eq!(status["disks"][0]["write_bytes"], 4 << 20, "{status}");
         g.vmm.child.kill().expect("SIGKILL the VMM");
         let st = g.vmm.wait_exit(Duration::from_secs(30));
         assert_eq!(
@@ -146,12 +152,17 @@ fn fsynced_data_survives_sigkill(direct: bool) {
 
 #[test]
 fn data_the_guest_fsynced_is_in_the_image_after_the_vmm_is_killed() {
-    fsynced_data_survives_sigkill(false);
+    fsynced_data_survives_sigkill(false, "sync");
 }
 
 #[test]
 fn data_the_guest_fsynced_is_in_a_direct_io_image_after_the_vmm_is_killed() {
-    fsynced_data_survives_sigkill(true);
+    fsynced_data_survives_sigkill(true, "io_uring");
+}
+
+#[test]
+fn data_the_guest_fsynced_through_io_uring_is_in_the_image_after_the_vmm_is_killed() {
+    fsynced_data_survives_sigkill(false, "io_uring");
 }
 
 /// A device-mapper `delay` disk (every I/O waits `delay_ms`) over a loop

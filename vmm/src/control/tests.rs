@@ -59,6 +59,7 @@ fn status_info() -> StatusInfo {
         last_reset: None,
         watchdog: None,
         on_panic: None,
+        disks: vec![],
     }
 }
 

@@ -109,6 +109,7 @@ pub fn device_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
         read_only: false,
         id: None,
         direct: true,
+        engine: devices::virtio::IoEngine::Auto,
     })?;
     // The guest's data pages are real, written pages (as the host buffer
     // is), not the untouched zero page.
@@ -139,6 +140,7 @@ pub fn device_round_trips(path: &Path, count: usize) -> io::Result<Pass> {
         read_only: true,
         id: Some("devbench".into()),
         direct: true,
+        engine: devices::virtio::IoEngine::Auto,
     })?;
     let sw = Stopwatch::start(d.device_cpu_secs());
     for _ in 0..count {

@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/host-deps.sh
 . scripts/testhost-needed.sh
-resources/build-kernels.sh mini disk debian-6.1 debian-6.12 ${in_testhost:+testhost}
+resources/build-kernels.sh mini disk debian-6.1 debian-6.12 modules server ${in_testhost:+testhost}
 export VMM_REQUIRE_KERNELS=1
 cargo build --workspace --all-targets
 rm -f target/testhost-retries.log

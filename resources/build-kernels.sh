@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build the guest kernel library used by the VMM's tests.
 #
-#   resources/build-kernels.sh [mini] [debian-6.1] [debian-6.12] [disk] [testhost]
+#   resources/build-kernels.sh [mini] [debian-6.1] [debian-6.12] [modules] [disk] [server] [testhost]
 #
 # No argument builds everything. Output:
 #   ${KERNEL_DIR:-<repo>/build/kernels}/<name>/{bzImage,vmlinux,initrd.img,cmdline,release,config}
 #   (mini also has vmlinux, the ELF with the PVH note, and System.map)
+#   <KERNEL_DIR>/modules.img (every Debian entry's modules, for the guests' /lib/modules)
 #   <KERNEL_DIR>/../disks/rootfs.ext4
+#   <KERNEL_DIR>/../disks/debian-server.ext4 (resources/build-image.sh; root's key: <KERNEL_DIR>/../keys/test_ed25519)
 #   <KERNEL_DIR>/../testhost/ (the test host QEMU boots: resources/testhost/build.sh)
 # Expensive inputs (compiled kernels, Debian packages, apt state) are cached in
 # ${VMM_CACHE:-/var/cache/vmm-guest}, keyed by what they are built from, so a
@@ -23,7 +25,7 @@ KERNEL_DIR=${KERNEL_DIR:-$REPO/build/kernels}
 DISK_DIR=$(dirname "$KERNEL_DIR")/disks
 CACHE=${VMM_CACHE:-/var/cache/vmm-guest}
 JOBS=${JOBS:-$(nproc)}
-ALL_TARGETS=(mini debian-6.1 debian-6.12 disk testhost)
+ALL_TARGETS=(mini debian-6.1 debian-6.12 modules disk server testhost)
 # Bump when the way a kernel is built changes (invalidates cached kernels).
 MINI_RECIPE=1
 DISK_UUID=5f1c0de0-7e57-4b1d-9a11-00000000d15c
@@ -41,7 +43,7 @@ die() { echo "build-kernels.sh: error: $*" >&2; exit 1; }
 sha() { sha256sum | cut -c1-16; }
 
 usage() {
-	echo "usage: $0 [mini] [debian-6.1] [debian-6.12] [disk] [testhost]   (no argument: all)"
+	echo "usage: $0 [mini] [debian-6.1] [debian-6.12] [modules] [disk] [server] [testhost]   (no argument: all)"
 }
 
 # ---------------------------------------------------------------- arguments
@@ -49,7 +51,7 @@ TARGETS=()
 for a in "$@"; do
 	case "$a" in
 	-h|--help) usage; exit 0 ;;
-	mini|debian-6.1|debian-6.12|disk|testhost) TARGETS+=("$a") ;;
+	mini|debian-6.1|debian-6.12|modules|disk|server|testhost) TARGETS+=("$a") ;;
 	*) usage >&2; die "unknown target '$a'" ;;
 	esac
 done
@@ -537,6 +539,74 @@ target_disk() {
 	say "disk: done: $dst"
 }
 
+# ---------------------------------------------------------------- modules
+# One read-only ext4 with every Debian entry's modules tree at /<release>/:
+# the VMM attaches <library>/modules.img to each guest (serial vmm-modules)
+# and the initramfs mounts the booted kernel's tree on the guest's
+# /lib/modules/<release>, so `modprobe` works in a customer's system and
+# switching kernels (set-kernel) never leaves it without its modules.
+target_modules() {
+	local dst=$KERNEL_DIR/modules.img key pins=() e entry pin deb x moddir stage rel mib
+	for e in "$KERNEL_DIR"/*/package; do
+		[ -f "$e" ] || continue
+		pins+=("$(basename "$(dirname "$e")") $(cat "$e")")
+	done
+	[ ${#pins[@]} -gt 0 ] || { say "modules: no Debian entries built yet, skipped"; return; }
+	key=$(printf '%s\n' "${pins[@]}" "recipe 1" | sha)
+	if [ -f "$dst" ] && [ "$(cat "$dst.stamp" 2>/dev/null)" = "$key" ]; then
+		say "modules: up to date ($dst)"; return
+	fi
+	need_root "build the modules image"
+	ensure_packages e2fsprogs kmod
+	stage=$(mktemp -d "$CACHE/tmp/modules.XXXXXX")
+	for e in "${pins[@]}"; do
+		entry=${e%% *} pin=${e#* }
+		deb=$(ls "$CACHE/debian/dl/${pin%%=*}_"*.deb 2>/dev/null | grep -F "_$(echo "${pin#*=}" | sed 's/:/%3a/g')_" | head -1 || true)
+		[ -n "$deb" ] || die "modules: $entry: $pin is not in $CACHE/debian/dl (run resources/build-kernels.sh $entry)"
+		x=$(mktemp -d "$CACHE/tmp/deb.XXXXXX")
+		dpkg-deb -x "$deb" "$x" || die "modules: dpkg-deb -x $deb failed"
+		rel=$(cat "$KERNEL_DIR/$entry/release")
+		moddir=
+		for d in "$x/lib/modules/$rel" "$x/usr/lib/modules/$rel"; do [ -d "$d" ] && moddir=$d; done
+		[ -n "$moddir" ] || die "modules: $entry: $(basename "$deb") has no modules for $rel"
+		[ -f "$moddir/modules.dep" ] || depmod -b "${moddir%/lib/modules/*}" "$rel" || die "modules: depmod $rel failed"
+		mv "$moddir" "$stage/$rel"
+		rm -rf "$x"
+		say "modules: $entry ($rel): $(du -sh "$stage/$rel" | cut -f1)"
+	done
+	mib=$(( $(du -sm "$stage" | cut -f1) * 115 / 100 + 64 ))
+	rm -f "$dst.tmp"
+	truncate -s "${mib}M" "$dst.tmp"
+	mkfs.ext4 -q -F -t ext4 -L vmm-modules -E root_owner=0:0 -d "$stage" "$dst.tmp" ||
+		die "modules: mkfs.ext4 failed"
+	mv "$dst.tmp" "$dst"
+	echo "$key" >"$dst.stamp"
+	rm -rf "$stage"
+	say "modules: done: $dst (${mib} MiB)"
+}
+
+# ---------------------------------------------------------------- server
+# The Debian server image the tests boot (hostname web1, root's key the
+# tests' own): resources/build-image.sh, rebuilt when its inputs change.
+target_server() {
+	local dst keydir key
+	dst=$DISK_DIR/debian-server.ext4
+	keydir=$(dirname "$KERNEL_DIR")/keys
+	mkdir -p "$keydir" "$DISK_DIR"
+	if [ ! -f "$keydir/test_ed25519" ]; then
+		ensure_packages openssh-client
+		ssh-keygen -q -t ed25519 -N '' -C vmm-tests -f "$keydir/test_ed25519" || die "server: ssh-keygen failed"
+	fi
+	key=$(cat "$RES/build-image.sh" "$keydir/test_ed25519.pub" | sha)
+	if [ -f "$dst" ] && [ "$(cat "$dst.stamp" 2>/dev/null)" = "$key" ]; then
+		say "server: up to date ($dst)"; return
+	fi
+	need_root "build the Debian server image"
+	"$RES/build-image.sh" --out "$dst" --hostname web1 --authorized-keys "$keydir/test_ed25519.pub" ||
+		die "server: resources/build-image.sh failed"
+	echo "$key" >"$dst.stamp"
+}
+
 # ---------------------------------------------------------------- testhost
 # shellcheck source=testhost/build.sh
 . "$RES/testhost/build.sh"
@@ -548,6 +618,8 @@ run_targets() {
 		case "$t" in
 		mini) target_mini ;;
 		disk) target_disk ;;
+		modules) target_modules ;;
+		server) target_server ;;
 		debian-6.1) target_debian debian-6.1 bookworm "$DEBIAN_61_GLOB" "${BOOKWORM_SOURCES[@]}" ;;
 		testhost) target_testhost ;;
 		debian-6.12) target_debian debian-6.12 trixie 'linux-image-6\.12\.[0-9]+\+deb13-amd64' \

@@ -117,6 +117,10 @@ pub struct Cli {
     /// Exit the process when the guest powers off (default when there is no control socket).
     #[arg(long)]
     pub exit_on_poweroff: bool,
+    /// Attach the kernel library's modules disk (`<kernel-dir>/modules.img`) when there is one
+    /// (default on).
+    #[arg(long, value_name = "on|off")]
+    pub library_modules: Option<String>,
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -160,6 +164,7 @@ struct FileConfig {
     console_log_keep: Option<u32>,
     console: Option<ConsoleMode>,
     exit_on_poweroff: Option<bool>,
+    library_modules: Option<String>,
     control: Option<PathBuf>,
     #[serde(default)]
     allow_user: Vec<String>,
@@ -200,6 +205,8 @@ pub struct VmConfig {
     pub console_log_limits: crate::console::LogLimits,
     pub console: ConsoleMode,
     pub exit_on_poweroff: bool,
+    /// Attach `<library>/modules.img` (see [`VmConfig::library_modules`]).
+    pub library_modules: bool,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
@@ -438,6 +445,14 @@ impl VmConfig {
                     .unwrap_or(LogLimits::DEFAULT_KEEP),
             }
         };
+        let library_modules = match cli.library_modules.or(file.library_modules) {
+            None => true,
+            Some(v) => parse_bool(&v).ok_or_else(|| ConfigError::Spec {
+                flag: "--library-modules".into(),
+                spec: v.clone(),
+                reason: "use on or off".into(),
+            })?,
+        };
         let cfg = VmConfig {
             name,
             kernel,
@@ -448,6 +463,7 @@ impl VmConfig {
             console_log_limits,
             console: cli.console.or(file.console).unwrap_or_default(),
             exit_on_poweroff: cli.exit_on_poweroff || file.exit_on_poweroff.unwrap_or(false),
+            library_modules,
             config_file: cli.config,
             control: cli.control.or(file.control),
             disks,
@@ -523,6 +539,24 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 /// The entries of a kernel library: subdirectories holding a kernel.
+/// The serial of the kernel library's modules disk (what the initramfs looks for).
+pub const MODULES_DISK_SERIAL: &str = "vmm-modules";
+/// The modules image in a kernel library directory.
+pub const MODULES_IMAGE: &str = "modules.img";
+
+impl VmConfig {
+    /// `<library>/modules.img`, when the VM boots library kernels, the library has one and
+    /// `--library-modules off` was not given.
+    pub fn library_modules(&self) -> Option<PathBuf> {
+        match &self.kernel {
+            KernelSource::Library { dir, .. } if self.library_modules => {
+                Some(dir.join(MODULES_IMAGE)).filter(|p| p.is_file())
+            }
+            _ => None,
+        }
+    }
+}
+
 pub fn library_entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -754,6 +788,49 @@ mod tests {
         cli.watchdog = None;
         cli.on_panic = Some("reboot".into());
         assert!(VmConfig::resolve(cli, None).is_err());
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn the_librarys_modules_disk_is_attached_unless_turned_off() {
+        let d = tmpdir("modlib");
+        std::fs::create_dir_all(d.join("mini")).unwrap();
+        std::fs::write(d.join("mini").join("bzImage"), b"x").unwrap();
+        let mut cli = Cli {
+            kernel_dir: Some(d.clone()),
+            kernel_name: Some("mini".into()),
+            ..Default::default()
+        };
+        let c = VmConfig::resolve(cli.clone(), None).unwrap();
+        assert_eq!(c.library_modules(), None, "no modules.img in the library");
+        std::fs::write(d.join(MODULES_IMAGE), b"x").unwrap();
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None)
+                .unwrap()
+                .library_modules(),
+            Some(d.join(MODULES_IMAGE))
+        );
+        assert_eq!(
+            library_entries(&d),
+            vec!["mini".to_string()],
+            "modules.img is not an entry"
+        );
+        cli.library_modules = Some("off".into());
+        assert_eq!(
+            VmConfig::resolve(cli.clone(), None)
+                .unwrap()
+                .library_modules(),
+            None
+        );
+        cli.library_modules = Some("maybe".into());
+        assert!(VmConfig::resolve(cli, None).is_err());
+        let k = d.join("mini").join("bzImage");
+        let fixed = VmConfig::resolve(cli_with_kernel(&k), None).unwrap();
+        assert_eq!(
+            fixed.library_modules(),
+            None,
+            "a fixed kernel file has no library"
+        );
         std::fs::remove_dir_all(&d).ok();
     }
 

@@ -46,6 +46,7 @@ const TOKEN_INPUT: u32 = 4;
 const TOKEN_DRAINED: u32 = 5;
 const TOKEN_QUIT: u32 = 6;
 const TOKEN_SIGNAL: u32 = 7;
+const TOKEN_NUDGE: u32 = 8;
 
 /// The UART's output goes to the console hub.
 struct HubWriter(ConsoleHub);
@@ -99,6 +100,7 @@ impl MutEventSubscriber for VmSubscriber {
             TOKEN_EVENTS => vm.handle_events(),
             TOKEN_WATCHDOG => vm.on_watchdog_timer(),
             TOKEN_STOP => vm.on_stop_timer(),
+            TOKEN_NUDGE => vm.on_nudge_timer(),
             TOKEN_INPUT => {
                 self.hub.ack_input_event();
                 self.feed_input(&vm);
@@ -129,6 +131,7 @@ impl MutEventSubscriber for VmSubscriber {
             (vm.events.wake_fd().as_raw_fd(), TOKEN_EVENTS),
             (vm.watchdog_timer_fd(), TOKEN_WATCHDOG),
             (vm.stop_timer_fd(), TOKEN_STOP),
+            (vm.nudge_timer_fd(), TOKEN_NUDGE),
             (self.hub.input_eventfd().as_raw_fd(), TOKEN_INPUT),
             (self.input_drained.as_raw_fd(), TOKEN_DRAINED),
             (self.quit.eventfd().as_raw_fd(), TOKEN_QUIT),

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::MODULES_DISK_SERIAL;
 use devices::bus::lock;
 use devices::legacy::ib700::{IB700_BASE, IB700_LEN};
 use devices::legacy::serial::SerialOutput;
@@ -87,6 +88,10 @@ impl Default for VmHooks {
     }
 }
 
+/// How long a `shutdown` waits on the ACPI power button before it also
+/// presses Ctrl-Alt-Del.
+pub const SHUTDOWN_NUDGE: Duration = Duration::from_secs(5);
+
 pub struct Vm {
     kvm: Kvm,
     pub config: VmConfig,
@@ -113,6 +118,8 @@ pub struct Vm {
     /// A `shutdown`/`reboot` being admitted: (timeout, reply).
     stop_request: Option<(Duration, StopReply)>,
     stop_timer: TimerFd,
+    /// A shutdown's second signal (Ctrl-Alt-Del), for guests the power button left cold.
+    nudge_timer: TimerFd,
     /// Whether a guest poweroff ends the process.
     pub exit_on_poweroff: bool,
     pub hooks: VmHooks,
@@ -185,6 +192,31 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         add_slot(blk.clone())?;
         disks.push((format!("disk{i}"), blk));
     }
+    // The kernel library's modules (every entry's `/lib/modules/<release>`
+    // tree, resources/build-kernels.sh `modules`): a read-only disk after the
+    // customer's, which the library's initramfs mounts where the customer's
+    // system looks for modules, whichever entry boots.
+    if let Some(img) = config.library_modules() {
+        let i = disks.len();
+        let blk = Block::new(&BlockConfig {
+            path: img.clone(),
+            read_only: true,
+            id: Some(MODULES_DISK_SERIAL.into()),
+            direct: false,
+            engine: devices::virtio::IoEngine::Auto,
+        })
+        .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
+        sources.push(DiskSource {
+            id: format!("disk{i}"),
+            path: img,
+            read_only: true,
+            engine: blk.engine_name(),
+            counters: blk.counters(),
+        });
+        let blk = Arc::new(Mutex::new(blk));
+        add_slot(blk.clone())?;
+        disks.push((format!("disk{i}"), blk));
+    }
     let mut nets: Vec<Subscriber> = Vec::new();
     for n in &config.nets {
         let net = Net::new(&NetConfig {
@@ -218,6 +250,8 @@ impl Vm {
         let clock = Arc::new(GuestClock::new());
         let watchdog = Watchdog::new(clock, events.sink()).map_err(|e| setup("timerfd", e))?;
         let stop_timer = crate::timer::nonblocking_timer()
+            .map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
+        let nudge_timer = crate::timer::nonblocking_timer()
             .map_err(|e| VmmError::Setup(format!("timerfd: {e}")))?;
         let exit_on_poweroff = config.exit_on_poweroff || config.control.is_none();
         let (watchdog_action, panic_action) = (config.watchdog_action, config.panic_action);
@@ -253,6 +287,7 @@ impl Vm {
             pending_stop: None,
             stop_request: None,
             stop_timer,
+            nudge_timer,
             exit_on_poweroff,
             hooks,
             serial_input_drained: None,
@@ -270,6 +305,25 @@ impl Vm {
 
     pub fn stop_timer_fd(&self) -> RawFd {
         self.stop_timer.as_raw_fd()
+    }
+
+    pub fn nudge_timer_fd(&self) -> RawFd {
+        self.nudge_timer.as_raw_fd()
+    }
+
+    /// A shutdown the power button did not finish yet: Ctrl-Alt-Del too, for guests that do
+    /// not listen to the button (busybox init maps it to a poweroff with `vmm.cad`; a guest
+    /// whose systemd is already powering off refuses the reboot it would start).
+    pub fn on_nudge_timer(&mut self) -> Flow {
+        if !crate::timer::take_expiry(&mut self.nudge_timer) || self.pending_stop.is_none() {
+            return Flow::Continue;
+        }
+        if let Some(m) = &self.machine {
+            if let Err(e) = lock(&m.i8042).trigger_ctrl_alt_del() {
+                tracing::info!("Ctrl-Alt-Del not delivered ({e})");
+            }
+        }
+        Flow::Continue
     }
 
     fn set_state(&mut self, state: VmState) {
@@ -331,22 +385,32 @@ impl Vm {
         result
     }
 
-    /// Graceful stop, first half: Ctrl-Alt-Del (and the ACPI power button
-    /// for a shutdown) to the guest, and the deadline armed.
+    /// Graceful stop, first half: to the guest, Ctrl-Alt-Del for a reboot;
+    /// for a shutdown the ACPI power button, and Ctrl-Alt-Del only
+    /// [`SHUTDOWN_NUDGE`] later if the guest is still up (a systemd guest
+    /// told both at once would race a reboot against the poweroff); and the
+    /// deadline armed.
     fn ask_guest(&mut self, kind: StopKind) {
         let Some((timeout, reply)) = self.stop_request.take() else {
             return;
         };
         if let Some(m) = &self.machine {
-            // Both signals: an init maps Ctrl-Alt-Del (usually to reboot,
-            // which ends a pending shutdown too), ACPI-aware guests act on
-            // the button.
-            if let Err(e) = lock(&m.i8042).trigger_ctrl_alt_del() {
-                tracing::info!("Ctrl-Alt-Del not delivered ({e})");
-            }
-            if kind == StopKind::Shutdown {
-                if let Err(e) = m.power_button.write(1) {
-                    tracing::info!("power button not delivered ({e})");
+            match kind {
+                StopKind::Reboot => {
+                    if let Err(e) = lock(&m.i8042).trigger_ctrl_alt_del() {
+                        tracing::info!("Ctrl-Alt-Del not delivered ({e})");
+                    }
+                }
+                StopKind::Shutdown => {
+                    if let Err(e) = m.power_button.write(1) {
+                        tracing::info!("power button not delivered ({e})");
+                    }
+                    let nudge = SHUTDOWN_NUDGE
+                        .min(timeout / 2)
+                        .max(Duration::from_millis(1));
+                    if let Err(e) = self.nudge_timer.reset(nudge, None) {
+                        tracing::warn!("cannot arm the shutdown's Ctrl-Alt-Del: {e}");
+                    }
                 }
             }
         }
@@ -366,6 +430,9 @@ impl Vm {
     fn settle(&mut self, result: StopResult) {
         if let Err(e) = self.stop_timer.clear() {
             tracing::warn!("cannot disarm the shutdown timer: {e}");
+        }
+        if let Err(e) = self.nudge_timer.clear() {
+            tracing::warn!("cannot disarm the shutdown's Ctrl-Alt-Del: {e}");
         }
         if let Some(p) = self.pending_stop.take() {
             (p.reply)(Ok(StopOutcome {

@@ -11,6 +11,7 @@ mod disk;
 mod lifecycle;
 mod net;
 mod panic;
+mod server;
 mod watchdog;
 
 use tests::guest::{Guest, Spec, INIT_OK};

@@ -1,0 +1,185 @@
+//! The customer's own Linux server: the Debian 12 image that
+//! `resources/build-image.sh` makes (systemd, sshd, networkd) boots with the
+//! library's kernels to a running systemd, answers ssh with the customer's
+//! key at the address its command line gives it, and the control socket's
+//! shutdown and reboot are carried out by its systemd.
+
+use tests::guest::{entry_release, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP};
+use tests::Host;
+
+/// What a systemd guest prints when its serial getty is up.
+const LOGIN: &str = "web1 login:";
+const MAC: &str = "52:54:00:00:5e:01";
+
+fn server(h: &'static Host, ns: &NetNs, kernel: &str) -> Guest {
+    server_with(h, ns, kernel, "", &[])
+}
+
+/// [`server`] with more kernel command line words and VMM arguments.
+fn server_with(h: &'static Host, ns: &NetNs, kernel: &str, cmdline: &str, args: &[&str]) -> Guest {
+    let dir = HostDir::new(h, "server");
+    let img = dir.join("root.ext4");
+    let src = tests::repo_root().join("build/disks/debian-server.ext4");
+    h.sh(&format!("cp --sparse=always {} {img}", src.display()))
+        .ok("copy the server image");
+    // The address the standard way: `ip=` for systemd-network-generator.
+    let ip = format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0:web1:eth0:off");
+    let spec = Spec::new(kernel)
+        .name("web1")
+        .memory(512)
+        .netns(ns)
+        .cmdline(&format!("root=/dev/vda rw {ip} {cmdline}"))
+        .args(&[
+            "--disk",
+            &format!("path={img},id=root"),
+            "--net",
+            &format!("tap=tap0,mac={MAC}"),
+        ])
+        .args(args);
+    let mut g = Guest::start_in(h, spec, dir);
+    g.wait_boot(LOGIN);
+    g
+}
+
+/// Runs `cmd` in the guest over ssh (from the TAP's namespace, with the
+/// tests' key), retrying while sshd is not up yet: its output.
+fn ssh(ns: &NetNs, cmd: &str) -> String {
+    let key = tests::repo_root().join("build/keys/test_ed25519");
+    ns.sh(&format!(
+        "for i in $(seq 1 30); do \
+           ssh -i {} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+               -o ConnectTimeout=10 -o LogLevel=ERROR root@{GUEST_IP} '{}' && exit 0; \
+           r=$?; [ $r = 255 ] || exit $r; sleep 2; \
+         done; exit 255",
+        key.display(),
+        cmd.replace('\'', "'\\''")
+    ))
+    .ok(&format!("ssh root@{GUEST_IP} {cmd}"))
+}
+
+fn boots_to_running_systemd_and_answers_ssh(kernel: &str) {
+    tests::guest::scenario(|h| {
+        let ns = NetNs::new(h, "srv");
+        let g = server(h, &ns, kernel);
+        let state = ssh(
+            &ns,
+            "systemctl is-system-running --wait; systemctl --failed --no-legend",
+        );
+        assert_eq!(state.trim(), "running", "{state}\n{}", g.report());
+        assert_eq!(ssh(&ns, "uname -r").trim(), entry_release(kernel));
+        assert_eq!(ssh(&ns, "hostname").trim(), "web1");
+        // The address came from the command line, the MAC from the VMM.
+        let addr = ssh(
+            &ns,
+            "ip -o addr show dev eth0; cat /sys/class/net/eth0/address",
+        );
+        assert!(addr.contains(&format!("{GUEST_IP}/24")), "{addr}");
+        assert!(addr.contains(MAC), "{addr}");
+        // The library kernel's modules are there: modprobe works.
+        let m = ssh(
+            &ns,
+            "findmnt -n -o FSTYPE,OPTIONS /lib/modules/$(uname -r); \
+             modprobe nf_tables && lsmod | grep -c '^nf_tables '",
+        );
+        let mount: Vec<&str> = m.split_whitespace().take(2).collect();
+        assert_eq!(mount.first(), Some(&"ext4"), "{m}");
+        assert!(
+            mount
+                .get(1)
+                .is_some_and(|o| o.split(',').any(|o| o == "ro")),
+            "{m}"
+        );
+        assert_eq!(m.lines().last().map(str::trim), Some("1"), "{m}");
+    });
+}
+
+#[test]
+fn the_debian_server_boots_to_a_running_systemd_and_answers_ssh_with_debian_6_1() {
+    boots_to_running_systemd_and_answers_ssh("debian-6.1");
+}
+
+#[test]
+fn the_debian_server_boots_to_a_running_systemd_and_answers_ssh_with_debian_6_12() {
+    boots_to_running_systemd_and_answers_ssh("debian-6.12");
+}
+
+#[test]
+fn shutdown_and_reboot_from_the_control_socket_are_carried_out_by_systemd() {
+    tests::guest::scenario(|h| {
+        let ns = NetNs::new(h, "srv-power");
+        let g = server(h, &ns, "debian-6.1");
+        assert_eq!(
+            ssh(&ns, "systemctl is-system-running --wait").trim(),
+            "running"
+        );
+        // Reboot: Ctrl-Alt-Del, which systemd turns into a clean reboot;
+        // the guest comes back and answers again.
+        let from = g.vmm.len();
+        let r = g.ctl().ok(r#"{"cmd":"reboot","timeout_s":300}"#);
+        assert_eq!(r["result"], "graceful", "{r}\n{}", g.report());
+        let text = g.vmm.output_from(from);
+        assert!(
+            text.contains("reboot.target") || text.contains("Rebooting."),
+            "the reboot did not go through systemd:\n{text}"
+        );
+        g.expect_from(from, LOGIN, tests::guest::BOOT);
+        assert_eq!(g.ctl().status()["boot_count"], 2);
+        assert_eq!(
+            ssh(&ns, "systemctl is-system-running --wait").trim(),
+            "running"
+        );
+        // Shutdown: the ACPI power button; systemd powers off cleanly.
+        let from = g.vmm.len();
+        let r = g.ctl().ok(r#"{"cmd":"shutdown","timeout_s":300}"#);
+        assert_eq!(r["result"], "graceful", "{r}\n{}", g.report());
+        let text = g.vmm.output_from(from);
+        assert!(
+            text.contains("poweroff.target") || text.contains("Powering off"),
+            "the shutdown did not go through systemd:\n{text}"
+        );
+        assert!(!text.contains("Rebooting."), "a reboot instead:\n{text}");
+        assert_eq!(g.ctl().status()["state"], "stopped");
+    });
+}
+
+#[test]
+fn systemd_feeds_the_ib700_and_a_hard_locked_guest_is_reset_by_it() {
+    tests::guest::scenario(|h| {
+        let ns = NetNs::new(h, "srv-wdt");
+        // What `RuntimeWatchdogSec=30` in system.conf does, from the command line.
+        let g = server_with(
+            h,
+            &ns,
+            "debian-6.1",
+            "systemd.watchdog_sec=30",
+            &["--watchdog", "action=reset"],
+        );
+        assert_eq!(
+            ssh(&ns, "systemctl is-system-running --wait").trim(),
+            "running"
+        );
+        let s = g.ctl().status();
+        assert_eq!(
+            s["watchdog"]["armed"], true,
+            "systemd did not open /dev/watchdog: {s}"
+        );
+        assert_eq!(s["watchdog"]["timeout_s"], 30, "{s}");
+        // A real-time busy loop on the only CPU, RT throttling off: nothing
+        // else runs, systemd stops feeding the watchdog.
+        let from = g.vmm.len();
+        ssh(
+            &ns,
+            "nohup sh -c 'sleep 2; echo -1 > /proc/sys/kernel/sched_rt_runtime_us; \
+             exec chrt -f 99 sh -c \"while :; do :; done\"' >/dev/null 2>&1 &",
+        );
+        let s = g
+            .ctl()
+            .wait_status(tests::guest::BOOT, |s| s["boot_count"] == 2);
+        assert_eq!(s["last_reset"], "watchdog", "{s}\n{}", g.report());
+        g.expect_from(from, LOGIN, tests::guest::BOOT);
+        assert_eq!(
+            ssh(&ns, "systemctl is-system-running --wait").trim(),
+            "running"
+        );
+    });
+}

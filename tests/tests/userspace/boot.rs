@@ -59,14 +59,18 @@ fn debian_finds_vda_and_eth0(kernel: &str) {
         g.wait_shell(tests::guest::INIT_OK);
         let out = g.run(
             "uname -r; ls -1 /sys/block; ls -1 /sys/class/net; cat /sys/block/vda/serial; echo; \
+                         cat /sys/block/vdb/serial; echo; \
                          ls -l /sys/bus/virtio/devices/ | grep -c LNRO0005",
         );
         assert!(out.contains(&entry_release(kernel)), "{out}");
         assert!(out.lines().any(|l| l.trim() == "vda"), "no vda: {out}");
         assert!(out.lines().any(|l| l.trim() == "eth0"), "no eth0: {out}");
         assert!(out.contains("scratch-1"), "the disk's serial: {out}");
-        // Both virtio devices hang off ACPI LNRO0005 nodes (the DSDT).
-        assert!(out.lines().last().map(str::trim) == Some("2"), "{out}");
+        // After the customer's disk, the library's modules disk.
+        assert!(out.contains("vmm-modules"), "no modules disk: {out}");
+        // The three virtio devices (scratch disk, modules disk, NIC) hang
+        // off ACPI LNRO0005 nodes (the DSDT).
+        assert!(out.lines().last().map(str::trim) == Some("3"), "{out}");
         let log = g.vmm.output();
         let loaded = log
             .lines()

@@ -18,7 +18,8 @@
 # instrumentation need only stable `-C` flags, and the harnesses' panics,
 # assertions and Rust's overflow checks still catch what they catch; only
 # ASan's checks of unsafe code (our iovecs into guest memory) are lost.
-# cargo-fuzz itself is installed if missing.
+# VMM_FUZZ_NIGHTLY=0 forces the stable way, =1 the nightly one. cargo-fuzz
+# itself is installed if missing.
 #
 # Corpora: libFuzzer writes what it finds into the first corpus directory,
 # so each target runs with a scratch one first (fuzz/corpus-scratch/T,
@@ -82,18 +83,27 @@ for n in ${seconds:+"$seconds"} ${runs:+"$runs"}; do
 done
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "==> installing cargo-fuzz (cargo install cargo-fuzz --locked: the 'cargo fuzz' command, into ~/.cargo/bin)"
+    echo "==> installing cargo-fuzz (cargo install cargo-fuzz --locked: builds the 'cargo fuzz' subcommand, about a minute)"
     cargo install cargo-fuzz --locked
 fi
 
-if command -v rustup >/dev/null && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+nightly=${VMM_FUZZ_NIGHTLY:-}
+why="VMM_FUZZ_NIGHTLY=0"
+if [ -z "$nightly" ]; then
+    nightly=0
+    why="no nightly toolchain installed"
+    if command -v rustup >/dev/null && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+        nightly=1
+    fi
+fi
+if [ "$nightly" = 1 ]; then
     toolchain=(+nightly)
     sanitizer=address
-    flavour="nightly, AddressSanitizer"
+    flavour="nightly toolchain, AddressSanitizer"
 else
     toolchain=()
     sanitizer=none
-    flavour="stable, no sanitizer (no nightly toolchain)"
+    flavour="stable toolchain, no sanitizer: $why"
 fi
 # One target directory per flavour, so that switching does not rebuild.
 target_dir="fuzz/target/$sanitizer"

@@ -25,9 +25,9 @@
 # so each target runs with a scratch one first (fuzz/corpus-scratch/T,
 # kept between runs, not in git) and the committed seeds second
 # (fuzz/corpus/T, only read). --refresh-seeds replaces the committed seeds
-# with a small set covering what the run reached (libFuzzer's
-# -set_cover_merge). Crashing inputs land in fuzz/artifacts/T/, each
-# target's libFuzzer output in fuzz/artifacts/T.log.
+# with a few inputs from what the run reached (the 16 largest of a set
+# covering it, libFuzzer's -set_cover_merge). Crashing inputs land in
+# fuzz/artifacts/T/, each target's libFuzzer output in fuzz/artifacts/T.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +37,7 @@ usage() {
 
 seconds=
 runs=
+seed_files=16
 refresh=0
 list=0
 targets=()
@@ -163,14 +164,20 @@ for t in "${targets[@]}"; do
     fi
     printf '%-16s %12s executions %8s exec/s %6s s\n' "$t" "${execs:-?}" "${rate:-?}" "$elapsed"
     if ((refresh)); then
-        fresh="fuzz/corpus-scratch/$t.seeds"
-        rm -rf "$fresh"
-        mkdir -p "$fresh"
-        "${fuzz[@]}" run "${build_opts[@]}" "$t" "$fresh" "$scratch" "$seeds" -- \
+        # A set of inputs covering what the run reached, then its largest
+        # few (structured inputs: more operations, more paths): seeds are a
+        # starting point, the scratch corpus keeps the rest locally.
+        cover="fuzz/corpus-scratch/$t.cover"
+        rm -rf "$cover"
+        mkdir -p "$cover"
+        "${fuzz[@]}" run "${build_opts[@]}" "$t" "$cover" "$scratch" "$seeds" -- \
             -set_cover_merge=1 >>"$log" 2>&1
         rm -rf "$seeds"
-        mv "$fresh" "$seeds"
-        echo "    seeds: $(find "$seeds" -type f | wc -l) files, $(du -sh "$seeds" | cut -f1)"
+        mkdir -p "$seeds"
+        find "$cover" -type f -size -8k -printf '%s %p\n' | sort -rn | head -n "$seed_files" |
+            while read -r _ f; do cp "$f" "$seeds/"; done
+        rm -rf "$cover"
+        echo "    seeds: $(find "$seeds" -type f | wc -l) files, $(du -sb "$seeds" | cut -f1) bytes"
     fi
 done
 if ((${#failed[@]})); then

@@ -8,6 +8,8 @@
 # VMM_SLOW=1 adds Debian 6.1 and 6.12 booting to their init on /dev/kvm
 # itself (10-20 minutes each under kvm_pvm). VMM_TESTHOST=1|0 forces where
 # guests with user space run.
+# Then every fuzz target runs for a few seconds (scripts/fuzz.sh; longer:
+# scripts/fuzz.sh --seconds N); VMM_FUZZ_SECONDS=N changes that, 0 skips it.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/host-deps.sh
@@ -23,6 +25,9 @@ if [ -s target/testhost-retries.log ]; then
     cat target/testhost-retries.log
 fi
 [ "$status" = 0 ] || exit "$status"
+if [ "${VMM_FUZZ_SECONDS:-2}" != 0 ]; then
+    scripts/fuzz.sh --seconds "${VMM_FUZZ_SECONDS:-2}"
+fi
 if [ "${VMM_SLOW:-0}" = 1 ]; then
     cargo test -p tests --test debian_boot -- --ignored --test-threads=1
 fi

@@ -60,8 +60,8 @@ mod iov;
 pub mod mmio;
 pub mod net;
 pub mod tap;
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod test_utils;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -294,9 +294,10 @@ impl Net {
         })
     }
 
-    /// A device over a frame-preserving socket instead of a TAP (tests).
-    #[cfg(test)]
-    pub(crate) fn with_fd(fd: std::os::fd::OwnedFd, mac: [u8; 6]) -> Self {
+    /// A device over a frame-preserving socket instead of a TAP (tests and
+    /// the fuzz targets).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn with_fd(fd: std::os::fd::OwnedFd, mac: [u8; 6]) -> Self {
         #[allow(clippy::unwrap_used)]
         Self::with_tap(Tap::from_fd(fd), mac).unwrap()
     }

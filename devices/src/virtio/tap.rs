@@ -58,8 +58,8 @@ impl Tap {
     }
 
     /// A stand-in over any frame-preserving fd (a `SOCK_SEQPACKET` socket in
-    /// tests). It must already be nonblocking.
-    #[cfg(test)]
+    /// tests and the fuzz targets). It must already be nonblocking.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn from_fd(fd: OwnedFd) -> Self {
         Self {
             fd,

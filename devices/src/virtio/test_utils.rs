@@ -1,5 +1,6 @@
-//! A minimal virtio driver for tests: programs the transport through its
-//! registers and writes split-ring descriptor chains into guest memory.
+//! A minimal virtio driver for tests and the fuzz targets (feature
+//! `fuzzing`): programs the transport through its registers and writes
+//! split-ring descriptor chains into guest memory.
 #![allow(clippy::unwrap_used)]
 
 use vm_memory::{Address, Bytes, GuestAddress};

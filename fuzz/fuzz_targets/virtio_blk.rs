@@ -389,6 +389,9 @@ fuzz_target!(|input: Input| {
         read_only,
         id: Some("fuzz-serial".into()),
         direct,
+        // Served synchronously, so each wake-up's completions can be checked against the
+        // in-order model; the io_uring engine parses the same way (Disk::handle).
+        engine: devices::virtio::IoEngine::Sync,
     })
     .expect("open the image");
     let blk = Arc::new(Mutex::new(blk));

@@ -207,6 +207,7 @@ fuzz_target!(|input: Input| {
             read_only: false,
             id: None,
             direct: false,
+            engine: devices::virtio::IoEngine::Sync,
         })
         .unwrap();
         Dev::Blk(Arc::new(Mutex::new(blk)))

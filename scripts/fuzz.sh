@@ -25,9 +25,11 @@
 # so each target runs with a scratch one first (fuzz/corpus-scratch/T,
 # kept between runs, not in git) and the committed seeds second
 # (fuzz/corpus/T, only read). --refresh-seeds replaces the committed seeds
-# with a few inputs from what the run reached (the 16 largest of a set
-# covering it, libFuzzer's -set_cover_merge). Crashing inputs land in
-# fuzz/artifacts/T/, each target's libFuzzer output in fuzz/artifacts/T.log.
+# with a few inputs from what the run reached (the 32 that add the most
+# coverage features, picked greedily from libFuzzer's merge; hand-written
+# seeds, those not named by a SHA-1, stay). Crashing
+# inputs land in fuzz/artifacts/T/, each target's libFuzzer output in
+# fuzz/artifacts/T.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +39,35 @@ usage() {
 
 seconds=
 runs=
-seed_files=16
+seed_files=32
+# Greedy set cover over a libFuzzer merge control file (line 1: number of
+# inputs, line 2: ignored, then their paths; "FT <index> <features...>"
+# lines): prints up to k paths, each adding the most features not yet
+# covered.
+greedy_cover='
+NR == 1 { n = $1; next }
+NR == 2 { next }
+NR <= n + 2 { path[NR - 3] = $0; next }
+$1 == "FT" {
+    nf[$2] = NF - 2
+    for (i = 3; i <= NF; i++) feat[$2, i - 2] = $i
+}
+END {
+    for (round = 0; round < k; round++) {
+        best = -1; gain = 0
+        for (f in nf) {
+            if (f in taken) continue
+            g = 0
+            for (i = 1; i <= nf[f]; i++) if (!((feat[f, i]) in have)) g++
+            if (g > gain) { gain = g; best = f }
+        }
+        if (best < 0) break
+        taken[best] = 1
+        for (i = 1; i <= nf[best]; i++) have[feat[best, i]] = 1
+        print path[best]
+    }
+}'
+
 refresh=0
 list=0
 targets=()
@@ -164,19 +194,23 @@ for t in "${targets[@]}"; do
     fi
     printf '%-16s %12s executions %8s exec/s %6s s\n' "$t" "${execs:-?}" "${rate:-?}" "$elapsed"
     if ((refresh)); then
-        # A set of inputs covering what the run reached, then its largest
-        # few (structured inputs: more operations, more paths): seeds are a
-        # starting point, the scratch corpus keeps the rest locally.
+        # The inputs of the run, as libFuzzer's merge sees them (features
+        # per input), then greedily the few that add the most features:
+        # seeds are a starting point, the scratch corpus keeps the rest.
         cover="fuzz/corpus-scratch/$t.cover"
-        rm -rf "$cover"
+        rm -rf "$cover" "$cover.control"
         mkdir -p "$cover"
         "${fuzz[@]}" run "${build_opts[@]}" "$t" "$cover" "$scratch" "$seeds" -- \
-            -set_cover_merge=1 >>"$log" 2>&1
-        rm -rf "$seeds"
-        mkdir -p "$seeds"
-        find "$cover" -type f -size -8k -printf '%s %p\n' | sort -rn | head -n "$seed_files" |
-            while read -r _ f; do cp "$f" "$seeds/"; done
-        rm -rf "$cover"
+            -set_cover_merge=1 -merge_control_file="$cover.control" >>"$log" 2>&1
+        rm -rf "$cover.pick"
+        mkdir -p "$cover.pick"
+        awk -v k="$seed_files" "$greedy_cover" "$cover.control" |
+            while read -r f; do cp "$f" "$cover.pick/"; done
+        # Hand-written seeds (not named by libFuzzer's SHA-1) stay.
+        find "$seeds" -type f -regextype posix-extended ! -regex '.*/[0-9a-f]{40}' \
+            -exec cp {} "$cover.pick/" \;
+        rm -rf "$seeds" "$cover" "$cover.control"
+        mv "$cover.pick" "$seeds"
         echo "    seeds: $(find "$seeds" -type f | wc -l) files, $(du -sb "$seeds" | cut -f1) bytes"
     fi
 done

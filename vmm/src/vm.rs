@@ -89,8 +89,11 @@ impl Default for VmHooks {
 }
 
 /// How long a `shutdown` waits on the ACPI power button before it also
-/// presses Ctrl-Alt-Del.
-pub const SHUTDOWN_NUDGE: Duration = Duration::from_secs(5);
+/// presses Ctrl-Alt-Del: half its timeout, at most this. A systemd guest
+/// needs a moment to turn the button into its irreversible poweroff job;
+/// a Ctrl-Alt-Del before that would start a reboot instead (seen with 5 s
+/// under the test host's emulation).
+pub const SHUTDOWN_NUDGE: Duration = Duration::from_secs(30);
 
 pub struct Vm {
     kvm: Kvm,

@@ -296,7 +296,10 @@ impl Host {
                     cwd: Some(crate::repo_root().display().to_string()),
                     pty,
                 };
-                th.agent.spawn(&argv, &opts).map(Proc::Remote)
+                th.agent
+                    .spawn(&argv, &opts)
+                    .map(Proc::Remote)
+                    .inspect_err(|_| th.suspect())
             }
             Host::Local => {
                 let (prog, args) = argv
@@ -371,7 +374,8 @@ impl Host {
             Host::Test(th) => th
                 .agent
                 .connect(&path.display().to_string())
-                .map(Stream::Tcp),
+                .map(Stream::Tcp)
+                .inspect_err(|_| th.suspect()),
         }
     }
 

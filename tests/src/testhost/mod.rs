@@ -43,8 +43,9 @@ pub struct TestHost {
     /// Set once its agent stopped answering (its kernel hung: see
     /// `wedge`); QEMU is then killed.
     dead: AtomicBool,
-    /// When the agent last answered a liveness ping.
-    last_pong: Mutex<Instant>,
+    /// When the agent last answered a liveness ping; `None` once a request
+    /// to it failed since (see [`TestHost::suspect`]).
+    last_pong: Mutex<Option<Instant>>,
 }
 
 /// How long the agent may take to answer a liveness ping. It answers in
@@ -219,7 +220,7 @@ impl TestHost {
                         qemu_pidfd,
                         exit: exited,
                         dead: AtomicBool::new(false),
-                        last_pong: Mutex::new(Instant::now()),
+                        last_pong: Mutex::new(Some(Instant::now())),
                     });
                 }
                 if t0.elapsed() > BOOT_TIMEOUT {
@@ -262,6 +263,15 @@ impl TestHost {
         false
     }
 
+    /// A request to the agent failed (refused, reset, closed before its
+    /// reply): the next [`TestHost::is_alive`] must ping instead of trusting
+    /// a recent pong. (Seen in CI: QEMU died a moment after a pong, and
+    /// every test of the next five seconds failed twice on "Connection
+    /// refused" without the test host ever being found dead and replaced.)
+    pub fn suspect(&self) {
+        *self.last_pong.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
     /// Was it found dead already? (No ping: for clean-up code, which
     /// should not wait on a dead agent.)
     pub fn known_dead(&self) -> bool {
@@ -271,12 +281,12 @@ impl TestHost {
     /// Did the agent answer a ping lately, or does it now (two tries)?
     fn answers(&self) -> bool {
         let mut last = self.last_pong.lock().unwrap_or_else(|e| e.into_inner());
-        if last.elapsed() < PONG_FRESH {
+        if last.is_some_and(|t| t.elapsed() < PONG_FRESH) {
             return true;
         }
         for _ in 0..2 {
             if self.agent.ping(PING_TIMEOUT).is_ok() {
-                *last = Instant::now();
+                *last = Some(Instant::now());
                 return true;
             }
         }

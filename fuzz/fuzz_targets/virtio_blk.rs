@@ -236,6 +236,8 @@ struct Harness {
     tidy: bool,
     /// Descriptors published since the device last served the queue.
     outstanding: usize,
+    /// Chains published since then.
+    published: u16,
 }
 
 impl Harness {
@@ -245,6 +247,7 @@ impl Harness {
         self.model = InOrderModel::new();
         self.status_at = vec![None; usize::from(self.q.size)];
         self.outstanding = 0;
+        self.published = 0;
         start(&mut self.t, features, &[&self.q]);
     }
 
@@ -301,6 +304,7 @@ impl Harness {
         if bufs.is_empty() {
             return;
         }
+        self.published = self.published.wrapping_add(1);
         let head = if indirect {
             self.outstanding += 1;
             add_indirect_chain(&mut self.q, mem, &mut self.alloc, &bufs)
@@ -348,7 +352,19 @@ impl Harness {
         }
         .used_idx();
         self.blk.lock().unwrap().process_queue();
+        let used_after = vmm_fuzz::virtio::Rings {
+            mem: &self.mem,
+            q: &self.q,
+        }
+        .used_idx();
+        // Chains the device did not take (it refused a bogus avail index)
+        // still hold their descriptors: a later chain may overwrite them,
+        // and their status bytes prove nothing any more.
+        if active && used_after.wrapping_sub(used_before) < self.published {
+            self.untidy();
+        }
         self.outstanding = 0;
+        self.published = 0;
         let mem = &*self.mem;
         if !active {
             let used = vmm_fuzz::virtio::Rings { mem, q: &self.q }.used_idx();
@@ -408,6 +424,7 @@ fuzz_target!(|input: Input| {
         status_at: Vec::new(),
         tidy: true,
         outstanding: 0,
+        published: 0,
     };
     h.restart(input.features | VIRTIO_F_VERSION_1, input.size);
     for op in input.ops.iter().take(64) {

@@ -312,6 +312,7 @@ mod tests {
             watchdog: None,
             on_panic: None,
             disks: vec![],
+            nets: vec![],
         })
         .to_line();
         let event = EventMessage::now(

@@ -29,8 +29,8 @@ pub use event::{Event, EventMessage};
 pub use framing::{FrameError, LineBuffer};
 pub use request::{encode_request, parse_request, parse_request_bytes, Request};
 pub use response::{
-    ConsoleAttached, DiskInfo, KernelEntry, KernelList, KernelSelection, LogInfo, Reply, Response,
-    StatusInfo, StopOutcome, StopResult, WatchdogInfo,
+    ConsoleAttached, DiskInfo, KernelEntry, KernelList, KernelSelection, LogInfo, NetInfo, Reply,
+    Response, StatusInfo, StopOutcome, StopResult, WatchdogInfo,
 };
 pub use types::{PanicAction, ParseEnumError, ResetCause, VmState, WatchdogAction};
 

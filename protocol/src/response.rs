@@ -39,6 +39,26 @@ pub struct StatusInfo {
     /// The VM's disks, in the guest's order (`vda` first); absent without disks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskInfo>,
+    /// The VM's network interfaces, in the guest's order; absent without.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetInfo>,
+}
+
+/// One network interface in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInfo {
+    /// The TAP on the host.
+    pub tap: String,
+    /// The guest's MAC, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Who moves the frames: `vhost-net` (the host kernel) or `userspace`.
+    pub datapath: String,
+    /// Bytes the guest received and sent, as the TAP counted them (either
+    /// datapath); `null` where the host would not say.
+    #[serde(default)]
+    pub rx_bytes: Option<u64>,
+    #[serde(default)]
+    pub tx_bytes: Option<u64>,
 }
 
 /// One disk in `status`.
@@ -320,6 +340,7 @@ mod tests {
             }),
             on_panic: Some(PanicAction::Pause),
             disks: vec![],
+            nets: vec![],
         }
     }
 

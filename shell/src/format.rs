@@ -462,6 +462,7 @@ mod tests {
             }),
             on_panic: Some(PanicAction::Pause),
             disks: vec![],
+            nets: vec![],
         }
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use devices::bus::lock;
 use protocol::{
-    DiskInfo, Event, KernelEntry, KernelList, KernelSelection, Reply, Request, StatusInfo,
+    DiskInfo, Event, KernelEntry, KernelList, KernelSelection, NetInfo, Reply, Request, StatusInfo,
     WatchdogInfo,
 };
 
@@ -58,7 +58,49 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                 }
             })
             .collect(),
+        nets: vm
+            .nets
+            .iter()
+            .map(|n| {
+                let m = n.mac;
+                let (tap_rx, tap_tx) = tap_bytes(&n.tap).unzip();
+                NetInfo {
+                    tap: n.tap.clone(),
+                    mac: format!(
+                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    ),
+                    datapath: n.counters.snapshot().datapath().to_string(),
+                    // What the TAP received came from the guest.
+                    rx_bytes: tap_tx,
+                    tx_bytes: tap_rx,
+                }
+            })
+            .collect(),
     }
+}
+
+/// The TAP's own byte counters (received, transmitted) from
+/// `/proc/self/net/dev` (this process's network namespace, where the TAP
+/// is): they count either datapath, the kernel's included.
+fn tap_bytes(tap: &str) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/self/net/dev").ok()?;
+    parse_net_dev(&text, tap)
+}
+
+/// `  tap0: RXBYTES RXPACKETS ... (8 receive fields) TXBYTES ...`.
+pub(crate) fn parse_net_dev(text: &str, name: &str) -> Option<(u64, u64)> {
+    text.lines().find_map(|line| {
+        let (iface, rest) = line.split_once(':')?;
+        if iface.trim() != name {
+            return None;
+        }
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        Some((*f.first()?, *f.get(8)?))
+    })
 }
 
 fn kernel_list(vm: &Vm) -> Result<KernelList, String> {
@@ -256,5 +298,19 @@ mod tests {
             Some(PathBuf::from("/run/vmm/web1/state.json"))
         );
         assert_eq!(state_file_path(None, None, "x"), None);
+    }
+
+    #[test]
+    fn tap_byte_counters_are_read_from_proc_net_dev() {
+        let text = "Inter-|   Receive                                                |  Transmit\n \
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n \
+    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n \
+  tap0: 1234567    900    0    0    0     0          0         0  7654321    800    0    0    0     0       0          0\n \
+ tap01:       5       1    0    0    0     0          0         0        6       1    0    0    0     0       0          0\n";
+        assert_eq!(parse_net_dev(text, "tap0"), Some((1234567, 7654321)));
+        assert_eq!(parse_net_dev(text, "tap01"), Some((5, 6)));
+        assert_eq!(parse_net_dev(text, "tap1"), None);
+        assert_eq!(parse_net_dev("tap0: 1 2 x", "tap0"), None, "garbage");
+        assert_eq!(parse_net_dev("tap0: 1 2 3", "tap0"), None, "short");
     }
 }

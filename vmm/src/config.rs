@@ -143,7 +143,8 @@ pub struct Cli {
     /// A virtio-block disk: path=FILE[,ro=on][,id=NAME][,direct=on] (repeatable).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
-    /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC] (repeatable).
+    /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off]
+    /// (repeatable; vhost-net where /dev/vhost-net opens, by default).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 }
@@ -234,6 +235,8 @@ pub struct DiskSpec {
 pub struct NetSpec {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
+    /// `vhost=auto|on|off`: the host kernel's datapath (vhost-net) or ours.
+    pub vhost: devices::virtio::net::vhost::VhostMode,
 }
 
 fn spec_pairs<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
@@ -304,6 +307,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
     };
     let mut tap = None;
     let mut mac = None;
+    let mut vhost = Default::default();
     for (k, v) in spec_pairs("--net", spec)? {
         match k {
             "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v.to_string()),
@@ -314,11 +318,12 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
                         .ok_or_else(|| err(format!("mac={v} is not aa:bb:cc:dd:ee:ff")))?,
                 )
             }
-            other => return Err(err(format!("unknown key '{other}' (tap, mac)"))),
+            "vhost" => vhost = v.parse().map_err(err)?,
+            other => return Err(err(format!("unknown key '{other}' (tap, mac, vhost)"))),
         }
     }
     let tap = tap.ok_or_else(|| err("tap= is required".into()))?;
-    Ok(NetSpec { tap, mac })
+    Ok(NetSpec { tap, mac, vhost })
 }
 
 /// A resolved kernel: what one boot loads.
@@ -765,6 +770,12 @@ mod tests {
         assert!(parse_net("tap=tap0,mac=zz").is_err());
         assert!(parse_net("mac=52:54:00:12:34:56").is_err());
         assert!(parse_net("tap=aaaaaaaaaaaaaaaaaaaa").is_err());
+        use devices::virtio::net::vhost::VhostMode;
+        assert_eq!(parse_net("tap=t").unwrap().vhost, VhostMode::Auto);
+        assert_eq!(parse_net("tap=t,vhost=off").unwrap().vhost, VhostMode::Off);
+        assert_eq!(parse_net("tap=t,vhost=on").unwrap().vhost, VhostMode::On);
+        let e = parse_net("tap=t,vhost=yes").unwrap_err().to_string();
+        assert!(e.contains("vhost=yes: expected auto, on or off"), "{e}");
     }
 
     #[test]

@@ -137,7 +137,16 @@ pub struct Vm {
     /// What `status` shows of each disk (read without the device's lock, which a
     /// stalled disk's thread may hold).
     pub disks: Vec<DiskSource>,
+    /// What `status` shows of each network interface.
+    pub nets: Vec<NetSource>,
     mem_handle: GuestMemoryHandle,
+}
+
+/// A network interface as `status` shows it.
+pub struct NetSource {
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub counters: Arc<devices::virtio::net::NetCounters>,
 }
 
 /// A disk as `status` shows it.
@@ -158,6 +167,7 @@ type VirtioSet = (
     Vec<Subscriber>,
     Vec<(String, Subscriber)>,
     Vec<DiskSource>,
+    Vec<NetSource>,
 );
 
 fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet, VmmError> {
@@ -221,17 +231,25 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         disks.push((format!("disk{i}"), blk));
     }
     let mut nets: Vec<Subscriber> = Vec::new();
+    let mut net_sources = Vec::new();
     for n in &config.nets {
         let net = Net::new(&NetConfig {
             tap: n.tap.clone(),
             mac: n.mac,
+            vhost: n.vhost,
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
+        tracing::info!("virtio-net {}: {} datapath", n.tap, net.datapath());
+        net_sources.push(NetSource {
+            tap: n.tap.clone(),
+            mac: net.mac(),
+            counters: net.counters(),
+        });
         let net = Arc::new(Mutex::new(net));
         add_slot(net.clone())?;
         nets.push(net);
     }
-    Ok((slots, nets, disks, sources))
+    Ok((slots, nets, disks, sources, net_sources))
 }
 
 pub fn dev_cause(c: DevResetCause) -> ResetCause {
@@ -263,7 +281,7 @@ impl Vm {
             .as_deref()
             .map(|cmd| crate::hooks::AlertHook::new(cmd, &config.name));
         let mem_handle = GuestMemoryHandle::empty();
-        let (virtio, virtio_subscribers, disk_subscribers, disks) =
+        let (virtio, virtio_subscribers, disk_subscribers, disks, nets) =
             create_virtio(&config, &mem_handle)?;
         Ok(Vm {
             kvm,
@@ -298,6 +316,7 @@ impl Vm {
             virtio_subscribers,
             disk_subscribers,
             disks,
+            nets,
             mem_handle,
         })
     }

@@ -28,6 +28,11 @@
 //! (epoll reports it again after the other ready events); TX kicks its own
 //! queue eventfd.
 //!
+//! vhost-net (`vhost=auto|on|off`, [`vhost`]): where `/dev/vhost-net` can
+//! be opened the host kernel moves the frames instead of this file; the
+//! device, its features and activation stay here, and the event loop only
+//! relays the kernel's used-buffer signals as interrupts.
+//!
 //! MAC: the configured one, else one derived from the TAP name with
 //! FNV-1a (locally administered, unicast): stable across restarts of the
 //! same VM on the same TAP, different for different TAP names.
@@ -41,6 +46,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use self::vhost::{VhostMode, VhostPath};
 use super::iov::{parse_chain, push_iovecs, write_segs, Seg, IOV_MAX};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{
@@ -87,6 +93,8 @@ const OFFERED: u64 = COMMON_FEATURES
     | F_MRG_RXBUF
     | F_STATUS;
 
+pub mod vhost;
+
 /// One `--net`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
@@ -94,6 +102,8 @@ pub struct NetConfig {
     pub tap: String,
     /// Guest MAC; `None` derives one from the TAP name ([`mac_from_name`]).
     pub mac: Option<[u8; 6]>,
+    /// The datapath: the host kernel's vhost-net or the VMM's own.
+    pub vhost: VhostMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +112,8 @@ pub enum NetError {
     Tap { name: String, source: io::Error },
     #[error("cannot create an eventfd: {0}")]
     EventFd(io::Error),
+    #[error("TAP {name}: vhost=on, but {dev} cannot be opened: {source} (load vhost_net, or vhost=auto)", dev = vhost::VHOST_NET_DEV)]
+    Vhost { name: String, source: io::Error },
 }
 
 /// A stable, locally administered unicast MAC derived from `name`.
@@ -140,6 +152,9 @@ pub struct NetCounters {
     tx_dropped: AtomicU64,
     invalid_chains: AtomicU64,
     rx_deferred: AtomicU64,
+    /// Whether the kernel's datapath serves the device (or will, at its
+    /// next activation): the counters above then stay still.
+    vhost: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of [`NetCounters`]. Byte counts exclude the vnet header.
@@ -158,6 +173,19 @@ pub struct NetStats {
     pub invalid_chains: u64,
     /// Times the TAP was taken out of the event loop for lack of RX buffers.
     pub rx_deferred: u64,
+    /// vhost-net moves the frames (the counters above do not count them).
+    pub vhost: bool,
+}
+
+impl NetStats {
+    /// "vhost-net" or "userspace".
+    pub fn datapath(&self) -> &'static str {
+        if self.vhost {
+            "vhost-net"
+        } else {
+            "userspace"
+        }
+    }
 }
 
 impl NetCounters {
@@ -172,6 +200,7 @@ impl NetCounters {
             tx_dropped: g(&self.tx_dropped),
             invalid_chains: g(&self.invalid_chains),
             rx_deferred: g(&self.rx_deferred),
+            vhost: self.vhost.load(Ordering::Relaxed),
         }
     }
 }
@@ -186,21 +215,36 @@ enum Token {
     RxQueue,
     TxQueue,
     Tap,
+    /// The datapath changed (activation, reset): re-register.
+    Wake,
+    /// vhost-net signalled used buffers on a queue.
+    RxCall,
+    TxCall,
 }
 
 impl Token {
+    const ALL: [Token; 6] = [
+        Token::RxQueue,
+        Token::TxQueue,
+        Token::Tap,
+        Token::Wake,
+        Token::RxCall,
+        Token::TxCall,
+    ];
+
     fn data(self) -> u32 {
         match self {
             Token::RxQueue => RX as u32,
             Token::TxQueue => TX as u32,
             Token::Tap => 2,
+            Token::Wake => 3,
+            Token::RxCall => 4,
+            Token::TxCall => 5,
         }
     }
 
     fn from_data(d: u32) -> Option<Self> {
-        [Token::RxQueue, Token::TxQueue, Token::Tap]
-            .into_iter()
-            .find(|t| t.data() == d)
+        Token::ALL.into_iter().find(|t| t.data() == d)
     }
 }
 
@@ -261,6 +305,17 @@ pub struct Net {
     queue_evts: Vec<EventFd>,
     active: Option<Active>,
     tap_registered: bool,
+    /// Whether activations try vhost-net first.
+    vhost_wanted: bool,
+    /// The kernel datapath, while it runs.
+    vhost: Option<VhostPath>,
+    /// vhost-net's used-buffer signals (RX, TX); always polled.
+    calls: Vec<EventFd>,
+    /// Written at activation and reset: the event loop re-registers.
+    wake: EventFd,
+    /// Whether the queue eventfds are polled (not while vhost-net serves
+    /// them: every guest kick would wake the event loop for nothing).
+    queues_registered: bool,
     counters: Arc<NetCounters>,
     /// Frames (RX) or chains (TX) served per wake-up at most; `None`: the
     /// queue's size. See the module's documentation.
@@ -275,7 +330,21 @@ impl Net {
             source,
         })?;
         let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
-        Self::with_tap(tap, mac)
+        let vhost_wanted = match cfg.vhost {
+            VhostMode::Off => false,
+            VhostMode::On => {
+                vhost::probe().map_err(|source| NetError::Vhost {
+                    name: cfg.tap.clone(),
+                    source,
+                })?;
+                true
+            }
+            VhostMode::Auto => vhost::probe().is_ok(),
+        };
+        let mut net = Self::with_tap(tap, mac)?;
+        net.vhost_wanted = vhost_wanted;
+        net.counters.vhost.store(vhost_wanted, Ordering::Relaxed);
+        Ok(net)
     }
 
     fn with_tap(tap: Tap, mac: [u8; 6]) -> Result<Self, NetError> {
@@ -289,6 +358,12 @@ impl Net {
             queue_evts: new_queue_events(2).map_err(NetError::EventFd)?,
             active: None,
             tap_registered: false,
+            vhost_wanted: false,
+            vhost: None,
+            calls: new_queue_events(2).map_err(NetError::EventFd)?,
+            wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(NetError::EventFd)?,
+            queues_registered: false,
             budget: None,
             counters: Arc::default(),
         })
@@ -308,6 +383,13 @@ impl Net {
 
     pub fn tap_name(&self) -> &str {
         self.tap.name()
+    }
+
+    /// The datapath activations use: "vhost-net" or "userspace" (the
+    /// former falls back to the latter, with a warning, where the kernel
+    /// refuses a ring).
+    pub fn datapath(&self) -> &'static str {
+        self.stats().datapath()
     }
 
     /// Shared counters (read them without locking the device).
@@ -694,6 +776,21 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
+        if self.vhost_wanted {
+            match self.start_vhost(&mem, [&rx, &tx], acked, &interrupt) {
+                Ok(v) => {
+                    self.vhost = Some(v);
+                    self.counters.vhost.store(true, Ordering::Relaxed);
+                    self.wake_event_loop();
+                    return Ok(());
+                }
+                Err(e) => tracing::warn!(
+                    "virtio-net {}: vhost-net did not start ({e}); this activation uses the userspace datapath",
+                    self.tap.name()
+                ),
+            }
+        }
+        self.counters.vhost.store(false, Ordering::Relaxed);
         self.active = Some(Active {
             mem,
             rx,
@@ -708,12 +805,14 @@ impl VirtioDevice for Net {
             rx_parts: Vec::new(),
         });
         // The event loop picks the device up from here: the RX kick starts
-        // polling the TAP, the TX kick sends what was queued early.
+        // polling the TAP, the TX kick sends what was queued early (the
+        // wake-up registers the queue eventfds again after vhost-net).
         for evt in &self.queue_evts {
             if let Err(e) = evt.write(1) {
                 tracing::warn!("virtio-net: cannot kick a queue: {e}");
             }
         }
+        self.wake_event_loop();
         Ok(())
     }
 
@@ -721,33 +820,58 @@ impl VirtioDevice for Net {
         // Chains popped but unused and a read-ahead frame go with it; the
         // TAP is unregistered at its next event.
         self.active = None;
+        if let Some(v) = self.vhost.take() {
+            v.stop();
+            self.wake_event_loop();
+        }
+        // The next activation tries the kernel's datapath again.
+        self.counters
+            .vhost
+            .store(self.vhost_wanted, Ordering::Relaxed);
         if let Err(e) = self.tap.set_offload(0) {
             tracing::debug!("virtio-net: TUNSETOFFLOAD 0: {e}");
         }
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.active.is_some() || self.vhost.is_some()
     }
 }
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        for (t, evt) in [Token::RxQueue, Token::TxQueue]
-            .into_iter()
-            .zip(&self.queue_evts)
-        {
+        let fixed = [
+            (Token::Wake, &self.wake),
+            (Token::RxCall, &self.calls[RX]),
+            (Token::TxCall, &self.calls[TX]),
+        ];
+        for (t, evt) in fixed {
             if let Err(e) = ops.add(Events::with_data(evt, t.data(), EventSet::IN)) {
                 tracing::error!(
-                    "virtio-net {}: cannot register queue eventfd: {e:?}",
+                    "virtio-net {}: cannot register an eventfd: {e:?}",
                     self.tap.name()
                 );
             }
         }
+        self.sync_registrations(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match Token::from_data(events.data()) {
+            Some(Token::Wake) => {
+                drain_eventfd(&self.wake);
+                self.sync_registrations(ops);
+            }
+            Some(t @ (Token::RxCall | Token::TxCall)) => {
+                drain_eventfd(&self.calls[if t == Token::RxCall { RX } else { TX }]);
+                if let Some(v) = &self.vhost {
+                    v.signal_used();
+                }
+            }
+            // Served by the kernel now (a kick that raced the wake-up).
+            Some(Token::RxQueue | Token::TxQueue | Token::Tap) if self.vhost.is_some() => {
+                self.sync_registrations(ops);
+            }
             Some(Token::RxQueue) => {
                 drain_eventfd(&self.queue_evts[RX]);
                 if self.active.is_some() {

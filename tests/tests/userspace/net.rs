@@ -1,16 +1,19 @@
-//! virtio-net over a real TAP in a network namespace the test creates:
-//! the guest and the host ping each other, 64 MiB cross each way intact,
-//! and a guest that takes no receive buffers cannot stop the VMM.
+//! virtio-net over a real TAP in a network namespace the test creates,
+//! on both datapaths (the VMM's own, and the host kernel's vhost-net): the
+//! guest and the host ping each other, 64 MiB cross each way intact, and a
+//! guest that takes no receive buffers cannot stop the VMM.
 
 use std::time::{Duration, Instant};
 
 use tests::guest::{scenario, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP, INIT_OK};
 
-fn net_guest(h: &'static tests::Host, ns: &NetNs, mac: &str) -> Guest {
+/// A mini guest with eth0 up at GUEST_IP; `vhost` is the `--net` key's
+/// value (`off`: the VMM's own datapath, `on`: vhost-net).
+fn net_guest(h: &'static tests::Host, ns: &NetNs, mac: &str, vhost: &str) -> Guest {
     let spec = Spec::new("mini")
         .memory(384)
         .netns(ns)
-        .args(&["--net", &format!("tap=tap0,mac={mac}")]);
+        .args(&["--net", &format!("tap=tap0,mac={mac},vhost={vhost}")]);
     let mut g = Guest::start_in(h, spec, HostDir::new(h, "net"));
     g.wait_shell(INIT_OK);
     g.run(&format!(
@@ -23,7 +26,72 @@ fn net_guest(h: &'static tests::Host, ns: &NetNs, mac: &str) -> Guest {
 fn guest_and_host_ping_each_other_and_move_64_mib_each_way_intact() {
     scenario(|h| {
         let ns = NetNs::new(h, "net");
-        let mut g = net_guest(h, &ns, "52:54:00:12:34:56");
+        let mac = "52:54:00:12:34:56";
+        let mut g = net_guest(h, &ns, mac, "off");
+        ping_and_move_64_mib_each_way(h, &ns, &mut g, mac);
+        let s = g.ctl().status();
+        assert_eq!(s["nets"][0]["datapath"], "userspace", "{s}");
+        assert_eq!(vhost_workers(h, &g), 0, "no vhost-net worker");
+    });
+}
+
+#[test]
+fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_and_survives_a_driver_reset() {
+    scenario(|h| {
+        let ns = NetNs::new(h, "vhost");
+        let mac = "52:54:00:12:34:58";
+        let mut g = net_guest(h, &ns, mac, "on");
+        ping_and_move_64_mib_each_way(h, &ns, &mut g, mac);
+        let s = g.ctl().status();
+        let net = &s["nets"][0];
+        assert_eq!(net["datapath"], "vhost-net", "{s}");
+        assert_eq!(net["tap"], "tap0", "{s}");
+        assert_eq!(net["mac"], mac, "{s}");
+        // The TAP counted the 64 MiB each way (the VMM never saw them).
+        for dir in ["rx_bytes", "tx_bytes"] {
+            assert!(net[dir].as_u64().unwrap_or(0) >= 64 << 20, "{dir}: {s}");
+        }
+        assert_eq!(vhost_workers(h, &g), 1, "the kernel's worker for this VMM");
+        // The driver goes away (device reset: the kernel lets go of the
+        // rings) and comes back (a new activation on vhost-net).
+        let dev = g.run("basename $(readlink /sys/class/net/eth0/device)");
+        let dev = dev.trim().to_string();
+        g.run(&format!(
+            "echo {dev} > /sys/bus/virtio/drivers/virtio_net/unbind; \
+             echo {dev} > /sys/bus/virtio/drivers/virtio_net/bind; \
+             ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up"
+        ));
+        let out = g.run(&format!("ping -c 2 -W 5 {HOST_IP}"));
+        assert!(out.contains("2 packets received"), "{out}");
+        assert_eq!(g.ctl().status()["nets"][0]["datapath"], "vhost-net");
+    });
+}
+
+/// The host kernel's vhost-net workers serving the guest's VMM: threads
+/// named `vhost-<id of the VMM thread that took ownership>` (the vCPU's
+/// that wrote DRIVER_OK): kernel threads before Linux 6.4, the VMM's own
+/// since.
+fn vhost_workers(h: &'static tests::Host, g: &Guest) -> usize {
+    let out = h
+        .sh(&format!(
+            "pid=$(pgrep -f -- '[-]-control {}' | head -n 1); \
+             [ -n \"$pid\" ] || exit 3; n=0; \
+             for t in $(ls /proc/$pid/task); do \
+               n=$((n + $(ps -eLo comm= | grep -c \"^vhost-$t\\$\"))); \
+             done; echo $n",
+            g.sock.display()
+        ))
+        .ok("count vhost workers");
+    out.trim().parse().unwrap_or(usize::MAX)
+}
+
+fn ping_and_move_64_mib_each_way(
+    h: &'static tests::Host,
+    ns: &NetNs,
+    g: &mut Guest,
+    want_mac: &str,
+) {
+    {
         let out = g.run(&format!("ping -c 3 -W 5 {HOST_IP}"));
         assert!(out.contains("3 packets received"), "{out}");
         let out = ns
@@ -31,7 +99,7 @@ fn guest_and_host_ping_each_other_and_move_64_mib_each_way_intact() {
             .ok("ping the guest");
         assert!(out.contains("3 packets received"), "{out}");
         let mac = ns.sh("ip neigh show dev tap0").ok("neighbours");
-        assert!(mac.contains("52:54:00:12:34:56"), "the guest's MAC: {mac}");
+        assert!(mac.contains(want_mac), "the guest's MAC: {mac}");
 
         // Host → guest.
         let dir = HostDir::new(h, "net-data");
@@ -88,14 +156,14 @@ fn guest_and_host_ping_each_other_and_move_64_mib_each_way_intact() {
             to_guest.as_secs_f64(),
             from_guest.as_secs_f64()
         );
-    });
+    }
 }
 
 #[test]
 fn a_guest_that_takes_no_receive_buffers_cannot_stop_the_vmm() {
     scenario(|h| {
         let ns = NetNs::new(h, "rx");
-        let mut g = net_guest(h, &ns, "52:54:00:12:34:57");
+        let mut g = net_guest(h, &ns, "52:54:00:12:34:57", "off");
         g.run(&format!("ping -c 1 -W 5 {HOST_IP}"));
         // Unbind the driver: the device is reset and no buffer is posted.
         let dev = g.run("basename $(readlink /sys/class/net/eth0/device)");

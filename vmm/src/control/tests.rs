@@ -60,6 +60,7 @@ fn status_info() -> StatusInfo {
         watchdog: None,
         on_panic: None,
         disks: vec![],
+        nets: vec![],
     }
 }
 

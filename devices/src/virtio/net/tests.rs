@@ -504,6 +504,7 @@ fn tap_test_body() {
     let net = match Net::new(&NetConfig {
         tap: "vtest0".into(),
         mac: None,
+        vhost: super::vhost::VhostMode::Off,
     }) {
         Ok(n) => n,
         Err(e) => {

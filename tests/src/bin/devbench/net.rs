@@ -205,6 +205,7 @@ impl DeviceSide {
         let net = Net::new(&NetConfig {
             tap: tap.to_owned(),
             mac: None,
+            vhost: devices::virtio::net::vhost::VhostMode::Off,
         })
         .map_err(io::Error::other)?;
         let counters = net.counters();

@@ -1,0 +1,272 @@
+//! The vhost-net datapath: the host kernel moves frames between the TAP and
+//! the guest's rings (`/dev/vhost-net`, the rust-vmm `vhost` crate).
+//!
+//! The VMM still owns the device (features, config space, activation,
+//! reset); at DRIVER_OK it hands the kernel the guest memory table, each
+//! ring's addresses and position, the queue-notification eventfd the guest
+//! kicks (the same one KVM's ioeventfd writes, so a kick reaches the kernel
+//! without the VMM) and the TAP. The kernel's "used buffers" signals come
+//! back on a call eventfd per queue, which the VMM's event loop turns into
+//! INTERRUPT_STATUS + irqfd: virtio-mmio's handler reads INTERRUPT_STATUS
+//! first and ignores an interrupt whose bit is clear, so the call eventfd
+//! cannot be the irqfd itself (virtio-pci with MSI-X could).
+//!
+//! The TAP keeps its 12-byte vnet header (`VHOST_NET_F_VIRTIO_NET_HDR` is
+//! not negotiated): the kernel passes the guest's header through to the
+//! TAP and fills in `num_buffers` on receive with MRG_RXBUF, so offloads
+//! (`TUNSETOFFLOAD`) work exactly as on the userspace path.
+//!
+//! A hostile guest's rings are the kernel's to check here; the VMM only
+//! checks what it passes in (ring addresses inside guest memory, the queue
+//! sizes), and a reset stops the kernel's use of guest memory before it
+//! returns (`VHOST_NET_SET_BACKEND` -1 flushes, closing the fd stops it).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use vhost::net::VhostNet as _;
+use vhost::vhost_kern::net::Net as KernNet;
+use vhost::vhost_kern::VhostKernBackend as _;
+use vhost::{VhostBackend as _, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{F_MRG_RXBUF, RX, TX};
+use crate::virtio::{
+    GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+/// Where vhost-net lives.
+pub const VHOST_NET_DEV: &str = "/dev/vhost-net";
+
+/// The guest features the kernel datapath itself must know about (the
+/// offloads are the TAP's business, not vhost's).
+const VHOST_FEATURES: u64 =
+    VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX | F_MRG_RXBUF;
+
+/// Which datapath a `--net` asks for (`vhost=auto|on|off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VhostMode {
+    /// vhost-net where `/dev/vhost-net` can be opened, else userspace.
+    #[default]
+    Auto,
+    /// vhost-net, and an error at start-up where it cannot be opened.
+    On,
+    /// The VMM's own userspace datapath.
+    Off,
+}
+
+impl std::str::FromStr for VhostMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(VhostMode::Auto),
+            "on" => Ok(VhostMode::On),
+            "off" => Ok(VhostMode::Off),
+            _ => Err(format!("vhost={s}: expected auto, on or off")),
+        }
+    }
+}
+
+/// Can this process open `/dev/vhost-net`? (Opening it is the only real
+/// test: the node may exist with the module unloaded or the mode denied.)
+pub fn probe() -> io::Result<()> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(Path::new(VHOST_NET_DEV))
+        .map(drop)
+}
+
+/// Why the kernel datapath could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostError {
+    #[error("{what}: {source}")]
+    Ioctl {
+        what: &'static str,
+        source: vhost::Error,
+    },
+    #[error("the kernel's vhost-net lacks features {0:#x}")]
+    Features(u64),
+    #[error("queue {0}: its rings are not inside guest memory")]
+    Ring(usize),
+    #[error("cannot duplicate the TAP descriptor: {0}")]
+    Dup(io::Error),
+}
+
+/// A running kernel datapath; dropping it (or [`VhostPath::stop`]) stops it.
+pub(super) struct VhostPath {
+    handle: KernNet<Arc<GuestMemoryMmap>>,
+    /// The kernel holds references to these; keep them for its lifetime.
+    _tap: File,
+    interrupt: Interrupt,
+}
+
+impl VhostPath {
+    /// Starts the kernel datapath over `queues` (RX, TX), guest kicks on
+    /// `kicks`, its signals on `calls`.
+    pub(super) fn start(
+        mem: Arc<GuestMemoryMmap>,
+        queues: [&Queue; 2],
+        acked: u64,
+        tap: File,
+        kicks: &[EventFd],
+        calls: &[EventFd],
+        interrupt: Interrupt,
+    ) -> Result<Self, VhostError> {
+        let ioctl = |what: &'static str| move |source| VhostError::Ioctl { what, source };
+        let handle = KernNet::new(mem.clone()).map_err(ioctl("open /dev/vhost-net"))?;
+        handle.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
+        let offered = handle.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
+        let want = acked & VHOST_FEATURES;
+        if want & !offered != 0 {
+            return Err(VhostError::Features(want & !offered));
+        }
+        handle
+            .set_features(want)
+            .map_err(ioctl("VHOST_SET_FEATURES"))?;
+        let regions: Vec<VhostUserMemoryRegionInfo> = mem
+            .iter()
+            .map(|r| VhostUserMemoryRegionInfo {
+                guest_phys_addr: r.start_addr().0,
+                memory_size: r.len(),
+                userspace_addr: r.as_ptr() as u64,
+                mmap_offset: 0,
+                mmap_handle: -1,
+            })
+            .collect();
+        handle
+            .set_mem_table(&regions)
+            .map_err(ioctl("VHOST_SET_MEM_TABLE"))?;
+        for (i, q) in queues.iter().enumerate() {
+            let ring = VringConfigData {
+                queue_max_size: q.max_size(),
+                queue_size: q.size(),
+                flags: 0,
+                desc_table_addr: q.desc_table(),
+                used_ring_addr: q.used_ring(),
+                avail_ring_addr: q.avail_ring(),
+                log_addr: None,
+            };
+            if !handle.is_valid(&ring) {
+                return Err(VhostError::Ring(i));
+            }
+            handle
+                .set_vring_num(i, q.size())
+                .map_err(ioctl("VHOST_SET_VRING_NUM"))?;
+            // The addresses are translated through the memory table here:
+            // one outside guest memory fails.
+            handle
+                .set_vring_addr(i, &ring)
+                .map_err(|_| VhostError::Ring(i))?;
+            handle
+                .set_vring_base(i, q.next_avail())
+                .map_err(ioctl("VHOST_SET_VRING_BASE"))?;
+            handle
+                .set_vring_call(i, &calls[i])
+                .map_err(ioctl("VHOST_SET_VRING_CALL"))?;
+            handle
+                .set_vring_kick(i, &kicks[i])
+                .map_err(ioctl("VHOST_SET_VRING_KICK"))?;
+        }
+        for i in [RX, TX] {
+            handle
+                .set_backend(i, Some(&tap))
+                .map_err(ioctl("VHOST_NET_SET_BACKEND"))?;
+        }
+        // Buffers the driver posted before DRIVER_OK (and kicks that came
+        // before the kernel listened) are picked up now.
+        for k in kicks {
+            let _ = k.write(1);
+        }
+        Ok(Self {
+            handle,
+            _tap: tap,
+            interrupt,
+        })
+    }
+
+    /// The kernel signalled used buffers on a queue.
+    pub(super) fn signal_used(&self) {
+        self.interrupt.signal_used_queue();
+    }
+
+    /// Stops the kernel datapath: when this returns it no longer touches
+    /// guest memory or the rings.
+    pub(super) fn stop(self) {
+        for i in [RX, TX] {
+            if let Err(e) = self.handle.set_backend(i, None) {
+                tracing::warn!("vhost-net: detaching the TAP from queue {i}: {e}");
+            }
+        }
+        // Closing the vhost fd (drop) stops its worker and flushes the rest.
+    }
+}
+
+impl super::Net {
+    /// Hands the activated queues to the kernel.
+    pub(super) fn start_vhost(
+        &self,
+        mem: &Arc<GuestMemoryMmap>,
+        queues: [&Queue; 2],
+        acked: u64,
+        interrupt: &Interrupt,
+    ) -> Result<VhostPath, VhostError> {
+        use std::os::fd::AsRawFd;
+        // The kernel takes its own reference to the TAP's file; a duplicate
+        // keeps ours independent of it.
+        // SAFETY: the TAP's descriptor is open for as long as `self`; the
+        // borrowed descriptor is only duplicated here.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.tap.as_raw_fd()) };
+        let tap = File::from(fd.try_clone_to_owned().map_err(VhostError::Dup)?);
+        VhostPath::start(
+            mem.clone(),
+            queues,
+            acked,
+            tap,
+            &self.queue_evts,
+            &self.calls,
+            interrupt.clone(),
+        )
+    }
+
+    /// Wakes the event loop to re-register (see [`Self::sync_registrations`]).
+    pub(super) fn wake_event_loop(&self) {
+        if let Err(e) = self.wake.write(1) {
+            tracing::warn!(
+                "virtio-net {}: cannot wake the event loop: {e}",
+                self.tap.name()
+            );
+        }
+    }
+
+    /// Polls the queue eventfds exactly while the userspace datapath may
+    /// serve them, and the TAP never while the kernel's runs.
+    pub(super) fn sync_registrations(&mut self, ops: &mut event_manager::EventOps) {
+        use event_manager::{EventSet, Events};
+        let want = self.vhost.is_none();
+        if self.queues_registered != want {
+            for (t, evt) in [super::Token::RxQueue, super::Token::TxQueue]
+                .into_iter()
+                .zip(&self.queue_evts)
+            {
+                let ev = Events::with_data(evt, t.data(), EventSet::IN);
+                let r = if want { ops.add(ev) } else { ops.remove(ev) };
+                if let Err(e) = r {
+                    tracing::error!(
+                        "virtio-net {}: cannot change queue polling: {e:?}",
+                        self.tap.name()
+                    );
+                }
+            }
+            self.queues_registered = want;
+        }
+        if !want {
+            self.set_tap_polling(ops, false);
+        }
+    }
+}

@@ -35,9 +35,10 @@ pub enum ClientError {
     /// A response did not have the expected fields.
     #[error("unexpected response from the VMM: {0}")]
     UnexpectedResponse(String),
-    /// The VMM answered `{"ok":false,"error":"..."}`: the message, verbatim.
+    /// The VMM answered `{"ok":false,"error":"...","code":"..."}`: its
+    /// message verbatim, and its code.
     #[error("{0}")]
-    Remote(String),
+    Remote(crate::ControlError),
 }
 
 /// One line received from the VMM.
@@ -335,10 +336,11 @@ mod tests {
     #[test]
     fn error_response_is_a_remote_error() {
         let mut client = Client::new(scripted(&[
-            b"{\"ok\":false,\"error\":\"permission denied\"}\n",
+            b"{\"ok\":false,\"error\":\"permission denied\",\"code\":\"forbidden\"}\n",
         ]));
         let err = client.request::<StatusInfo>(&Request::Status).unwrap_err();
-        assert!(matches!(&err, ClientError::Remote(m) if m == "permission denied"));
+        assert!(matches!(&err, ClientError::Remote(m)
+            if m.message == "permission denied" && m.code == Some(crate::ErrorCode::Forbidden)));
     }
 
     #[test]
@@ -363,7 +365,7 @@ mod tests {
         let mut c = Client::new(a);
         let err = c.request::<StatusInfo>(&Request::Status).unwrap_err();
         assert!(
-            matches!(&err, ClientError::Remote(m) if m.starts_with("permission denied")),
+            matches!(&err, ClientError::Remote(m) if m.message.starts_with("permission denied")),
             "{err}"
         );
     }

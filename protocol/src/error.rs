@@ -55,3 +55,85 @@ pub enum ProtocolError {
         max: usize,
     },
 }
+
+/// What kind of failure an error response reports: the `"code"` beside
+/// `"error"` in `{"ok":false,"error":"...","code":"invalid_state"}`, for
+/// programs (the message is for people and may change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request line itself is wrong: not JSON, an unknown command or
+    /// argument, a bad value, too long. Sending it again will not help.
+    BadRequest,
+    /// A valid request the VM's current state does not allow (pausing a
+    /// stopped VM, `sysrq` while paused): it may succeed later.
+    InvalidState,
+    /// What the request names does not exist (a kernel library entry).
+    NotFound,
+    /// This peer may not control this VM (or do that).
+    Forbidden,
+    /// This VM cannot do that: it lacks the device or the setup it needs
+    /// (no console, a fixed kernel file instead of a library).
+    Unsupported,
+    /// The VMM will not take on more now (too many clients, too much
+    /// output not yet read): try again later.
+    Overloaded,
+    /// The host failed to carry it out (a file could not be written).
+    HostError,
+    /// A bug in the VMM: the request was not answered properly.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire name (`"bad_request"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidState => "invalid_state",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::HostError => "host_error",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A request that failed: what the server sends as
+/// `{"ok":false,"error":MESSAGE,"code":CODE}` and what a client reads back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ControlError {
+    /// The kind of failure; `None` from a VMM older than error codes.
+    pub code: Option<ErrorCode>,
+    /// One line for people.
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::BadRequest, message)
+    }
+
+    pub fn invalid_state(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidState, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+impl From<ProtocolError> for ControlError {
+    fn from(e: ProtocolError) -> Self {
+        Self::bad_request(e.to_string())
+    }
+}

@@ -6,8 +6,8 @@
 //! * A **request** is one line `{"cmd":"<name>", ...arguments}`; [`parse_request`] turns it into a
 //!   typed [`Request`] (a pure function), [`encode_request`] does the opposite.
 //! * A **response** is one line, exactly one per request and in request order:
-//!   `{"ok":true, ...fields}` or `{"ok":false,"error":"<message>"}` ([`Response`], typed bodies
-//!   in [`Reply`]).
+//!   `{"ok":true, ...fields}` or `{"ok":false,"error":"<message>","code":"<code>"}`
+//!   ([`Response`], typed bodies in [`Reply`], the codes in [`ErrorCode`]).
 //! * An **event** is one line `{"event":"<name>", ...fields, "vm":"<name>","time":"<RFC 3339>"}`
 //!   sent to connections that issued `subscribe` ([`EventMessage`], [`Event`]).
 //! * [`LineBuffer`] frames a byte stream into lines with a bounded length.
@@ -24,7 +24,7 @@ pub mod time;
 mod types;
 
 pub use client::{parse_response_line, Client, ClientError, ServerLine};
-pub use error::ProtocolError;
+pub use error::{ControlError, ErrorCode, ProtocolError};
 pub use event::{Event, EventMessage};
 pub use framing::{FrameError, LineBuffer};
 pub use request::{encode_request, parse_request, parse_request_bytes, Request};

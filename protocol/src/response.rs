@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::client::ClientError;
+use crate::error::{ControlError, ErrorCode};
 use crate::types::{PanicAction, ResetCause, VmState, WatchdogAction};
 
 /// `status`: `{"ok":true,"name":"web1","state":"running",...}`.
@@ -220,6 +221,8 @@ struct OkLine<'a> {
 struct ErrLine<'a> {
     ok: bool,
     error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
 }
 
 impl Reply {
@@ -230,23 +233,27 @@ impl Reply {
             body: self,
         })
         // Plain structs with string keys always serialize; never panic in the server.
-        .unwrap_or_else(|e| error_line_inner(&format!("internal error: {e}")));
+        .unwrap_or_else(|e| {
+            error_line_inner(&ControlError::internal(format!("internal error: {e}")))
+        });
         line.push('\n');
         line
     }
 }
 
-fn error_line_inner(message: &str) -> String {
+fn error_line_inner(e: &ControlError) -> String {
     serde_json::to_string(&ErrLine {
         ok: false,
-        error: message,
+        error: &e.message,
+        code: e.code,
     })
-    .unwrap_or_else(|_| r#"{"ok":false,"error":"internal error"}"#.to_string())
+    .unwrap_or_else(|_| r#"{"ok":false,"error":"internal error","code":"internal"}"#.to_string())
 }
 
-/// The response line `{"ok":false,"error":"<message>"}` including its newline.
-pub fn error_line(message: &str) -> String {
-    let mut line = error_line_inner(message);
+/// The response line `{"ok":false,"error":"<message>","code":"<code>"}`
+/// including its newline.
+pub fn error_line(e: &ControlError) -> String {
+    let mut line = error_line_inner(e);
     line.push('\n');
     line
 }
@@ -256,22 +263,22 @@ pub fn error_line(message: &str) -> String {
 pub enum Response {
     /// `{"ok":true, ...fields}`: the fields without `ok`.
     Ok(Map<String, Value>),
-    /// `{"ok":false,"error":"..."}`: the message.
-    Error(String),
+    /// `{"ok":false,"error":"...","code":"..."}`: the message and code.
+    Error(ControlError),
 }
 
 impl Response {
     /// The line for a server-side result, newline included.
-    pub fn line_for(result: &Result<Reply, String>) -> String {
+    pub fn line_for(result: &Result<Reply, ControlError>) -> String {
         match result {
             Ok(reply) => reply.to_line(),
-            Err(message) => error_line(message),
+            Err(e) => error_line(e),
         }
     }
 
-    /// The error line for `message`, newline included.
-    pub fn error_line(message: &str) -> String {
-        error_line(message)
+    /// The error line for `e`, newline included.
+    pub fn error_line(e: &ControlError) -> String {
+        error_line(e)
     }
 
     /// Whether this is an `ok:true` response.
@@ -285,7 +292,7 @@ impl Response {
         match self {
             Response::Ok(map) => serde_json::from_value(Value::Object(map))
                 .map_err(|e| ClientError::UnexpectedResponse(e.to_string())),
-            Response::Error(message) => Err(ClientError::Remote(message)),
+            Response::Error(e) => Err(ClientError::Remote(e)),
         }
     }
 
@@ -293,7 +300,7 @@ impl Response {
     pub fn into_unit(self) -> Result<(), ClientError> {
         match self {
             Response::Ok(_) => Ok(()),
-            Response::Error(message) => Err(ClientError::Remote(message)),
+            Response::Error(e) => Err(ClientError::Remote(e)),
         }
     }
 
@@ -302,7 +309,13 @@ impl Response {
         match map.remove("ok") {
             Some(Value::Bool(true)) => Ok(Response::Ok(map)),
             Some(Value::Bool(false)) => match map.remove("error") {
-                Some(Value::String(message)) => Ok(Response::Error(message)),
+                Some(Value::String(message)) => Ok(Response::Error(ControlError {
+                    // An unknown code (a newer VMM's) reads as none.
+                    code: map
+                        .remove("code")
+                        .and_then(|c| serde_json::from_value(c).ok()),
+                    message,
+                })),
                 _ => Err(ClientError::UnexpectedResponse(
                     "error response without an 'error' message".into(),
                 )),
@@ -411,14 +424,14 @@ mod tests {
 
     #[test]
     fn error_line_escapes_the_message() {
-        let line = error_line("bad \"thing\"\nhere");
+        let line = error_line(&ControlError::bad_request("bad \"thing\"\nhere"));
         assert_eq!(
             line,
-            "{\"ok\":false,\"error\":\"bad \\\"thing\\\"\\nhere\"}\n"
+            "{\"ok\":false,\"error\":\"bad \\\"thing\\\"\\nhere\",\"code\":\"bad_request\"}\n"
         );
         assert_eq!(
-            Response::line_for(&Err("x".into())),
-            "{\"ok\":false,\"error\":\"x\"}\n"
+            Response::line_for(&Err(ControlError::invalid_state("x"))),
+            "{\"ok\":false,\"error\":\"x\",\"code\":\"invalid_state\"}\n"
         );
     }
 
@@ -464,9 +477,42 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(resp, Response::Error("VM is stopped".into()));
+        // A VMM from before error codes: no code.
+        let e = ControlError {
+            code: None,
+            message: "VM is stopped".into(),
+        };
+        assert_eq!(resp, Response::Error(e));
         let err = resp.decode::<StatusInfo>().unwrap_err();
         assert_eq!(err.to_string(), "VM is stopped");
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::InvalidState,
+            ErrorCode::NotFound,
+            ErrorCode::Forbidden,
+            ErrorCode::Unsupported,
+            ErrorCode::Overloaded,
+            ErrorCode::HostError,
+            ErrorCode::Internal,
+        ] {
+            let line = error_line(&ControlError::new(code, "m"));
+            assert!(
+                line.contains(&format!("\"code\":\"{}\"", code.as_str())),
+                "{line}"
+            );
+            let ServerLine::Response(Response::Error(e)) = parse_response_line(&line).unwrap()
+            else {
+                panic!("{line}")
+            };
+            assert_eq!(e, ControlError::new(code, "m"));
+        }
+        // A code this client does not know (a newer VMM's) reads as none.
+        let ServerLine::Response(Response::Error(e)) =
+            parse_response_line(r#"{"ok":false,"error":"m","code":"brand_new"}"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(e.code, None);
     }
 
     #[test]

@@ -110,12 +110,12 @@ impl Conn {
             io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
         ) {
             let soon = Instant::now() + Duration::from_millis(500);
-            if let Ok(Some((raw, ServerLine::Response(Response::Error(message))))) =
+            if let Ok(Some((raw, ServerLine::Response(Response::Error(e))))) =
                 self.read_line(Some(soon))
             {
                 return Err(ShellError::Remote {
                     vm: self.vm.clone(),
-                    message,
+                    message: e.message,
                     raw,
                 });
             }
@@ -144,10 +144,10 @@ impl Conn {
             };
             match line {
                 ServerLine::Response(Response::Ok(fields)) => return Ok(Answer { raw, fields }),
-                ServerLine::Response(Response::Error(message)) => {
+                ServerLine::Response(Response::Error(e)) => {
                     return Err(ShellError::Remote {
                         vm: self.vm.clone(),
-                        message,
+                        message: e.message,
                         raw,
                     })
                 }

@@ -64,6 +64,7 @@ fn status_pause_resume_reset_poweroff_start_on_a_wedged_guest() {
     assert_eq!(c.status()["state"], "paused");
     let e = c.call(r#"{"cmd":"pause"}"#);
     assert_eq!(e["ok"], false, "pausing twice is an error: {e}");
+    assert_eq!(e["code"], "invalid_state", "{e}");
     c.ok(r#"{"cmd":"resume"}"#);
     assert_eq!(c.status()["state"], "running");
 
@@ -108,6 +109,7 @@ fn malformed_requests_get_errors_and_the_connection_stays_usable() {
         assert_eq!(v["ok"], false, "{bad} -> {v}");
         let msg = v["error"].as_str().unwrap_or_default();
         assert!(!msg.is_empty() && !msg.contains('\n'), "{bad} -> {v}");
+        assert_eq!(v["code"], "bad_request", "{bad} -> {v}");
     }
     // A line far over the limit is refused without killing the VMM.
     let huge = format!(r#"{{"cmd":"status","x":"{}"}}"#, "a".repeat(200_000));
@@ -348,6 +350,7 @@ fn set_kernel_takes_effect_at_the_next_boot_and_survives_a_vmm_restart() {
     assert_eq!(k["current"], "alpha");
     let e = c.call(r#"{"cmd":"set-kernel","name":"gamma"}"#);
     assert_eq!(e["ok"], false);
+    assert_eq!(e["code"], "not_found", "{e}");
     assert!(
         e["error"]
             .as_str()
@@ -528,6 +531,7 @@ fn a_user_not_allowed_is_refused_with_one_line() {
         .as_str()
         .unwrap_or_default()
         .contains("permission denied"));
+    assert_eq!(first["code"], "forbidden", "{first}");
     assert!(!text.contains("running"), "no status leaked: {text}");
     let mut c = vm.ctl();
     assert_eq!(c.status()["state"], "running", "root still gets in");

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use devices::bus::lock;
 use protocol::{
-    DiskInfo, Event, KernelEntry, KernelList, KernelSelection, NetInfo, Reply, Request, StatusInfo,
-    WatchdogInfo,
+    ControlError, DiskInfo, ErrorCode, Event, KernelEntry, KernelList, KernelSelection, NetInfo,
+    Reply, Request, StatusInfo, WatchdogInfo,
 };
 
 use crate::config::{library_entries, library_entry};
@@ -103,11 +103,16 @@ pub(crate) fn parse_net_dev(text: &str, name: &str) -> Option<(u64, u64)> {
     })
 }
 
-fn kernel_list(vm: &Vm) -> Result<KernelList, String> {
-    let dir = vm
-        .config
-        .library_dir()
-        .ok_or("this VM boots a fixed kernel file, not a kernel library entry")?;
+/// `kernels` and `set-kernel` on a VM started with `--kernel FILE`.
+fn fixed_kernel() -> ControlError {
+    ControlError::new(
+        ErrorCode::Unsupported,
+        "this VM boots a fixed kernel file, not a kernel library entry",
+    )
+}
+
+fn kernel_list(vm: &Vm) -> Result<KernelList, ControlError> {
+    let dir = vm.config.library_dir().ok_or_else(fixed_kernel)?;
     let kernels = library_entries(dir)
         .into_iter()
         .map(|name| KernelEntry {
@@ -174,16 +179,21 @@ pub fn state_file_path(
         .or_else(|| control.and_then(Path::parent).map(|d| d.join("state.json")))
 }
 
-fn set_kernel(vm: &mut Vm, name: &str) -> Result<KernelSelection, String> {
+fn set_kernel(vm: &mut Vm, name: &str) -> Result<KernelSelection, ControlError> {
     let dir = vm
         .config
         .library_dir()
-        .ok_or("this VM boots a fixed kernel file, not a kernel library entry")?
+        .ok_or_else(fixed_kernel)?
         .to_path_buf();
-    library_entry(&dir, name, None).map_err(|e| e.to_string())?;
+    library_entry(&dir, name, None)
+        .map_err(|e| ControlError::new(ErrorCode::NotFound, e.to_string()))?;
     if let Some(p) = &vm.state_file {
-        save_kernel_choice(p, name)
-            .map_err(|e| format!("cannot save the kernel choice in {}: {e}", p.display()))?;
+        save_kernel_choice(p, name).map_err(|e| {
+            ControlError::new(
+                ErrorCode::HostError,
+                format!("cannot save the kernel choice in {}: {e}", p.display()),
+            )
+        })?;
     }
     vm.next_kernel = Some(name.to_string());
     (vm.hooks.publish)(Event::KernelSelected {
@@ -198,7 +208,7 @@ fn set_kernel(vm: &mut Vm, name: &str) -> Result<KernelSelection, String> {
 impl ControlHandler for VmControlHandler {
     fn execute(&mut self, request: Request, responder: Responder) {
         let mut vm = lock(&self.vm);
-        let done = |r: Result<(), String>| r.map(|()| Reply::Done);
+        let done = |r: Result<(), ControlError>| r.map(|()| Reply::Done);
         let result = match request {
             Request::Status => {
                 crate::fatal::inject("control-status");
@@ -206,10 +216,7 @@ impl ControlHandler for VmControlHandler {
             }
             Request::Pause => done(vm.pause()),
             Request::Resume => done(vm.resume()),
-            Request::Reset => done(
-                vm.reset(protocol::ResetCause::Command)
-                    .map_err(|e| e.to_string()),
-            ),
+            Request::Reset => done(vm.reset(protocol::ResetCause::Command)),
             Request::Poweroff => {
                 vm.poweroff();
                 Ok(Reply::Done)
@@ -239,9 +246,9 @@ impl ControlHandler for VmControlHandler {
                 Ok(Reply::Watchdog(watchdog_info(&vm)))
             }
             Request::Sysrq { key } => done(vm.sysrq(&key)),
-            Request::Console { .. } | Request::Log { .. } | Request::Subscribe => {
-                Err("handled by the server".to_string())
-            }
+            Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
+                ControlError::internal("internal error: handled by the server"),
+            ),
         };
         drop(vm);
         responder.send(result);

@@ -13,7 +13,10 @@ use devices::legacy::ib700::{IB700_BASE, IB700_LEN};
 use devices::legacy::serial::SerialOutput;
 use devices::{GuestEvent, ResetCause as DevResetCause};
 use kvm_ioctls::Kvm;
-use protocol::{Event, PanicAction, ResetCause, StopOutcome, StopResult, VmState, WatchdogAction};
+use protocol::{
+    ControlError, ErrorCode, Event, PanicAction, ResetCause, StopOutcome, StopResult, VmState,
+    WatchdogAction,
+};
 use vmm_sys_util::timerfd::TimerFd;
 
 pub use crate::lifecycle::StopKind;
@@ -57,7 +60,7 @@ pub enum Flow {
 }
 
 /// Answer to a graceful `shutdown`/`reboot` once it completes or times out.
-pub type StopReply = Box<dyn FnOnce(Result<StopOutcome, String>) + Send>;
+pub type StopReply = Box<dyn FnOnce(Result<StopOutcome, ControlError>) + Send>;
 
 /// The answer owed to a `shutdown`/`reboot` the lifecycle holds pending.
 struct PendingStop {
@@ -474,12 +477,8 @@ impl Vm {
     }
 
     /// Hard reset now (works whatever the guest is doing).
-    pub fn reset(&mut self, cause: ResetCause) -> Result<(), VmmError> {
-        match self.apply(Input::Reset(cause)) {
-            Err(ApplyError::Boot(e)) => Err(e),
-            Err(ApplyError::Refused(r)) => Err(VmmError::Setup(r.to_string())),
-            Ok(()) => Ok(()),
-        }
+    pub fn reset(&mut self, cause: ResetCause) -> Result<(), ControlError> {
+        self.apply(Input::Reset(cause)).map_err(apply_error)
     }
 
     /// Hard power-off: the VM is stopped, the process stays.
@@ -488,16 +487,16 @@ impl Vm {
         let _ = self.apply(Input::Poweroff);
     }
 
-    pub fn start(&mut self) -> Result<(), String> {
-        self.apply(Input::Start).map_err(|e| e.to_string())
+    pub fn start(&mut self) -> Result<(), ControlError> {
+        self.apply(Input::Start).map_err(apply_error)
     }
 
-    pub fn pause(&mut self) -> Result<(), String> {
-        self.apply(Input::Pause).map_err(|e| e.to_string())
+    pub fn pause(&mut self) -> Result<(), ControlError> {
+        self.apply(Input::Pause).map_err(apply_error)
     }
 
-    pub fn resume(&mut self) -> Result<(), String> {
-        self.apply(Input::Resume).map_err(|e| e.to_string())
+    pub fn resume(&mut self) -> Result<(), ControlError> {
+        self.apply(Input::Resume).map_err(apply_error)
     }
 
     pub fn state(&self) -> VmState {
@@ -583,16 +582,20 @@ impl Vm {
         }
     }
 
-    pub fn sysrq(&mut self, key: &str) -> Result<(), String> {
+    pub fn sysrq(&mut self, key: &str) -> Result<(), ControlError> {
         let mut chars = key.chars();
         let (Some(k), None) = (chars.next(), chars.next()) else {
-            return Err(format!("sysrq key must be one letter, not '{key}'"));
+            return Err(ControlError::bad_request(format!(
+                "sysrq key must be one letter, not '{key}'"
+            )));
         };
         match (&self.machine, self.state) {
-            (Some(m), VmState::Running) => {
-                lock(&m.i8042).trigger_sysrq(k).map_err(|e| e.to_string())
-            }
-            (_, s) => Err(format!("the VM is {s}, not running")),
+            (Some(m), VmState::Running) => lock(&m.i8042)
+                .trigger_sysrq(k)
+                .map_err(|e| ControlError::bad_request(e.to_string())),
+            (_, s) => Err(ControlError::invalid_state(format!(
+                "the VM is {s}, not running"
+            ))),
         }
     }
 
@@ -604,11 +607,11 @@ impl Vm {
         let r = self.apply(Input::Graceful(kind));
         if let Some((_, reply)) = self.stop_request.take() {
             // Refused: the request was not admitted.
-            let msg = match r {
-                Err(e) => e.to_string(),
-                Ok(()) => format!("the VM is {}", self.state),
+            let e = match r {
+                Err(e) => apply_error(e),
+                Ok(()) => ControlError::invalid_state(format!("the VM is {}", self.state)),
             };
-            reply(Err(msg));
+            reply(Err(e));
         }
     }
 
@@ -784,5 +787,14 @@ impl Vm {
     /// Stops everything before the process exits.
     pub fn teardown(&mut self) {
         self.halt_machine();
+    }
+}
+
+/// What a control client is told when the lifecycle refused a request
+/// (the state does not allow it) or its boot failed (the host's fault).
+fn apply_error(e: ApplyError) -> ControlError {
+    match e {
+        ApplyError::Refused(r) => ControlError::invalid_state(r.to_string()),
+        e @ ApplyError::Boot(_) => ControlError::new(ErrorCode::HostError, e.to_string()),
     }
 }

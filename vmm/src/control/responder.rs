@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use protocol::{Reply, Response};
+use protocol::{ControlError, Reply, Response};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::access::PeerIdentity;
@@ -121,7 +121,7 @@ enum Target {
         conn: u32,
         seq: u64,
     },
-    Channel(mpsc::Sender<Result<Reply, String>>),
+    Channel(mpsc::Sender<Result<Reply, ControlError>>),
 }
 
 /// The way to answer one request: exactly one response, now (inside
@@ -164,7 +164,7 @@ impl Responder {
     /// A responder not tied to a socket, for unit tests of a
     /// [`ControlHandler`](super::ControlHandler): the answer arrives on the receiver (an
     /// unanswered drop arrives as `Err("internal error: ...")`).
-    pub fn channel(command: &'static str) -> (Self, mpsc::Receiver<Result<Reply, String>>) {
+    pub fn channel(command: &'static str) -> (Self, mpsc::Receiver<Result<Reply, ControlError>>) {
         let (tx, rx) = mpsc::channel();
         (
             Responder {
@@ -192,7 +192,7 @@ impl Responder {
     }
 
     /// Sends the answer.
-    pub fn send(mut self, result: Result<Reply, String>) {
+    pub fn send(mut self, result: Result<Reply, ControlError>) {
         self.deliver(result);
     }
 
@@ -206,12 +206,13 @@ impl Responder {
         self.send(Ok(Reply::Done));
     }
 
-    /// Sends `{"ok":false,"error":"<message>"}`; the message should read well to a customer.
-    pub fn error(self, message: impl std::fmt::Display) {
-        self.send(Err(message.to_string()));
+    /// Sends `{"ok":false,"error":"<message>","code":"<code>"}`; the message should read
+    /// well to a customer.
+    pub fn error(self, e: ControlError) {
+        self.send(Err(e));
     }
 
-    fn deliver(&mut self, result: Result<Reply, String>) {
+    fn deliver(&mut self, result: Result<Reply, ControlError>) {
         match self.target.take() {
             Some(Target::Connection { shared, conn, seq }) => {
                 let line = Response::line_for(&result);
@@ -231,7 +232,7 @@ impl Drop for Responder {
         if self.target.is_some() {
             tracing::warn!(command = self.command, "control request dropped unanswered");
             let message = format!("internal error: {} was not answered", self.command);
-            self.deliver(Err(message));
+            self.deliver(Err(ControlError::internal(message)));
         }
     }
 }
@@ -255,7 +256,9 @@ mod tests {
         drop(r);
         assert_eq!(
             rx.recv().unwrap(),
-            Err("internal error: reboot was not answered".to_string())
+            Err(ControlError::internal(
+                "internal error: reboot was not answered"
+            ))
         );
     }
 
@@ -277,7 +280,9 @@ mod tests {
             "no wake-up during dispatch"
         );
         let r = Responder::new(shared.clone(), 7, 2, peer, "shutdown");
-        std::thread::spawn(move || r.error("boom")).join().unwrap();
+        std::thread::spawn(move || r.error(ControlError::invalid_state("boom")))
+            .join()
+            .unwrap();
         assert_eq!(shared.wake_fd().read().unwrap(), 1);
         let (responses, _, _) = shared.take();
         let lines: Vec<_> = responses
@@ -288,7 +293,11 @@ mod tests {
             lines,
             vec![
                 (7, 1, "{\"ok\":true}\n"),
-                (7, 2, "{\"ok\":false,\"error\":\"boom\"}\n")
+                (
+                    7,
+                    2,
+                    "{\"ok\":false,\"error\":\"boom\",\"code\":\"invalid_state\"}\n"
+                )
             ]
         );
     }

@@ -189,16 +189,25 @@ impl ControlServer {
                 );
                 refuse(
                     stream,
-                    &format!(
-                        "permission denied: uid {} may not control this VM",
-                        peer.uid
+                    &protocol::ControlError::new(
+                        protocol::ErrorCode::Forbidden,
+                        format!(
+                            "permission denied: uid {} may not control this VM",
+                            peer.uid
+                        ),
                     ),
                 );
                 continue;
             }
             if self.conns.len() >= self.limits().max_connections {
                 tracing::warn!("control socket: too many connections; refusing one");
-                refuse(stream, "too many connections to this VM; try again later");
+                refuse(
+                    stream,
+                    &protocol::ControlError::new(
+                        protocol::ErrorCode::Overloaded,
+                        "too many connections to this VM; try again later",
+                    ),
+                );
                 continue;
             }
             let token = self.alloc_token();
@@ -364,7 +373,7 @@ impl ControlServer {
                         };
                         match request {
                             Ok(request) => self.actions.dispatch(conn, request),
-                            Err(e) => conn.queue(Response::error_line(&e.to_string()).as_bytes()),
+                            Err(e) => conn.queue(Response::error_line(&e.into()).as_bytes()),
                         }
                     }
                 }
@@ -434,7 +443,12 @@ struct Actions {
 impl Actions {
     /// Executes one parsed request: the connection-level ones here, the rest by the handler.
     fn dispatch(&mut self, conn: &mut Connection, request: Request) {
-        const NO_CONSOLE: &str = "this VM has no console";
+        let no_console = || {
+            Response::error_line(&protocol::ControlError::new(
+                protocol::ErrorCode::Unsupported,
+                "this VM has no console",
+            ))
+        };
         match request {
             Request::Subscribe => {
                 conn.subscribed = true;
@@ -442,7 +456,7 @@ impl Actions {
             }
             Request::Log { bytes } => {
                 let Some(hub) = &self.hub else {
-                    conn.queue(Response::error_line(NO_CONSOLE).as_bytes());
+                    conn.queue(no_console().as_bytes());
                     return;
                 };
                 let max = bytes.map_or(usize::MAX, |b| usize::try_from(b).unwrap_or(usize::MAX));
@@ -460,10 +474,13 @@ impl Actions {
                 let unsent = self.unsent_elsewhere.saturating_add(conn.out_len());
                 if unsent.saturating_add(reply.len()) > self.max_unsent {
                     conn.queue(
-                        Response::error_line(&format!(
-                            "too much unread output on this VM's control socket ({} KiB); \
-                             read earlier answers, or ask for fewer bytes",
-                            unsent / 1024
+                        Response::error_line(&protocol::ControlError::new(
+                            protocol::ErrorCode::Overloaded,
+                            format!(
+                                "too much unread output on this VM's control socket ({} KiB); \
+                                 read earlier answers, or ask for fewer bytes",
+                                unsent / 1024
+                            ),
                         ))
                         .as_bytes(),
                     );
@@ -473,7 +490,7 @@ impl Actions {
             }
             Request::Console { replay } => {
                 let Some(hub) = &self.hub else {
-                    conn.queue(Response::error_line(NO_CONSOLE).as_bytes());
+                    conn.queue(no_console().as_bytes());
                     return;
                 };
                 let (reader, replayed) = hub.attach_with_backlog(
@@ -510,8 +527,8 @@ impl Actions {
 }
 
 /// Tells a refused peer why, then closes without resetting the connection.
-fn refuse(stream: UnixStream, message: &str) {
-    let line = Response::error_line(message);
+fn refuse(stream: UnixStream, e: &protocol::ControlError) {
+    let line = Response::error_line(e);
     // SAFETY: sending from a live buffer; nonblocking and without SIGPIPE. A fresh socket's
     // buffer has room for one short line; if not, the peer just sees the close.
     unsafe {

@@ -96,13 +96,19 @@ impl ControlHandler for FakeHandler {
             // Never answered: the dropped responder must produce an error.
             Request::Kernels => drop(responder),
             Request::SetKernel { name } if name == "bad" => {
-                responder.error(format!("no kernel named '{name}'"))
+                responder.error(protocol::ControlError::new(
+                    protocol::ErrorCode::NotFound,
+                    format!("no kernel named '{name}'"),
+                ))
             }
             Request::SetKernel { name } => responder.ok(Reply::KernelSelected(KernelSelection {
                 next: name,
                 current: Some("mini".into()),
             })),
-            other => responder.error(format!("{} is not implemented in the fake", other.name())),
+            other => responder.error(protocol::ControlError::internal(format!(
+                "{} is not implemented in the fake",
+                other.name()
+            ))),
         }
     }
 }
@@ -235,6 +241,10 @@ fn read_lines(reader: &mut BufReader<UnixStream>, n: usize) -> Vec<String> {
 }
 
 fn error_of(line: &str) -> String {
+    control_error_of(line).message
+}
+
+fn control_error_of(line: &str) -> protocol::ControlError {
     match protocol::parse_response_line(line).unwrap() {
         ServerLine::Response(Response::Error(e)) => e,
         other => panic!("expected an error response, got {other:?}"),
@@ -298,6 +308,13 @@ fn malformed_lines_are_answered_and_the_connection_stays_usable() {
     .unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let lines = read_lines(&mut r, 8);
+    for l in &lines[..7] {
+        assert_eq!(
+            control_error_of(l).code,
+            Some(protocol::ErrorCode::BadRequest),
+            "{l}"
+        );
+    }
     assert!(error_of(&lines[0]).starts_with("malformed JSON: "));
     assert_eq!(error_of(&lines[1]), "missing 'cmd' in request");
     assert_eq!(error_of(&lines[2]), "unknown command 'nope'");
@@ -387,7 +404,9 @@ fn a_dropped_responder_answers_with_an_error() {
     let err = c.call(&Request::Kernels).unwrap();
     assert_eq!(
         err,
-        Response::Error("internal error: kernels was not answered".into())
+        Response::Error(protocol::ControlError::internal(
+            "internal error: kernels was not answered"
+        ))
     );
     c.request::<StatusInfo>(&Request::Status).unwrap();
 }
@@ -722,7 +741,10 @@ fn console_and_log_without_a_console_are_errors() {
     ] {
         assert_eq!(
             c.call(&r).unwrap(),
-            Response::Error("this VM has no console".into())
+            Response::Error(protocol::ControlError::new(
+                protocol::ErrorCode::Unsupported,
+                "this VM has no console"
+            ))
         );
     }
     c.request::<StatusInfo>(&Request::Status).unwrap();
@@ -924,7 +946,7 @@ fn peers_outside_the_policy_are_refused_by_credentials() {
     };
     assert_eq!(
         String::from_utf8_lossy(&refused),
-        "{\"ok\":false,\"error\":\"permission denied: uid 65534 may not control this VM\"}\n"
+        "{\"ok\":false,\"error\":\"permission denied: uid 65534 may not control this VM\",\"code\":\"forbidden\"}\n"
     );
     assert_eq!(h.stats().refused, 1);
     assert!(

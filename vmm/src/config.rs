@@ -121,6 +121,10 @@ pub struct Cli {
     /// (default on).
     #[arg(long, value_name = "on|off")]
     pub library_modules: Option<String>,
+    /// seccomp filters on the vCPU and disk I/O threads: a forbidden system call ends the VMM
+    /// (on, the default), is only logged by the kernel (log), or no filter (off).
+    #[arg(long, value_name = "on|log|off")]
+    pub seccomp: Option<String>,
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -166,6 +170,7 @@ struct FileConfig {
     console: Option<ConsoleMode>,
     exit_on_poweroff: Option<bool>,
     library_modules: Option<String>,
+    seccomp: Option<String>,
     control: Option<PathBuf>,
     #[serde(default)]
     allow_user: Vec<String>,
@@ -208,6 +213,8 @@ pub struct VmConfig {
     pub exit_on_poweroff: bool,
     /// Attach `<library>/modules.img` (see [`VmConfig::library_modules`]).
     pub library_modules: bool,
+    /// `--seccomp`: the filters of the guest-facing threads.
+    pub seccomp: crate::seccomp::Mode,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
@@ -458,6 +465,14 @@ impl VmConfig {
                 reason: "use on or off".into(),
             })?,
         };
+        let seccomp = match cli.seccomp.or(file.seccomp) {
+            None => crate::seccomp::Mode::default(),
+            Some(v) => v.parse().map_err(|reason| ConfigError::Spec {
+                flag: "--seccomp".into(),
+                spec: v.clone(),
+                reason,
+            })?,
+        };
         let cfg = VmConfig {
             name,
             kernel,
@@ -469,6 +484,7 @@ impl VmConfig {
             console: cli.console.or(file.console).unwrap_or_default(),
             exit_on_poweroff: cli.exit_on_poweroff || file.exit_on_poweroff.unwrap_or(false),
             library_modules,
+            seccomp,
             config_file: cli.config,
             control: cli.control.or(file.control),
             disks,

@@ -55,3 +55,17 @@ pub fn inject(point: &str) {
         panic!("injected by VMM_TEST_PANIC={point}");
     }
 }
+
+/// Fault injection for the seccomp tests: `VMM_TEST_SECCOMP=<kind>` makes
+/// each thread of that kind (`vcpu`, `disk`) call `socket(2)`, which no
+/// filtered thread may, right after installing its filter.
+pub fn inject_forbidden_syscall(kind: &str) {
+    if std::env::var_os("VMM_TEST_SECCOMP").is_some_and(|k| k == kind) {
+        // SAFETY: socket takes no pointers; the descriptor, if any, is closed.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: closing the descriptor just created.
+            unsafe { libc::close(fd) };
+        }
+    }
+}

@@ -5,12 +5,25 @@
 //! of its last run is coalesced into a count the next run reports
 //! (`VMM_COALESCED`). Each run has its own thread and is killed if it
 //! outlives its timeout.
+//!
+//! The command itself runs in the **hook launcher**, a helper process the
+//! VMM forks at start-up, before it has any thread, filter or guest
+//! ([`start_launcher`]): seccomp filters are inherited by every process a
+//! thread starts, and an operator's command (mail, curl, a pager gateway)
+//! needs whatever it needs. The launcher reads one line per run from a
+//! socket, `EVENT TAB TIME TAB COUNT`, checks it (a known event, a time
+//! made of timestamp characters, a number), runs the command it was given
+//! at fork time with those in its environment, and answers `done`. What a
+//! compromised VMM could send it is therefore only which of two events
+//! happened and when; it cannot choose what runs. Unit tests, which have
+//! threads already, run the command in-process instead.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
@@ -19,6 +32,116 @@ pub const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 /// The same event again within this long of its last hook run does not run
 /// the hook again; it is counted instead.
 pub const HOOK_HOLDOFF: Duration = Duration::from_secs(60);
+
+/// The events the hook runs for (what the launcher accepts).
+pub const EVENTS: [&str; 2] = ["watchdog", "panic"];
+
+/// The VMM's end of the hook launcher's socket, once it was forked.
+static LAUNCHER: OnceLock<Mutex<UnixStream>> = OnceLock::new();
+
+/// Forks the hook launcher for `command`; call while the process has one
+/// thread (first thing in `runtime::run`). Without a launcher (never
+/// started, or this fails) hooks run in-process.
+pub fn start_launcher(command: &str, vm: &str) -> std::io::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    if threads != 1 {
+        return Err(std::io::Error::other(format!(
+            "{threads} threads already: not forking the hook launcher"
+        )));
+    }
+    let (ours, theirs) = UnixStream::pair()?;
+    // SAFETY: the process has a single thread (checked above), so the child
+    // may run ordinary Rust code; it never returns from `launcher_main`.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()),
+        0 => {
+            drop(ours);
+            launcher_main(theirs, command, vm, HOOK_TIMEOUT)
+        }
+        _ => {
+            drop(theirs);
+            ours.set_read_timeout(Some(HOOK_TIMEOUT + Duration::from_secs(10)))?;
+            LAUNCHER
+                .set(Mutex::new(ours))
+                .map_err(|_| std::io::Error::other("the hook launcher was started twice"))
+        }
+    }
+}
+
+/// The launcher's loop (in the forked child).
+fn launcher_main(sock: UnixStream, command: &str, vm: &str, timeout: Duration) -> ! {
+    // Its own process group (a Ctrl-C on the VMM's terminal is not for
+    // it), its own name, no terminal input.
+    // SAFETY: plain system calls on this process; the name is NUL-terminated.
+    unsafe {
+        libc::setpgid(0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"vmm-hooks".as_ptr());
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::close(null);
+        }
+    }
+    let mut w = match sock.try_clone() {
+        Ok(w) => w,
+        // SAFETY: ending the child without running the parent's destructors.
+        Err(_) => unsafe { libc::_exit(1) },
+    };
+    let mut reader = BufReader::new(sock);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // The VMM's end closed (it exited): so does the launcher.
+        match (&mut reader).take(256).read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        match parse_launch(&line) {
+            Some(run) => run_once(command, vm, &run, timeout),
+            None => tracing::warn!(vm, "hook launcher: refused a malformed request"),
+        }
+        if w.write_all(b"done\n").is_err() {
+            break;
+        }
+    }
+    // SAFETY: ending the child without running the parent's destructors.
+    unsafe { libc::_exit(0) }
+}
+
+/// `EVENT TAB TIME TAB COUNT NEWLINE`, checked.
+fn parse_launch(line: &str) -> Option<HookRun> {
+    let mut f = line.strip_suffix('\n')?.split('\t');
+    let (event, time, count) = (f.next()?, f.next()?, f.next()?);
+    if f.next().is_some() {
+        return None;
+    }
+    let event = EVENTS.into_iter().find(|e| *e == event)?;
+    let time_ok = !time.is_empty()
+        && time.len() <= 40
+        && time
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b"-:.+TZ".contains(&b));
+    Some(HookRun {
+        event,
+        time: time_ok.then(|| time.to_string())?,
+        coalesced: count.parse().ok()?,
+    })
+}
+
+/// Hands `run` to the launcher and waits for it to finish.
+fn run_in_launcher(sock: &Mutex<UnixStream>, vm: &str, run: &HookRun) {
+    let mut s = lock(sock);
+    let line = format!("{}\t{}\t{}\n", run.event, run.time, run.coalesced);
+    let mut answer = [0u8; 5];
+    let r = s
+        .write_all(line.as_bytes())
+        .and_then(|()| s.read_exact(&mut answer));
+    match r {
+        Ok(()) if &answer == b"done\n" => {}
+        Ok(()) => tracing::warn!(vm, "hook launcher: unexpected answer"),
+        Err(e) => tracing::warn!(vm, event = run.event, "hook launcher: {e}"),
+    }
+}
 
 /// One hook run the gate admitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,15 +289,17 @@ impl AlertHook {
     fn start(&self, first: HookRun) {
         let (command, vm, timeout) = (self.command.clone(), self.vm.clone(), self.timeout);
         let gate = self.gate.clone();
-        let spawned = std::thread::Builder::new()
-            .name("alert-hook".into())
-            .spawn(move || {
-                let mut run = Some(first);
-                while let Some(r) = run {
-                    run_once(&command, &vm, &r, timeout);
-                    run = lock(&gate).finished(Instant::now());
+        let spawned = crate::spawner::spawn("alert-hook".into(), move || {
+            let mut run = Some(first);
+            crate::seccomp::install(crate::seccomp::Kind::Hook);
+            while let Some(r) = run {
+                match LAUNCHER.get() {
+                    Some(sock) => run_in_launcher(sock, &vm, &r),
+                    None => run_once(&command, &vm, &r, timeout),
                 }
-            });
+                run = lock(&gate).finished(Instant::now());
+            }
+        });
         if let Err(e) = spawned {
             tracing::warn!("cannot start alert hook thread: {e}");
             // Nothing runs: let the next event try again.

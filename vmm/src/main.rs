@@ -12,7 +12,13 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = match Cli::try_parse() {
+    // `vmm check [flags as for a start]`: the operator's dry run.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let check = args.get(1).is_some_and(|a| a == "check");
+    if check {
+        args.remove(1);
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
             // One line, like every other error: clap's first line.
@@ -34,6 +40,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if check {
+        return match vmm::service::check(&cfg) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Err(e) = vmm::seccomp::init(cfg.seccomp) {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(1);
+    }
     match vmm::run(cfg) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -179,9 +179,13 @@ fn spawn_disk_threads(disks: Vec<(String, Subscriber)>) -> Result<(), VmmError> 
         em.add_subscriber(sub);
         std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || loop {
-                if let Err(e) = em.run() {
-                    tracing::error!("{}: event loop: {e}", name);
+            .spawn(move || {
+                // Before the first request this thread reads.
+                crate::seccomp::install(crate::seccomp::Kind::Disk);
+                loop {
+                    if let Err(e) = em.run() {
+                        tracing::error!("{}: event loop: {e}", name);
+                    }
                 }
             })
             .map_err(|e| VmmError::Setup(format!("cannot start an I/O thread: {e}")))?;
@@ -197,6 +201,12 @@ fn stdin_is_tty() -> bool {
 /// Runs the VM until it exits; returns the process exit status.
 pub fn run(config: VmConfig) -> Result<u8, VmmError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| VmmError::Setup(format!("{what}: {e}"));
+    // First, while this is the only thread: the hook launcher (hooks.rs).
+    if let Some(cmd) = &config.alert_hook {
+        if let Err(e) = crate::hooks::start_launcher(cmd, &config.name) {
+            tracing::warn!("alert hooks run in the VMM's process: {e}");
+        }
+    }
     let hub = ConsoleHub::new(ConsoleConfig {
         log_path: config.console_log.clone(),
         log_limits: config.console_log_limits,
@@ -277,12 +287,18 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         em.add_subscriber(Arc::new(Mutex::new(server)));
     }
 
+    // Start-up is done: from here on every thread is filtered (seccomp.rs),
+    // the event loop's own before the first boot.
+    crate::spawner::start().map_err(|e| setup("spawner thread", &e))?;
+    crate::seccomp::install(crate::seccomp::Kind::EventLoop);
     lock(&vm).power_on()?;
+    crate::service::notify_ready(&config.name);
     loop {
         if let Err(e) = em.run() {
             tracing::error!("event loop: {e}");
         }
         if let Some(code) = exit.get() {
+            crate::service::notify_stopping();
             lock(&vm).teardown();
             if stdio {
                 // Let the stdio console flush what the guest printed last.

@@ -203,9 +203,7 @@ impl Vcpu {
         let control = Arc::new(VcpuControl::new());
         let c = control.clone();
         let id = self.id;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || self.run_loop(&c))
+        let thread = crate::spawner::spawn(format!("vcpu{id}"), move || self.run_loop(&c))
             .map_err(|e| format!("cannot start vCPU thread {id}: {e}"))?;
         Ok(VcpuHandle {
             id,
@@ -215,6 +213,8 @@ impl Vcpu {
     }
 
     fn run_loop(mut self, control: &VcpuControl) {
+        // Before the first guest instruction this thread runs.
+        crate::seccomp::install(crate::seccomp::Kind::Vcpu);
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut first = self.on_first_run.take();
         crate::fatal::inject("vcpu");

@@ -151,7 +151,10 @@ impl LogWriter {
         let display = path.display().to_string();
         let thread = std::thread::Builder::new()
             .name("console-log".into())
-            .spawn(move || log_writer_thread(log, &thread_shared, &display))
+            .spawn(move || {
+                crate::seccomp::install(crate::seccomp::Kind::ConsoleLog);
+                log_writer_thread(log, &thread_shared, &display)
+            })
             .map_err(ConsoleError::LogThread)?;
         Ok(LogWriter {
             shared,

@@ -1,0 +1,153 @@
+//! Running as a service: systemd's readiness protocol (`Type=notify`, the
+//! `sd-notify` crate) and `vmm check`, the operator's dry run of a config.
+
+use std::fs::File;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use crate::config::{library_entry, KernelSource, VmConfig};
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) that the VM is
+/// up: its control socket listens and its first boot has started, so a
+/// unit ordered after this one finds the socket answering.
+pub fn notify_ready(name: &str) {
+    let status = format!("{name}: running, control socket up");
+    let states = [
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ];
+    if let Err(e) = sd_notify::notify(&states) {
+        tracing::warn!("cannot tell systemd the VM is ready: {e}");
+    }
+}
+
+/// Tells systemd the VMM is stopping (the VM is being torn down).
+pub fn notify_stopping() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Stopping]) {
+        tracing::debug!("cannot tell systemd the VMM is stopping: {e}");
+    }
+}
+
+/// `vmm check`: what starting `cfg` would need, checked without starting
+/// anything (no VM, no socket, no lock taken): a summary line, or the
+/// first problem as one line.
+pub fn check(cfg: &VmConfig) -> Result<String, String> {
+    File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| format!("/dev/kvm: {e}"))?;
+    let kernel = match &cfg.kernel {
+        KernelSource::Library { dir, name } => {
+            // The kernel the next boot would take: a saved `set-kernel`
+            // choice is the VMM's business at start; the configured one
+            // must exist either way.
+            let k = library_entry(dir, name, None).map_err(|e| e.to_string())?;
+            readable(&k.kernel)?;
+            if let Some(i) = &k.initrd {
+                readable(i)?;
+            }
+            format!("kernel {name} from {}", dir.display())
+        }
+        KernelSource::Path { kernel, initrd } => {
+            readable(kernel)?;
+            if let Some(i) = initrd {
+                readable(i)?;
+            }
+            format!("kernel {}", kernel.display())
+        }
+    };
+    let mut disks = Vec::new();
+    for d in &cfg.disks {
+        let f = File::options()
+            .read(true)
+            .open(&d.path)
+            .map_err(|e| format!("disk {}: {e}", d.path.display()))?;
+        let meta = f
+            .metadata()
+            .map_err(|e| format!("disk {}: {e}", d.path.display()))?;
+        if !(meta.is_file() || meta.file_type().is_block_device()) {
+            return Err(format!(
+                "disk {}: not a regular file or a block device",
+                d.path.display()
+            ));
+        }
+        if !d.read_only && meta.permissions().readonly() && meta.is_file() {
+            return Err(format!(
+                "disk {}: the image is read-only; add ro=on or fix its mode",
+                d.path.display()
+            ));
+        }
+        disks.push(format!(
+            "{}{}",
+            d.path.display(),
+            if d.read_only { " (ro)" } else { "" }
+        ));
+    }
+    let mut nets = Vec::new();
+    for n in &cfg.nets {
+        use devices::virtio::net::vhost::{probe, VhostMode};
+        let datapath = match n.vhost {
+            VhostMode::Off => "userspace",
+            VhostMode::On => {
+                probe().map_err(|e| {
+                    format!(
+                        "net {}: vhost=on, but {}: {e}",
+                        n.tap,
+                        devices::virtio::net::vhost::VHOST_NET_DEV
+                    )
+                })?;
+                "vhost-net"
+            }
+            VhostMode::Auto if probe().is_ok() => "vhost-net",
+            VhostMode::Auto => "userspace",
+        };
+        nets.push(format!("{} ({datapath})", n.tap));
+    }
+    if let Some(sock) = &cfg.control {
+        dir_exists("control socket", sock)?;
+    }
+    if let Some(log) = &cfg.console_log {
+        dir_exists("console log", log)?;
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    Ok(format!(
+        "{}: ok: {kernel}, {} vCPU(s), {} MiB, disks: {}, nets: {}, control socket: {}",
+        cfg.name,
+        cfg.vcpus,
+        cfg.mem_mib,
+        list(&disks),
+        list(&nets),
+        cfg.control
+            .as_deref()
+            .map_or("none".to_string(), |p| p.display().to_string()),
+    ))
+}
+
+fn readable(p: &Path) -> Result<(), String> {
+    File::open(p)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+fn dir_exists(what: &str, p: &Path) -> Result<(), String> {
+    let dir = p
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dir.is_dir() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {}: its directory {} does not exist",
+            p.display(),
+            dir.display()
+        ))
+    }
+}

@@ -52,6 +52,21 @@ fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_and_survives_a_dr
             assert!(net[dir].as_u64().unwrap_or(0) >= 64 << 20, "{dir}: {s}");
         }
         assert_eq!(vhost_workers(h, &g), 1, "the kernel's worker for this VMM");
+        // Every thread of this VMM runs under its seccomp filter, with
+        // no_new_privs (vmm/src/seccomp.rs).
+        let threads = h
+            .sh(&format!(
+                "pid=$(pgrep -f -- '[-]-control {}' | head -n 1); [ -n \"$pid\" ] || exit 3; \
+                 for t in /proc/$pid/task/*; do \
+                   echo \"$(cat $t/comm) $(grep ^Seccomp: $t/status | cut -f2) $(grep ^NoNewPrivs: $t/status | cut -f2)\"; \
+                 done",
+                g.sock.display()
+            ))
+            .ok("thread list");
+        assert!(threads.lines().count() >= 4, "{threads}");
+        for l in threads.lines() {
+            assert!(l.ends_with(" 2 1"), "not filtered: {l}\n{threads}");
+        }
         // The driver goes away (device reset: the kernel lets go of the
         // rings) and comes back (a new activation on vhost-net).
         let dev = g.run("basename $(readlink /sys/class/net/eth0/device)");

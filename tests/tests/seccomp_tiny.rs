@@ -67,11 +67,19 @@ fn every_thread_of_a_running_vmm_runs_under_its_filter_with_no_new_privs() {
         "{}",
         p.report()
     );
-    let all = threads(p.child.id());
-    let names: Vec<&str> = all.iter().map(|(n, _, _)| n.as_str()).collect();
-    for want in ["vmm", "vcpu0", "vcpu1", "disk0", "spawner", "console-log"] {
-        assert!(names.contains(&want), "no {want} thread in {all:?}");
+    // A new thread carries its creator's name until it sets its own: wait
+    // until every expected one is there (vcpu1 may still start after
+    // vcpu0 printed READY).
+    let want = ["vmm", "vcpu0", "vcpu1", "disk0", "spawner", "console-log"];
+    let has_all =
+        |all: &[(String, String, String)]| want.iter().all(|w| all.iter().any(|(n, _, _)| n == w));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut all = threads(p.child.id());
+    while !has_all(&all) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        all = threads(p.child.id());
     }
+    assert!(has_all(&all), "want {want:?} in {all:?}");
     for (name, seccomp, nnp) in &all {
         assert_eq!(seccomp, "2", "{name}: Seccomp (2 = filter) in {all:?}");
         assert_eq!(nnp, "1", "{name}: NoNewPrivs in {all:?}");
@@ -133,6 +141,11 @@ fn assert_stopped_naming_socket(p: &mut VmmProcess, kind: &str) {
         .wait_exit(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the VMM still runs after a forbidden call\n{}", p.report()));
     assert_eq!(status.code(), Some(159), "{status:?}\n{}", p.report());
+    // Its stderr may still be on its way through the pipe.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !p.stderr().contains("seccomp:") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let err = p.stderr();
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("seccomp")).collect();
     assert_eq!(

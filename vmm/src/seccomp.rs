@@ -437,7 +437,19 @@ impl Line {
     }
 }
 
+/// Set by the first forbidden call's handler: one line, however many
+/// threads trip at once.
+static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    if REPORTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // Another thread is reporting and ending the process: wait for it
+        // with a call every filter allows.
+        loop {
+            // SAFETY: sched_yield takes no arguments.
+            unsafe { libc::sched_yield() };
+        }
+    }
     // siginfo_t for SIGSYS (x86_64): the union starts at byte 16 with
     // `_call_addr` (8 bytes), then `_syscall` (int) at 24.
     // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers.

@@ -62,14 +62,10 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .nets
             .iter()
             .map(|n| {
-                let m = n.mac;
                 let (tap_rx, tap_tx) = tap_bytes(&n.tap).unzip();
                 NetInfo {
                     tap: n.tap.clone(),
-                    mac: format!(
-                        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                        m[0], m[1], m[2], m[3], m[4], m[5]
-                    ),
+                    mac: devices::virtio::net::format_mac(n.mac),
                     datapath: n.counters.snapshot().datapath().to_string(),
                     // What the TAP received came from the guest.
                     rx_bytes: tap_tx,

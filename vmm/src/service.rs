@@ -86,22 +86,14 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
     }
     let mut nets = Vec::new();
     for n in &cfg.nets {
-        use devices::virtio::net::vhost::{probe, VhostMode};
-        let datapath = match n.vhost {
-            VhostMode::Off => "userspace",
-            VhostMode::On => {
-                probe().map_err(|e| {
-                    format!(
-                        "net {}: vhost=on, but {}: {e}",
-                        n.tap,
-                        devices::virtio::net::vhost::VHOST_NET_DEV
-                    )
-                })?;
-                "vhost-net"
-            }
-            VhostMode::Auto if probe().is_ok() => "vhost-net",
-            VhostMode::Auto => "userspace",
-        };
+        let vhost = n.vhost.resolve().map_err(|e| {
+            format!(
+                "net {}: vhost=on, but {}: {e}",
+                n.tap,
+                devices::virtio::net::vhost::VHOST_NET_DEV
+            )
+        })?;
+        let datapath = if vhost { "vhost-net" } else { "userspace" };
         nets.push(format!("{} ({datapath})", n.tap));
     }
     if let Some(sock) = &cfg.control {

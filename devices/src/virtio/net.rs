@@ -127,6 +127,12 @@ pub fn mac_from_name(name: &str) -> [u8; 6] {
     [(b[2] & 0xfe) | 0x02, b[3], b[4], b[5], b[6], b[7]]
 }
 
+/// `aa:bb:cc:dd:ee:ff`, what [`parse_mac`] reads.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -330,17 +336,10 @@ impl Net {
             source,
         })?;
         let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
-        let vhost_wanted = match cfg.vhost {
-            VhostMode::Off => false,
-            VhostMode::On => {
-                vhost::probe().map_err(|source| NetError::Vhost {
-                    name: cfg.tap.clone(),
-                    source,
-                })?;
-                true
-            }
-            VhostMode::Auto => vhost::probe().is_ok(),
-        };
+        let vhost_wanted = cfg.vhost.resolve().map_err(|source| NetError::Vhost {
+            name: cfg.tap.clone(),
+            source,
+        })?;
         let mut net = Self::with_tap(tap, mac)?;
         net.vhost_wanted = vhost_wanted;
         net.counters.vhost.store(vhost_wanted, Ordering::Relaxed);

@@ -56,11 +56,10 @@ fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_and_survives_a_dr
         // no_new_privs (vmm/src/seccomp.rs).
         let threads = h
             .sh(&format!(
-                "pid=$(pgrep -f -- '[-]-control {}' | head -n 1); [ -n \"$pid\" ] || exit 3; \
-                 for t in /proc/$pid/task/*; do \
+                "{} for t in /proc/$pid/task/*; do \
                    echo \"$(cat $t/comm) $(grep ^Seccomp: $t/status | cut -f2) $(grep ^NoNewPrivs: $t/status | cut -f2)\"; \
                  done",
-                g.sock.display()
+                vmm_pid(&g)
             ))
             .ok("thread list");
         assert!(threads.lines().count() >= 4, "{threads}");
@@ -89,15 +88,23 @@ fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_and_survives_a_dr
 fn vhost_workers(h: &'static tests::Host, g: &Guest) -> usize {
     let out = h
         .sh(&format!(
-            "pid=$(pgrep -f -- '[-]-control {}' | head -n 1); \
-             [ -n \"$pid\" ] || exit 3; n=0; \
+            "{} n=0; \
              for t in $(ls /proc/$pid/task); do \
                n=$((n + $(ps -eLo comm= | grep -c \"^vhost-$t\\$\"))); \
              done; echo $n",
-            g.sock.display()
+            vmm_pid(g)
         ))
         .ok("count vhost workers");
     out.trim().parse().unwrap_or(usize::MAX)
+}
+
+/// Shell that sets `$pid` to the guest's VMM process in the test host (its
+/// `--control` path names it; the `[-]` keeps the shell itself out).
+fn vmm_pid(g: &Guest) -> String {
+    format!(
+        "pid=$(pgrep -f -- '[-]-control {}' | head -n 1); [ -n \"$pid\" ] || exit 3;",
+        g.sock.display()
+    )
 }
 
 fn ping_and_move_64_mib_each_way(

@@ -206,6 +206,8 @@ fn mac_from_tap_name_is_stable_local_unicast() {
     assert_eq!(parse_mac("02:11:22:33:44"), None);
     assert_eq!(parse_mac("02:11:22:33:44:55:66"), None);
     assert_eq!(parse_mac("0g:11:22:33:44:55"), None);
+    assert_eq!(format_mac(MAC), "02:11:22:33:44:55");
+    assert_eq!(parse_mac(&format_mac(a)), Some(a), "round trip");
 }
 
 #[test]

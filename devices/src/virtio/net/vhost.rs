@@ -72,6 +72,18 @@ impl std::str::FromStr for VhostMode {
     }
 }
 
+impl VhostMode {
+    /// Whether activations should try vhost-net: `on` insists (an error
+    /// where `/dev/vhost-net` cannot be opened), `auto` follows the probe.
+    pub fn resolve(self) -> io::Result<bool> {
+        match self {
+            VhostMode::Off => Ok(false),
+            VhostMode::On => probe().map(|()| true),
+            VhostMode::Auto => Ok(probe().is_ok()),
+        }
+    }
+}
+
 /// Can this process open `/dev/vhost-net`? (Opening it is the only real
 /// test: the node may exist with the module unloaded or the mode denied.)
 pub fn probe() -> io::Result<()> {

@@ -410,6 +410,32 @@ mod tests {
     }
 
     #[test]
+    fn the_launcher_takes_only_a_known_event_a_timestamp_and_a_count() {
+        assert_eq!(
+            parse_launch("panic\t2026-12-05T01:02:03.456Z\t7\n"),
+            Some(HookRun {
+                event: "panic",
+                time: "2026-12-05T01:02:03.456Z".into(),
+                coalesced: 7,
+            })
+        );
+        for bad in [
+            "panic\t2026-12-05T01:02:03Z\t7",          // no newline
+            "reboot\t2026-12-05T01:02:03Z\t0\n",       // unknown event
+            "panic\t$(rm -rf /)\t0\n",                 // not a timestamp
+            "panic\t\t0\n",                            // empty time
+            "panic\t2026-12-05T01:02:03Z\t-1\n",       // not a count
+            "panic\t2026-12-05T01:02:03Z\t0\textra\n", // a fourth field
+            "panic 2026-12-05T01:02:03Z 0\n",          // no tabs
+            "",
+        ] {
+            assert_eq!(parse_launch(bad), None, "{bad:?}");
+        }
+        let long = format!("panic\t{}\t0\n", "1".repeat(41));
+        assert_eq!(parse_launch(&long), None, "a time over 40 bytes");
+    }
+
+    #[test]
     fn hook_gets_the_event_in_its_environment() {
         let dir = std::env::temp_dir().join(format!("vmm-hook-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -25,7 +25,7 @@ use devices::virtio::{
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_fuzz::virtio::{
-    add_indirect_chain, fill_stream, guest_memory, queue_base, queue_size, walk_chain,
+    add_indirect_chain, fill_stream, fresh_queue, guest_memory, queue_base, queue_size, walk_chain,
     writable_len, Addr, Alloc, BufSpec, InOrderModel, Len, Place,
 };
 
@@ -243,7 +243,7 @@ struct Harness {
 impl Harness {
     fn restart(&mut self, features: u64, size: u8) {
         write_reg(&mut self.t, reg::STATUS, 0);
-        self.q = TestQueue::new(queue_base(0), queue_size(size, QUEUE_MAX));
+        self.q = fresh_queue(&self.mem, 0, queue_size(size, QUEUE_MAX));
         self.model = InOrderModel::new();
         self.status_at = vec![None; usize::from(self.q.size)];
         self.outstanding = 0;

@@ -11,7 +11,7 @@ use devices::virtio::test_utils::{start, write_reg, TestQueue};
 use devices::virtio::{GuestMemoryHandle, GuestMemoryMmap, MmioTransport, Net, NetStats};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 
-use crate::virtio::{guest_memory, queue_base, queue_size, Alloc};
+use crate::virtio::{fresh_queue, guest_memory, queue_base, queue_size, Alloc};
 
 pub type Manager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
@@ -116,8 +116,8 @@ impl NetHarness {
     /// to check what that serves.
     pub fn restart(&mut self, features: u64, rx_size: u8, tx_size: u8) -> u32 {
         write_reg(&mut self.t, reg::STATUS, 0);
-        self.rxq = TestQueue::new(queue_base(RX), queue_size(rx_size, QUEUE_MAX));
-        self.txq = TestQueue::new(queue_base(TX), queue_size(tx_size, QUEUE_MAX));
+        self.rxq = fresh_queue(&self.mem, RX, queue_size(rx_size, QUEUE_MAX));
+        self.txq = fresh_queue(&self.mem, TX, queue_size(tx_size, QUEUE_MAX));
         start(&mut self.t, features, &[&self.rxq, &self.txq])
     }
 

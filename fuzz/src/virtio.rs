@@ -40,7 +40,22 @@ pub fn guest_memory() -> GuestMemoryMmap {
 
 /// Base of queue `i`'s rings (descriptor table, then avail, then used).
 pub fn queue_base(i: usize) -> u64 {
-    RING_AREA.0 + 0x3000 * i as u64
+    RING_AREA.0 + QUEUE_AREA * i as u64
+}
+
+/// Room for one queue's rings at the largest size.
+const QUEUE_AREA: u64 = 0x3000;
+
+/// Queue `i` at `size`, its rings zeroed first, as a driver allocating
+/// fresh rings after a reset does. Without the zeroing, a queue of another
+/// size laid over the last one finds the old descriptors where its avail
+/// and used rings now are: a device following them is right to, and the
+/// model (which starts from empty rings) would report it as a bug.
+pub fn fresh_queue(mem: &GuestMemoryMmap, i: usize, size: u16) -> TestQueue {
+    let base = queue_base(i);
+    mem.write_slice(&[0u8; QUEUE_AREA as usize], GuestAddress(base))
+        .expect("the ring area is in guest memory");
+    TestQueue::new(base, size)
 }
 
 /// A queue size from a fuzz byte: a power of two from 1 to `max`.

@@ -51,6 +51,27 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
     assert!(out.contains("2 vCPU(s), 64 MiB"), "{out}");
     assert!(out.contains(&img.display().to_string()), "{out}");
     assert!(!sock.exists(), "a dry run created the control socket");
+    assert!(out.contains("sandbox: own user (uid 0), no capabilities"), "{out}");
+
+    // With --user, whether that user could still read the kernel and
+    // write beside the config (the state file) once the VMM drops to it:
+    // the directory is root's, 0755 at most.
+    let (code, out, err) = check(&["--config", &cfg_s, "--user", "nobody"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "vmm: user nobody could not write to {} after start-up (its owner, group or mode)",
+            d.path().display()
+        )
+    );
+    let state = d.path().join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    std::os::unix::fs::chown(&state, Some(65534), None).expect("chown");
+    let state_s = state.display().to_string();
+    let (code, out, err) = check(&["--config", &cfg_s, "--user", "nobody", "--state-dir", &state_s]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("sandbox: user nobody (uid 65534"), "{out}");
 
     // The first problem, in one line, exit 2.
     let missing = d.path().join("gone.img");

@@ -162,13 +162,17 @@ pub fn load_kernel_choice(path: &Path) -> Option<String> {
     v.get("kernel")?.as_str().map(str::to_string)
 }
 
-/// Where the state file lives: beside the config file, else beside the
-/// control socket.
+/// Where the state file lives: in `--state-dir`, else beside the config
+/// file, else beside the control socket.
 pub fn state_file_path(
+    state_dir: Option<&Path>,
     config_file: Option<&Path>,
     control: Option<&Path>,
     name: &str,
 ) -> Option<PathBuf> {
+    if let Some(d) = state_dir {
+        return Some(d.join("state.json"));
+    }
     config_file
         .and_then(Path::parent)
         .map(|d| d.join(format!("{name}.state.json")))
@@ -291,16 +295,30 @@ mod tests {
     }
 
     #[test]
-    fn state_file_sits_beside_the_config_or_the_socket() {
+    fn state_file_sits_in_the_state_dir_else_beside_the_config_or_the_socket() {
         assert_eq!(
-            state_file_path(Some(Path::new("/etc/vmm/web1.toml")), None, "web1"),
+            state_file_path(
+                Some(Path::new("/var/lib/vmm/web1")),
+                Some(Path::new("/etc/vmm/web1.toml")),
+                None,
+                "web1"
+            ),
+            Some(PathBuf::from("/var/lib/vmm/web1/state.json"))
+        );
+        assert_eq!(
+            state_file_path(None, Some(Path::new("/etc/vmm/web1.toml")), None, "web1"),
             Some(PathBuf::from("/etc/vmm/web1.state.json"))
         );
         assert_eq!(
-            state_file_path(None, Some(Path::new("/run/vmm/web1/control.sock")), "web1"),
+            state_file_path(
+                None,
+                None,
+                Some(Path::new("/run/vmm/web1/control.sock")),
+                "web1"
+            ),
             Some(PathBuf::from("/run/vmm/web1/state.json"))
         );
-        assert_eq!(state_file_path(None, None, "x"), None);
+        assert_eq!(state_file_path(None, None, None, "x"), None);
     }
 
     #[test]

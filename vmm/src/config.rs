@@ -125,6 +125,17 @@ pub struct Cli {
     /// (on, the default), is only logged by the kernel (log), or no filter (off).
     #[arg(long, value_name = "on|log|off")]
     pub seccomp: Option<String>,
+    /// After start-up, confine the VMM: Landlock file access, no capabilities (on, the
+    /// default), or keep root's everything (off, logged as such).
+    #[arg(long, value_name = "on|off")]
+    pub sandbox: Option<String>,
+    /// After start-up, become this user (and its groups); needs a start as root.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Keep the VM's state (the customer's kernel choice) in DIR/state.json rather than
+    /// beside the config file.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -171,6 +182,9 @@ struct FileConfig {
     exit_on_poweroff: Option<bool>,
     library_modules: Option<String>,
     seccomp: Option<String>,
+    sandbox: Option<String>,
+    user: Option<String>,
+    state_dir: Option<PathBuf>,
     control: Option<PathBuf>,
     #[serde(default)]
     allow_user: Vec<String>,
@@ -215,6 +229,12 @@ pub struct VmConfig {
     pub library_modules: bool,
     /// `--seccomp`: the filters of the guest-facing threads.
     pub seccomp: crate::seccomp::Mode,
+    /// `--sandbox`: confinement after start-up (sandbox.rs).
+    pub sandbox: crate::sandbox::Mode,
+    /// `--user`: who the VMM becomes after start-up.
+    pub user: Option<String>,
+    /// `--state-dir`: where the state file lives, if not beside the config file.
+    pub state_dir: Option<PathBuf>,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
@@ -473,6 +493,14 @@ impl VmConfig {
                 reason,
             })?,
         };
+        let sandbox = match cli.sandbox.or(file.sandbox) {
+            None => crate::sandbox::Mode::default(),
+            Some(v) => v.parse().map_err(|reason| ConfigError::Spec {
+                flag: "--sandbox".into(),
+                spec: v.clone(),
+                reason,
+            })?,
+        };
         let cfg = VmConfig {
             name,
             kernel,
@@ -485,6 +513,9 @@ impl VmConfig {
             exit_on_poweroff: cli.exit_on_poweroff || file.exit_on_poweroff.unwrap_or(false),
             library_modules,
             seccomp,
+            sandbox,
+            user: cli.user.or(file.user),
+            state_dir: cli.state_dir.or(file.state_dir),
             config_file: cli.config,
             control: cli.control.or(file.control),
             disks,

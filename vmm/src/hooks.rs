@@ -42,7 +42,11 @@ static LAUNCHER: OnceLock<Mutex<UnixStream>> = OnceLock::new();
 /// Forks the hook launcher for `command`; call while the process has one
 /// thread (first thing in `runtime::run`). Without a launcher (never
 /// started, or this fails) hooks run in-process.
-pub fn start_launcher(command: &str, vm: &str) -> std::io::Result<()> {
+pub fn start_launcher(
+    command: &str,
+    vm: &str,
+    sandbox: &crate::sandbox::Plan,
+) -> std::io::Result<()> {
     let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
     if threads != 1 {
         return Err(std::io::Error::other(format!(
@@ -56,6 +60,20 @@ pub fn start_launcher(command: &str, vm: &str) -> std::io::Result<()> {
         -1 => Err(std::io::Error::last_os_error()),
         0 => {
             drop(ours);
+            // Hooks run as the VM's user, with no capabilities; the
+            // launcher is not confined further (a hook may need to mail,
+            // log or call out).
+            let dropped = match sandbox.mode {
+                crate::sandbox::Mode::On => {
+                    crate::sandbox::drop_privileges(sandbox.identity.as_ref())
+                }
+                crate::sandbox::Mode::Off => Ok(()),
+            };
+            if let Err(e) = dropped {
+                eprintln!("vmm: hook launcher: {e}");
+                // SAFETY: ending the child without running the parent's destructors.
+                unsafe { libc::_exit(1) };
+            }
             launcher_main(theirs, command, vm, HOOK_TIMEOUT)
         }
         _ => {

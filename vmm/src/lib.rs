@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod machine;
 pub mod platform;
 pub mod runtime;
+pub mod sandbox;
 pub mod seccomp;
 pub mod service;
 pub mod spawner;

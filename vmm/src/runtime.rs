@@ -15,6 +15,7 @@ use crate::actions::{load_kernel_choice, state_file_path, VmControlHandler};
 use crate::config::{ConsoleMode, VmConfig};
 use crate::console::{ConsoleConfig, ConsoleHub, QuitRequested, StdioConsole};
 use crate::control::{AccessPolicy, ControlConfig, ControlServer, EventBroadcaster};
+use crate::sandbox::Plan;
 use crate::vm::{Flow, Vm, VmHooks, VmmError};
 
 pub type SharedVm = Arc<Mutex<Vm>>;
@@ -198,18 +199,65 @@ fn stdin_is_tty() -> bool {
     unsafe { libc::isatty(0) == 1 }
 }
 
+/// With `--user`, vhost-net needs that user to be able to open
+/// `/dev/vhost-net` at each activation (Debian makes it root's alone):
+/// `vhost=auto` falls back to the userspace datapath, `vhost=on` is an
+/// error now rather than at the guest's first DRIVER_OK.
+fn vhost_for_user(config: &mut VmConfig, plan: &Plan) -> Result<(), VmmError> {
+    use devices::virtio::net::vhost::{VhostMode, VHOST_NET_DEV};
+    let Some(id) = &plan.identity else {
+        return Ok(());
+    };
+    if id.may_open_rw(std::path::Path::new(VHOST_NET_DEV)) {
+        return Ok(());
+    }
+    for net in &mut config.nets {
+        match net.vhost {
+            VhostMode::Off => {}
+            VhostMode::Auto => {
+                tracing::info!(
+                    "{}: user {} cannot open {VHOST_NET_DEV}: userspace datapath",
+                    net.tap,
+                    id.name
+                );
+                net.vhost = VhostMode::Off;
+            }
+            VhostMode::On => {
+                return Err(VmmError::Setup(format!(
+                    "{}: vhost=on, but user {} cannot open {VHOST_NET_DEV} (give its group \
+                     read-write access, or use vhost=auto)",
+                    net.tap, id.name
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the VM until it exits; returns the process exit status.
-pub fn run(config: VmConfig) -> Result<u8, VmmError> {
+pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| VmmError::Setup(format!("{what}: {e}"));
+    let state_file = state_file_path(
+        config.state_dir.as_deref(),
+        config.config_file.as_deref(),
+        config.control.as_deref(),
+        &config.name,
+    );
+    // Resolved now: the user database is out of reach once confined.
+    let plan =
+        Plan::for_config(&config, state_file.as_deref()).map_err(|e| setup("sandbox", &e))?;
+    vhost_for_user(&mut config, &plan)?;
     // First, while this is the only thread: the hook launcher (hooks.rs).
     if let Some(cmd) = &config.alert_hook {
-        if let Err(e) = crate::hooks::start_launcher(cmd, &config.name) {
+        if let Err(e) = crate::hooks::start_launcher(cmd, &config.name, &plan) {
             tracing::warn!("alert hooks run in the VMM's process: {e}");
         }
     }
     let hub = ConsoleHub::new(ConsoleConfig {
         log_path: config.console_log.clone(),
         log_limits: config.console_log_limits,
+        // Its thread starts once the process is confined.
+        defer_log_thread: true,
         ..Default::default()
     })
     .map_err(|e| setup("console", &e))?;
@@ -225,11 +273,6 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
             b.publish(ev);
         }),
     };
-    let state_file = state_file_path(
-        config.config_file.as_deref(),
-        config.control.as_deref(),
-        &config.name,
-    );
     let mut vm = Vm::new(config.clone(), hooks)?;
     if let Some(p) = &state_file {
         vm.next_kernel = load_kernel_choice(p);
@@ -264,7 +307,6 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
     for sub in lock(&vm).virtio_subscribers.clone() {
         em.add_subscriber(sub);
     }
-    spawn_disk_threads(lock(&vm).disk_subscribers.clone())?;
     let stdio = match config.console {
         ConsoleMode::Stdio => true,
         ConsoleMode::None => false,
@@ -287,8 +329,18 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         em.add_subscriber(Arc::new(Mutex::new(server)));
     }
 
-    // Start-up is done: from here on every thread is filtered (seccomp.rs),
-    // the event loop's own before the first boot.
+    // Start-up is done: everything root had to open is open. The process
+    // confines itself while it has a single thread, so that every thread
+    // started from here on inherits it (sandbox.rs).
+    match plan.apply().map_err(|e| setup("sandbox", &e))? {
+        Some(landlock) => tracing::info!("{}; Landlock {landlock:?}", plan.describe()),
+        None => tracing::info!("{}", plan.describe()),
+    }
+    crate::sandbox::probe_open_for_tests();
+    hub.start_log().map_err(|e| setup("console", &e))?;
+    spawn_disk_threads(lock(&vm).disk_subscribers.clone())?;
+    // From here on every thread is filtered (seccomp.rs), the event loop's
+    // own before the first boot.
     crate::spawner::start().map_err(|e| setup("spawner thread", &e))?;
     crate::seccomp::install(crate::seccomp::Kind::EventLoop);
     lock(&vm).power_on()?;

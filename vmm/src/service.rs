@@ -102,6 +102,7 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
     if let Some(log) = &cfg.console_log {
         dir_exists("console log", log)?;
     }
+    let sandbox = check_sandbox(cfg)?;
     let list = |v: &[String]| {
         if v.is_empty() {
             "none".to_string()
@@ -110,7 +111,7 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
         }
     };
     Ok(format!(
-        "{}: ok: {kernel}, {} vCPU(s), {} MiB, disks: {}, nets: {}, control socket: {}",
+        "{}: ok: {kernel}, {} vCPU(s), {} MiB, disks: {}, nets: {}, control socket: {}; {sandbox}",
         cfg.name,
         cfg.vcpus,
         cfg.mem_mib,
@@ -120,6 +121,39 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
             .as_deref()
             .map_or("none".to_string(), |p| p.display().to_string()),
     ))
+}
+
+/// The sandbox the VMM would enter, and whether its user could still do
+/// what the VM needs after start-up: read the kernels, write the console
+/// log's and the state file's directories.
+fn check_sandbox(cfg: &VmConfig) -> Result<String, String> {
+    use crate::sandbox::{Grant, Plan};
+    let state = crate::actions::state_file_path(
+        cfg.state_dir.as_deref(),
+        cfg.config_file.as_deref(),
+        cfg.control.as_deref(),
+        &cfg.name,
+    );
+    let plan = Plan::for_config(cfg, state.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(id) = &plan.identity {
+        for (path, grant) in &plan.rules {
+            let dir = path.is_dir();
+            let (bits, what) = match grant {
+                Grant::Read if dir => (0o5, "read"),
+                Grant::Read => (0o4, "read"),
+                Grant::ReadWriteDir => (0o3, "write to"),
+                Grant::Remove | Grant::Device => continue,
+            };
+            if path.exists() && !id.may(path, bits) {
+                return Err(format!(
+                    "user {} could not {what} {} after start-up (its owner, group or mode)",
+                    id.name,
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(plan.describe())
 }
 
 fn readable(p: &Path) -> Result<(), String> {

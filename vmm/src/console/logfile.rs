@@ -134,11 +134,22 @@ struct LogShared {
 
 pub(super) struct LogWriter {
     shared: Arc<LogShared>,
-    thread: Option<JoinHandle<()>>,
+    state: Mutex<WriterState>,
+}
+
+/// The log file until its writer thread starts, then the thread.
+enum WriterState {
+    /// Opened, not yet written: the VMM confines itself (sandbox.rs) before
+    /// it starts any thread; output queues meanwhile.
+    Deferred(RotatingLog, String),
+    Running(JoinHandle<()>),
+    Done,
 }
 
 impl LogWriter {
-    pub(super) fn start(path: &Path, limits: LogLimits) -> Result<Self, ConsoleError> {
+    /// Opens the log; its writer thread starts now, or at [`Self::begin`]
+    /// when `defer`.
+    pub(super) fn start(path: &Path, limits: LogLimits, defer: bool) -> Result<Self, ConsoleError> {
         let log = RotatingLog::open(path, limits).map_err(|source| ConsoleError::OpenLog {
             path: path.to_path_buf(),
             source,
@@ -147,8 +158,27 @@ impl LogWriter {
             queue: Mutex::new((DropQueue::new(LOG_BACKLOG), false)),
             cond: Condvar::new(),
         });
-        let thread_shared = shared.clone();
-        let display = path.display().to_string();
+        let writer = LogWriter {
+            shared,
+            state: Mutex::new(WriterState::Deferred(log, path.display().to_string())),
+        };
+        if !defer {
+            writer.begin()?;
+        }
+        Ok(writer)
+    }
+
+    /// Starts the writer thread (once; later calls do nothing).
+    pub(super) fn begin(&self) -> Result<(), ConsoleError> {
+        let mut state = lock(&self.state);
+        if !matches!(*state, WriterState::Deferred(..)) {
+            return Ok(());
+        }
+        let WriterState::Deferred(log, display) = std::mem::replace(&mut *state, WriterState::Done)
+        else {
+            return Ok(());
+        };
+        let thread_shared = self.shared.clone();
         let thread = std::thread::Builder::new()
             .name("console-log".into())
             .spawn(move || {
@@ -156,10 +186,8 @@ impl LogWriter {
                 log_writer_thread(log, &thread_shared, &display)
             })
             .map_err(ConsoleError::LogThread)?;
-        Ok(LogWriter {
-            shared,
-            thread: Some(thread),
-        })
+        *state = WriterState::Running(thread);
+        Ok(())
     }
 
     pub(super) fn push(&self, bytes: &[u8]) {
@@ -173,9 +201,14 @@ impl Drop for LogWriter {
     fn drop(&mut self) {
         lock(&self.shared.queue).1 = true;
         self.shared.cond.notify_one();
-        if let Some(thread) = self.thread.take() {
+        match std::mem::replace(&mut *lock(&self.state), WriterState::Done) {
             // The writer flushes what is queued and exits; a panic there is already reported.
-            let _ = thread.join();
+            WriterState::Running(thread) => {
+                let _ = thread.join();
+            }
+            // Never started: what is queued is written here.
+            WriterState::Deferred(log, display) => log_writer_thread(log, &self.shared, &display),
+            WriterState::Done => {}
         }
     }
 }
@@ -320,7 +353,9 @@ mod tests {
         std::fs::write(&target, "precious").unwrap();
         let path = d.join("c.log");
         std::os::unix::fs::symlink(&target, &path).unwrap();
-        let e = LogWriter::start(&path, LogLimits::default()).err().unwrap();
+        let e = LogWriter::start(&path, LogLimits::default(), false)
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("cannot open console log"), "{e}");
         // And at rotation: a link planted at PATH.1 is replaced, not written through.
         std::fs::remove_file(&path).unwrap();
@@ -335,6 +370,30 @@ mod tests {
         .unwrap();
         log.write(b"abcd").unwrap();
         assert_eq!(read(&target), "precious");
+        std::fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn a_deferred_log_keeps_what_came_before_its_thread_started() {
+        let d = dir("deferred");
+        let path = d.join("c.log");
+        let w = LogWriter::start(&path, LogLimits::default(), true).unwrap();
+        w.push(b"early ");
+        assert_eq!(
+            read(&path),
+            "",
+            "nothing is written before the thread starts"
+        );
+        w.begin().unwrap();
+        w.begin().unwrap();
+        w.push(b"late");
+        drop(w);
+        assert_eq!(read(&path), "early late");
+        // Never started: dropping it still writes what was queued.
+        let w = LogWriter::start(&path, LogLimits::default(), true).unwrap();
+        w.push(b"!");
+        drop(w);
+        assert_eq!(read(&path), "early late!");
         std::fs::remove_dir_all(&d).ok();
     }
 }

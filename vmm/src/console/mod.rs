@@ -86,6 +86,8 @@ pub struct ConsoleConfig {
     pub log_path: Option<PathBuf>,
     /// Its size cap and how many rotated files are kept.
     pub log_limits: LogLimits,
+    /// Start the log's writer thread only at [`ConsoleHub::start_log`].
+    pub defer_log_thread: bool,
 }
 
 impl Default for ConsoleConfig {
@@ -96,6 +98,7 @@ impl Default for ConsoleConfig {
             input_capacity: DEFAULT_INPUT_CAPACITY,
             log_path: None,
             log_limits: LogLimits::default(),
+            defer_log_thread: false,
         }
     }
 }
@@ -203,7 +206,11 @@ impl ConsoleHub {
     /// Creates the hub; opens the log file (O_APPEND, created 0640) and starts its writer thread.
     pub fn new(config: ConsoleConfig) -> Result<Self, ConsoleError> {
         let log = match &config.log_path {
-            Some(path) => Some(LogWriter::start(path, config.log_limits)?),
+            Some(path) => Some(LogWriter::start(
+                path,
+                config.log_limits,
+                config.defer_log_thread,
+            )?),
             None => None,
         };
         Ok(ConsoleHub {
@@ -226,6 +233,15 @@ impl ConsoleHub {
                 log,
             }),
         })
+    }
+
+    /// Starts the console log's writer thread when its start was deferred
+    /// (`defer_log_thread`); output before it waits in the log's queue.
+    pub fn start_log(&self) -> Result<(), ConsoleError> {
+        match &self.inner.log {
+            Some(log) => log.begin(),
+            None => Ok(()),
+        }
     }
 
     /// Guest console output. Called from the vCPU thread; never blocks on I/O (only short

@@ -164,10 +164,10 @@ pub fn peer_cred(stream: &UnixStream) -> io::Result<libc::ucred> {
     Ok(cred)
 }
 
-struct User {
-    uid: u32,
-    gid: u32,
-    name: CString,
+pub(crate) struct User {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) name: CString,
 }
 
 /// Runs a reentrant name-service lookup with a growing buffer.
@@ -215,7 +215,7 @@ fn passwd_result(
     }))
 }
 
-fn lookup_user(name: &str) -> Result<Option<User>, AccessError> {
+pub(crate) fn lookup_user(name: &str) -> Result<Option<User>, AccessError> {
     let cname = CString::new(name).map_err(|_| AccessError::InvalidName(name.to_string()))?;
     with_buffer(name, |buf| {
         // SAFETY: passwd is plain data filled by getpwnam_r.

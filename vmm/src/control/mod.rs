@@ -40,6 +40,7 @@ mod tests;
 use std::io;
 use std::path::PathBuf;
 
+pub(crate) use access::lookup_user;
 pub use access::{
     is_allowed, peer_cred, supplementary_groups, AccessError, AccessPolicy, PeerIdentity,
 };

@@ -38,9 +38,10 @@ fn command(tag: &str, env: &[(&str, &str)], extra: &[&str]) -> (TempDir, std::pr
         .arg(format!("path={}", img.display()))
         .arg("--console-log")
         .arg(dir.path().join("console.log"))
-        .arg("--state-dir")
-        .arg(&state)
         .args(extra);
+    if !extra.contains(&"--state-dir") {
+        cmd.arg("--state-dir").arg(&state);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -199,6 +200,24 @@ fn the_confined_vmm_still_creates_files_in_its_console_logs_directory() {
     );
     assert_eq!(owner(&target), nobody.0, "created by the VMM as nobody");
     assert!(p.wait_for("READY", T), "{}", p.report());
+    let _ = p.child.kill();
+}
+
+#[test]
+fn a_missing_state_directory_is_made_for_the_user_the_vmm_becomes() {
+    let root = TempDir::new("sandbox-state-root");
+    let made = root.path().join("var-lib-vmm").join("boxed");
+    let made_s = made.display().to_string();
+    let (_dir, mut p) = start(
+        "sandbox-state",
+        &[],
+        &["--user", "nobody", "--state-dir", &made_s],
+    );
+    assert!(p.wait_for("READY", T), "{}", p.report());
+    let meta = std::fs::metadata(&made).expect("the state directory");
+    assert!(meta.is_dir());
+    assert_eq!(meta.uid(), nobody().0);
+    assert_eq!(meta.mode() & 0o777, 0o750);
     let _ = p.child.kill();
 }
 

@@ -51,7 +51,10 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
     assert!(out.contains("2 vCPU(s), 64 MiB"), "{out}");
     assert!(out.contains(&img.display().to_string()), "{out}");
     assert!(!sock.exists(), "a dry run created the control socket");
-    assert!(out.contains("sandbox: own user (uid 0), no capabilities"), "{out}");
+    assert!(
+        out.contains("sandbox: own user (uid 0), no capabilities"),
+        "{out}"
+    );
 
     // With --user, whether that user could still read the kernel and
     // write beside the config (the state file) once the VMM drops to it:
@@ -69,7 +72,14 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
     std::fs::create_dir(&state).expect("state dir");
     std::os::unix::fs::chown(&state, Some(65534), None).expect("chown");
     let state_s = state.display().to_string();
-    let (code, out, err) = check(&["--config", &cfg_s, "--user", "nobody", "--state-dir", &state_s]);
+    let (code, out, err) = check(&[
+        "--config",
+        &cfg_s,
+        "--user",
+        "nobody",
+        "--state-dir",
+        &state_s,
+    ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("sandbox: user nobody (uid 65534"), "{out}");
 

@@ -246,6 +246,10 @@ pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
     // Resolved now: the user database is out of reach once confined.
     let plan =
         Plan::for_config(&config, state_file.as_deref()).map_err(|e| setup("sandbox", &e))?;
+    if let Some(dir) = &config.state_dir {
+        crate::sandbox::make_state_dir(dir, plan.identity.as_ref())
+            .map_err(|e| setup(&format!("state directory {}", dir.display()), &e))?;
+    }
     vhost_for_user(&mut config, &plan)?;
     // First, while this is the only thread: the hook launcher (hooks.rs).
     if let Some(cmd) = &config.alert_hook {

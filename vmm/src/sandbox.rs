@@ -327,6 +327,24 @@ impl Plan {
     }
 }
 
+/// `--state-dir`: created if missing (mode 0750), given to the user the
+/// VMM becomes, so `set-kernel` can still write there after the drop. An
+/// existing directory is left as the operator made it.
+pub fn make_state_dir(dir: &Path, identity: Option<&Identity>) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)?;
+    if let Some(id) = identity {
+        std::os::unix::fs::chown(dir, Some(id.uid), Some(id.gid))?;
+    }
+    Ok(())
+}
+
 /// Becomes `identity` (when given) and empties every capability set. Also
 /// run by the forked hook launcher, so alert hooks run as the VM's user.
 pub fn drop_privileges(identity: Option<&Identity>) -> Result<(), SandboxError> {

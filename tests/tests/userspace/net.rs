@@ -10,10 +10,21 @@ use tests::guest::{scenario, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP, INI
 /// A mini guest with eth0 up at GUEST_IP; `vhost` is the `--net` key's
 /// value (`off`: the VMM's own datapath, `on`: vhost-net).
 fn net_guest(h: &'static tests::Host, ns: &NetNs, mac: &str, vhost: &str) -> Guest {
+    net_guest_with(h, ns, mac, vhost, &[])
+}
+
+fn net_guest_with(
+    h: &'static tests::Host,
+    ns: &NetNs,
+    mac: &str,
+    vhost: &str,
+    extra: &[&str],
+) -> Guest {
     let spec = Spec::new("mini")
         .memory(384)
         .netns(ns)
-        .args(&["--net", &format!("tap=tap0,mac={mac},vhost={vhost}")]);
+        .args(&["--net", &format!("tap=tap0,mac={mac},vhost={vhost}")])
+        .args(extra);
     let mut g = Guest::start_in(h, spec, HostDir::new(h, "net"));
     g.wait_shell(INIT_OK);
     g.run(&format!(
@@ -27,11 +38,36 @@ fn guest_and_host_ping_each_other_and_move_64_mib_each_way_intact() {
     scenario(|h| {
         let ns = NetNs::new(h, "net");
         let mac = "52:54:00:12:34:56";
-        let mut g = net_guest(h, &ns, mac, "off");
+        // As an operator runs it: dropped to an unprivileged user once
+        // the TAP, /dev/kvm and the socket are open (vmm/src/sandbox.rs).
+        let mut g = net_guest_with(h, &ns, mac, "off", &["--user", "nobody"]);
         ping_and_move_64_mib_each_way(h, &ns, &mut g, mac);
         let s = g.ctl().status();
         assert_eq!(s["nets"][0]["datapath"], "userspace", "{s}");
+        assert!(
+            s["nets"][0]["rx_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
+            "{s}"
+        );
         assert_eq!(vhost_workers(h, &g), 0, "no vhost-net worker");
+        // Every thread: nobody's uid (real, effective, saved, fs), no
+        // capability in any set, filtered, no_new_privs.
+        let threads = h
+            .sh(&format!(
+                "{} for t in /proc/$pid/task/*; do \
+                   echo \"$(cat $t/comm)\" $(grep -E '^(Uid|CapInh|CapPrm|CapEff|CapBnd|CapAmb|Seccomp|NoNewPrivs):' $t/status | cut -f2- | tr -s '\t' ' ' | tr '\n' ' '); \
+                 done",
+                vmm_pid(&g)
+            ))
+            .ok("thread list");
+        let nobody = h.sh("id -u nobody").ok("uid of nobody");
+        let u = nobody.trim();
+        let zero = "0000000000000000";
+        let want = format!("{u} {u} {u} {u} {zero} {zero} {zero} {zero} {zero} 1 2");
+        assert!(threads.lines().count() >= 4, "{threads}");
+        for l in threads.lines() {
+            let (_, rest) = l.split_once(' ').unwrap_or((l, ""));
+            assert_eq!(rest.trim(), want, "{l}\n{threads}");
+        }
     });
 }
 

@@ -32,13 +32,23 @@ fn command(tag: &str, env: &[(&str, &str)], extra: &[&str]) -> (TempDir, std::pr
     std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
     let state = dir.path().join("state");
     std::fs::create_dir(&state).expect("state dir");
-    let sock = dir.path().join("control.sock");
+    // `--control PATH` in `extra` replaces the default socket.
+    let at = extra.iter().position(|a| *a == "--control");
+    let sock = at
+        .and_then(|i| extra.get(i + 1))
+        .map_or_else(|| dir.path().join("control.sock"), std::path::PathBuf::from);
+    let extra: Vec<&str> = extra
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| at.is_none_or(|a| *i != a && *i != a + 1))
+        .map(|(_, a)| *a)
+        .collect();
     let mut cmd = vmm_command(dir.path(), "boxed", &a, &sock);
     cmd.args(["--vcpus", "2", "--disk"])
         .arg(format!("path={}", img.display()))
         .arg("--console-log")
         .arg(dir.path().join("console.log"))
-        .args(extra);
+        .args(&extra);
     if !extra.contains(&"--state-dir") {
         cmd.arg("--state-dir").arg(&state);
     }
@@ -208,10 +218,16 @@ fn a_missing_state_directory_is_made_for_the_user_the_vmm_becomes() {
     let root = TempDir::new("sandbox-state-root");
     let made = root.path().join("var-lib-vmm").join("boxed");
     let made_s = made.display().to_string();
+    let probe = format!("w:{}", made.join("state.json.tmp").display());
     let (_dir, mut p) = start(
         "sandbox-state",
-        &[],
+        &[("VMM_TEST_OPEN", &probe)],
         &["--user", "nobody", "--state-dir", &made_s],
+    );
+    let err = wait_for_stderr(&p, "vmm: test: open");
+    assert!(
+        err.contains(&format!("vmm: test: open {probe}: allowed")),
+        "{err}"
     );
     assert!(p.wait_for("READY", T), "{}", p.report());
     let meta = std::fs::metadata(&made).expect("the state directory");
@@ -260,4 +276,107 @@ fn a_user_that_does_not_exist_or_a_user_without_the_sandbox_is_refused_in_one_li
 
 fn owner(p: &std::path::Path) -> u32 {
     std::fs::metadata(p).map(|m| m.uid()).unwrap_or(u32::MAX)
+}
+
+/// Connects to `sock` as uid/gid 65534 holding the supplementary groups
+/// `groups`, sends `{"cmd":"status"}` and returns the first line answered.
+/// A forked child does it (the test process keeps its root): between fork
+/// and `_exit` it makes only system calls on memory prepared before.
+fn status_as_nobody_with_groups(sock: &std::path::Path, groups: &[libc::gid_t]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all zeros is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let path = sock.as_os_str().as_bytes();
+    assert!(path.len() < addr.sun_path.len());
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let request = b"{\"cmd\":\"status\"}\n";
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` has room for two descriptors.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    // SAFETY: the child makes only async-signal-safe system calls on
+    // memory prepared above and ends with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(pipe[0]);
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                libc::_exit(2);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            if fd < 0 || libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) != 0 {
+                libc::_exit(3);
+            }
+            libc::write(fd, request.as_ptr().cast(), request.len());
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+                if n <= 0 {
+                    break;
+                }
+                libc::write(pipe[1], buf.as_ptr().cast(), n as usize);
+                if buf[..n as usize].contains(&b'\n') {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: our end of the pipe; the child holds the other.
+    unsafe { libc::close(pipe[1]) };
+    // SAFETY: the read end is ours alone from here.
+    let mut r = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(pipe[0]) };
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut r, &mut out);
+    let mut status = 0;
+    // SAFETY: reaping our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(libc::WEXITSTATUS(status), 0, "the client as nobody failed");
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn a_customer_admitted_by_a_supplementary_group_reaches_the_confined_vmm() {
+    // The group need not exist: the socket and its directory get its id,
+    // and the VMM reads the peer's groups from the socket (SO_PEERGROUPS),
+    // not from /etc/group, which Landlock keeps it out of.
+    // The socket in a run directory of its own, which the VMM makes
+    // (0750, with the group), under a directory anyone may pass.
+    let run = TempDir::new("sandbox-group-run");
+    let sock = run.path().join("boxed").join("control.sock");
+    let sock_s = sock.display().to_string();
+    let (_dir, mut p) = start(
+        "sandbox-group",
+        &[],
+        &[
+            "--user",
+            "nobody",
+            "--allow-group",
+            "4242",
+            "--control",
+            &sock_s,
+        ],
+    );
+    assert!(p.wait_for("READY", T), "{}", p.report());
+    let answer = status_as_nobody_with_groups(&sock, &[4242]);
+    assert!(answer.contains("\"state\":\"running\""), "{answer}");
+    // Without the group the file system already refuses; open it up so
+    // that only the VMM's own check is left to refuse.
+    use std::os::unix::fs::PermissionsExt;
+    let open = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod")
+    };
+    open(sock.parent().expect("run dir"), 0o755);
+    open(&sock, 0o666);
+    let answer = status_as_nobody_with_groups(&sock, &[4243]);
+    assert!(answer.contains("\"code\":\"forbidden\""), "{answer}");
+    let _ = p.child.kill();
 }

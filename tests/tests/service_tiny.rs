@@ -57,9 +57,27 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
     );
 
     // With --user, whether that user could still read the kernel and
-    // write beside the config (the state file) once the VMM drops to it:
-    // the directory is root's, 0755 at most.
+    // write the console log's directory once the VMM drops to it (this
+    // one is root's, 0755), and what the sandbox costs: the state file is
+    // not written beside the config file, where other VMs' configs are.
     let (code, out, err) = check(&["--config", &cfg_s, "--user", "nobody"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "warning: the sandbox keeps the VMM out of {}: set-kernel cannot save",
+            d.path().display()
+        )),
+        "{out}"
+    );
+    let log = d.path().join("console.log").display().to_string();
+    let (code, out, err) = check(&[
+        "--config",
+        &cfg_s,
+        "--user",
+        "nobody",
+        "--console-log",
+        &log,
+    ]);
     assert_eq!(code, Some(2), "{out}{err}");
     assert_eq!(
         err.trim_end(),
@@ -82,6 +100,18 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
     ]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("sandbox: user nobody (uid 65534"), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    // A state directory still to be made is made for the user at start.
+    let later = d.path().join("later").display().to_string();
+    let (code, out, err) = check(&[
+        "--config",
+        &cfg_s,
+        "--user",
+        "nobody",
+        "--state-dir",
+        &later,
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
 
     // The first problem, in one line, exit 2.
     let missing = d.path().join("gone.img");

@@ -80,8 +80,27 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
 /// `/proc/self/net/dev` (this process's network namespace, where the TAP
 /// is): they count either datapath, the kernel's included.
 fn tap_bytes(tap: &str) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/self/net/dev").ok()?;
-    parse_net_dev(&text, tap)
+    use std::os::unix::fs::FileExt;
+    let f = NET_DEV.get()?.as_ref()?;
+    // A seq_file: every read from offset 0 is a fresh snapshot.
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while text.len() < (1 << 20) {
+        let n = f.read_at(&mut buf, text.len() as u64).ok()?;
+        if n == 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n]);
+    }
+    parse_net_dev(&String::from_utf8_lossy(&text), tap)
+}
+
+static NET_DEV: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/net/dev` for [`tap_bytes`]: at start-up, before the
+/// sandbox (which grants no path under `/proc`).
+pub fn open_net_dev() {
+    let _ = NET_DEV.get_or_init(|| std::fs::File::open("/proc/self/net/dev").ok());
 }
 
 /// `  tap0: RXBYTES RXPACKETS ... (8 receive fields) TXBYTES ...`.

@@ -64,8 +64,11 @@ pub fn start_launcher(
             // launcher is not confined further (a hook may need to mail,
             // log or call out).
             let dropped = match sandbox.mode {
+                // Without no_new_privs: a hook may mail through a set-gid
+                // helper (postdrop); the locked secure bits and the empty
+                // bounding set keep capabilities away all the same.
                 crate::sandbox::Mode::On => {
-                    crate::sandbox::drop_privileges(sandbox.identity.as_ref())
+                    crate::sandbox::drop_privileges(sandbox.identity.as_ref(), false)
                 }
                 crate::sandbox::Mode::Off => Ok(()),
             };

@@ -336,6 +336,12 @@ pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
     // Start-up is done: everything root had to open is open. The process
     // confines itself while it has a single thread, so that every thread
     // started from here on inherits it (sandbox.rs).
+    // Read through a descriptor opened now (procfs entries are not stable
+    // inodes for Landlock).
+    crate::actions::open_net_dev();
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
     match plan.apply().map_err(|e| setup("sandbox", &e))? {
         Some(landlock) => tracing::info!("{}; Landlock {landlock:?}", plan.describe()),
         None => tracing::info!("{}", plan.describe()),

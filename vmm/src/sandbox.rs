@@ -116,8 +116,14 @@ impl Identity {
     }
 
     /// Do `path`'s mode bits give this user all of `want` (an `rwx` mask,
-    /// e.g. `0o3` to create files in a directory)?
+    /// e.g. `0o3` to create files in a directory), and may it pass through
+    /// every directory above it?
     pub fn may(&self, path: &Path, want: u32) -> bool {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        abs.ancestors().skip(1).all(|a| self.may_here(a, 0o1)) && self.may_here(&abs, want)
+    }
+
+    fn may_here(&self, path: &Path, want: u32) -> bool {
         let Ok(meta) = std::fs::metadata(path) else {
             return false;
         };
@@ -140,8 +146,6 @@ pub enum Grant {
     Read,
     /// Read, write, create, truncate and remove regular files beneath a directory.
     ReadWriteDir,
-    /// Remove entries of a directory (the control socket at exit).
-    Remove,
     /// Open a device node read-write and use its ioctls.
     Device,
 }
@@ -158,7 +162,6 @@ impl Grant {
                     | AccessFs::RemoveFile
                     | AccessFs::Truncate
             }
-            Grant::Remove => AccessFs::RemoveFile.into(),
             Grant::Device => AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
         };
         // Rights this ABI does not know are left to best effort.
@@ -173,6 +176,8 @@ pub struct Plan {
     pub identity: Option<Identity>,
     /// The only paths a confined VMM may open, and how.
     pub rules: Vec<(PathBuf, Grant)>,
+    /// What the confinement will cost this VM (said in the log and by `vmm check`).
+    pub warnings: Vec<String>,
 }
 
 /// Landlock's newest ABI this build knows; older kernels get what they
@@ -195,32 +200,59 @@ impl Plan {
             (None, _) => None,
         };
         let mut rules = Vec::new();
+        let mut warnings = Vec::new();
+        // Absolute, so that a relative path never grants the working
+        // directory (`/` under systemd).
+        let parent = |p: &Path| -> PathBuf {
+            let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            abs.parent()
+                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+        };
         match &cfg.kernel {
             // `set-kernel` may pick any entry of the library at a reboot.
-            KernelSource::Library { dir, .. } => rules.push((dir.clone(), Grant::Read)),
+            KernelSource::Library { dir, .. } => rules.push((
+                std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+                Grant::Read,
+            )),
+            // Their directories, read-only: a rule on a file follows its
+            // inode, and an upgrade replaces the file with a new one.
             KernelSource::Path { kernel, initrd } => {
-                rules.push((kernel.clone(), Grant::Read));
+                rules.push((parent(kernel), Grant::Read));
                 if let Some(i) = initrd {
-                    rules.push((i.clone(), Grant::Read));
+                    rules.push((parent(i), Grant::Read));
                 }
             }
         }
-        let parent = |p: &Path| {
-            p.parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-        };
-        // Rotation renames the log and creates a new one beside it.
+        // Rotation renames the log and creates a new one beside it: its
+        // directory must be the VM's own (every file beneath it is open to
+        // the VMM).
         if let Some(log) = &cfg.console_log {
-            rules.push((parent(log), Grant::ReadWriteDir));
+            let dir = parent(log);
+            if dir == Path::new("/") {
+                return Err(SandboxError::Check(format!(
+                    "console log {}: put it in a directory of its own, not /",
+                    log.display()
+                )));
+            }
+            rules.push((dir, Grant::ReadWriteDir));
         }
-        // Written to a temporary file, then renamed over the old one.
+        // Written to a temporary file, then renamed over the old one: in
+        // `--state-dir` (the VM's own) or beside the control socket (its run
+        // directory), never beside the config file, where other VMs'
+        // configs are.
         if let Some(state) = state_file {
-            rules.push((parent(state), Grant::ReadWriteDir));
-        }
-        // The socket is removed at exit.
-        if let Some(sock) = &cfg.control {
-            rules.push((parent(sock), Grant::Remove));
+            let dir = parent(state);
+            let beside_config = cfg.state_dir.is_none()
+                && cfg.config_file.as_deref().is_some_and(|c| parent(c) == dir);
+            if beside_config || dir == Path::new("/") {
+                warnings.push(format!(
+                    "the sandbox keeps the VMM out of {}: set-kernel cannot save the \
+                     customer's choice there (give the VM --state-dir)",
+                    dir.display()
+                ));
+            } else {
+                rules.push((dir, Grant::ReadWriteDir));
+            }
         }
         if cfg
             .nets
@@ -232,16 +264,14 @@ impl Plan {
                 Grant::Device,
             ));
         }
-        // The TAP counters (`status`), the thread list (hooks).
-        rules.push((PathBuf::from("/proc/self"), Grant::Read));
-        // A peer admitted through its groups is looked up at connect time.
-        for f in ["/etc/nsswitch.conf", "/etc/passwd", "/etc/group"] {
-            rules.push((PathBuf::from(f), Grant::Read));
-        }
+        // Nothing else: the control socket stays behind at exit (the next
+        // start removes it), `/proc/self/net/dev` is opened before (see
+        // actions.rs), and peers' groups come from SO_PEERGROUPS.
         Ok(Plan {
             mode: cfg.sandbox,
             identity,
             rules,
+            warnings,
         })
     }
 
@@ -291,7 +321,7 @@ impl Plan {
             )));
         }
         let status = self.landlock()?;
-        drop_privileges(self.identity.as_ref())?;
+        drop_privileges(self.identity.as_ref(), true)?;
         Ok(Some(status))
     }
 
@@ -335,10 +365,15 @@ pub fn make_state_dir(dir: &Path, identity: Option<&Identity>) -> io::Result<()>
     if dir.is_dir() {
         return Ok(());
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(dir)?;
+    // Missing parents as `mkdir -p` makes them (0755: passable by the
+    // user); the directory itself the user's alone.
+    if let Some(parent) = dir.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
+    }
+    std::fs::DirBuilder::new().mode(0o750).create(dir)?;
     if let Some(id) = identity {
         std::os::unix::fs::chown(dir, Some(id.uid), Some(id.gid))?;
     }
@@ -347,7 +382,10 @@ pub fn make_state_dir(dir: &Path, identity: Option<&Identity>) -> io::Result<()>
 
 /// Becomes `identity` (when given) and empties every capability set. Also
 /// run by the forked hook launcher, so alert hooks run as the VM's user.
-pub fn drop_privileges(identity: Option<&Identity>) -> Result<(), SandboxError> {
+pub fn drop_privileges(
+    identity: Option<&Identity>,
+    no_new_privs: bool,
+) -> Result<(), SandboxError> {
     let sys = |what: &'static str| {
         move |r: libc::c_int| {
             if r == 0 {
@@ -405,18 +443,55 @@ pub fn drop_privileges(identity: Option<&Identity>) -> Result<(), SandboxError> 
         sys("setresuid")(unsafe { libc::setresuid(id.uid, id.uid, id.uid) })?;
     }
     capset_empty()?;
-    // SAFETY: see above.
-    sys("PR_SET_NO_NEW_PRIVS")(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
-    verify(identity)
+    if no_new_privs {
+        // SAFETY: see above.
+        sys("PR_SET_NO_NEW_PRIVS")(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    }
+    verify(identity, has_setpcap, no_new_privs)
 }
 
 /// Checks what [`drop_privileges`] promised, from the kernel's side.
-fn verify(identity: Option<&Identity>) -> Result<(), SandboxError> {
+fn verify(
+    identity: Option<&Identity>,
+    had_setpcap: bool,
+    no_new_privs: bool,
+) -> Result<(), SandboxError> {
     let caps = capget()?;
     if caps != CapSets::default() {
         return Err(SandboxError::Check(format!(
             "capabilities left after dropping them: {caps:?}"
         )));
+    }
+    // SAFETY: plain prctl queries.
+    let (bounding_left, ambient_left, nnp, bits) = unsafe {
+        (
+            (0..64).any(|c| libc::prctl(libc::PR_CAPBSET_READ, c) == 1),
+            (0..64).any(|c| {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_IS_SET,
+                    c as libc::c_ulong,
+                    0,
+                    0,
+                ) == 1
+            }),
+            libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
+            libc::prctl(libc::PR_GET_SECUREBITS),
+        )
+    };
+    if had_setpcap && bounding_left {
+        return Err(SandboxError::Check(
+            "capabilities left in the bounding set".into(),
+        ));
+    }
+    if ambient_left {
+        return Err(SandboxError::Check("ambient capabilities left".into()));
+    }
+    if no_new_privs && nnp != 1 {
+        return Err(SandboxError::Check("no_new_privs is not set".into()));
+    }
+    if had_setpcap && (bits as libc::c_ulong) & SECBIT_NOROOT_LOCKED == 0 {
+        return Err(SandboxError::Check("the secure bits are not locked".into()));
     }
     if let Some(id) = identity {
         let (mut r, mut e, mut s) = (0, 0, 0);

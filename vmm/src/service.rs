@@ -142,9 +142,15 @@ fn check_sandbox(cfg: &VmConfig) -> Result<String, String> {
                 Grant::Read if dir => (0o5, "read"),
                 Grant::Read => (0o4, "read"),
                 Grant::ReadWriteDir => (0o3, "write to"),
-                Grant::Remove | Grant::Device => continue,
+                Grant::Device => continue,
             };
-            if path.exists() && !id.may(path, bits) {
+            // A missing --state-dir is made for the user at start.
+            let made_at_start = cfg
+                .state_dir
+                .as_deref()
+                .and_then(|d| std::path::absolute(d).ok())
+                .is_some_and(|d| &d == path && !d.exists());
+            if !made_at_start && !id.may(path, bits) {
                 return Err(format!(
                     "user {} could not {what} {} after start-up (its owner, group or mode)",
                     id.name,
@@ -153,7 +159,12 @@ fn check_sandbox(cfg: &VmConfig) -> Result<String, String> {
             }
         }
     }
-    Ok(plan.describe())
+    let mut line = plan.describe();
+    for w in &plan.warnings {
+        line.push_str("; warning: ");
+        line.push_str(w);
+    }
+    Ok(line)
 }
 
 fn readable(p: &Path) -> Result<(), String> {

@@ -124,9 +124,43 @@ impl PeerIdentity {
             groups: Vec::new(),
         };
         if !policy.gids.is_empty() && !is_allowed(&peer, policy) {
-            peer.groups = supplementary_groups(peer.uid, peer.gid).unwrap_or_default();
+            // The groups the connecting process holds (SO_PEERGROUPS, as
+            // the kernel recorded them at connect), not the user database's:
+            // no file to read, so a confined VMM (sandbox.rs) needs none, and
+            // a `usermod -aG` takes effect at the customer's next login, as
+            // for every other file they reach.
+            peer.groups = peer_groups(stream)?;
         }
         Ok(peer)
+    }
+}
+
+/// `SO_PEERGROUPS` of a Unix stream socket: the peer's supplementary groups.
+pub fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`, which is that large.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n.min(groups.len()));
+            return Ok(groups);
+        }
+        let e = io::Error::last_os_error();
+        // ERANGE: `len` now says how much room it needs (at most NGROUPS_MAX).
+        if e.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() || n > 65_536 {
+            return Err(e);
+        }
+        groups.resize(n, 0);
     }
 }
 
@@ -382,6 +416,19 @@ mod tests {
         let groups = supplementary_groups(0, 0).unwrap();
         assert!(groups.contains(&0), "{groups:?}");
         assert!(supplementary_groups(4_000_000_000, 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_peers_groups_are_the_supplementary_groups_its_process_holds() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut ours: Vec<libc::gid_t> = vec![0; 1024];
+        // SAFETY: `ours` has room for 1024 entries.
+        let n = unsafe { libc::getgroups(1024, ours.as_mut_ptr()) };
+        ours.truncate(n.max(0) as usize);
+        let mut theirs = peer_groups(&a).unwrap();
+        ours.sort_unstable();
+        theirs.sort_unstable();
+        assert_eq!(theirs, ours);
     }
 
     #[test]

@@ -129,8 +129,10 @@ fn launcher_main(sock: UnixStream, command: &str, vm: &str, timeout: Duration) -
     unsafe { libc::_exit(0) }
 }
 
-/// `EVENT TAB TIME TAB COUNT NEWLINE`, checked.
-fn parse_launch(line: &str) -> Option<HookRun> {
+/// `EVENT TAB TIME TAB COUNT NEWLINE`, checked: the launcher's whole
+/// input, from a VMM process a guest may have taken over (fuzzed:
+/// `fuzz/fuzz_targets/hook_launch.rs`).
+pub fn parse_launch(line: &str) -> Option<HookRun> {
     let mut f = line.strip_suffix('\n')?.split('\t');
     let (event, time, count) = (f.next()?, f.next()?, f.next()?);
     if f.next().is_some() {
@@ -149,10 +151,15 @@ fn parse_launch(line: &str) -> Option<HookRun> {
     })
 }
 
+/// The request [`parse_launch`] reads.
+pub fn format_launch(run: &HookRun) -> String {
+    format!("{}\t{}\t{}\n", run.event, run.time, run.coalesced)
+}
+
 /// Hands `run` to the launcher and waits for it to finish.
 fn run_in_launcher(sock: &Mutex<UnixStream>, vm: &str, run: &HookRun) {
     let mut s = lock(sock);
-    let line = format!("{}\t{}\t{}\n", run.event, run.time, run.coalesced);
+    let line = format_launch(run);
     let mut answer = [0u8; 5];
     let r = s
         .write_all(line.as_bytes())

@@ -347,14 +347,32 @@ impl Plan {
                 .map_err(|e| SandboxError::Landlock(format!("{}: {e}", path.display())))?;
         }
         let status = ruleset.restrict_self().map_err(|e| err(&e))?;
-        if status.ruleset == RulesetStatus::NotEnforced {
-            tracing::warn!(
-                "this kernel has no Landlock: the VMM's file access is not confined \
-                 (user and capabilities still are)"
-            );
-        }
+        // SAFETY: geteuid has no failure modes.
+        let euid = unsafe { libc::geteuid() };
+        without_landlock(&status.ruleset, self.identity.is_some(), euid)?;
         Ok(status.ruleset)
     }
+}
+
+/// What a kernel without Landlock leaves: a VMM that becomes a user is
+/// still confined by that user's rights (warned); one that stays root
+/// would keep root's ownership of root's files (every config, `/etc`), so
+/// it does not start: `--user`, or `--sandbox off` said out loud.
+fn without_landlock(status: &RulesetStatus, has_user: bool, euid: u32) -> Result<(), SandboxError> {
+    if *status != RulesetStatus::NotEnforced {
+        return Ok(());
+    }
+    if !has_user && euid == 0 {
+        return Err(SandboxError::Check(
+            "this kernel has no Landlock, and a VMM that stays root would still own root's \
+             files: give it --user (or --sandbox off to run unconfined)"
+                .into(),
+        ));
+    }
+    tracing::warn!(
+        "this kernel has no Landlock: the VMM's file access is confined only by its user's rights"
+    );
+    Ok(())
 }
 
 /// `--state-dir`: created if missing (mode 0750), given to the user the
@@ -622,6 +640,16 @@ pub fn probe_open_for_tests() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_landlock_a_root_vmm_does_not_start_and_a_user_vmm_does() {
+        let e = without_landlock(&RulesetStatus::NotEnforced, false, 0).unwrap_err();
+        assert!(e.to_string().contains("give it --user"), "{e}");
+        assert!(without_landlock(&RulesetStatus::NotEnforced, true, 0).is_ok());
+        assert!(without_landlock(&RulesetStatus::NotEnforced, false, 1000).is_ok());
+        assert!(without_landlock(&RulesetStatus::PartiallyEnforced, false, 0).is_ok());
+        assert!(without_landlock(&RulesetStatus::FullyEnforced, false, 0).is_ok());
+    }
 
     #[test]
     fn sandbox_mode_parses_on_and_off_only() {

@@ -278,6 +278,21 @@ fn spec_pairs<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>, 
         .collect()
 }
 
+/// A mode flag's value (`--seccomp`, `--sandbox`), its default when not given.
+fn parse_mode<T>(flag: &str, value: Option<String>) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr<Err = String> + Default,
+{
+    match value {
+        None => Ok(T::default()),
+        Some(v) => v.parse().map_err(|reason| ConfigError::Spec {
+            flag: flag.into(),
+            spec: v,
+            reason,
+        }),
+    }
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v {
         "on" | "true" | "yes" | "1" => Some(true),
@@ -485,22 +500,8 @@ impl VmConfig {
                 reason: "use on or off".into(),
             })?,
         };
-        let seccomp = match cli.seccomp.or(file.seccomp) {
-            None => crate::seccomp::Mode::default(),
-            Some(v) => v.parse().map_err(|reason| ConfigError::Spec {
-                flag: "--seccomp".into(),
-                spec: v.clone(),
-                reason,
-            })?,
-        };
-        let sandbox = match cli.sandbox.or(file.sandbox) {
-            None => crate::sandbox::Mode::default(),
-            Some(v) => v.parse().map_err(|reason| ConfigError::Spec {
-                flag: "--sandbox".into(),
-                spec: v.clone(),
-                reason,
-            })?,
-        };
+        let seccomp = parse_mode("--seccomp", cli.seccomp.or(file.seccomp))?;
+        let sandbox = parse_mode("--sandbox", cli.sandbox.or(file.sandbox))?;
         let cfg = VmConfig {
             name,
             kernel,

@@ -47,7 +47,7 @@ pub fn start_launcher(
     vm: &str,
     sandbox: &crate::sandbox::Plan,
 ) -> std::io::Result<()> {
-    let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    let threads = crate::sandbox::thread_count();
     if threads != 1 {
         return Err(std::io::Error::other(format!(
             "{threads} threads already: not forking the hook launcher"

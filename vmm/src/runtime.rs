@@ -11,7 +11,7 @@ use devices::bus::lock;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::actions::{load_kernel_choice, state_file_path, VmControlHandler};
+use crate::actions::{load_kernel_choice, VmControlHandler};
 use crate::config::{ConsoleMode, VmConfig};
 use crate::console::{ConsoleConfig, ConsoleHub, QuitRequested, StdioConsole};
 use crate::control::{AccessPolicy, ControlConfig, ControlServer, EventBroadcaster};
@@ -199,58 +199,17 @@ fn stdin_is_tty() -> bool {
     unsafe { libc::isatty(0) == 1 }
 }
 
-/// With `--user`, vhost-net needs that user to be able to open
-/// `/dev/vhost-net` at each activation (Debian makes it root's alone):
-/// `vhost=auto` falls back to the userspace datapath, `vhost=on` is an
-/// error now rather than at the guest's first DRIVER_OK.
-fn vhost_for_user(config: &mut VmConfig, plan: &Plan) -> Result<(), VmmError> {
-    use devices::virtio::net::vhost::{VhostMode, VHOST_NET_DEV};
-    let Some(id) = &plan.identity else {
-        return Ok(());
-    };
-    if id.may_open_rw(std::path::Path::new(VHOST_NET_DEV)) {
-        return Ok(());
-    }
-    for net in &mut config.nets {
-        match net.vhost {
-            VhostMode::Off => {}
-            VhostMode::Auto => {
-                tracing::info!(
-                    "{}: user {} cannot open {VHOST_NET_DEV}: userspace datapath",
-                    net.tap,
-                    id.name
-                );
-                net.vhost = VhostMode::Off;
-            }
-            VhostMode::On => {
-                return Err(VmmError::Setup(format!(
-                    "{}: vhost=on, but user {} cannot open {VHOST_NET_DEV} (give its group \
-                     read-write access, or use vhost=auto)",
-                    net.tap, id.name
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Runs the VM until it exits; returns the process exit status.
 pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| VmmError::Setup(format!("{what}: {e}"));
-    let state_file = state_file_path(
-        config.state_dir.as_deref(),
-        config.config_file.as_deref(),
-        config.control.as_deref(),
-        &config.name,
-    );
     // Resolved now: the user database is out of reach once confined.
-    let plan =
-        Plan::for_config(&config, state_file.as_deref()).map_err(|e| setup("sandbox", &e))?;
+    let plan = Plan::for_config(&config).map_err(|e| setup("sandbox", &e))?;
     if let Some(dir) = &config.state_dir {
         crate::sandbox::make_state_dir(dir, plan.identity.as_ref())
             .map_err(|e| setup(&format!("state directory {}", dir.display()), &e))?;
     }
-    vhost_for_user(&mut config, &plan)?;
+    plan.vhost_for_user(&mut config.nets)
+        .map_err(|e| setup("sandbox", &e))?;
     // First, while this is the only thread: the hook launcher (hooks.rs).
     if let Some(cmd) = &config.alert_hook {
         if let Err(e) = crate::hooks::start_launcher(cmd, &config.name, &plan) {
@@ -278,10 +237,10 @@ pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
         }),
     };
     let mut vm = Vm::new(config.clone(), hooks)?;
-    if let Some(p) = &state_file {
+    if let Some(p) = &plan.state_file {
         vm.next_kernel = load_kernel_choice(p);
     }
-    vm.state_file = state_file;
+    vm.state_file = plan.state_file.clone();
     let input_drained =
         EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| setup("eventfd", &e))?;
     vm.serial_input_drained = Some(

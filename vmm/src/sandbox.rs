@@ -35,7 +35,7 @@ use landlock::{
     ABI,
 };
 
-use crate::config::{KernelSource, VmConfig};
+use crate::config::{KernelSource, NetSpec, VmConfig};
 use crate::control::supplementary_groups;
 
 /// `--sandbox`: confine the VMM after start-up (the default) or not.
@@ -178,6 +178,8 @@ pub struct Plan {
     pub rules: Vec<(PathBuf, Grant)>,
     /// What the confinement will cost this VM (said in the log and by `vmm check`).
     pub warnings: Vec<String>,
+    /// Where `set-kernel` keeps the customer's choice (`actions::state_file_path`).
+    pub state_file: Option<PathBuf>,
 }
 
 /// Landlock's newest ABI this build knows; older kernels get what they
@@ -185,8 +187,14 @@ pub struct Plan {
 const ABI_WANTED: ABI = ABI::V5;
 
 impl Plan {
-    /// The plan for `cfg`, whose state file (the kernel choice) is `state_file`.
-    pub fn for_config(cfg: &VmConfig, state_file: Option<&Path>) -> Result<Plan, SandboxError> {
+    /// The plan for `cfg`.
+    pub fn for_config(cfg: &VmConfig) -> Result<Plan, SandboxError> {
+        let state_file = crate::actions::state_file_path(
+            cfg.state_dir.as_deref(),
+            cfg.config_file.as_deref(),
+            cfg.control.as_deref(),
+            &cfg.name,
+        );
         let identity = match (&cfg.user, cfg.sandbox) {
             (Some(_), Mode::Off) => return Err(SandboxError::UserWithoutSandbox),
             (Some(name), Mode::On) => {
@@ -240,7 +248,7 @@ impl Plan {
         // `--state-dir` (the VM's own) or beside the control socket (its run
         // directory), never beside the config file, where other VMs'
         // configs are.
-        if let Some(state) = state_file {
+        if let Some(state) = &state_file {
             let dir = parent(state);
             let beside_config = cfg.state_dir.is_none()
                 && cfg.config_file.as_deref().is_some_and(|c| parent(c) == dir);
@@ -272,7 +280,44 @@ impl Plan {
             identity,
             rules,
             warnings,
+            state_file,
         })
+    }
+
+    /// With `--user`, vhost-net needs that user to be able to open
+    /// `/dev/vhost-net` at each activation (Debian makes it root's alone):
+    /// `vhost=auto` becomes the userspace datapath, `vhost=on` is an error
+    /// now rather than at the guest's first DRIVER_OK. The VMM's start and
+    /// `vmm check` both decide through here.
+    pub fn vhost_for_user(&self, nets: &mut [NetSpec]) -> Result<(), SandboxError> {
+        use devices::virtio::net::vhost::{VhostMode, VHOST_NET_DEV};
+        let Some(id) = &self.identity else {
+            return Ok(());
+        };
+        if id.may_open_rw(Path::new(VHOST_NET_DEV)) {
+            return Ok(());
+        }
+        for net in nets {
+            match net.vhost {
+                VhostMode::Off => {}
+                VhostMode::Auto => {
+                    tracing::info!(
+                        "{}: user {} cannot open {VHOST_NET_DEV}: userspace datapath",
+                        net.tap,
+                        id.name
+                    );
+                    net.vhost = VhostMode::Off;
+                }
+                VhostMode::On => {
+                    return Err(SandboxError::Check(format!(
+                        "{}: vhost=on, but user {} cannot open {VHOST_NET_DEV} (give its group \
+                         read-write access, or use vhost=auto)",
+                        net.tap, id.name
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// One line for the log and for `vmm check`.
@@ -314,7 +359,7 @@ impl Plan {
         // Landlock binds the calling thread (and those it starts later);
         // credentials change process-wide only through glibc's broadcast
         // to threads that might by then be filtered. One thread, or stop.
-        let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+        let threads = thread_count();
         if threads != 1 {
             return Err(SandboxError::Check(format!(
                 "{threads} threads before confinement: refusing to confine only some"
@@ -373,6 +418,12 @@ fn without_landlock(status: &RulesetStatus, has_user: bool, euid: u32) -> Result
         "this kernel has no Landlock: the VMM's file access is confined only by its user's rights"
     );
     Ok(())
+}
+
+/// This process's threads (0 if `/proc` cannot tell): what may be done
+/// only while there is one (forking the hook launcher, confining).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
 }
 
 /// `--state-dir`: created if missing (mode 0750), given to the user the

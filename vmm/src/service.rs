@@ -84,8 +84,13 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
             if d.read_only { " (ro)" } else { "" }
         ));
     }
+    let plan = crate::sandbox::Plan::for_config(cfg).map_err(|e| e.to_string())?;
+    // The datapath the start would choose, the user's access included.
+    let mut net_specs = cfg.nets.clone();
+    plan.vhost_for_user(&mut net_specs)
+        .map_err(|e| e.to_string())?;
     let mut nets = Vec::new();
-    for n in &cfg.nets {
+    for n in &net_specs {
         let vhost = n.vhost.resolve().map_err(|e| {
             format!(
                 "net {}: vhost=on, but {}: {e}",
@@ -102,7 +107,7 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
     if let Some(log) = &cfg.console_log {
         dir_exists("console log", log)?;
     }
-    let sandbox = check_sandbox(cfg)?;
+    let sandbox = check_sandbox(cfg, &plan)?;
     let list = |v: &[String]| {
         if v.is_empty() {
             "none".to_string()
@@ -126,15 +131,8 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
 /// The sandbox the VMM would enter, and whether its user could still do
 /// what the VM needs after start-up: read the kernels, write the console
 /// log's and the state file's directories.
-fn check_sandbox(cfg: &VmConfig) -> Result<String, String> {
-    use crate::sandbox::{Grant, Plan};
-    let state = crate::actions::state_file_path(
-        cfg.state_dir.as_deref(),
-        cfg.config_file.as_deref(),
-        cfg.control.as_deref(),
-        &cfg.name,
-    );
-    let plan = Plan::for_config(cfg, state.as_deref()).map_err(|e| e.to_string())?;
+fn check_sandbox(cfg: &VmConfig, plan: &crate::sandbox::Plan) -> Result<String, String> {
+    use crate::sandbox::Grant;
     if let Some(id) = &plan.identity {
         for (path, grant) in &plan.rules {
             let dir = path.is_dir();

@@ -171,12 +171,12 @@ impl LogWriter {
     /// Starts the writer thread (once; later calls do nothing).
     pub(super) fn begin(&self) -> Result<(), ConsoleError> {
         let mut state = lock(&self.state);
-        if !matches!(*state, WriterState::Deferred(..)) {
-            return Ok(());
-        }
-        let WriterState::Deferred(log, display) = std::mem::replace(&mut *state, WriterState::Done)
-        else {
-            return Ok(());
+        let (log, display) = match std::mem::replace(&mut *state, WriterState::Done) {
+            WriterState::Deferred(log, display) => (log, display),
+            started => {
+                *state = started;
+                return Ok(());
+            }
         };
         let thread_shared = self.shared.clone();
         let thread = std::thread::Builder::new()

@@ -287,7 +287,10 @@ impl Guest {
     /// the test host's emulator wedged on the way (`testhost::wedge`) is
     /// started again, at most twice, and the test output says so.
     pub fn wait_boot(&mut self, marker: &str) {
-        let deadline = Instant::now() + BOOT;
+        /// Restarts of one boot at most. The CI machine once met the fault
+        /// in six 6.12 boots in a row (docs/notes.md, "The test host").
+        const RESTARTS: u32 = 3;
+        let mut deadline = Instant::now() + BOOT;
         let mut restarts = 0;
         loop {
             // The guest's first boot must reach the marker: a triple fault
@@ -348,15 +351,19 @@ impl Guest {
             } else {
                 "was wedged".to_string()
             };
-            assert!(
-                restarts <= 2,
-                "guest {} {what} on its way to {marker:?} a third time\n{}",
-                self.spec.name,
-                self.report()
-            );
+            if restarts > RESTARTS {
+                // Diagnosed all the same: the scenario runs again (`scenario`).
+                EMULATOR_FAULT.with(|f| f.set(true));
+                panic!(
+                    "guest {} {what} on its way to {marker:?} {} times in a row\n{}",
+                    self.spec.name,
+                    RESTARTS + 1,
+                    self.report()
+                );
+            }
             let note = format!(
                 "guest {} {what} on its way to {marker:?} in the test host (QEMU TCG SVM \
-                 fault, docs/notes.md); started again ({restarts}/2)",
+                 fault, docs/notes.md); started again ({restarts}/{RESTARTS})",
                 self.spec.name
             );
             eprintln!("NOTE: {note}");
@@ -364,6 +371,8 @@ impl Guest {
             let _ = self.vmm.child.kill();
             let _ = self.vmm.wait_exit(Duration::from_secs(10));
             self.vmm = Self::spawn_vmm(self.host, self.spec.netns.as_deref(), &self.args);
+            // A fresh boot gets the whole boot time.
+            deadline = Instant::now() + BOOT;
         }
     }
 

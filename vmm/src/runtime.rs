@@ -200,7 +200,7 @@ fn stdin_is_tty() -> bool {
 }
 
 /// Runs the VM until it exits; returns the process exit status.
-pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
+pub fn run(config: VmConfig) -> Result<u8, VmmError> {
     let setup = |what: &str, e: &dyn std::fmt::Display| VmmError::Setup(format!("{what}: {e}"));
     // Resolved now: the user database is out of reach once confined.
     let plan = Plan::for_config(&config).map_err(|e| setup("sandbox", &e))?;
@@ -208,8 +208,6 @@ pub fn run(mut config: VmConfig) -> Result<u8, VmmError> {
         crate::sandbox::make_state_dir(dir, plan.identity.as_ref())
             .map_err(|e| setup(&format!("state directory {}", dir.display()), &e))?;
     }
-    plan.vhost_for_user(&mut config.nets)
-        .map_err(|e| setup("sandbox", &e))?;
     // First, while this is the only thread: the hook launcher (hooks.rs).
     if let Some(cmd) = &config.alert_hook {
         if let Err(e) = crate::hooks::start_launcher(cmd, &config.name, &plan) {

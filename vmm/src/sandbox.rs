@@ -4,8 +4,9 @@
 //! binding the control socket in a root-owned run directory. Nothing after
 //! it does: every boot re-reads the kernel and initrd, the console log
 //! rotates, `set-kernel` rewrites the state file, `/proc/self/net/dev`
-//! gives the TAP counters, vhost-net opens `/dev/vhost-net` at each
-//! activation; every other descriptor is already open. So, before the
+//! gives the TAP counters; every other descriptor is already open (each
+//! vhost-net instance is opened with its device and kept: see
+//! `devices::virtio::net::vhost`). So, before the
 //! first thread is started (the console log writer, disk I/O threads,
 //! vCPUs: Landlock and credentials are per thread and inherited), the
 //! process
@@ -35,7 +36,7 @@ use landlock::{
     ABI,
 };
 
-use crate::config::{KernelSource, NetSpec, VmConfig};
+use crate::config::{KernelSource, VmConfig};
 use crate::control::supplementary_groups;
 
 /// `--sandbox`: confine the VMM after start-up (the default) or not.
@@ -262,16 +263,6 @@ impl Plan {
                 rules.push((dir, Grant::ReadWriteDir));
             }
         }
-        if cfg
-            .nets
-            .iter()
-            .any(|n| n.vhost != devices::virtio::net::vhost::VhostMode::Off)
-        {
-            rules.push((
-                PathBuf::from(devices::virtio::net::vhost::VHOST_NET_DEV),
-                Grant::Device,
-            ));
-        }
         // Nothing else: the control socket stays behind at exit (the next
         // start removes it), `/proc/self/net/dev` is opened before (see
         // actions.rs), and peers' groups come from SO_PEERGROUPS.
@@ -282,42 +273,6 @@ impl Plan {
             warnings,
             state_file,
         })
-    }
-
-    /// With `--user`, vhost-net needs that user to be able to open
-    /// `/dev/vhost-net` at each activation (Debian makes it root's alone):
-    /// `vhost=auto` becomes the userspace datapath, `vhost=on` is an error
-    /// now rather than at the guest's first DRIVER_OK. The VMM's start and
-    /// `vmm check` both decide through here.
-    pub fn vhost_for_user(&self, nets: &mut [NetSpec]) -> Result<(), SandboxError> {
-        use devices::virtio::net::vhost::{VhostMode, VHOST_NET_DEV};
-        let Some(id) = &self.identity else {
-            return Ok(());
-        };
-        if id.may_open_rw(Path::new(VHOST_NET_DEV)) {
-            return Ok(());
-        }
-        for net in nets {
-            match net.vhost {
-                VhostMode::Off => {}
-                VhostMode::Auto => {
-                    tracing::info!(
-                        "{}: user {} cannot open {VHOST_NET_DEV}: userspace datapath",
-                        net.tap,
-                        id.name
-                    );
-                    net.vhost = VhostMode::Off;
-                }
-                VhostMode::On => {
-                    return Err(SandboxError::Check(format!(
-                        "{}: vhost=on, but user {} cannot open {VHOST_NET_DEV} (give its group \
-                         read-write access, or use vhost=auto)",
-                        net.tap, id.name
-                    )))
-                }
-            }
-        }
-        Ok(())
     }
 
     /// One line for the log and for `vmm check`.

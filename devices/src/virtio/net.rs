@@ -311,8 +311,9 @@ pub struct Net {
     queue_evts: Vec<EventFd>,
     active: Option<Active>,
     tap_registered: bool,
-    /// Whether activations try vhost-net first.
-    vhost_wanted: bool,
+    /// The vhost-net instance activations try first (opened with the
+    /// device, kept for its life: see [`vhost`]).
+    vhost_dev: Option<std::fs::File>,
     /// The kernel datapath, while it runs.
     vhost: Option<VhostPath>,
     /// vhost-net's used-buffer signals (RX, TX); always polled.
@@ -336,13 +337,15 @@ impl Net {
             source,
         })?;
         let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
-        let vhost_wanted = cfg.vhost.resolve().map_err(|source| NetError::Vhost {
+        let vhost_dev = cfg.vhost.resolve().map_err(|source| NetError::Vhost {
             name: cfg.tap.clone(),
             source,
         })?;
         let mut net = Self::with_tap(tap, mac)?;
-        net.vhost_wanted = vhost_wanted;
-        net.counters.vhost.store(vhost_wanted, Ordering::Relaxed);
+        net.counters
+            .vhost
+            .store(vhost_dev.is_some(), Ordering::Relaxed);
+        net.vhost_dev = vhost_dev;
         Ok(net)
     }
 
@@ -357,7 +360,7 @@ impl Net {
             queue_evts: new_queue_events(2).map_err(NetError::EventFd)?,
             active: None,
             tap_registered: false,
-            vhost_wanted: false,
+            vhost_dev: None,
             vhost: None,
             calls: new_queue_events(2).map_err(NetError::EventFd)?,
             wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -775,7 +778,7 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
-        if self.vhost_wanted {
+        if self.vhost_dev.is_some() {
             match self.start_vhost(&mem, [&rx, &tx], acked, &interrupt) {
                 Ok(v) => {
                     self.vhost = Some(v);
@@ -826,7 +829,7 @@ impl VirtioDevice for Net {
         // The next activation tries the kernel's datapath again.
         self.counters
             .vhost
-            .store(self.vhost_wanted, Ordering::Relaxed);
+            .store(self.vhost_dev.is_some(), Ordering::Relaxed);
         if let Err(e) = self.tap.set_offload(0) {
             tracing::debug!("virtio-net: TUNSETOFFLOAD 0: {e}");
         }

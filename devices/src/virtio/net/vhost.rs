@@ -19,16 +19,26 @@
 //! A hostile guest's rings are the kernel's to check here; the VMM only
 //! checks what it passes in (ring addresses inside guest memory, the queue
 //! sizes), and a reset stops the kernel's use of guest memory before it
-//! returns (`VHOST_NET_SET_BACKEND` -1 flushes, closing the fd stops it).
+//! returns (`VHOST_NET_SET_BACKEND` -1 stops a queue and flushes it).
+//!
+//! `/dev/vhost-net` is opened once, when the device is made (start-up,
+//! still root), and that one vhost instance serves every activation of
+//! the device, as QEMU does: a reset detaches the TAP from both queues, the
+//! next DRIVER_OK programs the instance again. So a VMM that has dropped to
+//! `--user` and confined itself (Landlock) keeps vhost-net across guest
+//! reboots and driver resets without being able to open the node, which
+//! Debian leaves to root (0600).
 
 use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use vhost::net::VhostNet as _;
-use vhost::vhost_kern::net::Net as KernNet;
-use vhost::vhost_kern::VhostKernBackend as _;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt as _;
+
+use vhost::vhost_kern::vhost_binding::{vhost_vring_file, VHOST_NET_SET_BACKEND};
+use vhost::vhost_kern::VhostKernBackend;
 use vhost::{VhostBackend as _, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
@@ -73,25 +83,70 @@ impl std::str::FromStr for VhostMode {
 }
 
 impl VhostMode {
-    /// Whether activations should try vhost-net: `on` insists (an error
-    /// where `/dev/vhost-net` cannot be opened), `auto` follows the probe.
-    pub fn resolve(self) -> io::Result<bool> {
+    /// The vhost-net instance activations will use, or `None` for the
+    /// userspace datapath: `on` insists (an error where `/dev/vhost-net`
+    /// cannot be opened), `auto` takes it where it opens.
+    pub fn resolve(self) -> io::Result<Option<File>> {
         match self {
-            VhostMode::Off => Ok(false),
-            VhostMode::On => probe().map(|()| true),
-            VhostMode::Auto => Ok(probe().is_ok()),
+            VhostMode::Off => Ok(None),
+            VhostMode::On => open().map(Some),
+            VhostMode::Auto => Ok(open().ok()),
         }
     }
 }
 
-/// Can this process open `/dev/vhost-net`? (Opening it is the only real
-/// test: the node may exist with the module unloaded or the mode denied.)
-pub fn probe() -> io::Result<()> {
+/// A new vhost-net instance. (Opening the node is the only real test of
+/// it: it may exist with the module unloaded or the mode denied.)
+pub fn open() -> io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(Path::new(VHOST_NET_DEV))
-        .map(drop)
+}
+
+/// The device's vhost-net instance as the `vhost` crate's ioctls want it:
+/// a descriptor of the instance opened at start-up (the crate's own
+/// `vhost_kern::net::Net` opens a new instance, which a confined VMM could
+/// not) and the guest memory its ring addresses are checked against.
+struct Handle {
+    fd: File,
+    mem: Arc<GuestMemoryMmap>,
+}
+
+impl AsRawFd for Handle {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl VhostKernBackend for Handle {
+    type AS = Arc<GuestMemoryMmap>;
+
+    fn mem(&self) -> &Self::AS {
+        &self.mem
+    }
+}
+
+impl Handle {
+    /// `VHOST_NET_SET_BACKEND`: `tap` serves queue `index` from now on;
+    /// `None` stops the queue (the kernel flushes it before returning).
+    fn set_backend(&self, index: usize, tap: Option<&File>) -> io::Result<()> {
+        let arg = vhost_vring_file {
+            index: u32::try_from(index)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            fd: tap.map_or(-1, |t| t.as_raw_fd()),
+        };
+        // SAFETY: the descriptor is a vhost-net instance we own, the
+        // argument is the `vhost_vring_file` this ioctl reads (and does not
+        // keep), and the result is checked.
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(self, VHOST_NET_SET_BACKEND(), &arg) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
 }
 
 /// Why the kernel datapath could not start.
@@ -106,22 +161,28 @@ pub enum VhostError {
     Features(u64),
     #[error("queue {0}: its rings are not inside guest memory")]
     Ring(usize),
-    #[error("cannot duplicate the TAP descriptor: {0}")]
+    #[error("VHOST_NET_SET_BACKEND: {0}")]
+    Backend(io::Error),
+    #[error("cannot duplicate a descriptor: {0}")]
     Dup(io::Error),
 }
 
-/// A running kernel datapath; dropping it (or [`VhostPath::stop`]) stops it.
+/// A running kernel datapath; dropping it (or [`VhostPath::stop`]) stops
+/// it: the TAP is detached from both queues, and the vhost-net instance
+/// waits, idle, for the device's next activation.
 pub(super) struct VhostPath {
-    handle: KernNet<Arc<GuestMemoryMmap>>,
+    handle: Handle,
     /// The kernel holds references to these; keep them for its lifetime.
     _tap: File,
     interrupt: Interrupt,
 }
 
 impl VhostPath {
-    /// Starts the kernel datapath over `queues` (RX, TX), guest kicks on
-    /// `kicks`, its signals on `calls`.
+    /// Starts the kernel datapath of vhost-net instance `dev` over
+    /// `queues` (RX, TX), guest kicks on `kicks`, its signals on `calls`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
+        dev: &File,
         mem: Arc<GuestMemoryMmap>,
         queues: [&Queue; 2],
         acked: u64,
@@ -131,8 +192,24 @@ impl VhostPath {
         interrupt: Interrupt,
     ) -> Result<Self, VhostError> {
         let ioctl = |what: &'static str| move |source| VhostError::Ioctl { what, source };
-        let handle = KernNet::new(mem.clone()).map_err(ioctl("open /dev/vhost-net"))?;
-        handle.set_owner().map_err(ioctl("VHOST_SET_OWNER"))?;
+        let fd = dev.try_clone().map_err(VhostError::Dup)?;
+        // From here on a failure drops `path`, which detaches whatever
+        // queue was already handed over.
+        let path = VhostPath {
+            handle: Handle {
+                fd,
+                mem: mem.clone(),
+            },
+            _tap: tap,
+            interrupt,
+        };
+        let handle = &path.handle;
+        // The first activation makes this process the instance's owner;
+        // later ones find it owned already (EBUSY), by us.
+        match handle.set_owner() {
+            Err(vhost::Error::IoctlError(e)) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            r => r.map_err(ioctl("VHOST_SET_OWNER"))?,
+        }
         let offered = handle.get_features().map_err(ioctl("VHOST_GET_FEATURES"))?;
         let want = acked & VHOST_FEATURES;
         if want & !offered != 0 {
@@ -187,19 +264,15 @@ impl VhostPath {
         }
         for i in [RX, TX] {
             handle
-                .set_backend(i, Some(&tap))
-                .map_err(ioctl("VHOST_NET_SET_BACKEND"))?;
+                .set_backend(i, Some(&path._tap))
+                .map_err(VhostError::Backend)?;
         }
         // Buffers the driver posted before DRIVER_OK (and kicks that came
         // before the kernel listened) are picked up now.
         for k in kicks {
             let _ = k.write(1);
         }
-        Ok(Self {
-            handle,
-            _tap: tap,
-            interrupt,
-        })
+        Ok(path)
     }
 
     /// The kernel signalled used buffers on a queue.
@@ -210,12 +283,17 @@ impl VhostPath {
     /// Stops the kernel datapath: when this returns it no longer touches
     /// guest memory or the rings.
     pub(super) fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for VhostPath {
+    fn drop(&mut self) {
         for i in [RX, TX] {
             if let Err(e) = self.handle.set_backend(i, None) {
                 tracing::warn!("vhost-net: detaching the TAP from queue {i}: {e}");
             }
         }
-        // Closing the vhost fd (drop) stops its worker and flushes the rest.
     }
 }
 
@@ -235,7 +313,11 @@ impl super::Net {
         // borrowed descriptor is only duplicated here.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.tap.as_raw_fd()) };
         let tap = File::from(fd.try_clone_to_owned().map_err(VhostError::Dup)?);
+        let Some(dev) = &self.vhost_dev else {
+            return Err(VhostError::Dup(io::Error::from(io::ErrorKind::NotFound)));
+        };
         VhostPath::start(
+            dev,
             mem.clone(),
             queues,
             acked,

@@ -14,7 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 scripts/host-deps.sh
 . scripts/testhost-needed.sh
-resources/build-kernels.sh mini disk debian-6.1 debian-6.12 modules server ${in_testhost:+testhost}
+# The test host is built even where guests run on this machine's own KVM:
+# the systemd tests boot one with systemd as PID 1 (tests/tests/systemd_host.rs).
+resources/build-kernels.sh mini disk debian-6.1 debian-6.12 modules server testhost
 export VMM_REQUIRE_KERNELS=1
 cargo build --workspace --all-targets
 rm -f target/testhost-retries.log

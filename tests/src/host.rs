@@ -88,6 +88,27 @@ fn choose() -> Result<Host, String> {
     Ok(Host::Test(th))
 }
 
+/// A test host of its own with systemd as PID 1 (an operator's host:
+/// `qemu::Options::systemd`), for the tests of the systemd unit. It is
+/// booted whatever this machine's KVM: the point is a real systemd that
+/// the test may configure, which this machine's own is not.
+pub fn boot_systemd_host() -> Result<Host, String> {
+    let log = std::env::temp_dir().join(format!(
+        "vmm-testhost-systemd-{}-{}.log",
+        std::process::id(),
+        crate::rand_u64() % 10_000
+    ));
+    let th = TestHost::boot_with(&crate::repo_root(), &crate::bin("vmm-testhost"), &log, true)?;
+    eprintln!(
+        "a test host with systemd as PID 1 (Linux {}), up in {:.1} s; console: {}; agent: {}",
+        th.release,
+        th.boot_time.as_secs_f64(),
+        th.log.display(),
+        th.agent.addr,
+    );
+    Ok(Host::Test(th))
+}
+
 /// A process on a [`Host`].
 pub enum Proc {
     Local(Child),

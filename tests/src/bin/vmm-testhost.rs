@@ -168,6 +168,7 @@ fn run(
             }
             None => None,
         },
+        systemd: false,
     };
     let status = qemu::command(&files, &opts)
         .status()

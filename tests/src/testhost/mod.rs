@@ -159,6 +159,17 @@ impl TestHost {
     /// Boots a test host for tests: its console goes to `log`, its agent
     /// is `agent` (the `vmm-testhost` binary).
     pub fn boot(repo: &Path, agent: &Path, log: &Path) -> Result<TestHost, String> {
+        Self::boot_with(repo, agent, log, false)
+    }
+
+    /// [`TestHost::boot`], with systemd as PID 1 when `systemd` is set (an
+    /// operator's host: `qemu::Options::systemd`).
+    pub fn boot_with(
+        repo: &Path,
+        agent: &Path,
+        log: &Path,
+        systemd: bool,
+    ) -> Result<TestHost, String> {
         // The test host sees the outer root at the same paths, except its
         // /tmp, which is a tmpfs of its own (resources/testhost/init).
         if repo.starts_with("/tmp") || agent.starts_with("/tmp") {
@@ -189,6 +200,7 @@ impl TestHost {
                 serial: qemu::Serial::File(log.to_path_buf()),
                 port,
                 share: None,
+                systemd,
             };
             let mut cmd = qemu::command(&files, &opts);
             let err_path = log.with_extension("qemu-stderr");

@@ -93,6 +93,9 @@ pub struct Options {
     /// A directory of this machine that the test host may write (at the
     /// same path inside).
     pub share: Option<PathBuf>,
+    /// Boot it as an operator's host: systemd as PID 1, the agent one of
+    /// its services (resources/testhost/init, `testhost.init=systemd`).
+    pub systemd: bool,
 }
 
 pub fn command(files: &Files, opts: &Options) -> Command {
@@ -112,6 +115,9 @@ pub fn command(files: &Files, opts: &Options) -> Command {
     }
     if let Some(share) = &opts.share {
         append.push_str(&format!(" testhost.share={}", share.display()));
+    }
+    if opts.systemd {
+        append.push_str(" testhost.init=systemd");
     }
     let mut c = match std::env::var_os("VMM_TESTHOST_QEMU") {
         Some(q) => Command::new(q),

@@ -48,6 +48,13 @@ pub enum Event {
         /// Kernel library entry for the next boot.
         kernel: String,
     },
+    /// `{"event":"boot_failed","error":"no kernel ... in the disk's /boot ..."}`: a boot
+    /// could not start (its kernel is missing or bad); the VM is stopped, and a
+    /// `set-kernel` then `start` boots another.
+    BootFailed {
+        /// What went wrong, one line.
+        error: String,
+    },
 }
 
 impl Event {
@@ -59,6 +66,7 @@ impl Event {
         "panic",
         "watchdog",
         "kernel_selected",
+        "boot_failed",
     ];
 
     /// The wire name of this event.
@@ -70,6 +78,7 @@ impl Event {
             Event::Panic { .. } => "panic",
             Event::Watchdog { .. } => "watchdog",
             Event::KernelSelected { .. } => "kernel_selected",
+            Event::BootFailed { .. } => "boot_failed",
         }
     }
 }
@@ -140,6 +149,9 @@ mod tests {
             },
             Event::KernelSelected {
                 kernel: "debian".into(),
+            },
+            Event::BootFailed {
+                error: "no kernel 6.1.0-1-amd64 in the disk's /boot".into(),
             },
         ]
     }

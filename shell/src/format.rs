@@ -394,6 +394,11 @@ pub fn event(line: &ServerLine, style: Style) -> Option<String> {
                     plural(*expiries, "expiry", "expiries")
                 ),
                 Event::KernelSelected { kernel } => format!("next boot will use kernel {kernel}"),
+                Event::BootFailed { error } => format!(
+                    "{}: {} (the VM is stopped: `kernel set` another, then `start`)",
+                    style.red("boot failed"),
+                    error.escape_default()
+                ),
             };
             Some(format!("{} {} {what}", style.dim(&msg.time), msg.vm))
         }

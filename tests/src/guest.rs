@@ -84,6 +84,9 @@ pub struct Spec {
     /// Pass the library's own command line of each entry (no `--cmdline`):
     /// for a guest that switches kernels.
     pub entry_cmdline: bool,
+    /// `--kernel-name` when it is not `kernel` (e.g. `disk`: the kernel in
+    /// the guest's own /boot; `kernel` then still gives the command line).
+    pub kernel_name: Option<String>,
 }
 
 impl Spec {
@@ -97,7 +100,14 @@ impl Spec {
             args: Vec::new(),
             netns: None,
             entry_cmdline: false,
+            kernel_name: None,
         }
+    }
+
+    /// Boots `name` (`--kernel-name`) with `kernel`'s command line.
+    pub fn kernel_name(mut self, name: &str) -> Spec {
+        self.kernel_name = Some(name.to_string());
+        self
     }
 
     pub fn name(mut self, name: &str) -> Spec {
@@ -210,7 +220,7 @@ impl Guest {
             "--kernel-dir",
             &kdir,
             "--kernel-name",
-            &spec.kernel,
+            spec.kernel_name.as_deref().unwrap_or(&spec.kernel),
             "--vcpus",
             &vcpus,
             "--memory",

@@ -128,7 +128,7 @@ fn fixed_kernel() -> ControlError {
 
 fn kernel_list(vm: &Vm) -> Result<KernelList, ControlError> {
     let dir = vm.config.library_dir().ok_or_else(fixed_kernel)?;
-    let kernels = library_entries(dir)
+    let mut kernels: Vec<KernelEntry> = library_entries(dir)
         .into_iter()
         .map(|name| KernelEntry {
             version: std::fs::read_to_string(dir.join(&name).join("release"))
@@ -138,6 +138,25 @@ fn kernel_list(vm: &Vm) -> Result<KernelList, ControlError> {
             name,
         })
         .collect();
+    // The VM's own disk, as found at its last boot (the control socket
+    // never reads the customer's disk: a stalled one would stall it).
+    if let Some(disk) = &vm.boot_disk {
+        let found = disk.found();
+        if let Some(newest) = found.last() {
+            kernels.push(KernelEntry {
+                name: "disk".into(),
+                version: Some(newest.clone()),
+                description: Some("the newest kernel in the VM's /boot, at each boot".into()),
+            });
+        }
+        for v in found.iter().rev() {
+            kernels.push(KernelEntry {
+                name: format!("disk:{v}"),
+                version: Some(v.clone()),
+                description: Some(format!("/boot/vmlinuz-{v} on the VM's disk")),
+            });
+        }
+    }
     Ok(KernelList {
         kernels,
         current: Some(vm.current_kernel.clone()),
@@ -204,8 +223,19 @@ fn set_kernel(vm: &mut Vm, name: &str) -> Result<KernelSelection, ControlError> 
         .library_dir()
         .ok_or_else(fixed_kernel)?
         .to_path_buf();
-    library_entry(&dir, name, None)
-        .map_err(|e| ControlError::new(ErrorCode::NotFound, e.to_string()))?;
+    if crate::disk_kernels::is_disk_name(name) {
+        // Checked at the boot that takes it (a kernel just installed in
+        // the guest is not known here yet), which fails clearly if absent.
+        if vm.boot_disk.is_none() {
+            return Err(ControlError::new(
+                ErrorCode::NotFound,
+                format!("{name}: this VM has no disk to boot a kernel from"),
+            ));
+        }
+    } else {
+        library_entry(&dir, name, None)
+            .map_err(|e| ControlError::new(ErrorCode::NotFound, e.to_string()))?;
+    }
     if let Some(p) = &vm.state_file {
         save_kernel_choice(p, name).map_err(|e| {
             ControlError::new(

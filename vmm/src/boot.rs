@@ -3,8 +3,9 @@
 //! identity page tables and a GDT.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use linux_loader::bootparam::{boot_params, setup_header};
 use linux_loader::cmdline::Cmdline;
@@ -17,7 +18,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
 
 use crate::layout::*;
 
@@ -62,11 +63,48 @@ pub struct BootEntry {
     pub mode: EntryMode,
 }
 
+/// Where a kernel or an initrd comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Image {
+    /// A file of the host, read at every boot (the kernel library).
+    File(PathBuf),
+    /// Read already: a kernel from the guest's own disk
+    /// (`disk_kernels`), `label` naming it in messages.
+    Bytes { label: String, data: Arc<[u8]> },
+}
+
+impl Image {
+    /// The host file, for a library or `--kernel` image.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Image::File(p) => Some(p),
+            Image::Bytes { .. } => None,
+        }
+    }
+
+    /// For messages: the path, or the label.
+    pub fn label(&self) -> String {
+        match self {
+            Image::File(p) => p.display().to_string(),
+            Image::Bytes { label, .. } => label.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Image::File(p) => write!(f, "File({})", p.display()),
+            Image::Bytes { label, data } => write!(f, "Bytes({label}, {} bytes)", data.len()),
+        }
+    }
+}
+
 /// Everything needed to (re)boot: read from disk on every boot so that a
 /// kernel switched in the library takes effect at the next reset.
 pub struct BootSpec<'a> {
-    pub kernel: &'a Path,
-    pub initrd: Option<&'a Path>,
+    pub kernel: &'a Image,
+    pub initrd: Option<&'a Image>,
     pub cmdline: &'a str,
     pub mem_bytes: u64,
     pub rsdp: GuestAddress,
@@ -76,7 +114,7 @@ pub fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
     Cmdline::try_from(s, CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))
 }
 
-fn is_elf(f: &mut File) -> std::io::Result<bool> {
+fn is_elf<F: Read + Seek>(f: &mut F) -> std::io::Result<bool> {
     let mut magic = [0u8; 4];
     f.seek(SeekFrom::Start(0))?;
     let n = f.read(&mut magic)?;
@@ -86,20 +124,35 @@ fn is_elf(f: &mut File) -> std::io::Result<bool> {
 
 /// Loads kernel, initrd and command line and writes the boot structures.
 pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootError> {
-    let kpath = spec.kernel.display().to_string();
-    let mut kfile = File::open(spec.kernel).map_err(|source| BootError::OpenKernel {
-        path: kpath.clone(),
-        source,
-    })?;
-    let elf = is_elf(&mut kfile).map_err(|source| BootError::OpenKernel {
-        path: kpath.clone(),
+    let kpath = spec.kernel.label();
+    let (loaded, elf) = match spec.kernel {
+        Image::File(p) => {
+            let mut f = File::open(p).map_err(|source| BootError::OpenKernel {
+                path: kpath.clone(),
+                source,
+            })?;
+            load_kernel(mem, &mut f, &kpath)?
+        }
+        Image::Bytes { data, .. } => load_kernel(mem, &mut Cursor::new(data.clone()), &kpath)?,
+    };
+    finish(mem, spec, loaded, elf, kpath)
+}
+
+/// The kernel into guest memory: an ELF with a PVH entry or a bzImage.
+fn load_kernel<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    kfile: &mut F,
+    kpath: &str,
+) -> Result<(linux_loader::loader::KernelLoaderResult, bool), BootError> {
+    let elf = is_elf(kfile).map_err(|source| BootError::OpenKernel {
+        path: kpath.to_string(),
         source,
     })?;
     let highmem = Some(GuestAddress(HIMEM_START));
     let loaded = if elf {
-        Elf::load(mem, None, &mut kfile, highmem)
+        Elf::load(mem, None, kfile, highmem)
     } else {
-        BzImage::load(mem, None, &mut kfile, highmem)
+        BzImage::load(mem, None, kfile, highmem)
     }
     .map_err(|e| match e {
         linux_loader::loader::Error::Bzimage(
@@ -108,14 +161,24 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootErr
         | linux_loader::loader::Error::Elf(
             linux_loader::loader::elf::Error::InvalidElfMagicNumber,
         ) => BootError::NotAKernel {
-            path: kpath.clone(),
+            path: kpath.to_string(),
         },
         other => BootError::LoadKernel {
-            path: kpath.clone(),
+            path: kpath.to_string(),
             detail: other.to_string(),
         },
     })?;
+    Ok((loaded, elf))
+}
 
+/// Command line, initrd and the boot protocol's structures.
+fn finish(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    loaded: linux_loader::loader::KernelLoaderResult,
+    elf: bool,
+    kpath: String,
+) -> Result<BootEntry, BootError> {
     let cmdline = build_cmdline(spec.cmdline)?;
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
         .map_err(|e| BootError::GuestMemory(e.to_string()))?;
@@ -132,7 +195,36 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootErr
         _ => low_ram_end(spec.mem_bytes),
     };
     let initrd = match spec.initrd {
-        Some(p) => Some(load_initrd(mem, p, loaded.kernel_end, initrd_limit)?),
+        Some(Image::File(p)) => {
+            let ipath = p.display().to_string();
+            let f = File::open(p).map_err(|source| BootError::ReadInitrd {
+                path: ipath.clone(),
+                source,
+            })?;
+            let size = f
+                .metadata()
+                .map_err(|source| BootError::ReadInitrd {
+                    path: ipath.clone(),
+                    source,
+                })?
+                .len();
+            Some(load_initrd(
+                mem,
+                f,
+                size,
+                &ipath,
+                loaded.kernel_end,
+                initrd_limit,
+            )?)
+        }
+        Some(Image::Bytes { label, data }) => Some(load_initrd(
+            mem,
+            Cursor::new(data.clone()),
+            data.len() as u64,
+            label,
+            loaded.kernel_end,
+            initrd_limit,
+        )?),
         None => None,
     };
 
@@ -163,26 +255,16 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootEntry, BootErr
 }
 
 /// Places the initrd page-aligned at the top of usable low memory.
-fn load_initrd(
+fn load_initrd<F: ReadVolatile>(
     mem: &GuestMemoryMmap,
-    path: &Path,
+    mut f: F,
+    size: u64,
+    ipath: &str,
     kernel_end: u64,
     limit: u64,
 ) -> Result<(GuestAddress, u64), BootError> {
-    let ipath = path.display().to_string();
-    let mut f = File::open(path).map_err(|source| BootError::ReadInitrd {
-        path: ipath.clone(),
-        source,
-    })?;
-    let size = f
-        .metadata()
-        .map_err(|source| BootError::ReadInitrd {
-            path: ipath.clone(),
-            source,
-        })?
-        .len();
     let too_large = || BootError::InitrdTooLarge {
-        path: ipath.clone(),
+        path: ipath.to_string(),
         size,
         limit,
     };
@@ -192,7 +274,7 @@ fn load_initrd(
     }
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, size as usize)
         .map_err(|e| BootError::ReadInitrd {
-            path: ipath,
+            path: ipath.to_string(),
             source: std::io::Error::other(e.to_string()),
         })?;
     Ok((GuestAddress(addr), size))
@@ -353,16 +435,87 @@ mod tests {
         let p = dir.join("not-a-kernel");
         std::fs::write(&p, vec![0x42u8; 8192]).unwrap();
         let mem = guest_mem(64);
-        let spec = BootSpec {
-            kernel: &p,
-            initrd: None,
-            cmdline: "console=ttyS0",
-            mem_bytes: 64 << 20,
-            rsdp: GuestAddress(ACPI_START),
+        let from_disk = Image::Bytes {
+            label: "disk:6.1.0-28-amd64".into(),
+            data: vec![0x42u8; 8192].into(),
         };
-        let err = load(&mem, &spec).unwrap_err();
-        assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
-        assert!(err.to_string().contains("not a bootable kernel"));
+        for image in [Image::File(p), from_disk] {
+            let spec = BootSpec {
+                kernel: &image,
+                initrd: None,
+                cmdline: "console=ttyS0",
+                mem_bytes: 64 << 20,
+                rsdp: GuestAddress(ACPI_START),
+            };
+            let err = load(&mem, &spec).unwrap_err();
+            assert!(matches!(err, BootError::NotAKernel { .. }), "{err}");
+            assert!(err.to_string().contains("not a bootable kernel"));
+            assert!(err.to_string().contains(&image.label()), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The library's mini bzImage (built by `resources/build-kernels.sh
+    /// mini`; CI builds it before the tests, VMM_REQUIRE_KERNELS=1).
+    fn mini_bzimage() -> Option<PathBuf> {
+        let p =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/kernels/mini/bzImage");
+        if p.is_file() {
+            return Some(p);
+        }
+        assert!(
+            std::env::var("VMM_REQUIRE_KERNELS").as_deref() != Ok("1"),
+            "{} missing: run resources/build-kernels.sh mini",
+            p.display()
+        );
+        eprintln!("skipped: {} missing", p.display());
+        None
+    }
+
+    #[test]
+    fn a_kernel_and_initrd_read_from_the_guests_disk_load_as_from_files() {
+        let Some(bz) = mini_bzimage() else { return };
+        let dir = std::env::temp_dir().join(format!("vmm-boot-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let initrd = dir.join("initrd.img");
+        std::fs::write(&initrd, vec![0x5au8; 300_000]).unwrap();
+        let load_with = |kernel: Image, initrd: Image| {
+            let mem = guest_mem(256);
+            let spec = BootSpec {
+                kernel: &kernel,
+                initrd: Some(&initrd),
+                cmdline: "console=ttyS0",
+                mem_bytes: 256 << 20,
+                rsdp: GuestAddress(ACPI_START),
+            };
+            let entry = load(&mem, &spec).unwrap();
+            let mut zero = vec![0u8; 4096];
+            mem.read_slice(&mut zero, GuestAddress(ZERO_PAGE_START))
+                .unwrap();
+            let mut first = vec![0u8; 4096];
+            mem.read_slice(&mut first, GuestAddress(HIMEM_START))
+                .unwrap();
+            (entry.entry, entry.mode, zero, first)
+        };
+        let files = load_with(Image::File(bz.clone()), Image::File(initrd.clone()));
+        let bytes = load_with(
+            Image::Bytes {
+                label: "disk:mini".into(),
+                data: std::fs::read(&bz).unwrap().into(),
+            },
+            Image::Bytes {
+                label: "disk:mini initrd".into(),
+                data: std::fs::read(&initrd).unwrap().into(),
+            },
+        );
+        assert_eq!(files.0, bytes.0);
+        assert_eq!(files.1, EntryMode::Linux64);
+        assert_eq!(files.1, bytes.1);
+        assert_eq!(
+            files.2, bytes.2,
+            "the zero page (initrd address and size included)"
+        );
+        assert_eq!(files.3, bytes.3, "the kernel's first page");
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -371,15 +524,32 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmm-initrd-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("big.img");
-        let f = File::create(&p).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
         f.set_len(80 << 20).unwrap();
         let mem = guest_mem(64);
-        let err = load_initrd(&mem, &p, 0x200_0000, 64 << 20).unwrap_err();
+        let size = |f: &File| f.metadata().unwrap().len();
+        let err = load_initrd(&mem, &f, size(&f), "big.img", 0x200_0000, 64 << 20).unwrap_err();
         assert!(matches!(err, BootError::InitrdTooLarge { .. }), "{err}");
-        let ok = load_initrd(&mem, &p, 0x200_0000, 64 << 20);
-        assert!(ok.is_err());
+        // Read from the guest's disk: the same check.
+        let data = vec![0u8; 80 << 20];
+        let err = load_initrd(
+            &mem,
+            Cursor::new(&data[..]),
+            80 << 20,
+            "disk",
+            0x200_0000,
+            64 << 20,
+        );
+        assert!(matches!(err, Err(BootError::InitrdTooLarge { .. })));
         f.set_len(1 << 20).unwrap();
-        let (addr, size) = load_initrd(&mem, &p, 0x200_0000, 64 << 20).unwrap();
+        let (addr, size) =
+            load_initrd(&mem, &f, size(&f), "big.img", 0x200_0000, 64 << 20).unwrap();
         assert_eq!(size, 1 << 20);
         assert_eq!(addr.raw_value() % 4096, 0);
         assert!(addr.raw_value() + size <= 64 << 20);

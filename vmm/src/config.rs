@@ -27,6 +27,8 @@ pub enum ConfigError {
     NoKernelDir,
     #[error("kernel {0} not found")]
     KernelMissing(String),
+    #[error("kernel {0}: a kernel from the VM's disk needs a --disk (the first is read)")]
+    DiskKernelWithoutDisk(String),
     #[error("kernel library entry '{name}' not found in {dir} (entries: {entries})")]
     LibraryEntryMissing {
         name: String,
@@ -372,8 +374,8 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelChoice {
     pub label: String,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub kernel: crate::boot::Image,
+    pub initrd: Option<crate::boot::Image>,
     pub cmdline: String,
 }
 
@@ -535,8 +537,18 @@ impl VmConfig {
             panic_action,
             alert_hook: cli.alert_hook.or(file.alert_hook),
         };
-        // Fail early on a missing kernel rather than at first boot.
-        cfg.kernel_choice(None)?;
+        // Fail early on a missing kernel rather than at first boot. A
+        // kernel from the VM's disk is found at each boot (disk_kernels).
+        match &cfg.kernel {
+            KernelSource::Library { name, .. } if crate::disk_kernels::is_disk_name(name) => {
+                if cfg.disks.is_empty() {
+                    return Err(ConfigError::DiskKernelWithoutDisk(name.clone()));
+                }
+            }
+            _ => {
+                cfg.kernel_choice(None)?;
+            }
+        }
         Ok(cfg)
     }
 
@@ -561,8 +573,8 @@ impl VmConfig {
                 }
                 Ok(KernelChoice {
                     label: kernel.display().to_string(),
-                    kernel: kernel.clone(),
-                    initrd: initrd.clone(),
+                    kernel: crate::boot::Image::File(kernel.clone()),
+                    initrd: initrd.clone().map(crate::boot::Image::File),
                     cmdline: self
                         .cmdline
                         .clone()
@@ -655,8 +667,8 @@ pub fn library_entry(
     };
     Ok(KernelChoice {
         label: name.to_string(),
-        kernel,
-        initrd,
+        kernel: crate::boot::Image::File(kernel),
+        initrd: initrd.map(crate::boot::Image::File),
         cmdline,
     })
 }
@@ -914,11 +926,11 @@ mod tests {
         let other = c.kernel_choice(Some("debian-6.1")).unwrap();
         assert_eq!(other.label, "debian-6.1");
         assert!(other.initrd.is_none());
-        assert!(other.kernel.ends_with("debian-6.1/bzImage"));
+        assert!(other.kernel.path().unwrap().ends_with("debian-6.1/bzImage"));
         // An entry's vmlinux (PVH) wins over its bzImage.
         std::fs::write(d.join("debian-6.1").join("vmlinux"), b"x").unwrap();
         let other = c.kernel_choice(Some("debian-6.1")).unwrap();
-        assert!(other.kernel.ends_with("debian-6.1/vmlinux"));
+        assert!(other.kernel.path().unwrap().ends_with("debian-6.1/vmlinux"));
         let e = c.kernel_choice(Some("nope")).unwrap_err();
         assert!(e.to_string().contains("debian-6.1, mini"), "{e}");
         assert!(c.kernel_choice(Some("../mini")).is_err());

@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod cpu;
+pub mod disk_kernels;
 pub mod emulate;
 pub mod events;
 pub mod fallback;

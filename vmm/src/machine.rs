@@ -4,7 +4,6 @@
 //! again from disk); what outlives a boot (console, control socket, config)
 //! lives in the `Vmm`.
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,8 +56,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError
 /// between boots).
 #[derive(Clone, Debug)]
 pub struct BootConfig {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub kernel: crate::boot::Image,
+    pub initrd: Option<crate::boot::Image>,
     pub cmdline: String,
     pub mem_mib: u64,
     pub vcpus: u8,
@@ -199,7 +198,7 @@ impl Machine {
             &mem,
             &BootSpec {
                 kernel: &cfg.kernel,
-                initrd: cfg.initrd.as_deref(),
+                initrd: cfg.initrd.as_ref(),
                 cmdline: &cmdline,
                 mem_bytes,
                 rsdp,

@@ -38,14 +38,39 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
         .open("/dev/kvm")
         .map_err(|e| format!("/dev/kvm: {e}"))?;
     let kernel = match &cfg.kernel {
+        KernelSource::Library { dir, name } if crate::disk_kernels::is_disk_name(name) => {
+            // The kernels in the first disk's /boot, as the start would find them.
+            let disk = cfg.disks.first().ok_or_else(|| {
+                format!("kernel {name}: a kernel from the VM's disk needs a --disk")
+            })?;
+            let d = crate::disk_kernels::BootDisk::open(&disk.path)
+                .map_err(|e| format!("{}: {e}", disk.path.display()))?;
+            if d.found().is_empty() {
+                format!(
+                    "kernel {name}: none in {}'s /boot yet (rescue: kernel set with a library \
+                     entry from {})",
+                    disk.path.display(),
+                    dir.display()
+                )
+            } else {
+                format!(
+                    "kernel {name} from {}'s /boot ({})",
+                    disk.path.display(),
+                    d.found().join(", ")
+                )
+            }
+        }
         KernelSource::Library { dir, name } => {
             // The kernel the next boot would take: a saved `set-kernel`
             // choice is the VMM's business at start; the configured one
             // must exist either way.
             let k = library_entry(dir, name, None).map_err(|e| e.to_string())?;
-            readable(&k.kernel)?;
-            if let Some(i) = &k.initrd {
-                readable(i)?;
+            for f in [Some(&k.kernel), k.initrd.as_ref()]
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.path())
+            {
+                readable(f)?;
             }
             format!("kernel {name} from {}", dir.display())
         }

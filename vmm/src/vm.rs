@@ -22,7 +22,7 @@ use vmm_sys_util::timerfd::TimerFd;
 pub use crate::lifecycle::StopKind;
 use crate::lifecycle::{Action, Input, Lifecycle};
 
-use crate::config::VmConfig;
+use crate::config::{ConfigError, KernelChoice, KernelSource, VmConfig};
 use crate::cpu::CpuidPolicy;
 use crate::events::{VmEvent, VmEventQueue};
 use crate::machine::{BootConfig, BootEnv, Machine, MachineError, PioDevice, VirtioSlot};
@@ -48,6 +48,8 @@ pub enum VmmError {
     Boot(#[from] MachineError),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
+    #[error("{0}")]
+    DiskKernel(#[from] crate::disk_kernels::DiskKernelError),
     #[error("{0}")]
     Setup(String),
 }
@@ -117,6 +119,9 @@ pub struct Vm {
     pub alert_hook: Option<crate::hooks::AlertHook>,
     /// The library entry chosen for the next boot (`set-kernel`).
     pub next_kernel: Option<String>,
+    /// The VM's first disk, for the kernels in its `/boot` (`disk`,
+    /// `disk:VERSION`).
+    pub boot_disk: Option<crate::disk_kernels::BootDisk>,
     pub current_kernel: String,
     pub state_file: Option<PathBuf>,
     pub stop_timeout: Duration,
@@ -286,6 +291,12 @@ impl Vm {
         let mem_handle = GuestMemoryHandle::empty();
         let (virtio, virtio_subscribers, disk_subscribers, disks, nets) =
             create_virtio(&config, &mem_handle)?;
+        let boot_disk = match config.disks.first() {
+            Some(d) => Some(crate::disk_kernels::BootDisk::open(&d.path).map_err(|e| {
+                VmmError::Setup(format!("{} (for its kernels): {e}", d.path.display()))
+            })?),
+            None => None,
+        };
         Ok(Vm {
             kvm,
             current_kernel: String::new(),
@@ -306,6 +317,7 @@ impl Vm {
             panic_action,
             alert_hook,
             next_kernel: None,
+            boot_disk,
             state_file: None,
             stop_timeout: Duration::from_secs(60),
             pending_stop: None,
@@ -383,6 +395,10 @@ impl Vm {
                     if let Err(e) = self.boot(cause) {
                         self.halt_machine();
                         self.lifecycle.boot_failed();
+                        tracing::error!("boot failed: {e}");
+                        (self.hooks.publish)(Event::BootFailed {
+                            error: e.to_string(),
+                        });
                         result = Err(ApplyError::Boot(e));
                     }
                 }
@@ -503,11 +519,46 @@ impl Vm {
         self.state
     }
 
+    /// The kernel the next boot loads: the customer's choice, else the
+    /// configured one; a library entry, or a kernel from the VM's disk.
+    fn kernel_for_boot(&mut self) -> Result<KernelChoice, VmmError> {
+        let name = self
+            .next_kernel
+            .clone()
+            .filter(|n| !n.is_empty())
+            .or_else(|| match &self.config.kernel {
+                KernelSource::Library { name, .. } => Some(name.clone()),
+                KernelSource::Path { .. } => None,
+            });
+        let disk_version = name.as_deref().and_then(crate::disk_kernels::parse_name);
+        let Some(disk) = &mut self.boot_disk else {
+            if disk_version.is_some() {
+                return Err(ConfigError::DiskKernelWithoutDisk(name.unwrap_or_default()).into());
+            }
+            return Ok(self.config.kernel_choice(self.next_kernel.as_deref())?);
+        };
+        match disk_version {
+            Some(version) => {
+                let cmdline = self
+                    .config
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| crate::config::DEFAULT_CMDLINE.to_string());
+                Ok(disk.choice(version, &cmdline, self.config.mem_mib << 20)?)
+            }
+            None => {
+                // What `kernel list` shows of the disk stays current.
+                disk.refresh();
+                Ok(self.config.kernel_choice(self.next_kernel.as_deref())?)
+            }
+        }
+    }
+
     /// Tears down the current boot (if any) and boots again: memory
     /// cleared, devices and vCPUs fresh, kernel and initrd read from disk.
     fn boot(&mut self, cause: Option<ResetCause>) -> Result<(), VmmError> {
         self.halt_machine();
-        let choice = self.config.kernel_choice(self.next_kernel.as_deref())?;
+        let choice = self.kernel_for_boot()?;
         let cfg = BootConfig {
             kernel: choice.kernel,
             initrd: choice.initrd,

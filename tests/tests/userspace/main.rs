@@ -8,6 +8,7 @@
 mod boot;
 mod console;
 mod disk;
+mod disk_kernel;
 mod lifecycle;
 mod net;
 mod panic;

@@ -1,0 +1,632 @@
+//! Kernels installed on the guest's own disk (issue 12, item 4): the
+//! `vmlinuz-VERSION` and `initrd.img-VERSION` files of the root disk's
+//! `/boot`, as Debian's `linux-image-*` packages leave them, read with the
+//! pure-Rust `ext4-view` reader (read-only, journal replayed in memory:
+//! nothing is ever written to the disk). So `apt install linux-image-…;
+//! reboot` upgrades the kernel as it would on a co-located machine.
+//!
+//! The disk is the customer's: everything here is hostile input. The
+//! reader is memory-safe; what this module adds is bounds (sizes checked
+//! before a file is read, at most [`MAX_CANDIDATES`] file systems tried,
+//! names and versions restricted to a safe alphabet), and it reads through
+//! the disk's descriptor opened at start-up (`pread`), so the sandbox needs
+//! no new path.
+//!
+//! Where the file system is: the whole disk (an image made by `mkfs.ext4`
+//! on the file, like the project's server image), else each partition of
+//! an MBR or GPT partition table, in order; in each, `/boot` first (the
+//! root file system), then `/` (a separate `/boot` partition).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use ext4_view::{Ext4, Ext4Error, Ext4Read};
+
+/// The largest kernel image read (Debian's are ~8 MiB).
+pub const MAX_KERNEL: u64 = 128 << 20;
+
+/// File systems looked at, at most (the whole disk and partitions).
+pub const MAX_CANDIDATES: usize = 16;
+
+/// A kernel found on the disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskKernel {
+    /// As in the file name: `vmlinuz-<version>`.
+    pub version: String,
+    /// Paths inside the file system where it was found.
+    pub kernel_path: String,
+    pub initrd_path: Option<String>,
+    /// Byte offset of that file system on the disk.
+    fs_offset: u64,
+}
+
+/// A kernel read from the disk, ready to load.
+pub struct DiskBoot {
+    pub kernel: DiskKernel,
+    pub image: Arc<[u8]>,
+    pub initrd: Option<Arc<[u8]>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskKernelError {
+    #[error(
+        "the disk has no ext4 file system with kernels in /boot (none of {0} places looked at)"
+    )]
+    NoKernels(usize),
+    #[error("no kernel {want} in the disk's /boot (there: {there})")]
+    NoSuchVersion { want: String, there: String },
+    #[error("{path} on the disk is {size} bytes, more than the {limit} allowed")]
+    TooLarge { path: String, size: u64, limit: u64 },
+    #[error("cannot read {path} on the disk: {reason}")]
+    Read { path: String, reason: String },
+}
+
+/// Reads the file system at `offset` bytes into the disk, through the
+/// descriptor opened at start-up.
+struct DiskReader {
+    file: Arc<File>,
+    offset: u64,
+    len: u64,
+}
+
+impl Ext4Read for DiskReader {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        let at = self
+            .offset
+            .checked_add(start_byte)
+            .filter(|at| {
+                at.checked_add(dst.len() as u64)
+                    .is_some_and(|end| end <= self.len)
+            })
+            .ok_or("read past the end of the disk")?;
+        self.file.read_exact_at(dst, at)?;
+        Ok(())
+    }
+}
+
+/// The kernel names that mean the disk's: `disk` (the newest there) and
+/// `disk:VERSION`. `Some(None)` for the newest, `Some(Some(v))` for a
+/// version, `None` for a library name.
+pub fn parse_name(name: &str) -> Option<Option<&str>> {
+    match name.strip_prefix("disk") {
+        Some("") => Some(None),
+        Some(rest) => rest
+            .strip_prefix(':')
+            .filter(|v| valid_version(v))
+            .map(Some),
+        None => None,
+    }
+}
+
+/// Is `name` a disk kernel's name, well formed?
+pub fn is_disk_name(name: &str) -> bool {
+    parse_name(name).is_some()
+}
+
+/// Is `v` a version this module accepts (Debian's: `6.1.0-28-amd64`,
+/// `6.12.12+bpo-amd64`)? Anything else in `/boot` is ignored, so a name
+/// never carries a path separator, a space or a control character into
+/// a log line, an event or the state file.
+pub fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.starts_with(|c: char| c.is_ascii_digit())
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_' | '~'))
+}
+
+/// Orders versions as people read them: runs of digits by value
+/// (`6.1.0-9` before `6.1.0-28`), the rest byte by byte.
+pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let bytes = s.as_bytes();
+        for i in 1..=bytes.len() {
+            if i == bytes.len() || bytes[i].is_ascii_digit() != bytes[start].is_ascii_digit() {
+                out.push((bytes[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (ra, rb) = (runs(a), runs(b));
+    for (x, y) in ra.iter().zip(rb.iter()) {
+        let ord = match (x, y) {
+            ((true, x), (true, y)) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+            }
+            ((_, x), (_, y)) => x.cmp(y),
+        };
+        if ord.is_ne() {
+            return ord;
+        }
+    }
+    ra.len().cmp(&rb.len())
+}
+
+/// Byte offsets where a file system may start: the whole disk, then the
+/// partitions of an MBR or a GPT (at most [`MAX_CANDIDATES`] in all).
+fn candidate_offsets(file: &File, len: u64) -> Vec<u64> {
+    let mut out = vec![0];
+    let mut mbr = [0u8; 512];
+    if file.read_exact_at(&mut mbr, 0).is_err() || mbr[510..512] != [0x55, 0xAA] {
+        return out;
+    }
+    let mut gpt = false;
+    for i in 0..4 {
+        let e = &mbr[446 + i * 16..446 + (i + 1) * 16];
+        let kind = e[4];
+        let lba = u64::from(u32::from_le_bytes([e[8], e[9], e[10], e[11]]));
+        if kind == 0xEE {
+            gpt = true;
+        } else if kind != 0 && lba != 0 {
+            out.push(lba.saturating_mul(512));
+        }
+    }
+    if gpt {
+        gpt_offsets(file, &mut out);
+    }
+    out.retain(|&o| o < len);
+    out.truncate(MAX_CANDIDATES);
+    out
+}
+
+/// The partitions of a GPT (header at LBA 1), in table order.
+fn gpt_offsets(file: &File, out: &mut Vec<u64>) {
+    let mut hdr = [0u8; 92];
+    if file.read_exact_at(&mut hdr, 512).is_err() || &hdr[..8] != b"EFI PART" {
+        return;
+    }
+    let u64_at = |b: &[u8], i: usize| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(v)
+    };
+    let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let table = u64_at(&hdr, 72);
+    let count = u32_at(&hdr, 80).min(128);
+    let size = u32_at(&hdr, 84);
+    if !(128..=4096).contains(&size) {
+        return;
+    }
+    let mut entry = vec![0u8; size as usize];
+    for i in 0..u64::from(count) {
+        let Some(at) = table
+            .checked_mul(512)
+            .and_then(|t| t.checked_add(i * u64::from(size)))
+        else {
+            return;
+        };
+        if file.read_exact_at(&mut entry, at).is_err() {
+            return;
+        }
+        if entry[..16].iter().all(|&b| b == 0) {
+            continue;
+        }
+        out.push(u64_at(&entry, 32).saturating_mul(512));
+        if out.len() >= MAX_CANDIDATES {
+            return;
+        }
+    }
+}
+
+fn read_err(path: &str) -> impl Fn(Ext4Error) -> DiskKernelError + '_ {
+    move |e| DiskKernelError::Read {
+        path: path.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// The kernels of one file system: `DIR/vmlinuz-VERSION` files (symbolic
+/// links followed inside the file system) with their initrds, in `/boot`
+/// else at the top.
+fn kernels_in(fs: &Ext4, fs_offset: u64) -> Vec<DiskKernel> {
+    for dir in ["/boot", "/"] {
+        let Ok(entries) = fs.read_dir(dir) else {
+            continue;
+        };
+        let mut found = Vec::new();
+        // A directory the guest filled with names: bounded all the same.
+        for entry in entries.take(4096).flatten() {
+            let name = entry.file_name();
+            let Ok(name) = name.as_str() else { continue };
+            let Some(version) = name.strip_prefix("vmlinuz-") else {
+                continue;
+            };
+            if !valid_version(version) {
+                continue;
+            }
+            let base = if dir == "/" { "" } else { dir };
+            let kernel_path = format!("{base}/vmlinuz-{version}");
+            if !fs.metadata(kernel_path.as_str()).is_ok_and(|m| !m.is_dir()) {
+                continue;
+            }
+            let initrd = format!("{base}/initrd.img-{version}");
+            let initrd_path = fs
+                .metadata(initrd.as_str())
+                .is_ok_and(|m| !m.is_dir())
+                .then_some(initrd);
+            found.push(DiskKernel {
+                version: version.to_string(),
+                kernel_path,
+                initrd_path,
+                fs_offset,
+            });
+        }
+        if !found.is_empty() {
+            found.sort_by(|a, b| compare_versions(&a.version, &b.version));
+            return found;
+        }
+    }
+    Vec::new()
+}
+
+fn load_fs(file: &Arc<File>, offset: u64, len: u64) -> Option<Ext4> {
+    // An ext4 superblock has its magic 0xEF53 at byte 1024 + 56.
+    let mut magic = [0u8; 2];
+    let at = offset.checked_add(1024 + 56)?;
+    file.read_exact_at(&mut magic, at).ok()?;
+    if magic != [0x53, 0xEF] {
+        return None;
+    }
+    Ext4::load(Box::new(DiskReader {
+        file: file.clone(),
+        offset,
+        len,
+    }))
+    .ok()
+}
+
+/// Every kernel on the disk, oldest first (the first file system that has
+/// any).
+pub fn list(file: &Arc<File>) -> Result<Vec<DiskKernel>, DiskKernelError> {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let offsets = candidate_offsets(file, len);
+    for &off in &offsets {
+        if let Some(fs) = load_fs(file, off, len) {
+            let k = kernels_in(&fs, off);
+            if !k.is_empty() {
+                return Ok(k);
+            }
+        }
+    }
+    Err(DiskKernelError::NoKernels(offsets.len()))
+}
+
+/// Reads kernel `version` (the newest with `None`) and its initrd; the
+/// initrd may be at most `max_initrd` bytes (what guest memory can hold).
+pub fn read(
+    file: &Arc<File>,
+    version: Option<&str>,
+    max_initrd: u64,
+) -> Result<DiskBoot, DiskKernelError> {
+    let all = list(file)?;
+    let chosen = match version {
+        None => all.last().cloned(),
+        Some(v) => all.iter().find(|k| k.version == v).cloned(),
+    };
+    let Some(kernel) = chosen else {
+        return Err(DiskKernelError::NoSuchVersion {
+            want: version.unwrap_or_default().to_string(),
+            there: all
+                .iter()
+                .map(|k| k.version.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let fs = load_fs(file, kernel.fs_offset, len).ok_or_else(|| DiskKernelError::Read {
+        path: kernel.kernel_path.clone(),
+        reason: "the file system changed while it was read".into(),
+    })?;
+    let bounded = |path: &str, limit: u64| -> Result<Arc<[u8]>, DiskKernelError> {
+        let size = fs.metadata(path).map_err(read_err(path))?.len();
+        if size > limit {
+            return Err(DiskKernelError::TooLarge {
+                path: path.to_string(),
+                size,
+                limit,
+            });
+        }
+        let data = fs.read(path).map_err(read_err(path))?;
+        Ok(data.into())
+    };
+    let image = bounded(&kernel.kernel_path, MAX_KERNEL)?;
+    let initrd = match &kernel.initrd_path {
+        Some(p) => Some(bounded(p, max_initrd)?),
+        None => None,
+    };
+    Ok(DiskBoot {
+        kernel,
+        image,
+        initrd,
+    })
+}
+
+/// The VM's first disk, kept open for its kernels (opened at start-up,
+/// before the sandbox: no path is opened again), and the versions found
+/// there at the last look (what `kernel list` shows: the control socket
+/// never waits on the customer's disk).
+pub struct BootDisk {
+    file: Arc<File>,
+    found: Vec<String>,
+}
+
+impl BootDisk {
+    /// Opens `path` read-only and looks for kernels once.
+    pub fn open(path: &std::path::Path) -> std::io::Result<BootDisk> {
+        let file = Arc::new(File::open(path)?);
+        let mut d = BootDisk {
+            file,
+            found: Vec::new(),
+        };
+        d.refresh();
+        Ok(d)
+    }
+
+    /// Looks again (at each boot: the guest may have installed a kernel).
+    pub fn refresh(&mut self) {
+        self.found = list(&self.file)
+            .map(|all| all.into_iter().map(|k| k.version).collect())
+            .unwrap_or_default();
+    }
+
+    /// The versions found at the last look, oldest first.
+    pub fn found(&self) -> &[String] {
+        &self.found
+    }
+
+    /// What a boot of `version` (the newest with `None`) loads: kernel
+    /// and initrd read now, `cmdline` as configured (the customer's
+    /// system needs its `root=`).
+    pub fn choice(
+        &mut self,
+        version: Option<&str>,
+        cmdline: &str,
+        max_initrd: u64,
+    ) -> Result<crate::config::KernelChoice, DiskKernelError> {
+        let b = read(&self.file, version, max_initrd);
+        self.refresh();
+        let b = b?;
+        let v = &b.kernel.version;
+        Ok(crate::config::KernelChoice {
+            label: format!("disk:{v}"),
+            kernel: crate::boot::Image::Bytes {
+                label: format!("{} on the VM's disk", b.kernel.kernel_path),
+                data: b.image,
+            },
+            initrd: b.initrd.map(|data| crate::boot::Image::Bytes {
+                label: format!(
+                    "{} on the VM's disk",
+                    b.kernel.initrd_path.as_deref().unwrap_or_default()
+                ),
+                data,
+            }),
+            cmdline: cmdline.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "vmm-diskk-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// An ext4 image of `root`'s contents, as `resources/build-image.sh`
+    /// makes the server's (`mkfs.ext4 -d`, no loop mount).
+    fn ext4_of(root: &Path, image: &Path, size_mib: u32) {
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(root)
+            .arg(image)
+            .arg(format!("{size_mib}M"))
+            .output()
+            .expect("mkfs.ext4 (e2fsprogs) runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn open(p: &Path) -> Arc<File> {
+        Arc::new(File::open(p).unwrap())
+    }
+
+    fn debian_boot(root: &Path, versions: &[&str]) {
+        let boot = root.join("boot");
+        std::fs::create_dir_all(&boot).unwrap();
+        for v in versions {
+            std::fs::write(boot.join(format!("vmlinuz-{v}")), format!("kernel {v}")).unwrap();
+            std::fs::write(boot.join(format!("initrd.img-{v}")), format!("initrd {v}")).unwrap();
+            std::fs::write(boot.join(format!("config-{v}")), "x").unwrap();
+        }
+    }
+
+    #[test]
+    fn disk_names_are_disk_or_disk_colon_a_version() {
+        assert_eq!(parse_name("disk"), Some(None));
+        assert_eq!(
+            parse_name("disk:6.1.0-28-amd64"),
+            Some(Some("6.1.0-28-amd64"))
+        );
+        for not in [
+            "mini",
+            "debian-6.1",
+            "disk:",
+            "disk:../x",
+            "diskette",
+            "disk:a b",
+        ] {
+            assert_eq!(parse_name(not), None, "{not}");
+        }
+    }
+
+    #[test]
+    fn versions_order_as_people_read_them() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("6.1.0-9-amd64", "6.1.0-28-amd64"), Less);
+        assert_eq!(compare_versions("6.12.1-amd64", "6.1.0-28-amd64"), Greater);
+        assert_eq!(compare_versions("6.1.0-28-amd64", "6.1.0-28-amd64"), Equal);
+        assert_eq!(compare_versions("6.1", "6.1.0"), Less);
+        assert!(valid_version("6.12.12+bpo-amd64"));
+        for bad in [
+            "",
+            "../x",
+            "6.1 x",
+            "6.1/x",
+            "vmlinuz",
+            "6.1\n",
+            &"1".repeat(65),
+        ] {
+            assert!(!valid_version(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_newest_kernel_in_boot_is_found_with_its_initrd_and_a_named_one_too() {
+        let d = tmp("newest");
+        let root = d.join("root");
+        debian_boot(
+            &root,
+            &["6.1.0-9-amd64", "6.1.0-28-amd64", "6.1.0-10-amd64"],
+        );
+        std::fs::write(root.join("boot/vmlinuz-not a version"), "x").unwrap();
+        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-28-amd64", root.join("vmlinuz")).unwrap();
+        let img = d.join("disk.img");
+        ext4_of(&root, &img, 16);
+        let f = open(&img);
+        let all = list(&f).unwrap();
+        let names: Vec<_> = all.iter().map(|k| k.version.as_str()).collect();
+        assert_eq!(names, ["6.1.0-9-amd64", "6.1.0-10-amd64", "6.1.0-28-amd64"]);
+        let b = read(&f, None, 1 << 20).unwrap();
+        assert_eq!(b.kernel.version, "6.1.0-28-amd64");
+        assert_eq!(&*b.image, b"kernel 6.1.0-28-amd64");
+        assert_eq!(b.initrd.as_deref(), Some(&b"initrd 6.1.0-28-amd64"[..]));
+        let b = read(&f, Some("6.1.0-9-amd64"), 1 << 20).unwrap();
+        assert_eq!(&*b.image, b"kernel 6.1.0-9-amd64");
+        let e = read(&f, Some("5.10.0-1-amd64"), 1 << 20).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "no kernel 5.10.0-1-amd64 in the disk's /boot (there: 6.1.0-9-amd64, 6.1.0-10-amd64, 6.1.0-28-amd64)"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_disk_without_kernels_or_without_ext4_is_a_clear_error() {
+        let d = tmp("none");
+        let root = d.join("root");
+        std::fs::create_dir_all(root.join("boot")).unwrap();
+        let img = d.join("empty.img");
+        ext4_of(&root, &img, 8);
+        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        let junk = d.join("junk.img");
+        std::fs::write(&junk, vec![0xA5u8; 1 << 20]).unwrap();
+        assert_eq!(
+            list(&open(&junk)).err(),
+            Some(DiskKernelError::NoKernels(1))
+        );
+        let empty = d.join("zero.img");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(read(&open(&empty), None, 1 << 20).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_initrd_larger_than_the_guest_can_hold_is_refused_before_it_is_read() {
+        let d = tmp("large");
+        let root = d.join("root");
+        debian_boot(&root, &["6.1.0-28-amd64"]);
+        std::fs::write(
+            root.join("boot/initrd.img-6.1.0-28-amd64"),
+            vec![7u8; 300_000],
+        )
+        .unwrap();
+        let img = d.join("disk.img");
+        ext4_of(&root, &img, 16);
+        let e = read(&open(&img), None, 100_000).err().unwrap();
+        assert_eq!(
+            e,
+            DiskKernelError::TooLarge {
+                path: "/boot/initrd.img-6.1.0-28-amd64".into(),
+                size: 300_000,
+                limit: 100_000
+            }
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn kernels_are_found_in_a_partition_of_an_mbr_disk_and_in_a_separate_boot_partition() {
+        let d = tmp("mbr");
+        let root = d.join("root");
+        // A separate /boot partition: the files at its top.
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("vmlinuz-6.1.0-28-amd64"), "k").unwrap();
+        let part = d.join("part.img");
+        ext4_of(&root, &part, 8);
+        let part_bytes = std::fs::read(&part).unwrap();
+        // MBR: one Linux partition at LBA 2048.
+        let mut disk = vec![0u8; 2048 * 512];
+        let e = &mut disk[446..462];
+        e[4] = 0x83;
+        e[8..12].copy_from_slice(&2048u32.to_le_bytes());
+        e[12..16].copy_from_slice(&((part_bytes.len() / 512) as u32).to_le_bytes());
+        disk[510] = 0x55;
+        disk[511] = 0xAA;
+        disk.extend_from_slice(&part_bytes);
+        let img = d.join("disk.img");
+        std::fs::write(&img, &disk).unwrap();
+        let b = read(&open(&img), None, 1 << 20).unwrap();
+        assert_eq!(b.kernel.version, "6.1.0-28-amd64");
+        assert_eq!(b.kernel.kernel_path, "/vmlinuz-6.1.0-28-amd64");
+        assert_eq!(b.initrd, None);
+        // The image cut short after the superblock: an error.
+        std::fs::write(&img, &disk[..2048 * 512 + 2048]).unwrap();
+        assert!(read(&open(&img), None, 1 << 20).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn reads_never_leave_the_disk_whatever_a_partition_table_claims() {
+        let d = tmp("hostile-mbr");
+        let mut disk = vec![0u8; 4096];
+        for i in 0..4 {
+            let e = &mut disk[446 + i * 16..462 + i * 16];
+            e[4] = if i == 0 { 0xEE } else { 0x83 };
+            e[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        }
+        disk[510] = 0x55;
+        disk[511] = 0xAA;
+        // A GPT header whose table is past the end, with huge counts.
+        disk[512..520].copy_from_slice(b"EFI PART");
+        disk[512 + 72..512 + 80].copy_from_slice(&u64::MAX.to_le_bytes());
+        disk[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
+        disk[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let img = d.join("disk.img");
+        std::fs::write(&img, &disk).unwrap();
+        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -26,6 +26,10 @@ use ext4_view::{Ext4, Ext4Error, Ext4Read};
 /// The largest kernel image read (Debian's are ~8 MiB).
 pub const MAX_KERNEL: u64 = 128 << 20;
 
+/// The largest initrd read (Debian's are 30-70 MiB), whatever the
+/// guest's memory: the VMM holds it in its own memory while it boots.
+pub const MAX_INITRD: u64 = 512 << 20;
+
 /// File systems looked at, at most (the whole disk and partitions).
 pub const MAX_CANDIDATES: usize = 16;
 
@@ -301,7 +305,8 @@ pub fn list(file: &Arc<File>) -> Result<Vec<DiskKernel>, DiskKernelError> {
 }
 
 /// Reads kernel `version` (the newest with `None`) and its initrd; the
-/// initrd may be at most `max_initrd` bytes (what guest memory can hold).
+/// initrd may be at most `max_initrd` bytes (what guest memory can hold)
+/// and [`MAX_INITRD`].
 pub fn read(
     file: &Arc<File>,
     version: Option<&str>,
@@ -341,7 +346,7 @@ pub fn read(
     };
     let image = bounded(&kernel.kernel_path, MAX_KERNEL)?;
     let initrd = match &kernel.initrd_path {
-        Some(p) => Some(bounded(p, max_initrd)?),
+        Some(p) => Some(bounded(p, max_initrd.min(MAX_INITRD))?),
         None => None,
     };
     Ok(DiskBoot {

@@ -103,10 +103,15 @@ fn the_debian_server_boots_to_a_running_systemd_and_answers_ssh_with_debian_6_12
     boots_to_running_systemd_and_answers_ssh("debian-6.12");
 }
 
+// Reboot and shutdown are two tests of one and two boots: in the test host
+// every boot of a Debian guest risks the emulator's fault (docs/notes.md),
+// and a short test that met it is cheaper to run again (CI failed a test
+// doing both when four runs in a row met it).
+
 #[test]
-fn shutdown_and_reboot_from_the_control_socket_are_carried_out_by_systemd() {
+fn a_reboot_from_the_control_socket_is_carried_out_by_systemd() {
     tests::guest::scenario(|h| {
-        let ns = NetNs::new(h, "srv-power");
+        let ns = NetNs::new(h, "srv-reboot");
         let g = server(h, &ns, "debian-6.1");
         assert_eq!(
             ssh(&ns, "systemctl is-system-running --wait").trim(),
@@ -124,6 +129,18 @@ fn shutdown_and_reboot_from_the_control_socket_are_carried_out_by_systemd() {
         );
         g.expect_from(from, LOGIN, tests::guest::BOOT);
         assert_eq!(g.ctl().status()["boot_count"], 2);
+        assert_eq!(
+            ssh(&ns, "systemctl is-system-running --wait").trim(),
+            "running"
+        );
+    });
+}
+
+#[test]
+fn a_shutdown_from_the_control_socket_is_carried_out_by_systemd() {
+    tests::guest::scenario(|h| {
+        let ns = NetNs::new(h, "srv-power");
+        let g = server(h, &ns, "debian-6.1");
         assert_eq!(
             ssh(&ns, "systemctl is-system-running --wait").trim(),
             "running"

@@ -395,7 +395,6 @@ impl Vm {
                     if let Err(e) = self.boot(cause) {
                         self.halt_machine();
                         self.lifecycle.boot_failed();
-                        tracing::error!("boot failed: {e}");
                         (self.hooks.publish)(Event::BootFailed {
                             error: e.to_string(),
                         });

@@ -272,14 +272,44 @@ fn kernels_in(fs: &Ext4, fs_offset: u64) -> Vec<DiskKernel> {
     Vec::new()
 }
 
-fn load_fs(file: &Arc<File>, offset: u64, len: u64) -> Option<Ext4> {
-    // An ext4 superblock has its magic 0xEF53 at byte 1024 + 56.
-    let mut magic = [0u8; 2];
-    let at = offset.checked_add(1024 + 56)?;
-    file.read_exact_at(&mut magic, at).ok()?;
-    if magic != [0x53, 0xEF] {
+/// Block groups a file system may claim at most. `ext4-view` allocates
+/// its table of group descriptors from the superblock's claim before it
+/// reads one (the fuzz target found a 32 GiB allocation); 2^18 groups of
+/// the usual 128 MiB are a 32 TiB file system.
+const MAX_GROUPS: u64 = 1 << 18;
+
+/// Does the superblock at `offset` describe an ext4 file system that fits
+/// on the disk and has a bounded number of block groups? Checked here,
+/// before `ext4-view` trusts it.
+fn plausible_superblock(file: &File, offset: u64, len: u64) -> Option<()> {
+    let mut sb = [0u8; 0x158];
+    file.read_exact_at(&mut sb, offset.checked_add(1024)?)
+        .ok()?;
+    let u32_at = |i: usize| u32::from_le_bytes([sb[i], sb[i + 1], sb[i + 2], sb[i + 3]]);
+    // The magic 0xEF53 at 56.
+    if sb[56..58] != [0x53, 0xEF] {
         return None;
     }
+    let blocks = (u64::from(u32_at(0x150)) << 32) | u64::from(u32_at(0x4));
+    let first_data_block = u64::from(u32_at(0x14));
+    let log_block_size = u32_at(0x18);
+    let blocks_per_group = u64::from(u32_at(0x20));
+    if log_block_size > 6 || blocks_per_group == 0 {
+        return None;
+    }
+    let block_size = 1024u64 << log_block_size;
+    let fs_bytes = blocks.checked_mul(block_size)?;
+    if fs_bytes > len.checked_sub(offset)? {
+        return None;
+    }
+    let groups = blocks
+        .checked_sub(first_data_block)?
+        .div_ceil(blocks_per_group);
+    (groups <= MAX_GROUPS).then_some(())
+}
+
+fn load_fs(file: &Arc<File>, offset: u64, len: u64) -> Option<Ext4> {
+    plausible_superblock(file, offset, len)?;
     Ext4::load(Box::new(DiskReader {
         file: file.clone(),
         offset,
@@ -610,6 +640,34 @@ mod tests {
         // The image cut short after the superblock: an error.
         std::fs::write(&img, &disk[..2048 * 512 + 2048]).unwrap();
         assert!(read(&open(&img), None, 1 << 20).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_superblock_claiming_more_than_the_disk_or_too_many_groups_is_not_read_further() {
+        let d = tmp("claims");
+        let root = d.join("root");
+        debian_boot(&root, &["6.1.0-28-amd64"]);
+        let img = d.join("disk.img");
+        ext4_of(&root, &img, 16);
+        let good = std::fs::read(&img).unwrap();
+        assert!(list(&open(&img)).is_ok());
+        let patch = |at: usize, v: u32| {
+            let mut b = good.clone();
+            b[1024 + at..1024 + at + 4].copy_from_slice(&v.to_le_bytes());
+            std::fs::write(&img, &b).unwrap();
+        };
+        // More blocks than the disk holds (the fuzz target's 32 GiB
+        // allocation came from such a claim).
+        patch(0x150, 0x10);
+        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        // One block per group: 16 MiB of 1 KiB or 4 KiB blocks is at
+        // most 16384 groups, still allowed; a bigger disk with such a
+        // claim is refused.
+        patch(0x20, 0);
+        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        patch(0x18, 7);
+        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -30,6 +30,10 @@ pub const MAX_KERNEL: u64 = 128 << 20;
 /// guest's memory: the VMM holds it in its own memory while it boots.
 pub const MAX_INITRD: u64 = 512 << 20;
 
+/// The largest directory looked through (`/boot`, or `/` for a separate
+/// boot partition).
+const MAX_DIR: u64 = 1 << 20;
+
 /// File systems looked at, at most (the whole disk and partitions).
 pub const MAX_CANDIDATES: usize = 16;
 
@@ -233,6 +237,12 @@ fn read_err(path: &str) -> impl Fn(Ext4Error) -> DiskKernelError + '_ {
 /// else at the top.
 fn kernels_in(fs: &Ext4, fs_offset: u64) -> Vec<DiskKernel> {
     for dir in ["/boot", "/"] {
+        // A directory's entries are counted only when not empty, and a
+        // hostile one may be any number of blocks of empty entries:
+        // bounded by its size instead (a real /boot is a few KiB).
+        if !fs.metadata(dir).is_ok_and(|m| m.len() <= MAX_DIR) {
+            continue;
+        }
         let Ok(entries) = fs.read_dir(dir) else {
             continue;
         };
@@ -294,10 +304,15 @@ fn plausible_superblock(file: &File, offset: u64, len: u64) -> Option<()> {
     let first_data_block = u64::from(u32_at(0x14));
     let log_block_size = u32_at(0x18);
     let blocks_per_group = u64::from(u32_at(0x20));
-    if log_block_size > 6 || blocks_per_group == 0 {
+    if log_block_size > 6 {
         return None;
     }
     let block_size = 1024u64 << log_block_size;
+    // A group's block bitmap is one block: at most 8 x block size blocks
+    // (mke2fs -g); fewer than 8 is no file system anyone made.
+    if !(8..=8 * block_size).contains(&blocks_per_group) {
+        return None;
+    }
     let fs_bytes = blocks.checked_mul(block_size)?;
     if fs_bytes > len.checked_sub(offset)? {
         return None;
@@ -318,10 +333,18 @@ fn load_fs(file: &Arc<File>, offset: u64, len: u64) -> Option<Ext4> {
     .ok()
 }
 
+/// The disk's size: a file's length, or a block device's (whose
+/// `st_size` is 0), as the block device sizes it.
+fn disk_len(file: &File) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0)).unwrap_or(0)
+}
+
 /// Every kernel on the disk, oldest first (the first file system that has
 /// any).
 pub fn list(file: &Arc<File>) -> Result<Vec<DiskKernel>, DiskKernelError> {
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = disk_len(file);
     let offsets = candidate_offsets(file, len);
     for &off in &offsets {
         if let Some(fs) = load_fs(file, off, len) {
@@ -357,13 +380,15 @@ pub fn read(
                 .join(", "),
         });
     };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let len = disk_len(file);
     let fs = load_fs(file, kernel.fs_offset, len).ok_or_else(|| DiskKernelError::Read {
         path: kernel.kernel_path.clone(),
         reason: "the file system changed while it was read".into(),
     })?;
+    // One lookup per file: the size checked is the size read.
     let bounded = |path: &str, limit: u64| -> Result<Arc<[u8]>, DiskKernelError> {
-        let size = fs.metadata(path).map_err(read_err(path))?.len();
+        let mut f = fs.open(path).map_err(read_err(path))?;
+        let size = f.metadata().len();
         if size > limit {
             return Err(DiskKernelError::TooLarge {
                 path: path.to_string(),
@@ -371,7 +396,15 @@ pub fn read(
                 limit,
             });
         }
-        let data = fs.read(path).map_err(read_err(path))?;
+        let mut data = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        let mut at = 0;
+        while at < data.len() {
+            match f.read_bytes(&mut data[at..]).map_err(read_err(path))? {
+                0 => break,
+                n => at += n,
+            }
+        }
+        data.truncate(at);
         Ok(data.into())
     };
     let image = bounded(&kernel.kernel_path, MAX_KERNEL)?;
@@ -661,11 +694,13 @@ mod tests {
         // allocation came from such a claim).
         patch(0x150, 0x10);
         assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
-        // One block per group: 16 MiB of 1 KiB or 4 KiB blocks is at
-        // most 16384 groups, still allowed; a bigger disk with such a
-        // claim is refused.
-        patch(0x20, 0);
-        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        // Fewer than 8 blocks per group, or more than one bitmap block
+        // can track: no file system anyone made (and the way to claim
+        // millions of groups on a small disk).
+        for bpg in [0, 1, 7, 8 * 65536 + 1] {
+            patch(0x20, bpg);
+            assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        }
         patch(0x18, 7);
         assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
         std::fs::remove_dir_all(&d).unwrap();

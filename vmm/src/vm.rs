@@ -557,6 +557,12 @@ impl Vm {
     /// cleared, devices and vCPUs fresh, kernel and initrd read from disk.
     fn boot(&mut self, cause: Option<ResetCause>) -> Result<(), VmmError> {
         self.halt_machine();
+        // The devices stop before the disk's /boot is read: no write of
+        // the old boot lands while it is, and a boot that fails leaves
+        // them stopped (no disk I/O, no vhost-net into the old memory).
+        for slot in &self.virtio {
+            lock(&slot.transport).reset();
+        }
         let choice = self.kernel_for_boot()?;
         let cfg = BootConfig {
             kernel: choice.kernel,
@@ -569,9 +575,6 @@ impl Vm {
         self.watchdog.reset();
         // A fresh boot starts running: the guest clock must not be paused.
         self.watchdog.resume();
-        for slot in &self.virtio {
-            lock(&slot.transport).reset();
-        }
         let handle = self.mem_handle.clone();
         let start = self.process_start;
         let boot_no = self.boot_count + 1;

@@ -237,43 +237,61 @@ fn read_err(path: &str) -> impl Fn(Ext4Error) -> DiskKernelError + '_ {
 /// else at the top.
 fn kernels_in(fs: &Ext4, fs_offset: u64) -> Vec<DiskKernel> {
     for dir in ["/boot", "/"] {
-        // A directory's entries are counted only when not empty, and a
-        // hostile one may be any number of blocks of empty entries:
-        // bounded by its size instead (a real /boot is a few KiB).
-        if !fs.metadata(dir).is_ok_and(|m| m.len() <= MAX_DIR) {
+        // Never through a symbolic link: `ext4-view` reads a link's target
+        // whole, at whatever size its inode claims (the fuzz target found
+        // a 4 GB allocation so). A directory's entries are counted only
+        // when not empty, and a hostile one may be any number of blocks
+        // of empty entries: bounded by its size (a real /boot is a few
+        // KiB).
+        let Ok(m) = fs.symlink_metadata(dir) else {
+            continue;
+        };
+        if !m.is_dir() || m.len() > MAX_DIR {
             continue;
         }
         let Ok(entries) = fs.read_dir(dir) else {
             continue;
         };
-        let mut found = Vec::new();
+        let mut kernels = Vec::new();
+        let mut initrds = std::collections::HashSet::new();
         // A directory the guest filled with names: bounded all the same.
         for entry in entries.take(4096).flatten() {
             let name = entry.file_name();
             let Ok(name) = name.as_str() else { continue };
-            let Some(version) = name.strip_prefix("vmlinuz-") else {
-                continue;
+            let (version, is_kernel) = match (
+                name.strip_prefix("vmlinuz-"),
+                name.strip_prefix("initrd.img-"),
+            ) {
+                (Some(v), _) => (v, true),
+                (_, Some(v)) => (v, false),
+                _ => continue,
             };
-            if !valid_version(version) {
+            // Regular files only (the entry's own inode: nothing followed).
+            if !valid_version(version)
+                || !entry
+                    .metadata()
+                    .is_ok_and(|m| m.file_type().is_regular_file())
+            {
                 continue;
             }
-            let base = if dir == "/" { "" } else { dir };
-            let kernel_path = format!("{base}/vmlinuz-{version}");
-            if !fs.metadata(kernel_path.as_str()).is_ok_and(|m| !m.is_dir()) {
-                continue;
+            if is_kernel {
+                kernels.push(version.to_string());
+            } else {
+                initrds.insert(version.to_string());
             }
-            let initrd = format!("{base}/initrd.img-{version}");
-            let initrd_path = fs
-                .metadata(initrd.as_str())
-                .is_ok_and(|m| !m.is_dir())
-                .then_some(initrd);
-            found.push(DiskKernel {
-                version: version.to_string(),
-                kernel_path,
-                initrd_path,
-                fs_offset,
-            });
         }
+        let base = if dir == "/" { "" } else { dir };
+        let mut found: Vec<DiskKernel> = kernels
+            .into_iter()
+            .map(|version| DiskKernel {
+                kernel_path: format!("{base}/vmlinuz-{version}"),
+                initrd_path: initrds
+                    .contains(&version)
+                    .then(|| format!("{base}/initrd.img-{version}")),
+                version,
+                fs_offset,
+            })
+            .collect();
         if !found.is_empty() {
             found.sort_by(|a, b| compare_versions(&a.version, &b.version));
             return found;
@@ -703,6 +721,30 @@ mod tests {
         }
         patch(0x18, 7);
         assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn symbolic_links_are_never_followed_neither_boot_nor_a_kernel() {
+        let d = tmp("links");
+        let root = d.join("root");
+        // /boot a link to a directory of kernels; a kernel a link to one.
+        debian_boot(&root.join("real"), &["6.1.0-28-amd64"]);
+        std::os::unix::fs::symlink("real/boot", root.join("boot")).unwrap();
+        let img = d.join("disk.img");
+        ext4_of(&root, &img, 16);
+        assert_eq!(list(&open(&img)).err(), Some(DiskKernelError::NoKernels(1)));
+        std::fs::remove_dir_all(&root).unwrap();
+        debian_boot(&root, &["6.1.0-28-amd64"]);
+        std::os::unix::fs::symlink(
+            "vmlinuz-6.1.0-28-amd64",
+            root.join("boot/vmlinuz-6.1.0-99-amd64"),
+        )
+        .unwrap();
+        ext4_of(&root, &img, 16);
+        let all = list(&open(&img)).unwrap();
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert_eq!(all[0].version, "6.1.0-28-amd64");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -45,8 +45,6 @@ pub struct DiskKernel {
     /// Paths inside the file system where it was found.
     pub kernel_path: String,
     pub initrd_path: Option<String>,
-    /// Byte offset of that file system on the disk.
-    fs_offset: u64,
 }
 
 /// A kernel read from the disk, ready to load.
@@ -235,7 +233,7 @@ fn read_err(path: &str) -> impl Fn(Ext4Error) -> DiskKernelError + '_ {
 /// The kernels of one file system: `DIR/vmlinuz-VERSION` files (symbolic
 /// links followed inside the file system) with their initrds, in `/boot`
 /// else at the top.
-fn kernels_in(fs: &Ext4, fs_offset: u64) -> Vec<DiskKernel> {
+fn kernels_in(fs: &Ext4) -> Vec<DiskKernel> {
     for dir in ["/boot", "/"] {
         // Never through a symbolic link: `ext4-view` reads a link's target
         // whole, at whatever size its inode claims (the fuzz target found
@@ -289,7 +287,6 @@ fn kernels_in(fs: &Ext4, fs_offset: u64) -> Vec<DiskKernel> {
                     .contains(&version)
                     .then(|| format!("{base}/initrd.img-{version}")),
                 version,
-                fs_offset,
             })
             .collect();
         if !found.is_empty() {
@@ -359,20 +356,26 @@ fn disk_len(file: &File) -> u64 {
     f.seek(SeekFrom::End(0)).unwrap_or(0)
 }
 
-/// Every kernel on the disk, oldest first (the first file system that has
-/// any).
-pub fn list(file: &Arc<File>) -> Result<Vec<DiskKernel>, DiskKernelError> {
+/// The first file system on the disk that has kernels, and its kernels,
+/// oldest first.
+fn find(file: &Arc<File>) -> Result<(Ext4, Vec<DiskKernel>), DiskKernelError> {
     let len = disk_len(file);
     let offsets = candidate_offsets(file, len);
     for &off in &offsets {
         if let Some(fs) = load_fs(file, off, len) {
-            let k = kernels_in(&fs, off);
+            let k = kernels_in(&fs);
             if !k.is_empty() {
-                return Ok(k);
+                return Ok((fs, k));
             }
         }
     }
     Err(DiskKernelError::NoKernels(offsets.len()))
+}
+
+/// Every kernel on the disk, oldest first (the first file system that has
+/// any).
+pub fn list(file: &Arc<File>) -> Result<Vec<DiskKernel>, DiskKernelError> {
+    find(file).map(|(_, all)| all)
 }
 
 /// Reads kernel `version` (the newest with `None`) and its initrd; the
@@ -383,7 +386,17 @@ pub fn read(
     version: Option<&str>,
     max_initrd: u64,
 ) -> Result<DiskBoot, DiskKernelError> {
-    let all = list(file)?;
+    let (fs, all) = find(file)?;
+    read_from(&fs, &all, version, max_initrd)
+}
+
+/// [`read`] from a file system [`find`] found, with its kernels `all`.
+fn read_from(
+    fs: &Ext4,
+    all: &[DiskKernel],
+    version: Option<&str>,
+    max_initrd: u64,
+) -> Result<DiskBoot, DiskKernelError> {
     let chosen = match version {
         None => all.last().cloned(),
         Some(v) => all.iter().find(|k| k.version == v).cloned(),
@@ -398,11 +411,6 @@ pub fn read(
                 .join(", "),
         });
     };
-    let len = disk_len(file);
-    let fs = load_fs(file, kernel.fs_offset, len).ok_or_else(|| DiskKernelError::Read {
-        path: kernel.kernel_path.clone(),
-        reason: "the file system changed while it was read".into(),
-    })?;
     // One lookup per file: the size checked is the size read.
     let bounded = |path: &str, limit: u64| -> Result<Arc<[u8]>, DiskKernelError> {
         let mut f = fs.open(path).map_err(read_err(path))?;
@@ -460,9 +468,16 @@ impl BootDisk {
 
     /// Looks again (at each boot: the guest may have installed a kernel).
     pub fn refresh(&mut self) {
-        self.found = list(&self.file)
-            .map(|all| all.into_iter().map(|k| k.version).collect())
-            .unwrap_or_default();
+        self.note(list(&self.file).ok().as_deref());
+    }
+
+    /// Keeps the versions of a look's kernels (none when it failed).
+    fn note(&mut self, all: Option<&[DiskKernel]>) {
+        self.found = all
+            .unwrap_or_default()
+            .iter()
+            .map(|k| k.version.clone())
+            .collect();
     }
 
     /// The versions found at the last look, oldest first.
@@ -479,9 +494,11 @@ impl BootDisk {
         cmdline: &str,
         max_initrd: u64,
     ) -> Result<crate::config::KernelChoice, DiskKernelError> {
-        let b = read(&self.file, version, max_initrd);
-        self.refresh();
-        let b = b?;
+        // One look serves the boot and the list.
+        let found = find(&self.file);
+        self.note(found.as_ref().ok().map(|(_, all)| all.as_slice()));
+        let (fs, all) = found?;
+        let b = read_from(&fs, &all, version, max_initrd)?;
         let v = &b.kernel.version;
         Ok(crate::config::KernelChoice {
             label: format!("disk:{v}"),
@@ -549,6 +566,18 @@ mod tests {
         }
     }
 
+    /// A scratch directory `tag` and in it a 16 MiB image of a root whose
+    /// /boot holds `versions` (and what `extra` adds to that root).
+    fn boot_image(tag: &str, versions: &[&str], extra: impl FnOnce(&Path)) -> (PathBuf, PathBuf) {
+        let d = tmp(tag);
+        let root = d.join("root");
+        debian_boot(&root, versions);
+        extra(&root);
+        let img = d.join("disk.img");
+        ext4_of(&root, &img, 16);
+        (d, img)
+    }
+
     #[test]
     fn disk_names_are_disk_or_disk_colon_a_version() {
         assert_eq!(parse_name("disk"), Some(None));
@@ -591,16 +620,15 @@ mod tests {
 
     #[test]
     fn the_newest_kernel_in_boot_is_found_with_its_initrd_and_a_named_one_too() {
-        let d = tmp("newest");
-        let root = d.join("root");
-        debian_boot(
-            &root,
+        let (d, img) = boot_image(
+            "newest",
             &["6.1.0-9-amd64", "6.1.0-28-amd64", "6.1.0-10-amd64"],
+            |root| {
+                std::fs::write(root.join("boot/vmlinuz-not a version"), "x").unwrap();
+                std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-28-amd64", root.join("vmlinuz"))
+                    .unwrap();
+            },
         );
-        std::fs::write(root.join("boot/vmlinuz-not a version"), "x").unwrap();
-        std::os::unix::fs::symlink("boot/vmlinuz-6.1.0-28-amd64", root.join("vmlinuz")).unwrap();
-        let img = d.join("disk.img");
-        ext4_of(&root, &img, 16);
         let f = open(&img);
         let all = list(&f).unwrap();
         let names: Vec<_> = all.iter().map(|k| k.version.as_str()).collect();
@@ -641,16 +669,13 @@ mod tests {
 
     #[test]
     fn an_initrd_larger_than_the_guest_can_hold_is_refused_before_it_is_read() {
-        let d = tmp("large");
-        let root = d.join("root");
-        debian_boot(&root, &["6.1.0-28-amd64"]);
-        std::fs::write(
-            root.join("boot/initrd.img-6.1.0-28-amd64"),
-            vec![7u8; 300_000],
-        )
-        .unwrap();
-        let img = d.join("disk.img");
-        ext4_of(&root, &img, 16);
+        let (d, img) = boot_image("large", &["6.1.0-28-amd64"], |root| {
+            std::fs::write(
+                root.join("boot/initrd.img-6.1.0-28-amd64"),
+                vec![7u8; 300_000],
+            )
+            .unwrap();
+        });
         let e = read(&open(&img), None, 100_000).err().unwrap();
         assert_eq!(
             e,
@@ -696,11 +721,7 @@ mod tests {
 
     #[test]
     fn a_superblock_claiming_more_than_the_disk_or_too_many_groups_is_not_read_further() {
-        let d = tmp("claims");
-        let root = d.join("root");
-        debian_boot(&root, &["6.1.0-28-amd64"]);
-        let img = d.join("disk.img");
-        ext4_of(&root, &img, 16);
+        let (d, img) = boot_image("claims", &["6.1.0-28-amd64"], |_| {});
         let good = std::fs::read(&img).unwrap();
         assert!(list(&open(&img)).is_ok());
         let patch = |at: usize, v: u32| {

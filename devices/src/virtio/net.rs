@@ -778,8 +778,8 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
-        if self.vhost_dev.is_some() {
-            match self.start_vhost(&mem, [&rx, &tx], acked, &interrupt) {
+        if let Some(dev) = &self.vhost_dev {
+            match self.start_vhost(dev, &mem, [&rx, &tx], acked, &interrupt) {
                 Ok(v) => {
                     self.vhost = Some(v);
                     self.counters.vhost.store(true, Ordering::Relaxed);

@@ -298,9 +298,11 @@ impl Drop for VhostPath {
 }
 
 impl super::Net {
-    /// Hands the activated queues to the kernel.
+    /// Hands the activated queues to the kernel, on vhost-net instance
+    /// `dev` (the device's own).
     pub(super) fn start_vhost(
         &self,
+        dev: &File,
         mem: &Arc<GuestMemoryMmap>,
         queues: [&Queue; 2],
         acked: u64,
@@ -313,9 +315,6 @@ impl super::Net {
         // borrowed descriptor is only duplicated here.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.tap.as_raw_fd()) };
         let tap = File::from(fd.try_clone_to_owned().map_err(VhostError::Dup)?);
-        let Some(dev) = &self.vhost_dev else {
-            return Err(VhostError::Dup(io::Error::from(io::ErrorKind::NotFound)));
-        };
         VhostPath::start(
             dev,
             mem.clone(),

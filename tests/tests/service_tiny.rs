@@ -90,14 +90,15 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
     std::fs::create_dir(&state).expect("state dir");
     std::os::unix::fs::chown(&state, Some(65534), None).expect("chown");
     let state_s = state.display().to_string();
-    let (code, out, err) = check(&[
+    let user = [
         "--config",
         &cfg_s,
         "--user",
         "nobody",
         "--state-dir",
         &state_s,
-    ]);
+    ];
+    let (code, out, err) = check(&user);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("sandbox: user nobody (uid 65534"), "{out}");
     assert!(!out.contains("warning"), "{out}");
@@ -109,14 +110,6 @@ fn vmm_check_passes_a_good_config_and_names_the_first_problem_of_a_bad_one_start
         .write(true)
         .open("/dev/vhost-net")
         .is_ok();
-    let user = [
-        "--config",
-        &cfg_s,
-        "--user",
-        "nobody",
-        "--state-dir",
-        &state_s,
-    ];
     let (code, out, err) = check(&[&user[..], &["--net", "tap=tap9,vhost=auto"]].concat());
     assert_eq!(code, Some(0), "{out}{err}");
     let datapath = if opens { "vhost-net" } else { "userspace" };

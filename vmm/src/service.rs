@@ -41,7 +41,7 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
         KernelSource::Library { dir, name } if crate::disk_kernels::is_disk_name(name) => {
             // The kernels in the first disk's /boot, as the start would find them.
             let disk = cfg.disks.first().ok_or_else(|| {
-                format!("kernel {name}: a kernel from the VM's disk needs a --disk")
+                crate::config::ConfigError::DiskKernelWithoutDisk(name.clone()).to_string()
             })?;
             let d = crate::disk_kernels::BootDisk::open(&disk.path)
                 .map_err(|e| format!("{}: {e}", disk.path.display()))?;

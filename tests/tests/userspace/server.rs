@@ -57,6 +57,14 @@ fn ssh(ns: &NetNs, cmd: &str) -> String {
     .ok(&format!("ssh root@{GUEST_IP} {cmd}"))
 }
 
+/// The guest's systemd has finished starting and nothing failed.
+fn assert_systemd_running(ns: &NetNs) {
+    assert_eq!(
+        ssh(ns, "systemctl is-system-running --wait").trim(),
+        "running"
+    );
+}
+
 fn boots_to_running_systemd_and_answers_ssh(kernel: &str) {
     tests::guest::scenario(|h| {
         let ns = NetNs::new(h, "srv");
@@ -113,10 +121,7 @@ fn a_reboot_from_the_control_socket_is_carried_out_by_systemd() {
     tests::guest::scenario(|h| {
         let ns = NetNs::new(h, "srv-reboot");
         let g = server(h, &ns, "debian-6.1");
-        assert_eq!(
-            ssh(&ns, "systemctl is-system-running --wait").trim(),
-            "running"
-        );
+        assert_systemd_running(&ns);
         // Reboot: Ctrl-Alt-Del, which systemd turns into a clean reboot;
         // the guest comes back and answers again.
         let from = g.vmm.len();
@@ -129,10 +134,7 @@ fn a_reboot_from_the_control_socket_is_carried_out_by_systemd() {
         );
         g.expect_from(from, LOGIN, tests::guest::BOOT);
         assert_eq!(g.ctl().status()["boot_count"], 2);
-        assert_eq!(
-            ssh(&ns, "systemctl is-system-running --wait").trim(),
-            "running"
-        );
+        assert_systemd_running(&ns);
     });
 }
 
@@ -141,10 +143,7 @@ fn a_shutdown_from_the_control_socket_is_carried_out_by_systemd() {
     tests::guest::scenario(|h| {
         let ns = NetNs::new(h, "srv-power");
         let g = server(h, &ns, "debian-6.1");
-        assert_eq!(
-            ssh(&ns, "systemctl is-system-running --wait").trim(),
-            "running"
-        );
+        assert_systemd_running(&ns);
         // Shutdown: the ACPI power button; systemd powers off cleanly.
         let from = g.vmm.len();
         let r = g.ctl().ok(r#"{"cmd":"shutdown","timeout_s":300}"#);
@@ -171,10 +170,7 @@ fn systemd_feeds_the_ib700_and_a_hard_locked_guest_is_reset_by_it() {
             "systemd.watchdog_sec=30",
             &["--watchdog", "action=reset"],
         );
-        assert_eq!(
-            ssh(&ns, "systemctl is-system-running --wait").trim(),
-            "running"
-        );
+        assert_systemd_running(&ns);
         let s = g.ctl().status();
         assert_eq!(
             s["watchdog"]["armed"], true,
@@ -194,9 +190,6 @@ fn systemd_feeds_the_ib700_and_a_hard_locked_guest_is_reset_by_it() {
             .wait_status(tests::guest::BOOT, |s| s["boot_count"] == 2);
         assert_eq!(s["last_reset"], "watchdog", "{s}\n{}", g.report());
         g.expect_from(from, LOGIN, tests::guest::BOOT);
-        assert_eq!(
-            ssh(&ns, "systemctl is-system-running --wait").trim(),
-            "running"
-        );
+        assert_systemd_running(&ns);
     });
 }

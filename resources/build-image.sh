@@ -26,8 +26,11 @@ CACHE=${VMM_CACHE:-/var/cache/vmm-guest}
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Bump when the base tree's recipe changes.
-RECIPE=2
-PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,openssh-server,iproute2,iputils-ping,procps,netbase,less,ca-certificates
+RECIPE=4
+# initramfs-tools, linux-base and zstd: a Debian kernel package installs as on
+# any Debian machine (`apt install linux-image-...` makes its initrd), for
+# the VMM to boot from the disk (`--kernel-name disk`).
+PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,openssh-server,iproute2,iputils-ping,procps,netbase,less,ca-certificates,initramfs-tools,linux-base,zstd
 
 say() { echo "==> $*"; }
 die() { echo "build-image.sh: error: $*" >&2; exit 1; }
@@ -110,6 +113,15 @@ build_base() {
 		PermitRootLogin prohibit-password
 		PasswordAuthentication no
 	EOF
+	# A kernel package's initrd holds the drivers this machine uses
+	# (virtio-mmio, virtio-blk, ext4), not every storage driver Debian has:
+	# a VM's devices do not change, and mkinitramfs takes a fraction of the
+	# time (MODULES=most: 4.5 min in the test host).
+	# The VM's root path is named too: `dep` looks at the running kernel,
+	# and one with these built in would leave them out.
+	mkdir -p "$tree/etc/initramfs-tools/conf.d"
+	echo MODULES=dep >"$tree/etc/initramfs-tools/conf.d/vmm.conf"
+	printf '%s\n' virtio_mmio virtio_blk ext4 >>"$tree/etc/initramfs-tools/modules"
 	rm -rf "$tree"/var/cache/apt/*.bin "$tree"/var/lib/apt/lists/* "$tree"/var/log/*.log
 	tar --numeric-owner --xattrs -C "$tree" -cf "$base.tmp" . || die "cannot archive the base tree"
 	mv "$base.tmp" "$base"

@@ -8,7 +8,8 @@
 #   scripts/bench.sh --devices       # virtio-blk/net device path vs the host
 #                                    # doing the same I/O (root; --help for more)
 #   scripts/bench.sh --testhost      # real guests, ours vs QEMU -enable-kvm side by
-#                                    # side: boot, guest dd, TCP (in the test host
+#                                    # side: boot, the Debian server to sshd, guest dd,
+#                                    # TCP (in the test host
 #                                    # without hardware KVM; --help for more)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,7 @@ if [ "${1:-}" = "--testhost" ]; then
     shift
     scripts/host-deps.sh
     . scripts/testhost-needed.sh
-    resources/build-kernels.sh mini ${in_testhost:+testhost}
+    resources/build-kernels.sh mini debian-6.1 modules server ${in_testhost:+testhost}
     cargo build --release -q -p vmm -p tests --bin vmm --bin vmm-testhost --bin testhost-bench
     exec "${CARGO_TARGET_DIR:-target}/release/testhost-bench" "$@"
 fi

@@ -4,7 +4,7 @@
 set -euo pipefail
 need=(build-essential bc flex bison libelf-dev libssl-dev cpio busybox-static
       e2fsprogs xz-utils zstd kmod iproute2 socat util-linux procps lz4
-      qemu-system-x86 debian-archive-keyring dmsetup)
+      qemu-system-x86 debian-archive-keyring dmsetup nftables dnsmasq-base)
 missing=()
 for p in "${need[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

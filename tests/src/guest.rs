@@ -687,6 +687,8 @@ pub struct NetNs {
 pub const HOST_IP: &str = "10.0.2.1";
 /// What tests give the guest's eth0.
 pub const GUEST_IP: &str = "10.0.2.2";
+/// The host side's IPv6 address in a [`NetNs::bridged`].
+pub const HOST_IP6: &str = "fd00:2::1";
 
 impl NetNs {
     pub fn new(host: &'static Host, tag: &str) -> NetNs {
@@ -697,6 +699,21 @@ impl NetNs {
              ip -n {name} addr add {HOST_IP}/24 dev tap0; ip -n {name} link set tap0 up"
         ))
         .ok("create a network namespace with a TAP");
+        NetNs { host, name }
+    }
+
+    /// A namespace standing for a host whose VMs are on a bridge: `br0`
+    /// with [`HOST_IP`]/24 and [`HOST_IP6`]/64, no TAP (`vmm net up`
+    /// makes the VMs' TAPs).
+    pub fn bridged(host: &'static Host, tag: &str) -> NetNs {
+        let name = format!("vmm-{tag}-{}", crate::rand_u64() % 1_000_000);
+        host.sh(&format!(
+            "set -e; ip netns add {name}; ip -n {name} link set lo up; \
+             ip -n {name} link add br0 type bridge; \
+             ip -n {name} addr add {HOST_IP}/24 dev br0; \
+             ip -n {name} addr add {HOST_IP6}/64 dev br0 nodad; ip -n {name} link set br0 up"
+        ))
+        .ok("create a network namespace with a bridge");
         NetNs { host, name }
     }
 

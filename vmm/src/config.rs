@@ -161,7 +161,8 @@ pub struct Cli {
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off]
-    /// (repeatable; vhost-net where /dev/vhost-net opens, by default).
+    /// [,bridge=BRIDGE][,ip=ADDR[/LEN]]... (repeatable; vhost-net where /dev/vhost-net opens,
+    /// by default; bridge and ip are for `vmm net up`).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 }
@@ -266,6 +267,13 @@ pub struct NetSpec {
     pub mac: Option<[u8; 6]>,
     /// `vhost=auto|on|off`: the host kernel's datapath (vhost-net) or ours.
     pub vhost: devices::virtio::net::vhost::VhostMode,
+    /// `bridge=NAME`: the host bridge `vmm net up` puts the TAP on (the VMM
+    /// itself ignores it).
+    pub bridge: Option<String>,
+    /// `ip=ADDR[/LEN]` (repeatable): the addresses and prefixes the VM may
+    /// send from; its first IPv4 and first IPv6 address are its DHCP leases.
+    /// For `vmm net`; the VMM itself ignores them.
+    pub addresses: Vec<ipnet::IpNet>,
 }
 
 fn spec_pairs<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
@@ -352,6 +360,8 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
     let mut tap = None;
     let mut mac = None;
     let mut vhost = Default::default();
+    let mut bridge = None;
+    let mut addresses = Vec::new();
     for (k, v) in spec_pairs("--net", spec)? {
         match k {
             "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v.to_string()),
@@ -363,11 +373,35 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
                 )
             }
             "vhost" => vhost = v.parse().map_err(err)?,
-            other => return Err(err(format!("unknown key '{other}' (tap, mac, vhost)"))),
+            "bridge" if crate::hostnet::valid_ifname(v) => bridge = Some(v.to_string()),
+            "bridge" => {
+                return Err(err(format!(
+                    "bridge={v}: an interface name is 1-15 letters, digits, '-', '_' or '.'"
+                )))
+            }
+            "ip" if addresses.len() < crate::hostnet::MAX_ADDRESSES => addresses
+                .push(crate::hostnet::parse_address(v).map_err(|e| err(format!("ip={v}: {e}")))?),
+            "ip" => {
+                return Err(err(format!(
+                    "more than {} ip= entries",
+                    crate::hostnet::MAX_ADDRESSES
+                )))
+            }
+            other => {
+                return Err(err(format!(
+                    "unknown key '{other}' (tap, mac, vhost, bridge, ip)"
+                )))
+            }
         }
     }
     let tap = tap.ok_or_else(|| err("tap= is required".into()))?;
-    Ok(NetSpec { tap, mac, vhost })
+    Ok(NetSpec {
+        tap,
+        mac,
+        vhost,
+        bridge,
+        addresses,
+    })
 }
 
 /// A resolved kernel: what one boot loads.
@@ -387,6 +421,48 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The `--net` specs (flags over the file's `net`), parsed; no TAP twice.
+fn parse_nets(specs: &[String]) -> Result<Vec<NetSpec>, ConfigError> {
+    let nets = specs
+        .iter()
+        .map(|s| parse_net(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, n) in nets.iter().enumerate() {
+        if nets[..i].iter().any(|m| m.tap == n.tap) {
+            return Err(ConfigError::Spec {
+                flag: "--net".into(),
+                spec: specs.get(i).cloned().unwrap_or_default(),
+                reason: format!("tap {} is already another interface's", n.tap),
+            });
+        }
+    }
+    Ok(nets)
+}
+
+/// What `vmm net` needs of a VM's flags and config file: its name and
+/// interfaces, nothing else checked (it runs after a VMM has stopped too,
+/// when a kernel may be gone).
+pub fn resolve_nets(cli: &Cli) -> Result<(String, Vec<NetSpec>), ConfigError> {
+    let file = match &cli.config {
+        Some(p) => load_file(p)?,
+        None => FileConfig::default(),
+    };
+    let name = cli
+        .name
+        .clone()
+        .or(file.name)
+        .unwrap_or_else(|| "vm".to_string());
+    if !valid_name(&name) {
+        return Err(ConfigError::Name(name));
+    }
+    let nets = parse_nets(if cli.nets.is_empty() {
+        &file.net
+    } else {
+        &cli.nets
+    })?;
+    Ok((name, nets))
 }
 
 impl VmConfig {
@@ -435,19 +511,15 @@ impl VmConfig {
         } else {
             cli.disks
         };
-        let net_specs = if cli.nets.is_empty() {
-            file.net
-        } else {
-            cli.nets
-        };
         let disks = disk_specs
             .iter()
             .map(|s| parse_disk(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let nets = net_specs
-            .iter()
-            .map(|s| parse_net(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let nets = parse_nets(if cli.nets.is_empty() {
+            &file.net
+        } else {
+            &cli.nets
+        })?;
         if disks.len() + nets.len() > crate::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(disks.len() + nets.len()));
         }
@@ -836,6 +908,39 @@ mod tests {
         assert_eq!(parse_net("tap=t,vhost=on").unwrap().vhost, VhostMode::On);
         let e = parse_net("tap=t,vhost=yes").unwrap_err().to_string();
         assert!(e.contains("vhost=yes: expected auto, on or off"), "{e}");
+    }
+
+    #[test]
+    fn a_net_names_its_bridge_and_the_addresses_it_may_send_from() {
+        let n = parse_net("tap=tap-web1,bridge=br0,ip=10.0.2.2,ip=2001:db8::/64").unwrap();
+        assert_eq!(n.bridge.as_deref(), Some("br0"));
+        let addrs: Vec<String> = n.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, ["10.0.2.2/32", "2001:db8::/64"]);
+        for (bad, why) in [
+            ("tap=t,ip=10.0.2.2/24", "ip=10.0.2.2/24: host bits are set"),
+            (
+                "tap=t,ip=224.0.0.1",
+                "ip=224.0.0.1: not an address a VM can be given",
+            ),
+            ("tap=t,bridge=br 0", "bridge=br 0: an interface name"),
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let many = format!("tap=t{}", ",ip=10.0.2.2".repeat(65));
+        let e = parse_net(&many).unwrap_err().to_string();
+        assert!(e.contains("more than 64 ip= entries"), "{e}");
+    }
+
+    #[test]
+    fn two_interfaces_on_one_tap_are_refused() {
+        let cli = Cli {
+            name: Some("web1".into()),
+            nets: vec!["tap=tap0".into(), "tap=tap0,mac=52:54:00:00:00:02".into()],
+            ..Cli::default()
+        };
+        let e = resolve_nets(&cli).unwrap_err().to_string();
+        assert!(e.contains("tap tap0 is already another interface's"), "{e}");
     }
 
     #[test]

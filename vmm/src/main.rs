@@ -12,8 +12,21 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    // `vmm check [flags as for a start]`: the operator's dry run.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // `vmm net up|down [flags as for a start]`: the host side of its network.
+    if args.get(1).is_some_and(|a| a == "net") {
+        return match vmm::netcmd::run(args.split_off(2)) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmm net: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    // `vmm check [flags as for a start]`: the operator's dry run.
     let check = args.get(1).is_some_and(|a| a == "check");
     if check {
         args.remove(1);

@@ -13,12 +13,17 @@
 //!   `cache=none,aio=native` for QEMU, on an ext4;
 //! * net: 64 MiB each way over TCP between the guest and its TAP's host
 //!   end (`vmm.run=netbench`, timed in the guest), ours vs QEMU's
-//!   virtio-net, both userspace (`vhost=off`), then both with vhost-net.
+//!   virtio-net, both userspace (`vhost=off`), then both with vhost-net;
+//! * sshd: the customer's Debian server, process start → sshd's greeting
+//!   (`testhost_bench/sshd.rs`).
 
 // The benchmark's table and statistics helpers (this binary uses a part).
 #[allow(dead_code)]
 #[path = "bench/report.rs"]
 mod report;
+
+#[path = "testhost_bench/sshd.rs"]
+mod sshd;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -243,9 +248,32 @@ fn median(v: &[f64]) -> Option<Stats> {
     stats(v)
 }
 
+/// Prints each peer's times (runs, median, min, max) and QEMU's median
+/// over ours; `peers[0]` is ours.
+fn times_table(title: &str, peers: &[Peer], t: &[Vec<f64>]) {
+    let ours = t.first().and_then(|v| median(v)).map(|s| s.median);
+    let mut tab = Table::new(&[title, "runs", "median", "min", "max", "QEMU / vmm"]);
+    for (i, (p, v)) in peers.iter().zip(t).enumerate() {
+        let s = median(v);
+        tab.row(vec![
+            p.label().into(),
+            v.len().to_string(),
+            s.map_or("-".into(), |s| report::dur(s.median)),
+            s.map_or("-".into(), |s| report::dur(s.min)),
+            s.map_or("-".into(), |s| report::dur(s.max)),
+            if i == 0 {
+                "".into()
+            } else {
+                report::ratio(s.map(|s| s.median), ours)
+            },
+        ]);
+    }
+    tab.print();
+}
+
 fn main() -> ExitCode {
     let mut runs = 5usize;
-    let mut only: Vec<String> = vec!["boot".into(), "disk".into(), "net".into()];
+    let mut only: Vec<String> = vec!["boot".into(), "sshd".into(), "disk".into(), "net".into()];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -259,7 +287,7 @@ fn main() -> ExitCode {
                     .collect()
             }
             "--help" | "-h" => {
-                println!("testhost-bench [--runs N] [--only boot,disk,net]   (scripts/bench.sh --testhost)");
+                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd]   (scripts/bench.sh --testhost)");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -293,23 +321,11 @@ fn main() -> ExitCode {
             }
             eprintln!("boot run {}/{runs} done", r + 1);
         }
-        let ours = median(&t[0]).map(|s| s.median);
-        let mut tab = Table::new(&["boot → user space", "median", "min", "max", "QEMU / vmm"]);
-        for (i, p) in peers.iter().enumerate() {
-            let s = median(&t[i]);
-            tab.row(vec![
-                p.label().into(),
-                s.map_or("-".into(), |s| report::dur(s.median)),
-                s.map_or("-".into(), |s| report::dur(s.min)),
-                s.map_or("-".into(), |s| report::dur(s.max)),
-                if i == 0 {
-                    "".into()
-                } else {
-                    report::ratio(s.map(|s| s.median), ours)
-                },
-            ]);
-        }
-        tab.print();
+        times_table("boot → user space", &peers, &t);
+    }
+
+    if only.iter().any(|o| o == "sshd") {
+        sshd::row(runs);
     }
 
     if only.iter().any(|o| o == "disk") {

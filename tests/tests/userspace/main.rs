@@ -5,10 +5,12 @@
 //! and the host see. One test host serves every test of this binary; tests
 //! run two at a time.
 
+mod addresses;
 mod boot;
 mod console;
 mod disk;
 mod disk_kernel;
+mod kernel_upgrade;
 mod lifecycle;
 mod net;
 mod panic;

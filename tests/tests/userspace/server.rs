@@ -8,33 +8,45 @@ use tests::guest::{entry_release, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP
 use tests::Host;
 
 /// What a systemd guest prints when its serial getty is up.
-const LOGIN: &str = "web1 login:";
+pub const LOGIN: &str = "web1 login:";
 const MAC: &str = "52:54:00:00:5e:01";
 
-fn server(h: &'static Host, ns: &NetNs, kernel: &str) -> Guest {
+pub fn server(h: &'static Host, ns: &NetNs, kernel: &str) -> Guest {
     server_with(h, ns, kernel, "", &[])
 }
 
 /// [`server`] with more kernel command line words and VMM arguments.
 fn server_with(h: &'static Host, ns: &NetNs, kernel: &str, cmdline: &str, args: &[&str]) -> Guest {
+    // The address the standard way: `ip=` for systemd-network-generator.
+    let ip = format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0:web1:eth0:off");
+    let net = format!("tap=tap0,mac={MAC}");
+    let mut all = vec!["--net", net.as_str()];
+    all.extend_from_slice(args);
+    start_server(h, ns, "web1", kernel, &format!("{ip} {cmdline}"), &all)
+}
+
+/// A fresh copy of the server image booted as VM `name` in `ns`, with
+/// `cmdline` words and VMM `args` (its interfaces among them): the guest
+/// at its login prompt.
+pub fn start_server(
+    h: &'static Host,
+    ns: &NetNs,
+    name: &str,
+    kernel: &str,
+    cmdline: &str,
+    args: &[&str],
+) -> Guest {
     let dir = HostDir::new(h, "server");
     let img = dir.join("root.ext4");
     let src = tests::repo_root().join("build/disks/debian-server.ext4");
     h.sh(&format!("cp --sparse=always {} {img}", src.display()))
         .ok("copy the server image");
-    // The address the standard way: `ip=` for systemd-network-generator.
-    let ip = format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0:web1:eth0:off");
     let spec = Spec::new(kernel)
-        .name("web1")
+        .name(name)
         .memory(512)
         .netns(ns)
-        .cmdline(&format!("root=/dev/vda rw {ip} {cmdline}"))
-        .args(&[
-            "--disk",
-            &format!("path={img},id=root"),
-            "--net",
-            &format!("tap=tap0,mac={MAC}"),
-        ])
+        .cmdline(&format!("root=/dev/vda rw {cmdline}"))
+        .args(&["--disk", &format!("path={img},id=root")])
         .args(args);
     let mut g = Guest::start_in(h, spec, dir);
     g.wait_boot(LOGIN);
@@ -44,21 +56,31 @@ fn server_with(h: &'static Host, ns: &NetNs, kernel: &str, cmdline: &str, args: 
 /// Runs `cmd` in the guest over ssh (from the TAP's namespace, with the
 /// tests' key), retrying while sshd is not up yet: its output.
 fn ssh(ns: &NetNs, cmd: &str) -> String {
+    ssh_to(ns, GUEST_IP, cmd)
+}
+
+/// The output of `cmd` over ssh as root at `addr` (IPv4 or IPv6), retried
+/// while sshd does not answer (not up yet, or the network briefly gone).
+pub fn ssh_to(ns: &NetNs, addr: &str, cmd: &str) -> String {
+    try_ssh_to(ns, addr, cmd, 30).ok(&format!("ssh root@{addr} {cmd}"))
+}
+
+/// [`ssh_to`] with `tries` connection attempts, its result unchecked.
+pub fn try_ssh_to(ns: &NetNs, addr: &str, cmd: &str, tries: u32) -> tests::host::Output {
     let key = tests::repo_root().join("build/keys/test_ed25519");
     ns.sh(&format!(
-        "for i in $(seq 1 30); do \
+        "for i in $(seq 1 {tries}); do \
            ssh -i {} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
-               -o ConnectTimeout=10 -o LogLevel=ERROR root@{GUEST_IP} '{}' && exit 0; \
-           r=$?; [ $r = 255 ] || exit $r; sleep 2; \
+               -o ConnectTimeout=10 -o LogLevel=ERROR root@{addr} '{}' && exit 0; \
+           r=$?; [ $r = 255 ] || exit $r; [ $i = {tries} ] || sleep 2; \
          done; exit 255",
         key.display(),
         cmd.replace('\'', "'\\''")
     ))
-    .ok(&format!("ssh root@{GUEST_IP} {cmd}"))
 }
 
 /// The guest's systemd has finished starting and nothing failed.
-fn assert_systemd_running(ns: &NetNs) {
+pub fn assert_systemd_running(ns: &NetNs) {
     assert_eq!(
         ssh(ns, "systemctl is-system-running --wait").trim(),
         "running"

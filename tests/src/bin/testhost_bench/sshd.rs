@@ -1,0 +1,183 @@
+//! The `sshd` row: process start → the guest's sshd greeting a TCP
+//! connection from the host (`SSH-2.0-...`), the customer's Debian 12
+//! server image (`build/disks/debian-server.ext4`, a fresh copy per boot)
+//! with the library's `debian-6.1` (the same vmlinux, PVH entry, and
+//! initramfs for both), its modules disk, 1 vCPU, 512 MiB, a TAP with
+//! vhost-net and the address on the command line. Ours against QEMU
+//! `-M microvm` (virtio-mmio as ours, its minimal qboot firmware: QEMU's
+//! fastest boot), `aio=io_uring`. The probe is a TCP connect and the
+//! greeting's read, 3 s at most, every 0.1 s after the last; the host knows
+//! the guest's MAC (a permanent neighbour entry), so once the guest's
+//! network is up a connect before sshd listens is refused at once and the
+//! figures are good to a few tenths of a second.
+
+use std::time::{Duration, Instant};
+
+use tests::guest::{entry_cmdline, kernel_dir, HostDir, NetNs};
+use tests::testhost::wedge::wedged_vmms;
+use tests::{bin, host, Host};
+
+use super::{start, Peer, QEMU, TIMEOUT};
+
+const MAC: &str = "52:54:00:00:5e:01";
+const ADDR: &str = "10.0.2.2";
+
+struct Boot {
+    kernel: String,
+    initrd: String,
+    modules: String,
+    cmdline: String,
+}
+
+fn argv(peer: Peer, b: &Boot, img: &str) -> Vec<String> {
+    let v: Vec<String> = match peer {
+        Peer::Ours => vec![
+            bin("vmm").display().to_string(),
+            "--kernel".into(),
+            b.kernel.clone(),
+            "--initrd".into(),
+            b.initrd.clone(),
+            "--memory".into(),
+            "512".into(),
+            "--vcpus".into(),
+            "1".into(),
+            "--console".into(),
+            "stdio".into(),
+            "--cmdline".into(),
+            b.cmdline.clone(),
+            "--disk".into(),
+            format!("path={img},id=root"),
+            "--disk".into(),
+            format!("path={},ro=on,id=vmm-modules", b.modules),
+            "--net".into(),
+            format!("tap=tap0,mac={MAC},vhost=on"),
+        ],
+        Peer::Microvm | Peer::Q35 => [
+            QEMU,
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-kernel",
+            &b.kernel,
+            "-initrd",
+            &b.initrd,
+            "-append",
+            &b.cmdline,
+            "-drive",
+            &format!("file={img},if=none,id=root,format=raw,aio=io_uring"),
+            "-device",
+            "virtio-blk-device,drive=root",
+            "-drive",
+            &format!(
+                "file={},if=none,id=mods,format=raw,readonly=on,aio=io_uring",
+                b.modules
+            ),
+            "-device",
+            "virtio-blk-device,drive=mods,serial=vmm-modules",
+            "-netdev",
+            "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on",
+            "-device",
+            &format!("virtio-net-device,netdev=n0,mac={MAC}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    };
+    v
+}
+
+/// Seconds from spawn to the greeting; None when the run was lost (the
+/// test host's emulator fault, or no greeting in time).
+fn once(h: &'static Host, peer: Peer, b: &Boot) -> Option<f64> {
+    for attempt in 1..=3 {
+        let ns = NetNs::new(h, "bench-sshd");
+        let dir = HostDir::new(h, "bench-sshd");
+        let img = dir.join("root.ext4");
+        let src = tests::repo_root().join("build/disks/debian-server.ext4");
+        h.sh(&format!("cp --sparse=always {} {img}", src.display()))
+            .ok("copy the server image");
+        ns.sh(&format!(
+            "ip neigh replace {ADDR} lladdr {MAC} dev tap0 nud permanent"
+        ))
+        .ok("the guest's neighbour entry");
+        let prefix = ["ip", "netns", "exec", ns.name.as_str()];
+        let t0 = Instant::now();
+        let mut p = start(h, &prefix, &argv(peer, b, &img));
+        let probe = format!(
+            "timeout 3 bash -c 'exec 3<>/dev/tcp/{ADDR}/22 && head -c 7 <&3' 2>/dev/null | grep -q SSH-2.0"
+        );
+        let mut wedged = false;
+        let seen = loop {
+            if ns.sh(&probe).status.success() {
+                break Some(t0.elapsed().as_secs_f64());
+            }
+            if t0.elapsed() > TIMEOUT || !h.is_alive() {
+                break None;
+            }
+            if wedged_vmms(h).contains(&p.child.id()) {
+                wedged = true;
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let _ = p.child.kill();
+        let _ = p.wait_exit(Duration::from_secs(30));
+        match seen {
+            Some(t) => return Some(t),
+            None if wedged && attempt < 3 => {
+                eprintln!(
+                    "NOTE: sshd: {}: the test host's emulator wedged the guest; run again",
+                    peer.label()
+                )
+            }
+            None => {
+                let out = p.output();
+                eprintln!(
+                    "{}: sshd never answered:\n{}",
+                    peer.label(),
+                    out.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+                );
+                return None;
+            }
+        }
+    }
+    None
+}
+
+pub fn row(runs: usize) {
+    let entry = kernel_dir().join("debian-6.1");
+    let b = Boot {
+        kernel: entry.join("vmlinux").display().to_string(),
+        initrd: entry.join("initrd.img").display().to_string(),
+        modules: kernel_dir().join("modules.img").display().to_string(),
+        cmdline: format!(
+            "{} root=/dev/vda rw ip={ADDR}::10.0.2.1:255.255.255.0:web1:eth0:off",
+            entry_cmdline("debian-6.1")
+        ),
+    };
+    let peers = [Peer::Ours, Peer::Microvm];
+    let mut t: Vec<Vec<f64>> = vec![Vec::new(); peers.len()];
+    for r in 0..runs {
+        for (i, p) in peers.iter().enumerate() {
+            // A test host the emulator's fault killed is replaced.
+            if let Some(s) = once(host(), *p, &b) {
+                eprintln!("sshd run {}: {}: {s:.1} s", r + 1, p.label());
+                t[i].push(s);
+            }
+        }
+        eprintln!("sshd run {}/{runs} done", r + 1);
+    }
+    super::times_table("start → sshd greets (Debian 12)", &peers, &t);
+}

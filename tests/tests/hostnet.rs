@@ -1,0 +1,189 @@
+//! `vmm net up|down` on this machine, in a network namespace of its own
+//! with a bridge: the TAP is made and put on the bridge, the kernel takes
+//! the nftables rules (Debian's own nft and kernel, not our reading of the
+//! syntax), the DHCP lease is written, a second `up` changes the addresses
+//! in place and `down` removes it all. What the rules do to a guest's
+//! frames is tested with real guests in `userspace::addresses`.
+
+use std::process::Command;
+
+/// A network namespace with a bridge `br0`, removed on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new() -> Ns {
+        let name = format!("vmm-hostnet-{}", tests::rand_u64() % 1_000_000);
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link add br0 type bridge && ip -n {name} link set br0 up"
+        ));
+        Ns(name)
+    }
+
+    /// Runs `script` in the namespace: its output; panics with it on failure.
+    fn sh(&self, script: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{script}'", self.0))
+    }
+
+    /// `vmm net ARGS` in the namespace: (exit code, stdout + stderr).
+    fn vmm_net(&self, args: &str) -> (i32, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .arg(tests::bin("vmm"))
+            .arg("net")
+            .args(args.split_whitespace())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run vmm net: {e}"));
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn sh(script: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sh: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{script}:\n{text}");
+    text
+}
+
+const MAC: &str = "52:54:00:00:5e:01";
+
+#[test]
+fn net_up_puts_the_tap_on_the_bridge_with_its_filtering_and_lease_and_down_removes_them() {
+    let ns = Ns::new();
+    let leases = tests::TempDir::new("hostnet");
+    let dir = leases.path().display().to_string();
+    let net = format!("--name web1 --dhcp-dir {dir} --net tap=tap-web1,mac={MAC},bridge=br0");
+
+    let (rc, out) = ns.vmm_net(&format!("up {net},ip=10.0.2.2,ip=fd00:2::2"));
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(
+        out.trim(),
+        "web1: net up: tap-web1 on br0, sends from 10.0.2.2/32 fd00:2::2/128"
+    );
+    // A TAP, on the bridge, up.
+    assert!(ns
+        .sh("cat /sys/class/net/tap-web1/tun_flags")
+        .starts_with("0x"));
+    assert!(ns.sh("ip -o link show dev tap-web1").contains("master br0"));
+    // The kernel holds the rules and the addresses.
+    let rules = ns.sh("nft list table netdev vmm");
+    for want in [
+        "hook ingress device \"tap-web1\"",
+        "hook egress device \"tap-web1\"",
+        "ether saddr != 52:54:00:00:5e:01 counter packets 0 bytes 0 drop",
+        "elements = { 10.0.2.2 }",
+        // Its IPv6 address and its own link-local one, as a source and
+        // as a neighbour advertisement's target.
+        "fd00:2::2",
+        "fe80::5054:ff:fe00:5e01",
+        "0xfe80000000000000505400fffe005e01",
+        "ether daddr 52:54:00:00:5e:01 accept",
+    ] {
+        assert!(rules.contains(want), "missing {want:?} in\n{rules}");
+    }
+    let lease = std::fs::read_to_string(leases.path().join("web1")).unwrap_or_default();
+    assert_eq!(lease, format!("{MAC},10.0.2.2,[fd00:2::2]\n"));
+
+    // Again with another address: the set changes, nothing is doubled.
+    let (rc, out) = ns.vmm_net(&format!("up {net},ip=10.0.2.2,ip=10.0.2.7"));
+    assert_eq!(rc, 0, "{out}");
+    let rules = ns.sh("nft list table netdev vmm");
+    assert!(
+        rules.contains("elements = { 10.0.2.2, 10.0.2.7 }"),
+        "{rules}"
+    );
+    assert!(!rules.contains("fd00:2::2 "), "{rules}");
+    assert_eq!(
+        rules
+            .matches("ether saddr != 52:54:00:00:5e:01 counter")
+            .count(),
+        1,
+        "{rules}"
+    );
+
+    // Overlapping entries are merged, not an error.
+    let (rc, out) = ns.vmm_net(&format!("up {net},ip=10.0.3.0/24,ip=10.0.3.5"));
+    assert_eq!(rc, 0, "{out}");
+    assert!(ns
+        .sh("nft list table netdev vmm")
+        .contains("elements = { 10.0.3.0/24 }"));
+
+    // down: no chain, no set, no lease; twice is fine.
+    for _ in 0..2 {
+        let (rc, out) = ns.vmm_net(&format!("down {net}"));
+        assert_eq!(rc, 0, "{out}");
+    }
+    let rules = ns.sh("nft list table netdev vmm");
+    assert!(!rules.contains("tap-web1"), "{rules}");
+    assert!(!leases.path().join("web1").exists());
+}
+
+#[test]
+fn net_up_with_a_missing_bridge_says_how_to_make_one_and_makes_no_tap() {
+    let ns = Ns::new();
+    let leases = tests::TempDir::new("hostnet");
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {} --net tap=tap-web1,bridge=vmbr9,ip=10.0.2.2",
+        leases.path().display()
+    ));
+    assert_eq!(rc, 2, "{out}");
+    assert_eq!(
+        out.trim(),
+        "vmm net: web1: tap tap-web1: bridge vmbr9 does not exist \
+         (create it: ip link add vmbr9 type bridge; ip link set vmbr9 up)"
+    );
+    assert!(!ns.sh("ls /sys/class/net").contains("tap-web1"));
+}
+
+#[test]
+fn net_up_refuses_an_interface_that_is_not_a_tap() {
+    let ns = Ns::new();
+    let leases = tests::TempDir::new("hostnet");
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {} --net tap=br0,ip=10.0.2.2",
+        leases.path().display()
+    ));
+    assert_eq!(rc, 2, "{out}");
+    assert_eq!(
+        out.trim(),
+        "vmm net: web1: tap br0: br0 exists and is not a TAP"
+    );
+}
+
+#[test]
+fn an_interface_no_longer_bridged_or_addressed_loses_its_old_filtering() {
+    let ns = Ns::new();
+    let leases = tests::TempDir::new("hostnet");
+    let dir = leases.path().display().to_string();
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {dir} --net tap=tap-web1,ip=10.0.2.2"
+    ));
+    assert_eq!(rc, 0, "{out}");
+    assert!(ns.sh("nft list table netdev vmm").contains("from-tap-web1"));
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {dir} --net tap=tap-web1"
+    ));
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(out.trim(), "web1: net up: tap-web1");
+    assert!(!ns.sh("nft list table netdev vmm").contains("tap-web1"));
+    assert!(!leases.path().join("web1").exists());
+}

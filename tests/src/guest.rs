@@ -692,28 +692,41 @@ pub const HOST_IP6: &str = "fd00:2::1";
 
 impl NetNs {
     pub fn new(host: &'static Host, tag: &str) -> NetNs {
-        let name = format!("vmm-{tag}-{}", crate::rand_u64() % 1_000_000);
-        host.sh(&format!(
-            "set -e; ip netns add {name}; ip -n {name} link set lo up; \
-             ip -n {name} tuntap add dev tap0 mode tap; \
-             ip -n {name} addr add {HOST_IP}/24 dev tap0; ip -n {name} link set tap0 up"
-        ))
-        .ok("create a network namespace with a TAP");
-        NetNs { host, name }
+        Self::create(
+            host,
+            tag,
+            "a TAP",
+            &format!(
+                "ip -n $ns tuntap add dev tap0 mode tap; \
+                 ip -n $ns addr add {HOST_IP}/24 dev tap0; ip -n $ns link set tap0 up"
+            ),
+        )
     }
 
     /// A namespace standing for a host whose VMs are on a bridge: `br0`
     /// with [`HOST_IP`]/24 and [`HOST_IP6`]/64, no TAP (`vmm net up`
     /// makes the VMs' TAPs).
     pub fn bridged(host: &'static Host, tag: &str) -> NetNs {
+        Self::create(
+            host,
+            tag,
+            "a bridge",
+            &format!(
+                "ip -n $ns link add br0 type bridge; \
+                 ip -n $ns addr add {HOST_IP}/24 dev br0; \
+                 ip -n $ns addr add {HOST_IP6}/64 dev br0 nodad; ip -n $ns link set br0 up"
+            ),
+        )
+    }
+
+    /// A fresh namespace with its loopback up, then `setup` (a shell
+    /// script, the namespace's name in `$ns`) to give it `what`.
+    fn create(host: &'static Host, tag: &str, what: &str, setup: &str) -> NetNs {
         let name = format!("vmm-{tag}-{}", crate::rand_u64() % 1_000_000);
         host.sh(&format!(
-            "set -e; ip netns add {name}; ip -n {name} link set lo up; \
-             ip -n {name} link add br0 type bridge; \
-             ip -n {name} addr add {HOST_IP}/24 dev br0; \
-             ip -n {name} addr add {HOST_IP6}/64 dev br0 nodad; ip -n {name} link set br0 up"
+            "set -e; ns={name}; ip netns add $ns; ip -n $ns link set lo up; {setup}"
         ))
-        .ok("create a network namespace with a bridge");
+        .ok(&format!("create a network namespace with {what}"));
         NetNs { host, name }
     }
 

@@ -423,8 +423,18 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// The `--net` specs (flags over the file's `net`), parsed; no TAP twice.
-fn parse_nets(specs: &[String]) -> Result<Vec<NetSpec>, ConfigError> {
+/// The VM's name: the flag over the file's, `vm` when neither gives one.
+fn vm_name(flag: Option<String>, file: Option<String>) -> Result<String, ConfigError> {
+    let name = flag.or(file).unwrap_or_else(|| "vm".to_string());
+    if !valid_name(&name) {
+        return Err(ConfigError::Name(name));
+    }
+    Ok(name)
+}
+
+/// The `--net` specs (the flags over the file's `net`), parsed; no TAP twice.
+fn parse_nets(flags: &[String], file: &[String]) -> Result<Vec<NetSpec>, ConfigError> {
+    let specs = if flags.is_empty() { file } else { flags };
     let nets = specs
         .iter()
         .map(|s| parse_net(s))
@@ -449,19 +459,8 @@ pub fn resolve_nets(cli: &Cli) -> Result<(String, Vec<NetSpec>), ConfigError> {
         Some(p) => load_file(p)?,
         None => FileConfig::default(),
     };
-    let name = cli
-        .name
-        .clone()
-        .or(file.name)
-        .unwrap_or_else(|| "vm".to_string());
-    if !valid_name(&name) {
-        return Err(ConfigError::Name(name));
-    }
-    let nets = parse_nets(if cli.nets.is_empty() {
-        &file.net
-    } else {
-        &cli.nets
-    })?;
+    let name = vm_name(cli.name.clone(), file.name)?;
+    let nets = parse_nets(&cli.nets, &file.net)?;
     Ok((name, nets))
 }
 
@@ -473,10 +472,7 @@ impl VmConfig {
             Some(p) => load_file(p)?,
             None => FileConfig::default(),
         };
-        let name = cli.name.or(file.name).unwrap_or_else(|| "vm".to_string());
-        if !valid_name(&name) {
-            return Err(ConfigError::Name(name));
-        }
+        let name = vm_name(cli.name, file.name)?;
         let kernel = cli.kernel.or(file.kernel);
         let initrd = cli.initrd.or(file.initrd);
         let kernel_dir = cli.kernel_dir.or(file.kernel_dir);
@@ -515,11 +511,7 @@ impl VmConfig {
             .iter()
             .map(|s| parse_disk(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let nets = parse_nets(if cli.nets.is_empty() {
-            &file.net
-        } else {
-            &cli.nets
-        })?;
+        let nets = parse_nets(&cli.nets, &file.net)?;
         if disks.len() + nets.len() > crate::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(disks.len() + nets.len()));
         }

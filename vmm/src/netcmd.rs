@@ -121,21 +121,20 @@ pub fn run(args: Vec<OsString>) -> Result<String, NetCmdError> {
     };
     match cli.action {
         Action::Up => {
-            for (spec, p) in nets.iter().zip(&ports) {
-                hostnet::apply::up(p, spec.bridge.as_deref(), filtered(spec))
+            // The filtered interfaces are the ones with leases.
+            let mut leased = Vec::new();
+            for (spec, p) in nets.iter().zip(ports) {
+                let filter = filtered(spec);
+                hostnet::apply::up(&p, spec.bridge.as_deref(), filter)
                     .map_err(|e| port_err(&p.tap, e))?;
-                if !filtered(spec) {
+                if filter {
+                    leased.push(p);
+                } else {
                     // No longer filtered: what an earlier `up` installed goes.
                     hostnet::apply::down(&p.tap).map_err(|e| port_err(&p.tap, e))?;
                 }
             }
-            let filtered: Vec<Port> = nets
-                .iter()
-                .zip(&ports)
-                .filter(|(s, _)| filtered(s))
-                .map(|(_, p)| p.clone())
-                .collect();
-            hostnet::apply::write_leases(&cli.dhcp_dir, &name, &hostnet::dhcp_hosts(&filtered))
+            hostnet::apply::write_leases(&cli.dhcp_dir, &name, &hostnet::dhcp_hosts(&leased))
                 .map_err(leases_err)?;
         }
         Action::Down => {

@@ -58,12 +58,14 @@ struct Guest {
     kernel: String,
     initrd: String,
     cmdline: String,
+    memory_mib: u32,
 }
 
 /// The command line that boots `g` with `extra` kernel arguments and
 /// `devices` (already in the peer's syntax).
 fn argv(peer: Peer, g: &Guest, extra: &str, devices: &[String]) -> Vec<String> {
     let cmdline = format!("{} {extra}", g.cmdline);
+    let memory = g.memory_mib.to_string();
     let mut v: Vec<String> = match peer {
         Peer::Ours => vec![
             bin("vmm").display().to_string(),
@@ -72,7 +74,7 @@ fn argv(peer: Peer, g: &Guest, extra: &str, devices: &[String]) -> Vec<String> {
             "--initrd".into(),
             g.initrd.clone(),
             "--memory".into(),
-            "256".into(),
+            memory.clone(),
             "--vcpus".into(),
             "1".into(),
             "--console".into(),
@@ -94,7 +96,7 @@ fn argv(peer: Peer, g: &Guest, extra: &str, devices: &[String]) -> Vec<String> {
                 "-cpu",
                 "host",
                 "-m",
-                "256",
+                &memory,
                 "-smp",
                 "1",
                 "-nodefaults",
@@ -302,6 +304,7 @@ fn main() -> ExitCode {
         kernel: entry.join("vmlinux").display().to_string(),
         initrd: entry.join("initrd.img").display().to_string(),
         cmdline: entry_cmdline("mini"),
+        memory_mib: 256,
     };
     let place = if h.is_test_host() {
         "inside the test host (QEMU TCG, AMD SVM): every figure is scaled by software emulation, compare the ratios"

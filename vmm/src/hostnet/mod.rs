@@ -14,6 +14,7 @@ pub mod apply;
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use devices::virtio::net::format_mac;
 use ipnet::IpNet;
 
 /// `ip=` entries one interface may have.
@@ -83,13 +84,6 @@ pub struct Port {
     pub addresses: Vec<IpNet>,
 }
 
-fn mac_text(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 impl Port {
     fn v4(&self) -> impl Iterator<Item = &IpNet> {
         self.addresses.iter().filter(|n| matches!(n, IpNet::V4(_)))
@@ -147,7 +141,7 @@ fn elements(items: impl Iterator<Item = String>) -> Option<String> {
 pub fn up_script(p: &Port) -> String {
     let t = TABLE;
     let tap = &p.tap;
-    let mac = mac_text(&p.mac);
+    let mac = format_mac(p.mac);
     let (v4, v6, na) = (
         format!("v4-{tap}"),
         format!("v6-{tap}"),
@@ -302,7 +296,7 @@ pub fn dhcp_hosts(ports: &[Port]) -> String {
     for p in ports {
         let v4 = p.v4().find(|n| n.prefix_len() == 32).map(|n| n.addr());
         let v6 = p.v6().find(|n| n.prefix_len() == 128).map(|n| n.addr());
-        let mut fields = vec![mac_text(&p.mac)];
+        let mut fields = vec![format_mac(p.mac)];
         fields.extend(v4.map(|a| a.to_string()));
         fields.extend(v6.map(|a| format!("[{a}]")));
         if fields.len() > 1 {

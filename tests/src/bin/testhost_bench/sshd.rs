@@ -15,92 +15,46 @@ use std::time::{Duration, Instant};
 
 use tests::guest::{entry_cmdline, kernel_dir, HostDir, NetNs};
 use tests::testhost::wedge::wedged_vmms;
-use tests::{bin, host, Host};
+use tests::{host, Host};
 
-use super::{start, Peer, QEMU, TIMEOUT};
+use super::{argv, start, Guest, Peer, TIMEOUT};
 
 const MAC: &str = "52:54:00:00:5e:01";
 const ADDR: &str = "10.0.2.2";
 
-struct Boot {
-    kernel: String,
-    initrd: String,
-    modules: String,
-    cmdline: String,
-}
-
-fn argv(peer: Peer, b: &Boot, img: &str) -> Vec<String> {
+/// The server's disks and interface, in `peer`'s syntax: the image as
+/// root, the library's modules disk, a TAP with vhost-net.
+fn devices(peer: Peer, img: &str, modules: &str) -> Vec<String> {
     let v: Vec<String> = match peer {
         Peer::Ours => vec![
-            bin("vmm").display().to_string(),
-            "--kernel".into(),
-            b.kernel.clone(),
-            "--initrd".into(),
-            b.initrd.clone(),
-            "--memory".into(),
-            "512".into(),
-            "--vcpus".into(),
-            "1".into(),
-            "--console".into(),
-            "stdio".into(),
-            "--cmdline".into(),
-            b.cmdline.clone(),
             "--disk".into(),
             format!("path={img},id=root"),
             "--disk".into(),
-            format!("path={},ro=on,id=vmm-modules", b.modules),
+            format!("path={modules},ro=on,id=vmm-modules"),
             "--net".into(),
             format!("tap=tap0,mac={MAC},vhost=on"),
         ],
-        Peer::Microvm | Peer::Q35 => [
-            QEMU,
-            "-M",
-            "microvm",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-m",
-            "512",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-kernel",
-            &b.kernel,
-            "-initrd",
-            &b.initrd,
-            "-append",
-            &b.cmdline,
-            "-drive",
-            &format!("file={img},if=none,id=root,format=raw,aio=io_uring"),
-            "-device",
-            "virtio-blk-device,drive=root",
-            "-drive",
-            &format!(
-                "file={},if=none,id=mods,format=raw,readonly=on,aio=io_uring",
-                b.modules
-            ),
-            "-device",
-            "virtio-blk-device,drive=mods,serial=vmm-modules",
-            "-netdev",
-            "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on",
-            "-device",
-            &format!("virtio-net-device,netdev=n0,mac={MAC}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
+        Peer::Microvm | Peer::Q35 => vec![
+            "-drive".into(),
+            format!("file={img},if=none,id=root,format=raw,aio=io_uring"),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+            "-drive".into(),
+            format!("file={modules},if=none,id=mods,format=raw,readonly=on,aio=io_uring"),
+            "-device".into(),
+            "virtio-blk-device,drive=mods,serial=vmm-modules".into(),
+            "-netdev".into(),
+            "tap,id=n0,ifname=tap0,script=no,downscript=no,vhost=on".into(),
+            "-device".into(),
+            format!("virtio-net-device,netdev=n0,mac={MAC}"),
+        ],
     };
     v
 }
 
 /// Seconds from spawn to the greeting; None when the run was lost (the
 /// test host's emulator fault, or no greeting in time).
-fn once(h: &'static Host, peer: Peer, b: &Boot) -> Option<f64> {
+fn once(h: &'static Host, peer: Peer, g: &Guest, modules: &str) -> Option<f64> {
     for attempt in 1..=3 {
         let ns = NetNs::new(h, "bench-sshd");
         let dir = HostDir::new(h, "bench-sshd");
@@ -114,7 +68,11 @@ fn once(h: &'static Host, peer: Peer, b: &Boot) -> Option<f64> {
         .ok("the guest's neighbour entry");
         let prefix = ["ip", "netns", "exec", ns.name.as_str()];
         let t0 = Instant::now();
-        let mut p = start(h, &prefix, &argv(peer, b, &img));
+        let mut p = start(
+            h,
+            &prefix,
+            &argv(peer, g, "", &devices(peer, &img, modules)),
+        );
         let probe = format!(
             "timeout 3 bash -c 'exec 3<>/dev/tcp/{ADDR}/22 && head -c 7 <&3' 2>/dev/null | grep -q SSH-2.0"
         );
@@ -158,21 +116,22 @@ fn once(h: &'static Host, peer: Peer, b: &Boot) -> Option<f64> {
 
 pub fn row(runs: usize) {
     let entry = kernel_dir().join("debian-6.1");
-    let b = Boot {
+    let g = Guest {
         kernel: entry.join("vmlinux").display().to_string(),
         initrd: entry.join("initrd.img").display().to_string(),
-        modules: kernel_dir().join("modules.img").display().to_string(),
         cmdline: format!(
             "{} root=/dev/vda rw ip={ADDR}::10.0.2.1:255.255.255.0:web1:eth0:off",
             entry_cmdline("debian-6.1")
         ),
+        memory_mib: 512,
     };
+    let modules = kernel_dir().join("modules.img").display().to_string();
     let peers = [Peer::Ours, Peer::Microvm];
     let mut t: Vec<Vec<f64>> = vec![Vec::new(); peers.len()];
     for r in 0..runs {
         for (i, p) in peers.iter().enumerate() {
             // A test host the emulator's fault killed is replaced.
-            if let Some(s) = once(host(), *p, &b) {
+            if let Some(s) = once(host(), *p, &g, &modules) {
                 eprintln!("sshd run {}: {}: {s:.1} s", r + 1, p.label());
                 t[i].push(s);
             }

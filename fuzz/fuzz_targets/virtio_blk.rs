@@ -6,11 +6,12 @@
 //! were available; used lengths within the chain's writable bytes); a
 //! request's status byte is OK, IOERR or UNSUPP; the image never grows
 //! (every access past the end is refused) and a read-only image never
-//! changes.
+//! changes. A backup started at any point (`Op::Backup`) ends as a copy of
+//! the image as it was at that point, whatever the guest sent after it.
 #![no_main]
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,8 +21,10 @@ use devices::virtio::block::{SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP};
 use devices::virtio::mmio::reg;
 use devices::virtio::test_utils::{start, write_reg, TestQueue};
 use devices::virtio::{
-    Block, BlockConfig, GuestMemoryHandle, MmioTransport, VirtioDevice, VIRTIO_F_VERSION_1,
+    BackupRequest, Block, BlockConfig, GuestMemoryHandle, MmioTransport, VirtioDevice,
+    VIRTIO_F_VERSION_1,
 };
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_fuzz::virtio::{
@@ -150,6 +153,63 @@ enum Op {
         offset: u8,
         len: u8,
     },
+    /// The operator's `backup` starts now.
+    Backup,
+}
+
+/// A backup the input started: its copy, the image at its instant, and
+/// whether it reported success.
+struct Backup {
+    copy: File,
+    instant: Vec<u8>,
+    done: std::sync::mpsc::Receiver<Result<devices::virtio::BackupReport, String>>,
+}
+
+fn start_backup(h: &Harness, img: &Image) -> Option<Backup> {
+    // SAFETY: memfd_create with a valid C string; the descriptor is owned
+    // by the File from here on.
+    let fd = unsafe { libc::memfd_create(c"vmm-fuzz-backup".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let copy = unsafe { File::from_raw_fd(fd) };
+    let (tx, done) = std::sync::mpsc::channel();
+    let req = BackupRequest {
+        dst: copy.try_clone().unwrap(),
+        bytes_per_s: None,
+        done: Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    };
+    let instant = image_contents(img);
+    h.blk.lock().unwrap().start_backup(req).ok()?;
+    Some(Backup {
+        copy,
+        instant,
+        done,
+    })
+}
+
+/// Runs the device's event loop until the backup reports; its copy must be
+/// the image at its instant.
+fn finish_backup(h: &Harness, b: Backup) {
+    let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().unwrap();
+    em.add_subscriber(h.blk.clone());
+    let r = loop {
+        if let Ok(r) = b.done.try_recv() {
+            break r;
+        }
+        em.run_with_timeout(1000).unwrap();
+    };
+    let report = r.expect("a backup into memory completes");
+    let mut copy = vec![0u8; b.instant.len() + 1];
+    let n = b.copy.read_at(&mut copy, 0).unwrap();
+    copy.truncate(n);
+    assert_eq!(report.size, DISK_SECTORS * SECTOR_SIZE);
+    assert!(
+        copy == b.instant,
+        "the copy is not the image at its instant"
+    );
 }
 
 #[derive(Arbitrary, Debug)]
@@ -427,6 +487,7 @@ fuzz_target!(|input: Input| {
         published: 0,
     };
     h.restart(input.features | VIRTIO_F_VERSION_1, input.size);
+    let mut backup = None;
     for op in input.ops.iter().take(64) {
         match op {
             Op::Request(r) => h.request(r, false),
@@ -455,9 +516,17 @@ fuzz_target!(|input: Input| {
                 let mut buf = vec![0u8; usize::from(*len % 9)];
                 devices::BusDevice::read(&mut h.t, 0x100 + u64::from(*offset), &mut buf);
             }
+            Op::Backup => {
+                if backup.is_none() {
+                    backup = start_backup(&h, img);
+                }
+            }
         }
     }
     h.notify();
+    if let Some(b) = backup {
+        finish_backup(&h, b);
+    }
     let size = img.file.metadata().unwrap().len();
     assert_eq!(size, DISK_SECTORS * SECTOR_SIZE, "the image changed size");
     let stats = h.blk.lock().unwrap().stats();

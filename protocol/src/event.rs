@@ -55,6 +55,13 @@ pub enum Event {
         /// What went wrong, one line.
         error: String,
     },
+    /// `{"event":"backup_started","disk":"disk0"}`: the instant a `backup` copies is now; its
+    /// answer comes when the copy is complete. (Where the copy goes is the operator's: every
+    /// subscriber, customers included, gets events.)
+    BackupStarted {
+        /// The disk (`disk0`...).
+        disk: String,
+    },
 }
 
 impl Event {
@@ -67,6 +74,7 @@ impl Event {
         "watchdog",
         "kernel_selected",
         "boot_failed",
+        "backup_started",
     ];
 
     /// The wire name of this event.
@@ -79,6 +87,7 @@ impl Event {
             Event::Watchdog { .. } => "watchdog",
             Event::KernelSelected { .. } => "kernel_selected",
             Event::BootFailed { .. } => "boot_failed",
+            Event::BackupStarted { .. } => "backup_started",
         }
     }
 }
@@ -152,6 +161,9 @@ mod tests {
             },
             Event::BootFailed {
                 error: "no kernel 6.1.0-1-amd64 in the disk's /boot".into(),
+            },
+            Event::BackupStarted {
+                disk: "disk0".into(),
             },
         ]
     }

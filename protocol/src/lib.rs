@@ -29,8 +29,8 @@ pub use event::{Event, EventMessage};
 pub use framing::{FrameError, LineBuffer};
 pub use request::{encode_request, parse_request, parse_request_bytes, Request};
 pub use response::{
-    ConsoleAttached, DiskInfo, KernelEntry, KernelList, KernelSelection, LogInfo, NetInfo, Reply,
-    Response, StatusInfo, StopOutcome, StopResult, WatchdogInfo,
+    BackupInfo, ConsoleAttached, DiskInfo, KernelEntry, KernelList, KernelSelection, LogInfo,
+    NetInfo, Reply, Response, StatusInfo, StopOutcome, StopResult, WatchdogInfo,
 };
 pub use types::{PanicAction, ParseEnumError, ResetCause, VmState, WatchdogAction};
 
@@ -47,3 +47,6 @@ pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
 
 /// Largest accepted `timeout_s` (one day).
 pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
+
+/// Largest accepted `speed_mib_s` of `backup` (1 TiB/s: no limit in practice).
+pub const MAX_BACKUP_SPEED_MIB_S: u64 = 1 << 20;

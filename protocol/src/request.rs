@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
 use crate::types::WatchdogAction;
-use crate::MAX_STOP_TIMEOUT_S;
+use crate::{MAX_BACKUP_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
 
 /// A typed control request. The wire form is one JSON object per line with the command name
 /// in `cmd` and the arguments as further members; unknown arguments are refused.
@@ -72,6 +72,19 @@ pub enum Request {
         /// One letter.
         key: String,
     },
+    /// `{"cmd":"backup","disk":"disk0","to":"/var/backups/vmm/web1/root.img"}`: a
+    /// crash-consistent copy of a disk as it was when the request arrived, written while the
+    /// guest runs (operator only; the answer comes when the copy is complete).
+    Backup {
+        /// The disk: `disk0`, `disk1`... (as `status` lists them) or its `id=`.
+        disk: String,
+        /// The copy's file: a new file in the VMM's `--backup-dir` (a bare name is taken as
+        /// one there).
+        to: String,
+        /// At most this many MiB a second read by the background copy.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed_mib_s: Option<u64>,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -97,6 +110,7 @@ impl Request {
         "watchdog",
         "set-watchdog",
         "sysrq",
+        "backup",
     ];
 
     /// The command name (`cmd`) of this request.
@@ -118,6 +132,7 @@ impl Request {
             Request::Watchdog => "watchdog",
             Request::SetWatchdog { .. } => "set-watchdog",
             Request::Sysrq { .. } => "sysrq",
+            Request::Backup { .. } => "backup",
         }
     }
 }
@@ -242,6 +257,11 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
         "sysrq" => Request::Sysrq {
             key: args.string("key")?,
         },
+        "backup" => Request::Backup {
+            disk: args.string("disk")?,
+            to: args.string("to")?,
+            speed_mib_s: args.opt_u64("speed_mib_s", MAX_BACKUP_SPEED_MIB_S)?,
+        },
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
         other => return Err(ProtocolError::UnknownCommand(other.to_string())),
     };
@@ -318,6 +338,16 @@ mod tests {
                 action: WatchdogAction::Shutdown,
             },
             Request::Sysrq { key: "b".into() },
+            Request::Backup {
+                disk: "disk0".into(),
+                to: "/var/backups/vmm/web1/root.img".into(),
+                speed_mib_s: None,
+            },
+            Request::Backup {
+                disk: "root".into(),
+                to: "root.img".into(),
+                speed_mib_s: Some(64),
+            },
         ]
     }
 

@@ -154,6 +154,28 @@ pub struct StopOutcome {
     pub elapsed_ms: u64,
 }
 
+/// `backup`: `{"ok":true,"disk":"disk0","path":"...","size":..,"data_bytes":..,...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupInfo {
+    /// The disk copied (`disk0`...).
+    pub disk: String,
+    /// The complete copy.
+    pub path: String,
+    /// The disk's size in bytes (the copy's size).
+    pub size: u64,
+    /// Bytes of data written (holes and zero chunks of the disk are left holes).
+    pub data_bytes: u64,
+    /// How long the disk's request queue waited for the backup to begin (the
+    /// instant; the vCPUs run on), in microseconds.
+    pub pause_us: u64,
+    /// Chunks (64 KiB) copied just before a guest write to them.
+    pub chunks_before_writes: u64,
+    /// What those copies added to the guest's writes, in all, in microseconds.
+    pub write_delay_us: u64,
+    /// From the instant to the synced, renamed copy, in milliseconds.
+    pub duration_ms: u64,
+}
+
 /// `log`: `{"ok":true,"data":"...","bytes":1234,"total_bytes":99999}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogInfo {
@@ -193,6 +215,8 @@ pub enum Reply {
     Log(LogInfo),
     /// `console`.
     Console(ConsoleAttached),
+    /// `backup`.
+    Backup(BackupInfo),
 }
 
 impl Serialize for Reply {
@@ -206,6 +230,7 @@ impl Serialize for Reply {
             Reply::Watchdog(v) => v.serialize(serializer),
             Reply::Log(v) => v.serialize(serializer),
             Reply::Console(v) => v.serialize(serializer),
+            Reply::Backup(v) => v.serialize(serializer),
         }
     }
 }
@@ -398,6 +423,16 @@ mod tests {
                 total_bytes: 1 << 40,
             }),
             Reply::Console(ConsoleAttached { replay_bytes: 77 }),
+            Reply::Backup(BackupInfo {
+                disk: "disk0".into(),
+                path: "/var/backups/vmm/web1/root.img".into(),
+                size: 1 << 33,
+                data_bytes: 1 << 30,
+                pause_us: 12,
+                chunks_before_writes: 3,
+                write_delay_us: 900,
+                duration_ms: 4_000,
+            }),
         ]
     }
 
@@ -455,6 +490,7 @@ mod tests {
                 Reply::Watchdog(v) => assert_eq!(&resp.decode::<WatchdogInfo>().unwrap(), v),
                 Reply::Log(v) => assert_eq!(&resp.decode::<LogInfo>().unwrap(), v),
                 Reply::Console(v) => assert_eq!(&resp.decode::<ConsoleAttached>().unwrap(), v),
+                Reply::Backup(v) => assert_eq!(&resp.decode::<BackupInfo>().unwrap(), v),
             }
         }
     }

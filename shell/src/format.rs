@@ -399,6 +399,10 @@ pub fn event(line: &ServerLine, style: Style) -> Option<String> {
                     style.red("boot failed"),
                     error.escape_default()
                 ),
+                // The operator's: shown, since it touches the customer's disk.
+                Event::BackupStarted { disk } => {
+                    format!("the host is backing up {}", disk.escape_default())
+                }
             };
             Some(format!("{} {} {what}", style.dim(&msg.time), msg.vm))
         }

@@ -488,45 +488,8 @@ fn a_user_not_allowed_is_refused_with_one_line() {
         &[],
     );
     assert!(vm.p.wait_for("READY", T));
-    let sock = vm.sock();
-    // The socket's directory is closed to others; open it so the only
-    // thing left deciding is the VMM's own SO_PEERCRED check.
-    let dir = sock.parent().map(Path::to_path_buf).unwrap_or_default();
-    let _ = std::process::Command::new("chmod")
-        .args(["0755"])
-        .arg(&dir)
-        .status();
-    let _ = std::process::Command::new("chmod")
-        .args(["0666"])
-        .arg(&sock)
-        .status();
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(format!("socat -u UNIX-CONNECT:{} STDOUT", sock.display()))
-        .output();
-    let Ok(out) = out else {
-        eprintln!("SKIP: setpriv/socat not available");
-        return;
-    };
-    if !Path::new("/usr/bin/socat").exists() {
-        eprintln!("SKIP: socat not installed");
-        return;
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let first: Value =
-        serde_json::from_str(text.lines().next().unwrap_or("{}")).unwrap_or(Value::Null);
-    assert_eq!(
-        first["ok"],
-        false,
-        "stdout: {text} stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (first, text) = as_nobody(&vm, None);
+    assert_eq!(first["ok"], false, "{text}");
     assert!(first["error"]
         .as_str()
         .unwrap_or_default()
@@ -535,4 +498,152 @@ fn a_user_not_allowed_is_refused_with_one_line() {
     assert!(!text.contains("running"), "no status leaked: {text}");
     let mut c = vm.ctl();
     assert_eq!(c.status()["state"], "running", "root still gets in");
+}
+
+/// Connects as uid/gid 65534 (no groups) and sends `line` (if any): the
+/// first line back, and all that came back. The socket and its directory
+/// are opened to everyone first, so that what decides is the VMM's own
+/// SO_PEERCRED check.
+fn as_nobody(vm: &Vm, line: Option<&str>) -> (Value, String) {
+    let sock = vm.sock();
+    let dir = sock.parent().map(Path::to_path_buf).unwrap_or_default();
+    for (mode, path) in [("0755", &dir), ("0666", &sock)] {
+        let st = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "chmod {mode} {}",
+            path.display()
+        );
+    }
+    let send = line.map_or(String::new(), |l| format!("echo '{l}' | "));
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "{send}socat -t 5 - UNIX-CONNECT:{}",
+            sock.display()
+        ))
+        .output()
+        .expect("setpriv and socat (scripts/host-deps.sh installs them)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let first = serde_json::from_str(text.lines().next().unwrap_or("{}")).unwrap_or(Value::Null);
+    (
+        first,
+        format!(
+            "stdout: {text} stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_backup_is_the_operators_and_copies_the_disk_whole_into_the_backup_directory() {
+    let dir = TempDir::new("backup-tiny");
+    let backups = dir.path().join("backups");
+    std::fs::create_dir(&backups).unwrap();
+    // 8 MiB: data, a hole, data; the copy must match it byte for byte.
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(8 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+    f.write_all_at(&data, 0).unwrap();
+    f.write_all_at(&data, 6 << 20).unwrap();
+    drop(f);
+    let sock = dir.path().join("run/vm1/control.sock");
+    let asm = ready_then(|a| {
+        a.cli_hlt_forever();
+    });
+    let mut cmd = vmm_command(dir.path(), "vm1", &asm, &sock);
+    cmd.arg("--disk")
+        .arg(format!("path={},id=root", img.display()))
+        .arg("--backup-dir")
+        .arg(&backups)
+        .args(["--allow-user", "65534"]);
+    let vm = Vm {
+        p: VmmProcess::spawn_cmd(&mut cmd),
+        dir,
+    };
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+
+    // A customer may run the VM, not copy its disk.
+    let (status, text) = as_nobody(&vm, Some(r#"{"cmd":"status"}"#));
+    assert_eq!(status["state"], "running", "{text}");
+    let (r, text) = as_nobody(&vm, Some(r#"{"cmd":"backup","disk":"root","to":"x.img"}"#));
+    assert_eq!(r["code"], "forbidden", "{text}");
+    assert!(!backups.join("x.img").exists() && !backups.join("x.img.part").exists());
+
+    let mut c = vm.ctl();
+    let mut sub = vm.ctl();
+    sub.ok(r#"{"cmd":"subscribe"}"#);
+    let r = c.call(r#"{"cmd":"backup","disk":"root","to":"root.img"}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", vm.p.report());
+    assert_eq!(r["disk"], "disk0", "{r}");
+    assert_eq!(r["size"], 8 << 20, "{r}");
+    assert_eq!(r["data_bytes"], 2 << 20, "the hole stays a hole: {r}");
+    let copy = backups.join("root.img");
+    assert_eq!(r["path"], copy.display().to_string());
+    assert!(
+        std::fs::read(&copy).unwrap() == std::fs::read(&img).unwrap(),
+        "the copy is the disk"
+    );
+    assert!(!backups.join("root.img.part").exists());
+    let ev = sub.wait_event("backup_started", T).expect("backup_started");
+    assert_eq!(ev["disk"], "disk0", "{ev}");
+
+    // Refused with the reason, nothing written: an existing file, a path
+    // outside the directory, a disk it does not have.
+    for (line, code) in [
+        (
+            r#"{"cmd":"backup","disk":"disk0","to":"root.img"}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"cmd":"backup","disk":"disk0","to":"../escape.img"}"#,
+            "bad_request",
+        ),
+        (
+            r#"{"cmd":"backup","disk":"disk7","to":"other.img"}"#,
+            "not_found",
+        ),
+        (r#"{"cmd":"backup","disk":"disk0"}"#, "bad_request"),
+    ] {
+        let e = c.call(line);
+        assert_eq!(e["ok"], false, "{line}: {e}");
+        assert_eq!(e["code"], code, "{line}: {e}");
+    }
+    assert_eq!(std::fs::read_dir(&backups).unwrap().count(), 1);
+    assert!(!vm.dir.path().join("escape.img").exists());
+    assert_eq!(c.status()["state"], "running");
+}
+
+#[test]
+fn without_a_backup_directory_backup_is_refused_as_unsupported() {
+    let vm = start(
+        "backup-none",
+        &ready_then(|a| {
+            a.cli_hlt_forever();
+        }),
+        &[],
+    );
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    let e = vm
+        .ctl()
+        .call(r#"{"cmd":"backup","disk":"disk0","to":"a.img"}"#);
+    assert_eq!(e["code"], "unsupported", "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--backup-dir"),
+        "{e}"
+    );
 }

@@ -295,6 +295,21 @@ impl ControlHandler for VmControlHandler {
                 Ok(Reply::Watchdog(watchdog_info(&vm)))
             }
             Request::Sysrq { key } => done(vm.sysrq(&key)),
+            Request::Backup {
+                disk,
+                to,
+                speed_mib_s,
+            } => match crate::backup::prepare(&vm, responder.peer(), &disk, &to, speed_mib_s) {
+                Ok(job) => {
+                    // The disk's lock is taken without the VM's.
+                    drop(vm);
+                    if let Some(event) = job.start(responder) {
+                        (lock(&self.vm).hooks.publish)(event);
+                    }
+                    return;
+                }
+                Err(e) => Err(e),
+            },
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
                 ControlError::internal("internal error: handled by the server"),
             ),

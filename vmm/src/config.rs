@@ -138,6 +138,10 @@ pub struct Cli {
     /// beside the config file.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Where the operator's `backup` requests may write their copies (a directory of this
+    /// VM's own; without it `backup` is refused).
+    #[arg(long, value_name = "DIR")]
+    pub backup_dir: Option<PathBuf>,
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -188,6 +192,7 @@ struct FileConfig {
     sandbox: Option<String>,
     user: Option<String>,
     state_dir: Option<PathBuf>,
+    backup_dir: Option<PathBuf>,
     control: Option<PathBuf>,
     #[serde(default)]
     allow_user: Vec<String>,
@@ -238,6 +243,8 @@ pub struct VmConfig {
     pub user: Option<String>,
     /// `--state-dir`: where the state file lives, if not beside the config file.
     pub state_dir: Option<PathBuf>,
+    /// `--backup-dir`: where `backup` writes its copies.
+    pub backup_dir: Option<PathBuf>,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
@@ -583,6 +590,7 @@ impl VmConfig {
             sandbox,
             user: cli.user.or(file.user),
             state_dir: cli.state_dir.or(file.state_dir),
+            backup_dir: cli.backup_dir.or(file.backup_dir),
             config_file: cli.config,
             control: cli.control.or(file.control),
             disks,

@@ -3,6 +3,7 @@
 
 pub mod acpi;
 pub mod actions;
+pub mod backup;
 pub mod boot;
 pub mod config;
 pub mod console;

@@ -263,6 +263,20 @@ impl Plan {
                 rules.push((dir, Grant::ReadWriteDir));
             }
         }
+        // `backup` creates its copy there, writes it, renames it into
+        // place (or removes it when the copy failed).
+        if let Some(dir) = &cfg.backup_dir {
+            if !dir.is_dir() {
+                return Err(SandboxError::Check(format!(
+                    "--backup-dir {}: not a directory",
+                    dir.display()
+                )));
+            }
+            rules.push((
+                std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+                Grant::ReadWriteDir,
+            ));
+        }
         // Nothing else: the control socket stays behind at exit (the next
         // start removes it), `/proc/self/net/dev` is opened before (see
         // actions.rs), and peers' groups come from SO_PEERGROUPS.

@@ -167,6 +167,23 @@ const DISK: &[(i64, &str)] = &[
         libc::SYS_io_uring_enter,
         "submitting and reaping (io_uring engine)",
     ),
+    (
+        libc::SYS_lseek,
+        "a backup skipping the image's holes (SEEK_DATA)",
+    ),
+    (
+        libc::SYS_timerfd_settime,
+        "a backup's next share of copying",
+    ),
+    (libc::SYS_rename, "a complete backup taking its name"),
+    (libc::SYS_renameat, "a complete backup taking its name"),
+    (libc::SYS_renameat2, "a complete backup taking its name"),
+    (libc::SYS_unlink, "removing a failed backup's part"),
+    (libc::SYS_unlinkat, "removing a failed backup's part"),
+    (
+        libc::SYS_fcntl,
+        "closing a backup's copy (std checks the descriptor, F_GETFD)",
+    ),
     (libc::SYS_getrandom, "hash maps' seeds"),
 ];
 
@@ -210,6 +227,7 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_unlinkat, "removing the control socket at exit"),
     (libc::SYS_fsync, "the state file"),
     (libc::SYS_fdatasync, "the state file"),
+    (libc::SYS_ftruncate, "sizing a backup's copy"),
     (libc::SYS_fcntl, "descriptor flags (nonblocking, close-on-exec)"),
     (libc::SYS_dup, "duplicating eventfds"),
     (

@@ -160,6 +160,10 @@ pub struct NetSource {
 /// A disk as `status` shows it.
 pub struct DiskSource {
     pub id: String,
+    /// The operator's `id=` for it, if any (`backup` takes either name).
+    pub name: Option<String>,
+    /// The device (`backup` starts its copy there).
+    pub device: Arc<Mutex<Block>>,
     pub path: std::path::PathBuf,
     pub read_only: bool,
     pub engine: &'static str,
@@ -202,14 +206,17 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             engine: d.engine,
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
+        let (engine, counters) = (blk.engine_name(), blk.counters());
+        let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
+            name: d.id.clone(),
+            device: blk.clone(),
             path: d.path.clone(),
             read_only: d.read_only,
-            engine: blk.engine_name(),
-            counters: blk.counters(),
+            engine,
+            counters,
         });
-        let blk = Arc::new(Mutex::new(blk));
         add_slot(blk.clone())?;
         disks.push((format!("disk{i}"), blk));
     }
@@ -227,14 +234,17 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             engine: devices::virtio::IoEngine::Auto,
         })
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
+        let (engine, counters) = (blk.engine_name(), blk.counters());
+        let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
+            name: Some(MODULES_DISK_SERIAL.into()),
+            device: blk.clone(),
             path: img,
             read_only: true,
-            engine: blk.engine_name(),
-            counters: blk.counters(),
+            engine,
+            counters,
         });
-        let blk = Arc::new(Mutex::new(blk));
         add_slot(blk.clone())?;
         disks.push((format!("disk{i}"), blk));
     }

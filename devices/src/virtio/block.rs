@@ -35,6 +35,7 @@
 //! socket and the other devices. With work left, the device kicks its own
 //! queue eventfd and yields; the event loop comes back after the others.
 
+use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -42,15 +43,20 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
+mod backup;
 mod direct;
 mod uring;
 
+pub use backup::{BackupReport, BackupRequest, DoneFn as BackupDone, CHUNK as BACKUP_CHUNK};
+use backup::{Job, Source, Step};
 pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
 use uring::{InFlight, IoKind, IoOp, Uring};
@@ -222,6 +228,9 @@ struct Disk {
     /// `Some` when the image is open with `O_DIRECT`.
     dio: Option<DioAlign>,
     counters: Arc<BlockCounters>,
+    /// The backup in progress, if any (`backup.rs`). A cell: requests run
+    /// through `&self`, and the device's own lock is what serialises them.
+    backup: RefCell<Option<Job>>,
 }
 
 struct Active {
@@ -242,10 +251,14 @@ pub struct Block {
     budget: Option<u16>,
     /// The io_uring engine; `None`: requests run synchronously.
     ring: Option<Uring>,
+    /// Wakes the I/O thread for a backup's next share of copying.
+    backup_timer: TimerFd,
 }
 
 /// Event-loop token of the io_uring completion eventfd (queue eventfds use their index).
 const RING_TOKEN: u32 = 0x100;
+/// Event-loop token of the backup's timer.
+const BACKUP_TOKEN: u32 = 0x101;
 
 impl Block {
     /// Opens and locks the image: writable images get an exclusive `flock`,
@@ -349,8 +362,11 @@ impl Block {
                 }
             },
         };
+        let backup_timer = TimerFd::new()
+            .map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
         Ok(Self {
             ring,
+            backup_timer,
             disk: Disk {
                 file,
                 path,
@@ -359,6 +375,7 @@ impl Block {
                 capacity,
                 dio,
                 counters: Arc::default(),
+                backup: RefCell::new(None),
             },
             queue_evts: new_queue_events(1).map_err(BlockError::EventFd)?,
             config,
@@ -396,6 +413,58 @@ impl Block {
             "io_uring"
         } else {
             "sync"
+        }
+    }
+
+    /// Starts a point-in-time copy of the disk into `req.dst` (see
+    /// `backup.rs`): this call, between two of the guest's requests, is the
+    /// instant. The request comes back when a backup of this disk is still
+    /// running.
+    pub fn start_backup(&mut self, req: BackupRequest) -> Result<(), BackupRequest> {
+        let running = self.disk.backup.get_mut();
+        if running.as_ref().is_some_and(|j| !j.finished()) {
+            return Err(req);
+        }
+        *running = Some(Job::start(req, self.disk.capacity, self.disk.dio));
+        self.arm_backup(Duration::ZERO);
+        Ok(())
+    }
+
+    /// Is a backup of this disk running?
+    pub fn backup_running(&self) -> bool {
+        self.disk
+            .backup
+            .borrow()
+            .as_ref()
+            .is_some_and(|j| !j.finished())
+    }
+
+    /// The backup timer fired: its next share.
+    fn backup_step(&mut self) {
+        let src = Source {
+            file: &self.disk.file,
+            dio: self.disk.dio,
+        };
+        let slot = self.disk.backup.get_mut();
+        let Some(job) = slot.as_mut() else {
+            return;
+        };
+        match job.step(src) {
+            Step::Again(wait) => self.arm_backup(wait),
+            Step::Finished => *slot = None,
+        }
+    }
+
+    fn arm_backup(&mut self, wait: Duration) {
+        // A zero time would disarm the timer.
+        if let Err(e) = self
+            .backup_timer
+            .reset(wait.max(Duration::from_nanos(1)), None)
+        {
+            tracing::warn!(
+                "virtio-blk {}: cannot wake the backup: {e}",
+                self.disk.path.display()
+            );
         }
     }
 
@@ -687,6 +756,7 @@ impl Disk {
                 }
                 let off = self.range(sector, extra_r)?;
                 let data = sub_segs(&p.readable, 16, extra_r).ok_or(S_IOERR)?;
+                self.before_write(off, extra_r);
                 let mut iovs = Vec::with_capacity(data.len());
                 push_iovecs(mem, &data, &mut iovs).ok_or(S_IOERR)?;
                 Ok(Exec::Io(IoOp {
@@ -768,6 +838,21 @@ impl Disk {
         }
     }
 
+    /// A running backup copies what `len` bytes at `off` held at its
+    /// instant before the guest's write changes them.
+    fn before_write(&self, off: u64, len: u64) {
+        if let Some(job) = self.backup.borrow_mut().as_mut() {
+            job.before_write(
+                Source {
+                    file: &self.file,
+                    dio: self.dio,
+                },
+                off,
+                len,
+            );
+        }
+    }
+
     fn io_err(&self, what: &str, e: io::Error) -> u8 {
         crate::limited!(
             warn,
@@ -820,6 +905,7 @@ impl Disk {
             if bytes == 0 {
                 continue;
             }
+            self.before_write(off, bytes);
             if req_type == T_DISCARD {
                 // Discard is a hint: a file system without hole punching
                 // simply keeps the data.
@@ -957,6 +1043,16 @@ impl MutEventSubscriber for Block {
                 );
             }
         }
+        if let Err(e) = ops.add(Events::with_data(
+            &self.backup_timer,
+            BACKUP_TOKEN,
+            EventSet::IN,
+        )) {
+            tracing::error!(
+                "virtio-blk {}: cannot register the backup timer: {e:?}",
+                self.disk.path.display()
+            );
+        }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 tracing::error!(
@@ -970,6 +1066,12 @@ impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == RING_TOKEN {
             self.complete_ring();
+            return;
+        }
+        if events.data() == BACKUP_TOKEN {
+            // Read the expiry count so the timer stops being readable.
+            let _ = self.backup_timer.wait();
+            self.backup_step();
             return;
         }
         if let Some(evt) = self.queue_evts.get(events.data() as usize) {

@@ -12,7 +12,7 @@ use tests::Host;
 use crate::sha256;
 
 /// A copy of the library's root disk (`build/disks/rootfs.ext4`) in `dir`.
-fn root_image(h: &Host, dir: &HostDir) -> String {
+pub fn root_image(h: &Host, dir: &HostDir) -> String {
     let img = dir.join("root.ext4");
     h.sh(&format!("cp build/disks/rootfs.ext4 {img}"))
         .ok("copy the root disk");

@@ -6,6 +6,7 @@
 //! run two at a time.
 
 mod addresses;
+mod backup;
 mod boot;
 mod console;
 mod disk;

@@ -110,6 +110,8 @@ pub struct PeerIdentity {
     pub gid: u32,
     /// Supplementary groups of the user in the group database (`getgrouplist`).
     pub groups: Vec<u32>,
+    /// Root or the VMM's owner (see [`is_operator`]): may back up the VM, not only run it.
+    pub operator: bool,
 }
 
 impl PeerIdentity {
@@ -122,7 +124,9 @@ impl PeerIdentity {
             uid: cred.uid,
             gid: cred.gid,
             groups: Vec::new(),
+            operator: false,
         };
+        peer.operator = is_operator(&peer, policy);
         if !policy.gids.is_empty() && !is_allowed(&peer, policy) {
             // The groups the connecting process holds (SO_PEERGROUPS, as
             // the kernel recorded them at connect), not the user database's:
@@ -172,6 +176,13 @@ pub fn is_allowed(peer: &PeerIdentity, policy: &AccessPolicy) -> bool {
         || policy.uids.contains(&peer.uid)
         || policy.gids.contains(&peer.gid)
         || peer.groups.iter().any(|g| policy.gids.contains(g))
+}
+
+/// The operator's requests (`backup`) are for root and the VMM's owner only: the users and
+/// groups of `--allow-user`/`--allow-group` are the VM's customers, who run their machine but
+/// do not copy its disks out of it.
+pub fn is_operator(peer: &PeerIdentity, policy: &AccessPolicy) -> bool {
+    peer.uid == 0 || peer.uid == policy.owner_uid
 }
 
 /// `SO_PEERCRED` of a Unix stream socket.
@@ -338,6 +349,7 @@ mod tests {
             uid,
             gid,
             groups: groups.to_vec(),
+            operator: uid == 0,
         }
     }
 

@@ -174,6 +174,7 @@ impl Responder {
                     uid: 0,
                     gid: 0,
                     groups: Vec::new(),
+                    operator: true,
                 }),
                 command,
             },
@@ -270,6 +271,7 @@ mod tests {
             uid: 0,
             gid: 0,
             groups: vec![],
+            operator: true,
         });
         {
             let _guard = shared.dispatching();

@@ -77,6 +77,16 @@ impl Fixture {
     }
 
     fn build_with(read_only: bool, features: u64, direct: bool, engine: IoEngine) -> Self {
+        Self::build_sized(read_only, features, direct, engine, DISK_SECTORS)
+    }
+
+    fn build_sized(
+        read_only: bool,
+        features: u64,
+        direct: bool,
+        engine: IoEngine,
+        sectors: u64,
+    ) -> Self {
         // O_DIRECT needs a file system that has it (tmpfs before Linux 6.6 does not).
         let cfg = |file: &TempFile| BlockConfig {
             path: file.as_path().to_owned(),
@@ -85,10 +95,10 @@ impl Fixture {
             direct,
             engine,
         };
-        let mut file = image(DISK_SECTORS);
+        let mut file = image(sectors);
         let mut blk = Block::new(&cfg(&file));
         if let Err(BlockError::DirectUnsupported { .. }) = blk {
-            file = image_in(DISK_SECTORS, Some(Path::new(env!("CARGO_MANIFEST_DIR"))));
+            file = image_in(sectors, Some(Path::new(env!("CARGO_MANIFEST_DIR"))));
             blk = Block::new(&cfg(&file));
         }
         let blk = Arc::new(Mutex::new(blk.unwrap()));
@@ -191,6 +201,8 @@ impl Fixture {
         self.blk.lock().unwrap().stats()
     }
 }
+
+mod backup;
 
 #[test]
 fn config_space_reports_capacity_seg_max_blk_size() {

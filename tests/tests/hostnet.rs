@@ -187,3 +187,39 @@ fn an_interface_no_longer_bridged_or_addressed_loses_its_old_filtering() {
     assert!(!ns.sh("nft list table netdev vmm").contains("tap-web1"));
     assert!(!leases.path().join("web1").exists());
 }
+
+#[test]
+fn a_second_vm_given_an_address_the_first_sends_from_is_refused_and_nothing_of_it_is_made() {
+    let ns = Ns::new();
+    let leases = tests::TempDir::new("hostnet");
+    let dir = leases.path().display();
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {dir} --net tap=tap-web1,bridge=br0,ip=10.0.2.2,ip=2001:db8:1::/64"
+    ));
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web2 --dhcp-dir {dir} --net tap=tap-web2,bridge=br0,ip=10.0.2.3,ip=2001:db8:1::7"
+    ));
+    assert_eq!(rc, 2, "{out}");
+    assert_eq!(
+        out.trim(),
+        "vmm net: web2: tap tap-web2: 2001:db8:1::7/128 is already tap-web1's \
+         (another VM's ip=): one address, one VM"
+    );
+    assert!(!ns.sh("ls /sys/class/net").contains("tap-web2"), "no TAP");
+    assert!(
+        !ns.sh("nft list table netdev vmm").contains("tap-web2"),
+        "no rules"
+    );
+    assert!(!leases.path().join("web2").exists(), "no lease");
+    // The first VM's own `up` again (a reload) is not a conflict, and the
+    // second gets in with addresses of its own.
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {dir} --net tap=tap-web1,bridge=br0,ip=10.0.2.2,ip=2001:db8:1::/64"
+    ));
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web2 --dhcp-dir {dir} --net tap=tap-web2,bridge=br0,ip=10.0.2.3,ip=2001:db8:2::7"
+    ));
+    assert_eq!(rc, 0, "{out}");
+}

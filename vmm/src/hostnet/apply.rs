@@ -25,6 +25,8 @@ pub enum NetError {
     NotTap(String),
     #[error("cannot write {path}: {reason}")]
     Write { path: String, reason: String },
+    #[error("{addr} is already {other}'s (another VM's ip=): one address, one VM")]
+    Taken { addr: String, other: String },
 }
 
 /// Runs `prog args`, feeding `input` to its stdin: its stdout, or the
@@ -90,6 +92,15 @@ pub fn up(port: &Port, bridge: Option<&str>, filter: bool) -> Result<(), NetErro
             return Err(NetError::NoBridge(br.to_string()));
         }
     }
+    // Before anything is made: a refused VM leaves no trace.
+    if filter {
+        if let Some((net, other)) = existing()?.and_then(|e| super::conflict(port, &e)) {
+            return Err(NetError::Taken {
+                addr: net.to_string(),
+                other,
+            });
+        }
+    }
     if sys_net(tap).exists() {
         if !sys_net(tap).join("tun_flags").exists() {
             return Err(NetError::NotTap(tap.to_string()));
@@ -111,28 +122,37 @@ pub fn up(port: &Port, bridge: Option<&str>, filter: bool) -> Result<(), NetErro
 /// Removes the TAP's filtering, whatever of it is there. The TAP stays
 /// (it may be the operator's own), down once no VMM holds it.
 pub fn down(tap: &str) -> Result<(), NetError> {
+    let Some(existing) = existing()? else {
+        return Ok(());
+    };
+    let script = super::down_script(tap, &existing);
+    if !script.is_empty() {
+        run("nft", &["-f", "-"], Some(&script))?;
+    }
+    Ok(())
+}
+
+/// The table's chains, sets and claims; `None` when there is no table, or
+/// no nft at all: no VM was ever filtered here.
+fn existing() -> Result<Option<super::Existing>, NetError> {
     let listing = match run(
         "nft",
         &["-j", "list", "table", "netdev", super::TABLE],
         None,
     ) {
         Ok(text) => text,
-        // No table, or no nft at all: no VM was ever filtered here.
         Err(NetError::Failed { stderr, .. }) if stderr.contains("No such file or directory") => {
-            return Ok(())
+            return Ok(None)
         }
-        Err(NetError::Missing(..)) => return Ok(()),
+        Err(NetError::Missing(..)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let existing = super::Existing::from_json(&listing).ok_or_else(|| NetError::Failed {
-        cmd: "nft -j list table".into(),
-        stderr: "its output is not nft's JSON".into(),
-    })?;
-    let script = super::down_script(tap, &existing);
-    if !script.is_empty() {
-        run("nft", &["-f", "-"], Some(&script))?;
-    }
-    Ok(())
+    super::Existing::from_json(&listing)
+        .map(Some)
+        .ok_or_else(|| NetError::Failed {
+            cmd: "nft -j list table".into(),
+            stderr: "its output is not nft's JSON".into(),
+        })
 }
 
 /// Writes (atomically: dnsmasq watches the directory) or removes the VM's

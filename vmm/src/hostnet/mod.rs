@@ -263,6 +263,52 @@ pub fn down_script(tap: &str, existing: &Existing) -> String {
 pub struct Existing {
     pub chains: Vec<String>,
     pub sets: Vec<String>,
+    /// What each filtered TAP may send from (its `v4-`/`v6-` sets), as
+    /// address ranges: the host's record of which VM owns which address.
+    pub claims: Vec<Claim>,
+}
+
+/// A range of addresses one TAP's VM may send from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claim {
+    pub tap: String,
+    pub first: IpAddr,
+    pub last: IpAddr,
+}
+
+/// One element of an address set in nft's JSON: an address, a prefix
+/// (`{"prefix":{"addr":..,"len":..}}`) or a range (`{"range":[a,b]}`).
+fn element_range(e: &serde_json::Value) -> Option<(IpAddr, IpAddr)> {
+    if let Some(a) = e.as_str() {
+        let a: IpAddr = a.parse().ok()?;
+        return Some((a, a));
+    }
+    if let Some(p) = e.get("prefix") {
+        let addr: IpAddr = p.get("addr")?.as_str()?.parse().ok()?;
+        let len = u8::try_from(p.get("len")?.as_u64()?).ok()?;
+        let net = IpNet::new(addr, len).ok()?;
+        return Some((net.network(), net.broadcast()));
+    }
+    let r = e.get("range")?.as_array()?;
+    let first: IpAddr = r.first()?.as_str()?.parse().ok()?;
+    let last: IpAddr = r.get(1)?.as_str()?.parse().ok()?;
+    Some((first, last))
+}
+
+/// The first of `port`'s addresses that another TAP's VM may already send
+/// from (a link-local address is each VM's own, from its MAC): two VMs
+/// given one address would take each other's traffic.
+pub fn conflict(port: &Port, existing: &Existing) -> Option<(IpNet, String)> {
+    port.addresses.iter().find_map(|net| {
+        let (first, last) = (net.network(), net.broadcast());
+        existing
+            .claims
+            .iter()
+            .filter(|c| c.tap != port.tap)
+            .filter(|c| !matches!(c.first, IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80))
+            .find(|c| c.first.is_ipv4() == first.is_ipv4() && c.first <= last && first <= c.last)
+            .map(|c| (*net, c.tap.clone()))
+    })
 }
 
 impl Existing {
@@ -281,6 +327,20 @@ impl Existing {
                 e.chains.push(n);
             }
             if let Some(n) = name("set") {
+                let tap = n.strip_prefix("v4-").or_else(|| n.strip_prefix("v6-"));
+                let elems = item
+                    .get("set")
+                    .and_then(|s| s.get("elem"))
+                    .and_then(|v| v.as_array());
+                if let (Some(tap), Some(elems)) = (tap, elems) {
+                    for (first, last) in elems.iter().filter_map(element_range) {
+                        e.claims.push(Claim {
+                            tap: tap.to_string(),
+                            first,
+                            last,
+                        });
+                    }
+                }
                 e.sets.push(n);
             }
         }

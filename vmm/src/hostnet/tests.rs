@@ -180,6 +180,7 @@ fn down_removes_both_chains_and_all_three_sets() {
             .iter()
             .map(|k| format!("{k}-tap-web1"))
             .collect(),
+        claims: vec![],
     };
     assert_eq!(
         down_script("tap-web1", &all),
@@ -196,6 +197,7 @@ fn down_removes_what_is_left_and_nothing_when_nothing_is() {
     let sets_only = Existing {
         chains: vec![],
         sets: vec!["v4-tap-web1".into()],
+        claims: vec![],
     };
     assert_eq!(
         down_script("tap-web1", &sets_only),
@@ -216,10 +218,75 @@ fn the_table_listing_is_read_from_nfts_json() {
         Some(Existing {
             chains: vec!["from-tap-web1".into()],
             sets: vec!["v4-tap-web1".into()],
+            claims: vec![],
         })
     );
     assert_eq!(Existing::from_json("not json"), None);
     assert_eq!(Existing::from_json("{}"), None);
+}
+
+/// nft 1.0.6's listing of two VMs' sets (as `nft -j list table` prints
+/// them: addresses, prefixes and merged ranges).
+const TWO_VMS: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+    {"set": {"family": "netdev", "name": "v4-tap-web2", "table": "vmm", "type": "ipv4_addr",
+      "flags": ["interval"], "elem": ["10.0.2.3", {"prefix": {"addr": "10.0.5.0", "len": 24}},
+      {"range": ["10.0.4.1", "10.0.4.7"]}]}},
+    {"set": {"family": "netdev", "name": "v6-tap-web2", "table": "vmm", "type": "ipv6_addr",
+      "flags": ["interval"], "elem": [{"prefix": {"addr": "2001:db8:2::", "len": 64}},
+      "fe80::5054:ff:fe00:5e01"]}},
+    {"set": {"family": "netdev", "name": "v4-tap-web1", "table": "vmm", "type": "ipv4_addr",
+      "flags": ["interval"], "elem": ["10.0.2.2"]}},
+    {"set": {"family": "netdev", "name": "na-tap-web2", "table": "vmm",
+      "elem": [{"range": ["0x1", "0x2"]}]}}]}"#;
+
+#[test]
+fn each_vms_addresses_are_read_from_its_sets() {
+    let e = Existing::from_json(TWO_VMS).unwrap_or_else(|| panic!("not read"));
+    let web2: Vec<String> = e
+        .claims
+        .iter()
+        .filter(|c| c.tap == "tap-web2")
+        .map(|c| format!("{}-{}", c.first, c.last))
+        .collect();
+    assert_eq!(
+        web2,
+        [
+            "10.0.2.3-10.0.2.3",
+            "10.0.5.0-10.0.5.255",
+            "10.0.4.1-10.0.4.7",
+            "2001:db8:2::-2001:db8:2:0:ffff:ffff:ffff:ffff",
+            "fe80::5054:ff:fe00:5e01-fe80::5054:ff:fe00:5e01",
+        ]
+    );
+}
+
+#[test]
+fn an_address_another_vm_sends_from_is_refused_and_its_own_are_not() {
+    let e = Existing::from_json(TWO_VMS).unwrap_or_else(|| panic!("not read"));
+    let taken = |addrs: &[&str]| conflict(&web1(addrs), &e).map(|(n, t)| format!("{n} {t}"));
+    assert_eq!(
+        taken(&["10.0.2.3"]).as_deref(),
+        Some("10.0.2.3/32 tap-web2")
+    );
+    assert_eq!(
+        taken(&["10.0.5.77"]).as_deref(),
+        Some("10.0.5.77/32 tap-web2")
+    );
+    assert_eq!(
+        taken(&["10.0.4.0/29"]).as_deref(),
+        Some("10.0.4.0/29 tap-web2")
+    );
+    assert_eq!(
+        taken(&["2001:db8:2:0:1::1"]).as_deref(),
+        Some("2001:db8:2:0:1::1/128 tap-web2")
+    );
+    // Its own set (an `up` again) and addresses nobody has are fine; so
+    // are link-local ones, each VM's own from its MAC.
+    assert_eq!(
+        taken(&["10.0.2.2", "10.0.4.8", "10.0.2.4", "2001:db8:3::/64"]),
+        None
+    );
+    assert_eq!(taken(&[]), None);
 }
 
 #[test]

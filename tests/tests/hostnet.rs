@@ -223,3 +223,147 @@ fn a_second_vm_given_an_address_the_first_sends_from_is_refused_and_nothing_of_i
     ));
     assert_eq!(rc, 0, "{out}");
 }
+
+/// Writes `frames` into `tap` of namespace `ns` as the VM behind it would
+/// (attached as its queue, from a thread moved into the namespace).
+fn send_as_vm(ns: &str, tap: &str, frames: &[Vec<u8>]) {
+    let (ns, tap, frames) = (ns.to_string(), tap.to_string(), frames.to_vec());
+    std::thread::spawn(move || {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let nsf = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on a namespace descriptor we hold; it moves only
+        // this thread, which ends here.
+        assert_eq!(
+            unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        let mut ifr = [0u8; 40];
+        ifr[..tap.len()].copy_from_slice(tap.as_bytes());
+        let flags: i16 = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
+        let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };
+        assert_eq!(r, 0, "TUNSETIFF {tap}: {}", std::io::Error::last_os_error());
+        // The bridge forwards from the port once it has carrier.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !sh(&format!("bridge -n {ns} link show dev {tap}")).contains("state forwarding") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{tap} never forwarded"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        for f in &frames {
+            tun.write_all(f).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// A neighbour solicitation from `src` for `target`, with `options` (raw).
+fn neighbour_solicitation(mac: [u8; 6], src: &str, target: &str, options: &[u8]) -> Vec<u8> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    let target: std::net::Ipv6Addr = target.parse().unwrap();
+    let t = target.octets();
+    // The target's solicited-node multicast address and MAC.
+    let mut dst = [0u8; 16];
+    dst[..2].copy_from_slice(&[0xff, 0x02]);
+    dst[11..].copy_from_slice(&[0x01, 0xff, t[13], t[14], t[15]]);
+    let mut icmp = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&t);
+    icmp.extend_from_slice(options);
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst);
+    add(&(icmp.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(&icmp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    icmp[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut f = vec![0x33, 0x33, 0xff, t[13], t[14], t[15]];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn a_vm_cannot_point_the_hosts_neighbour_entry_for_its_address_at_another_mac() {
+    let ns = Ns::new();
+    ns.sh("ip addr add fd00:2::1/64 dev br0 nodad");
+    let leases = tests::TempDir::new("hostnet");
+    let (rc, out) = ns.vmm_net(&format!(
+        "up --name web1 --dhcp-dir {} --net tap=tap-web1,mac={MAC},bridge=br0,ip=fd00:2::2,ip=fd00:2::3",
+        leases.path().display()
+    ));
+    assert_eq!(rc, 0, "{out}");
+    let own = [0x52, 0x54, 0, 0, 0x5e, 0x01];
+    let other = [0x52, 0x54, 0, 0, 0x5e, 0x99];
+    let slla = |m: [u8; 6]| [&[1u8, 1][..], &m[..]].concat();
+    let nonce = [14u8, 1, 1, 2, 3, 4, 5, 6];
+    send_as_vm(
+        &ns.0,
+        "tap-web1",
+        &[
+            // Another MAC in the option, then the same after a nonce.
+            neighbour_solicitation(own, "fd00:2::2", "fd00:2::1", &slla(other)),
+            neighbour_solicitation(
+                own,
+                "fd00:2::2",
+                "fd00:2::1",
+                &[&nonce[..], &slla(other)].concat(),
+            ),
+            // Then a fair one from its other address: once the host has
+            // its entry, it has seen the two before.
+            neighbour_solicitation(own, "fd00:2::3", "fd00:2::1", &slla(own)),
+        ],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !ns
+        .sh("ip -6 neigh show dev br0")
+        .contains("fd00:2::3 lladdr 52:54:00:00:5e:01")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fair solicitation never reached the host: {}",
+            ns.sh("ip -6 neigh show dev br0; nft list table netdev vmm")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let neigh = ns.sh("ip -6 neigh show dev br0");
+    assert!(
+        !neigh.contains("5e:99"),
+        "the host took the other MAC: {neigh}"
+    );
+    let rules = ns.sh("nft list chain netdev vmm from-tap-web1");
+    let dropped = |pattern: &str| {
+        rules
+            .lines()
+            .find(|l| l.contains(pattern) && l.contains("drop"))
+            .unwrap_or_else(|| panic!("no rule with {pattern}: {rules}"))
+            .contains("packets 1 ")
+    };
+    assert!(dropped("@th,208,48"), "the other MAC's rule: {rules}");
+    assert!(
+        dropped("ip6 length != { 24, 32 }"),
+        "the two options' rule: {rules}"
+    );
+}

@@ -21,6 +21,9 @@ use ipnet::IpNet;
 pub const MAX_ADDRESSES: usize = 64;
 /// The nftables table (family `netdev`) that holds every VM's chains.
 pub const TABLE: &str = "vmm";
+/// Bytes of a neighbour solicitation or advertisement without options
+/// (ICMPv6 header, reserved word, target address).
+const ND_LEN: u32 = 24;
 
 /// An interface name `vmm net` accepts: 1-15 bytes of letters, digits,
 /// `-`, `_` and `.`, starting with a letter or digit. Narrower than Linux
@@ -142,6 +145,10 @@ pub fn up_script(p: &Port) -> String {
     let t = TABLE;
     let tap = &p.tap;
     let mac = format_mac(p.mac);
+    let mac48 = format!(
+        "0x{}",
+        p.mac.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
     let (v4, v6, na) = (
         format!("v4-{tap}"),
         format!("v6-{tap}"),
@@ -205,6 +212,33 @@ pub fn up_script(p: &Port) -> String {
         "ether type ip6 udp sport 547 counter drop".into(),
         "ether type ip6 udp dport 546 counter drop".into(),
         format!("ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 != @{na} counter drop"),
+        // A link-layer address option would point the host's (and the
+        // others') neighbour entry for the VM's address at another MAC:
+        // solicitations, advertisements and router solicitations carry at
+        // most one option, its own MAC (nft cannot look past a first
+        // option, so more options are refused outright). Address
+        // detection's solicitations (from ::) carry none but a nonce.
+        format!(
+            "ether type ip6 ip6 saddr != :: icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} ip6 length != {{ {}, {} }} counter drop",
+            ND_LEN, ND_LEN + 8
+        ),
+        format!(
+            "ether type ip6 ip6 saddr != :: icmpv6 type nd-neighbor-solicit ip6 length {} @th,192,16 != 0x0101 counter drop",
+            ND_LEN + 8
+        ),
+        format!(
+            "ether type ip6 icmpv6 type nd-neighbor-advert ip6 length {} @th,192,16 != 0x0201 counter drop",
+            ND_LEN + 8
+        ),
+        format!(
+            "ether type ip6 ip6 saddr != :: icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} ip6 length {} @th,208,48 != {mac48} counter drop",
+            ND_LEN + 8
+        ),
+        "ether type ip6 icmpv6 type nd-router-solicit ip6 length != { 8, 16 } counter drop".into(),
+        "ether type ip6 icmpv6 type nd-router-solicit ip6 length 16 @th,64,16 != 0x0101 counter drop".into(),
+        format!(
+            "ether type ip6 icmpv6 type nd-router-solicit ip6 length 16 @th,80,48 != {mac48} counter drop"
+        ),
         // Duplicate address detection and MLD reports come from ::;
         // everything else from its own addresses, its link-local one among
         // them.

@@ -143,6 +143,24 @@ fn neighbour_advertisements_may_name_only_the_vms_own_v6_addresses() {
 }
 
 #[test]
+fn neighbour_discovery_may_carry_only_the_vms_own_link_layer_address() {
+    let s = up_script(&web1(&["2001:db8::5"]));
+    for rule in [
+        "ip6 length != { 24, 32 } counter drop",
+        "nd-neighbor-solicit ip6 length 32 @th,192,16 != 0x0101 counter drop",
+        "nd-neighbor-advert ip6 length 32 @th,192,16 != 0x0201 counter drop",
+        "ip6 length 32 @th,208,48 != 0x525400005e01 counter drop",
+        "nd-router-solicit ip6 length 16 @th,80,48 != 0x525400005e01 counter drop",
+    ] {
+        assert!(s.contains(rule), "missing {rule}:\n{s}");
+    }
+    // Before address detection's solicitations from :: are let through.
+    let options = s.find("@th,208,48").unwrap_or(usize::MAX);
+    let dad = s.find("ip6 saddr :: icmpv6").unwrap_or(0);
+    assert!(options < dad, "{s}");
+}
+
+#[test]
 fn rogue_dhcp_servers_routers_and_redirects_from_a_vm_are_dropped() {
     let s = up_script(&web1(&["10.0.2.2"]));
     for want in [

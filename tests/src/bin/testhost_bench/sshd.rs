@@ -14,8 +14,8 @@
 //! A run whose guest was reset on the way (the test host's emulator fault:
 //! a triple fault, which ours logs and survives by booting again, and
 //! which ends QEMU, started with `-no-reboot`) is not a boot time: it is
-//! run again, said as `NOTE:`. Before this, our figures included such
-//! runs, about twice as long (2026-12-05: 25.7, 38.9, 62.0 and 66.9 s).
+//! run again, said as `NOTE:`. Before this such runs were timed, which may
+//! be why our figures of 2026-12-05 spread from 25.7 to 66.9 s.
 
 use std::time::{Duration, Instant};
 

@@ -468,6 +468,7 @@ fuzz_target!(|input: Input| {
         // Served synchronously, so each wake-up's completions can be checked against the
         // in-order model; the io_uring engine parses the same way (Disk::handle).
         engine: devices::virtio::IoEngine::Sync,
+        queues: 1,
     })
     .expect("open the image");
     let blk = Arc::new(Mutex::new(blk));

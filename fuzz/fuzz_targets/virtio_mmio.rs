@@ -208,6 +208,9 @@ fuzz_target!(|input: Input| {
             id: None,
             direct: false,
             engine: devices::virtio::IoEngine::Sync,
+            // Two: the transport's multi-queue paths (a queue left not
+            // ready is the device's to skip) are fuzzed too.
+            queues: 2,
         })
         .unwrap();
         Dev::Blk(Arc::new(Mutex::new(blk)))

@@ -161,7 +161,8 @@ pub struct Cli {
     /// VMM_EVENT, VMM_NAME and VMM_TIME in its environment.
     #[arg(long, value_name = "CMD")]
     pub alert_hook: Option<String>,
-    /// A virtio-block disk: path=FILE[,ro=on][,id=NAME][,direct=on] (repeatable).
+    /// A virtio-block disk: path=FILE[,ro=on][,id=NAME][,direct=on][,io=auto|sync|io_uring]
+    /// [,queues=N] (repeatable; one request queue per vCPU by default).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off]
@@ -266,6 +267,8 @@ pub struct DiskSpec {
     pub direct: bool,
     /// `io=auto|sync|io_uring`: how requests reach the image.
     pub engine: devices::virtio::IoEngine,
+    /// `queues=N`: request queues (1 to 16); default one per vCPU.
+    pub queues: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -329,6 +332,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
     let mut id = None;
     let mut direct = false;
     let mut engine = devices::virtio::IoEngine::default();
+    let mut queues = None;
     for (k, v) in spec_pairs("--disk", spec)? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
@@ -341,9 +345,18 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
                 direct = parse_bool(v).ok_or_else(|| err(format!("direct={v}: use on or off")))?
             }
             "io" => engine = v.parse().map_err(err)?,
+            "queues" => {
+                let max = devices::virtio::block::MAX_QUEUES;
+                queues = Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| err(format!("queues={v}: use 1 to {max}")))?,
+                )
+            }
             other => {
                 return Err(err(format!(
-                    "unknown key '{other}' (path, ro, id, direct, io)"
+                    "unknown key '{other}' (path, ro, id, direct, io, queues)"
                 )))
             }
         }
@@ -355,6 +368,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
         id,
         direct,
         engine,
+        queues,
     })
 }
 
@@ -886,6 +900,14 @@ mod tests {
         assert!(!d.direct);
         assert!(!parse_disk("path=/y").unwrap().read_only);
         assert!(parse_disk("path=/y,direct=on").unwrap().direct);
+        assert_eq!(parse_disk("path=/y").unwrap().queues, None);
+        assert_eq!(parse_disk("path=/y,queues=4").unwrap().queues, Some(4));
+        for q in ["0", "17", "many"] {
+            let e = parse_disk(&format!("path=/y,queues={q}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("queues={q}: use 1 to 16")), "{e}");
+        }
         for bad in [
             "ro=on",
             "path=/x,ro=maybe",

@@ -204,6 +204,9 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             id: d.id.clone(),
             direct: d.direct,
             engine: d.engine,
+            // One per vCPU by default: the guest's blk-mq gives each CPU
+            // its own queue.
+            queues: d.queues.unwrap_or(u16::from(config.vcpus)),
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());
@@ -232,6 +235,7 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             id: Some(MODULES_DISK_SERIAL.into()),
             direct: false,
             engine: devices::virtio::IoEngine::Auto,
+            queues: 1,
         })
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());

@@ -78,7 +78,8 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Length of the GET_ID serial.
 pub const ID_BYTES: usize = 20;
 
-const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// Request queues a disk offers at most (`VIRTIO_BLK_F_MQ`).
+pub const MAX_QUEUES: u16 = 16;
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 const MAX_DISCARD_SEG: u32 = 16;
@@ -100,6 +101,7 @@ pub const S_UNSUPP: u8 = 2;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
+const F_MQ: u64 = 1 << 12;
 const F_FLUSH: u64 = 1 << 9;
 const F_DISCARD: u64 = 1 << 13;
 const F_WRITE_ZEROES: u64 = 1 << 14;
@@ -116,6 +118,10 @@ pub struct BlockConfig {
     pub direct: bool,
     /// How reads, writes and flushes reach the image.
     pub engine: IoEngine,
+    /// Request queues offered (`VIRTIO_BLK_F_MQ` when more than one; the
+    /// guest's blk-mq gives each CPU its own); 0 is 1, at most
+    /// [`MAX_QUEUES`].
+    pub queues: u16,
 }
 
 /// How a disk's reads, writes and flushes reach the image.
@@ -235,7 +241,9 @@ struct Disk {
 
 struct Active {
     mem: Arc<GuestMemoryMmap>,
-    queue: Queue,
+    /// Every queue the transport has; those the driver left not ready are
+    /// never served.
+    queues: Vec<Queue>,
     interrupt: Interrupt,
 }
 
@@ -243,6 +251,7 @@ struct Active {
 /// between the MMIO bus and the event loop.
 pub struct Block {
     disk: Disk,
+    queue_sizes: Vec<u16>,
     queue_evts: Vec<EventFd>,
     config: [u8; CONFIG_SIZE],
     features: u64,
@@ -322,7 +331,11 @@ impl Block {
         // be multiples of the host's, so tell the guest to use at least that.
         let block_size = dio.map_or(SECTOR_SIZE, |d| d.offset.clamp(SECTOR_SIZE, 4096)) as u32;
 
+        let queues = cfg.queues.clamp(1, MAX_QUEUES);
         let mut features = COMMON_FEATURES | F_FLUSH | F_SEG_MAX | F_BLK_SIZE;
+        if queues > 1 {
+            features |= F_MQ;
+        }
         if cfg.read_only {
             features |= F_RO;
         } else {
@@ -335,6 +348,7 @@ impl Block {
         put(0, &(capacity / SECTOR_SIZE).to_le_bytes());
         put(12, &SEG_MAX.to_le_bytes());
         put(20, &block_size.to_le_bytes());
+        put(34, &queues.to_le_bytes());
         put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
         put(40, &MAX_DISCARD_SEG.to_le_bytes());
         put(44, &DISCARD_ALIGNMENT_SECTORS.to_le_bytes());
@@ -342,15 +356,19 @@ impl Block {
         put(52, &MAX_DISCARD_SEG.to_le_bytes());
         put(56, &[1]);
 
+        // Room for every queue's worth in flight.
+        let ring_entries = QUEUE_SIZE.saturating_mul(queues);
         let ring = match cfg.engine {
             IoEngine::Sync => None,
             IoEngine::Uring => {
-                Some(Uring::new(QUEUE_SIZE).map_err(|source| BlockError::Uring {
-                    path: path.clone(),
-                    source,
-                })?)
+                Some(
+                    Uring::new(ring_entries).map_err(|source| BlockError::Uring {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
             }
-            IoEngine::Auto => match Uring::new(QUEUE_SIZE) {
+            IoEngine::Auto => match Uring::new(ring_entries) {
                 Ok(r) => Some(r),
                 Err(e) => {
                     crate::limited!(
@@ -377,7 +395,8 @@ impl Block {
                 counters: Arc::default(),
                 backup: RefCell::new(None),
             },
-            queue_evts: new_queue_events(1).map_err(BlockError::EventFd)?,
+            queue_sizes: vec![QUEUE_SIZE; usize::from(queues)],
+            queue_evts: new_queue_events(usize::from(queues)).map_err(BlockError::EventFd)?,
             config,
             features,
             active: None,
@@ -468,83 +487,101 @@ impl Block {
         }
     }
 
-    /// Serves the available requests, at most a budget's worth (see the
-    /// module's documentation), then signals the guest if it wants an
-    /// interrupt. Called from the event loop on a queue notification.
+    /// Serves the available requests of every ready queue, at most a
+    /// budget's worth of each (see the module's documentation), then
+    /// signals the guest if it wants an interrupt. Called from the event
+    /// loop on a queue notification.
     pub fn process_queue(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
-        let budget = self.budget.unwrap_or_else(|| active.queue.size()).max(1);
-        let mut served: u16 = 0;
-        let mut used_any = false;
-        let mut more = false;
-        'wake: loop {
-            if let Err(e) = active.queue.disable_notification(&*mem) {
-                tracing::debug!("virtio-blk: disable_notification: {e}");
+        let mut notify = false;
+        for (qi, queue) in active.queues.iter_mut().enumerate() {
+            if !queue.ready() {
+                continue;
             }
-            let mut popped = false;
-            while let Some(chain) = active.queue.pop_descriptor_chain(&*mem) {
-                popped = true;
-                let head = chain.head_index();
-                let len = match self.disk.handle(&mem, chain) {
-                    Handled::Done(len) => len,
-                    Handled::Io { status_addr, op } => {
-                        let req = InFlight {
-                            head,
-                            status_addr,
-                            op,
-                            mem: mem.clone(),
-                        };
-                        let fd = self.disk.file.as_raw_fd();
-                        // Buffers O_DIRECT cannot take go through the bounce buffer here.
-                        let direct_ok = req.op.kind == IoKind::Flush
-                            || self
-                                .disk
-                                .dio
-                                .is_none_or(|d| d.allows(&req.op.iovs, req.op.off));
-                        let req = match self.ring.as_mut().filter(|_| direct_ok) {
-                            Some(ring) => match ring.push(fd, req) {
-                                Ok(()) => {
-                                    served = served.saturating_add(1);
-                                    if served >= budget {
-                                        more = true;
-                                        break 'wake;
+            let budget = self.budget.unwrap_or_else(|| queue.size()).max(1);
+            let mut served: u16 = 0;
+            let mut used_any = false;
+            let mut more = false;
+            'wake: loop {
+                if let Err(e) = queue.disable_notification(&*mem) {
+                    tracing::debug!("virtio-blk: disable_notification: {e}");
+                }
+                let mut popped = false;
+                while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+                    popped = true;
+                    let head = chain.head_index();
+                    let len = match self.disk.handle(&mem, chain) {
+                        Handled::Done(len) => len,
+                        Handled::Io { status_addr, op } => {
+                            let req = InFlight {
+                                queue: qi,
+                                head,
+                                status_addr,
+                                op,
+                                mem: mem.clone(),
+                            };
+                            let fd = self.disk.file.as_raw_fd();
+                            // Buffers O_DIRECT cannot take go through the bounce buffer here.
+                            let direct_ok = req.op.kind == IoKind::Flush
+                                || self
+                                    .disk
+                                    .dio
+                                    .is_none_or(|d| d.allows(&req.op.iovs, req.op.off));
+                            let req = match self.ring.as_mut().filter(|_| direct_ok) {
+                                Some(ring) => match ring.push(fd, req) {
+                                    Ok(()) => {
+                                        served = served.saturating_add(1);
+                                        if served >= budget {
+                                            more = true;
+                                            break 'wake;
+                                        }
+                                        continue;
                                     }
-                                    continue;
-                                }
-                                Err(req) => req,
-                            },
-                            None => req,
-                        };
-                        let mut op = req.op;
-                        let r = self.disk.run_io(&mem, &mut op);
-                        self.disk.complete(&mem, req.status_addr, &op, r)
+                                    Err(req) => req,
+                                },
+                                None => req,
+                            };
+                            let mut op = req.op;
+                            let r = self.disk.run_io(&mem, &mut op);
+                            self.disk.complete(&mem, req.status_addr, &op, r)
+                        }
+                    };
+                    match queue.add_used(&*mem, head, len) {
+                        Ok(()) => used_any = true,
+                        // Only a head index out of range gets here; the chain
+                        // was already counted as invalid.
+                        Err(e) => tracing::debug!("virtio-blk: cannot return chain {head}: {e}"),
                     }
-                };
-                match active.queue.add_used(&*mem, head, len) {
-                    Ok(()) => used_any = true,
-                    // Only a head index out of range gets here; the chain
-                    // was already counted as invalid.
-                    Err(e) => tracing::debug!("virtio-blk: cannot return chain {head}: {e}"),
+                    served = served.saturating_add(1);
+                    if served >= budget {
+                        // Notifications stay off: the self-kick below brings
+                        // the event loop back, the guest need not.
+                        more = true;
+                        break 'wake;
+                    }
                 }
-                served = served.saturating_add(1);
-                if served >= budget {
-                    // Notifications stay off: the self-kick below brings
-                    // the event loop back, the guest need not.
-                    more = true;
-                    break 'wake;
+                match queue.enable_notification(&*mem) {
+                    // More arrived meanwhile; but if nothing could be popped the
+                    // avail ring is broken and looping would spin.
+                    Ok(true) if popped => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::debug!("virtio-blk: enable_notification: {e}");
+                        break;
+                    }
                 }
             }
-            match active.queue.enable_notification(&*mem) {
-                // More arrived meanwhile; but if nothing could be popped the
-                // avail ring is broken and looping would spin.
-                Ok(true) if popped => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!("virtio-blk: enable_notification: {e}");
-                    break;
+            if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
+                notify = true;
+            }
+            if more {
+                if let Some(evt) = self.queue_evts.get(qi) {
+                    if let Err(e) = evt.write(1) {
+                        tracing::warn!("virtio-blk: cannot re-arm its queue: {e}");
+                    }
                 }
             }
         }
@@ -557,15 +594,8 @@ impl Block {
                 );
             }
         }
-        if used_any && active.queue.needs_notification(&*mem).unwrap_or(true) {
+        if notify {
             active.interrupt.signal_used_queue();
-        }
-        if more {
-            if let Some(evt) = self.queue_evts.first() {
-                if let Err(e) = evt.write(1) {
-                    tracing::warn!("virtio-blk: cannot re-arm its queue: {e}");
-                }
-            }
         }
     }
 
@@ -575,21 +605,26 @@ impl Block {
             return;
         };
         let disk = &self.disk;
-        let mut used_any = false;
+        // The queues that got a chain back.
+        let mut used = vec![false; active.queues.len()];
         ring.reap(|mut req, res| {
             let r = disk.async_result(&req.mem, &mut req.op, res);
             let len = disk.complete(&req.mem, req.status_addr, &req.op, r);
-            match active.queue.add_used(&*req.mem, req.head, len) {
-                Ok(()) => used_any = true,
+            let Some(queue) = active.queues.get_mut(req.queue) else {
+                return;
+            };
+            match queue.add_used(&*req.mem, req.head, len) {
+                Ok(()) => used[req.queue] = true,
                 Err(e) => tracing::debug!("virtio-blk: cannot return chain {}: {e}", req.head),
             }
         });
-        if used_any
-            && active
-                .queue
-                .needs_notification(&*active.mem)
-                .unwrap_or(true)
-        {
+        let mem = &*active.mem;
+        let notify = active
+            .queues
+            .iter_mut()
+            .zip(used)
+            .any(|(q, u)| u && q.needs_notification(mem).unwrap_or(true));
+        if notify {
             active.interrupt.signal_used_queue();
         }
     }
@@ -974,7 +1009,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+        &self.queue_sizes
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -996,24 +1031,24 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         mem: Arc<GuestMemoryMmap>,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         _acked_features: u64,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
+        if queues.len() != self.queue_sizes.len() {
             return Err(ActivateError::QueueCount {
-                expected: 1,
+                expected: self.queue_sizes.len(),
                 got: queues.len(),
             });
         }
-        let queue = queues.remove(0);
         self.active = Some(Active {
             mem,
-            queue,
+            queues,
             interrupt,
         });
-        // Serve whatever the driver queued before DRIVER_OK.
-        if let Err(e) = self.queue_evts[0].write(1) {
+        // Serve whatever the driver queued before DRIVER_OK (one kick
+        // serves every queue).
+        if let Some(Err(e)) = self.queue_evts.first().map(|e| e.write(1)) {
             tracing::warn!("virtio-blk: cannot kick the request queue: {e}");
         }
         Ok(())

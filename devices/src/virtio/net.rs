@@ -755,6 +755,9 @@ impl VirtioDevice for Net {
                 got: queues.len(),
             });
         }
+        if let Some(i) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::InvalidQueue(i));
+        }
         let tx = queues.remove(TX);
         let rx = queues.remove(RX);
         let mut offload = 0;

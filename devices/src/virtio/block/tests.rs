@@ -24,6 +24,8 @@ struct Fixture {
     t: MmioTransport,
     mem: Arc<GuestMemoryMmap>,
     q: TestQueue,
+    /// Queues 1.. of a multi-queue disk, where the driver set them up.
+    more: Vec<TestQueue>,
     em: Manager,
 }
 
@@ -87,6 +89,19 @@ impl Fixture {
         engine: IoEngine,
         sectors: u64,
     ) -> Self {
+        Self::build_queues(read_only, features, direct, engine, sectors, (1, 1))
+    }
+
+    /// A disk offering `queues.0` request queues, of which the driver sets
+    /// up the first `queues.1` (queue 0 is `q`, the others `more`).
+    fn build_queues(
+        read_only: bool,
+        features: u64,
+        direct: bool,
+        engine: IoEngine,
+        sectors: u64,
+        queues: (u16, u16),
+    ) -> Self {
         // O_DIRECT needs a file system that has it (tmpfs before Linux 6.6 does not).
         let cfg = |file: &TempFile| BlockConfig {
             path: file.as_path().to_owned(),
@@ -94,6 +109,7 @@ impl Fixture {
             id: Some("disk-serial-1".into()),
             direct,
             engine,
+            queues: queues.0,
         };
         let mut file = image(sectors);
         let mut blk = Block::new(&cfg(&file));
@@ -108,13 +124,18 @@ impl Fixture {
         let mut em = Manager::new().unwrap();
         em.add_subscriber(blk.clone());
         let q = TestQueue::new(0x1000, QUEUE_SIZE);
-        assert_eq!(start(&mut t, features, &[&q]), 0xf);
+        let more: Vec<TestQueue> = (1..queues.1)
+            .map(|i| TestQueue::new(0x1000 + 0x10000 * u64::from(i), QUEUE_SIZE))
+            .collect();
+        let all: Vec<&TestQueue> = std::iter::once(&q).chain(more.iter()).collect();
+        assert_eq!(start(&mut t, features, &all), 0xf);
         let mut f = Self {
             file,
             blk,
             t,
             mem,
             q,
+            more,
             em,
         };
         // Activation kicks the queue once; consume that.
@@ -203,6 +224,7 @@ impl Fixture {
 }
 
 mod backup;
+mod queues;
 
 #[test]
 fn config_space_reports_capacity_seg_max_blk_size() {

@@ -47,6 +47,8 @@ pub(super) struct IoOp {
 
 /// A request in flight: what to tell the guest when it completes.
 pub(super) struct InFlight {
+    /// The queue it came from (and goes back to).
+    pub queue: usize,
     pub head: u16,
     pub status_addr: GuestAddress,
     pub op: IoOp,

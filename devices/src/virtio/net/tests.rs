@@ -434,6 +434,19 @@ fn reset_drops_rx_state_and_stops_serving() {
     assert_eq!(f.rxq.used(&f.mem), vec![(u32::from(bufs[0].0), 22)]);
 }
 
+#[test]
+fn a_driver_that_never_enables_the_transmit_queue_is_refused_at_driver_ok() {
+    let (dev, _host) = seqpacket_pair();
+    let net = Arc::new(Mutex::new(Net::with_fd(dev, MAC)));
+    let handle = GuestMemoryHandle::new(guest_memory());
+    let mut t = MmioTransport::new(net.clone(), handle).unwrap();
+    // Only the receive queue is set up.
+    let rxq = TestQueue::new(0x1000, QUEUE_SIZE);
+    let status = start(&mut t, VIRTIO_F_VERSION_1, &[&rxq]);
+    assert_eq!(status & 0x4, 0, "DRIVER_OK refused: {status:#x}");
+    assert!(!net.lock().unwrap().is_activated());
+}
+
 // --- A real TAP, inside a network namespace of this test's own thread ---
 
 const ETH_P_ALL: u16 = 0x0003;

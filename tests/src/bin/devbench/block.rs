@@ -110,6 +110,7 @@ pub fn device_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
         id: None,
         direct: true,
         engine: devices::virtio::IoEngine::Auto,
+        queues: 1,
     })?;
     // The guest's data pages are real, written pages (as the host buffer
     // is), not the untouched zero page.
@@ -141,6 +142,7 @@ pub fn device_round_trips(path: &Path, count: usize) -> io::Result<Pass> {
         id: Some("devbench".into()),
         direct: true,
         engine: devices::virtio::IoEngine::Auto,
+        queues: 1,
     })?;
     let sw = Stopwatch::start(d.device_cpu_secs());
     for _ in 0..count {

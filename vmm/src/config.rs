@@ -162,7 +162,8 @@ pub struct Cli {
     #[arg(long, value_name = "CMD")]
     pub alert_hook: Option<String>,
     /// A virtio-block disk: path=FILE[,ro=on][,id=NAME][,direct=on][,io=auto|sync|io_uring]
-    /// [,queues=N] (repeatable; one request queue per vCPU by default).
+    /// [,queues=N] (repeatable; queues=N offers N request queues, one per vCPU being the
+    /// usual choice).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off]
@@ -267,7 +268,7 @@ pub struct DiskSpec {
     pub direct: bool,
     /// `io=auto|sync|io_uring`: how requests reach the image.
     pub engine: devices::virtio::IoEngine,
-    /// `queues=N`: request queues (1 to 16); default one per vCPU.
+    /// `queues=N`: request queues (1 to 16); default one.
     pub queues: Option<u16>,
 }
 

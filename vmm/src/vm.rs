@@ -204,9 +204,9 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             id: d.id.clone(),
             direct: d.direct,
             engine: d.engine,
-            // One per vCPU by default: the guest's blk-mq gives each CPU
-            // its own queue.
-            queues: d.queues.unwrap_or(u16::from(config.vcpus)),
+            // One unless asked: over virtio-mmio every queue shares the
+            // disk's one I/O thread and one interrupt (docs/notes.md).
+            queues: d.queues.unwrap_or(1),
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());

@@ -103,7 +103,7 @@ fn a_disk_gives_each_vcpu_a_queue_and_writes_from_both_at_once_land_intact() {
         h.sh(&format!("truncate -s 32M {img}")).ok("image");
         let spec = Spec::new("mini")
             .vcpus(2)
-            .args(&["--disk", &format!("path={img},id=mq-disk")]);
+            .args(&["--disk", &format!("path={img},id=mq-disk,queues=2")]);
         let mut g = Guest::start_in(h, spec, dir);
         g.wait_shell(tests::guest::INIT_OK);
         // blk-mq: one hardware queue per CPU.

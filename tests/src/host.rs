@@ -44,7 +44,7 @@ pub fn host() -> &'static Host {
             return h;
         }
         eprintln!(
-            "NOTE: the test host died or met its emulator's fault (docs/notes.md); booting another\n{}",
+            "NOTE: the test host died (its emulator's fault, docs/notes.md); booting another\n{}",
             h.report()
         );
     }
@@ -289,14 +289,6 @@ impl Host {
         match self {
             Host::Local => true,
             Host::Test(th) => th.is_alive(),
-        }
-    }
-
-    /// A test host is ended (the next [`host`] boots a fresh one); this
-    /// machine is left as it is.
-    pub fn retire(&self) {
-        if let Host::Test(th) = self {
-            th.retire();
         }
     }
 

@@ -275,14 +275,6 @@ impl TestHost {
         false
     }
 
-    /// Ends this test host now (QEMU killed): the next `host()` boots a
-    /// fresh one. For a scenario that met the emulator's fault, whose
-    /// faults come in clusters (docs/notes.md, "The test host").
-    pub fn retire(&self) {
-        self.dead.store(true, Ordering::SeqCst);
-        kill(&self.qemu_pidfd);
-    }
-
     /// A request to the agent failed (refused, reset, closed before its
     /// reply): the next [`TestHost::is_alive`] must ping instead of trusting
     /// a recent pong. (Seen in CI: QEMU died a moment after a pong, and

@@ -193,9 +193,10 @@ fn a_second_vm_given_an_address_the_first_sends_from_is_refused_and_nothing_of_i
     let ns = Ns::new();
     let leases = tests::TempDir::new("hostnet");
     let dir = leases.path().display();
-    let (rc, out) = ns.vmm_net(&format!(
+    let web1 = format!(
         "up --name web1 --dhcp-dir {dir} --net tap=tap-web1,bridge=br0,ip=10.0.2.2,ip=2001:db8:1::/64"
-    ));
+    );
+    let (rc, out) = ns.vmm_net(&web1);
     assert_eq!(rc, 0, "{out}");
     let (rc, out) = ns.vmm_net(&format!(
         "up --name web2 --dhcp-dir {dir} --net tap=tap-web2,bridge=br0,ip=10.0.2.3,ip=2001:db8:1::7"
@@ -214,9 +215,7 @@ fn a_second_vm_given_an_address_the_first_sends_from_is_refused_and_nothing_of_i
     assert!(!leases.path().join("web2").exists(), "no lease");
     // The first VM's own `up` again (a reload) is not a conflict, and the
     // second gets in with addresses of its own.
-    let (rc, out) = ns.vmm_net(&format!(
-        "up --name web1 --dhcp-dir {dir} --net tap=tap-web1,bridge=br0,ip=10.0.2.2,ip=2001:db8:1::/64"
-    ));
+    let (rc, out) = ns.vmm_net(&web1);
     assert_eq!(rc, 0, "{out}");
     let (rc, out) = ns.vmm_net(&format!(
         "up --name web2 --dhcp-dir {dir} --net tap=tap-web2,bridge=br0,ip=10.0.2.3,ip=2001:db8:2::7"

@@ -174,15 +174,13 @@ impl Prepared {
         };
         let t0 = Instant::now();
         let mut dev = lock(&device);
-        if dev.backup_running() {
+        if let Err(req) = dev.start_backup(req) {
             drop(dev);
             // Its `done` answers: the same error as any refused copy.
             drop(req.dst);
             (req.done)(Err(format!("a backup of {disk} is already running")));
             return None;
         }
-        // Started: it cannot come back.
-        let _ = dev.start_backup(req);
         pause_us.store(
             u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,

@@ -440,11 +440,10 @@ impl Block {
     /// instant. The request comes back when a backup of this disk is still
     /// running.
     pub fn start_backup(&mut self, req: BackupRequest) -> Result<(), BackupRequest> {
-        let running = self.disk.backup.get_mut();
-        if running.as_ref().is_some_and(|j| !j.finished()) {
+        if self.backup_running() {
             return Err(req);
         }
-        *running = Some(Job::start(req, self.disk.capacity, self.disk.dio));
+        *self.disk.backup.get_mut() = Some(Job::start(req, self.disk.capacity, self.disk.dio));
         self.arm_backup(Duration::ZERO);
         Ok(())
     }

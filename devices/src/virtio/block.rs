@@ -1040,6 +1040,12 @@ impl VirtioDevice for Block {
                 got: queues.len(),
             });
         }
+        // A multi-queue driver may leave later queues unused, but every
+        // driver uses the first; DRIVER_OK without it is a broken driver
+        // (the transport then sets DEVICE_NEEDS_RESET).
+        if !queues.first().is_some_and(|q| q.ready()) {
+            return Err(ActivateError::InvalidQueue(0));
+        }
         self.active = Some(Active {
             mem,
             queues,

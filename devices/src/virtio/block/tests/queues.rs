@@ -88,6 +88,30 @@ fn a_driver_that_sets_up_only_the_first_of_four_queues_is_served() {
 }
 
 #[test]
+fn a_driver_ok_without_the_first_queue_ready_is_refused() {
+    let handle = GuestMemoryHandle::new(guest_memory());
+    let mem = handle.get().unwrap();
+    let file = image(DISK_SECTORS);
+    let cfg = BlockConfig {
+        path: file.as_path().to_owned(),
+        read_only: false,
+        id: None,
+        direct: false,
+        engine: IoEngine::Sync,
+        queues: 2,
+    };
+    let mut blk = Block::new(&cfg).unwrap();
+    let mut unready: Vec<Queue> = (0..2).map(|_| Queue::new(QUEUE_SIZE).unwrap()).collect();
+    unready[1].set_ready(true);
+    let irq = Interrupt::new().unwrap();
+    assert!(matches!(
+        blk.activate(mem, unready, VIRTIO_F_VERSION_1, irq),
+        Err(ActivateError::InvalidQueue(0))
+    ));
+    assert!(!blk.is_activated());
+}
+
+#[test]
 fn a_single_queue_disk_does_not_offer_multi_queue() {
     let f = Fixture::new(false);
     assert_eq!(f.blk.lock().unwrap().device_features() & F_MQ_BIT, 0);

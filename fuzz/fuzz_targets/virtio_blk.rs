@@ -179,6 +179,7 @@ fn start_backup(h: &Harness, img: &Image) -> Option<Backup> {
         done: Box::new(move |r| {
             let _ = tx.send(r);
         }),
+        started: None,
     };
     let instant = image_contents(img);
     h.blk.lock().unwrap().start_backup(req).ok()?;

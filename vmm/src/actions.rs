@@ -301,11 +301,10 @@ impl ControlHandler for VmControlHandler {
                 speed_mib_s,
             } => match crate::backup::prepare(&vm, responder.peer(), &disk, &to, speed_mib_s) {
                 Ok(job) => {
-                    // The disk's lock is taken without the VM's.
+                    // The answer comes from the disk's thread.
+                    let publish = vm.hooks.publish.clone();
                     drop(vm);
-                    if let Some(event) = job.start(responder) {
-                        (lock(&self.vm).hooks.publish)(event);
-                    }
+                    job.start(responder, publish);
                     return;
                 }
                 Err(e) => Err(e),

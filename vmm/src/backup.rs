@@ -14,20 +14,19 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
-use devices::bus::lock;
-use devices::virtio::{BackupReport, BackupRequest, Block};
+use devices::virtio::{BackupInbox, BackupReport, BackupRequest, BackupSubmitError};
 use protocol::{BackupInfo, ControlError, ErrorCode, Event, Reply};
 
 use crate::control::{PeerIdentity, Responder};
-use crate::vm::Vm;
+use crate::vm::{Publish, Vm};
 
 /// A checked `backup` request, ready to start.
 pub struct Prepared {
     disk: String,
-    device: Arc<Mutex<Block>>,
+    inbox: BackupInbox,
     path: PathBuf,
     part: PathBuf,
     bytes_per_s: Option<u64>,
@@ -76,7 +75,7 @@ pub fn prepare(
     part.push(".part");
     Ok(Prepared {
         disk: source.id.clone(),
-        device: source.device.clone(),
+        inbox: source.backup.clone(),
         path,
         part: PathBuf::from(part),
         bytes_per_s: speed_mib_s
@@ -113,11 +112,12 @@ pub fn target(dir: &Path, to: &str) -> Result<PathBuf, String> {
 }
 
 impl Prepared {
-    /// Creates the copy's file and starts the copy (the instant); the
-    /// answer goes to `responder` when it is complete. Call without the
-    /// VM's lock: this takes the disk device's. The event to publish when
-    /// it started.
-    pub fn start(self, responder: Responder) -> Option<Event> {
+    /// Creates the copy's file and hands the request to the disk's own I/O
+    /// thread, which takes the instant between two guest requests; this
+    /// thread never waits on the disk. `backup_started` is published at
+    /// the instant; the answer goes to `responder` when the copy is
+    /// complete (or refused, or failed).
+    pub fn start(self, responder: Responder, publish: Publish) {
         let dst = match create(&self.part) {
             Ok(f) => f,
             Err(e) => {
@@ -125,13 +125,13 @@ impl Prepared {
                     ErrorCode::HostError,
                     format!("cannot create {}: {e}", self.part.display()),
                 ));
-                return None;
+                return;
             }
         };
         let pause_us = Arc::new(AtomicU64::new(0));
         let Prepared {
             disk,
-            device,
+            inbox,
             path,
             part,
             bytes_per_s,
@@ -167,26 +167,30 @@ impl Prepared {
                 }
             }
         };
+        let t0 = Instant::now();
+        let started_disk = disk.clone();
+        let started = move || {
+            pause_us.store(
+                u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            publish(Event::BackupStarted { disk: started_disk });
+        };
         let req = BackupRequest {
             dst,
             bytes_per_s,
             done: Box::new(done),
+            started: Some(Box::new(started)),
         };
-        let t0 = Instant::now();
-        let mut dev = lock(&device);
-        if let Err(req) = dev.start_backup(req) {
-            drop(dev);
-            // Its `done` answers: the same error as any refused copy.
+        if let Err((why, req)) = inbox.submit(req) {
+            let why = match why {
+                BackupSubmitError::Busy => format!("a backup of {disk} is already starting"),
+                BackupSubmitError::Gone => format!("{disk} is being replaced (the VM rebooted)"),
+            };
+            // Its `done` answers, as for any refused copy, and removes the part.
             drop(req.dst);
-            (req.done)(Err(format!("a backup of {disk} is already running")));
-            return None;
+            (req.done)(Err(why));
         }
-        pause_us.store(
-            u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        drop(dev);
-        Some(Event::BackupStarted { disk })
     }
 }
 

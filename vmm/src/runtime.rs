@@ -230,7 +230,7 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
     let hooks = VmHooks {
         serial_out: Box::new(move || Box::new(HubWriter(h1.clone()))),
         on_boot: Box::new(move |n, reason| h2.mark_boot(n, reason)),
-        publish: Box::new(move |ev| {
+        publish: Arc::new(move |ev| {
             b.publish(ev);
         }),
     };

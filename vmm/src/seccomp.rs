@@ -175,6 +175,7 @@ const DISK: &[(i64, &str)] = &[
         libc::SYS_timerfd_settime,
         "a backup's next share of copying",
     ),
+    (libc::SYS_ftruncate, "sizing a backup's copy at its instant"),
     (libc::SYS_rename, "a complete backup taking its name"),
     (libc::SYS_renameat, "a complete backup taking its name"),
     (libc::SYS_renameat2, "a complete backup taking its name"),
@@ -227,7 +228,6 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_unlinkat, "removing the control socket at exit"),
     (libc::SYS_fsync, "the state file"),
     (libc::SYS_fdatasync, "the state file"),
-    (libc::SYS_ftruncate, "sizing a backup's copy"),
     (libc::SYS_fcntl, "descriptor flags (nonblocking, close-on-exec)"),
     (libc::SYS_dup, "duplicating eventfds"),
     (

@@ -73,14 +73,17 @@ struct PendingStop {
 /// Told of each boot: its number and a reason for the console log.
 pub type BootHook = Box<dyn Fn(u64, &str) + Send>;
 
+/// Broadcasts an event to the control socket's subscribers.
+pub type Publish = Arc<dyn Fn(Event) + Send + Sync>;
+
 /// Hooks the runtime plugs in: console, events.
 pub struct VmHooks {
     /// A fresh writer for the UART of each boot.
     pub serial_out: Box<dyn Fn() -> SerialOutput + Send>,
     /// A boot started: mark it in the console log.
     pub on_boot: BootHook,
-    /// Broadcast an event to subscribers.
-    pub publish: Box<dyn Fn(Event) + Send>,
+    /// Broadcast an event to subscribers (also from device threads).
+    pub publish: Publish,
 }
 
 impl Default for VmHooks {
@@ -88,7 +91,7 @@ impl Default for VmHooks {
         VmHooks {
             serial_out: Box::new(|| Box::new(std::io::stdout())),
             on_boot: Box::new(|_, _| {}),
-            publish: Box::new(|_| {}),
+            publish: Arc::new(|_| {}),
         }
     }
 }
@@ -162,8 +165,8 @@ pub struct DiskSource {
     pub id: String,
     /// The operator's `id=` for it, if any (`backup` takes either name).
     pub name: Option<String>,
-    /// The device (`backup` starts its copy there).
-    pub device: Arc<Mutex<Block>>,
+    /// Where `backup` hands the device its request.
+    pub backup: devices::virtio::BackupInbox,
     pub path: std::path::PathBuf,
     pub read_only: bool,
     pub engine: &'static str,
@@ -210,11 +213,12 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());
+        let backup = blk.backup_inbox();
         let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: d.id.clone(),
-            device: blk.clone(),
+            backup,
             path: d.path.clone(),
             read_only: d.read_only,
             engine,
@@ -239,11 +243,12 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         })
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());
+        let backup = blk.backup_inbox();
         let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: Some(MODULES_DISK_SERIAL.into()),
-            device: blk.clone(),
+            backup,
             path: img,
             read_only: true,
             engine,

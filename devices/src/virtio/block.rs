@@ -55,7 +55,10 @@ mod backup;
 mod direct;
 mod uring;
 
-pub use backup::{BackupReport, BackupRequest, DoneFn as BackupDone, CHUNK as BACKUP_CHUNK};
+pub use backup::{
+    BackupInbox, BackupReport, BackupRequest, DoneFn as BackupDone, StartedFn as BackupStarted,
+    SubmitError as BackupSubmitError, CHUNK as BACKUP_CHUNK,
+};
 use backup::{Job, Source, Step};
 pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
@@ -262,12 +265,16 @@ pub struct Block {
     ring: Option<Uring>,
     /// Wakes the I/O thread for a backup's next share of copying.
     backup_timer: TimerFd,
+    /// Backup requests from the control socket's thread.
+    backup_inbox: BackupInbox,
 }
 
 /// Event-loop token of the io_uring completion eventfd (queue eventfds use their index).
 const RING_TOKEN: u32 = 0x100;
 /// Event-loop token of the backup's timer.
 const BACKUP_TOKEN: u32 = 0x101;
+/// Event-loop token of the backup inbox's eventfd.
+const BACKUP_INBOX_TOKEN: u32 = 0x102;
 
 impl Block {
     /// Opens and locks the image: writable images get an exclusive `flock`,
@@ -382,9 +389,11 @@ impl Block {
         };
         let backup_timer = TimerFd::new()
             .map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
+        let backup_inbox = BackupInbox::new().map_err(BlockError::EventFd)?;
         Ok(Self {
             ring,
             backup_timer,
+            backup_inbox,
             disk: Disk {
                 file,
                 path,
@@ -446,6 +455,31 @@ impl Block {
         *self.disk.backup.get_mut() = Some(Job::start(req, self.disk.capacity, self.disk.dio));
         self.arm_backup(Duration::ZERO);
         Ok(())
+    }
+
+    /// Where another thread hands this disk a backup request (its I/O
+    /// thread starts it: [`BackupInbox`]).
+    pub fn backup_inbox(&self) -> BackupInbox {
+        self.backup_inbox.clone()
+    }
+
+    /// The inbox woke the I/O thread: start what waits there.
+    fn take_backup_request(&mut self) {
+        let Some(mut req) = self.backup_inbox.take() else {
+            return;
+        };
+        let started = req.started.take();
+        match self.start_backup(req) {
+            Ok(()) => {
+                if let Some(f) = started {
+                    f();
+                }
+            }
+            Err(req) => (req.done)(Err(format!(
+                "a backup of {} is already running",
+                self.disk.path.display()
+            ))),
+        }
     }
 
     /// Is a backup of this disk running?
@@ -1093,6 +1127,16 @@ impl MutEventSubscriber for Block {
                 self.disk.path.display()
             );
         }
+        if let Err(e) = ops.add(Events::with_data(
+            self.backup_inbox.kick(),
+            BACKUP_INBOX_TOKEN,
+            EventSet::IN,
+        )) {
+            tracing::error!(
+                "virtio-blk {}: cannot register the backup inbox: {e:?}",
+                self.disk.path.display()
+            );
+        }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 tracing::error!(
@@ -1108,6 +1152,10 @@ impl MutEventSubscriber for Block {
             self.complete_ring();
             return;
         }
+        if events.data() == BACKUP_INBOX_TOKEN {
+            self.take_backup_request();
+            return;
+        }
         if events.data() == BACKUP_TOKEN {
             // Read the expiry count so the timer stops being readable.
             let _ = self.backup_timer.wait();
@@ -1118,6 +1166,16 @@ impl MutEventSubscriber for Block {
             drain_eventfd(evt);
         }
         self.process_queue();
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // A request handed over after the thread's last wake-up is answered
+        // here, never left waiting.
+        if let Some(req) = self.backup_inbox.close() {
+            (req.done)(Err("the disk went away before the copy started".into()));
+        }
     }
 }
 

@@ -71,8 +71,8 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use block::{
-    BackupDone, BackupReport, BackupRequest, Block, BlockConfig, BlockCounters, BlockError,
-    BlockStats, IoEngine, BACKUP_CHUNK,
+    BackupDone, BackupInbox, BackupReport, BackupRequest, BackupStarted, BackupSubmitError, Block,
+    BlockConfig, BlockCounters, BlockError, BlockStats, IoEngine, BACKUP_CHUNK,
 };
 pub use mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 pub use net::{Net, NetConfig, NetError, NetStats};

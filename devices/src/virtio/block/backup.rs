@@ -27,7 +27,12 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::lock;
 
 use super::direct::{AlignedBuf, DioAlign};
 
@@ -52,6 +57,92 @@ pub struct BackupRequest {
     /// Called once, on the disk's I/O thread, when the copy is complete
     /// and synced, or has failed (also when the device goes away first).
     pub done: DoneFn,
+    /// Called on the disk's I/O thread at the instant, if the copy starts
+    /// (before any later guest request is served).
+    pub started: Option<StartedFn>,
+}
+
+/// What the caller runs at a backup's instant.
+pub type StartedFn = Box<dyn FnOnce() + Send>;
+
+/// Hands a backup request from another thread (the control socket's) to the
+/// disk's own I/O thread, which starts it between two guest requests.
+///
+/// Why not take the device's lock and start it there: the I/O thread holds
+/// that lock for a whole wake-up, synchronous I/O included, so a stalled
+/// image would stall the caller, and with it the control socket. Here the
+/// caller only takes a lock that nothing holds for longer than a swap.
+#[derive(Clone)]
+pub struct BackupInbox(Arc<Inbox>);
+
+struct Inbox {
+    slot: Mutex<Slot>,
+    /// Wakes the disk's I/O thread (its event loop watches it).
+    kick: EventFd,
+}
+
+#[derive(Default)]
+struct Slot {
+    pending: Option<BackupRequest>,
+    /// The device is gone: nothing would ever take a request.
+    closed: bool,
+}
+
+/// Why a request was not queued (it comes back with it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// A request is already waiting for the disk's thread.
+    Busy,
+    /// The device is gone (the VM rebooted or stopped).
+    Gone,
+}
+
+impl BackupInbox {
+    pub(super) fn new() -> io::Result<Self> {
+        Ok(Self(Arc::new(Inbox {
+            slot: Mutex::new(Slot::default()),
+            kick: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })))
+    }
+
+    /// Queues `req` for the disk's I/O thread, which starts it (or refuses
+    /// it through its `done`) at its next wake-up.
+    pub fn submit(&self, req: BackupRequest) -> Result<(), (SubmitError, BackupRequest)> {
+        let mut slot = lock(&self.0.slot);
+        if slot.closed {
+            return Err((SubmitError::Gone, req));
+        }
+        if slot.pending.is_some() {
+            return Err((SubmitError::Busy, req));
+        }
+        slot.pending = Some(req);
+        drop(slot);
+        // Only an overflowing counter fails, and then the thread is due to
+        // wake anyway.
+        if let Err(e) = self.0.kick.write(1) {
+            tracing::warn!("virtio-blk: cannot wake the disk thread for a backup: {e}");
+        }
+        Ok(())
+    }
+
+    pub(super) fn kick(&self) -> &EventFd {
+        &self.0.kick
+    }
+
+    /// On the disk's thread: the request waiting, if any.
+    pub(super) fn take(&self) -> Option<BackupRequest> {
+        // Drained so that the eventfd stops being readable.
+        let _ = self.0.kick.read();
+        lock(&self.0.slot).pending.take()
+    }
+
+    /// The device is going away: no request is taken from now on; the one
+    /// waiting, if any.
+    pub(super) fn close(&self) -> Option<BackupRequest> {
+        let mut slot = lock(&self.0.slot);
+        slot.closed = true;
+        slot.pending.take()
+    }
 }
 
 /// How a completed backup went.

@@ -28,6 +28,7 @@ fn start(f: &Fixture, bytes_per_s: Option<u64>) -> (TempFile, mpsc::Receiver<Out
         done: Box::new(move |r| {
             let _ = tx.send(r);
         }),
+        started: None,
     };
     assert!(f.blk.lock().unwrap().start_backup(req).is_ok());
     (dst, rx)
@@ -138,6 +139,7 @@ fn a_second_backup_of_a_disk_is_refused_while_the_first_runs() {
         dst: other.as_file().try_clone().unwrap(),
         bytes_per_s: None,
         done: Box::new(|_| panic!("a refused backup reports nothing")),
+        started: None,
     };
     assert!(f.blk.lock().unwrap().start_backup(again).is_err());
     assert!(f.blk.lock().unwrap().backup_running());
@@ -161,6 +163,7 @@ fn a_copy_that_cannot_be_written_fails_the_backup_and_not_the_guest() {
         done: Box::new(move |r| {
             let _ = tx.send(r);
         }),
+        started: None,
     };
     f.blk.lock().unwrap().start_backup(req).ok().unwrap();
     let err = wait_done(&mut f, &rx).unwrap_err();
@@ -172,4 +175,95 @@ fn a_copy_that_cannot_be_written_fails_the_backup_and_not_the_guest() {
     let (dst, rx) = start(&f, None);
     wait_done(&mut f, &rx).unwrap();
     assert_eq!(file_contents(&dst), file_contents(&f.file));
+}
+
+/// A request through the inbox, as the control socket's thread hands it.
+fn submit(
+    inbox: &BackupInbox,
+    dst: &TempFile,
+) -> (
+    Result<(), BackupSubmitError>,
+    mpsc::Receiver<Outcome>,
+    mpsc::Receiver<()>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let (stx, srx) = mpsc::channel();
+    let req = BackupRequest {
+        dst: dst.as_file().try_clone().unwrap(),
+        bytes_per_s: None,
+        done: Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+        started: Some(Box::new(move || {
+            let _ = stx.send(());
+        })),
+    };
+    (inbox.submit(req).map_err(|(e, _)| e), rx, srx)
+}
+
+#[test]
+fn a_backup_handed_to_the_inbox_starts_on_the_disks_thread_without_its_lock() {
+    let mut f = fixture(IoEngine::Sync, false);
+    let inbox = f.blk.lock().unwrap().backup_inbox();
+    let dst = TempFile::new().unwrap();
+    // The device's lock is held (as its thread holds it through a slow
+    // wake-up): handing the request over does not wait for it.
+    let held = f.blk.lock().unwrap();
+    let (queued, rx, started) = submit(&inbox, &dst);
+    assert_eq!(queued, Ok(()));
+    // A second request while the first waits is refused at once.
+    let other = TempFile::new().unwrap();
+    assert_eq!(submit(&inbox, &other).0, Err(BackupSubmitError::Busy));
+    assert!(
+        started.try_recv().is_err(),
+        "nothing starts before the thread wakes"
+    );
+    drop(held);
+    let before = file_contents(&f.file);
+    f.run();
+    started.try_recv().expect("started at the thread's wake-up");
+    assert_eq!(f.write(8, &[3u8; 512]), (1, S_OK));
+    wait_done(&mut f, &rx).expect("the backup completes");
+    assert_eq!(
+        file_contents(&dst),
+        before,
+        "the copy is the disk at its instant"
+    );
+}
+
+#[test]
+fn a_request_the_inbox_takes_while_a_backup_runs_is_answered_with_busy() {
+    let mut f = fixture(IoEngine::Sync, false);
+    let (_dst, first) = start(&f, Some(1 << 16));
+    let inbox = f.blk.lock().unwrap().backup_inbox();
+    let other = TempFile::new().unwrap();
+    let (queued, rx, started) = submit(&inbox, &other);
+    assert_eq!(queued, Ok(()));
+    f.run();
+    let err = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("already running"), "{err}");
+    assert!(started.try_recv().is_err());
+    assert!(f.blk.lock().unwrap().backup_running(), "the first goes on");
+    drop(f);
+    assert!(first.recv().unwrap().is_err());
+}
+
+#[test]
+fn a_request_left_in_the_inbox_of_a_device_that_goes_away_is_answered() {
+    let f = fixture(IoEngine::Sync, false);
+    let inbox = f.blk.lock().unwrap().backup_inbox();
+    let dst = TempFile::new().unwrap();
+    let (queued, rx, _) = submit(&inbox, &dst);
+    assert_eq!(queued, Ok(()));
+    drop(f);
+    let err = rx
+        .recv_timeout(Duration::from_secs(5))
+        .unwrap()
+        .unwrap_err();
+    assert!(err.contains("went away"), "{err}");
+    // And nothing is taken any more.
+    assert_eq!(submit(&inbox, &dst).0, Err(BackupSubmitError::Gone));
 }

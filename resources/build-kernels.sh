@@ -121,6 +121,12 @@ BOOKWORM_SOURCES=(
 	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-updates main"
 	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main"
 )
+DEBIAN_612_GLOB='linux-image-6\.12\.[0-9]+\+deb13-amd64'
+TRIXIE_SOURCES=(
+	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main"
+	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-updates main"
+	"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main"
+)
 
 # Debian's i386 busybox-static, for a 32-bit user space that enters the
 # kernel by int $0x80 (initrd32.img + vdso32=0). Fetched once through a
@@ -622,10 +628,7 @@ run_targets() {
 		server) target_server ;;
 		debian-6.1) target_debian debian-6.1 bookworm "$DEBIAN_61_GLOB" "${BOOKWORM_SOURCES[@]}" ;;
 		testhost) target_testhost ;;
-		debian-6.12) target_debian debian-6.12 trixie 'linux-image-6\.12\.[0-9]+\+deb13-amd64' \
-			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
-			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-updates main" \
-			"deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security trixie-security main" ;;
+		debian-6.12) target_debian debian-6.12 trixie "$DEBIAN_612_GLOB" "${TRIXIE_SOURCES[@]}" ;;
 		esac
 	done
 }

@@ -22,6 +22,8 @@
 # See resources/README.md ("The test host").
 
 TESTHOST_DIR=${TESTHOST_DIR:-$(dirname "$KERNEL_DIR")/testhost}
+# Which of the library's Debian kernels the test host runs (its KVM).
+TESTHOST_KERNEL=${TESTHOST_KERNEL:-debian-6.1}
 # What the initramfs loads before it can reach the outer root; everything
 # else is modprobe'd from the module tree over 9p.
 TESTHOST_MODULES=(virtio_pci 9p 9pnet_virtio virtio_net)
@@ -30,17 +32,20 @@ TESTHOST_PKGS=(qemu-system-x86 qemu-utils)
 # unpack_module_tree <deb> <dir>: vmlinuz, release and the whole module
 # tree (root/lib/modules/<release>, with modules.dep) of a kernel package.
 unpack_module_tree() {
-	local deb=$1 dir=$2 x vmlinuz release
+	local deb=$1 dir=$2 x vmlinuz release mods
 	x=$dir.tmp
 	rm -rf "$x" && mkdir -p "$x/deb"
 	dpkg-deb -x "$deb" "$x/deb" || die "testhost: dpkg-deb -x $deb failed"
 	vmlinuz=$(ls "$x"/deb/boot/vmlinuz-* 2>/dev/null | head -1 || true)
 	[ -n "$vmlinuz" ] || die "testhost: $(basename "$deb") has no /boot/vmlinuz-*"
 	release=${vmlinuz##*/vmlinuz-}
-	[ -d "$x/deb/lib/modules/$release" ] || die "testhost: $(basename "$deb") has no modules for $release"
-	depmod -b "$x/deb" "$release" || die "testhost: depmod failed"
+	# Trixie's packages keep modules under /usr (merged /usr).
+	mods=$x/deb/lib/modules/$release
+	[ -d "$mods" ] || mods=$x/deb/usr/lib/modules/$release
+	[ -d "$mods" ] || die "testhost: $(basename "$deb") has no modules for $release"
 	mkdir -p "$x/root/lib/modules"
-	mv "$x/deb/lib/modules/$release" "$x/root/lib/modules/"
+	mv "$mods" "$x/root/lib/modules/"
+	depmod -b "$x/root" "$release" || die "testhost: depmod failed"
 	mv "$vmlinuz" "$x/vmlinuz"
 	echo "$release" >"$x/release"
 	rm -rf "$x/deb"
@@ -97,8 +102,12 @@ testhost_qemu() {
 target_testhost() {
 	local pin deb tree key dst tmp stage name path moddir qemu
 	ensure_packages "${COMMON_PKGS[@]}" "${DEBIAN_PKGS[@]}" "${TESTHOST_PKGS[@]}"
-	pin=$(debian_pin debian-6.1 bookworm "$DEBIAN_61_GLOB" "${BOOKWORM_SOURCES[@]}")
-	echo "$pin" >"$CACHE/debian/debian-6.1.pin"
+	case $TESTHOST_KERNEL in
+	debian-6.1) pin=$(debian_pin debian-6.1 bookworm "$DEBIAN_61_GLOB" "${BOOKWORM_SOURCES[@]}") ;;
+	debian-6.12) pin=$(debian_pin debian-6.12 trixie "$DEBIAN_612_GLOB" "${TRIXIE_SOURCES[@]}") ;;
+	*) die "testhost: TESTHOST_KERNEL=$TESTHOST_KERNEL: debian-6.1 or debian-6.12" ;;
+	esac
+	echo "$pin" >"$CACHE/debian/$TESTHOST_KERNEL.pin"
 	qemu=$(testhost_qemu)
 	key=$({ echo "$pin $qemu"; cat "$RES/build-kernels.sh" "$RES"/testhost/*; echo "${TESTHOST_MODULES[*]}";
 		dpkg-query -W -f='${Version}' busybox-static; } | sha)
@@ -107,7 +116,10 @@ target_testhost() {
 	need_root "build the test host"
 	tree=$CACHE/testhost/${pin//[=:]/_}-1
 	if [ ! -f "$tree/.done" ]; then
-		deb=$(debian_deb debian-6.1 bookworm "$pin" "${BOOKWORM_SOURCES[@]}")
+		case $TESTHOST_KERNEL in
+		debian-6.1) deb=$(debian_deb debian-6.1 bookworm "$pin" "${BOOKWORM_SOURCES[@]}") ;;
+		*) deb=$(debian_deb debian-6.12 trixie "$pin" "${TRIXIE_SOURCES[@]}") ;;
+		esac
 		say "testhost: unpacking the whole module tree of $(basename "$deb")"
 		mkdir -p "$CACHE/testhost"
 		unpack_module_tree "$deb" "$tree"

@@ -32,7 +32,7 @@ DISK_UUID=5f1c0de0-7e57-4b1d-9a11-00000000d15c
 DISK_SIZE=64M
 
 MINI_CMDLINE="console=ttyS0 reboot=k panic=1 pci=off tsc=reliable no_timer_check lpj=5000000 i8042.noaux i8042.nomux i8042.dumbkbd"
-# loglevel=4: the kernel's console gets warnings and worse, as with Debian's
+# loglevel=4: the kernel's console gets errors and worse, as with Debian's
 # own default `quiet` (dmesg keeps everything). Each byte on the serial
 # console is a trap to the VMM; in the test host the full log was 40% of a
 # Debian boot (11 s against 6-7 s) and every exit a chance for its

@@ -165,8 +165,9 @@ pub struct BackupInfo {
     pub size: u64,
     /// Bytes of data written (holes and zero chunks of the disk are left holes).
     pub data_bytes: u64,
-    /// How long the disk's request queue waited for the backup to begin (the
-    /// instant; the vCPUs run on), in microseconds.
+    /// Microseconds from the request to the instant the copy stands for
+    /// (the disk's thread takes it between two guest requests; the vCPUs
+    /// run on).
     pub pause_us: u64,
     /// Chunks (64 KiB) copied just before a guest write to them.
     pub chunks_before_writes: u64,

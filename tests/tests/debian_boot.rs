@@ -24,7 +24,12 @@ fn boot_debian(name: &str) {
     // among them; emulated under kvm_pvm they added 10+ minutes (a
     // bignum loop at 0xffffffff8156f8xx, seen with perf's
     // kvm:kvm_emulate_insn). The boot itself is unchanged.
-    let cmdline = format!("{} cryptomgr.notests vmm.test=debian", cmdline.trim());
+    // loglevel=7: the lines waited for below are notice and info; the
+    // entry's own loglevel=4 hides them (the last loglevel= wins).
+    let cmdline = format!(
+        "{} cryptomgr.notests vmm.test=debian loglevel=7",
+        cmdline.trim()
+    );
     // The entry's vmlinux boots through PVH and skips the bzImage's
     // decompressor, which runs emulated (for many minutes) under kvm_pvm.
     let vmlinux = entry.join("vmlinux");

@@ -185,7 +185,7 @@ impl Prepared {
         if let Err((why, req)) = inbox.submit(req) {
             let why = match why {
                 BackupSubmitError::Busy => format!("a backup of {disk} is already starting"),
-                BackupSubmitError::Gone => format!("{disk} is being replaced (the VM rebooted)"),
+                BackupSubmitError::Gone => format!("the device of {disk} takes no backups"),
             };
             // Its `done` answers, as for any refused copy, and removes the part.
             drop(req.dst);

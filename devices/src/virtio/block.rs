@@ -470,15 +470,15 @@ impl Block {
         };
         let started = req.started.take();
         match self.start_backup(req) {
-            Ok(()) => {
+            // A copy that failed at once (it could not be sized) has
+            // answered already: no instant to tell.
+            Ok(()) if self.backup_running() => {
                 if let Some(f) = started {
                     f();
                 }
             }
-            Err(req) => (req.done)(Err(format!(
-                "a backup of {} is already running",
-                self.disk.path.display()
-            ))),
+            Ok(()) => {}
+            Err(req) => (req.done)(Err("a backup of this disk is already running".into())),
         }
     }
 
@@ -1136,6 +1136,10 @@ impl MutEventSubscriber for Block {
                 "virtio-blk {}: cannot register the backup inbox: {e:?}",
                 self.disk.path.display()
             );
+            // Nothing would take a request: refuse them at once.
+            if let Some(req) = self.backup_inbox.close() {
+                (req.done)(Err("the disk's thread cannot take backups".into()));
+            }
         }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {

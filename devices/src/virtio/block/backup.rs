@@ -93,7 +93,7 @@ struct Slot {
 pub enum SubmitError {
     /// A request is already waiting for the disk's thread.
     Busy,
-    /// The device is gone (the VM rebooted or stopped).
+    /// The device is gone, or its thread cannot take requests.
     Gone,
 }
 

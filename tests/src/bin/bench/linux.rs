@@ -154,10 +154,12 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let sock = dir.join("control.sock");
     let mut c = Command::new(vmm);
+    let base = std::fs::read_to_string(entry.join("cmdline"))
+        .map_err(|e| format!("cannot read {}/cmdline: {e}", entry.display()))?;
+    // "Run /init" is an info line: the kernel's default console level
+    // (the Debian entries' own loglevel=4 hides it; the last one wins).
+    let mut cmdline = format!("{} loglevel=7", base.trim());
     if o.initrd32 || !o.kernel_file.is_empty() {
-        let base = std::fs::read_to_string(entry.join("cmdline"))
-            .map_err(|e| format!("cannot read {}/cmdline: {e}", entry.display()))?;
-        let mut cmdline = base.trim().to_string();
         if o.initrd32 && !cmdline.contains("vdso32=") {
             cmdline.push_str(" vdso32=0");
         }
@@ -175,7 +177,9 @@ fn one_run(vmm: &Path, o: &LinuxOpts, entry: &Path, dir: &Path) -> Result<Run, S
     } else {
         c.arg("--kernel-dir")
             .arg(&o.kernel_dir)
-            .args(["--kernel-name", &o.name]);
+            .args(["--kernel-name", &o.name])
+            .arg("--cmdline")
+            .arg(cmdline);
     }
     c.args(["--memory", &o.memory_mib.to_string(), "--vcpus", "1"])
         .args(["--console", "stdio", "--name", "bench-linux"])

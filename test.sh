@@ -6,10 +6,7 @@
 # guest user space, on /dev/kvm itself where it is hardware KVM), and the
 # newcomer's demo.
 # VMM_SLOW=1 adds Debian 6.1 and 6.12 booting to their init on /dev/kvm
-# itself (10-20 minutes each under kvm_pvm), the Debian server's kernel
-# package upgrade (userspace::kernel_upgrade) and set-kernel across reboots
-# (userspace::lifecycle::set_kernel_...), whose in-process reboots into
-# Debian kernels the test host's emulator rarely survives. VMM_TESTHOST=1|0 forces where
+# itself (10-20 minutes each under kvm_pvm). VMM_TESTHOST=1|0 forces where
 # guests with user space run.
 # Then every fuzz target runs for a few seconds (scripts/fuzz.sh; longer:
 # scripts/fuzz.sh --seconds N); VMM_FUZZ_SECONDS=N changes that, 0 skips it.

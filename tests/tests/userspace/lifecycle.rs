@@ -86,8 +86,10 @@ fn a_reset_from_the_socket_and_sysrq_b_on_the_keyboard_stay_in_one_process() {
     });
 }
 
+// In the test host its reboots into Debian kernels once met the
+// emulator's fault in every run (docs/notes.md); since the library's
+// Debian entries boot with loglevel=4 it passed three runs of three.
 #[test]
-#[ignore = "in the test host, its reboots into Debian kernels met the emulator's fault in all eight runs of a full run and all six of a CI run (docs/notes.md); VMM_SLOW=1 runs it"]
 fn set_kernel_switches_mini_to_debian_6_1_to_debian_6_12_across_reboots() {
     scenario(|h| {
         let mut g = boot(h, Spec::new("mini").vcpus(2).memory(512).entry_cmdline());

@@ -100,13 +100,14 @@ testhost_qemu() {
 }
 
 target_testhost() {
-	local pin deb tree key dst tmp stage name path moddir qemu
+	local pin deb tree key dst tmp stage name path moddir qemu dist glob sources
 	ensure_packages "${COMMON_PKGS[@]}" "${DEBIAN_PKGS[@]}" "${TESTHOST_PKGS[@]}"
 	case $TESTHOST_KERNEL in
-	debian-6.1) pin=$(debian_pin debian-6.1 bookworm "$DEBIAN_61_GLOB" "${BOOKWORM_SOURCES[@]}") ;;
-	debian-6.12) pin=$(debian_pin debian-6.12 trixie "$DEBIAN_612_GLOB" "${TRIXIE_SOURCES[@]}") ;;
+	debian-6.1) dist=bookworm glob=$DEBIAN_61_GLOB sources=("${BOOKWORM_SOURCES[@]}") ;;
+	debian-6.12) dist=trixie glob=$DEBIAN_612_GLOB sources=("${TRIXIE_SOURCES[@]}") ;;
 	*) die "testhost: TESTHOST_KERNEL=$TESTHOST_KERNEL: debian-6.1 or debian-6.12" ;;
 	esac
+	pin=$(debian_pin "$TESTHOST_KERNEL" "$dist" "$glob" "${sources[@]}")
 	echo "$pin" >"$CACHE/debian/$TESTHOST_KERNEL.pin"
 	qemu=$(testhost_qemu)
 	key=$({ echo "$pin $qemu"; cat "$RES/build-kernels.sh" "$RES"/testhost/*; echo "${TESTHOST_MODULES[*]}";
@@ -116,10 +117,7 @@ target_testhost() {
 	need_root "build the test host"
 	tree=$CACHE/testhost/${pin//[=:]/_}-1
 	if [ ! -f "$tree/.done" ]; then
-		case $TESTHOST_KERNEL in
-		debian-6.1) deb=$(debian_deb debian-6.1 bookworm "$pin" "${BOOKWORM_SOURCES[@]}") ;;
-		*) deb=$(debian_deb debian-6.12 trixie "$pin" "${TRIXIE_SOURCES[@]}") ;;
-		esac
+		deb=$(debian_deb "$TESTHOST_KERNEL" "$dist" "$pin" "${sources[@]}")
 		say "testhost: unpacking the whole module tree of $(basename "$deb")"
 		mkdir -p "$CACHE/testhost"
 		unpack_module_tree "$deb" "$tree"

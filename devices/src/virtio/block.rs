@@ -1137,9 +1137,8 @@ impl MutEventSubscriber for Block {
                 self.disk.path.display()
             );
             // Nothing would take a request: refuse them at once.
-            if let Some(req) = self.backup_inbox.close() {
-                (req.done)(Err("the disk's thread cannot take backups".into()));
-            }
+            self.backup_inbox
+                .close("the disk's thread cannot take backups");
         }
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
@@ -1177,9 +1176,8 @@ impl Drop for Block {
     fn drop(&mut self) {
         // A request handed over after the thread's last wake-up is answered
         // here, never left waiting.
-        if let Some(req) = self.backup_inbox.close() {
-            (req.done)(Err("the disk went away before the copy started".into()));
-        }
+        self.backup_inbox
+            .close("the disk went away before the copy started");
     }
 }
 

@@ -136,12 +136,18 @@ impl BackupInbox {
         lock(&self.0.slot).pending.take()
     }
 
-    /// The device is going away: no request is taken from now on; the one
-    /// waiting, if any.
-    pub(super) fn close(&self) -> Option<BackupRequest> {
-        let mut slot = lock(&self.0.slot);
-        slot.closed = true;
-        slot.pending.take()
+    /// No request is taken from now on (the device is going away, or its
+    /// thread cannot watch the inbox); the one waiting, if any, is answered
+    /// with `why`.
+    pub(super) fn close(&self, why: &str) {
+        let pending = {
+            let mut slot = lock(&self.0.slot);
+            slot.closed = true;
+            slot.pending.take()
+        };
+        if let Some(req) = pending {
+            (req.done)(Err(why.to_string()));
+        }
     }
 }
 

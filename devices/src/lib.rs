@@ -5,6 +5,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod ratelimit;
+pub mod state;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -62,6 +62,12 @@ pub enum Event {
         /// The disk (`disk0`...).
         disk: String,
     },
+    /// `{"event":"restored","boot_count":3}`: this VMM continues a snapshot (`--restore`):
+    /// the guest runs on in the boot it was in, not rebooted.
+    Restored {
+        /// The boot the snapshot was taken in.
+        boot_count: u64,
+    },
 }
 
 impl Event {
@@ -75,6 +81,7 @@ impl Event {
         "kernel_selected",
         "boot_failed",
         "backup_started",
+        "restored",
     ];
 
     /// The wire name of this event.
@@ -88,6 +95,7 @@ impl Event {
             Event::KernelSelected { .. } => "kernel_selected",
             Event::BootFailed { .. } => "boot_failed",
             Event::BackupStarted { .. } => "backup_started",
+            Event::Restored { .. } => "restored",
         }
     }
 }
@@ -165,6 +173,7 @@ mod tests {
             Event::BackupStarted {
                 disk: "disk0".into(),
             },
+            Event::Restored { boot_count: 3 },
         ]
     }
 

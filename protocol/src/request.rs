@@ -85,6 +85,17 @@ pub enum Request {
         #[serde(skip_serializing_if = "Option::is_none")]
         speed_mib_s: Option<u64>,
     },
+    /// `{"cmd":"snapshot","dir":"web1-1204"}`: the whole running VM (memory, vCPUs, devices)
+    /// written to a new directory in the VMM's `--snapshot-dir`, for `vmm --restore` (operator
+    /// only). The guest is paused while it is written, then runs on, or with `"stop":true` is
+    /// powered off.
+    Snapshot {
+        /// The new directory: a bare name is taken as one in `--snapshot-dir`.
+        dir: String,
+        /// Power the VM off once the snapshot is written (to continue it elsewhere).
+        #[serde(skip_serializing_if = "is_false", default)]
+        stop: bool,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -111,6 +122,7 @@ impl Request {
         "set-watchdog",
         "sysrq",
         "backup",
+        "snapshot",
     ];
 
     /// The command name (`cmd`) of this request.
@@ -133,6 +145,7 @@ impl Request {
             Request::SetWatchdog { .. } => "set-watchdog",
             Request::Sysrq { .. } => "sysrq",
             Request::Backup { .. } => "backup",
+            Request::Snapshot { .. } => "snapshot",
         }
     }
 }
@@ -262,6 +275,10 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
             to: args.string("to")?,
             speed_mib_s: args.opt_u64("speed_mib_s", MAX_BACKUP_SPEED_MIB_S)?,
         },
+        "snapshot" => Request::Snapshot {
+            dir: args.string("dir")?,
+            stop: args.opt_bool("stop")?.unwrap_or(false),
+        },
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
         other => return Err(ProtocolError::UnknownCommand(other.to_string())),
     };
@@ -347,6 +364,14 @@ mod tests {
                 disk: "root".into(),
                 to: "root.img".into(),
                 speed_mib_s: Some(64),
+            },
+            Request::Snapshot {
+                dir: "web1-1204".into(),
+                stop: false,
+            },
+            Request::Snapshot {
+                dir: "/srv/snapshots/web1/x".into(),
+                stop: true,
             },
         ]
     }

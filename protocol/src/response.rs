@@ -177,6 +177,22 @@ pub struct BackupInfo {
     pub duration_ms: u64,
 }
 
+/// `snapshot`: `{"ok":true,"dir":"...","memory_bytes":..,"state_bytes":..,"paused_us":..,
+/// "stopped":false}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The snapshot's directory (give it to `vmm --restore`).
+    pub dir: String,
+    /// Guest memory written.
+    pub memory_bytes: u64,
+    /// The state file's size (vCPUs, KVM's and the VMM's devices).
+    pub state_bytes: u64,
+    /// Microseconds the guest was paused for it (all of the writing).
+    pub paused_us: u64,
+    /// The VM was powered off after it (`"stop":true`).
+    pub stopped: bool,
+}
+
 /// `log`: `{"ok":true,"data":"...","bytes":1234,"total_bytes":99999}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogInfo {
@@ -218,6 +234,8 @@ pub enum Reply {
     Console(ConsoleAttached),
     /// `backup`.
     Backup(BackupInfo),
+    /// `snapshot`.
+    Snapshot(SnapshotInfo),
 }
 
 impl Serialize for Reply {
@@ -232,6 +250,7 @@ impl Serialize for Reply {
             Reply::Log(v) => v.serialize(serializer),
             Reply::Console(v) => v.serialize(serializer),
             Reply::Backup(v) => v.serialize(serializer),
+            Reply::Snapshot(v) => v.serialize(serializer),
         }
     }
 }
@@ -434,6 +453,13 @@ mod tests {
                 write_delay_us: 900,
                 duration_ms: 4_000,
             }),
+            Reply::Snapshot(SnapshotInfo {
+                dir: "/srv/snapshots/web1/x".into(),
+                memory_bytes: 1 << 28,
+                state_bytes: 90_000,
+                paused_us: 1_500_000,
+                stopped: true,
+            }),
         ]
     }
 
@@ -492,6 +518,7 @@ mod tests {
                 Reply::Log(v) => assert_eq!(&resp.decode::<LogInfo>().unwrap(), v),
                 Reply::Console(v) => assert_eq!(&resp.decode::<ConsoleAttached>().unwrap(), v),
                 Reply::Backup(v) => assert_eq!(&resp.decode::<BackupInfo>().unwrap(), v),
+                Reply::Snapshot(v) => assert_eq!(&resp.decode::<SnapshotInfo>().unwrap(), v),
             }
         }
     }

@@ -403,6 +403,9 @@ pub fn event(line: &ServerLine, style: Style) -> Option<String> {
                 Event::BackupStarted { disk } => {
                     format!("the host is backing up {}", disk.escape_default())
                 }
+                Event::Restored { boot_count } => {
+                    format!("restored from a snapshot by the host: boot #{boot_count} runs on")
+                }
             };
             Some(format!("{} {} {what}", style.dim(&msg.time), msg.vm))
         }

@@ -403,6 +403,38 @@ impl Guest {
         dir
     }
 
+    /// Ends this VMM (SIGKILL) and starts another with the same arguments
+    /// plus `extra` (`--restore DIR`): the same directory, control socket
+    /// and console log. Does not wait for the guest.
+    pub fn restart_with(self, extra: &[&str]) -> Guest {
+        let Guest {
+            host,
+            mut vmm,
+            dir,
+            sock,
+            spec,
+            mut args,
+            seq,
+        } = self;
+        let _ = vmm.child.kill();
+        let _ = vmm.wait_exit(Duration::from_secs(30));
+        // A later restore replaces an earlier one.
+        if let Some(i) = args.iter().position(|a| a == "--restore") {
+            args.drain(i..(i + 2).min(args.len()));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let vmm = Self::spawn_vmm(host, spec.netns.as_deref(), &args);
+        Guest {
+            host,
+            vmm,
+            dir,
+            sock,
+            spec,
+            args,
+            seq,
+        }
+    }
+
     /// A control-socket client.
     pub fn ctl(&self) -> Ctl {
         Ctl::connect_on(self.host, &self.sock)

@@ -309,6 +309,7 @@ impl ControlHandler for VmControlHandler {
                 }
                 Err(e) => Err(e),
             },
+            Request::Snapshot { dir, stop } => snapshot(&mut vm, responder.peer(), &dir, stop),
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
                 ControlError::internal("internal error: handled by the server"),
             ),
@@ -316,6 +317,35 @@ impl ControlHandler for VmControlHandler {
         drop(vm);
         responder.send(result);
     }
+}
+
+/// `snapshot`: the operator's, into a new directory of `--snapshot-dir`.
+fn snapshot(
+    vm: &mut Vm,
+    peer: &crate::control::PeerIdentity,
+    dir: &str,
+    stop: bool,
+) -> Result<Reply, ControlError> {
+    if !peer.operator {
+        return Err(ControlError::new(
+            ErrorCode::Forbidden,
+            "permission denied: snapshot is the host operator's (root or the VMM's owner)",
+        ));
+    }
+    let Some(base) = vm.config.snapshot_dir.as_deref() else {
+        return Err(ControlError::new(
+            ErrorCode::Unsupported,
+            "this VM has no --snapshot-dir: the operator names the directory snapshots go to",
+        ));
+    };
+    let path = crate::snapshot::target(base, dir).map_err(ControlError::bad_request)?;
+    if path.symlink_metadata().is_ok() {
+        return Err(ControlError::bad_request(format!(
+            "{} exists: a snapshot never replaces one",
+            path.display()
+        )));
+    }
+    vm.snapshot(&path, stop).map(Reply::Snapshot)
 }
 
 #[cfg(test)]

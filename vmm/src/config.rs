@@ -142,6 +142,15 @@ pub struct Cli {
     /// VM's own; without it `backup` is refused).
     #[arg(long, value_name = "DIR")]
     pub backup_dir: Option<PathBuf>,
+    /// Where the operator's `snapshot` requests may write (a directory of this VM's own;
+    /// without it `snapshot` is refused).
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
+    /// Continue the VM saved in this snapshot directory instead of booting: give the flags
+    /// it was started with (disk and TAP paths may differ; memory, vCPUs and devices must
+    /// match).
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -195,6 +204,7 @@ struct FileConfig {
     user: Option<String>,
     state_dir: Option<PathBuf>,
     backup_dir: Option<PathBuf>,
+    snapshot_dir: Option<PathBuf>,
     control: Option<PathBuf>,
     #[serde(default)]
     allow_user: Vec<String>,
@@ -247,6 +257,10 @@ pub struct VmConfig {
     pub state_dir: Option<PathBuf>,
     /// `--backup-dir`: where `backup` writes its copies.
     pub backup_dir: Option<PathBuf>,
+    /// `--snapshot-dir`: where `snapshot` writes.
+    pub snapshot_dir: Option<PathBuf>,
+    /// `--restore`: the snapshot this process continues instead of booting.
+    pub restore: Option<PathBuf>,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
@@ -606,6 +620,8 @@ impl VmConfig {
             user: cli.user.or(file.user),
             state_dir: cli.state_dir.or(file.state_dir),
             backup_dir: cli.backup_dir.or(file.backup_dir),
+            snapshot_dir: cli.snapshot_dir.or(file.snapshot_dir),
+            restore: cli.restore,
             config_file: cli.config,
             control: cli.control.or(file.control),
             disks,

@@ -25,6 +25,7 @@ pub mod runtime;
 pub mod sandbox;
 pub mod seccomp;
 pub mod service;
+pub mod snapshot;
 pub mod spawner;
 pub mod timer;
 pub mod vcpu;

@@ -27,6 +27,7 @@ use crate::boot::{self, BootSpec};
 use crate::cpu::{self, CpuidPolicy};
 use crate::events::VmEventQueue;
 use crate::layout;
+use crate::snapshot::RestoreSource;
 use crate::vcpu::{FallbackCounters, Vcpu, VcpuHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum MachineError {
     Device(String),
     #[error("{0}")]
     Vcpu(String),
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> MachineError {
@@ -114,16 +117,28 @@ pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub i8042: Arc<Mutex<I8042Device>>,
+    pub acpi_pm: Arc<Mutex<AcpiPmDevice>>,
+    pub pvpanic: Arc<Mutex<PvPanicDevice>>,
     /// One edge = the ACPI power button pressed.
     pub power_button: EventFd,
     pub fallback: Arc<FallbackCounters>,
     pub started: Instant,
     pub mem: GuestMemoryMmap,
-    _vm: VmFd,
+    /// The CPUID each vCPU was given (a snapshot keeps it).
+    cpuids: Vec<Vec<kvm_bindings::kvm_cpuid_entry2>>,
+    pub vm: VmFd,
 }
 
 impl Machine {
-    pub fn boot(kvm: &Kvm, cfg: &BootConfig, env: BootEnv) -> Result<Machine, MachineError> {
+    /// A new machine: booting `cfg`'s kernel, or, given `restore`, the
+    /// snapshot's memory, vCPUs and devices, with its vCPUs left paused
+    /// (the VMM restores the virtio devices, then resumes them).
+    pub fn boot(
+        kvm: &Kvm,
+        cfg: &BootConfig,
+        env: BootEnv,
+        mut restore: Option<&mut RestoreSource>,
+    ) -> Result<Machine, MachineError> {
         let started = Instant::now();
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         vm.set_tss_address(0xfffb_d000)
@@ -179,41 +194,14 @@ impl Machine {
         }
 
         let rsdp = GuestAddress(layout::ACPI_START);
-        let mut cmdline = cfg.cmdline.clone();
-        for slot in &env.virtio {
-            // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
-            // kernels find the same devices in the DSDT.
-            cmdline.push_str(&format!(
-                " virtio_mmio.device={}K@{:#x}:{}",
-                layout::VIRTIO_MMIO_SIZE >> 10,
-                slot.base,
-                slot.gsi
-            ));
-        }
-        if cfg.cpuid.pvm_compat {
-            cmdline.push(' ');
-            cmdline.push_str(cpu::PVM_CMDLINE);
-        }
-        let entry = boot::load(
-            &mem,
-            &BootSpec {
-                kernel: &cfg.kernel,
-                initrd: cfg.initrd.as_ref(),
-                cmdline: &cmdline,
-                mem_bytes,
-                rsdp,
-            },
-        )?;
-        let acpi_slots: Vec<crate::acpi::VirtioMmioSlot> = env
-            .virtio
-            .iter()
-            .map(|s| crate::acpi::VirtioMmioSlot {
-                base: s.base,
-                size: layout::VIRTIO_MMIO_SIZE,
-                gsi: s.gsi,
-            })
-            .collect();
-        crate::platform::write_acpi(&mem, cfg.vcpus, &acpi_slots, rsdp)?;
+        let entry = match restore.as_deref_mut() {
+            Some(r) => {
+                r.read_memory(&mem)
+                    .map_err(|e| MachineError::Restore(e.to_string()))?;
+                None
+            }
+            None => Some(Self::load_boot(cfg, &env, &mem, rsdp)?),
+        };
         if let Some(set) = env.set_memory {
             set(&mem);
         }
@@ -253,18 +241,24 @@ impl Machine {
             1,
         )
         .map_err(|e| dev_err("i8042", e))?;
-        pio.insert(
-            Arc::new(Mutex::new(AcpiPmDevice::new(env.events.sink()))),
-            ACPI_PM_BASE,
-            ACPI_PM_LEN,
-        )
-        .map_err(|e| dev_err("ACPI PM", e))?;
-        pio.insert(
-            Arc::new(Mutex::new(PvPanicDevice::new(env.events.sink()))),
-            PVPANIC_PORT,
-            PVPANIC_LEN,
-        )
-        .map_err(|e| dev_err("pvpanic", e))?;
+        let acpi_pm = Arc::new(Mutex::new(AcpiPmDevice::new(env.events.sink())));
+        pio.insert(acpi_pm.clone(), ACPI_PM_BASE, ACPI_PM_LEN)
+            .map_err(|e| dev_err("ACPI PM", e))?;
+        let pvpanic = Arc::new(Mutex::new(PvPanicDevice::new(env.events.sink())));
+        pio.insert(pvpanic.clone(), PVPANIC_PORT, PVPANIC_LEN)
+            .map_err(|e| dev_err("pvpanic", e))?;
+        if let Some(r) = restore.as_deref() {
+            // Before any vCPU exists: the devices are as the guest left them.
+            let d = &r.snapshot.devices;
+            let restored = lock(&serial)
+                .restore_state(&d.serial)
+                .and_then(|()| lock(&i8042).restore_state(&d.i8042))
+                .and_then(|()| lock(&acpi_pm).restore_state(&d.acpi_pm))
+                .and_then(|()| lock(&pvpanic).restore_state(&d.pvpanic));
+            restored.map_err(|e| MachineError::Restore(e.to_string()))?;
+            crate::snapshot::kvm_state::restore_vm(&vm, &r.snapshot.kvm)
+                .map_err(|e| MachineError::Restore(e.to_string()))?;
+        }
         let power_button = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| MachineError::Device(format!("power button eventfd: {e}")))?;
         vm.register_irqfd(&power_button, crate::platform::POWER_BUTTON_GSI)
@@ -299,14 +293,42 @@ impl Machine {
         let supported = cpu::supported_cpuid(kvm)?;
         let fallback = Arc::new(FallbackCounters::default());
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        let mut cpuids = Vec::with_capacity(usize::from(cfg.vcpus));
         let mut first_run = env.on_first_run;
         for id in 0..cfg.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut cpuid = supported.clone();
-            cpu::filter_cpuid(&mut cpuid, id, cfg.vcpus, cfg.cpuid);
-            cpu::configure_vcpu(&fd, id, &cpuid, (id == 0).then_some(entry))?;
+            match (restore.as_deref(), entry) {
+                (Some(r), _) => {
+                    let state = r.snapshot.cpus.get(usize::from(id)).ok_or_else(|| {
+                        MachineError::Restore(format!("the snapshot has no vCPU {id}"))
+                    })?;
+                    // Against what this host would give the vCPU at boot.
+                    let mut here = supported.clone();
+                    cpu::filter_cpuid(&mut here, id, cfg.vcpus, cfg.cpuid);
+                    let missing = crate::snapshot::kvm_state::missing_cpu_features(
+                        &state.cpuid,
+                        here.as_slice(),
+                    );
+                    if !missing.is_empty() {
+                        return Err(MachineError::Restore(format!(
+                            "this host's CPU lacks features the guest saw: {}",
+                            missing.join(", ")
+                        )));
+                    }
+                    crate::snapshot::kvm_state::restore_vcpu(&fd, id, state)
+                        .map_err(|e| MachineError::Restore(e.to_string()))?;
+                    cpuids.push(state.cpuid.clone());
+                }
+                (None, Some(entry)) => {
+                    let mut cpuid = supported.clone();
+                    cpu::filter_cpuid(&mut cpuid, id, cfg.vcpus, cfg.cpuid);
+                    cpu::configure_vcpu(&fd, id, &cpuid, (id == 0).then_some(entry))?;
+                    cpuids.push(cpuid.as_slice().to_vec());
+                }
+                (None, None) => return Err(MachineError::Vcpu("no boot entry".into())),
+            }
             let v = Vcpu {
                 id,
                 fd,
@@ -317,18 +339,69 @@ impl Machine {
                 fallback: fallback.clone(),
                 on_first_run: if id == 0 { first_run.take() } else { None },
             };
-            vcpus.push(v.spawn().map_err(MachineError::Vcpu)?);
+            // A restored machine waits for its virtio devices.
+            vcpus.push(v.spawn(restore.is_some()).map_err(MachineError::Vcpu)?);
         }
         Ok(Machine {
             vcpus,
             serial,
             i8042,
+            acpi_pm,
+            pvpanic,
             power_button,
             fallback,
             started,
             mem,
-            _vm: vm,
+            cpuids,
+            vm,
         })
+    }
+
+    /// Loads the kernel, initrd and command line and writes the ACPI
+    /// tables: a fresh boot's memory.
+    fn load_boot(
+        cfg: &BootConfig,
+        env: &BootEnv,
+        mem: &GuestMemoryMmap,
+        rsdp: GuestAddress,
+    ) -> Result<boot::BootEntry, MachineError> {
+        let mem_bytes = cfg.mem_mib << 20;
+        let mut cmdline = cfg.cmdline.clone();
+        for slot in &env.virtio {
+            // For kernels built with VIRTIO_MMIO_CMDLINE_DEVICES; ACPI
+            // kernels find the same devices in the DSDT.
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                layout::VIRTIO_MMIO_SIZE >> 10,
+                slot.base,
+                slot.gsi
+            ));
+        }
+        if cfg.cpuid.pvm_compat {
+            cmdline.push(' ');
+            cmdline.push_str(cpu::PVM_CMDLINE);
+        }
+        let entry = boot::load(
+            mem,
+            &BootSpec {
+                kernel: &cfg.kernel,
+                initrd: cfg.initrd.as_ref(),
+                cmdline: &cmdline,
+                mem_bytes,
+                rsdp,
+            },
+        )?;
+        let acpi_slots: Vec<crate::acpi::VirtioMmioSlot> = env
+            .virtio
+            .iter()
+            .map(|s| crate::acpi::VirtioMmioSlot {
+                base: s.base,
+                size: layout::VIRTIO_MMIO_SIZE,
+                gsi: s.gsi,
+            })
+            .collect();
+        crate::platform::write_acpi(mem, cfg.vcpus, &acpi_slots, rsdp)?;
+        Ok(entry)
     }
 
     pub fn pause(&self) {
@@ -346,6 +419,26 @@ impl Machine {
         for v in &self.vcpus {
             v.resume();
         }
+    }
+
+    /// Every vCPU's state, read on its own thread; the machine must be
+    /// paused.
+    pub fn save_vcpus(
+        &self,
+        msr_index: &Arc<Vec<u32>>,
+    ) -> Result<Vec<crate::snapshot::kvm_state::VcpuState>, String> {
+        let mut out = Vec::with_capacity(self.vcpus.len());
+        for (v, cpuid) in self.vcpus.iter().zip(&self.cpuids) {
+            let index = msr_index.clone();
+            let cpuid = cpuid.clone();
+            let got = v
+                .with_parked_fd(Duration::from_secs(5), move |fd| {
+                    crate::snapshot::kvm_state::save_vcpu(fd, &index, cpuid)
+                })
+                .ok_or_else(|| format!("vCPU {} did not answer within 5 s", v.id))?;
+            out.push(got.map_err(|e| format!("vCPU {}: {e}", v.id))?);
+        }
+        Ok(out)
     }
 
     /// Stops every vCPU; the VM and its memory go away when dropped.

@@ -235,6 +235,14 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         }),
     };
     let mut vm = Vm::new(config.clone(), hooks)?;
+    if let Some(dir) = &config.restore {
+        // Read now: the snapshot's directory is not the confined VMM's.
+        let r = crate::snapshot::RestoreSource::open(dir)
+            .map_err(|e| VmmError::Setup(format!("--restore: {e}")))?;
+        r.check_shape(config.mem_mib, config.vcpus, vm.virtio_count())
+            .map_err(VmmError::Setup)?;
+        vm.restore = Some(r);
+    }
     if let Some(p) = &plan.state_file {
         vm.next_kernel = load_kernel_choice(p);
     }

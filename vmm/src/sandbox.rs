@@ -147,6 +147,8 @@ pub enum Grant {
     Read,
     /// Read, write, create, truncate and remove regular files beneath a directory.
     ReadWriteDir,
+    /// As `ReadWriteDir`, and make and remove directories beneath it.
+    ReadWriteTree,
     /// Open a device node read-write and use its ioctls.
     Device,
 }
@@ -162,6 +164,9 @@ impl Grant {
                     | AccessFs::MakeReg
                     | AccessFs::RemoveFile
                     | AccessFs::Truncate
+            }
+            Grant::ReadWriteTree => {
+                Grant::ReadWriteDir.access(abi) | AccessFs::MakeDir | AccessFs::RemoveDir
             }
             Grant::Device => AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev,
         };
@@ -275,6 +280,20 @@ impl Plan {
             rules.push((
                 std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
                 Grant::ReadWriteDir,
+            ));
+        }
+        // `snapshot` makes a directory there, writes its two files and
+        // renames it into place (or removes it when it failed).
+        if let Some(dir) = &cfg.snapshot_dir {
+            if !dir.is_dir() {
+                return Err(SandboxError::Check(format!(
+                    "--snapshot-dir {}: not a directory",
+                    dir.display()
+                )));
+            }
+            rules.push((
+                std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
+                Grant::ReadWriteTree,
             ));
         }
         // Nothing else: the control socket stays behind at exit (the next

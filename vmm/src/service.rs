@@ -167,7 +167,7 @@ fn check_sandbox(cfg: &VmConfig, plan: &crate::sandbox::Plan) -> Result<String, 
             let (bits, what) = match grant {
                 Grant::Read if dir => (0o5, "read"),
                 Grant::Read => (0o4, "read"),
-                Grant::ReadWriteDir => (0o3, "write to"),
+                Grant::ReadWriteDir | Grant::ReadWriteTree => (0o3, "write to"),
                 Grant::Device => continue,
             };
             // A missing --state-dir is made for the user at start.

@@ -27,16 +27,27 @@ pub enum Want {
     Exit,
 }
 
+/// Work for a parked vCPU's own thread (KVM's vCPU state is read and
+/// written there: the thread owns the `VcpuFd`).
+pub type Task = Box<dyn FnOnce(&VcpuFd) + Send>;
+
+/// What a parked vCPU thread wakes up for.
+enum Wake {
+    Run,
+    Exit,
+    Task(Task),
+}
+
 /// Shared between a vCPU thread and the VMM thread.
 pub struct VcpuControl {
-    want: Mutex<(Want, bool /* parked */)>,
+    want: Mutex<(Want, bool /* parked */, Option<Task>)>,
     cv: Condvar,
 }
 
 impl VcpuControl {
-    fn new() -> Self {
+    fn new(want: Want) -> Self {
         Self {
-            want: Mutex::new((Want::Run, false)),
+            want: Mutex::new((want, false, None)),
             cv: Condvar::new(),
         }
     }
@@ -55,9 +66,10 @@ impl VcpuControl {
         }
     }
 
-    /// Blocks while paused; returns false when the vCPU must exit.
+    /// Blocks while paused; returns `Wake::Exit` when the vCPU must exit,
+    /// and a task handed to the parked vCPU (it stays parked meanwhile).
     /// `on_resume` runs when the vCPU leaves a pause.
-    fn wait_runnable(&self, on_resume: impl FnOnce()) -> bool {
+    fn wait_runnable(&self, on_resume: impl FnOnce()) -> Wake {
         let mut g = lock(&self.want);
         let mut was_paused = false;
         loop {
@@ -68,12 +80,12 @@ impl VcpuControl {
                     if was_paused {
                         on_resume();
                     }
-                    return true;
+                    return Wake::Run;
                 }
                 Want::Exit => {
                     g.1 = true;
                     self.cv.notify_all();
-                    return false;
+                    return Wake::Exit;
                 }
                 Want::Pause => {
                     was_paused = true;
@@ -81,10 +93,19 @@ impl VcpuControl {
                         g.1 = true;
                         self.cv.notify_all();
                     }
+                    if let Some(task) = g.2.take() {
+                        return Wake::Task(task);
+                    }
                     g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
             }
         }
+    }
+
+    /// Hands `task` to the vCPU thread, which runs it once parked.
+    fn give_task(&self, task: Task) {
+        lock(&self.want).2 = Some(task);
+        self.cv.notify_all();
     }
 
     /// Waits until the vCPU sits outside `KVM_RUN` (paused or exiting).
@@ -159,6 +180,21 @@ impl VcpuHandle {
         self.control.wait_parked(timeout)
     }
 
+    /// Runs `f` with the vCPU's fd on its own thread, which must be paused
+    /// (`pause` and `wait_parked` first); None when it does not answer
+    /// within `timeout` (the task may still run later, its answer unread).
+    pub fn with_parked_fd<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&VcpuFd) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.control.give_task(Box::new(move |fd| {
+            let _ = tx.send(f(fd));
+        }));
+        rx.recv_timeout(timeout).ok()
+    }
+
     /// Stops the thread and joins it.
     pub fn stop(&mut self) {
         self.control.set(Want::Exit);
@@ -195,12 +231,20 @@ pub struct Vcpu {
 
 enum Next {
     Continue,
+    /// Port or MMIO I/O served: KVM completes the instruction next run.
+    Io,
     Park,
 }
 
 impl Vcpu {
-    pub fn spawn(self) -> Result<VcpuHandle, String> {
-        let control = Arc::new(VcpuControl::new());
+    /// Starts the vCPU's thread, running or (`paused`) parked until
+    /// `resume`.
+    pub fn spawn(self, paused: bool) -> Result<VcpuHandle, String> {
+        let control = Arc::new(VcpuControl::new(if paused {
+            Want::Pause
+        } else {
+            Want::Run
+        }));
         let c = control.clone();
         let id = self.id;
         let thread = crate::spawner::spawn(format!("vcpu{id}"), move || self.run_loop(&c))
@@ -219,6 +263,9 @@ impl Vcpu {
         let mut first = self.on_first_run.take();
         crate::fatal::inject("vcpu");
         let mut parked = false;
+        // The last exit was port or MMIO I/O, which KVM completes at the
+        // next KVM_RUN (an IN's value, the instruction pointer moved on).
+        let mut io_pending = false;
         loop {
             if parked {
                 // Stay out of the guest until the VMM tears us down.
@@ -226,37 +273,46 @@ impl Vcpu {
                 parked = false;
             }
             let fd = &self.fd;
-            if !control.wait_runnable(|| {
+            match control.wait_runnable(|| {
                 // Tell the guest's kvmclock it was stopped, so it does not
                 // report soft lockups. EINVAL when the guest has no kvmclock.
                 let _ = fd.kvmclock_ctrl();
             }) {
-                break;
+                Wake::Run => {}
+                Wake::Exit => break,
+                Wake::Task(task) => {
+                    if std::mem::take(&mut io_pending) {
+                        self.complete_pending_io();
+                    }
+                    task(&self.fd);
+                    continue;
+                }
             }
             if let Some(f) = first.take() {
                 f();
             }
+            io_pending = false;
             let next = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoIn(port, data) => {
                         if !self.pio.read(u64::from(port), data) {
                             data.fill(0xff);
                         }
-                        Next::Continue
+                        Next::Io
                     }
                     VcpuExit::IoOut(port, data) => {
                         dispatch_write(&self.pio, u64::from(port), data);
-                        Next::Continue
+                        Next::Io
                     }
                     VcpuExit::MmioRead(addr, data) => {
                         if !self.mmio.read(addr, data) {
                             data.fill(0xff);
                         }
-                        Next::Continue
+                        Next::Io
                     }
                     VcpuExit::MmioWrite(addr, data) => {
                         dispatch_write(&self.mmio, addr, data);
-                        Next::Continue
+                        Next::Io
                     }
                     VcpuExit::Shutdown => {
                         // Where it died, for whoever debugs the guest (or
@@ -330,11 +386,30 @@ impl Vcpu {
                     Next::Park
                 }
             };
-            if let Next::Park = next {
-                parked = true;
+            match next {
+                Next::Park => parked = true,
+                Next::Io => io_pending = true,
+                Next::Continue => {}
             }
         }
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Lets KVM finish the I/O instruction of the last exit without
+    /// entering the guest (KVM_RUN with `immediate_exit`), so that the
+    /// state read next is whole: an IN's value in its register, the
+    /// instruction pointer past it.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => tracing::warn!("vCPU {}: completing its last I/O: {e}", self.id),
+            Ok(exit) => tracing::warn!(
+                "vCPU {}: completing its last I/O, KVM exited with {exit:?}",
+                self.id
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// KVM gave up on an instruction (PVM's emulator): emulate it here.
@@ -385,12 +460,12 @@ mod tests {
 
     #[test]
     fn control_parks_on_pause_and_releases_on_run() {
-        let c = Arc::new(VcpuControl::new());
+        let c = Arc::new(VcpuControl::new(Want::Run));
         c.set(Want::Pause);
         let c2 = c.clone();
         let t = std::thread::spawn(move || {
             let mut resumed = false;
-            let r = c2.wait_runnable(|| resumed = true);
+            let r = matches!(c2.wait_runnable(|| resumed = true), Wake::Run);
             (r, resumed)
         });
         assert!(c.wait_parked(Duration::from_secs(5)));
@@ -400,12 +475,24 @@ mod tests {
 
     #[test]
     fn control_exit_wins_over_pause() {
-        let c = Arc::new(VcpuControl::new());
+        let c = Arc::new(VcpuControl::new(Want::Run));
         c.set(Want::Pause);
         let c2 = c.clone();
-        let t = std::thread::spawn(move || c2.wait_runnable(|| {}));
+        let t = std::thread::spawn(move || matches!(c2.wait_runnable(|| {}), Wake::Exit));
         assert!(c.wait_parked(Duration::from_secs(5)));
         c.set(Want::Exit);
-        assert!(!t.join().unwrap());
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn a_task_reaches_a_parked_vcpu_which_stays_parked() {
+        let c = Arc::new(VcpuControl::new(Want::Run));
+        c.set(Want::Pause);
+        let c2 = c.clone();
+        let t = std::thread::spawn(move || matches!(c2.wait_runnable(|| {}), Wake::Task(_)));
+        assert!(c.wait_parked(Duration::from_secs(5)));
+        c.give_task(Box::new(|_| {}));
+        assert!(t.join().unwrap());
+        assert!(c.wait_parked(Duration::from_millis(1)));
     }
 }

@@ -15,7 +15,10 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::fill_unclaimed;
+use crate::state::StateError;
 use crate::{BusDevice, GuestEvent, GuestEventSink, ResetCause};
 
 /// First port of the block.
@@ -43,6 +46,15 @@ pub const WAK_STS: u8 = 1 << 7;
 
 const _: () = assert!(RESET_OFFSET < ACPI_PM_LEN);
 
+/// The registers' state, for snapshots. The control and reset registers
+/// read as 0 and act only when written, so the sleep status register is all
+/// there is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    /// The sleep status register as the guest reads it: 0 or [`WAK_STS`].
+    pub sleep_status: u8,
+}
+
 pub struct AcpiPmDevice {
     events: Arc<dyn GuestEventSink>,
     wak_sts: bool,
@@ -59,6 +71,28 @@ impl AcpiPmDevice {
     /// Back to the power-on state (for a guest reset).
     pub fn reset(&mut self) {
         self.wak_sts = false;
+    }
+
+    pub fn save_state(&self) -> AcpiPmState {
+        AcpiPmState {
+            sleep_status: if self.wak_sts { WAK_STS } else { 0 },
+        }
+    }
+
+    /// Takes `s` if its sleep status is one the device can show (0 or
+    /// `WAK_STS`); on error nothing changes.
+    pub fn restore_state(&mut self, s: &AcpiPmState) -> Result<(), StateError> {
+        self.wak_sts = match s.sleep_status {
+            0 => false,
+            WAK_STS => true,
+            v => {
+                return Err(StateError::new(
+                    "acpi-pm",
+                    format!("sleep status {v:#04x} has bits other than WAK_STS"),
+                ))
+            }
+        };
+        Ok(())
     }
 
     fn write_sleep_control(&mut self, value: u8) {
@@ -108,6 +142,7 @@ impl BusDevice for AcpiPmDevice {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::legacy::test_util::RecordingSink;
@@ -196,5 +231,49 @@ mod tests {
         assert_eq!(rd(&mut d, 9), 0xff);
         assert_eq!(rd(&mut d, RESET_OFFSET), 0);
         d.read(0, &mut []);
+    }
+
+    #[test]
+    fn restored_wake_status_reads_the_same_and_clears_the_same() {
+        let (mut a, _) = dev();
+        a.write(SLEEP_CONTROL_OFFSET, &[(3 << 2) | SLP_EN]);
+        let saved = a.save_state();
+        assert_eq!(
+            saved,
+            AcpiPmState {
+                sleep_status: WAK_STS
+            }
+        );
+        let (mut b, sink) = dev();
+        b.restore_state(&saved).unwrap();
+        assert_eq!(rd(&mut b, SLEEP_STATUS_OFFSET), WAK_STS);
+        b.write(SLEEP_STATUS_OFFSET, &[0]);
+        assert_eq!(rd(&mut b, SLEEP_STATUS_OFFSET), WAK_STS);
+        b.write(SLEEP_STATUS_OFFSET, &[WAK_STS]);
+        assert_eq!(rd(&mut b, SLEEP_STATUS_OFFSET), 0);
+        // Restoring is not a guest write: no event.
+        assert!(sink.take().is_empty());
+        b.restore_state(&AcpiPmState { sleep_status: 0 }).unwrap();
+        assert_eq!(rd(&mut b, SLEEP_STATUS_OFFSET), 0);
+    }
+
+    #[test]
+    fn corrupt_acpi_pm_state_is_refused_and_changes_nothing() {
+        let (mut d, _) = dev();
+        d.write(SLEEP_CONTROL_OFFSET, &[(1 << 2) | SLP_EN]);
+        for v in [0x01, WAK_STS | 0x01, 0x40, 0xff] {
+            let err = d.restore_state(&AcpiPmState { sleep_status: v });
+            assert_eq!(err.map_err(|e| e.device), Err("acpi-pm"), "{v:#x}");
+            assert_eq!(rd(&mut d, SLEEP_STATUS_OFFSET), WAK_STS);
+        }
+    }
+
+    #[test]
+    fn acpi_pm_state_survives_a_json_round_trip() {
+        let s = AcpiPmState {
+            sleep_status: WAK_STS,
+        };
+        let json = serde_json::to_string(&s).unwrap_or_default();
+        assert_eq!(serde_json::from_str::<AcpiPmState>(&json).ok(), Some(s));
     }
 }

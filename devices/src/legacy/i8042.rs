@@ -47,6 +47,10 @@ use crate::bus::lock;
 use crate::{BusDevice, GuestEvent, GuestEventSink, ResetCause};
 use vm_superio::Trigger;
 
+// Snapshot save/restore, kept apart to keep this file readable.
+mod state;
+pub use state::I8042State;
+
 /// First port of the block this device decodes when inserted whole.
 pub const I8042_BASE: u64 = 0x60;
 /// Length of that block (0x60..=0x64).

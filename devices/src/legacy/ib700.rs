@@ -11,11 +11,17 @@
 //! turns [`Ib700Watchdog::deadline`] into a host timer (re-armed on every
 //! change, cancelled while paused) and calls `check_expired` when it fires;
 //! the expiry is decided on the virtual clock only.
+//!
+//! Snapshots ([`Ib700State`]) hold the running time *left*, not the
+//! deadline: the guest clock of a restoring process has its own origin.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use super::fill_unclaimed;
+use crate::state::StateError;
 use crate::{BusDevice, GuestEvent, GuestEventSink};
 
 /// First port of the watchdog (the stop register).
@@ -38,6 +44,18 @@ pub struct Ib700Watchdog {
     deadline: Option<Duration>,
     timeout_s: Option<u32>,
     expiries: u64,
+}
+
+/// The watchdog's state, for snapshots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ib700State {
+    /// Guest running time left before expiry (None: stopped; zero: due
+    /// but not yet noticed, so it fires as soon as it is restored).
+    pub time_left: Option<Duration>,
+    /// The timeout the guest last programmed, in seconds (None if never).
+    pub timeout_s: Option<u32>,
+    /// How many times the watchdog has fired.
+    pub expiries: u64,
 }
 
 /// A snapshot for the control plane.
@@ -117,6 +135,44 @@ impl Ib700Watchdog {
         self.deadline = None;
         self.timeout_s = None;
     }
+
+    /// The state at guest time `now`.
+    pub fn save_state(&self, now: Duration) -> Ib700State {
+        Ib700State {
+            time_left: self.time_left(now),
+            timeout_s: self.timeout_s,
+            expiries: self.expiries,
+        }
+    }
+
+    /// Takes `s` at guest time `now`: an armed watchdog is due at `now` plus
+    /// its time left. Refuses a timeout the hardware cannot be programmed
+    /// with, more time left than the timeout allows (which is also what
+    /// keeps the deadline from overflowing on any sane clock), and time
+    /// left on a watchdog never started. On error nothing changes.
+    pub fn restore_state(&mut self, s: &Ib700State, now: Duration) -> Result<(), StateError> {
+        let bad = |why: String| Err(StateError::new("ib700", why));
+        if let Some(t) = s.timeout_s {
+            if !(0..=0xf).any(|v| timeout_secs(v) == t) {
+                return bad(format!("timeout {t} s is not one the ib700 offers"));
+            }
+        }
+        let deadline = match (s.time_left, s.timeout_s) {
+            (None, _) => None,
+            (Some(_), None) => return bad("armed without a programmed timeout".into()),
+            (Some(left), Some(t)) if left > Duration::from_secs(t.into()) => {
+                return bad(format!("{left:?} left of a {t} s timeout"));
+            }
+            (Some(left), Some(_)) => match now.checked_add(left) {
+                Some(d) => Some(d),
+                None => return bad(format!("{left:?} left overflows the guest clock")),
+            },
+        };
+        self.deadline = deadline;
+        self.timeout_s = s.timeout_s;
+        self.expiries = s.expiries;
+        Ok(())
+    }
 }
 
 /// Guest running time, as the VMM measures it.
@@ -187,6 +243,21 @@ impl Ib700Device {
 
     pub fn watchdog(&self) -> &Ib700Watchdog {
         &self.wdt
+    }
+
+    /// The state, with the time left measured on the device's clock now.
+    pub fn save_state(&self) -> Ib700State {
+        self.wdt.save_state((self.clock)())
+    }
+
+    /// Takes `s`, re-basing its time left on the device's clock now, and
+    /// tells `on_change` the new deadline (None too) so the VMM arms or
+    /// cancels its host timer. On error nothing changes and the hook is not
+    /// called.
+    pub fn restore_state(&mut self, s: &Ib700State) -> Result<(), StateError> {
+        self.wdt.restore_state(s, (self.clock)())?;
+        (self.on_change)(self.wdt.deadline());
+        Ok(())
     }
 }
 
@@ -405,5 +476,138 @@ mod tests {
         assert_eq!(f.hooks(), vec![Some(s(30)), None]);
         assert_eq!(f.dev.deadline(), None);
         assert_eq!(f.dev.watchdog().deadline(), None);
+    }
+
+    /// A watchdog that fired once, was started again for 30 s at 100 s and
+    /// has 20 s left at 110 s.
+    fn armed_with_20_s_left() -> Fixture {
+        let mut f = fixture();
+        f.dev.write(START_OFFSET, &[15]);
+        assert!(f.dev.check_expired());
+        f.advance(100_000);
+        f.dev.write(START_OFFSET, &[0]);
+        f.advance(10_000);
+        f.hooks();
+        f
+    }
+
+    #[test]
+    fn restored_watchdog_fires_after_the_time_left_on_the_new_clock() {
+        let a = armed_with_20_s_left();
+        let saved = a.dev.save_state();
+        assert_eq!(
+            saved,
+            Ib700State {
+                time_left: Some(s(20)),
+                timeout_s: Some(30),
+                expiries: 1
+            }
+        );
+        // The new process's guest clock has another origin.
+        let mut b = fixture();
+        b.advance(5_000);
+        b.dev.restore_state(&saved).unwrap();
+        assert_eq!(b.hooks(), vec![Some(s(25))], "the VMM re-arms its timer");
+        assert_eq!(b.dev.status(), a.dev.status());
+        b.advance(19_999);
+        assert!(!b.dev.check_expired());
+        b.advance(1);
+        assert!(b.dev.check_expired());
+        assert_eq!(b.dev.status().expiries, 2);
+        // The guest goes on programming it as before.
+        b.dev.write(START_OFFSET, &[14]);
+        assert_eq!(b.hooks(), vec![Some(s(27))]);
+        assert_eq!(b.dev.status().timeout_s, Some(2));
+    }
+
+    #[test]
+    fn restored_pings_and_stops_act_like_the_original() {
+        let mut a = armed_with_20_s_left();
+        let mut b = fixture();
+        b.dev.restore_state(&a.dev.save_state()).unwrap();
+        b.hooks();
+        for f in [&mut a, &mut b] {
+            f.advance(15_000);
+            assert!(!f.dev.check_expired());
+            f.dev.write(START_OFFSET, &[13]); // ping, 4 s
+            f.advance(3_000);
+        }
+        assert_eq!(b.dev.save_state(), a.dev.save_state());
+        assert_eq!(b.dev.time_left(), Some(s(1)));
+        b.dev.write(STOP_OFFSET, &[0]);
+        assert_eq!(b.hooks(), vec![Some(s(19)), None]);
+    }
+
+    #[test]
+    fn stopped_watchdog_restores_stopped_and_cancels_the_timer() {
+        let mut a = fixture();
+        a.dev.write(START_OFFSET, &[3]);
+        a.dev.write(STOP_OFFSET, &[0]);
+        let mut b = armed_with_20_s_left();
+        b.dev.restore_state(&a.dev.save_state()).unwrap();
+        assert_eq!(b.hooks(), vec![None]);
+        assert_eq!(b.dev.deadline(), None);
+        assert_eq!(b.dev.status().timeout_s, Some(24));
+        assert_eq!(b.dev.status().expiries, 0);
+    }
+
+    #[test]
+    fn overdue_watchdog_fires_as_soon_as_it_is_restored() {
+        let a = armed_with_20_s_left();
+        a.advance(25_000);
+        let saved = a.dev.save_state();
+        assert_eq!(saved.time_left, Some(Duration::ZERO));
+        let mut b = fixture();
+        b.advance(7_000);
+        b.dev.restore_state(&saved).unwrap();
+        assert_eq!(b.hooks(), vec![Some(s(7))]);
+        assert!(b.dev.check_expired());
+    }
+
+    #[test]
+    fn corrupt_watchdog_states_are_refused_and_change_nothing() {
+        let mut f = armed_with_20_s_left();
+        let good = f.dev.save_state();
+        let st = |time_left, timeout_s| Ib700State {
+            time_left,
+            timeout_s,
+            expiries: 7,
+        };
+        for bad in [
+            st(None, Some(31)),
+            st(None, Some(3)),
+            st(None, Some(u32::MAX)),
+            st(Some(s(1)), None),
+            st(Some(s(31)), Some(30)),
+            st(Some(s(1) + Duration::from_nanos(1)), Some(0)),
+            st(Some(Duration::MAX), Some(30)),
+        ] {
+            let err = f.dev.restore_state(&bad).unwrap_err();
+            assert_eq!(err.device, "ib700", "{bad:?}");
+            assert_eq!(f.dev.save_state(), good, "{bad:?}: unchanged");
+            assert!(f.hooks().is_empty(), "{bad:?}: no re-arm");
+        }
+        // A deadline past the end of the guest clock is refused too.
+        let mut w = Ib700Watchdog::new();
+        let err = w.restore_state(&st(Some(s(2)), Some(2)), Duration::MAX);
+        assert_eq!(err.map_err(|e| e.device), Err("ib700"));
+        assert_eq!(w, Ib700Watchdog::new());
+    }
+
+    #[test]
+    fn watchdog_state_survives_a_json_round_trip() {
+        let saved = Ib700State {
+            time_left: Some(Duration::new(19, 999_999_999)),
+            timeout_s: Some(20),
+            expiries: 3,
+        };
+        let json = serde_json::to_string(&saved).unwrap();
+        assert_eq!(serde_json::from_str::<Ib700State>(&json).unwrap(), saved);
+        // A duration that overflows is a decoding error, not a panic.
+        let hostile = format!(
+            r#"{{"time_left":{{"secs":{},"nanos":1000000000}},"timeout_s":30,"expiries":0}}"#,
+            u64::MAX
+        );
+        assert!(serde_json::from_str::<Ib700State>(&hostile).is_err());
     }
 }

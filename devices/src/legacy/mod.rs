@@ -14,6 +14,9 @@
 //!   like an unclaimed ISA port.
 //! - Nothing the guest writes can panic the VMM; guest-driven oddities are
 //!   logged at `debug`/`trace` level only, so a guest cannot flood the log.
+//! - Snapshots: each device has `save_state` / `restore_state` with its own
+//!   serde state type (see [`crate::state`]); host-side plumbing (interrupt
+//!   lines, event sinks, writers, hooks) is never part of it.
 
 pub mod acpi_pm;
 pub mod i8042;
@@ -21,11 +24,11 @@ pub mod ib700;
 pub mod pvpanic;
 pub mod serial;
 
-pub use acpi_pm::AcpiPmDevice;
-pub use i8042::{I8042Device, I8042Error, I8042Port};
-pub use ib700::{Ib700Device, Ib700Watchdog, WatchdogStatus};
-pub use pvpanic::PvPanicDevice;
-pub use serial::SerialDevice;
+pub use acpi_pm::{AcpiPmDevice, AcpiPmState};
+pub use i8042::{I8042Device, I8042Error, I8042Port, I8042State};
+pub use ib700::{Ib700Device, Ib700State, Ib700Watchdog, WatchdogStatus};
+pub use pvpanic::{PvPanicDevice, PvPanicState};
+pub use serial::{SerialDevice, SerialState};
 
 use std::io;
 use std::sync::Arc;

@@ -46,13 +46,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 mod backup;
 mod direct;
+mod state;
 mod uring;
 
 pub use backup::{
@@ -72,6 +73,7 @@ use super::{
     drain_eventfd, new_queue_events, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt,
     VirtioDevice, COMMON_FEATURES,
 };
+use crate::state::StateError;
 
 /// virtio device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -632,15 +634,16 @@ impl Block {
         }
     }
 
-    /// Completes the requests io_uring finished: status, used ring, interrupt.
-    fn complete_ring(&mut self) {
+    /// Completes the requests io_uring finished (`wait_all`: every request
+    /// in flight, waiting for them): status, used ring, interrupt.
+    fn complete_ring(&mut self, wait_all: bool) {
         let (Some(ring), Some(active)) = (self.ring.as_mut(), self.active.as_mut()) else {
             return;
         };
         let disk = &self.disk;
         // The queues that got a chain back.
         let mut used = vec![false; active.queues.len()];
-        ring.reap(|mut req, res| {
+        let mut done = |mut req: InFlight, res| {
             let r = disk.async_result(&req.mem, &mut req.op, res);
             let len = disk.complete(&req.mem, req.status_addr, &req.op, r);
             let Some(queue) = active.queues.get_mut(req.queue) else {
@@ -650,7 +653,12 @@ impl Block {
                 Ok(()) => used[req.queue] = true,
                 Err(e) => tracing::debug!("virtio-blk: cannot return chain {}: {e}", req.head),
             }
-        });
+        };
+        if wait_all {
+            ring.wait_all(&mut done);
+        } else {
+            ring.reap(&mut done);
+        }
         let mem = &*active.mem;
         let notify = active
             .queues
@@ -1102,6 +1110,10 @@ impl VirtioDevice for Block {
         self.active = None;
     }
 
+    fn quiesce(&mut self) -> Result<Vec<QueueState>, StateError> {
+        self.quiesce_queues()
+    }
+
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }
@@ -1152,7 +1164,7 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == RING_TOKEN {
-            self.complete_ring();
+            self.complete_ring(false);
             return;
         }
         if events.data() == BACKUP_INBOX_TOKEN {

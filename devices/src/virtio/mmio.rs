@@ -43,6 +43,9 @@ use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use super::{GuestMemoryHandle, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::{lock, BusDevice};
 
+mod state;
+pub use state::{SavedQueue, TransportState};
+
 /// Size of one virtio-mmio device window on the bus.
 pub const MMIO_SIZE: u64 = 0x200;
 /// Offset of QueueNotify: register each queue's eventfd as an ioeventfd at
@@ -458,26 +461,31 @@ impl BusDevice for MmioTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::StateError;
     use crate::virtio::test_utils::*;
     use crate::virtio::{GuestMemoryMmap, COMMON_FEATURES};
     use status::*;
+    use virtio_queue::QueueState;
 
     /// A device that records what the transport does to it.
-    struct Dummy {
+    pub(super) struct Dummy {
         sizes: Vec<u16>,
-        evts: Vec<EventFd>,
+        pub(super) evts: Vec<EventFd>,
         config: [u8; 8],
-        activated: Option<(usize, u64)>,
-        resets: usize,
+        pub(super) activated: Option<(usize, u64)>,
+        /// The queues of the last activation.
+        pub(super) queues: Vec<QueueState>,
+        pub(super) resets: usize,
     }
 
     impl Dummy {
-        fn new() -> Self {
+        pub(super) fn new() -> Self {
             Self {
                 sizes: vec![16, 32],
                 evts: crate::virtio::new_queue_events(2).unwrap(),
                 config: [1, 2, 3, 4, 5, 6, 7, 8],
                 activated: None,
+                queues: Vec::new(),
                 resets: 0,
             }
         }
@@ -513,24 +521,31 @@ mod tests {
             _interrupt: Interrupt,
         ) -> Result<(), ActivateError> {
             self.activated = Some((queues.len(), acked));
+            self.queues = queues.iter().map(Queue::state).collect();
             Ok(())
         }
         fn reset(&mut self) {
             self.activated = None;
             self.resets += 1;
         }
+        fn quiesce(&mut self) -> Result<Vec<QueueState>, StateError> {
+            Ok(match self.activated.take() {
+                Some(_) => std::mem::take(&mut self.queues),
+                None => Vec::new(),
+            })
+        }
         fn is_activated(&self) -> bool {
             self.activated.is_some()
         }
     }
 
-    fn setup() -> (Arc<Mutex<Dummy>>, MmioTransport) {
+    pub(super) fn setup() -> (Arc<Mutex<Dummy>>, MmioTransport) {
         let dev = Arc::new(Mutex::new(Dummy::new()));
         let t = MmioTransport::new(dev.clone(), GuestMemoryHandle::new(guest_memory())).unwrap();
         (dev, t)
     }
 
-    fn queues() -> Vec<TestQueue> {
+    pub(super) fn queues() -> Vec<TestQueue> {
         vec![TestQueue::new(0x1000, 16), TestQueue::new(0x3000, 32)]
     }
 

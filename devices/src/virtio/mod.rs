@@ -3,7 +3,7 @@
 //! # Pieces
 //! - [`VirtioDevice`]: what a device model offers the transport (type, features,
 //!   config space, queue sizes and queue-notification `EventFd`s, `activate`,
-//!   `reset`).
+//!   `reset`, `quiesce`).
 //! - [`MmioTransport`]: the virtio-mmio register file (version 2). It is a
 //!   [`BusDevice`](crate::BusDevice) on the MMIO bus, [`MMIO_SIZE`] bytes wide.
 //! - [`Block`] and [`Net`]: the device models. Each also implements
@@ -54,6 +54,17 @@
 //! (the guest driver will also write status 0 when it probes again), then may
 //! `set` fresh memory in the handle; devices pick the memory up at the next
 //! DRIVER_OK.
+//!
+//! # Snapshots
+//! [`MmioTransport::save_state`] quiesces the device ([`VirtioDevice::quiesce`]:
+//! stopped like a reset, but every queue's position is kept) and returns a
+//! [`TransportState`]; [`MmioTransport::restore_state`] puts a transport
+//! (the same one, or a fresh one built from the same configuration in
+//! another process) back into that state and restarts the device where it
+//! stopped. Save before copying guest memory (quiescing writes the last
+//! completions into it), and keep the vCPUs paused from `save_state` until
+//! `restore_state` (or a reset): in between, the transport says DRIVER_OK but
+//! nothing serves the queues.
 
 pub mod block;
 mod iov;
@@ -67,14 +78,16 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::state::StateError;
 
 pub use block::{
     BackupDone, BackupInbox, BackupReport, BackupRequest, BackupStarted, BackupSubmitError, Block,
     BlockConfig, BlockCounters, BlockError, BlockStats, IoEngine, BACKUP_CHUNK,
 };
-pub use mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+pub use mmio::{MmioTransport, SavedQueue, TransportState, MMIO_SIZE, NOTIFY_OFFSET};
 pub use net::{Net, NetConfig, NetError, NetStats};
 
 /// Guest memory as the virtio devices see it (no dirty-page bitmap).
@@ -140,6 +153,19 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device and forgets queues, memory and interrupt.
     fn reset(&mut self);
+    /// Stops the device as [`reset`](Self::reset) does, for a snapshot, but
+    /// returns every queue's state (configuration and positions: next
+    /// avail, next used) in queue-index order, so that a later `activate`
+    /// with those queues, in this process or another one, carries on
+    /// exactly where the device stopped: no request lost, none served
+    /// twice.
+    ///
+    /// When it returns nothing is in flight: every request the device took
+    /// from a ring is either completed into the used ring (guest memory;
+    /// the interrupt it deserves is raised) or given back to the avail ring
+    /// (`next_avail` rewound). An empty vector when not activated. On error
+    /// the device keeps running as before.
+    fn quiesce(&mut self) -> Result<Vec<QueueState>, StateError>;
     /// Whether `activate` succeeded and no `reset` came since.
     fn is_activated(&self) -> bool;
 }
@@ -214,6 +240,23 @@ impl Interrupt {
     /// Clears every pending bit (device reset).
     pub fn clear(&self) {
         self.0.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Puts INTERRUPT_STATUS and ConfigGeneration back as saved (snapshot
+    /// restore). With a bit pending it fires the irqfd once: the guest may
+    /// not have taken the interrupt that set the bit before the snapshot,
+    /// and a spurious interrupt is harmless where a lost one wedges the
+    /// driver.
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.0
+            .config_generation
+            .store(config_generation, Ordering::SeqCst);
+        self.0.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.0.evt.write(1) {
+                tracing::warn!("virtio: cannot signal interrupt eventfd: {e}");
+            }
+        }
     }
 
     /// ConfigGeneration register value.

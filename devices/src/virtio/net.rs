@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::vhost::{VhostMode, VhostPath};
@@ -53,6 +53,7 @@ use super::{
     drain_eventfd, new_queue_events, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt,
     VirtioDevice, COMMON_FEATURES,
 };
+use crate::state::StateError;
 
 /// virtio device ID of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -93,6 +94,7 @@ const OFFERED: u64 = COMMON_FEATURES
     | F_MRG_RXBUF
     | F_STATUS;
 
+mod state;
 pub mod vhost;
 
 /// One `--net`.
@@ -836,6 +838,10 @@ impl VirtioDevice for Net {
         if let Err(e) = self.tap.set_offload(0) {
             tracing::debug!("virtio-net: TUNSETOFFLOAD 0: {e}");
         }
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<QueueState>, StateError> {
+        self.quiesce_queues()
     }
 
     fn is_activated(&self) -> bool {

@@ -16,6 +16,7 @@ mod lifecycle;
 mod net;
 mod panic;
 mod server;
+mod snapshot;
 mod watchdog;
 
 use tests::guest::{Guest, Spec, INIT_OK};

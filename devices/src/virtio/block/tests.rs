@@ -225,6 +225,7 @@ impl Fixture {
 
 mod backup;
 mod queues;
+mod state;
 
 #[test]
 fn config_space_reports_capacity_seg_max_blk_size() {

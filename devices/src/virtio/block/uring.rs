@@ -91,7 +91,7 @@ impl Uring {
         &self.evt
     }
 
-    #[cfg(test)]
+    /// Requests handed to the kernel and not completed yet.
     pub(super) fn in_flight(&self) -> usize {
         self.in_flight
     }

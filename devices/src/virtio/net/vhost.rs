@@ -40,7 +40,8 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use vhost::vhost_kern::vhost_binding::{vhost_vring_file, VHOST_NET_SET_BACKEND};
 use vhost::vhost_kern::VhostKernBackend;
 use vhost::{VhostBackend as _, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Address as _, Bytes as _, GuestAddress};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -175,6 +176,9 @@ pub(super) struct VhostPath {
     /// The kernel holds references to these; keep them for its lifetime.
     _tap: File,
     interrupt: Interrupt,
+    /// The queues as handed over (RX, TX): their configuration, for
+    /// [`VhostPath::quiesce`] to return with the kernel's positions.
+    queues: [QueueState; 2],
 }
 
 impl VhostPath {
@@ -202,6 +206,7 @@ impl VhostPath {
             },
             _tap: tap,
             interrupt,
+            queues: [queues[RX].state(), queues[TX].state()],
         };
         let handle = &path.handle;
         // The first activation makes this process the instance's owner;
@@ -284,6 +289,77 @@ impl VhostPath {
     /// guest memory or the rings.
     pub(super) fn stop(self) {
         drop(self);
+    }
+
+    /// Stops the kernel datapath as [`Self::stop`] does and returns where
+    /// each queue (RX, TX) stopped, for a snapshot. Detaching a queue's
+    /// backend flushes it, so every chain the kernel took is used by then:
+    /// `VHOST_GET_VRING_BASE` gives the next avail index, the used ring's
+    /// index in guest memory the next used one. A used-buffer signal the
+    /// event loop has not relayed yet becomes INTERRUPT_STATUS now (it
+    /// would be lost with the datapath). Where a queue cannot be detached
+    /// the ones already detached are attached again: the datapath keeps
+    /// running, and the reason comes back.
+    pub(super) fn quiesce(&mut self, calls: &[EventFd]) -> Result<[QueueState; 2], String> {
+        for (n, i) in [RX, TX].into_iter().enumerate() {
+            if let Err(e) = self.handle.set_backend(i, None) {
+                self.reattach(n);
+                return Err(format!("detaching the TAP from vhost-net queue {i}: {e}"));
+            }
+        }
+        for i in [RX, TX] {
+            // Validated at start, and the memory is held: only a bug gets
+            // here, and then the datapath goes on rather than lose track.
+            let Some(used) = self.used_idx(i) else {
+                self.reattach(2);
+                return Err(format!("vhost-net queue {i}: cannot read the used ring"));
+            };
+            let avail = match self.handle.get_vring_base(i).map(u16::try_from) {
+                Ok(Ok(a)) => a,
+                other => {
+                    // As QEMU does: with the queue flushed every chain the
+                    // kernel took was used, so the used index is where it
+                    // stopped.
+                    tracing::warn!(
+                        "vhost-net: VHOST_GET_VRING_BASE {i}: {other:?}; using the used index"
+                    );
+                    used
+                }
+            };
+            if let Some(q) = self.queues.get_mut(i) {
+                q.next_avail = avail;
+                q.next_used = used;
+            }
+        }
+        // Drain both (no short cut): a stale signal would only cost a
+        // spurious interrupt after the next activation, but why have it.
+        let signalled = calls
+            .iter()
+            .map(|c| c.read().is_ok_and(|n| n > 0))
+            .fold(false, |a, b| a | b);
+        if signalled {
+            self.interrupt.signal_used_queue();
+        }
+        // The caller drops the path, which detaches the queues again: a
+        // no-op for the kernel.
+        Ok(self.queues)
+    }
+
+    /// Attaches the TAP again to the first `n` queues (RX, TX) after a
+    /// failed [`Self::quiesce`]: the datapath carries on.
+    fn reattach(&self, n: usize) {
+        for j in [RX, TX].into_iter().take(n) {
+            if let Err(e) = self.handle.set_backend(j, Some(&self._tap)) {
+                tracing::error!("vhost-net: re-attaching the TAP to queue {j}: {e}");
+            }
+        }
+    }
+
+    /// The used ring's index of queue `i`, from guest memory.
+    fn used_idx(&self, i: usize) -> Option<u16> {
+        let q = self.queues.get(i)?;
+        let addr = GuestAddress(q.used_ring).checked_add(2)?;
+        self.handle.mem.read_obj::<u16>(addr).ok().map(u16::from_le)
     }
 }
 

@@ -31,6 +31,8 @@ use crate::watchdog::{GuestClock, Watchdog};
 use devices::virtio::{Block, BlockConfig, GuestMemoryHandle, MmioTransport, Net, NetConfig};
 use std::sync::Mutex;
 
+mod snapshot;
+
 /// Why a lifecycle input was not carried out.
 #[derive(Debug, thiserror::Error)]
 enum ApplyError {
@@ -151,6 +153,10 @@ pub struct Vm {
     /// What `status` shows of each network interface.
     pub nets: Vec<NetSource>,
     mem_handle: GuestMemoryHandle,
+    /// The snapshot the first boot continues instead (`--restore`).
+    pub restore: Option<crate::snapshot::RestoreSource>,
+    /// KVM's MSR list, read at the first snapshot.
+    msr_index: Option<Arc<Vec<u32>>>,
 }
 
 /// A network interface as `status` shows it.
@@ -352,6 +358,8 @@ impl Vm {
             disks,
             nets,
             mem_handle,
+            restore: None,
+            msr_index: None,
         })
     }
 
@@ -537,6 +545,11 @@ impl Vm {
         self.state
     }
 
+    /// The virtio devices (disks, the modules disk, network interfaces).
+    pub fn virtio_count(&self) -> usize {
+        self.virtio.len()
+    }
+
     /// The kernel the next boot loads: the customer's choice, else the
     /// configured one; a library entry, or a kernel from the VM's disk.
     fn kernel_for_boot(&mut self) -> Result<KernelChoice, VmmError> {
@@ -582,6 +595,9 @@ impl Vm {
         for slot in &self.virtio {
             lock(&slot.transport).reset();
         }
+        if let Some(r) = self.restore.take() {
+            return self.continue_snapshot(r);
+        }
         let choice = self.kernel_for_boot()?;
         let cfg = BootConfig {
             kernel: choice.kernel,
@@ -624,7 +640,7 @@ impl Vm {
             None => format!("power-on, kernel {}", choice.label),
         };
         (self.hooks.on_boot)(boot_no, &reason);
-        let m = Machine::boot(&self.kvm, &cfg, env)?;
+        let m = Machine::boot(&self.kvm, &cfg, env, None)?;
         self.machine = Some(m);
         self.boot_count = boot_no;
         self.boot_started = Instant::now();

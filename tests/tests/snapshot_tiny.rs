@@ -1,0 +1,314 @@
+//! Snapshots of tiny guests (this machine's KVM): a guest that prints the
+//! alphabet with its letter in a register is saved, its VMM killed, and a
+//! new VMM continues it at the next letter, not from the start; what a
+//! snapshot is refused for, and what a restore refuses.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tests::control::Ctl;
+use tests::tiny::{vmm_command, Asm};
+use tests::{TempDir, VmmProcess};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Prints READY, then a..z over and over, the letter kept in AL only:
+/// a restored guest goes on from its registers or not at all.
+fn alphabet() -> Asm {
+    let mut a = Asm::new();
+    a.print("READY\r\n");
+    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    let top = a.here();
+    a.code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    a.code.extend_from_slice(&[0xfe, 0xc0]); // inc al
+    a.code.extend_from_slice(&[0x3c, b'z' + 1, 0x75, 0x02]); // cmp al, 'z'+1; jne +2
+    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    a.delay(200_000);
+    a.jmp_back(top);
+    a
+}
+
+struct Vm {
+    dir: PathBuf,
+    sock: PathBuf,
+    p: VmmProcess,
+}
+
+fn start(dir: &Path, extra: &[&str]) -> Vm {
+    let sock = dir.join("run/vm1/control.sock");
+    let snaps = dir.join("snapshots");
+    let _ = std::fs::create_dir(&snaps);
+    let mut cmd = vmm_command(dir, "vm1", &alphabet(), &sock);
+    cmd.arg("--snapshot-dir").arg(&snaps).args(extra);
+    Vm {
+        dir: dir.to_path_buf(),
+        sock,
+        p: VmmProcess::spawn_cmd(&mut cmd),
+    }
+}
+
+impl Vm {
+    fn ctl(&self) -> Ctl {
+        Ctl::connect(&self.sock)
+    }
+    fn snapshot(&self, name: &str) -> PathBuf {
+        self.dir.join("snapshots").join(name)
+    }
+    /// The letters printed after READY.
+    fn letters(&self) -> String {
+        letters_of(&self.p.output())
+    }
+}
+
+/// The letters in console output after READY (the VMM's own marker
+/// lines, `--- vmm: boot 1 (restored ...) ---`, left out).
+fn letters_of(out: &str) -> String {
+    let tail = out.split("READY\r\n").last().unwrap_or_default();
+    tail.lines()
+        .filter(|l| !l.contains("--- vmm:"))
+        .flat_map(|l| l.chars())
+        .filter(|c| c.is_ascii_lowercase())
+        .collect()
+}
+
+fn next_letter(c: char) -> char {
+    if c == 'z' {
+        'a'
+    } else {
+        ((c as u8) + 1) as char
+    }
+}
+
+#[test]
+fn a_restored_tiny_guest_goes_on_at_the_next_letter_in_a_new_process() {
+    let dir = TempDir::new("snap-tiny");
+    let mut vm = start(dir.path(), &[]);
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    assert!(
+        vm.p.wait_until(0, T, |t| (letters_of(t).len() >= 30).then_some(()))
+            .is_some(),
+        "{}",
+        vm.p.report()
+    );
+    let boot_count = vm.ctl().status()["boot_count"].clone();
+
+    // Saved and powered off: no letter after the last one printed.
+    let r = vm.ctl().ok(r#"{"cmd":"snapshot","dir":"s1","stop":true}"#);
+    assert_eq!(r["stopped"], true, "{r}");
+    assert_eq!(r["memory_bytes"], 64 << 20, "{r}");
+    assert_eq!(vm.ctl().status()["state"], "stopped");
+    let snap = vm.snapshot("s1");
+    assert!(snap.join("state").is_file() && snap.join("memory").is_file());
+    assert!(!vm.dir.join("snapshots/s1.part").exists());
+    // SIGTERM, not SIGKILL: the VMM writes out the last letters it got.
+    vm.p.child.signal(libc::SIGTERM).expect("SIGTERM");
+    assert!(vm.p.wait_exit(T).is_some(), "{}", vm.p.report());
+    let printed = vm.letters();
+    let last = printed.chars().last().expect("letters");
+    let saved_by = vm.p.stderr();
+
+    let restored = start(
+        dir.path(),
+        &["--restore", snap.to_str().expect("a UTF-8 path")],
+    );
+    assert!(
+        restored
+            .p
+            .wait_until(0, T, |t| (letters_of(t).len() >= 5).then_some(()))
+            .is_some(),
+        "{}",
+        restored.p.report()
+    );
+    let out = restored.p.output();
+    assert!(!out.contains("READY"), "it booted again: {out}");
+    assert!(
+        out.contains("restored from snapshot"),
+        "the console marks the restore: {out}"
+    );
+    let first = letters_of(&out).chars().next().expect("letters");
+    assert_eq!(
+        first,
+        next_letter(last),
+        "it goes on after '{last}' (printed before: ...{})\n{}\nthe VMM that saved it:\n{saved_by}",
+        &printed[printed.len().saturating_sub(10)..],
+        restored.p.report()
+    );
+    let s = restored.ctl().status();
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["boot_count"], boot_count, "{s}");
+}
+
+#[test]
+fn a_snapshot_leaves_the_guest_running_and_refuses_customers_names_outside_its_directory_and_existing_names(
+) {
+    let dir = TempDir::new("snap-tiny-run");
+    let vm = start(dir.path(), &["--allow-user", "65534"]);
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    let mut c = vm.ctl();
+    let r = c.ok(r#"{"cmd":"snapshot","dir":"s1"}"#);
+    assert_eq!(r["stopped"], false, "{r}");
+    assert!(r["paused_us"].as_u64().unwrap_or(0) > 0, "{r}");
+    let before = vm.letters().len();
+    assert!(
+        vm.p.wait_until(0, T, |t| (letters_of(t).len() > before + 5).then_some(()))
+            .is_some(),
+        "the guest runs on after the snapshot\n{}",
+        vm.p.report()
+    );
+    for (line, code) in [
+        (r#"{"cmd":"snapshot","dir":"s1"}"#, "bad_request"),
+        (r#"{"cmd":"snapshot","dir":"../escape"}"#, "bad_request"),
+        (r#"{"cmd":"snapshot","dir":"x.part"}"#, "bad_request"),
+        (r#"{"cmd":"snapshot"}"#, "bad_request"),
+        (
+            r#"{"cmd":"snapshot","dir":"x","stop":"yes"}"#,
+            "bad_request",
+        ),
+    ] {
+        let e = c.call(line);
+        assert_eq!(e["ok"], false, "{line}: {e}");
+        assert_eq!(e["code"], code, "{line}: {e}");
+    }
+    // A customer runs the VM; the operator copies it. (The socket and
+    // its directory are opened to everyone: the VMM's own check decides.)
+    for (mode, path) in [("0755", vm.sock.parent().unwrap()), ("0666", &vm.sock)] {
+        let st = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+        assert!(st.is_ok_and(|s| s.success()), "chmod {}", path.display());
+    }
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "echo '{{\"cmd\":\"snapshot\",\"dir\":\"mine\"}}' | socat -t 5 - UNIX-CONNECT:{}",
+            vm.sock.display()
+        ))
+        .output()
+        .expect("setpriv and socat (scripts/host-deps.sh installs them)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"code\":\"forbidden\""), "{text}");
+    assert!(!vm.snapshot("mine").exists() && !vm.snapshot("mine.part").exists());
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("s1")]);
+    assert_eq!(c.status()["state"], "running");
+}
+
+#[test]
+fn without_a_snapshot_directory_snapshot_is_refused_as_unsupported() {
+    let dir = TempDir::new("snap-tiny-none");
+    let sock = dir.path().join("run/vm1/control.sock");
+    let p = VmmProcess::spawn_cmd(&mut vmm_command(dir.path(), "vm1", &alphabet(), &sock));
+    assert!(p.wait_for("READY", T), "{}", p.report());
+    let e = Ctl::connect(&sock).call(r#"{"cmd":"snapshot","dir":"s"}"#);
+    assert_eq!(e["code"], "unsupported", "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--snapshot-dir"),
+        "{e}"
+    );
+}
+
+/// `vmm --restore` of `snap` with `extra` flags: its exit and stderr.
+fn restore_fails(dir: &Path, snap: &Path, extra: &[&str]) -> String {
+    let mut vm = start(
+        dir,
+        &[&["--restore", snap.to_str().expect("UTF-8")], extra].concat(),
+    );
+    let st = vm.p.wait_exit(T);
+    assert!(
+        st.is_some_and(|s| !s.success()),
+        "the restore did not fail: {st:?}\n{}",
+        vm.p.report()
+    );
+    assert!(
+        !vm.p.output().contains('a'),
+        "the guest ran: {}",
+        vm.p.report()
+    );
+    vm.p.stderr()
+}
+
+#[test]
+fn a_corrupt_foreign_or_mismatched_snapshot_is_refused_with_a_clear_error() {
+    let dir = TempDir::new("snap-tiny-bad");
+    let mut vm = start(dir.path(), &[]);
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    vm.ctl()
+        .ok(r#"{"cmd":"snapshot","dir":"good","stop":true}"#);
+    let _ = vm.p.child.kill();
+    let _ = vm.p.wait_exit(T);
+    let good = vm.snapshot("good");
+    let copy = |name: &str| {
+        let d = vm.snapshot(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in ["state", "memory"] {
+            std::fs::copy(good.join(f), d.join(f)).unwrap();
+        }
+        d
+    };
+
+    // One byte of the state flipped.
+    let flipped = copy("flipped");
+    let mut state = std::fs::read(flipped.join("state")).unwrap();
+    let i = state.len() / 2;
+    state[i] ^= 0x20;
+    std::fs::write(flipped.join("state"), &state).unwrap();
+    let err = restore_fails(dir.path(), &flipped, &[]);
+    assert!(err.contains("corrupt"), "{err}");
+
+    // Another format version.
+    let future = copy("future");
+    let mut state = std::fs::read(future.join("state")).unwrap();
+    state[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(future.join("state"), &state).unwrap();
+    let err = restore_fails(dir.path(), &future, &[]);
+    assert!(err.contains("version 99"), "{err}");
+
+    // Memory damaged.
+    let mem = copy("memory");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(mem.join("memory"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"\xff\xfe", 0x10_0000).unwrap();
+    let err = restore_fails(dir.path(), &mem, &[]);
+    assert!(err.contains("memory is corrupt"), "{err}");
+
+    // Not a snapshot at all, and a missing one.
+    let junk = vm.snapshot("junk");
+    std::fs::create_dir(&junk).unwrap();
+    std::fs::write(junk.join("state"), b"hello").unwrap();
+    std::fs::write(junk.join("memory"), b"").unwrap();
+    let err = restore_fails(dir.path(), &junk, &[]);
+    assert!(err.contains("not a snapshot"), "{err}");
+    let err = restore_fails(dir.path(), &vm.snapshot("absent"), &[]);
+    assert!(err.contains("absent"), "{err}");
+
+    // Another machine: more vCPUs than it was taken with.
+    let err = restore_fails(dir.path(), &good, &["--vcpus", "2"]);
+    assert!(err.contains("1 vCPUs (this VM: 2)"), "{err}");
+
+    // The good one still restores.
+    let ok = start(dir.path(), &["--restore", good.to_str().expect("UTF-8")]);
+    assert!(
+        ok.p.wait_until(0, T, |t| (letters_of(t).len() >= 3).then_some(()))
+            .is_some(),
+        "{}",
+        ok.p.report()
+    );
+}

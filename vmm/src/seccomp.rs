@@ -229,6 +229,8 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_mkdir, "a snapshot's directory"),
     (libc::SYS_mkdirat, "a snapshot's directory"),
     (libc::SYS_rmdir, "removing a failed snapshot"),
+    (libc::SYS_ftruncate, "a snapshot's memory file taking its length (its zero MiBs are holes)"),
+    (libc::SYS_pwrite64, "a snapshot's memory, MiB by MiB"),
     (libc::SYS_fsync, "the state file, a snapshot's files"),
     (libc::SYS_fdatasync, "the state file"),
     (libc::SYS_fcntl, "descriptor flags (nonblocking, close-on-exec)"),

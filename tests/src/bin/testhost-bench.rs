@@ -15,13 +15,18 @@
 //!   end (`vmm.run=netbench`, timed in the guest), ours vs QEMU's
 //!   virtio-net, both userspace (`vhost=off`), then both with vhost-net;
 //! * sshd: the customer's Debian server, process start → sshd's greeting
-//!   (`testhost_bench/sshd.rs`).
+//!   (`testhost_bench/sshd.rs`);
+//! * snapshot: save and restore of an idle guest of 256 MiB and 1 GiB, ours
+//!   against QEMU's migration to a file (`testhost_bench/snapshot.rs`);
+//!   only when asked (`--only snapshot`).
 
 // The benchmark's table and statistics helpers (this binary uses a part).
 #[allow(dead_code)]
 #[path = "bench/report.rs"]
 mod report;
 
+#[path = "testhost_bench/snapshot.rs"]
+mod snapshot;
 #[path = "testhost_bench/sshd.rs"]
 mod sshd;
 
@@ -289,7 +294,7 @@ fn main() -> ExitCode {
                     .collect()
             }
             "--help" | "-h" => {
-                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd]   (scripts/bench.sh --testhost)");
+                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot]   (scripts/bench.sh --testhost)");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -329,6 +334,10 @@ fn main() -> ExitCode {
 
     if only.iter().any(|o| o == "sshd") {
         sshd::row(runs);
+    }
+
+    if only.iter().any(|o| o == "snapshot") {
+        snapshot::rows(runs, &g);
     }
 
     if only.iter().any(|o| o == "disk") {

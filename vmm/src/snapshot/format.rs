@@ -8,14 +8,18 @@
 //!   read it; the checksum because a half-written or damaged file must be
 //!   refused, not half-restored.
 //! * `memory`: guest RAM, each region after the other in address order,
-//!   as raw bytes (all-zero MiBs left as holes: the file is sparse). Its
-//!   length and CRC-32 are in the state.
+//!   as raw bytes (all-zero MiBs left as holes: the file is sparse, and a
+//!   restore reads only its data, `SEEK_DATA`). Its length and checksum
+//!   are in the state ([`MemoryInfo`]).
 //!
 //! A reader refuses another format version outright: the state's types
 //! change with it, and a guest restored from a misread state would run on
 //! with corrupt registers rather than fail.
 
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -94,52 +98,87 @@ pub fn decode_state(r: &mut impl Read) -> Result<Vec<u8>, FormatError> {
 /// What [`write_memory`] wrote: for the state, to check the file on restore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryInfo {
+    /// The file's length: all of guest RAM.
     pub bytes: u64,
+    /// CRC-32 over every MiB that is not all zeros, in order, each as its
+    /// file offset (u64 LE) then its bytes. Zero MiBs are holes that the
+    /// reader need not read; a damaged, moved, zeroed or filled-in MiB
+    /// still changes the sum.
     pub crc32: u32,
 }
 
-/// Writes every region of `mem` to `out`, in address order.
-pub fn write_memory<W: Write + Seek>(
-    mem: &GuestMemoryMmap,
-    out: &mut W,
-) -> Result<MemoryInfo, FormatError> {
+/// The guest's RAM as the file lays it out: (file offset, guest address,
+/// length) of each piece of at most [`CHUNK`] bytes, regions in order.
+fn pieces(mem: &GuestMemoryMmap) -> impl Iterator<Item = (u64, GuestAddress, usize)> + '_ {
+    let mut file_off = 0u64;
+    mem.iter().flat_map(move |region| {
+        let (start, len) = (region.start_addr().0, region.len());
+        let base = file_off;
+        file_off += len;
+        (0..len.div_ceil(CHUNK as u64)).map(move |i| {
+            let off = i * CHUNK as u64;
+            let n = (len - off).min(CHUNK as u64) as usize;
+            (base + off, GuestAddress(start + off), n)
+        })
+    })
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // An OR over the bytes, which the compiler vectorizes.
+    b.iter().fold(0u8, |a, &x| a | x) == 0
+}
+
+fn crc_piece(crc: &mut crc32fast::Hasher, file_off: u64, data: &[u8]) {
+    crc.update(&file_off.to_le_bytes());
+    crc.update(data);
+}
+
+/// Writes every region of `mem` to `out` (an empty file), in address order;
+/// all-zero MiBs are left as holes.
+pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<MemoryInfo, FormatError> {
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut bytes = 0u64;
-    let total: u64 = mem.iter().map(|r| r.len()).sum();
-    for region in mem.iter() {
-        let start = region.start_addr();
-        let len = region.len();
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            let piece = &mut buf[..n];
-            mem.read_slice(piece, GuestAddress(start.0 + off))
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            crc.update(piece);
-            bytes += n as u64;
-            // Zero MiBs become holes, except the very last piece, which
-            // gives the file its length.
-            if bytes < total && piece.iter().all(|&b| b == 0) {
-                out.seek(SeekFrom::Current(n as i64))?;
-            } else {
-                out.write_all(piece)?;
-            }
-            off += n as u64;
+    for (file_off, addr, n) in pieces(mem) {
+        let piece = &mut buf[..n];
+        mem.read_slice(piece, addr)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        if !is_zero(piece) {
+            crc_piece(&mut crc, file_off, piece);
+            out.write_all_at(piece, file_off)?;
         }
+        bytes = file_off + n as u64;
     }
+    out.set_len(bytes)?;
     Ok(MemoryInfo {
         bytes,
         crc32: crc.finalize(),
     })
 }
 
+/// Where the next data at or after `off` starts in `f` (None: only holes
+/// follow). A file system without SEEK_DATA reports all of it as data.
+fn next_data(f: &File, off: u64) -> io::Result<Option<u64>> {
+    let Ok(at) = libc::off_t::try_from(off) else {
+        return Ok(None);
+    };
+    // SAFETY: lseek on a descriptor `f` owns; it touches no memory.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Ok(u64::try_from(r).ok());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(off)),
+        _ => Err(e),
+    }
+}
+
 /// Reads `mem`'s regions back from `input`, checking length and checksum.
-pub fn read_memory<R: Read>(
-    mem: &GuestMemoryMmap,
-    input: &mut R,
-    info: MemoryInfo,
-) -> Result<(), FormatError> {
+/// Holes are not read, and guest memory there is not touched (a fresh
+/// guest's RAM is zero already, and stays unallocated).
+pub fn read_memory(mem: &GuestMemoryMmap, input: &File, info: MemoryInfo) -> Result<(), FormatError> {
     let expected: u64 = mem.iter().map(|r| r.len()).sum();
     if info.bytes != expected {
         return Err(FormatError::MemorySize {
@@ -147,27 +186,34 @@ pub fn read_memory<R: Read>(
             expected,
         });
     }
+    if input.metadata()?.len() != expected {
+        return Err(FormatError::MemoryCorrupt);
+    }
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
-    for region in mem.iter() {
-        let start = region.start_addr();
-        let len = region.len();
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            let piece = &mut buf[..n];
-            input.read_exact(piece).map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => FormatError::MemoryCorrupt,
-                _ => FormatError::Io(e),
-            })?;
-            crc.update(piece);
-            mem.write_slice(piece, GuestAddress(start.0 + off))
+    let mut data_at = next_data(input, 0)?;
+    for (file_off, addr, n) in pieces(mem) {
+        let end = file_off + n as u64;
+        match data_at {
+            None => break,
+            Some(d) if d >= end => continue,
+            Some(_) => {}
+        }
+        let piece = &mut buf[..n];
+        input.read_exact_at(piece, file_off).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => FormatError::MemoryCorrupt,
+            _ => FormatError::Io(e),
+        })?;
+        if !is_zero(piece) {
+            crc_piece(&mut crc, file_off, piece);
+            mem.write_slice(piece, addr)
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            off += n as u64;
+        }
+        if end < expected {
+            data_at = next_data(input, end)?;
         }
     }
-    let mut extra = [0u8; 1];
-    if crc.finalize() != info.crc32 || input.read(&mut extra)? != 0 {
+    if crc.finalize() != info.crc32 {
         return Err(FormatError::MemoryCorrupt);
     }
     Ok(())
@@ -245,47 +291,77 @@ mod tests {
     }
 
     fn guest(mib: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), mib << 20),
-            (GuestAddress(16 << 20), 1 << 20),
-        ])
-        .unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20), (GuestAddress(16 << 20), 1 << 20)])
+            .unwrap()
+    }
+
+    fn temp_file(tag: &str) -> (std::path::PathBuf, File) {
+        let p = std::env::temp_dir().join(format!("vmm-mem-{tag}-{}", std::process::id()));
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        (p, f)
     }
 
     #[test]
-    fn memory_round_trips_with_its_zero_pages_as_holes() {
+    fn memory_round_trips_with_its_zero_mibs_as_holes_that_are_not_read() {
         let src = guest(3);
         src.write_slice(b"first", GuestAddress(0x1000)).unwrap();
-        src.write_slice(b"second region", GuestAddress(16 << 20))
-            .unwrap();
-        let mut file = Cursor::new(Vec::new());
-        let info = write_memory(&src, &mut file).unwrap();
+        src.write_slice(b"second region", GuestAddress(16 << 20)).unwrap();
+        let (p, file) = temp_file("round");
+        let info = write_memory(&src, &file).unwrap();
         assert_eq!(info.bytes, 4 << 20);
-        assert_eq!(file.get_ref().len() as u64, info.bytes);
+        assert_eq!(file.metadata().unwrap().len(), info.bytes);
         let dst = guest(3);
-        read_memory(&dst, &mut Cursor::new(file.into_inner()), info).unwrap();
+        read_memory(&dst, &file, info).unwrap();
         let mut b = [0u8; 13];
         dst.read_slice(&mut b, GuestAddress(16 << 20)).unwrap();
         assert_eq!(&b, b"second region");
         dst.read_slice(&mut b[..5], GuestAddress(0x1000)).unwrap();
         assert_eq!(&b[..5], b"first");
+        std::fs::remove_file(p).unwrap();
     }
 
     #[test]
-    fn damaged_or_mis_sized_memory_is_refused() {
-        let src = guest(1);
+    fn damaged_zeroed_filled_in_or_mis_sized_memory_is_refused() {
+        let src = guest(2);
         src.write_slice(b"x", GuestAddress(5)).unwrap();
-        let mut file = Cursor::new(Vec::new());
-        let info = write_memory(&src, &mut file).unwrap();
-        let mut bytes = file.into_inner();
-        bytes[5] = b'y';
+        let (p, file) = temp_file("damaged");
+        let info = write_memory(&src, &file).unwrap();
+        // A byte of data changed.
+        file.write_all_at(b"y", 5).unwrap();
         assert!(matches!(
-            read_memory(&guest(1), &mut Cursor::new(bytes.clone()), info),
+            read_memory(&guest(2), &file, info),
+            Err(FormatError::MemoryCorrupt)
+        ));
+        // The data MiB zeroed.
+        file.write_all_at(&[0u8; 8], 0).unwrap();
+        assert!(matches!(
+            read_memory(&guest(2), &file, info),
+            Err(FormatError::MemoryCorrupt)
+        ));
+        // Restored, and a hole filled in instead.
+        file.write_all_at(b"x", 5).unwrap();
+        read_memory(&guest(2), &file, info).unwrap();
+        file.write_all_at(b"z", (1 << 20) + 7).unwrap();
+        assert!(matches!(
+            read_memory(&guest(2), &file, info),
+            Err(FormatError::MemoryCorrupt)
+        ));
+        // Cut short, and a guest of another size.
+        file.set_len(info.bytes - 1).unwrap();
+        assert!(matches!(
+            read_memory(&guest(2), &file, info),
             Err(FormatError::MemoryCorrupt)
         ));
         assert!(matches!(
-            read_memory(&guest(2), &mut Cursor::new(bytes), info),
+            read_memory(&guest(1), &file, info),
             Err(FormatError::MemorySize { .. })
         ));
+        std::fs::remove_file(p).unwrap();
     }
 }

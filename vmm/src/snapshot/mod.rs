@@ -123,8 +123,7 @@ impl RestoreSource {
     /// Fills the new machine's memory from the snapshot.
     pub fn read_memory(&mut self, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
         let path = self.dir.join(MEMORY_FILE);
-        let mut r = std::io::BufReader::with_capacity(1 << 20, &mut self.memory);
-        format::read_memory(mem, &mut r, self.snapshot.memory)
+        format::read_memory(mem, &self.memory, self.snapshot.memory)
             .map_err(|source| SnapshotError::Format { path, source })
     }
 
@@ -297,17 +296,12 @@ fn write_files(
     };
     std::fs::create_dir(part).map_err(file_err(part))?;
     let mem_path = part.join(MEMORY_FILE);
-    let mut mf = File::create(&mem_path).map_err(file_err(&mem_path))?;
-    let memory = {
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut mf);
-        let info =
-            format::write_memory(&machine.mem, &mut w).map_err(|source| SnapshotError::Format {
-                path: mem_path.clone(),
-                source,
-            })?;
-        w.flush().map_err(file_err(&mem_path))?;
-        info
-    };
+    let mf = File::create(&mem_path).map_err(file_err(&mem_path))?;
+    let memory =
+        format::write_memory(&machine.mem, &mf).map_err(|source| SnapshotError::Format {
+            path: mem_path.clone(),
+            source,
+        })?;
     mf.sync_all().map_err(file_err(&mem_path))?;
     let snapshot = VmSnapshot {
         vmm_version: env!("CARGO_PKG_VERSION").to_string(),

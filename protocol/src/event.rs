@@ -68,6 +68,19 @@ pub enum Event {
         /// The boot the snapshot was taken in.
         boot_count: u64,
     },
+    /// `{"event":"migration","pass":2,"sent_bytes":..,"dirty_bytes":..}`: a live migration's
+    /// copy pass ended (the guest runs meanwhile); `dirty_bytes` is what the guest wrote during
+    /// it, which the next pass sends.
+    Migration {
+        /// Passes done (1: all memory).
+        pass: u32,
+        /// Bytes sent in that pass.
+        sent_bytes: u64,
+        /// Bytes written by the guest during it.
+        dirty_bytes: u64,
+        /// That pass's length, in milliseconds.
+        pass_ms: u64,
+    },
 }
 
 impl Event {
@@ -82,6 +95,7 @@ impl Event {
         "boot_failed",
         "backup_started",
         "restored",
+        "migration",
     ];
 
     /// The wire name of this event.
@@ -96,6 +110,7 @@ impl Event {
             Event::BootFailed { .. } => "boot_failed",
             Event::BackupStarted { .. } => "backup_started",
             Event::Restored { .. } => "restored",
+            Event::Migration { .. } => "migration",
         }
     }
 }
@@ -174,6 +189,12 @@ mod tests {
                 disk: "disk0".into(),
             },
             Event::Restored { boot_count: 3 },
+            Event::Migration {
+                pass: 2,
+                sent_bytes: 1 << 28,
+                dirty_bytes: 1 << 22,
+                pass_ms: 3000,
+            },
         ]
     }
 

@@ -96,6 +96,16 @@ pub enum Request {
         #[serde(skip_serializing_if = "is_false", default)]
         stop: bool,
     },
+    /// `{"cmd":"migrate","to":"192.0.2.7:4444","token":"..."}`: live migration of the running
+    /// VM to a VMM started with `--incoming 192.0.2.7:4444` (operator only). Memory is copied
+    /// while the guest runs, then the guest stops for the rest and continues on the target; this
+    /// VMM then exits. If anything fails before that, the guest runs on here.
+    Migrate {
+        /// The target's `--incoming` address, `HOST:PORT`.
+        to: String,
+        /// The target's `--incoming-token-file` contents.
+        token: String,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -123,6 +133,7 @@ impl Request {
         "sysrq",
         "backup",
         "snapshot",
+        "migrate",
     ];
 
     /// The command name (`cmd`) of this request.
@@ -146,6 +157,7 @@ impl Request {
             Request::Sysrq { .. } => "sysrq",
             Request::Backup { .. } => "backup",
             Request::Snapshot { .. } => "snapshot",
+            Request::Migrate { .. } => "migrate",
         }
     }
 }
@@ -279,6 +291,10 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
             dir: args.string("dir")?,
             stop: args.opt_bool("stop")?.unwrap_or(false),
         },
+        "migrate" => Request::Migrate {
+            to: args.string("to")?,
+            token: args.string("token")?,
+        },
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
         other => return Err(ProtocolError::UnknownCommand(other.to_string())),
     };
@@ -372,6 +388,10 @@ mod tests {
             Request::Snapshot {
                 dir: "/srv/snapshots/web1/x".into(),
                 stop: true,
+            },
+            Request::Migrate {
+                to: "192.0.2.7:4444".into(),
+                token: "s3cret".into(),
             },
         ]
     }

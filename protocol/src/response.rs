@@ -193,6 +193,22 @@ pub struct SnapshotInfo {
     pub stopped: bool,
 }
 
+/// `migrate`: `{"ok":true,"to":"...","total_ms":..,"downtime_ms":..,"passes":..,...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    /// The target's address.
+    pub to: String,
+    /// From the request to the target running the guest, in milliseconds.
+    pub total_ms: u64,
+    /// How long the guest was stopped: from its pause here to the target's go-ahead.
+    pub downtime_ms: u64,
+    /// Copy passes while the guest ran (the first copies all memory).
+    pub passes: u32,
+    /// Guest memory sent in all, and in the last (stopped) pass, in bytes.
+    pub memory_bytes: u64,
+    pub last_pass_bytes: u64,
+}
+
 /// `log`: `{"ok":true,"data":"...","bytes":1234,"total_bytes":99999}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogInfo {
@@ -236,6 +252,8 @@ pub enum Reply {
     Backup(BackupInfo),
     /// `snapshot`.
     Snapshot(SnapshotInfo),
+    /// `migrate`.
+    Migrated(MigrationInfo),
 }
 
 impl Serialize for Reply {
@@ -251,6 +269,7 @@ impl Serialize for Reply {
             Reply::Console(v) => v.serialize(serializer),
             Reply::Backup(v) => v.serialize(serializer),
             Reply::Snapshot(v) => v.serialize(serializer),
+            Reply::Migrated(v) => v.serialize(serializer),
         }
     }
 }
@@ -460,6 +479,14 @@ mod tests {
                 paused_us: 1_500_000,
                 stopped: true,
             }),
+            Reply::Migrated(MigrationInfo {
+                to: "192.0.2.7:4444".into(),
+                total_ms: 9_000,
+                downtime_ms: 120,
+                passes: 4,
+                memory_bytes: 300 << 20,
+                last_pass_bytes: 1 << 20,
+            }),
         ]
     }
 
@@ -519,6 +546,7 @@ mod tests {
                 Reply::Console(v) => assert_eq!(&resp.decode::<ConsoleAttached>().unwrap(), v),
                 Reply::Backup(v) => assert_eq!(&resp.decode::<BackupInfo>().unwrap(), v),
                 Reply::Snapshot(v) => assert_eq!(&resp.decode::<SnapshotInfo>().unwrap(), v),
+                Reply::Migrated(v) => assert_eq!(&resp.decode::<MigrationInfo>().unwrap(), v),
             }
         }
     }

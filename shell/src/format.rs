@@ -406,6 +406,9 @@ pub fn event(line: &ServerLine, style: Style) -> Option<String> {
                 Event::Restored { boot_count } => {
                     format!("restored from a snapshot by the host: boot #{boot_count} runs on")
                 }
+                Event::Migration { pass, .. } => {
+                    format!("the host is moving this VM (copy pass {pass})")
+                }
             };
             Some(format!("{} {} {what}", style.dim(&msg.time), msg.vm))
         }

@@ -310,6 +310,28 @@ impl ControlHandler for VmControlHandler {
                 Err(e) => Err(e),
             },
             Request::Snapshot { dir, stop } => snapshot(&mut vm, responder.peer(), &dir, stop),
+            Request::Migrate { to, token } => match migrate_checks(&vm, responder.peer(), &to) {
+                Ok(addr) => {
+                    let publish = vm.hooks.publish.clone();
+                    drop(vm);
+                    let shared = self.vm.clone();
+                    let p2 = publish.clone();
+                    let spawned = crate::spawner::spawn("migration".into(), move || {
+                        crate::seccomp::install(crate::seccomp::Kind::Migration);
+                        let r = crate::migration::source::run(shared, addr, token, p2);
+                        let done = r.is_ok();
+                        responder.send(r.map(Reply::Migrated));
+                        if done {
+                            crate::migration::source::end_process();
+                        }
+                    });
+                    if let Err(e) = spawned {
+                        tracing::error!("cannot start the migration's thread: {e}");
+                    }
+                    return;
+                }
+                Err(e) => Err(e),
+            },
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
                 ControlError::internal("internal error: handled by the server"),
             ),
@@ -317,6 +339,32 @@ impl ControlHandler for VmControlHandler {
         drop(vm);
         responder.send(result);
     }
+}
+
+/// `migrate`: the operator's; the VM must be running or paused, and the
+/// target an address.
+fn migrate_checks(
+    vm: &Vm,
+    peer: &crate::control::PeerIdentity,
+    to: &str,
+) -> Result<std::net::SocketAddr, ControlError> {
+    if !peer.operator {
+        return Err(ControlError::new(
+            ErrorCode::Forbidden,
+            "permission denied: migrate is the host operator's (root or the VMM's owner)",
+        ));
+    }
+    let addr = crate::migration::source::parse_target(to)?;
+    let state = vm.state();
+    if !matches!(
+        state,
+        protocol::VmState::Running | protocol::VmState::Paused
+    ) {
+        return Err(ControlError::invalid_state(format!(
+            "the VM is {state}: there is nothing to migrate"
+        )));
+    }
+    Ok(addr)
 }
 
 /// `snapshot`: the operator's, into a new directory of `--snapshot-dir`.

@@ -7,6 +7,7 @@ use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use devices::virtio::GuestMemoryMmap;
 use linux_loader::bootparam::{boot_params, setup_header};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -18,7 +19,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, ReadVolatile};
+use vm_memory::{Address, Bytes, GuestAddress, ReadVolatile};
 
 use crate::layout::*;
 

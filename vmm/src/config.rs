@@ -151,6 +151,14 @@ pub struct Cli {
     /// match).
     #[arg(long, value_name = "DIR")]
     pub restore: Option<PathBuf>,
+    /// Receive a live migration on this TCP address (HOST:PORT) instead of booting: give the
+    /// flags the VM runs with at its source (disk and TAP paths may differ).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub incoming: Option<String>,
+    /// The token a migration's source must present (`migrate`'s `token`), the file's first
+    /// line; required with --incoming.
+    #[arg(long, value_name = "FILE")]
+    pub incoming_token_file: Option<PathBuf>,
     /// Listen for control requests on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
@@ -261,6 +269,9 @@ pub struct VmConfig {
     pub snapshot_dir: Option<PathBuf>,
     /// `--restore`: the snapshot this process continues instead of booting.
     pub restore: Option<PathBuf>,
+    /// `--incoming`: the address a migration arrives on, and its token.
+    pub incoming: Option<String>,
+    pub incoming_token: Option<String>,
     /// The config file, if any (its directory holds the VM's state file).
     pub config_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
@@ -326,6 +337,11 @@ where
             reason,
         }),
     }
+}
+
+/// `p` made absolute against the working directory (as it is, if that fails).
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
@@ -602,6 +618,32 @@ impl VmConfig {
                 reason: "use on or off".into(),
             })?,
         };
+        let incoming_token = match (&cli.incoming, &cli.incoming_token_file) {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Spec {
+                    flag: "--incoming".into(),
+                    spec: cli.incoming.clone().unwrap_or_default(),
+                    reason: "--incoming and --incoming-token-file go together".into(),
+                })
+            }
+            (Some(_), Some(f)) => {
+                let text = std::fs::read_to_string(f).map_err(|e| ConfigError::Spec {
+                    flag: "--incoming-token-file".into(),
+                    spec: f.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                let token = text.lines().next().unwrap_or_default().trim().to_string();
+                if token.len() < 16 {
+                    return Err(ConfigError::Spec {
+                        flag: "--incoming-token-file".into(),
+                        spec: f.display().to_string(),
+                        reason: "the token must be at least 16 characters".into(),
+                    });
+                }
+                Some(token)
+            }
+        };
         let seccomp = parse_mode("--seccomp", cli.seccomp.or(file.seccomp))?;
         let sandbox = parse_mode("--sandbox", cli.sandbox.or(file.sandbox))?;
         let cfg = VmConfig {
@@ -619,9 +661,13 @@ impl VmConfig {
             sandbox,
             user: cli.user.or(file.user),
             state_dir: cli.state_dir.or(file.state_dir),
-            backup_dir: cli.backup_dir.or(file.backup_dir),
-            snapshot_dir: cli.snapshot_dir.or(file.snapshot_dir),
+            // Absolute now: a confined VMM cannot ask for its working
+            // directory (getcwd is outside its seccomp lists).
+            backup_dir: cli.backup_dir.or(file.backup_dir).map(absolute),
+            snapshot_dir: cli.snapshot_dir.or(file.snapshot_dir).map(absolute),
             restore: cli.restore,
+            incoming: cli.incoming,
+            incoming_token,
             config_file: cli.config,
             control: cli.control.or(file.control),
             disks,

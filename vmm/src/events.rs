@@ -65,6 +65,14 @@ impl VmEventQueue {
         lock(&self.inner.queue).drain(..).collect()
     }
 
+    /// Whether something waits to be handled (a guest's reset or power-off
+    /// request, a vCPU that failed).
+    pub fn pending(&self) -> bool {
+        lock(&self.inner.queue)
+            .iter()
+            .any(|e| !matches!(e, VmEvent::Timer))
+    }
+
     pub fn wake_fd(&self) -> &EventFd {
         &self.inner.wake
     }

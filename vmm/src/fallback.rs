@@ -2,9 +2,10 @@
 //! vCPU state and the instruction bytes, runs the emulator, writes back
 //! what changed or injects the exception.
 
+use devices::virtio::GuestMemoryMmap;
 use kvm_bindings::kvm_vcpu_events;
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::emulate::{self, CpuState, GuestMemory, MemFault, Outcome};
 use crate::vcpu::FallbackCounters;

@@ -61,8 +61,10 @@ pub fn inject(point: &str) {
 /// filtered thread may, right after installing its filter.
 pub fn inject_forbidden_syscall(kind: &str) {
     if std::env::var_os("VMM_TEST_SECCOMP").is_some_and(|k| k == kind) {
+        // A packet socket: no thread may open one (the migration's thread
+        // and the spawner may open TCP ones).
         // SAFETY: socket takes no pointers; the descriptor, if any, is closed.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
         if fd >= 0 {
             // SAFETY: closing the descriptor just created.
             unsafe { libc::close(fd) };

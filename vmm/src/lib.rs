@@ -19,6 +19,7 @@ pub mod hostnet;
 pub mod layout;
 pub mod lifecycle;
 pub mod machine;
+pub mod migration;
 pub mod netcmd;
 pub mod platform;
 pub mod runtime;

@@ -16,11 +16,12 @@ use devices::legacy::serial::{SerialOutput, COM1_BASE, COM1_IRQ, COM1_LEN};
 use devices::legacy::{
     AcpiPmDevice, EventFdTrigger, I8042Device, I8042Port, PvPanicDevice, SerialDevice,
 };
+use devices::virtio::GuestMemoryMmap;
 use devices::virtio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, BootSpec};
@@ -97,6 +98,45 @@ pub struct FallbackSummary {
     pub kinds: Vec<(String, u64)>,
 }
 
+/// Fresh guest RAM of `mem_mib` MiB, laid out as every boot's.
+pub fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MachineError> {
+    GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_mib << 20)).map_err(|e| {
+        MachineError::Memory {
+            mib: mem_mib,
+            detail: e.to_string(),
+        }
+    })
+}
+
+/// Gives KVM the memory regions as slots 0, 1...; `dirty_log` asks it to
+/// log the pages the vCPUs write.
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, dirty_log: bool) -> Result<(), MachineError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| MachineError::Memory {
+                mib: region.len() >> 20,
+                detail: e.to_string(),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the
+        // Machine keeps until after the VM fd is closed (field order); the
+        // same slot, address and size at every call, only the flags change.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
 /// Long-lived things a boot plugs into.
 pub struct BootEnv<'a> {
     pub events: &'a VmEventQueue,
@@ -166,32 +206,12 @@ impl Machine {
         };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let mem_bytes = cfg.mem_mib << 20;
-        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_bytes)).map_err(|e| {
-            MachineError::Memory {
-                mib: cfg.mem_mib,
-                detail: e.to_string(),
-            }
-        })?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host =
-                mem.get_host_address(region.start_addr())
-                    .map_err(|e| MachineError::Memory {
-                        mib: cfg.mem_mib,
-                        detail: e.to_string(),
-                    })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mmap owned by `mem`, which this
-            // Machine keeps until after the VM fd is closed (field order).
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        // A migration's target received the memory already.
+        let mem = match restore.as_deref_mut().and_then(RestoreSource::take_memory) {
+            Some(m) => m,
+            None => guest_memory(cfg.mem_mib)?,
+        };
+        register_memory(&vm, &mem, false)?;
 
         let rsdp = GuestAddress(layout::ACPI_START);
         let entry = match restore.as_deref_mut() {
@@ -249,6 +269,10 @@ impl Machine {
             .map_err(|e| dev_err("pvpanic", e))?;
         if let Some(r) = restore.as_deref() {
             // Before any vCPU exists: the devices are as the guest left them.
+            // The interrupt controllers first, so that an interrupt a
+            // device raises again lands in the restored ones.
+            crate::snapshot::kvm_state::restore_vm(&vm, &r.snapshot.kvm)
+                .map_err(|e| MachineError::Restore(e.to_string()))?;
             let d = &r.snapshot.devices;
             let restored = lock(&serial)
                 .restore_state(&d.serial)
@@ -256,8 +280,6 @@ impl Machine {
                 .and_then(|()| lock(&acpi_pm).restore_state(&d.acpi_pm))
                 .and_then(|()| lock(&pvpanic).restore_state(&d.pvpanic));
             restored.map_err(|e| MachineError::Restore(e.to_string()))?;
-            crate::snapshot::kvm_state::restore_vm(&vm, &r.snapshot.kvm)
-                .map_err(|e| MachineError::Restore(e.to_string()))?;
         }
         let power_button = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
             .map_err(|e| MachineError::Device(format!("power button eventfd: {e}")))?;
@@ -402,6 +424,30 @@ impl Machine {
             .collect();
         crate::platform::write_acpi(mem, cfg.vcpus, &acpi_slots, rsdp)?;
         Ok(entry)
+    }
+
+    /// Turns KVM's dirty-page log of guest memory on or off (a migration
+    /// copies what the vCPUs wrote since its last pass).
+    pub fn set_dirty_log(&self, on: bool) -> Result<(), MachineError> {
+        register_memory(&self.vm, &self.mem, on)
+    }
+
+    /// KVM's dirty-page bitmaps since the last call, one per memory region
+    /// in order (bit i: the region's 4 KiB page i); KVM clears them.
+    pub fn take_kvm_dirty_log(&self) -> Result<Vec<Vec<u64>>, MachineError> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let len = usize::try_from(region.len()).map_err(|_| MachineError::Memory {
+                    mib: region.len() >> 20,
+                    detail: "region too large".into(),
+                })?;
+                self.vm
+                    .get_dirty_log(slot as u32, len)
+                    .map_err(kvm_err("KVM_GET_DIRTY_LOG"))
+            })
+            .collect()
     }
 
     pub fn pause(&self) {

@@ -6,7 +6,8 @@ use std::path::Path;
 use devices::legacy::acpi_pm::{RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use devices::legacy::pvpanic::PVPANIC_PORT;
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use devices::virtio::GuestMemoryMmap;
+use vm_memory::GuestAddress;
 
 use crate::acpi::{self, AcpiConfig, PmRegisters, VirtioMmioSlot};
 use crate::layout;

@@ -235,7 +235,18 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         }),
     };
     let mut vm = Vm::new(config.clone(), hooks)?;
-    if let Some(dir) = &config.restore {
+    if let (Some(addr), Some(token)) = (&config.incoming, &config.incoming_token) {
+        // Before the sandbox: the listening socket, the waiting.
+        let expect = crate::migration::target::Expect {
+            token,
+            mem_mib: config.mem_mib,
+            vcpus: config.vcpus,
+            virtio: vm.virtio_count(),
+        };
+        let r = crate::migration::target::receive(&config, addr, &expect)
+            .map_err(|e| VmmError::Setup(format!("migration: {e}")))?;
+        vm.restore = Some(r);
+    } else if let Some(dir) = &config.restore {
         // Read now: the snapshot's directory is not the confined VMM's.
         let r = crate::snapshot::RestoreSource::open(dir)
             .map_err(|e| VmmError::Setup(format!("--restore: {e}")))?;

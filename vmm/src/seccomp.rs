@@ -62,16 +62,18 @@ pub enum Kind {
     Spawner,
     ConsoleLog,
     Hook,
+    Migration,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::EventLoop,
         Kind::Vcpu,
         Kind::Disk,
         Kind::Spawner,
         Kind::ConsoleLog,
         Kind::Hook,
+        Kind::Migration,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +84,7 @@ impl Kind {
             Kind::Spawner => "spawner",
             Kind::ConsoleLog => "console-log",
             Kind::Hook => "alert-hook",
+            Kind::Migration => "migration",
         }
     }
 }
@@ -229,6 +232,7 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_mkdir, "a snapshot's directory"),
     (libc::SYS_mkdirat, "a snapshot's directory"),
     (libc::SYS_rmdir, "removing a failed snapshot"),
+    (libc::SYS_flock, "a migration's target taking its disks' image locks"),
     (libc::SYS_ftruncate, "a snapshot's memory file taking its length (its zero MiBs are holes)"),
     (libc::SYS_pwrite64, "a snapshot's memory, MiB by MiB"),
     (libc::SYS_fsync, "the state file, a snapshot's files"),
@@ -251,6 +255,30 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_getgid, "access checks"),
     (libc::SYS_getegid, "access checks"),
     (libc::SYS_uname, "glibc"),
+];
+
+/// A live migration's source: a TCP connection to the target, the guest's
+/// memory and KVM's dirty log read under the VM's lock, and at the end the
+/// guest stopped (vCPUs kicked, devices quiesced and, on failure, started
+/// again: what a vCPU's device activation calls, see `VCPU`).
+const MIGRATION: &[(i64, &str)] = &[
+    (
+        libc::SYS_socket,
+        "the TCP connection to the target (AF_INET/AF_INET6 only)",
+    ),
+    (libc::SYS_connect, "the TCP connection to the target"),
+    (libc::SYS_setsockopt, "its timeouts and TCP_NODELAY"),
+    (libc::SYS_getsockopt, "its connect's outcome (SO_ERROR)"),
+    (libc::SYS_poll, "its connect's timeout"),
+    (libc::SYS_ppoll, "its connect's timeout"),
+    (libc::SYS_sendto, "sending memory and state"),
+    (libc::SYS_recvfrom, "the target's answers"),
+    (libc::SYS_shutdown, "ending the connection"),
+    (libc::SYS_flock, "handing the disks' image locks over"),
+    (
+        libc::SYS_kill,
+        "ending its own process once the guest runs on the target",
+    ),
 ];
 
 /// The spawner's own calls: thread creation. Its list is these plus its
@@ -299,9 +327,10 @@ fn list(kind: Kind) -> impl Iterator<Item = &'static (i64, &'static str)> {
         Kind::EventLoop => &[EVENT_LOOP],
         Kind::Vcpu => &[VCPU],
         Kind::Disk => &[DISK],
-        Kind::Spawner => &[SPAWNER, VCPU, HOOK],
+        Kind::Spawner => &[SPAWNER, VCPU, HOOK, MIGRATION],
         Kind::ConsoleLog => &[CONSOLE_LOG],
         Kind::Hook => &[HOOK],
+        Kind::Migration => &[MIGRATION, VCPU],
     };
     COMMON.iter().chain(own.iter().flat_map(|l| l.iter()))
 }
@@ -324,13 +353,25 @@ static PROGRAMS: OnceLock<Option<Vec<(Kind, BpfProgram)>>> = OnceLock::new();
 /// `socket(AF_UNIX, ...)` and nothing else: the event loop talks to no
 /// network.
 fn only_unix_sockets() -> Result<Vec<seccompiler::SeccompRule>, seccompiler::BackendError> {
+    sockets_of(&[libc::AF_UNIX])
+}
+
+/// `socket(family, ...)` for these families only.
+fn sockets_of(
+    families: &[i32],
+) -> Result<Vec<seccompiler::SeccompRule>, seccompiler::BackendError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::AF_UNIX as u64,
-    )?])?])
+    families
+        .iter()
+        .map(|&f| {
+            SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                f as u64,
+            )?])
+        })
+        .collect()
 }
 
 fn compile(kind: Kind, mode: Mode) -> Result<BpfProgram, String> {
@@ -339,7 +380,13 @@ fn compile(kind: Kind, mode: Mode) -> Result<BpfProgram, String> {
     let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
         list(kind).map(|(nr, _)| (*nr, Vec::new())).collect();
     if let Some(r) = rules.get_mut(&libc::SYS_socket) {
-        *r = only_unix_sockets().map_err(err)?;
+        *r = match kind {
+            // The migration's thread, and the spawner that starts it.
+            Kind::Migration | Kind::Spawner => {
+                sockets_of(&[libc::AF_INET, libc::AF_INET6]).map_err(err)?
+            }
+            _ => only_unix_sockets().map_err(err)?,
+        };
     }
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,

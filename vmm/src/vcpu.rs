@@ -10,10 +10,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::bus::lock;
+use devices::virtio::GuestMemoryMmap;
 use devices::{Bus, ResetCause};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::emulate;
@@ -401,13 +402,36 @@ impl Vcpu {
     /// instruction pointer past it.
     fn complete_pending_io(&mut self) {
         self.fd.set_kvm_immediate_exit(1);
-        match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => tracing::warn!("vCPU {}: completing its last I/O: {e}", self.id),
-            Ok(exit) => tracing::warn!(
-                "vCPU {}: completing its last I/O, KVM exited with {exit:?}",
-                self.id
-            ),
+        // A `rep ins`/`rep outs` past one batch, or an MMIO access KVM
+        // splits, needs more of us before the instruction is whole: serve
+        // those exits as `run_loop` does, until KVM says EINTR.
+        for _ in 0..1024 {
+            match self.fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => break,
+                Err(e) => {
+                    tracing::warn!("vCPU {}: completing its last I/O: {e}", self.id);
+                    break;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => dispatch_write(&self.pio, u64::from(port), data),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => dispatch_write(&self.mmio, addr, data),
+                Ok(exit) => {
+                    tracing::warn!(
+                        "vCPU {}: completing its last I/O, KVM exited with {exit:?}",
+                        self.id
+                    );
+                    break;
+                }
+            }
         }
         self.fd.set_kvm_immediate_exit(0);
     }

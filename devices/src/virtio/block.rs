@@ -53,6 +53,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 mod backup;
 mod direct;
+mod image_lock;
 mod state;
 mod uring;
 
@@ -63,6 +64,7 @@ pub use backup::{
 use backup::{Job, Source, Step};
 pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
+pub use image_lock::ImageLock;
 use uring::{InFlight, IoKind, IoOp, Uring};
 
 use super::iov::{
@@ -283,6 +285,17 @@ impl Block {
     /// read-only ones a shared one, so a second VM cannot write an image in
     /// use (nor read one being written).
     pub fn new(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        Self::open(cfg, true)
+    }
+
+    /// Opens the image without its lock, for a migration's target: the
+    /// source holds it until it lets go of the guest; [`ImageLock::acquire`]
+    /// takes it then.
+    pub fn new_unlocked(cfg: &BlockConfig) -> Result<Self, BlockError> {
+        Self::open(cfg, false)
+    }
+
+    fn open(cfg: &BlockConfig, lock: bool) -> Result<Self, BlockError> {
         let path = cfg.path.clone();
         let id_str = cfg.id.clone().unwrap_or_default();
         if id_str.len() > ID_BYTES {
@@ -314,19 +327,8 @@ impl Block {
         if !(meta.is_file() || meta.file_type().is_block_device()) {
             return Err(BlockError::NotAFile { path });
         }
-        let op = if cfg.read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        } | libc::LOCK_NB;
-        // SAFETY: `file` owns a valid descriptor; flock touches no memory.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                BlockError::Locked { path }
-            } else {
-                BlockError::Lock { path, source: e }
-            });
+        if lock {
+            image_lock::flock(&file, &path, cfg.read_only)?;
         }
         let size = (&file)
             .seek(SeekFrom::End(0))
@@ -636,7 +638,9 @@ impl Block {
 
     /// Completes the requests io_uring finished (`wait_all`: every request
     /// in flight, waiting for them): status, used ring, interrupt.
-    fn complete_ring(&mut self, wait_all: bool) {
+    /// Completes what io_uring finished; with `wait_until`, waits for every
+    /// request in flight until then at most.
+    fn complete_ring(&mut self, wait_until: Option<std::time::Instant>) {
         let (Some(ring), Some(active)) = (self.ring.as_mut(), self.active.as_mut()) else {
             return;
         };
@@ -654,8 +658,8 @@ impl Block {
                 Err(e) => tracing::debug!("virtio-blk: cannot return chain {}: {e}", req.head),
             }
         };
-        if wait_all {
-            ring.wait_all(&mut done);
+        if let Some(deadline) = wait_until {
+            ring.wait_all_until(deadline, &mut done);
         } else {
             ring.reap(&mut done);
         }
@@ -752,6 +756,8 @@ impl Disk {
         op: &IoOp,
         r: io::Result<()>,
     ) -> u32 {
+        // Both engines end here once the kernel is done with the buffers.
+        op.mark_read_dirty(mem);
         let c = &self.counters;
         let r = match (op.kind, r) {
             (IoKind::Read, Ok(())) => {
@@ -1105,7 +1111,7 @@ impl VirtioDevice for Block {
         // No completion of the old queue may reach a new one; the guest memory stays mapped
         // meanwhile (each request holds it).
         if let Some(ring) = self.ring.as_mut() {
-            ring.wait_all(|_, _| {});
+            ring.wait_all(|req, _| req.op.mark_read_dirty(&req.mem));
         }
         self.active = None;
     }
@@ -1164,7 +1170,7 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == RING_TOKEN {
-            self.complete_ring(false);
+            self.complete_ring(None);
             return;
         }
         if events.data() == BACKUP_INBOX_TOKEN {

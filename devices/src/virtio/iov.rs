@@ -5,6 +5,7 @@ use std::io;
 use std::os::fd::RawFd;
 
 use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::GuestMemoryMmap;
@@ -147,6 +148,10 @@ pub(crate) fn write_segs(
 /// Appends host iovecs covering `segs` to `out`. Fails if any byte is
 /// outside guest memory. The pointers stay valid as long as `mem` lives
 /// (mmap-backed regions never move).
+///
+/// Whatever is written through these pointers escapes guest memory's dirty
+/// bitmap: a caller that lets the kernel write through them calls
+/// [`mark_written`] once the write has completed.
 pub(crate) fn push_iovecs(
     mem: &GuestMemoryMmap,
     segs: &[Seg],
@@ -165,6 +170,36 @@ pub(crate) fn push_iovecs(
         }
     }
     Some(())
+}
+
+/// Marks the first `len` bytes of the stream formed by `segs` dirty in guest
+/// memory's bitmap (see [`take_dirty_pages`](super::take_dirty_pages)), for
+/// writes vm-memory did not see: the kernel filling iovecs from
+/// [`push_iovecs`]. Call it only after the write has completed: a harvest
+/// of the bitmap between the mark and the write would clear the mark and
+/// the page's new contents would never be sent. Bytes past the end of
+/// `segs`, or outside guest memory (nothing was written there), are ignored.
+pub(crate) fn mark_written(mem: &GuestMemoryMmap, segs: &[Seg], len: u64) {
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let n = u64::from(s.len).min(left);
+        left -= n;
+        // `n <= s.len`, a u32, so it fits in usize.
+        let Ok(n) = usize::try_from(n) else {
+            return;
+        };
+        // The slices split the range where it crosses regions: each region
+        // has its own bitmap.
+        for slice in GuestMemoryBackend::get_slices(mem, s.addr, n) {
+            let Ok(slice) = slice else {
+                break;
+            };
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
 }
 
 /// Drops `n` bytes from the front of `iovs`, and any empty iovecs after them.
@@ -244,6 +279,8 @@ fn vectored_all(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -273,6 +310,43 @@ mod tests {
         );
         assert_eq!(sub_segs(&segs, 20, 5), None);
         assert_eq!(sub_segs(&segs, 24, 0), Some(vec![]));
+    }
+
+    #[test]
+    fn mark_written_marks_the_written_prefix_across_buffers_and_regions() {
+        use crate::virtio::{take_dirty_pages, DIRTY_PAGE_SIZE};
+        let page = DIRTY_PAGE_SIZE;
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap();
+        let segs = [
+            // Straddles the boundary between the two regions.
+            Seg {
+                addr: GuestAddress(0xf800),
+                len: 0x1000,
+            },
+            Seg {
+                addr: GuestAddress(0x14000),
+                len: 0x3000,
+            },
+        ];
+        // 0x1000 + 0x1001 bytes: all of the first buffer, two pages of the second.
+        mark_written(&mem, &segs, 0x2001);
+        let pages = take_dirty_pages(&mem);
+        assert_eq!(pages[0], vec![1 << (0xf800 / page)]);
+        assert_eq!(pages[1], vec![1 | 1 << 4 | 1 << 5]);
+        // Past the buffers, or outside guest memory: nothing, and no panic.
+        mark_written(&mem, &segs[..1], u64::MAX);
+        let outside = [Seg {
+            addr: GuestAddress(0x1_0000_0000),
+            len: 16,
+        }];
+        mark_written(&mem, &outside, 16);
+        let pages = take_dirty_pages(&mem);
+        assert_eq!(pages[0], vec![1 << (0xf800 / page)]);
+        assert_eq!(pages[1], vec![1]);
     }
 
     #[test]

@@ -67,6 +67,7 @@
 //! nothing serves the queues.
 
 pub mod block;
+mod dirty;
 mod iov;
 pub mod mmio;
 pub mod net;
@@ -85,13 +86,23 @@ use crate::state::StateError;
 
 pub use block::{
     BackupDone, BackupInbox, BackupReport, BackupRequest, BackupStarted, BackupSubmitError, Block,
-    BlockConfig, BlockCounters, BlockError, BlockStats, IoEngine, BACKUP_CHUNK,
+    BlockConfig, BlockCounters, BlockError, BlockStats, ImageLock, IoEngine, BACKUP_CHUNK,
 };
+pub use dirty::{clear_dirty_pages, take_dirty_pages, DIRTY_PAGE_SIZE};
 pub use mmio::{MmioTransport, SavedQueue, TransportState, MMIO_SIZE, NOTIFY_OFFSET};
 pub use net::{Net, NetConfig, NetError, NetStats};
 
-/// Guest memory as the virtio devices see it (no dirty-page bitmap).
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as the whole VMM sees it: every region carries a dirty-page
+/// bitmap ([`AtomicBitmap`](vm_memory::bitmap::AtomicBitmap), one bit per
+/// [`DIRTY_PAGE_SIZE`] page) that records the writes the VMM itself makes
+/// into guest memory, for live migration (KVM's dirty log sees only the
+/// vCPUs' writes). Writes through vm-memory's API mark it by themselves; the
+/// devices mark what the kernel writes through raw iovecs once it is done.
+/// See [`take_dirty_pages`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// `VIRTIO_F_VERSION_1`: virtio 1.x; the transport refuses drivers without it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -94,8 +94,11 @@ const OFFERED: u64 = COMMON_FEATURES
     | F_MRG_RXBUF
     | F_STATUS;
 
+mod migrate;
+mod rx_dirty;
 mod state;
 pub mod vhost;
+pub use migrate::rarp_frame;
 
 /// One `--net`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -628,6 +631,11 @@ impl Active {
                     tap.readv(&iov).map(|n| (n.min(MAX_FRAME), true))
                 }
             };
+            if let Ok((n, false)) = result {
+                // Written behind vm-memory's back: mark it (even a runt
+                // that is dropped below changed the buffers).
+                self.mark_rx_written(n);
+            }
             match result {
                 Ok((0, _)) => return (RxOutcome::Drained, used),
                 Ok((n, _)) if n < VNET_HDR_LEN => inc(&c.rx_dropped, 1),

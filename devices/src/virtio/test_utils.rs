@@ -3,10 +3,12 @@
 //! split-ring descriptor chains into guest memory.
 #![allow(clippy::unwrap_used)]
 
-use vm_memory::{Address, Bytes, GuestAddress};
+use std::collections::BTreeSet;
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::mmio::{reg, status};
-use super::{GuestMemoryMmap, MmioTransport};
+use super::{take_dirty_pages, GuestMemoryMmap, MmioTransport, DIRTY_PAGE_SIZE};
 use crate::BusDevice;
 
 pub const MEM_SIZE: usize = 16 << 20;
@@ -16,6 +18,36 @@ pub const VRING_DESC_F_INDIRECT: u16 = 4;
 
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+/// Guest-physical addresses of the pages marked dirty since the last call
+/// (which clears them), ascending.
+pub fn take_dirty_addrs(mem: &GuestMemoryMmap) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for (region, words) in mem.iter().zip(take_dirty_pages(mem)) {
+        for (w, word) in words.iter().enumerate() {
+            for bit in 0..64 {
+                if word & (1 << bit) != 0 {
+                    let page = (w * 64 + bit) as u64;
+                    out.insert(region.start_addr().0 + page * DIRTY_PAGE_SIZE);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Addresses of the pages that the `(address, length)` ranges touch.
+pub fn pages_of(ranges: &[(u64, u64)]) -> BTreeSet<u64> {
+    let mut out = BTreeSet::new();
+    for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
+        let mut p = addr / DIRTY_PAGE_SIZE * DIRTY_PAGE_SIZE;
+        while p < addr + len {
+            out.insert(p);
+            p += DIRTY_PAGE_SIZE;
+        }
+    }
+    out
 }
 
 pub fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
@@ -162,6 +194,11 @@ impl TestQueue {
             self.used_seen = self.used_seen.wrapping_add(1);
         }
         out
+    }
+
+    /// The used ring's bytes (flags, idx, entries, avail_event).
+    pub fn used_ring(&self) -> (u64, u64) {
+        (self.used, 6 + 8 * u64::from(self.size))
     }
 
     /// Sets `used_event` (for EVENT_IDX tests).

@@ -13,6 +13,7 @@ mod disk;
 mod disk_kernel;
 mod kernel_upgrade;
 mod lifecycle;
+mod migration;
 mod net;
 mod panic;
 mod server;

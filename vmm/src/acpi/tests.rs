@@ -2,7 +2,7 @@
 //! against the `acpi_tables` structs that produced them.
 
 use super::*;
-use vm_memory::GuestMemoryMmap;
+use devices::virtio::GuestMemoryMmap;
 
 const RSDP_AT: u64 = 0xe0000;
 const REGION_END: u64 = 0x10_0000;

@@ -21,7 +21,8 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use devices::virtio::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// First bytes of a `state` file.
 pub const MAGIC: &[u8; 8] = b"VMM-SNAP";
@@ -109,7 +110,9 @@ pub struct MemoryInfo {
 
 /// The guest's RAM as the file lays it out: (file offset, guest address,
 /// length) of each piece of at most [`CHUNK`] bytes, regions in order.
-fn pieces(mem: &GuestMemoryMmap) -> impl Iterator<Item = (u64, GuestAddress, usize)> + '_ {
+pub(crate) fn pieces(
+    mem: &GuestMemoryMmap,
+) -> impl Iterator<Item = (u64, GuestAddress, usize)> + '_ {
     let mut file_off = 0u64;
     mem.iter().flat_map(move |region| {
         let (start, len) = (region.start_addr().0, region.len());
@@ -123,7 +126,7 @@ fn pieces(mem: &GuestMemoryMmap) -> impl Iterator<Item = (u64, GuestAddress, usi
     })
 }
 
-fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     // An OR over the bytes, which the compiler vectorizes.
     b.iter().fold(0u8, |a, &x| a | x) == 0
 }
@@ -178,7 +181,11 @@ fn next_data(f: &File, off: u64) -> io::Result<Option<u64>> {
 /// Reads `mem`'s regions back from `input`, checking length and checksum.
 /// Holes are not read, and guest memory there is not touched (a fresh
 /// guest's RAM is zero already, and stays unallocated).
-pub fn read_memory(mem: &GuestMemoryMmap, input: &File, info: MemoryInfo) -> Result<(), FormatError> {
+pub fn read_memory(
+    mem: &GuestMemoryMmap,
+    input: &File,
+    info: MemoryInfo,
+) -> Result<(), FormatError> {
     let expected: u64 = mem.iter().map(|r| r.len()).sum();
     if info.bytes != expected {
         return Err(FormatError::MemorySize {
@@ -200,10 +207,12 @@ pub fn read_memory(mem: &GuestMemoryMmap, input: &File, info: MemoryInfo) -> Res
             Some(_) => {}
         }
         let piece = &mut buf[..n];
-        input.read_exact_at(piece, file_off).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => FormatError::MemoryCorrupt,
-            _ => FormatError::Io(e),
-        })?;
+        input
+            .read_exact_at(piece, file_off)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => FormatError::MemoryCorrupt,
+                _ => FormatError::Io(e),
+            })?;
         if !is_zero(piece) {
             crc_piece(&mut crc, file_off, piece);
             mem.write_slice(piece, addr)
@@ -291,8 +300,11 @@ mod tests {
     }
 
     fn guest(mib: usize) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20), (GuestAddress(16 << 20), 1 << 20)])
-            .unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), mib << 20),
+            (GuestAddress(16 << 20), 1 << 20),
+        ])
+        .unwrap()
     }
 
     fn temp_file(tag: &str) -> (std::path::PathBuf, File) {
@@ -311,7 +323,8 @@ mod tests {
     fn memory_round_trips_with_its_zero_mibs_as_holes_that_are_not_read() {
         let src = guest(3);
         src.write_slice(b"first", GuestAddress(0x1000)).unwrap();
-        src.write_slice(b"second region", GuestAddress(16 << 20)).unwrap();
+        src.write_slice(b"second region", GuestAddress(16 << 20))
+            .unwrap();
         let (p, file) = temp_file("round");
         let info = write_memory(&src, &file).unwrap();
         assert_eq!(info.bytes, 4 << 20);

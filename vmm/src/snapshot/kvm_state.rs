@@ -6,8 +6,8 @@
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-    CpuId, Msrs, KVM_CLOCK_TSC_STABLE, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -198,8 +198,8 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, KvmStateError> {
 
 pub fn save_vm(vm: &VmFd) -> Result<VmKvmState, KvmStateError> {
     let mut clock = vm.get_clock().map_err(err("KVM_GET_CLOCK"))?;
-    // KVM_SET_CLOCK refuses this flag; it is KVM's to decide again.
-    clock.flags &= !KVM_CLOCK_TSC_STABLE;
+    // Only the clock's value is kept (see `restore_vm`).
+    clock.flags = 0;
     Ok(VmKvmState {
         pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
@@ -226,8 +226,14 @@ pub fn restore_vm(vm: &VmFd, s: &VmKvmState) -> Result<(), KvmStateError> {
             .map_err(err(format!("KVM_SET_IRQCHIP {want}")))?;
     }
     vm.set_pit2(&s.pit).map_err(err("KVM_SET_PIT2"))?;
+    // The value alone: KVM_CLOCK_TSC_STABLE is KVM's to decide, and with
+    // KVM_CLOCK_REALTIME a newer kernel would move the clock on by the
+    // wall time since the snapshot while the TSC MSRs go back to theirs
+    // (an older one refuses the flag). So, as for a pause, the guest's
+    // clocks stand still while it was saved; its NTP puts the wall clock
+    // right.
     let mut clock = s.clock;
-    clock.flags &= !KVM_CLOCK_TSC_STABLE;
+    clock.flags = 0;
     vm.set_clock(&clock).map_err(err("KVM_SET_CLOCK"))?;
     Ok(())
 }

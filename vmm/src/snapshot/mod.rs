@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use devices::legacy::{AcpiPmState, I8042State, Ib700State, PvPanicState, SerialState};
+use devices::virtio::GuestMemoryMmap;
 use devices::virtio::TransportState;
 use serde::{Deserialize, Serialize};
-use vm_memory::GuestMemoryMmap;
 
 use self::format::{FormatError, MemoryInfo};
 use self::kvm_state::{VcpuState, VmKvmState};
@@ -89,9 +89,21 @@ pub enum SnapshotError {
 /// A snapshot read at start-up (`--restore`), before the process is
 /// confined: the state checked, the memory file open.
 pub struct RestoreSource {
+    /// Where it came from (a directory, or a migration's source), for messages.
     pub dir: PathBuf,
     pub snapshot: VmSnapshot,
-    memory: File,
+    memory: Memory,
+    /// A migration's connection: the target tells the source it is ready
+    /// and waits for its go-ahead before the guest runs.
+    pub incoming: Option<std::net::TcpStream>,
+}
+
+/// Where a restored machine's memory comes from.
+enum Memory {
+    /// A snapshot's memory file, read into fresh guest RAM.
+    File(File),
+    /// Received already (a migration), taken by the new machine.
+    Received(Option<GuestMemoryMmap>),
 }
 
 impl RestoreSource {
@@ -116,14 +128,43 @@ impl RestoreSource {
         Ok(RestoreSource {
             dir: dir.to_path_buf(),
             snapshot,
-            memory,
+            memory: Memory::File(memory),
+            incoming: None,
         })
     }
 
-    /// Fills the new machine's memory from the snapshot.
+    /// A migration's machine: its state, its memory as received, and the
+    /// connection to its source.
+    pub fn received(
+        from: PathBuf,
+        snapshot: VmSnapshot,
+        mem: GuestMemoryMmap,
+        stream: std::net::TcpStream,
+    ) -> RestoreSource {
+        RestoreSource {
+            dir: from,
+            snapshot,
+            memory: Memory::Received(Some(mem)),
+            incoming: Some(stream),
+        }
+    }
+
+    /// The guest memory received, once (None for a snapshot's file).
+    pub fn take_memory(&mut self) -> Option<GuestMemoryMmap> {
+        match &mut self.memory {
+            Memory::Received(m) => m.take(),
+            Memory::File(_) => None,
+        }
+    }
+
+    /// Fills the new machine's memory from the snapshot (nothing to do for
+    /// memory received).
     pub fn read_memory(&mut self, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
+        let Memory::File(f) = &self.memory else {
+            return Ok(());
+        };
         let path = self.dir.join(MEMORY_FILE);
-        format::read_memory(mem, &self.memory, self.snapshot.memory)
+        format::read_memory(mem, f, self.snapshot.memory)
             .map_err(|source| SnapshotError::Format { path, source })
     }
 
@@ -203,53 +244,102 @@ pub struct Taken {
     pub state_bytes: u64,
 }
 
+/// A paused machine's state, its devices quiesced: what a snapshot file
+/// holds, or a migration sends. `memory` is left for the caller to fill.
+pub struct Captured {
+    pub snapshot: VmSnapshot,
+    /// The virtio transports' states, to start the devices again
+    /// ([`restart_devices`]) unless the machine is being left for good.
+    pub virtio: Vec<TransportState>,
+}
+
+/// Reads a paused machine's state and quiesces its virtio devices (no
+/// request in flight, nothing more written to guest memory by them). On
+/// failure the devices quiesced so far are started again.
+pub fn capture(
+    machine: &Machine,
+    virtio: &[VirtioSlot],
+    msr_index: &Arc<Vec<u32>>,
+    meta: &Meta,
+) -> Result<Captured, SnapshotError> {
+    // The interrupt controllers before the LAPICs: KVM's PIT keeps
+    // ticking while the vCPUs are parked, and an interrupt passed on in
+    // between is then saved twice (delivered once more: harmless for edge
+    // interrupts) rather than not at all.
+    let kvm = kvm_state::save_vm(&machine.vm).map_err(|e| SnapshotError::Machine(e.to_string()))?;
+    let cpus = machine
+        .save_vcpus(msr_index)
+        .map_err(SnapshotError::Machine)?;
+    let mut saved: Vec<TransportState> = Vec::with_capacity(virtio.len());
+    for (i, slot) in virtio.iter().enumerate() {
+        match lock(&slot.transport).save_state() {
+            Ok(s) => saved.push(s),
+            Err(e) => {
+                restart_devices(virtio, &saved);
+                return Err(SnapshotError::Machine(format!("virtio device {i}: {e}")));
+            }
+        }
+    }
+    let devices = DeviceStates {
+        serial: lock(&machine.serial).save_state(),
+        i8042: lock(&machine.i8042).save_state(),
+        acpi_pm: lock(&machine.acpi_pm).save_state(),
+        pvpanic: lock(&machine.pvpanic).save_state(),
+        watchdog: meta.watchdog.clone(),
+        virtio: saved.clone(),
+    };
+    Ok(Captured {
+        snapshot: VmSnapshot {
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            name: meta.name.clone(),
+            mem_mib: meta.mem_mib,
+            vcpus: meta.vcpus,
+            boot_count: meta.boot_count,
+            kernel: meta.kernel.clone(),
+            last_reset: meta.last_reset.clone(),
+            uptime_ms: u64::try_from(meta.uptime.as_millis()).unwrap_or(u64::MAX),
+            memory: MemoryInfo { bytes: 0, crc32: 0 },
+            kvm,
+            cpus,
+            devices,
+        },
+        virtio: saved,
+    })
+}
+
+/// Starts quiesced virtio devices again from their saved positions (a
+/// request the guest queued meanwhile is served).
+pub fn restart_devices(virtio: &[VirtioSlot], saved: &[TransportState]) {
+    for (slot, s) in virtio.iter().zip(saved) {
+        if let Err(e) = lock(&slot.transport).restore_state(s) {
+            // The device the guest had is gone: say so loudly; the guest's
+            // driver sees DEVICE_NEEDS_RESET and may recover it.
+            tracing::error!("a quiesced virtio device did not start again: {e}");
+        }
+    }
+}
+
 /// Saves a paused machine into `path` (which must not exist). The virtio
 /// devices are started again from their saved positions before this
-/// returns, whatever happened: the caller resumes the vCPUs (or powers
-/// the VM off).
+/// returns, unless it succeeded with `stop` (then they stay stopped: the
+/// guest's queued requests are the restored VM's to serve, not this
+/// one's); the caller resumes the vCPUs (or powers the VM off).
 pub fn take(
     machine: &Machine,
     virtio: &[VirtioSlot],
     msr_index: &Arc<Vec<u32>>,
     meta: Meta,
     path: &Path,
+    stop: bool,
 ) -> Result<Taken, SnapshotError> {
-    let machine_err = SnapshotError::Machine;
-    let cpus = machine.save_vcpus(msr_index).map_err(machine_err)?;
-    let kvm = kvm_state::save_vm(&machine.vm).map_err(|e| SnapshotError::Machine(e.to_string()))?;
-    // Quiescing stops each device; every one stopped is started again
-    // below, on success or failure alike.
-    let mut saved: Vec<TransportState> = Vec::with_capacity(virtio.len());
-    let mut quiesce_err = None;
-    for (i, slot) in virtio.iter().enumerate() {
-        match lock(&slot.transport).save_state() {
-            Ok(s) => saved.push(s),
-            Err(e) => {
-                quiesce_err = Some(SnapshotError::Machine(format!("virtio device {i}: {e}")));
-                break;
-            }
+    let mut captured = capture(machine, virtio, msr_index, &meta)?;
+    let result = write_dir(machine, &mut captured.snapshot, path);
+    if result.is_ok() && stop {
+        for slot in virtio {
+            lock(&slot.transport).reset();
         }
-    }
-    let result = match quiesce_err {
-        Some(e) => Err(e),
-        None => {
-            let snapshot_devices = DeviceStates {
-                serial: lock(&machine.serial).save_state(),
-                i8042: lock(&machine.i8042).save_state(),
-                acpi_pm: lock(&machine.acpi_pm).save_state(),
-                pvpanic: lock(&machine.pvpanic).save_state(),
-                watchdog: meta.watchdog.clone(),
-                virtio: saved.clone(),
-            };
-            write_dir(machine, cpus, kvm, snapshot_devices, &meta, path)
-        }
-    };
-    for (slot, s) in virtio.iter().zip(&saved) {
-        if let Err(e) = lock(&slot.transport).restore_state(s) {
-            // The device the guest had is gone: say so loudly; the guest's
-            // driver sees DEVICE_NEEDS_RESET and may recover it.
-            tracing::error!("after a snapshot, a virtio device did not start again: {e}");
-        }
+    } else {
+        restart_devices(virtio, &captured.virtio);
     }
     result
 }
@@ -257,16 +347,19 @@ pub fn take(
 /// Writes `NAME.part/` and renames it to `NAME`; removes the part on failure.
 fn write_dir(
     machine: &Machine,
-    cpus: Vec<VcpuState>,
-    kvm: VmKvmState,
-    devices: DeviceStates,
-    meta: &Meta,
+    snapshot: &mut VmSnapshot,
     path: &Path,
 ) -> Result<Taken, SnapshotError> {
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let r = write_files(machine, cpus, kvm, devices, meta, &part).and_then(|taken| {
+    // Only a directory this call made is removed on failure (not, say, a
+    // `.part` someone else left there).
+    std::fs::create_dir(&part).map_err(|source| SnapshotError::File {
+        path: part.clone(),
+        source,
+    })?;
+    let r = write_files(machine, snapshot, &part).and_then(|taken| {
         std::fs::rename(&part, path).map_err(|source| SnapshotError::File {
             path: path.to_path_buf(),
             source,
@@ -283,10 +376,7 @@ fn write_dir(
 
 fn write_files(
     machine: &Machine,
-    cpus: Vec<VcpuState>,
-    kvm: VmKvmState,
-    devices: DeviceStates,
-    meta: &Meta,
+    snapshot: &mut VmSnapshot,
     part: &Path,
 ) -> Result<Taken, SnapshotError> {
     use std::io::Write;
@@ -294,31 +384,16 @@ fn write_files(
         let path = path.to_path_buf();
         move |source| SnapshotError::File { path, source }
     };
-    std::fs::create_dir(part).map_err(file_err(part))?;
     let mem_path = part.join(MEMORY_FILE);
     let mf = File::create(&mem_path).map_err(file_err(&mem_path))?;
-    let memory =
+    snapshot.memory =
         format::write_memory(&machine.mem, &mf).map_err(|source| SnapshotError::Format {
             path: mem_path.clone(),
             source,
         })?;
     mf.sync_all().map_err(file_err(&mem_path))?;
-    let snapshot = VmSnapshot {
-        vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-        name: meta.name.clone(),
-        mem_mib: meta.mem_mib,
-        vcpus: meta.vcpus,
-        boot_count: meta.boot_count,
-        kernel: meta.kernel.clone(),
-        last_reset: meta.last_reset.clone(),
-        uptime_ms: u64::try_from(meta.uptime.as_millis()).unwrap_or(u64::MAX),
-        memory,
-        kvm,
-        cpus,
-        devices,
-    };
     let state_path = part.join(STATE_FILE);
-    let body = serde_json::to_vec(&snapshot).map_err(|source| SnapshotError::Json {
+    let body = serde_json::to_vec(&*snapshot).map_err(|source| SnapshotError::Json {
         path: state_path.clone(),
         source,
     })?;
@@ -327,7 +402,7 @@ fn write_files(
     sf.write_all(&bytes).map_err(file_err(&state_path))?;
     sf.sync_all().map_err(file_err(&state_path))?;
     Ok(Taken {
-        memory_bytes: memory.bytes,
+        memory_bytes: snapshot.memory.bytes,
         state_bytes: bytes.len() as u64,
     })
 }

@@ -31,6 +31,7 @@ use crate::watchdog::{GuestClock, Watchdog};
 use devices::virtio::{Block, BlockConfig, GuestMemoryHandle, MmioTransport, Net, NetConfig};
 use std::sync::Mutex;
 
+pub(crate) mod migration;
 mod snapshot;
 
 /// Why a lifecycle input was not carried out.
@@ -157,10 +158,14 @@ pub struct Vm {
     pub restore: Option<crate::snapshot::RestoreSource>,
     /// KVM's MSR list, read at the first snapshot.
     msr_index: Option<Arc<Vec<u32>>>,
+    /// A migration is running: the vhost-net instances it took away.
+    migrating: Option<Vec<Option<std::fs::File>>>,
 }
 
 /// A network interface as `status` shows it.
 pub struct NetSource {
+    /// The device, for a migration (its datapath, its announcement).
+    pub device: Arc<Mutex<Net>>,
     pub tap: String,
     pub mac: [u8; 6],
     pub counters: Arc<devices::virtio::net::NetCounters>,
@@ -173,6 +178,8 @@ pub struct DiskSource {
     pub name: Option<String>,
     /// Where `backup` hands the device its request.
     pub backup: devices::virtio::BackupInbox,
+    /// The image's lock, which a migration hands over.
+    pub image: devices::virtio::ImageLock,
     pub path: std::path::PathBuf,
     pub read_only: bool,
     pub engine: &'static str,
@@ -207,24 +214,31 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         Ok::<(), VmmError>(())
     };
     for (i, d) in config.disks.iter().enumerate() {
-        let blk = Block::new(&BlockConfig {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            id: d.id.clone(),
-            direct: d.direct,
-            engine: d.engine,
-            // One unless asked: over virtio-mmio every queue shares the
-            // disk's one I/O thread and one interrupt (docs/notes.md).
-            queues: d.queues.unwrap_or(1),
-        })
+        let blk = open_block(
+            config,
+            &BlockConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                id: d.id.clone(),
+                direct: d.direct,
+                engine: d.engine,
+                // One unless asked: over virtio-mmio every queue shares the
+                // disk's one I/O thread and one interrupt (docs/notes.md).
+                queues: d.queues.unwrap_or(1),
+            },
+        )
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());
         let backup = blk.backup_inbox();
+        let image = blk
+            .image_lock()
+            .map_err(|e| VmmError::Setup(format!("{}: {e}", d.path.display())))?;
         let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: d.id.clone(),
             backup,
+            image,
             path: d.path.clone(),
             read_only: d.read_only,
             engine,
@@ -239,22 +253,29 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
     // system looks for modules, whichever entry boots.
     if let Some(img) = config.library_modules() {
         let i = disks.len();
-        let blk = Block::new(&BlockConfig {
-            path: img.clone(),
-            read_only: true,
-            id: Some(MODULES_DISK_SERIAL.into()),
-            direct: false,
-            engine: devices::virtio::IoEngine::Auto,
-            queues: 1,
-        })
+        let blk = open_block(
+            config,
+            &BlockConfig {
+                path: img.clone(),
+                read_only: true,
+                id: Some(MODULES_DISK_SERIAL.into()),
+                direct: false,
+                engine: devices::virtio::IoEngine::Auto,
+                queues: 1,
+            },
+        )
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
         let (engine, counters) = (blk.engine_name(), blk.counters());
         let backup = blk.backup_inbox();
+        let image = blk
+            .image_lock()
+            .map_err(|e| VmmError::Setup(format!("{}: {e}", img.display())))?;
         let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: Some(MODULES_DISK_SERIAL.into()),
             backup,
+            image,
             path: img,
             read_only: true,
             engine,
@@ -273,16 +294,28 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         tracing::info!("virtio-net {}: {} datapath", n.tap, net.datapath());
-        net_sources.push(NetSource {
-            tap: n.tap.clone(),
-            mac: net.mac(),
-            counters: net.counters(),
-        });
+        let (mac, counters) = (net.mac(), net.counters());
         let net = Arc::new(Mutex::new(net));
+        net_sources.push(NetSource {
+            device: net.clone(),
+            tap: n.tap.clone(),
+            mac,
+            counters,
+        });
         add_slot(net.clone())?;
         nets.push(net);
     }
     Ok((slots, nets, disks, sources, net_sources))
+}
+
+/// Opens a disk: locked, except for a migration's target, whose source
+/// holds the lock until it lets go of the guest.
+fn open_block(config: &VmConfig, cfg: &BlockConfig) -> Result<Block, devices::virtio::BlockError> {
+    if config.incoming.is_some() {
+        Block::new_unlocked(cfg)
+    } else {
+        Block::new(cfg)
+    }
 }
 
 pub fn dev_cause(c: DevResetCause) -> ResetCause {
@@ -360,6 +393,7 @@ impl Vm {
             mem_handle,
             restore: None,
             msr_index: None,
+            migrating: None,
         })
     }
 
@@ -612,7 +646,7 @@ impl Vm {
         self.watchdog.resume();
         let handle = self.mem_handle.clone();
         let start = self.process_start;
-        let boot_no = self.boot_count + 1;
+        let boot_no = self.boot_count.saturating_add(1);
         let env = BootEnv {
             events: &self.events,
             serial_out: (self.hooks.serial_out)(),

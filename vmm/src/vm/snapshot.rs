@@ -71,16 +71,63 @@ impl Vm {
         self.boot_started = Instant::now()
             .checked_sub(Duration::from_millis(snap.uptime_ms))
             .unwrap_or_else(Instant::now);
+        if let Some(conn) = r.incoming.as_mut() {
+            // A migration: the source lets go of the guest (and its disks)
+            // only now; without its go-ahead the guest must not run here.
+            crate::migration::target::handshake(conn).map_err(|e| {
+                VmmError::Setup(format!("the migration's source did not let go: {e}"))
+            })?;
+            self.acquire_images()
+                .map_err(|e| VmmError::Setup(e.message))?;
+        }
         (self.hooks.on_boot)(
             snap.boot_count,
-            &format!("restored from snapshot {}", r.dir.display()),
+            &format!("restored from {}", r.dir.display()),
         );
         m.resume();
+        if r.incoming.is_some() {
+            // Where the guest is now, for the network's switches.
+            for n in &self.nets {
+                if let Err(e) = lock(&n.device).announce() {
+                    tracing::warn!("cannot announce the guest on {}: {e}", n.tap);
+                }
+            }
+        }
         self.machine = Some(m);
         (self.hooks.publish)(Event::Restored {
             boot_count: self.boot_count,
         });
         Ok(())
+    }
+
+    /// KVM's MSR list, read once.
+    pub(super) fn msr_index(&mut self) -> Result<Arc<Vec<u32>>, ControlError> {
+        if let Some(i) = &self.msr_index {
+            return Ok(i.clone());
+        }
+        let list = self.kvm.get_msr_index_list().map_err(|e| {
+            ControlError::new(ErrorCode::HostError, format!("KVM_GET_MSR_INDEX_LIST: {e}"))
+        })?;
+        let mut v = list.as_slice().to_vec();
+        v.sort_unstable();
+        v.dedup();
+        let v = Arc::new(v);
+        self.msr_index = Some(v.clone());
+        Ok(v)
+    }
+
+    /// What a snapshot says of the VM beyond its machine.
+    pub(super) fn snapshot_meta(&self) -> crate::snapshot::Meta {
+        crate::snapshot::Meta {
+            name: self.config.name.clone(),
+            mem_mib: self.config.mem_mib,
+            vcpus: self.config.vcpus,
+            boot_count: self.boot_count,
+            kernel: self.current_kernel.clone(),
+            last_reset: self.last_reset.map(|c| c.to_string()),
+            uptime: self.uptime(),
+            watchdog: lock(&self.watchdog.device).save_state(),
+        }
     }
 
     /// Writes the running (or paused) VM to a new directory `path`; the
@@ -92,6 +139,12 @@ impl Vm {
         stop: bool,
     ) -> Result<protocol::SnapshotInfo, ControlError> {
         let state = self.state;
+        if self.migrating.is_some() {
+            return Err(ControlError::invalid_state(
+                "a migration of this VM is running",
+            ));
+        }
+        let msr_index = self.msr_index()?;
         let Some(m) = self
             .machine
             .as_ref()
@@ -101,37 +154,27 @@ impl Vm {
                 "the VM is {state}: there is nothing to snapshot"
             )));
         };
-        let msr_index = match &self.msr_index {
-            Some(i) => i.clone(),
-            None => {
-                let list = self.kvm.get_msr_index_list().map_err(|e| {
-                    ControlError::new(ErrorCode::HostError, format!("KVM_GET_MSR_INDEX_LIST: {e}"))
-                })?;
-                let mut v = list.as_slice().to_vec();
-                v.sort_unstable();
-                v.dedup();
-                let v = Arc::new(v);
-                self.msr_index = Some(v.clone());
-                v
-            }
-        };
         let started = Instant::now();
         let running = state == VmState::Running;
         if running {
             m.pause();
             self.watchdog.pause();
         }
-        let meta = crate::snapshot::Meta {
-            name: self.config.name.clone(),
-            mem_mib: self.config.mem_mib,
-            vcpus: self.config.vcpus,
-            boot_count: self.boot_count,
-            kernel: self.current_kernel.clone(),
-            last_reset: self.last_reset.map(|c| c.to_string()),
-            uptime: self.uptime(),
-            watchdog: lock(&self.watchdog.device).save_state(),
-        };
-        let taken = crate::snapshot::take(m, &self.virtio, &msr_index, meta, path);
+        // A reset or power-off the guest asked for just before the pause,
+        // or a vCPU that stopped for good, is not in any saved register:
+        // handled first, then asked again.
+        if self.events.pending() {
+            if running {
+                self.watchdog.resume();
+                m.resume();
+            }
+            return Err(ControlError::new(
+                ErrorCode::InvalidState,
+                "the guest is resetting or powering off right now: try again",
+            ));
+        }
+        let meta = self.snapshot_meta();
+        let taken = crate::snapshot::take(m, &self.virtio, &msr_index, meta, path, stop);
         let paused_us = crate::snapshot::micros(started);
         match &taken {
             Ok(_) if stop => self.poweroff(),

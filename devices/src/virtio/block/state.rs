@@ -32,23 +32,28 @@ use super::uring::Uring;
 use super::Block;
 use crate::state::StateError;
 
+/// How long a snapshot waits for a disk's requests in flight.
+const QUIESCE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Block {
     /// See the module's documentation.
     pub(super) fn quiesce_queues(&mut self) -> Result<Vec<QueueState>, StateError> {
         if self.active.is_none() {
             return Ok(Vec::new());
         }
-        self.complete_ring(true);
+        // Not for ever: a stalled image must not hold the VM paused (and
+        // the VMM's lock) for good. What is left completes later as usual.
+        self.complete_ring(Some(std::time::Instant::now() + QUIESCE_WAIT));
         let left = self.ring.as_ref().map_or(0, Uring::in_flight);
         if left > 0 {
-            // Only a failed wait gets here (logged by `wait_all`): the
-            // requests keep their memory and will complete on a later
-            // wake-up, so the disk goes on serving.
+            // The requests keep their memory and will complete on a later
+            // wake-up, so the disk goes on serving; the snapshot fails.
             return Err(StateError::new(
                 "virtio-blk",
                 format!(
-                    "{}: {left} requests are still in flight and cannot be waited for",
-                    self.disk.path.display()
+                    "{}: {left} requests are still in flight after {} s (a stalled image?)",
+                    self.disk.path.display(),
+                    QUIESCE_WAIT.as_secs()
                 ),
             ));
         }

@@ -224,6 +224,7 @@ impl Fixture {
 }
 
 mod backup;
+mod dirty;
 mod queues;
 mod state;
 

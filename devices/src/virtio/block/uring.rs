@@ -24,7 +24,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::super::iov::Seg;
+use super::super::iov::{mark_written, Seg};
 use super::super::GuestMemoryMmap;
 
 /// What a request asks of the image.
@@ -43,6 +43,18 @@ pub(super) struct IoOp {
     /// The guest buffers (for the bounce-buffer fallback) and their iovecs.
     pub segs: Vec<Seg>,
     pub iovs: Vec<libc::iovec>,
+}
+
+impl IoOp {
+    /// Marks the guest buffers a read filled dirty (see
+    /// [`mark_written`]); called once the read is over, whatever its
+    /// result: a failed or short read may still have written some of them,
+    /// and marking a page that did not change costs only a resend.
+    pub fn mark_read_dirty(&self, mem: &GuestMemoryMmap) {
+        if self.kind == IoKind::Read {
+            mark_written(mem, &self.segs, self.len);
+        }
+    }
 }
 
 /// A request in flight: what to tell the guest when it completes.
@@ -170,6 +182,30 @@ impl Uring {
     }
 
     /// Waits until nothing is in flight, handing each completion to `done`.
+    /// Waits for every request in flight until `deadline` at most (a
+    /// snapshot must not hang on a dead disk); what is left stays in flight.
+    pub(super) fn wait_all_until(
+        &mut self,
+        deadline: Instant,
+        mut done: impl FnMut(InFlight, i32),
+    ) {
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid pollfd, for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.reap(&mut done);
+        }
+    }
+
     pub(super) fn wait_all(&mut self, mut done: impl FnMut(InFlight, i32)) {
         while self.in_flight > 0 {
             match self.ring.submit_and_wait(1) {
@@ -207,7 +243,7 @@ impl Drop for Uring {
             let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
             // SAFETY: one valid pollfd, for the duration of the call.
             unsafe { libc::poll(&mut pfd, 1, ms) };
-            self.reap(|_, _| {});
+            self.reap(|req, _| req.op.mark_read_dirty(&req.mem));
         }
         if self.in_flight > 0 {
             tracing::warn!(

@@ -176,10 +176,10 @@ impl MmioTransport {
     /// interrupt is signalled again.
     ///
     /// Everything in `s` is checked before anything changes, so a refused
-    /// state leaves the transport as it was; only a device that then fails
-    /// to start leaves it reset (status 0: the guest's driver gets nothing
-    /// from it until it probes the device again). A device running now is
-    /// reset first.
+    /// state leaves the transport as it was; a device that then fails to
+    /// start is left stopped with DEVICE_NEEDS_RESET set and a
+    /// config-change interrupt, as after a failed DRIVER_OK. A device
+    /// running now is reset first.
     pub fn restore_state(&mut self, s: &TransportState) -> Result<(), StateError> {
         let queues = self.check_state(s)?;
         let running = lock(&self.device).is_activated();
@@ -194,7 +194,11 @@ impl MmioTransport {
         self.queues = queues;
         if s.status & status::DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
-                self.reset();
+                // As a failed DRIVER_OK: the driver is told to reset the
+                // device (and gets nothing from it until it does), rather
+                // than finding a device gone silent.
+                self.status |= status::DEVICE_NEEDS_RESET;
+                self.interrupt.signal_config_change();
                 return Err(StateError::new(
                     NAME,
                     format!("device {} did not start: {e}", self.device_id),

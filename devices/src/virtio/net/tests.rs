@@ -640,4 +640,5 @@ fn an_rx_wake_up_delivers_at_most_its_budget_and_the_tap_brings_it_back() {
     assert!(f.tap_polled(), "a buffer is left: the TAP stays polled");
 }
 
+mod dirty;
 mod state;

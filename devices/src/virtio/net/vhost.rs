@@ -28,6 +28,12 @@
 //! `--user` and confined itself (Landlock) keeps vhost-net across guest
 //! reboots and driver resets without being able to open the node, which
 //! Debian leaves to root (0600).
+//!
+//! The kernel's writes into guest memory (received frames, used rings) do
+//! not reach the guest memory's dirty bitmap
+//! ([`take_dirty_pages`](crate::virtio::take_dirty_pages)): vhost can log
+//! them (`VHOST_F_LOG_ALL`), but this VMM does not ask it to, so a VM being
+//! live-migrated must run its network on the userspace datapath.
 
 use std::fs::File;
 use std::io;

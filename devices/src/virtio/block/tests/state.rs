@@ -183,14 +183,17 @@ fn a_state_that_accepted_discard_is_refused_by_a_read_only_disk() {
 }
 
 #[test]
-fn a_device_that_refuses_the_restored_queues_leaves_the_transport_reset() {
+fn a_device_that_refuses_the_restored_queues_asks_its_driver_for_a_reset() {
     let mut f = Fixture::new(false);
     let mut s = f.t.save_state().unwrap();
     // The disk needs its first queue.
     s.queues[0].ready = false;
     let e = f.t.restore_state(&s).unwrap_err().to_string();
     assert!(e.contains("did not start"), "{e}");
-    assert_eq!(f.t.status(), 0);
+    assert_ne!(
+        f.t.status() & crate::virtio::mmio::status::DEVICE_NEEDS_RESET,
+        0
+    );
     assert!(!f.blk.lock().unwrap().is_activated());
 }
 

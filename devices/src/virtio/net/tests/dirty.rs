@@ -1,0 +1,79 @@
+//! Dirty pages: frames the device delivers show up in the guest memory's
+//! bitmap (live migration), whether the TAP wrote them straight into the
+//! buffers or they came through the bounce buffer.
+
+use super::*;
+use crate::virtio::clear_dirty_pages;
+
+#[test]
+fn a_frame_read_straight_into_an_rx_buffer_marks_the_pages_it_filled_and_the_used_ring() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);
+    // Two chains of two pages each; the frame fills a page and a half of
+    // the first.
+    let bufs = f.post_rx(2, 0x2000);
+    f.settle();
+    clear_dirty_pages(&f.mem);
+    let frame = framed(&payload(6000 - VNET_HDR_LEN, 1));
+    send(&host, &frame);
+    f.settle();
+    assert_eq!(f.rxq.used(&f.mem), vec![(u32::from(bufs[0].0), 6000)]);
+    assert_eq!(
+        take_dirty_addrs(&f.mem),
+        pages_of(&[(bufs[0].1, 6000), f.rxq.used_ring()])
+    );
+    assert!(
+        take_dirty_addrs(&f.mem).is_empty(),
+        "taking them reset them"
+    );
+}
+
+#[test]
+fn a_mergeable_frame_read_in_place_marks_only_the_chains_it_used() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1 | F_MRG_RXBUF);
+    // Room for a maximal frame: the readv is offered all of it.
+    let bufs = f.post_rx(64, 0x1000);
+    f.settle();
+    clear_dirty_pages(&f.mem);
+    let frame = framed(&payload(0x2100 - VNET_HDR_LEN, 2));
+    send(&host, &frame);
+    f.settle();
+    assert_eq!(f.rxq.used(&f.mem).len(), 3);
+    assert_eq!(
+        take_dirty_addrs(&f.mem),
+        pages_of(&[(bufs[0].1, 0x2100), f.rxq.used_ring()])
+    );
+}
+
+#[test]
+fn a_frame_delivered_through_the_bounce_buffer_marks_its_rx_buffers() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1 | F_MRG_RXBUF);
+    // Too little room for a maximal frame: read ahead into the bounce
+    // buffer, then copied in.
+    let bufs = f.post_rx(3, 0x1000);
+    f.settle();
+    clear_dirty_pages(&f.mem);
+    let frame = framed(&payload(0x1800 - VNET_HDR_LEN, 3));
+    send(&host, &frame);
+    f.settle();
+    assert_eq!(f.rxq.used(&f.mem).len(), 2);
+    assert_eq!(
+        take_dirty_addrs(&f.mem),
+        pages_of(&[(bufs[0].1, 0x1800), f.rxq.used_ring()])
+    );
+}
+
+#[test]
+fn a_transmitted_frame_marks_only_the_tx_used_ring() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);
+    let frame = framed(&payload(3000, 4));
+    f.mem.write_slice(&frame, GuestAddress(TXBUF)).unwrap();
+    let head = f
+        .txq
+        .add_chain(&f.mem, &[(TXBUF, frame.len() as u32, false)]);
+    clear_dirty_pages(&f.mem);
+    write_reg(&mut f.t, reg::QUEUE_NOTIFY, 1);
+    f.settle();
+    assert_eq!(recv_timeout(&host, 1000).unwrap(), frame);
+    assert_eq!(f.txq.used(&f.mem), vec![(u32::from(head), 0)]);
+    assert_eq!(take_dirty_addrs(&f.mem), pages_of(&[f.txq.used_ring()]));
+}

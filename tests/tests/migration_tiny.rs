@@ -1,0 +1,269 @@
+//! Live migration between two VMM processes on this machine's KVM, with a
+//! tiny guest that prints the alphabet, its letter in a register: the
+//! target goes on at the next letter and the source ends; a target that
+//! breaks off mid-copy, a wrong token or a customer's request leave the
+//! guest running at its source.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tests::control::Ctl;
+use tests::tiny::{vmm_command, Asm};
+use tests::{TempDir, VmmProcess};
+
+const T: Duration = Duration::from_secs(60);
+const TOKEN: &str = "a-token-of-32-characters-or-more";
+
+/// READY, then a..z over and over, the letter kept in AL only.
+fn alphabet() -> Asm {
+    let mut a = Asm::new();
+    a.print("READY\r\n");
+    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    let top = a.here();
+    a.code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    a.code.extend_from_slice(&[0xfe, 0xc0]); // inc al
+    a.code.extend_from_slice(&[0x3c, b'z' + 1, 0x75, 0x02]); // cmp al, 'z'+1; jne +2
+    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    a.delay(200_000);
+    a.jmp_back(top);
+    a
+}
+
+fn letters_of(out: &str) -> String {
+    let tail = out.split("READY\r\n").last().unwrap_or_default();
+    tail.lines()
+        .filter(|l| !l.contains("--- vmm:"))
+        .flat_map(|l| l.chars())
+        .filter(|c| c.is_ascii_lowercase())
+        .collect()
+}
+
+fn contiguous(s: &str) -> bool {
+    s.as_bytes()
+        .windows(2)
+        .all(|w| w[1] == if w[0] == b'z' { b'a' } else { w[0] + 1 })
+}
+
+struct Vm {
+    sock: PathBuf,
+    p: VmmProcess,
+}
+
+impl Vm {
+    fn ctl(&self) -> Ctl {
+        Ctl::connect(&self.sock)
+    }
+    fn letters(&self) -> String {
+        letters_of(&self.p.output())
+    }
+    /// Waits until `n` more letters than now were printed.
+    fn runs_on(&self, n: usize) -> bool {
+        let before = self.letters().len();
+        self.p
+            .wait_until(0, T, |t| (letters_of(t).len() >= before + n).then_some(()))
+            .is_some()
+    }
+}
+
+fn start(dir: &Path, name: &str, extra: &[&str]) -> Vm {
+    let sock = dir.join(format!("run/{name}/control.sock"));
+    let mut cmd = vmm_command(dir, "vm1", &alphabet(), &sock);
+    cmd.args(extra);
+    Vm {
+        sock,
+        p: VmmProcess::spawn_cmd(&mut cmd),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn target(dir: &Path, port: u16) -> Vm {
+    let tok = dir.join("token");
+    std::fs::write(&tok, format!("{TOKEN}\n")).unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    start(
+        dir,
+        "target",
+        &[
+            "--incoming",
+            &addr,
+            "--incoming-token-file",
+            tok.to_str().expect("UTF-8"),
+        ],
+    )
+}
+
+/// Asks for a migration to `port` once the target listens.
+fn migrate(src: &Vm, port: u16, token: &str) -> serde_json::Value {
+    for _ in 0..500 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{token}"}}"#
+    ))
+}
+
+#[test]
+fn a_migrated_tiny_guest_goes_on_at_the_next_letter_in_the_target_and_the_source_ends() {
+    let d = TempDir::new("migr-tiny");
+    let src_dir = d.path().join("src");
+    let dst_dir = d.path().join("dst");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let mut src = start(&src_dir, "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    assert!(src.runs_on(20), "{}", src.p.report());
+    let boot_count = src.ctl().status()["boot_count"].clone();
+    let port = free_port();
+    let dst = target(&dst_dir, port);
+    let mut sub = src.ctl();
+    sub.ok(r#"{"cmd":"subscribe"}"#);
+
+    let r = migrate(&src, port, TOKEN);
+    assert_eq!(r["ok"], true, "{r}\n{}\n{}", src.p.report(), dst.p.report());
+    eprintln!("migration of a 64 MiB tiny guest: {r}");
+    assert!(r["passes"].as_u64().unwrap_or(0) >= 1, "{r}");
+    assert!(r["downtime_ms"].as_u64().is_some(), "{r}");
+    let ev = sub.wait_event("migration", T).expect("a migration event");
+    assert_eq!(ev["pass"], 1, "{ev}");
+
+    // The source ends; what it printed is whole once it has.
+    let st = src.p.wait_exit(T);
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "{st:?}\n{}",
+        src.p.report()
+    );
+    let printed = src.letters();
+    assert!(contiguous(&printed), "{printed}");
+    let last = printed.chars().last().expect("letters");
+
+    assert!(dst.runs_on(5), "{}", dst.p.report());
+    let out = dst.p.output();
+    assert!(!out.contains("READY"), "the target booted the guest: {out}");
+    assert!(out.contains("restored from migration"), "{out}");
+    let went_on = letters_of(&out);
+    let want = if last == 'z' {
+        'a'
+    } else {
+        (last as u8 + 1) as char
+    };
+    assert_eq!(
+        went_on.chars().next(),
+        Some(want),
+        "after '{last}' (source: ...{})",
+        &printed[printed.len().saturating_sub(10)..]
+    );
+    assert!(contiguous(&went_on), "{went_on}");
+    let s = dst.ctl().status();
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["boot_count"], boot_count, "{s}");
+}
+
+#[test]
+fn a_target_that_breaks_off_mid_copy_leaves_the_guest_running_at_its_source() {
+    let d = TempDir::new("migr-tiny-break");
+    let src = start(d.path(), "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    // A target that accepts, takes a little memory, and goes away.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut head = [0u8; 12 + 9];
+        c.read_exact(&mut head).unwrap();
+        let len = u64::from_le_bytes(head[13..21].try_into().unwrap());
+        let mut hello = vec![0u8; len as usize];
+        c.read_exact(&mut hello).unwrap();
+        let mut accepted = vec![2u8];
+        accepted.extend_from_slice(&0u64.to_le_bytes());
+        c.write_all(&accepted).unwrap();
+        let mut some = vec![0u8; 64 << 10];
+        c.read_exact(&mut some).unwrap();
+        // Dropped: the connection closes mid-copy.
+    });
+    let r = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
+    ));
+    fake.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["code"], "host_error", "{r}");
+    assert!(src.runs_on(10), "the guest runs on\n{}", src.p.report());
+    assert!(contiguous(&src.letters()), "{}", src.letters());
+    let s = src.ctl().status();
+    assert_eq!(s["state"], "running", "{s}");
+}
+
+#[test]
+fn a_wrong_token_is_refused_by_the_target_which_listens_on_and_takes_the_right_one() {
+    let d = TempDir::new("migr-tiny-token");
+    let src_dir = d.path().join("src");
+    let dst_dir = d.path().join("dst");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let mut src = start(&src_dir, "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    let port = free_port();
+    let dst = target(&dst_dir, port);
+    let r = migrate(&src, port, "not-the-token-not-the-token-not");
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("wrong token"),
+        "{r}"
+    );
+    assert!(src.runs_on(5), "{}", src.p.report());
+    assert!(!dst.p.output().contains('a'), "the target ran nothing");
+    let r = migrate(&src, port, TOKEN);
+    assert_eq!(r["ok"], true, "{r}\n{}", dst.p.report());
+    assert!(src.p.wait_exit(T).is_some());
+    assert!(dst.runs_on(3), "{}", dst.p.report());
+}
+
+#[test]
+fn migrate_is_the_operators_and_wants_an_address() {
+    let d = TempDir::new("migr-tiny-refused");
+    let src = start(d.path(), "src", &["--allow-user", "65534"]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    let e = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"target.example:4444","token":"{TOKEN}"}}"#
+    ));
+    assert_eq!(e["code"], "bad_request", "{e}");
+    let e = src.ctl().call(r#"{"cmd":"migrate","to":"127.0.0.1:1"}"#);
+    assert_eq!(e["code"], "bad_request", "{e}");
+    // Nobody listens there: refused at once, the guest runs on.
+    let e = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:1","token":"{TOKEN}"}}"#
+    ));
+    assert_eq!(e["code"], "host_error", "{e}");
+    for (mode, path) in [("0755", src.sock.parent().unwrap()), ("0666", &src.sock)] {
+        let st = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+        assert!(st.is_ok_and(|s| s.success()), "chmod {}", path.display());
+    }
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "sh", "-c"])
+        .arg(format!(
+            "echo '{{\"cmd\":\"migrate\",\"to\":\"127.0.0.1:9\",\"token\":\"{TOKEN}\"}}' | socat -t 5 - UNIX-CONNECT:{}",
+            src.sock.display()
+        ))
+        .output()
+        .expect("setpriv and socat (scripts/host-deps.sh installs them)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"code\":\"forbidden\""), "{text}");
+    assert!(src.runs_on(3), "{}", src.p.report());
+}

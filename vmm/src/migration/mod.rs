@@ -1,0 +1,53 @@
+//! Live migration (issue 13, item 2): a running VM sent to a VMM started
+//! with `--incoming HOST:PORT`, over TCP (the stream: [`wire`]).
+//!
+//! The source ([`source`], the operator's `migrate`, on a thread of its
+//! own) copies all guest memory while the guest runs, then, pass after
+//! pass, what the guest wrote meanwhile (KVM's dirty log for the vCPUs'
+//! writes, vm-memory's bitmap for the VMM's own devices'; a network
+//! interface on vhost-net is moved to the userspace datapath for the
+//! migration, since the host kernel's writes are in neither). When little
+//! is left, or the passes stop converging, the guest stops, the rest and
+//! the machine's state (as a snapshot's) go over, and the target rebuilds
+//! the machine and says so. Only then does the source let go of the
+//! disks' image locks and tell the target to run the guest; the source's
+//! guest is powered off and its VMM exits. Until that go-ahead the guest
+//! can always run on at the source: any failure (the connection, the
+//! target, a reset of the guest meanwhile) ends the migration there, and
+//! the guest never noticed but for a pause.
+//!
+//! The target ([`target`]) listens before it confines itself, accepts one
+//! connection at a time and checks its greeting, token and machine shape
+//! before it takes any memory; a stray or hostile connection is refused
+//! with one line and the target listens on.
+//!
+//! Trust: the token (`--incoming-token-file`, at least 16 characters) is
+//! the only authentication and the stream is not encrypted: run
+//! migrations over the hosts' own network (or a tunnel), never the
+//! customers'. The disks are the hosts' shared storage: both VMMs open the
+//! same image paths.
+
+pub mod source;
+pub mod target;
+pub mod wire;
+
+/// Guest memory is sent in 4 KiB pages (KVM's and vm-memory's dirty-page
+/// granularity).
+pub const PAGE: u64 = 4096;
+
+/// Each memory region's offset in guest RAM laid out as one file (the
+/// migration stream's and the snapshot's addressing): (start address,
+/// length, file offset).
+pub fn region_offsets(
+    mem: &devices::virtio::GuestMemoryMmap,
+) -> Vec<(vm_memory::GuestAddress, u64, u64)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut off = 0u64;
+    mem.iter()
+        .map(|r| {
+            let e = (r.start_addr(), r.len(), off);
+            off += r.len();
+            e
+        })
+        .collect()
+}

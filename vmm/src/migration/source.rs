@@ -1,0 +1,256 @@
+//! The source of a live migration: see the module above. Runs on a thread
+//! of its own, taking the VM's lock for each step; the answer to `migrate`
+//! and the `migration` events go out from here.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use devices::bus::lock;
+use protocol::{ControlError, ErrorCode, Event, MigrationInfo};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::wire::{self, Hello, Kind, MAX_RUN};
+use super::{region_offsets, PAGE};
+use crate::runtime::SharedVm;
+use crate::vm::migration::Stopped;
+use crate::vm::Publish;
+
+/// A pass that leaves at most this much to copy stops the guest.
+const SMALL_ENOUGH: u64 = 4 << 20;
+/// Passes while the guest runs, at most (a guest writing faster than the
+/// link copies never converges: it is then stopped for what is left).
+const MAX_PASSES: u32 = 30;
+/// How long the target may take to answer.
+const ANSWER: Duration = Duration::from_secs(120);
+
+fn err(code: ErrorCode, what: impl Into<String>) -> ControlError {
+    ControlError::new(code, what.into())
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> ControlError + '_ {
+    move |e| err(ErrorCode::HostError, format!("migration: {what}: {e}"))
+}
+
+fn wire_err(what: &str) -> impl Fn(wire::WireError) -> ControlError + '_ {
+    move |e| err(ErrorCode::HostError, format!("migration: {what}: {e}"))
+}
+
+/// Checks `to` (an address, not a name: the confined VMM resolves none).
+pub fn parse_target(to: &str) -> Result<SocketAddr, ControlError> {
+    to.parse().map_err(|_| {
+        ControlError::bad_request(format!(
+            "'{to}': give the target as IP:PORT (e.g. 192.0.2.7:4444 or [2001:db8::7]:4444)"
+        ))
+    })
+}
+
+/// Sends the pages set in `dirty` (per region, bit i: page i); returns
+/// the bytes sent.
+fn send_pages(
+    conn: &mut impl Write,
+    mem: &devices::virtio::GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+    buf: &mut [u8],
+) -> Result<u64, ControlError> {
+    let mut sent = 0u64;
+    for ((start, len, file_off), words) in region_offsets(mem).into_iter().zip(dirty) {
+        let pages = len / PAGE;
+        let mut page = 0u64;
+        while page < pages {
+            let set = |p: u64| {
+                words
+                    .get((p / 64) as usize)
+                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
+            };
+            if !set(page) {
+                page += 1;
+                continue;
+            }
+            // A run of dirty pages, at most MAX_RUN bytes.
+            let first = page;
+            while page < pages && set(page) && (page - first + 1) * PAGE <= MAX_RUN as u64 {
+                page += 1;
+            }
+            let n = ((page - first) * PAGE) as usize;
+            let run = &mut buf[..n];
+            mem.read_slice(run, GuestAddress(start.0 + first * PAGE))
+                .map_err(|e| err(ErrorCode::HostError, format!("reading guest memory: {e}")))?;
+            let off = file_off + first * PAGE;
+            wire::write_frame(conn, Kind::Pages, &[&off.to_le_bytes(), run])
+                .map_err(io_err("sending memory"))?;
+            sent += n as u64;
+        }
+    }
+    Ok(sent)
+}
+
+/// Every page of `mem` that is not all zeros (the target's memory starts
+/// zero): the first pass.
+fn send_all(
+    conn: &mut impl Write,
+    mem: &devices::virtio::GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Result<u64, ControlError> {
+    let mut sent = 0u64;
+    for (off, addr, n) in crate::snapshot::format::pieces(mem) {
+        let piece = &mut buf[..n];
+        mem.read_slice(piece, addr)
+            .map_err(|e| err(ErrorCode::HostError, format!("reading guest memory: {e}")))?;
+        if crate::snapshot::format::is_zero(piece) {
+            continue;
+        }
+        wire::write_frame(conn, Kind::Pages, &[&off.to_le_bytes(), piece])
+            .map_err(io_err("sending memory"))?;
+        sent += n as u64;
+    }
+    Ok(sent)
+}
+
+fn dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum::<u64>()
+        * PAGE
+}
+
+/// Runs a migration to `to` to its end; the answer for `migrate`.
+pub fn run(
+    vm: SharedVm,
+    to: SocketAddr,
+    token: String,
+    publish: Publish,
+) -> Result<MigrationInfo, ControlError> {
+    let t0 = Instant::now();
+    let hello = {
+        let v = lock(&vm);
+        Hello {
+            token,
+            name: v.config.name.clone(),
+            mem_mib: v.config.mem_mib,
+            vcpus: v.config.vcpus,
+            virtio: v.virtio_count(),
+        }
+    };
+    let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+        .map_err(io_err(&format!("cannot reach {to}")))?;
+    let _ = conn.set_nodelay(true);
+    conn.set_read_timeout(Some(ANSWER))
+        .map_err(io_err("socket"))?;
+    conn.set_write_timeout(Some(ANSWER))
+        .map_err(io_err("socket"))?;
+    let hello_json = serde_json::to_vec(&hello)
+        .map_err(|e| err(ErrorCode::Internal, format!("migration: {e}")))?;
+    wire::write_greeting(&mut conn).map_err(io_err("greeting"))?;
+    wire::write_frame(&mut conn, Kind::Hello, &[&hello_json]).map_err(io_err("greeting"))?;
+    let mut inbuf = Vec::new();
+    wire::expect(&mut conn, &mut inbuf, Kind::Accepted).map_err(wire_err("the target refused"))?;
+
+    let started = lock(&vm).migration_begin()?;
+    let mut buf = vec![0u8; MAX_RUN];
+    let copy =
+        |conn: &mut TcpStream, buf: &mut [u8]| -> Result<(u32, u64, Vec<Vec<u64>>), ControlError> {
+            let mut pass = 1u32;
+            let mut t = Instant::now();
+            let mut sent = send_all(conn, &started.mem, buf)?;
+            let mut total = sent;
+            loop {
+                let dirty = lock(&vm).migration_dirty(started.boot_count)?;
+                let left = dirty_bytes(&dirty);
+                publish(Event::Migration {
+                    pass,
+                    sent_bytes: sent,
+                    dirty_bytes: left,
+                    pass_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                });
+                if left <= SMALL_ENOUGH || pass >= MAX_PASSES {
+                    return Ok((pass, total, dirty));
+                }
+                pass += 1;
+                t = Instant::now();
+                sent = send_pages(conn, &started.mem, &dirty, buf)?;
+                total += sent;
+            }
+        };
+    let (passes, mut memory_bytes, pending) = match copy(&mut conn, &mut buf) {
+        Ok(r) => r,
+        Err(e) => {
+            wire::send_error(&mut conn, &e.message);
+            lock(&vm).migration_abort(None);
+            return Err(e);
+        }
+    };
+
+    // The last pass: the guest stops; the VM's lock is held to the end.
+    let mut g = lock(&vm);
+    let stopped = match g.migration_stop(started.boot_count) {
+        Ok(s) => s,
+        Err(e) => {
+            wire::send_error(&mut conn, &e.message);
+            g.migration_abort(None);
+            return Err(e);
+        }
+    };
+    let finish = |g: &mut crate::vm::Vm,
+                  conn: &mut TcpStream,
+                  stopped: &Stopped,
+                  buf: &mut [u8]|
+     -> Result<u64, ControlError> {
+        // What the devices wrote while they finished their requests, and
+        // what was left from the running passes.
+        let mut dirty = g.migration_dirty(started.boot_count)?;
+        for (d, p) in dirty.iter_mut().zip(&pending) {
+            for (a, b) in d.iter_mut().zip(p) {
+                *a |= b;
+            }
+        }
+        let last = send_pages(conn, &started.mem, &dirty, buf)?;
+        let state = serde_json::to_vec(&stopped.captured.snapshot)
+            .map_err(|e| err(ErrorCode::Internal, format!("migration: the state: {e}")))?;
+        wire::write_frame(conn, Kind::State, &[&state]).map_err(io_err("sending the state"))?;
+        let mut inbuf = Vec::new();
+        wire::expect(conn, &mut inbuf, Kind::Restored)
+            .map_err(wire_err("the target did not rebuild the machine"))?;
+        g.release_images()?;
+        if let Err(e) = wire::write_frame(conn, Kind::Go, &[]).and_then(|()| conn.flush()) {
+            // The target never heard it: it will not run the guest.
+            if let Err(e) = g.acquire_images() {
+                tracing::error!("migration: {}", e.message);
+            }
+            return Err(io_err("the go-ahead")(e));
+        }
+        Ok(last)
+    };
+    match finish(&mut g, &mut conn, &stopped, &mut buf) {
+        Ok(last) => {
+            memory_bytes += last;
+            let downtime = stopped.at.elapsed();
+            g.migration_done();
+            drop(g);
+            Ok(MigrationInfo {
+                to: to.to_string(),
+                total_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                downtime_ms: u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX),
+                passes,
+                memory_bytes,
+                last_pass_bytes: last,
+            })
+        }
+        Err(e) => {
+            wire::send_error(&mut conn, &e.message);
+            g.migration_abort(Some(stopped));
+            Err(e)
+        }
+    }
+}
+
+/// The process ends once the answer is out: its guest runs elsewhere, and
+/// its disks are the target's now.
+pub fn end_process() {
+    // SAFETY: raising a signal at our own process touches no memory; the
+    // VMM's SIGTERM handler ends it as `systemctl stop` would (the guest is
+    // powered off already, so at once).
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}

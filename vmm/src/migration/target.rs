@@ -1,0 +1,164 @@
+//! The target of a live migration (`--incoming HOST:PORT`): see the module
+//! above. Runs at start-up, before the VMM confines itself, on the only
+//! thread; hands the received machine to the first "boot" as a
+//! [`RestoreSource`], which finishes the handshake (`Restored`, `Go`).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::region_offsets;
+use super::wire::{self, Hello, Kind, WireError};
+use crate::config::VmConfig;
+use crate::snapshot::{RestoreSource, VmSnapshot};
+
+/// How long the source may stay silent before the target gives up on it
+/// (and listens again).
+const SILENCE: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("--incoming {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// What the machine must be for a migration to land here.
+pub struct Expect<'a> {
+    pub token: &'a str,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub virtio: usize,
+}
+
+/// Listens on `addr` until a source sends a whole machine; a connection
+/// that is refused or breaks off is logged and the next one is waited for.
+pub fn receive(
+    config: &VmConfig,
+    addr: &str,
+    expect: &Expect,
+) -> Result<RestoreSource, TargetError> {
+    let listener = TcpListener::bind(addr).map_err(|source| TargetError::Listen {
+        addr: addr.to_string(),
+        source,
+    })?;
+    tracing::info!("waiting for a migration of {} on {addr}", config.name);
+    loop {
+        let (mut conn, peer) = listener.accept().map_err(|source| TargetError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        match serve(&mut conn, peer, expect) {
+            Ok((snapshot, mem)) => {
+                return Ok(RestoreSource::received(
+                    PathBuf::from(format!("migration from {peer}")),
+                    snapshot,
+                    mem,
+                    conn,
+                ));
+            }
+            Err(e) => {
+                tracing::warn!("migration from {peer} refused or broken off: {e}");
+                eprintln!("vmm: migration from {peer} refused or broken off: {e}");
+                wire::send_error(&mut conn, &e.to_string());
+            }
+        }
+    }
+}
+
+fn serve(
+    conn: &mut TcpStream,
+    peer: SocketAddr,
+    expect: &Expect,
+) -> Result<(VmSnapshot, devices::virtio::GuestMemoryMmap), TargetError> {
+    // Set now: the confined VMM may not set socket options.
+    conn.set_read_timeout(Some(SILENCE))
+        .and_then(|()| conn.set_write_timeout(Some(SILENCE)))
+        .map_err(|e| TargetError::Wire(e.into()))?;
+    let _ = conn.set_nodelay(true);
+    wire::read_greeting(conn)?;
+    let mut buf = Vec::new();
+    wire::expect(conn, &mut buf, Kind::Hello)?;
+    let hello: Hello = serde_json::from_slice(&buf)
+        .map_err(|e| TargetError::Refused(format!("unreadable hello: {e}")))?;
+    if !wire::token_matches(&hello.token, expect.token) {
+        return Err(TargetError::Refused(format!("{peer}: wrong token")));
+    }
+    let mut wrong = Vec::new();
+    if hello.mem_mib != expect.mem_mib {
+        wrong.push(format!(
+            "memory {} MiB (here: {})",
+            hello.mem_mib, expect.mem_mib
+        ));
+    }
+    if hello.vcpus != expect.vcpus {
+        wrong.push(format!("{} vCPUs (here: {})", hello.vcpus, expect.vcpus));
+    }
+    if hello.virtio != expect.virtio {
+        wrong.push(format!(
+            "{} virtio devices (here: {})",
+            hello.virtio, expect.virtio
+        ));
+    }
+    if !wrong.is_empty() {
+        return Err(TargetError::Refused(format!(
+            "{} is another machine: {}",
+            hello.name,
+            wrong.join(", ")
+        )));
+    }
+    let mem = crate::machine::guest_memory(expect.mem_mib)
+        .map_err(|e| TargetError::Refused(e.to_string()))?;
+    let regions = region_offsets(&mem);
+    let total: u64 = regions.iter().map(|r| r.1).sum();
+    wire::write_frame(conn, Kind::Accepted, &[]).map_err(WireError::from)?;
+    loop {
+        match wire::read_frame(conn, &mut buf)? {
+            Kind::Pages => {
+                let (off, data) = buf.split_at(8.min(buf.len()));
+                let off = u64::from_le_bytes(off.try_into().unwrap_or([0xff; 8]));
+                let end = off.checked_add(data.len() as u64).filter(|&e| e <= total);
+                // The run must lie in one region (the source never sends
+                // one across two).
+                let at = regions
+                    .iter()
+                    .find(|(_, len, base)| off >= *base && end.is_some_and(|e| e <= base + len));
+                let (Some(_), Some((start, _, base))) = (end, at) else {
+                    return Err(TargetError::Refused(format!(
+                        "a page run at {off:#x} of {} bytes lies outside the guest's memory",
+                        data.len()
+                    )));
+                };
+                mem.write_slice(data, GuestAddress(start.0 + (off - base)))
+                    .map_err(|e| TargetError::Refused(format!("guest memory: {e}")))?;
+            }
+            Kind::State => {
+                let snapshot: VmSnapshot = serde_json::from_slice(&buf)
+                    .map_err(|e| TargetError::Refused(format!("unreadable state: {e}")))?;
+                return Ok((snapshot, mem));
+            }
+            other => {
+                return Err(TargetError::Wire(WireError::Unexpected {
+                    expected: Kind::State,
+                    got: other,
+                }))
+            }
+        }
+    }
+}
+
+/// After the machine is rebuilt (vCPUs parked): tells the source, and
+/// waits for its go-ahead. An error means the guest must not run here.
+pub fn handshake(conn: &mut TcpStream) -> Result<(), WireError> {
+    wire::write_frame(conn, Kind::Restored, &[])?;
+    let mut buf = Vec::new();
+    wire::expect(conn, &mut buf, Kind::Go)
+}

@@ -1,0 +1,236 @@
+//! The VM's side of a live migration's source (`migration::source` drives
+//! it from its own thread, taking the VM's lock for each step): dirty-page
+//! logging on and off, the pages written since the last look, the final
+//! stop, and undoing all of it when the migration fails.
+
+use std::fs::File;
+use std::time::Instant;
+
+use devices::bus::lock;
+use protocol::{ControlError, ErrorCode, VmState};
+
+use super::Vm;
+use crate::snapshot::Captured;
+
+/// What a migration copies from, fixed at its start.
+pub struct Started {
+    /// The guest's memory (the running machine's; shared, not copied).
+    pub mem: devices::virtio::GuestMemoryMmap,
+    /// The boot being migrated: a reset meanwhile ends the migration.
+    pub boot_count: u64,
+}
+
+/// The guest stopped for the last pass.
+pub struct Stopped {
+    pub captured: Captured,
+    pub was_running: bool,
+    pub at: Instant,
+}
+
+fn host_error(what: String) -> ControlError {
+    ControlError::new(ErrorCode::HostError, what)
+}
+
+impl Vm {
+    /// Starts logging the guest's writes and moves its network to the
+    /// userspace datapath (vhost-net's writes would go unlogged).
+    pub(crate) fn migration_begin(&mut self) -> Result<Started, ControlError> {
+        let state = self.state;
+        if !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(ControlError::invalid_state(format!(
+                "the VM is {state}: there is nothing to migrate"
+            )));
+        }
+        if self.migrating.is_some() {
+            return Err(ControlError::invalid_state(
+                "a migration of this VM is running already",
+            ));
+        }
+        let Some(m) = &self.machine else {
+            return Err(ControlError::invalid_state("the VM is not running"));
+        };
+        m.set_dirty_log(true)
+            .map_err(|e| host_error(format!("cannot log the guest's writes: {e}")))?;
+        devices::virtio::clear_dirty_pages(&m.mem);
+        let mem = m.mem.clone();
+        let vhost = self.nets_to_userspace();
+        self.migrating = Some(vhost);
+        Ok(Started {
+            mem,
+            boot_count: self.boot_count,
+        })
+    }
+
+    /// Quiesces each network device, takes its vhost-net instance away and
+    /// starts it again on the userspace datapath. Returns the instances.
+    fn nets_to_userspace(&mut self) -> Vec<Option<File>> {
+        let mut taken = Vec::new();
+        for (i, n) in self.nets.iter().enumerate() {
+            let Some(slot) = self.virtio.get(self.virtio.len() - self.nets.len() + i) else {
+                taken.push(None);
+                continue;
+            };
+            let mut t = lock(&slot.transport);
+            let vhost = lock(&n.device).take_vhost();
+            if vhost.is_some() {
+                match t.save_state() {
+                    Ok(s) => {
+                        if let Err(e) = t.restore_state(&s) {
+                            tracing::warn!("migration: {} did not restart: {e}", n.tap);
+                        }
+                    }
+                    Err(e) => tracing::warn!("migration: {} kept its datapath: {e}", n.tap),
+                }
+            }
+            taken.push(vhost);
+        }
+        taken
+    }
+
+    /// Gives the network devices their vhost-net instances back (they use
+    /// them from their next activation: restarted here).
+    fn nets_back(&mut self, vhost: Vec<Option<File>>) {
+        let first = self.virtio.len() - self.nets.len();
+        for (i, (n, dev)) in self.nets.iter().zip(vhost).enumerate() {
+            if dev.is_none() {
+                continue;
+            }
+            lock(&n.device).put_vhost(dev);
+            if let Some(slot) = self.virtio.get(first + i) {
+                let mut t = lock(&slot.transport);
+                if let Ok(s) = t.save_state() {
+                    if let Err(e) = t.restore_state(&s) {
+                        tracing::warn!("migration: {} did not restart: {e}", n.tap);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 4 KiB pages written since the last call, per memory region: by
+    /// the vCPUs (KVM's log) or by our devices (the memory's bitmap).
+    pub(crate) fn migration_dirty(&self, boot_count: u64) -> Result<Vec<Vec<u64>>, ControlError> {
+        let m = self.same_boot(boot_count)?;
+        let mut kvm = m
+            .take_kvm_dirty_log()
+            .map_err(|e| host_error(format!("cannot read the guest's writes: {e}")))?;
+        let ours = devices::virtio::take_dirty_pages(&m.mem);
+        for (k, o) in kvm.iter_mut().zip(ours) {
+            for (a, b) in k.iter_mut().zip(o) {
+                *a |= b;
+            }
+        }
+        Ok(kvm)
+    }
+
+    fn same_boot(&self, boot_count: u64) -> Result<&crate::machine::Machine, ControlError> {
+        match &self.machine {
+            Some(m) if self.boot_count == boot_count => Ok(m),
+            _ => Err(ControlError::invalid_state(
+                "the guest was reset or stopped during the migration",
+            )),
+        }
+    }
+
+    /// Stops the guest for the last pass: vCPUs parked, devices quiesced,
+    /// the state read. On failure the guest runs on.
+    pub(crate) fn migration_stop(&mut self, boot_count: u64) -> Result<Stopped, ControlError> {
+        let msr_index = self.msr_index()?;
+        let running = self.state == VmState::Running;
+        let m = self.same_boot(boot_count)?;
+        let at = Instant::now();
+        if running {
+            m.pause();
+            self.watchdog.pause();
+        }
+        let resume = |vm: &Vm| {
+            if running {
+                vm.watchdog.resume();
+                if let Some(m) = &vm.machine {
+                    m.resume();
+                }
+            }
+        };
+        if self.events.pending() {
+            resume(self);
+            return Err(ControlError::invalid_state(
+                "the guest is resetting or powering off right now",
+            ));
+        }
+        let meta = self.snapshot_meta();
+        let Some(m) = &self.machine else {
+            return Err(ControlError::invalid_state("the VM is not running"));
+        };
+        match crate::snapshot::capture(m, &self.virtio, &msr_index, &meta) {
+            Ok(captured) => Ok(Stopped {
+                captured,
+                was_running: running,
+                at,
+            }),
+            Err(e) => {
+                resume(self);
+                Err(host_error(format!("cannot stop the guest: {e}")))
+            }
+        }
+    }
+
+    /// The migration failed: the guest goes on here as before (devices
+    /// restarted, vCPUs resumed, logging off, vhost-net back).
+    pub(crate) fn migration_abort(&mut self, stopped: Option<Stopped>) {
+        if let Some(s) = stopped {
+            crate::snapshot::restart_devices(&self.virtio, &s.captured.virtio);
+            if s.was_running {
+                self.watchdog.resume();
+                if let Some(m) = &self.machine {
+                    m.resume();
+                }
+            }
+        }
+        self.migration_end();
+    }
+
+    fn migration_end(&mut self) {
+        if let Some(m) = &self.machine {
+            if let Err(e) = m.set_dirty_log(false) {
+                tracing::warn!("migration: cannot stop logging the guest's writes: {e}");
+            }
+        }
+        if let Some(vhost) = self.migrating.take() {
+            self.nets_back(vhost);
+        }
+    }
+
+    /// Lets go of the disks' images (the target takes them); on failure
+    /// takes back what it let go. Call with the guest stopped.
+    pub(crate) fn release_images(&self) -> Result<(), ControlError> {
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(e) = d.image.release() {
+                for back in &self.disks[..i] {
+                    let _ = back.image.acquire();
+                }
+                return Err(host_error(format!(
+                    "cannot let go of {}: {e}",
+                    d.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the disks' images back after [`Vm::release_images`] (or, on a
+    /// migration's target, for the first time).
+    pub(crate) fn acquire_images(&self) -> Result<(), ControlError> {
+        for d in &self.disks {
+            d.image
+                .acquire()
+                .map_err(|e| host_error(format!("cannot lock {}: {e}", d.path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// The guest runs on the target now: this one is powered off for good.
+    pub(crate) fn migration_done(&mut self) {
+        self.migrating = None;
+        self.poweroff();
+    }
+}

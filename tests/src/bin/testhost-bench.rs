@@ -18,13 +18,18 @@
 //!   (`testhost_bench/sshd.rs`);
 //! * snapshot: save and restore of an idle guest of 256 MiB and 1 GiB, ours
 //!   against QEMU's migration to a file (`testhost_bench/snapshot.rs`);
-//!   only when asked (`--only snapshot`).
+//!   only when asked (`--only snapshot`);
+//! * migration: live migration of an idle guest of 256 MiB and 1 GiB over
+//!   the loopback, ours against QEMU's (`testhost_bench/migration.rs`);
+//!   only when asked (`--only migration`).
 
 // The benchmark's table and statistics helpers (this binary uses a part).
 #[allow(dead_code)]
 #[path = "bench/report.rs"]
 mod report;
 
+#[path = "testhost_bench/migration.rs"]
+mod migration;
 #[path = "testhost_bench/snapshot.rs"]
 mod snapshot;
 #[path = "testhost_bench/sshd.rs"]
@@ -294,7 +299,7 @@ fn main() -> ExitCode {
                     .collect()
             }
             "--help" | "-h" => {
-                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot]   (scripts/bench.sh --testhost)");
+                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot,migration]   (scripts/bench.sh --testhost)");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -338,6 +343,10 @@ fn main() -> ExitCode {
 
     if only.iter().any(|o| o == "snapshot") {
         snapshot::rows(runs, &g);
+    }
+
+    if only.iter().any(|o| o == "migration") {
+        migration::rows(runs, &g);
     }
 
     if only.iter().any(|o| o == "disk") {

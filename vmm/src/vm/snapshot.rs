@@ -82,7 +82,11 @@ impl Vm {
         }
         (self.hooks.on_boot)(
             snap.boot_count,
-            &format!("restored from {}", r.dir.display()),
+            &if r.incoming.is_some() {
+                format!("restored from {}", r.dir.display())
+            } else {
+                format!("restored from snapshot {}", r.dir.display())
+            },
         );
         m.resume();
         if r.incoming.is_some() {

@@ -28,7 +28,7 @@ use super::{argv, start, wait_marker, Guest, Peer, Wait, MARKER};
 const SIZES: [u32; 2] = [256, 1024];
 
 /// One QMP session: capabilities, then `cmds`; the whole reply text.
-fn qmp(h: &Host, sock: &str, cmds: &[&str]) -> String {
+pub fn qmp(h: &Host, sock: &str, cmds: &[&str]) -> String {
     let mut lines = String::from("{\"execute\":\"qmp_capabilities\"}\n");
     for c in cmds {
         lines.push_str(c);
@@ -41,7 +41,7 @@ fn qmp(h: &Host, sock: &str, cmds: &[&str]) -> String {
 }
 
 /// Polls `cmd` over QMP until its reply contains `want` (or `fail`).
-fn qmp_until(h: &Host, sock: &str, cmd: &str, want: &str, fail: &str) -> Result<(), String> {
+pub fn qmp_until(h: &Host, sock: &str, cmd: &str, want: &str, fail: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(900);
     while Instant::now() < deadline {
         let out = qmp(h, sock, &[cmd]);

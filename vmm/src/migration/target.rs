@@ -3,6 +3,7 @@
 //! thread; hands the received machine to the first "boot" as a
 //! [`RestoreSource`], which finishes the handshake (`Restored`, `Go`).
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -84,6 +85,19 @@ fn serve(
         .and_then(|()| conn.set_write_timeout(Some(SILENCE)))
         .map_err(|e| TargetError::Wire(e.into()))?;
     let _ = conn.set_nodelay(true);
+    serve_stream(conn, &peer.to_string(), expect)
+}
+
+/// The target's side of the stream up to the machine's state, over any
+/// byte stream (`fuzz/fuzz_targets/migration_stream.rs` feeds it hostile
+/// bytes): the greeting, the hello checked (token first, then the
+/// machine's shape) before any guest memory is allocated, then page runs
+/// that must each lie inside one memory region, then the state.
+pub fn serve_stream<S: Read + Write>(
+    conn: &mut S,
+    peer: &str,
+    expect: &Expect,
+) -> Result<(VmSnapshot, devices::virtio::GuestMemoryMmap), TargetError> {
     wire::read_greeting(conn)?;
     let mut buf = Vec::new();
     wire::expect(conn, &mut buf, Kind::Hello)?;
@@ -161,4 +175,136 @@ pub fn handshake(conn: &mut TcpStream) -> Result<(), WireError> {
     wire::write_frame(conn, Kind::Restored, &[])?;
     let mut buf = Vec::new();
     wire::expect(conn, &mut buf, Kind::Go)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    const TOKEN: &str = "0123456789abcdef-token";
+
+    /// What a source would send: the greeting, a hello, then `frames`.
+    fn stream(token: &str, mem_mib: u64, frames: &[(Kind, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        wire::write_greeting(&mut out).unwrap();
+        let hello = Hello {
+            token: token.into(),
+            name: "web1".into(),
+            mem_mib,
+            vcpus: 1,
+            virtio: 0,
+        };
+        wire::write_frame(
+            &mut out,
+            Kind::Hello,
+            &[&serde_json::to_vec(&hello).unwrap()],
+        )
+        .unwrap();
+        for (k, p) in frames {
+            wire::write_frame(&mut out, *k, &[p]).unwrap();
+        }
+        out
+    }
+
+    /// A connection: reads from `input`, keeps what is written.
+    struct Conn {
+        input: Cursor<Vec<u8>>,
+        sent: Vec<u8>,
+    }
+
+    impl Read for Conn {
+        fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+            self.input.read(b)
+        }
+    }
+
+    impl Write for Conn {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.sent.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn serve_bytes(bytes: Vec<u8>) -> (Served, Vec<u8>) {
+        let mut c = Conn {
+            input: Cursor::new(bytes),
+            sent: Vec::new(),
+        };
+        let expect = Expect {
+            token: TOKEN,
+            mem_mib: 4,
+            vcpus: 1,
+            virtio: 0,
+        };
+        let r = serve_stream(&mut c, "test", &expect);
+        (r, c.sent)
+    }
+
+    type Served = Result<(VmSnapshot, devices::virtio::GuestMemoryMmap), TargetError>;
+
+    fn err_of(r: Served) -> String {
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn page(off: u64, data: &[u8]) -> (Kind, Vec<u8>) {
+        let mut p = off.to_le_bytes().to_vec();
+        p.extend_from_slice(data);
+        (Kind::Pages, p)
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused_before_anything_is_accepted() {
+        let (r, sent) = serve_bytes(stream("someone-else-entirely", 4, &[]));
+        assert!(err_of(r).contains("wrong token"));
+        assert!(sent.is_empty(), "no Accepted for a stranger");
+    }
+
+    #[test]
+    fn another_machine_is_refused_naming_what_differs() {
+        let (r, _) = serve_bytes(stream(TOKEN, 8, &[]));
+        let e = err_of(r);
+        assert!(e.contains("memory 8 MiB (here: 4)"), "{e}");
+    }
+
+    #[test]
+    fn a_page_run_outside_the_guests_memory_is_refused() {
+        for (off, len) in [(4 << 20, 1usize), ((4 << 20) - 2, 4), (u64::MAX - 1, 4)] {
+            let (r, sent) = serve_bytes(stream(TOKEN, 4, &[page(off, &vec![1u8; len])]));
+            let e = err_of(r);
+            assert!(e.contains("outside the guest's memory"), "{off:#x}: {e}");
+            assert_eq!(sent[0], Kind::Accepted as u8, "accepted before the pages");
+        }
+    }
+
+    #[test]
+    fn pages_land_in_guest_memory_and_an_unreadable_state_is_refused() {
+        let (r, _) = serve_bytes(stream(
+            TOKEN,
+            4,
+            &[page(0x1000, b"hello"), (Kind::State, b"{not json".to_vec())],
+        ));
+        assert!(err_of(r).contains("unreadable state"));
+    }
+
+    #[test]
+    fn a_stray_client_or_a_frame_out_of_order_is_refused() {
+        let (r, _) = serve_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec());
+        assert!(matches!(r, Err(TargetError::Wire(WireError::NotMigration))));
+        let (r, _) = serve_bytes(stream(TOKEN, 4, &[(Kind::Go, Vec::new())]));
+        assert!(matches!(
+            r,
+            Err(TargetError::Wire(WireError::Unexpected { .. }))
+        ));
+        // Cut short mid-stream.
+        let mut s = stream(TOKEN, 4, &[page(0, &[7u8; 4096])]);
+        s.truncate(s.len() - 100);
+        assert!(serve_bytes(s).0.is_err());
+    }
 }

@@ -312,3 +312,32 @@ fn a_corrupt_foreign_or_mismatched_snapshot_is_refused_with_a_clear_error() {
         ok.p.report()
     );
 }
+
+#[test]
+fn a_paused_vm_is_restored_paused_and_goes_on_when_resumed() {
+    let dir = TempDir::new("snap-tiny-paused");
+    let mut vm = start(dir.path(), &[]);
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    vm.ctl().ok(r#"{"cmd":"pause"}"#);
+    vm.ctl().ok(r#"{"cmd":"snapshot","dir":"p","stop":true}"#);
+    let snap = vm.snapshot("p");
+    let _ = vm.p.child.kill();
+    let _ = vm.p.wait_exit(T);
+    let restored = start(dir.path(), &["--restore", snap.to_str().expect("UTF-8")]);
+    let mut c = restored.ctl();
+    let s = c.wait_status(T, |s| s["state"] == "paused");
+    assert_eq!(s["state"], "paused", "{s}");
+    assert!(
+        letters_of(&restored.p.output()).is_empty(),
+        "it ran while paused"
+    );
+    c.ok(r#"{"cmd":"resume"}"#);
+    assert!(
+        restored
+            .p
+            .wait_until(0, T, |t| (letters_of(t).len() >= 3).then_some(()))
+            .is_some(),
+        "{}",
+        restored.p.report()
+    );
+}

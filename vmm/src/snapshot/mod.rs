@@ -50,6 +50,9 @@ pub struct VmSnapshot {
     pub kernel: String,
     pub last_reset: Option<String>,
     pub uptime_ms: u64,
+    /// The VM was paused (it is restored paused).
+    #[serde(default)]
+    pub paused: bool,
     pub memory: MemoryInfo,
     pub kvm: VmKvmState,
     pub cpus: Vec<VcpuState>,
@@ -234,6 +237,7 @@ pub struct Meta {
     pub kernel: String,
     pub last_reset: Option<String>,
     pub uptime: Duration,
+    pub paused: bool,
     pub watchdog: Ib700State,
 }
 
@@ -298,6 +302,7 @@ pub fn capture(
             kernel: meta.kernel.clone(),
             last_reset: meta.last_reset.clone(),
             uptime_ms: u64::try_from(meta.uptime.as_millis()).unwrap_or(u64::MAX),
+            paused: meta.paused,
             memory: MemoryInfo { bytes: 0, crc32: 0 },
             kvm,
             cpus,

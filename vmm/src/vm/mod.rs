@@ -160,6 +160,8 @@ pub struct Vm {
     msr_index: Option<Arc<Vec<u32>>>,
     /// A migration is running: the vhost-net instances it took away.
     migrating: Option<Vec<Option<std::fs::File>>>,
+    /// The snapshot just restored was of a paused VM.
+    restored_paused: bool,
 }
 
 /// A network interface as `status` shows it.
@@ -394,6 +396,7 @@ impl Vm {
             restore: None,
             msr_index: None,
             migrating: None,
+            restored_paused: false,
         })
     }
 
@@ -548,6 +551,12 @@ impl Vm {
         match self.apply(Input::Start) {
             Err(ApplyError::Boot(e)) => Err(e),
             Err(ApplyError::Refused(r)) => Err(VmmError::Setup(r.to_string())),
+            Ok(()) if std::mem::take(&mut self.restored_paused) => {
+                // Its vCPUs never ran here; the lifecycle and the watchdog
+                // learn that it is paused.
+                self.pause()
+                    .map_err(|e| VmmError::Setup(format!("cannot pause: {e}")))
+            }
             Ok(()) => Ok(()),
         }
     }

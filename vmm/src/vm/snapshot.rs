@@ -88,7 +88,11 @@ impl Vm {
                 format!("restored from snapshot {}", r.dir.display())
             },
         );
-        m.resume();
+        // A VM saved paused stays paused (`power_on` pauses it for good).
+        self.restored_paused = snap.paused;
+        if !snap.paused {
+            m.resume();
+        }
         if r.incoming.is_some() {
             // Where the guest is now, for the network's switches.
             for n in &self.nets {
@@ -130,6 +134,7 @@ impl Vm {
             kernel: self.current_kernel.clone(),
             last_reset: self.last_reset.map(|c| c.to_string()),
             uptime: self.uptime(),
+            paused: self.state == VmState::Paused,
             watchdog: lock(&self.watchdog.device).save_state(),
         }
     }

@@ -67,5 +67,5 @@ fuzz_target!(|data: &[u8]| {
         vcpus: 1,
         virtio: 0,
     };
-    let _ = serve_stream(&mut c, "fuzz", &expect);
+    let _ = serve_stream(&mut c, "fuzz", &expect, |_| {});
 });

@@ -267,3 +267,116 @@ fn migrate_is_the_operators_and_wants_an_address() {
     assert!(text.contains("\"code\":\"forbidden\""), "{text}");
     assert!(src.runs_on(3), "{}", src.p.report());
 }
+
+/// A target of our own that speaks the stream up to the machine's state
+/// (frame: kind byte, u64 LE length, payload), then does `at_state`.
+fn fake_target(at_state: fn(&mut TcpStream)) -> (u16, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut greeting = [0u8; 12];
+        c.read_exact(&mut greeting).unwrap();
+        loop {
+            let mut head = [0u8; 9];
+            if c.read_exact(&mut head).is_err() {
+                return;
+            }
+            let len = u64::from_le_bytes(head[1..].try_into().unwrap());
+            let mut payload = vec![0u8; len as usize];
+            c.read_exact(&mut payload).unwrap();
+            match head[0] {
+                1 => c.write_all(&frame(2, b"")).unwrap(),
+                4 => return at_state(&mut c),
+                _ => {}
+            }
+        }
+    });
+    (port, t)
+}
+
+fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn a_target_that_refuses_the_stopped_machine_leaves_the_guest_running_at_its_source() {
+    let d = TempDir::new("migr-tiny-final");
+    let src = start(d.path(), "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    assert!(src.runs_on(5), "{}", src.p.report());
+    let (port, fake) = fake_target(|c| {
+        c.write_all(&frame(7, b"no room for it here")).unwrap();
+    });
+    let r = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
+    ));
+    fake.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no room for it here"),
+        "{r}"
+    );
+    // Stopped for the last pass, then on again: not a letter lost or doubled.
+    assert!(src.runs_on(10), "the guest runs on\n{}", src.p.report());
+    assert!(contiguous(&src.letters()), "{}", src.letters());
+    assert_eq!(src.ctl().status()["state"], "running");
+    // And it may migrate again.
+    let (port, fake) = fake_target(|c| {
+        c.write_all(&frame(7, b"still no room")).unwrap();
+    });
+    let r = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
+    ));
+    fake.join().unwrap();
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("still no room"),
+        "{r}"
+    );
+    assert!(src.runs_on(3), "{}", src.p.report());
+}
+
+#[test]
+fn a_target_that_takes_the_go_ahead_and_goes_silent_leaves_the_source_stopped_for_good() {
+    let d = TempDir::new("migr-tiny-unknown");
+    let src = start(d.path(), "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    let (port, fake) = fake_target(|c| {
+        // Rebuilt, it says; then it reads the go-ahead and is gone.
+        c.write_all(&frame(5, b"")).unwrap();
+        let mut go = [0u8; 9];
+        c.read_exact(&mut go).unwrap();
+        assert_eq!(go[0], 6, "the go-ahead");
+    });
+    let r = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
+    ));
+    fake.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outcome unknown"),
+        "{r}"
+    );
+    // The guest may be running there: not here, and not again.
+    let mut c = src.ctl();
+    assert_eq!(c.status()["state"], "stopped");
+    let e = c.call(r#"{"cmd":"start"}"#);
+    assert_eq!(e["ok"], false, "{e}");
+    assert!(
+        e["error"].as_str().unwrap_or_default().contains("migrated"),
+        "{e}"
+    );
+    assert_eq!(c.status()["state"], "stopped");
+}

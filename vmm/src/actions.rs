@@ -310,28 +310,31 @@ impl ControlHandler for VmControlHandler {
                 Err(e) => Err(e),
             },
             Request::Snapshot { dir, stop } => snapshot(&mut vm, responder.peer(), &dir, stop),
-            Request::Migrate { to, token } => match migrate_checks(&vm, responder.peer(), &to) {
-                Ok(addr) => {
-                    let publish = vm.hooks.publish.clone();
-                    drop(vm);
-                    let shared = self.vm.clone();
-                    let p2 = publish.clone();
-                    let spawned = crate::spawner::spawn("migration".into(), move || {
-                        crate::seccomp::install(crate::seccomp::Kind::Migration);
-                        let r = crate::migration::source::run(shared, addr, token, p2);
-                        let done = r.is_ok();
-                        responder.send(r.map(Reply::Migrated));
-                        if done {
-                            crate::migration::source::end_process();
+            Request::Migrate { to, token } => {
+                match migrate_checks(&mut vm, responder.peer(), &to) {
+                    Ok(addr) => {
+                        let publish = vm.hooks.publish.clone();
+                        drop(vm);
+                        let shared = self.vm.clone();
+                        let p2 = publish.clone();
+                        let spawned = crate::spawner::spawn("migration".into(), move || {
+                            crate::seccomp::install(crate::seccomp::Kind::Migration);
+                            let r = crate::migration::source::run(shared, addr, token, p2);
+                            let done = r.is_ok();
+                            responder.send(r.map(Reply::Migrated));
+                            if done {
+                                crate::migration::source::end_process();
+                            }
+                        });
+                        if let Err(e) = spawned {
+                            tracing::error!("cannot start the migration's thread: {e}");
+                            lock(&self.vm).migration_abort(None);
                         }
-                    });
-                    if let Err(e) = spawned {
-                        tracing::error!("cannot start the migration's thread: {e}");
+                        return;
                     }
-                    return;
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
                 ControlError::internal("internal error: handled by the server"),
             ),
@@ -344,7 +347,7 @@ impl ControlHandler for VmControlHandler {
 /// `migrate`: the operator's; the VM must be running or paused, and the
 /// target an address.
 fn migrate_checks(
-    vm: &Vm,
+    vm: &mut Vm,
     peer: &crate::control::PeerIdentity,
     to: &str,
 ) -> Result<std::net::SocketAddr, ControlError> {
@@ -364,6 +367,9 @@ fn migrate_checks(
             "the VM is {state}: there is nothing to migrate"
         )));
     }
+    // Claimed now, under the VM's lock: a second `migrate` (or a
+    // `snapshot`) is refused until this one ends.
+    vm.reserve_migration()?;
     Ok(addr)
 }
 

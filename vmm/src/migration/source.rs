@@ -23,6 +23,8 @@ const SMALL_ENOUGH: u64 = 4 << 20;
 const MAX_PASSES: u32 = 30;
 /// How long the target may take to answer.
 const ANSWER: Duration = Duration::from_secs(120);
+/// The same, while the guest is stopped.
+const FINAL: Duration = Duration::from_secs(30);
 
 fn err(code: ErrorCode, what: impl Into<String>) -> ControlError {
     ControlError::new(code, what.into())
@@ -116,6 +118,24 @@ fn dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
         * PAGE
 }
 
+/// Connects, greets and is accepted by the target.
+fn connect(to: SocketAddr, hello: &Hello) -> Result<TcpStream, ControlError> {
+    let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(10))
+        .map_err(io_err(&format!("cannot reach {to}")))?;
+    let _ = conn.set_nodelay(true);
+    conn.set_read_timeout(Some(ANSWER))
+        .map_err(io_err("socket"))?;
+    conn.set_write_timeout(Some(ANSWER))
+        .map_err(io_err("socket"))?;
+    let hello_json = serde_json::to_vec(hello)
+        .map_err(|e| err(ErrorCode::Internal, format!("migration: {e}")))?;
+    wire::write_greeting(&mut conn).map_err(io_err("greeting"))?;
+    wire::write_frame(&mut conn, Kind::Hello, &[&hello_json]).map_err(io_err("greeting"))?;
+    let mut inbuf = Vec::new();
+    wire::expect(&mut conn, &mut inbuf, Kind::Accepted).map_err(wire_err("the target refused"))?;
+    Ok(conn)
+}
+
 /// Runs a migration to `to` to its end; the answer for `migrate`.
 pub fn run(
     vm: SharedVm,
@@ -134,21 +154,22 @@ pub fn run(
             virtio: v.virtio_count(),
         }
     };
-    let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(10))
-        .map_err(io_err(&format!("cannot reach {to}")))?;
-    let _ = conn.set_nodelay(true);
-    conn.set_read_timeout(Some(ANSWER))
-        .map_err(io_err("socket"))?;
-    conn.set_write_timeout(Some(ANSWER))
-        .map_err(io_err("socket"))?;
-    let hello_json = serde_json::to_vec(&hello)
-        .map_err(|e| err(ErrorCode::Internal, format!("migration: {e}")))?;
-    wire::write_greeting(&mut conn).map_err(io_err("greeting"))?;
-    wire::write_frame(&mut conn, Kind::Hello, &[&hello_json]).map_err(io_err("greeting"))?;
-    let mut inbuf = Vec::new();
-    wire::expect(&mut conn, &mut inbuf, Kind::Accepted).map_err(wire_err("the target refused"))?;
-
-    let started = lock(&vm).migration_begin()?;
+    let connected = connect(to, &hello);
+    let mut conn = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            lock(&vm).migration_abort(None);
+            return Err(e);
+        }
+    };
+    let started = match lock(&vm).migration_begin() {
+        Ok(s) => s,
+        Err(e) => {
+            lock(&vm).migration_abort(None);
+            give_up(&mut conn, &e.message);
+            return Err(e);
+        }
+    };
     let mut buf = vec![0u8; MAX_RUN];
     let copy =
         |conn: &mut TcpStream, buf: &mut [u8]| -> Result<(u32, u64, Vec<Vec<u64>>), ControlError> {
@@ -177,19 +198,24 @@ pub fn run(
     let (passes, mut memory_bytes, pending) = match copy(&mut conn, &mut buf) {
         Ok(r) => r,
         Err(e) => {
-            wire::send_error(&mut conn, &e.message);
             lock(&vm).migration_abort(None);
+            give_up(&mut conn, &e.message);
             return Err(e);
         }
     };
 
-    // The last pass: the guest stops; the VM's lock is held to the end.
+    // The last pass: the guest stops; the VM's lock is held to the end,
+    // and every send or answer now has a shorter limit (the guest, the
+    // control socket and the console wait meanwhile).
+    let _ = conn.set_read_timeout(Some(FINAL));
+    let _ = conn.set_write_timeout(Some(FINAL));
     let mut g = lock(&vm);
     let stopped = match g.migration_stop(started.boot_count) {
         Ok(s) => s,
         Err(e) => {
-            wire::send_error(&mut conn, &e.message);
             g.migration_abort(None);
+            drop(g);
+            give_up(&mut conn, &e.message);
             return Err(e);
         }
     };
@@ -216,14 +242,31 @@ pub fn run(
         g.release_images()?;
         if let Err(e) = wire::write_frame(conn, Kind::Go, &[]).and_then(|()| conn.flush()) {
             // The target never heard it: it will not run the guest.
-            if let Err(e) = g.acquire_images() {
-                tracing::error!("migration: {}", e.message);
-            }
+            g.acquire_images()?;
             return Err(io_err("the go-ahead")(e));
         }
-        Ok(last)
+        // The target takes the disks' locks and says it runs the guest.
+        match wire::expect(conn, &mut inbuf, Kind::Running) {
+            Ok(()) => Ok(last),
+            Err(wire::WireError::Peer(why)) => {
+                // It refused to run it (a disk's lock): it runs here again.
+                g.acquire_images()?;
+                Err(err(
+                    ErrorCode::HostError,
+                    format!("migration: the target did not run the guest: {why}"),
+                ))
+            }
+            Err(e) => Err(unknown(e)),
+        }
     };
     match finish(&mut g, &mut conn, &stopped, &mut buf) {
+        Err(e) if e.message.starts_with(UNKNOWN) => {
+            // The target may run the guest or not: neither resume it here
+            // nor let it be started again (two guests on one disk would
+            // be worse than none); the operator looks at the target.
+            g.migration_unknown();
+            Err(e)
+        }
         Ok(last) => {
             memory_bytes += last;
             let downtime = stopped.at.elapsed();
@@ -239,11 +282,32 @@ pub fn run(
             })
         }
         Err(e) => {
-            wire::send_error(&mut conn, &e.message);
             g.migration_abort(Some(stopped));
+            drop(g);
+            give_up(&mut conn, &e.message);
             Err(e)
         }
     }
+}
+
+const UNKNOWN: &str = "migration: outcome unknown";
+
+fn unknown(e: wire::WireError) -> ControlError {
+    err(
+        ErrorCode::HostError,
+        format!(
+            "{UNKNOWN}: the target was told to run the guest but did not confirm ({e}); \
+             this VM stays stopped and will not start here: check the target"
+        ),
+    )
+}
+
+/// Tells the target why, without holding anything (the guest runs again
+/// first): a short limit, then the connection is closed.
+fn give_up(conn: &mut TcpStream, why: &str) {
+    let _ = conn.set_write_timeout(Some(Duration::from_secs(2)));
+    wire::send_error(conn, why);
+    let _ = conn.shutdown(std::net::Shutdown::Both);
 }
 
 /// The process ends once the answer is out: its guest runs elsewhere, and

@@ -18,6 +18,8 @@ use crate::snapshot::{RestoreSource, VmSnapshot};
 /// How long the source may stay silent before the target gives up on it
 /// (and listens again).
 const SILENCE: Duration = Duration::from_secs(120);
+/// How long a connection may take over each read of its greeting and hello.
+const HELLO: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -80,12 +82,16 @@ fn serve(
     peer: SocketAddr,
     expect: &Expect,
 ) -> Result<(VmSnapshot, devices::virtio::GuestMemoryMmap), TargetError> {
-    // Set now: the confined VMM may not set socket options.
-    conn.set_read_timeout(Some(SILENCE))
-        .and_then(|()| conn.set_write_timeout(Some(SILENCE)))
+    // Set now: the confined VMM may not set socket options. A stranger
+    // gets little time to say who it is.
+    conn.set_read_timeout(Some(HELLO))
+        .and_then(|()| conn.set_write_timeout(Some(HELLO)))
         .map_err(|e| TargetError::Wire(e.into()))?;
     let _ = conn.set_nodelay(true);
-    serve_stream(conn, &peer.to_string(), expect)
+    serve_stream(conn, &peer.to_string(), expect, |c| {
+        let _ = c.set_read_timeout(Some(SILENCE));
+        let _ = c.set_write_timeout(Some(SILENCE));
+    })
 }
 
 /// The target's side of the stream up to the machine's state, over any
@@ -97,6 +103,7 @@ pub fn serve_stream<S: Read + Write>(
     conn: &mut S,
     peer: &str,
     expect: &Expect,
+    on_accepted: impl FnOnce(&mut S),
 ) -> Result<(VmSnapshot, devices::virtio::GuestMemoryMmap), TargetError> {
     wire::read_greeting(conn)?;
     let mut buf = Vec::new();
@@ -134,6 +141,7 @@ pub fn serve_stream<S: Read + Write>(
     let regions = region_offsets(&mem);
     let total: u64 = regions.iter().map(|r| r.1).sum();
     wire::write_frame(conn, Kind::Accepted, &[]).map_err(WireError::from)?;
+    on_accepted(conn);
     loop {
         match wire::read_frame(conn, &mut buf)? {
             Kind::Pages => {
@@ -169,12 +177,20 @@ pub fn serve_stream<S: Read + Write>(
     }
 }
 
-/// After the machine is rebuilt (vCPUs parked): tells the source, and
-/// waits for its go-ahead. An error means the guest must not run here.
+/// After the machine is rebuilt (vCPUs parked, devices checked but not
+/// started): tells the source, and waits for its go-ahead. An error means
+/// the guest must not run here.
 pub fn handshake(conn: &mut TcpStream) -> Result<(), WireError> {
     wire::write_frame(conn, Kind::Restored, &[])?;
     let mut buf = Vec::new();
     wire::expect(conn, &mut buf, Kind::Go)
+}
+
+/// The disks are locked here and the guest is about to run: the source
+/// may end. (If it never hears this, it stays stopped rather than guess.)
+pub fn running(conn: &mut TcpStream) -> Result<(), WireError> {
+    wire::write_frame(conn, Kind::Running, &[])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -240,7 +256,7 @@ mod tests {
             vcpus: 1,
             virtio: 0,
         };
-        let r = serve_stream(&mut c, "test", &expect);
+        let r = serve_stream(&mut c, "test", &expect, |_| {});
         (r, c.sent)
     }
 

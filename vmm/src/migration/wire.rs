@@ -33,6 +33,9 @@ pub enum Kind {
     Go = 6,
     /// Either way: why the other side gives up (one line, UTF-8).
     Error = 7,
+    /// Target → source: the target holds the disks' locks and runs the
+    /// guest; the source may end.
+    Running = 8,
 }
 
 impl Kind {
@@ -45,6 +48,7 @@ impl Kind {
             5 => Kind::Restored,
             6 => Kind::Go,
             7 => Kind::Error,
+            8 => Kind::Running,
             _ => return None,
         })
     }
@@ -56,7 +60,7 @@ impl Kind {
             Kind::Pages => 8 + MAX_RUN as u64,
             Kind::State => MAX_PAYLOAD,
             Kind::Error => 4 << 10,
-            Kind::Accepted | Kind::Restored | Kind::Go => 0,
+            Kind::Accepted | Kind::Restored | Kind::Go | Kind::Running => 0,
         }
     }
 }
@@ -125,6 +129,17 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> io::Resul
 
 /// Reads one frame; its payload goes into `buf` (reused).
 pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, WireError> {
+    read_frame_of(r, buf, None)
+}
+
+/// Reads one frame, which must be of kind `only` (or an Error) if given:
+/// checked before its payload is read, so that a stranger cannot make the
+/// target take in a big payload of another kind.
+fn read_frame_of(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    only: Option<Kind>,
+) -> Result<Kind, WireError> {
     let mut head = [0u8; 9];
     r.read_exact(&mut head)?;
     let mut len8 = [0u8; 8];
@@ -133,6 +148,14 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, WireErro
     let kind = Kind::from_byte(head[0])
         .filter(|k| len <= k.max_len())
         .ok_or(WireError::BadFrame { kind: head[0], len })?;
+    if let Some(expected) = only {
+        if kind != expected && kind != Kind::Error {
+            return Err(WireError::Unexpected {
+                expected,
+                got: kind,
+            });
+        }
+    }
     buf.clear();
     r.take(len).read_to_end(buf)?;
     if buf.len() as u64 != len {
@@ -146,7 +169,7 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind, WireErro
 
 /// Reads a frame that must be of kind `expected`.
 pub fn expect(r: &mut impl Read, buf: &mut Vec<u8>, expected: Kind) -> Result<(), WireError> {
-    let got = read_frame(r, buf)?;
+    let got = read_frame_of(r, buf, Some(expected))?;
     if got != expected {
         return Err(WireError::Unexpected { expected, got });
     }

@@ -41,11 +41,6 @@ impl Vm {
                 "the VM is {state}: there is nothing to migrate"
             )));
         }
-        if self.migrating.is_some() {
-            return Err(ControlError::invalid_state(
-                "a migration of this VM is running already",
-            ));
-        }
         let Some(m) = &self.machine else {
             return Err(ControlError::invalid_state("the VM is not running"));
         };
@@ -53,7 +48,15 @@ impl Vm {
             .map_err(|e| host_error(format!("cannot log the guest's writes: {e}")))?;
         devices::virtio::clear_dirty_pages(&m.mem);
         let mem = m.mem.clone();
-        let vhost = self.nets_to_userspace();
+        let vhost = match self.nets_to_userspace() {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(m) = &self.machine {
+                    let _ = m.set_dirty_log(false);
+                }
+                return Err(e);
+            }
+        };
         self.migrating = Some(vhost);
         Ok(Started {
             mem,
@@ -63,33 +66,43 @@ impl Vm {
 
     /// Quiesces each network device, takes its vhost-net instance away and
     /// starts it again on the userspace datapath. Returns the instances.
-    fn nets_to_userspace(&mut self) -> Vec<Option<File>> {
+    fn nets_to_userspace(&self) -> Result<Vec<Option<File>>, ControlError> {
         let mut taken = Vec::new();
+        let first = self.virtio.len() - self.nets.len();
         for (i, n) in self.nets.iter().enumerate() {
-            let Some(slot) = self.virtio.get(self.virtio.len() - self.nets.len() + i) else {
+            let Some(slot) = self.virtio.get(first + i) else {
                 taken.push(None);
                 continue;
             };
             let mut t = lock(&slot.transport);
             let vhost = lock(&n.device).take_vhost();
             if vhost.is_some() {
-                match t.save_state() {
-                    Ok(s) => {
-                        if let Err(e) = t.restore_state(&s) {
-                            tracing::warn!("migration: {} did not restart: {e}", n.tap);
-                        }
+                // Restarted without it; on any failure it keeps (or gets
+                // back) vhost-net, and the migration does not begin.
+                let moved = t.save_state().and_then(|s| t.restore_state(&s).map(|()| s));
+                if let Err(e) = moved {
+                    lock(&n.device).put_vhost(vhost);
+                    if let Ok(s) = t.save_state() {
+                        let _ = t.restore_state(&s);
                     }
-                    Err(e) => tracing::warn!("migration: {} kept its datapath: {e}", n.tap),
+                    drop(t);
+                    let mut back = taken;
+                    back.resize_with(self.nets.len(), || None);
+                    self.nets_back(back);
+                    return Err(host_error(format!(
+                        "cannot move {} off vhost-net for the migration: {e}",
+                        n.tap
+                    )));
                 }
             }
             taken.push(vhost);
         }
-        taken
+        Ok(taken)
     }
 
     /// Gives the network devices their vhost-net instances back (they use
     /// them from their next activation: restarted here).
-    fn nets_back(&mut self, vhost: Vec<Option<File>>) {
+    fn nets_back(&self, vhost: Vec<Option<File>>) {
         let first = self.virtio.len() - self.nets.len();
         for (i, (n, dev)) in self.nets.iter().zip(vhost).enumerate() {
             if dev.is_none() {
@@ -162,6 +175,15 @@ impl Vm {
             return Err(ControlError::invalid_state("the VM is not running"));
         };
         match crate::snapshot::capture(m, &self.virtio, &msr_index, &meta) {
+            // Finishing the vCPUs' last I/O may have been a write to a
+            // reset or power-off register: not in the state, so not now.
+            Ok(captured) if self.events.pending() => {
+                crate::snapshot::restart_devices(&self.virtio, &captured.virtio);
+                resume(self);
+                Err(ControlError::invalid_state(
+                    "the guest is resetting or powering off right now",
+                ))
+            }
             Ok(captured) => Ok(Stopped {
                 captured,
                 was_running: running,
@@ -228,9 +250,37 @@ impl Vm {
         Ok(())
     }
 
-    /// The guest runs on the target now: this one is powered off for good.
+    /// The guest runs on the target now: this one is powered off for good
+    /// (it will not boot again in this process).
     pub(crate) fn migration_done(&mut self) {
         self.migrating = None;
+        self.migrated_away = true;
         self.poweroff();
+    }
+
+    /// The target was told to run the guest and did not confirm: powered
+    /// off, never to boot again here, the disks' locks let go.
+    pub(crate) fn migration_unknown(&mut self) {
+        self.migrating = None;
+        self.migrated_away = true;
+        self.poweroff();
+    }
+
+    /// Claims the VM for a migration about to start (a second `migrate`
+    /// is refused from now on); `migration_begin` or `migration_abort`
+    /// follows.
+    pub(crate) fn reserve_migration(&mut self) -> Result<(), ControlError> {
+        if self.migrated_away {
+            return Err(ControlError::invalid_state(
+                "this VM has migrated away: this VMM will not run it again",
+            ));
+        }
+        if self.migrating.is_some() {
+            return Err(ControlError::invalid_state(
+                "a migration of this VM is running already",
+            ));
+        }
+        self.migrating = Some(Vec::new());
+        Ok(())
     }
 }

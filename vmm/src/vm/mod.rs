@@ -162,6 +162,8 @@ pub struct Vm {
     migrating: Option<Vec<Option<std::fs::File>>>,
     /// The snapshot just restored was of a paused VM.
     restored_paused: bool,
+    /// The guest was migrated to another host: it never boots here again.
+    migrated_away: bool,
 }
 
 /// A network interface as `status` shows it.
@@ -397,6 +399,7 @@ impl Vm {
             msr_index: None,
             migrating: None,
             restored_paused: false,
+            migrated_away: false,
         })
     }
 
@@ -631,6 +634,12 @@ impl Vm {
     /// Tears down the current boot (if any) and boots again: memory
     /// cleared, devices and vCPUs fresh, kernel and initrd read from disk.
     fn boot(&mut self, cause: Option<ResetCause>) -> Result<(), VmmError> {
+        if self.migrated_away {
+            // Its disks are another VMM's now.
+            return Err(VmmError::Setup(
+                "this VM has migrated to another host: this VMM will not boot it".into(),
+            ));
+        }
         self.halt_machine();
         // The devices stop before the disk's /boot is read: no write of
         // the old boot lands while it is, and a boot that fails leaves

@@ -56,6 +56,24 @@ impl Vm {
         };
         let m = Machine::boot(&self.kvm, &cfg, env, Some(&mut r))?;
         let snap = &r.snapshot;
+        for (i, (slot, state)) in self.virtio.iter().zip(&snap.devices.virtio).enumerate() {
+            lock(&slot.transport)
+                .check_restore(state)
+                .map_err(|e| VmmError::Setup(format!("cannot restore virtio device {i}: {e}")))?;
+        }
+        if let Some(conn) = r.incoming.as_mut() {
+            // A migration: the source lets go of the guest (and its disks)
+            // only now; before its go-ahead nothing may run here, not even
+            // a device serving what the guest queued (the source would
+            // serve it again if it went on).
+            crate::migration::target::handshake(conn).map_err(|e| {
+                VmmError::Setup(format!("the migration's source did not let go: {e}"))
+            })?;
+            if let Err(e) = self.acquire_images() {
+                crate::migration::wire::send_error(conn, &e.message);
+                return Err(VmmError::Setup(e.message));
+            }
+        }
         // The vCPUs wait, parked, while the devices come back.
         for (i, (slot, state)) in self.virtio.iter().zip(&snap.devices.virtio).enumerate() {
             lock(&slot.transport)
@@ -72,13 +90,10 @@ impl Vm {
             .checked_sub(Duration::from_millis(snap.uptime_ms))
             .unwrap_or_else(Instant::now);
         if let Some(conn) = r.incoming.as_mut() {
-            // A migration: the source lets go of the guest (and its disks)
-            // only now; without its go-ahead the guest must not run here.
-            crate::migration::target::handshake(conn).map_err(|e| {
-                VmmError::Setup(format!("the migration's source did not let go: {e}"))
-            })?;
-            self.acquire_images()
-                .map_err(|e| VmmError::Setup(e.message))?;
+            // Best effort: a source that does not hear it stays stopped.
+            if let Err(e) = crate::migration::target::running(conn) {
+                tracing::warn!("migration: cannot tell the source the guest runs here: {e}");
+            }
         }
         (self.hooks.on_boot)(
             snap.boot_count,

@@ -215,6 +215,13 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Whether `s` would be taken by [`Self::restore_state`], without
+    /// changing anything (a migration's target checks before it lets its
+    /// source go; activation itself can still fail).
+    pub fn check_restore(&self, s: &TransportState) -> Result<(), StateError> {
+        self.check_state(s).map(|_| ())
+    }
+
     /// Validates `s` against this transport and its device; returns the
     /// queues to install.
     fn check_state(&self, s: &TransportState) -> Result<Vec<Queue>, StateError> {

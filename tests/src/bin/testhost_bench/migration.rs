@@ -27,8 +27,10 @@ const TOKEN: &str = "bench-token-0123456789abcdef";
 /// A number field of a JSON text (`"name":123`).
 fn field(text: &str, name: &str) -> Option<f64> {
     let at = text.find(&format!("\"{name}\":"))? + name.len() + 3;
+    // QMP puts a space after the colon; ours does not.
     let digits: String = text[at..]
         .chars()
+        .skip_while(|c| *c == ' ')
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
     digits.parse().ok()

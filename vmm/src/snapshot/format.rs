@@ -8,9 +8,9 @@
 //!   read it; the checksum because a half-written or damaged file must be
 //!   refused, not half-restored.
 //! * `memory`: guest RAM, each region after the other in address order,
-//!   as raw bytes (all-zero MiBs left as holes: the file is sparse, and a
-//!   restore reads only its data, `SEEK_DATA`). Its length and checksum
-//!   are in the state ([`MemoryInfo`]).
+//!   as raw bytes (all-zero MiBs left as holes: the file is sparse). Its
+//!   length, checksum and which MiBs hold data are in the state
+//!   ([`MemoryInfo`]); a restore reads those MiBs only.
 //!
 //! A reader refuses another format version outright: the state's types
 //! change with it, and a guest restored from a misread state would run on
@@ -18,7 +18,6 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use devices::virtio::GuestMemoryMmap;
@@ -97,7 +96,7 @@ pub fn decode_state(r: &mut impl Read) -> Result<Vec<u8>, FormatError> {
 }
 
 /// What [`write_memory`] wrote: for the state, to check the file on restore.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryInfo {
     /// The file's length: all of guest RAM.
     pub bytes: u64,
@@ -106,6 +105,15 @@ pub struct MemoryInfo {
     /// reader need not read; a damaged, moved, zeroed or filled-in MiB
     /// still changes the sum.
     pub crc32: u32,
+    /// Which MiBs hold data (bit i: the file's MiB i): the reader reads
+    /// those and nothing else, whatever the file system says of holes
+    /// (9p and a copy made without `--sparse` report none).
+    #[serde(default)]
+    pub data: Vec<u64>,
+}
+
+fn has_data(data: &[u64], i: usize) -> bool {
+    data.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
 }
 
 /// The guest's RAM as the file lays it out: (file offset, guest address,
@@ -142,13 +150,18 @@ pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<MemoryInfo, For
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
     let mut bytes = 0u64;
-    for (file_off, addr, n) in pieces(mem) {
+    let mut data = Vec::new();
+    for (i, (file_off, addr, n)) in pieces(mem).enumerate() {
         let piece = &mut buf[..n];
         mem.read_slice(piece, addr)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        if data.len() <= i / 64 {
+            data.push(0u64);
+        }
         if !is_zero(piece) {
             crc_piece(&mut crc, file_off, piece);
             out.write_all_at(piece, file_off)?;
+            data[i / 64] |= 1 << (i % 64);
         }
         bytes = file_off + n as u64;
     }
@@ -156,35 +169,17 @@ pub fn write_memory(mem: &GuestMemoryMmap, out: &File) -> Result<MemoryInfo, For
     Ok(MemoryInfo {
         bytes,
         crc32: crc.finalize(),
+        data,
     })
 }
 
-/// Where the next data at or after `off` starts in `f` (None: only holes
-/// follow). A file system without SEEK_DATA reports all of it as data.
-fn next_data(f: &File, off: u64) -> io::Result<Option<u64>> {
-    let Ok(at) = libc::off_t::try_from(off) else {
-        return Ok(None);
-    };
-    // SAFETY: lseek on a descriptor `f` owns; it touches no memory.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_DATA) };
-    if r >= 0 {
-        return Ok(u64::try_from(r).ok());
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENXIO) => Ok(None),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(off)),
-        _ => Err(e),
-    }
-}
-
 /// Reads `mem`'s regions back from `input`, checking length and checksum.
-/// Holes are not read, and guest memory there is not touched (a fresh
-/// guest's RAM is zero already, and stays unallocated).
+/// Only the MiBs that held data are read; guest memory elsewhere is not
+/// touched (a fresh guest's RAM is zero already, and stays unallocated).
 pub fn read_memory(
     mem: &GuestMemoryMmap,
     input: &File,
-    info: MemoryInfo,
+    info: &MemoryInfo,
 ) -> Result<(), FormatError> {
     let expected: u64 = mem.iter().map(|r| r.len()).sum();
     if info.bytes != expected {
@@ -198,13 +193,9 @@ pub fn read_memory(
     }
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
-    let mut data_at = next_data(input, 0)?;
-    for (file_off, addr, n) in pieces(mem) {
-        let end = file_off + n as u64;
-        match data_at {
-            None => break,
-            Some(d) if d >= end => continue,
-            Some(_) => {}
+    for (i, (file_off, addr, n)) in pieces(mem).enumerate() {
+        if !has_data(&info.data, i) {
+            continue;
         }
         let piece = &mut buf[..n];
         input
@@ -213,14 +204,9 @@ pub fn read_memory(
                 io::ErrorKind::UnexpectedEof => FormatError::MemoryCorrupt,
                 _ => FormatError::Io(e),
             })?;
-        if !is_zero(piece) {
-            crc_piece(&mut crc, file_off, piece);
-            mem.write_slice(piece, addr)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-        }
-        if end < expected {
-            data_at = next_data(input, end)?;
-        }
+        crc_piece(&mut crc, file_off, piece);
+        mem.write_slice(piece, addr)
+            .map_err(|e| io::Error::other(e.to_string()))?;
     }
     if crc.finalize() != info.crc32 {
         return Err(FormatError::MemoryCorrupt);
@@ -330,7 +316,7 @@ mod tests {
         assert_eq!(info.bytes, 4 << 20);
         assert_eq!(file.metadata().unwrap().len(), info.bytes);
         let dst = guest(3);
-        read_memory(&dst, &file, info).unwrap();
+        read_memory(&dst, &file, &info).unwrap();
         let mut b = [0u8; 13];
         dst.read_slice(&mut b, GuestAddress(16 << 20)).unwrap();
         assert_eq!(&b, b"second region");
@@ -348,31 +334,33 @@ mod tests {
         // A byte of data changed.
         file.write_all_at(b"y", 5).unwrap();
         assert!(matches!(
-            read_memory(&guest(2), &file, info),
+            read_memory(&guest(2), &file, &info),
             Err(FormatError::MemoryCorrupt)
         ));
         // The data MiB zeroed.
         file.write_all_at(&[0u8; 8], 0).unwrap();
         assert!(matches!(
-            read_memory(&guest(2), &file, info),
+            read_memory(&guest(2), &file, &info),
             Err(FormatError::MemoryCorrupt)
         ));
-        // Restored, and a hole filled in instead.
+        // Restored; a hole filled in is not read: the guest's memory
+        // there stays as it was saved, zero.
         file.write_all_at(b"x", 5).unwrap();
-        read_memory(&guest(2), &file, info).unwrap();
         file.write_all_at(b"z", (1 << 20) + 7).unwrap();
-        assert!(matches!(
-            read_memory(&guest(2), &file, info),
-            Err(FormatError::MemoryCorrupt)
-        ));
+        let back = guest(2);
+        read_memory(&back, &file, &info).unwrap();
+        let mut z = [1u8; 1];
+        back.read_slice(&mut z, GuestAddress((1 << 20) + 7))
+            .unwrap();
+        assert_eq!(z, [0]);
         // Cut short, and a guest of another size.
         file.set_len(info.bytes - 1).unwrap();
         assert!(matches!(
-            read_memory(&guest(2), &file, info),
+            read_memory(&guest(2), &file, &info),
             Err(FormatError::MemoryCorrupt)
         ));
         assert!(matches!(
-            read_memory(&guest(1), &file, info),
+            read_memory(&guest(1), &file, &info),
             Err(FormatError::MemorySize { .. })
         ));
         std::fs::remove_file(p).unwrap();

@@ -167,7 +167,7 @@ impl RestoreSource {
             return Ok(());
         };
         let path = self.dir.join(MEMORY_FILE);
-        format::read_memory(mem, f, self.snapshot.memory)
+        format::read_memory(mem, f, &self.snapshot.memory)
             .map_err(|source| SnapshotError::Format { path, source })
     }
 
@@ -303,7 +303,11 @@ pub fn capture(
             last_reset: meta.last_reset.clone(),
             uptime_ms: u64::try_from(meta.uptime.as_millis()).unwrap_or(u64::MAX),
             paused: meta.paused,
-            memory: MemoryInfo { bytes: 0, crc32: 0 },
+            memory: MemoryInfo {
+                bytes: 0,
+                crc32: 0,
+                data: Vec::new(),
+            },
             kvm,
             cpus,
             devices,

@@ -81,8 +81,19 @@ fn next_letter(c: char) -> char {
 
 #[test]
 fn a_restored_tiny_guest_goes_on_at_the_next_letter_in_a_new_process() {
+    goes_on_at_the_next_letter(&[]);
+}
+
+#[test]
+fn a_restored_two_vcpu_guest_goes_on_with_its_second_vcpu_still_waiting_for_its_start() {
+    // The second vCPU never started (INIT/SIPI pending): its MP state and
+    // LAPIC go through the snapshot too.
+    goes_on_at_the_next_letter(&["--vcpus", "2"]);
+}
+
+fn goes_on_at_the_next_letter(extra: &[&str]) {
     let dir = TempDir::new("snap-tiny");
-    let mut vm = start(dir.path(), &[]);
+    let mut vm = start(dir.path(), extra);
     assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
     assert!(
         vm.p.wait_until(0, T, |t| (letters_of(t).len() >= 30).then_some(()))
@@ -109,7 +120,7 @@ fn a_restored_tiny_guest_goes_on_at_the_next_letter_in_a_new_process() {
 
     let restored = start(
         dir.path(),
-        &["--restore", snap.to_str().expect("a UTF-8 path")],
+        &[&["--restore", snap.to_str().expect("a UTF-8 path")], extra].concat(),
     );
     assert!(
         restored

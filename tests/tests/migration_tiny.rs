@@ -380,3 +380,75 @@ fn a_target_that_takes_the_go_ahead_and_goes_silent_leaves_the_source_stopped_fo
     );
     assert_eq!(c.status()["state"], "stopped");
 }
+
+#[test]
+fn a_target_that_refuses_after_the_go_ahead_gives_the_guest_back_to_its_source() {
+    let d = TempDir::new("migr-tiny-refused-after-go");
+    let src = start(d.path(), "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    let (port, fake) = fake_target(|c| {
+        c.write_all(&frame(5, b"")).unwrap();
+        let mut go = [0u8; 9];
+        c.read_exact(&mut go).unwrap();
+        c.write_all(&frame(7, b"cannot lock the disk here"))
+            .unwrap();
+    });
+    let r = src.ctl().call(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
+    ));
+    fake.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot lock the disk here"),
+        "{r}"
+    );
+    assert!(src.runs_on(10), "the guest runs on\n{}", src.p.report());
+    assert!(contiguous(&src.letters()), "{}", src.letters());
+    assert_eq!(src.ctl().status()["state"], "running");
+}
+
+#[test]
+fn a_guest_powered_off_while_the_target_answers_ends_the_migration_and_the_vmm_still_answers() {
+    let d = TempDir::new("migr-tiny-gone");
+    let src = start(d.path(), "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    // A target that takes its time to accept: the guest is powered off
+    // meanwhile, so the migration cannot begin.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let fake = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut head = [0u8; 12 + 9];
+        c.read_exact(&mut head).unwrap();
+        let len = u64::from_le_bytes(head[13..21].try_into().unwrap());
+        let mut hello = vec![0u8; len as usize];
+        c.read_exact(&mut hello).unwrap();
+        let _ = rx.recv();
+        let _ = c.write_all(&frame(2, b""));
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let mut c = src.ctl();
+    c.send_line(&format!(
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
+    ));
+    src.ctl().ok(r#"{"cmd":"poweroff"}"#);
+    tx.send(()).unwrap();
+    let r = loop {
+        let v = c.read_value();
+        if v.get("ok").is_some() {
+            break v;
+        }
+    };
+    fake.join().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    // Not wedged, and free for the next request.
+    let mut c = src.ctl();
+    assert_eq!(c.status()["state"], "stopped");
+    c.ok(r#"{"cmd":"start"}"#);
+    assert!(src.p.wait_for_count("READY", 2, T), "{}", src.p.report());
+}

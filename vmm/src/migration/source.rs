@@ -162,7 +162,10 @@ pub fn run(
             return Err(e);
         }
     };
-    let started = match lock(&vm).migration_begin() {
+    // Bound first: the guard of a `match` on `lock(..)` would live through
+    // its arms, which lock again.
+    let begun = lock(&vm).migration_begin();
+    let started = match begun {
         Ok(s) => s,
         Err(e) => {
             lock(&vm).migration_abort(None);
@@ -242,15 +245,16 @@ pub fn run(
         g.release_images()?;
         if let Err(e) = wire::write_frame(conn, Kind::Go, &[]).and_then(|()| conn.flush()) {
             // The target never heard it: it will not run the guest.
-            g.acquire_images()?;
+            take_back(g)?;
             return Err(io_err("the go-ahead")(e));
         }
         // The target takes the disks' locks and says it runs the guest.
         match wire::expect(conn, &mut inbuf, Kind::Running) {
             Ok(()) => Ok(last),
             Err(wire::WireError::Peer(why)) => {
-                // It refused to run it (a disk's lock): it runs here again.
-                g.acquire_images()?;
+                // It refused to run it (and let go of the disks): it runs
+                // here again.
+                take_back(g)?;
                 Err(err(
                     ErrorCode::HostError,
                     format!("migration: the target did not run the guest: {why}"),
@@ -300,6 +304,22 @@ fn unknown(e: wire::WireError) -> ControlError {
              this VM stays stopped and will not start here: check the target"
         ),
     )
+}
+
+/// Takes the disks' locks back after the go-ahead came to nothing; if
+/// that fails, someone else has a disk: the guest must not run here
+/// either (the unknown outcome's path).
+fn take_back(g: &mut crate::vm::Vm) -> Result<(), ControlError> {
+    g.acquire_images().map_err(|e| {
+        err(
+            ErrorCode::HostError,
+            format!(
+                "{UNKNOWN}: the target did not run the guest, and this VMM cannot take its \
+                 disks back ({}); this VM stays stopped",
+                e.message
+            ),
+        )
+    })
 }
 
 /// Tells the target why, without holding anything (the guest runs again

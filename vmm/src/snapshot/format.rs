@@ -100,12 +100,13 @@ pub fn decode_state(r: &mut impl Read) -> Result<Vec<u8>, FormatError> {
 pub struct MemoryInfo {
     /// The file's length: all of guest RAM.
     pub bytes: u64,
-    /// CRC-32 over every MiB that is not all zeros, in order, each as its
-    /// file offset (u64 LE) then its bytes. Zero MiBs are holes that the
-    /// reader need not read; a damaged, moved, zeroed or filled-in MiB
-    /// still changes the sum.
+    /// CRC-32 over every MiB that holds data (see `data`), in order, each
+    /// as its file offset (u64 LE) then its bytes: a damaged, moved or
+    /// zeroed MiB changes the sum. The holes are never read, so what lies
+    /// there does not matter.
     pub crc32: u32,
-    /// Which MiBs hold data (bit i: the file's MiB i): the reader reads
+    /// Which pieces hold data (bit i: the i-th piece of at most 1 MiB,
+    /// regions in order, as `pieces` lists them): the reader reads
     /// those and nothing else, whatever the file system says of holes
     /// (9p and a copy made without `--sparse` report none).
     #[serde(default)]

@@ -79,11 +79,18 @@ impl Vm {
             if vhost.is_some() {
                 // Restarted without it; on any failure it keeps (or gets
                 // back) vhost-net, and the migration does not begin.
-                let moved = t.save_state().and_then(|s| t.restore_state(&s).map(|()| s));
+                let saved = t.save_state();
+                let moved = match &saved {
+                    Ok(s) => t.restore_state(s),
+                    Err(e) => Err(devices::state::StateError::new("virtio-net", e.to_string())),
+                };
                 if let Err(e) = moved {
                     lock(&n.device).put_vhost(vhost);
-                    if let Ok(s) = t.save_state() {
-                        let _ = t.restore_state(&s);
+                    // Back as it was, from the state saved before the move.
+                    if let Ok(s) = &saved {
+                        if let Err(e) = t.restore_state(s) {
+                            tracing::error!("migration: {} did not restart: {e}", n.tap);
+                        }
                     }
                     drop(t);
                     let mut back = taken;
@@ -241,13 +248,24 @@ impl Vm {
 
     /// Takes the disks' images back after [`Vm::release_images`] (or, on a
     /// migration's target, for the first time).
+    /// All or none: a lock that cannot be taken lets go of those taken.
     pub(crate) fn acquire_images(&self) -> Result<(), ControlError> {
-        for d in &self.disks {
-            d.image
-                .acquire()
-                .map_err(|e| host_error(format!("cannot lock {}: {e}", d.path.display())))?;
+        for (i, d) in self.disks.iter().enumerate() {
+            if let Err(e) = d.image.acquire() {
+                for back in &self.disks[..i] {
+                    let _ = back.image.release();
+                }
+                return Err(host_error(format!("cannot lock {}: {e}", d.path.display())));
+            }
         }
         Ok(())
+    }
+
+    /// Lets go of every image lock (a target giving the guest back).
+    pub(crate) fn release_images_quietly(&self) {
+        for d in &self.disks {
+            let _ = d.image.release();
+        }
     }
 
     /// The guest runs on the target now: this one is powered off for good

@@ -61,6 +61,9 @@ impl Vm {
                 .check_restore(state)
                 .map_err(|e| VmmError::Setup(format!("cannot restore virtio device {i}: {e}")))?;
         }
+        devices::legacy::ib700::Ib700Watchdog::new()
+            .restore_state(&snap.devices.watchdog, Duration::ZERO)
+            .map_err(|e| VmmError::Setup(format!("cannot restore the watchdog: {e}")))?;
         if let Some(conn) = r.incoming.as_mut() {
             // A migration: the source lets go of the guest (and its disks)
             // only now; before its go-ahead nothing may run here, not even
@@ -75,14 +78,18 @@ impl Vm {
             }
         }
         // The vCPUs wait, parked, while the devices come back.
-        for (i, (slot, state)) in self.virtio.iter().zip(&snap.devices.virtio).enumerate() {
-            lock(&slot.transport)
-                .restore_state(state)
-                .map_err(|e| VmmError::Setup(format!("cannot restore virtio device {i}: {e}")))?;
+        if let Err(e) = self.start_restored_devices(snap) {
+            if let Some(conn) = r.incoming.as_mut() {
+                // The source may take the guest back: nothing of it runs
+                // here, and the disks are let go first.
+                for slot in &self.virtio {
+                    lock(&slot.transport).reset();
+                }
+                self.release_images_quietly();
+                crate::migration::wire::send_error(conn, &e);
+            }
+            return Err(VmmError::Setup(e));
         }
-        lock(&self.watchdog.device)
-            .restore_state(&snap.devices.watchdog)
-            .map_err(|e| VmmError::Setup(format!("cannot restore the watchdog: {e}")))?;
         self.boot_count = snap.boot_count;
         self.current_kernel = snap.kernel.clone();
         self.last_reset = snap.last_reset.as_deref().and_then(|c| c.parse().ok());
@@ -121,6 +128,18 @@ impl Vm {
             boot_count: self.boot_count,
         });
         Ok(())
+    }
+
+    /// Starts the restored virtio devices and the watchdog.
+    fn start_restored_devices(&self, snap: &crate::snapshot::VmSnapshot) -> Result<(), String> {
+        for (i, (slot, state)) in self.virtio.iter().zip(&snap.devices.virtio).enumerate() {
+            lock(&slot.transport)
+                .restore_state(state)
+                .map_err(|e| format!("cannot restore virtio device {i}: {e}"))?;
+        }
+        lock(&self.watchdog.device)
+            .restore_state(&snap.devices.watchdog)
+            .map_err(|e| format!("cannot restore the watchdog: {e}"))
     }
 
     /// KVM's MSR list, read once.

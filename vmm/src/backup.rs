@@ -87,6 +87,20 @@ pub fn prepare(
 /// Where `to` puts the copy: a file directly in `dir` (a bare name is taken
 /// as one there). Lexical: no `..`, nothing outside `dir`.
 pub fn target(dir: &Path, to: &str) -> Result<PathBuf, String> {
+    entry_in(dir, to).map_err(|dir| {
+        format!(
+            "'{to}': the copy must be a file directly in the backup directory {} \
+             (a bare name is taken as one there; not ending in .part)",
+            dir.display()
+        )
+    })
+}
+
+/// `to` as a new entry directly in the operator's directory `dir` (a bare
+/// name is taken as one there), not ending in `.part` (the name a copy in
+/// progress has). Lexical: no `..`, nothing outside `dir`. On refusal,
+/// `dir` made absolute, for the message.
+pub fn entry_in(dir: &Path, to: &str) -> Result<PathBuf, PathBuf> {
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let asked = Path::new(to);
     let path = if asked.is_absolute() {
@@ -102,11 +116,7 @@ pub fn target(dir: &Path, to: &str) -> Result<PathBuf, String> {
         .and_then(|n| n.to_str())
         .is_some_and(|n| !n.ends_with(".part"));
     if !plain || path.parent() != Some(dir.as_path()) || !name_ok {
-        return Err(format!(
-            "'{to}': the copy must be a file directly in the backup directory {} \
-             (a bare name is taken as one there; not ending in .part)",
-            dir.display()
-        ));
+        return Err(dir);
     }
     Ok(path)
 }

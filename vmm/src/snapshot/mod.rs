@@ -18,7 +18,7 @@ pub mod format;
 pub mod kvm_state;
 
 use std::fs::File;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -204,28 +204,13 @@ impl RestoreSource {
 /// Where a `snapshot` named `to` goes: a new directory directly in `dir`
 /// (a bare name is taken as one there). Lexical: no `..`.
 pub fn target(dir: &Path, to: &str) -> Result<PathBuf, String> {
-    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let asked = Path::new(to);
-    let path = if asked.is_absolute() {
-        asked.to_path_buf()
-    } else {
-        dir.join(asked)
-    };
-    let plain = path
-        .components()
-        .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
-    let name_ok = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| !n.ends_with(".part"));
-    if !plain || path.parent() != Some(dir.as_path()) || !name_ok {
-        return Err(format!(
+    crate::backup::entry_in(dir, to).map_err(|dir| {
+        format!(
             "'{to}': a snapshot is a new directory directly in the snapshot directory {} \
              (a bare name is taken as one there; not ending in .part)",
             dir.display()
-        ));
-    }
-    Ok(path)
+        )
+    })
 }
 
 /// What the VM is, beyond its machine, for the state file.

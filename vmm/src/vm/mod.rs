@@ -662,30 +662,13 @@ impl Vm {
         self.watchdog.reset();
         // A fresh boot starts running: the guest clock must not be paused.
         self.watchdog.resume();
-        let handle = self.mem_handle.clone();
         let start = self.process_start;
         let boot_no = self.boot_count.saturating_add(1);
-        let env = BootEnv {
-            events: &self.events,
-            serial_out: (self.hooks.serial_out)(),
-            serial_input_drained: self
-                .serial_input_drained
-                .as_ref()
-                .and_then(|e| e.try_clone().ok()),
-            extra_pio: vec![PioDevice {
-                base: IB700_BASE,
-                len: IB700_LEN,
-                device: self.watchdog.device.clone(),
-                irqs: Vec::new(),
-            }],
-            virtio: self.virtio.clone(),
-            set_memory: Some(Box::new(move |mem| handle.set(Arc::new(mem.clone())))),
-            on_first_run: Some(Box::new(move || {
-                if boot_no == 1 {
-                    tracing::info!("first KVM_RUN {:?} after process start", start.elapsed());
-                }
-            })),
-        };
+        let env = self.boot_env(Some(Box::new(move || {
+            if boot_no == 1 {
+                tracing::info!("first KVM_RUN {:?} after process start", start.elapsed());
+            }
+        })));
         let reason = match cause {
             Some(c) => format!("reset: {c}, kernel {}", choice.label),
             None if boot_no > 1 => format!("start, kernel {}", choice.label),
@@ -702,6 +685,28 @@ impl Vm {
             kernel: choice.label,
         });
         Ok(())
+    }
+
+    /// What each new machine (a boot, or a restore) plugs into.
+    fn boot_env(&self, on_first_run: Option<Box<dyn FnOnce() + Send>>) -> BootEnv<'_> {
+        let handle = self.mem_handle.clone();
+        BootEnv {
+            events: &self.events,
+            serial_out: (self.hooks.serial_out)(),
+            serial_input_drained: self
+                .serial_input_drained
+                .as_ref()
+                .and_then(|e| e.try_clone().ok()),
+            extra_pio: vec![PioDevice {
+                base: IB700_BASE,
+                len: IB700_LEN,
+                device: self.watchdog.device.clone(),
+                irqs: Vec::new(),
+            }],
+            virtio: self.virtio.clone(),
+            set_memory: Some(Box::new(move |mem| handle.set(Arc::new(mem.clone())))),
+            on_first_run,
+        }
     }
 
     fn halt_machine(&mut self) {

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
-use devices::legacy::ib700::{IB700_BASE, IB700_LEN};
 use protocol::{ControlError, ErrorCode, Event, VmState};
 
 use super::{Vm, VmmError};
-use crate::machine::{BootConfig, BootEnv, Machine, PioDevice};
+use crate::machine::{BootConfig, Machine};
 
 impl Vm {
     /// The first "boot" of a `--restore` process: the snapshot's machine,
@@ -36,24 +35,7 @@ impl Vm {
         };
         self.watchdog.reset();
         self.watchdog.resume();
-        let handle = self.mem_handle.clone();
-        let env = BootEnv {
-            events: &self.events,
-            serial_out: (self.hooks.serial_out)(),
-            serial_input_drained: self
-                .serial_input_drained
-                .as_ref()
-                .and_then(|e| e.try_clone().ok()),
-            extra_pio: vec![PioDevice {
-                base: IB700_BASE,
-                len: IB700_LEN,
-                device: self.watchdog.device.clone(),
-                irqs: Vec::new(),
-            }],
-            virtio: self.virtio.clone(),
-            set_memory: Some(Box::new(move |mem| handle.set(Arc::new(mem.clone())))),
-            on_first_run: None,
-        };
+        let env = self.boot_env(None);
         let m = Machine::boot(&self.kvm, &cfg, env, Some(&mut r))?;
         let snap = &r.snapshot;
         for (i, (slot, state)) in self.virtio.iter().zip(&snap.devices.virtio).enumerate() {

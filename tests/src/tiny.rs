@@ -203,3 +203,38 @@ pub fn vmm_command(dir: &Path, name: &str, asm: &Asm, sock: &Path) -> std::proce
         .arg(sock);
     cmd
 }
+
+/// READY on COM1, then a..z over and over, the letter kept in AL only: a
+/// guest that is snapshotted or migrated must go on at exactly the next
+/// letter, from its registers, or it shows.
+pub fn alphabet() -> Asm {
+    let mut a = Asm::new();
+    a.print("READY\r\n");
+    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    let top = a.here();
+    a.code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    a.code.extend_from_slice(&[0xfe, 0xc0]); // inc al
+    a.code.extend_from_slice(&[0x3c, b'z' + 1, 0x75, 0x02]); // cmp al, 'z'+1; jne +2
+    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
+    a.delay(200_000);
+    a.jmp_back(top);
+    a
+}
+
+/// The letters of [`alphabet`]'s console output after READY (the VMM's own
+/// marker lines, `--- vmm: boot 1 (restored ...) ---`, left out).
+pub fn letters_of(out: &str) -> String {
+    let tail = out.split("READY\r\n").last().unwrap_or_default();
+    tail.lines()
+        .filter(|l| !l.contains("--- vmm:"))
+        .flat_map(|l| l.chars())
+        .filter(|c| c.is_ascii_lowercase())
+        .collect()
+}
+
+/// Whether `s` goes a, b, ... z, a without a letter lost or doubled.
+pub fn contiguous(s: &str) -> bool {
+    s.as_bytes()
+        .windows(2)
+        .all(|w| w[1] == if w[0] == b'z' { b'a' } else { w[0] + 1 })
+}

@@ -7,26 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tests::control::Ctl;
-use tests::tiny::{vmm_command, Asm};
+use tests::tiny::{alphabet, letters_of, vmm_command};
 use tests::{TempDir, VmmProcess};
 
 const T: Duration = Duration::from_secs(30);
-
-/// Prints READY, then a..z over and over, the letter kept in AL only:
-/// a restored guest goes on from its registers or not at all.
-fn alphabet() -> Asm {
-    let mut a = Asm::new();
-    a.print("READY\r\n");
-    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
-    let top = a.here();
-    a.code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
-    a.code.extend_from_slice(&[0xfe, 0xc0]); // inc al
-    a.code.extend_from_slice(&[0x3c, b'z' + 1, 0x75, 0x02]); // cmp al, 'z'+1; jne +2
-    a.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
-    a.delay(200_000);
-    a.jmp_back(top);
-    a
-}
 
 struct Vm {
     dir: PathBuf,
@@ -58,17 +42,6 @@ impl Vm {
     fn letters(&self) -> String {
         letters_of(&self.p.output())
     }
-}
-
-/// The letters in console output after READY (the VMM's own marker
-/// lines, `--- vmm: boot 1 (restored ...) ---`, left out).
-fn letters_of(out: &str) -> String {
-    let tail = out.split("READY\r\n").last().unwrap_or_default();
-    tail.lines()
-        .filter(|l| !l.contains("--- vmm:"))
-        .flat_map(|l| l.chars())
-        .filter(|c| c.is_ascii_lowercase())
-        .collect()
 }
 
 fn next_letter(c: char) -> char {

@@ -33,7 +33,7 @@ pub use response::{
     MigrationInfo, NetInfo, Reply, Response, SnapshotInfo, StatusInfo, StopOutcome, StopResult,
     WatchdogInfo,
 };
-pub use types::{PanicAction, ParseEnumError, ResetCause, VmState, WatchdogAction};
+pub use types::{DiskMigration, PanicAction, ParseEnumError, ResetCause, VmState, WatchdogAction};
 
 /// Longest request line the server accepts, in bytes (without the newline).
 pub const MAX_LINE: usize = 64 * 1024;

@@ -4,7 +4,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
-use crate::types::WatchdogAction;
+use crate::types::{DiskMigration, WatchdogAction};
 use crate::{MAX_BACKUP_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
 
 /// A typed control request. The wire form is one JSON object per line with the command name
@@ -105,7 +105,15 @@ pub enum Request {
         to: String,
         /// The target's `--incoming-token-file` contents.
         token: String,
+        /// `"shared"` (the default: both hosts open the same images) or `"copy"` (every
+        /// writable disk is copied into the target's own image of the same size).
+        #[serde(skip_serializing_if = "is_shared", default)]
+        disks: DiskMigration,
     },
+}
+
+fn is_shared(d: &DiskMigration) -> bool {
+    *d == DiskMigration::Shared
 }
 
 fn is_false(b: &bool) -> bool {
@@ -294,6 +302,15 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
         "migrate" => Request::Migrate {
             to: args.string("to")?,
             token: args.string("token")?,
+            disks: match args.take("disks") {
+                None => DiskMigration::Shared,
+                Some(Value::String(s)) => s.parse().map_err(|_| {
+                    args.invalid("disks", format!("one of {}", DiskMigration::NAMES))
+                })?,
+                Some(_) => {
+                    return Err(args.invalid("disks", format!("one of {}", DiskMigration::NAMES)))
+                }
+            },
         },
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
         other => return Err(ProtocolError::UnknownCommand(other.to_string())),
@@ -392,6 +409,12 @@ mod tests {
             Request::Migrate {
                 to: "192.0.2.7:4444".into(),
                 token: "s3cret".into(),
+                disks: DiskMigration::Shared,
+            },
+            Request::Migrate {
+                to: "[2001:db8::7]:4444".into(),
+                token: "s3cret".into(),
+                disks: DiskMigration::Copy,
             },
         ]
     }
@@ -522,6 +545,14 @@ mod tests {
 
     #[test]
     fn invalid_arguments_say_what_is_expected() {
+        assert_eq!(
+            err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","disks":"rsync"}"#),
+            "invalid argument 'disks' for migrate: expected one of shared, copy"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","disks":true}"#),
+            "invalid argument 'disks' for migrate: expected one of shared, copy"
+        );
         assert_eq!(
             err(r#"{"cmd":"shutdown","timeout_s":-1}"#),
             "invalid argument 'timeout_s' for shutdown: expected an integer from 0 to 86400"

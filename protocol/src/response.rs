@@ -207,6 +207,9 @@ pub struct MigrationInfo {
     /// Guest memory sent in all, and in the last (stopped) pass, in bytes.
     pub memory_bytes: u64,
     pub last_pass_bytes: u64,
+    /// Disk data sent in all, in bytes (`"disks":"copy"`; 0 for shared storage).
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 /// `log`: `{"ok":true,"data":"...","bytes":1234,"total_bytes":99999}`.
@@ -486,6 +489,7 @@ mod tests {
                 passes: 4,
                 memory_bytes: 300 << 20,
                 last_pass_bytes: 1 << 20,
+                disk_bytes: 16 << 20,
             }),
         ]
     }

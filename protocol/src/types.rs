@@ -136,6 +136,18 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// How a live migration moves the VM's disks (`migrate`'s `disks`).
+    #[derive(Default)]
+    DiskMigration, "disk migration" {
+        /// Both hosts open the same images (shared storage); nothing is copied.
+        #[default]
+        Shared => "shared",
+        /// Every writable disk is copied into the target's own image while the guest runs.
+        Copy => "copy",
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

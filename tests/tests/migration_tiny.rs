@@ -55,23 +55,30 @@ fn free_port() -> u16 {
 }
 
 fn target(dir: &Path, port: u16) -> Vm {
+    target_with(dir, port, &[])
+}
+
+fn target_with(dir: &Path, port: u16, extra: &[&str]) -> Vm {
     let tok = dir.join("token");
     std::fs::write(&tok, format!("{TOKEN}\n")).unwrap();
     let addr = format!("127.0.0.1:{port}");
-    start(
-        dir,
-        "target",
-        &[
-            "--incoming",
-            &addr,
-            "--incoming-token-file",
-            tok.to_str().expect("UTF-8"),
-        ],
-    )
+    let mut args = vec![
+        "--incoming",
+        &addr,
+        "--incoming-token-file",
+        tok.to_str().expect("UTF-8"),
+    ];
+    args.extend_from_slice(extra);
+    start(dir, "target", &args)
 }
 
 /// Asks for a migration to `port` once the target listens.
 fn migrate(src: &Vm, port: u16, token: &str) -> serde_json::Value {
+    migrate_with(src, port, token, "")
+}
+
+/// The same, with more arguments (`,"disks":"copy"`).
+fn migrate_with(src: &Vm, port: u16, token: &str, more: &str) -> serde_json::Value {
     for _ in 0..500 {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
@@ -79,7 +86,7 @@ fn migrate(src: &Vm, port: u16, token: &str) -> serde_json::Value {
         std::thread::sleep(Duration::from_millis(10));
     }
     src.ctl().call(&format!(
-        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{token}"}}"#
+        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{token}"{more}}}"#
     ))
 }
 
@@ -138,6 +145,64 @@ fn a_migrated_tiny_guest_goes_on_at_the_next_letter_in_the_target_and_the_source
     let s = dst.ctl().status();
     assert_eq!(s["state"], "running", "{s}");
     assert_eq!(s["boot_count"], boot_count, "{s}");
+}
+
+/// An 8 MiB image: data at its start and at 3 MiB, holes elsewhere.
+fn source_image(p: &Path) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(p).unwrap();
+    f.set_len(8 << 20).unwrap();
+    f.write_all_at(&[0x5a; 100_000], 0).unwrap();
+    f.write_all_at(b"three MiB in", 3 << 20).unwrap();
+}
+
+#[test]
+fn a_copied_disk_arrives_whole_in_the_targets_own_image_and_the_sources_own_image_is_refused() {
+    let d = TempDir::new("migr-tiny-copy");
+    let src_dir = d.path().join("src");
+    let dst_dir = d.path().join("dst");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let src_img = src_dir.join("disk.img");
+    let dst_img = dst_dir.join("disk.img");
+    source_image(&src_img);
+    // What the target's image held before: none of it may remain.
+    std::fs::write(&dst_img, vec![0xeeu8; 8 << 20]).unwrap();
+    let disk = |p: &Path| format!("path={}", p.display());
+    let copy = r#","disks":"copy""#;
+    let src = start(&src_dir, "src", &["--disk", &disk(&src_img)]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+
+    // A target given the source's own image (shared storage) cannot take
+    // a copy: refused, and the guest runs on at its source.
+    let port = free_port();
+    let same = target_with(&dst_dir, port, &["--disk", &disk(&src_img)]);
+    let r = migrate_with(&src, port, TOKEN, copy);
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(e.contains("needs an image of its own"), "{r}");
+    assert!(src.runs_on(5), "{}", src.p.report());
+    assert!(contiguous(&src.letters()), "{}", src.letters());
+    drop(same);
+
+    let port = free_port();
+    let dst = target_with(&dst_dir, port, &["--disk", &disk(&dst_img)]);
+    let r = migrate_with(&src, port, TOKEN, copy);
+    assert_eq!(r["ok"], true, "{r}\n{}\n{}", src.p.report(), dst.p.report());
+    eprintln!("migration of a 64 MiB tiny guest with an 8 MiB disk copied: {r}");
+    let sent = r["disk_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        (100_000..(1 << 20)).contains(&sent),
+        "the data, not the holes: {r}"
+    );
+    let mut src = src;
+    assert!(src.p.wait_exit(T).is_some_and(|s| s.success()));
+    assert!(dst.runs_on(3), "{}", dst.p.report());
+    assert!(
+        std::fs::read(&dst_img).unwrap() == std::fs::read(&src_img).unwrap(),
+        "the target's image is the source's, byte for byte"
+    );
+    assert_eq!(dst.ctl().status()["state"], "running");
 }
 
 #[test]

@@ -310,7 +310,7 @@ impl ControlHandler for VmControlHandler {
                 Err(e) => Err(e),
             },
             Request::Snapshot { dir, stop } => snapshot(&mut vm, responder.peer(), &dir, stop),
-            Request::Migrate { to, token } => {
+            Request::Migrate { to, token, disks } => {
                 match migrate_checks(&mut vm, responder.peer(), &to) {
                     Ok(addr) => {
                         let publish = vm.hooks.publish.clone();
@@ -319,7 +319,7 @@ impl ControlHandler for VmControlHandler {
                         let p2 = publish.clone();
                         let spawned = crate::spawner::spawn("migration".into(), move || {
                             crate::seccomp::install(crate::seccomp::Kind::Migration);
-                            let r = crate::migration::source::run(shared, addr, token, p2);
+                            let r = crate::migration::source::run(shared, addr, token, disks, p2);
                             let done = r.is_ok();
                             responder.send(r.map(Reply::Migrated));
                             if done {

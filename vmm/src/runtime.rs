@@ -242,6 +242,16 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
             mem_mib: config.mem_mib,
             vcpus: config.vcpus,
             virtio: vm.virtio_count(),
+            disks: vm
+                .disks
+                .iter()
+                .map(|d| crate::migration::target::TargetDisk {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                    size: d.copy.size(),
+                    lock: Some(d.image.clone()),
+                })
+                .collect(),
         };
         let r = crate::migration::target::receive(&config, addr, &expect)
             .map_err(|e| VmmError::Setup(format!("migration: {e}")))?;

@@ -276,6 +276,14 @@ const MIGRATION: &[(i64, &str)] = &[
     (libc::SYS_shutdown, "ending the connection"),
     (libc::SYS_flock, "handing the disks' image locks over"),
     (
+        libc::SYS_pread64,
+        "reading the disks it copies (\"disks\":\"copy\")",
+    ),
+    (
+        libc::SYS_lseek,
+        "finding the data of the disks it copies (SEEK_DATA)",
+    ),
+    (
         libc::SYS_kill,
         "ending its own process once the guest runs on the target",
     ),

@@ -52,6 +52,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 mod backup;
+mod copy;
 mod direct;
 mod image_lock;
 mod state;
@@ -62,6 +63,7 @@ pub use backup::{
     SubmitError as BackupSubmitError, CHUNK as BACKUP_CHUNK,
 };
 use backup::{Job, Source, Step};
+pub use copy::{CopyReader, CopySource, WriteLog, CHUNK as COPY_CHUNK};
 pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
 pub use image_lock::ImageLock;
@@ -244,6 +246,9 @@ struct Disk {
     /// The backup in progress, if any (`backup.rs`). A cell: requests run
     /// through `&self`, and the device's own lock is what serialises them.
     backup: RefCell<Option<Job>>,
+    /// The chunks written while a migration copies the disk (`copy.rs`);
+    /// `None` when the disk is too large to track.
+    log: Option<Arc<WriteLog>>,
 }
 
 struct Active {
@@ -407,6 +412,7 @@ impl Block {
                 dio,
                 counters: Arc::default(),
                 backup: RefCell::new(None),
+                log: WriteLog::new(capacity).map(Arc::new),
             },
             queue_sizes: vec![QUEUE_SIZE; usize::from(queues)],
             queue_evts: new_queue_events(usize::from(queues)).map_err(BlockError::EventFd)?,
@@ -459,6 +465,17 @@ impl Block {
         *self.disk.backup.get_mut() = Some(Job::start(req, self.disk.capacity, self.disk.dio));
         self.arm_backup(Duration::ZERO);
         Ok(())
+    }
+
+    /// What a live migration copies the disk through (`copy.rs`): the
+    /// image, its size and the log of what the guest writes meanwhile.
+    pub fn copy_source(&self) -> io::Result<CopySource> {
+        CopySource::new(
+            &self.disk.file,
+            self.disk.dio,
+            self.disk.capacity,
+            self.disk.log.clone(),
+        )
     }
 
     /// Where another thread hands this disk a backup request (its I/O
@@ -766,13 +783,18 @@ impl Disk {
                 u32::try_from(op.len).map_err(|_| S_IOERR)
             }
             (IoKind::Write, Ok(())) => {
+                self.written(op.off, op.len);
                 inc(&c.write_requests, 1);
                 inc(&c.write_bytes, op.len);
                 Ok(0)
             }
             (IoKind::Flush, Ok(())) => Ok(0),
             (IoKind::Read, Err(e)) => Err(self.io_err("read", e)),
-            (IoKind::Write, Err(e)) => Err(self.io_err("write", e)),
+            (IoKind::Write, Err(e)) => {
+                // Some of it may have reached the image.
+                self.written(op.off, op.len);
+                Err(self.io_err("write", e))
+            }
             (IoKind::Flush, Err(e)) => Err(self.io_err("flush", e)),
         };
         self.finish(mem, status_addr, r)
@@ -935,6 +957,14 @@ impl Disk {
         }
     }
 
+    /// `len` bytes at `off` of the image have been written (a migration's
+    /// copy sends them again).
+    fn written(&self, off: u64, len: u64) {
+        if let Some(log) = &self.log {
+            log.mark(off, len);
+        }
+    }
+
     fn io_err(&self, what: &str, e: io::Error) -> u8 {
         crate::limited!(
             warn,
@@ -988,7 +1018,7 @@ impl Disk {
                 continue;
             }
             self.before_write(off, bytes);
-            if req_type == T_DISCARD {
+            let done = if req_type == T_DISCARD {
                 // Discard is a hint: a file system without hole punching
                 // simply keeps the data.
                 match self.fallocate(
@@ -996,14 +1026,17 @@ impl Disk {
                     off,
                     bytes,
                 ) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-                    Err(e) => return Err(self.io_err("discard", e)),
+                    Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                    r => r.map_err(|e| self.io_err("discard", e)),
                 }
             } else {
                 self.write_zeroes(off, bytes, flags & WRITE_ZEROES_FLAG_UNMAP != 0)
-                    .map_err(|e| self.io_err("write zeroes", e))?;
-            }
+                    .map_err(|e| self.io_err("write zeroes", e))
+            };
+            // Done (or partly done): a migration's copy, which reads on a
+            // thread of its own, reads the chunks again.
+            self.written(off, bytes);
+            done?;
         }
         Ok(())
     }

@@ -4,6 +4,8 @@
 //! peer is), with a disk both open (shared storage): a target killed
 //! mid-copy leaves the guest running at its source; the real migration
 //! keeps the guest's counter going, its TCP connection open and its disk.
+//! With `"disks":"copy"` each host has its own image, the guest writes its
+//! disk throughout, and the target's image ends up with every write.
 
 use std::time::Duration;
 
@@ -60,59 +62,123 @@ fn reply(c: &mut tests::control::Ctl) -> Value {
     }
 }
 
+/// The two hosts, the network between them and the guest's TCP peer.
+struct World {
+    /// Kept for as long as the test runs (dropped, its namespace goes).
+    _net: NetNs,
+    a: NetNs,
+    b: NetNs,
+    echo: tests::host::Proc,
+}
+
+fn world(h: &'static tests::Host) -> World {
+    let net = NetNs::bridged(h, "mig-n");
+    let a = NetNs::new(h, "mig-a");
+    let b = NetNs::new(h, "mig-b");
+    join(h, &a, &net, "a", "10.0.2.11");
+    join(h, &b, &net, "b", "10.0.2.12");
+    // The guest's TCP peer, on the network.
+    let echo = h
+        .spawn(
+            &[
+                "ip",
+                "netns",
+                "exec",
+                &net.name,
+                "socat",
+                "TCP-LISTEN:7000,reuseaddr",
+                "EXEC:cat",
+            ],
+            &[],
+        )
+        .expect("echo server");
+    net.sh("for i in $(seq 1 100); do ss -ltn | grep -q :7000 && exit 0; sleep 0.1; done; exit 1")
+        .ok("the echo server listens");
+    World {
+        _net: net,
+        a,
+        b,
+        echo,
+    }
+}
+
+/// The guest, on host `a`: its address, a TCP connection to the echo
+/// server (fd 3 in, /tmp/from-host out) and a counter in /tmp/counter.
+fn guest_with_a_connection(g: &mut Guest) {
+    g.wait_shell(INIT_OK);
+    g.run(&format!(
+        "ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
+    ));
+    g.run(&format!(
+        "mkfifo /tmp/to-host; exec 3<>/tmp/to-host; \
+         nc {HOST_IP} 7000 </tmp/to-host >/tmp/from-host 2>&1 &"
+    ));
+    assert!(echo_of(g, "before").contains("before"), "{}", g.report());
+    g.run("(i=0; while :; do i=$((i+1)); echo $i >/tmp/counter; sleep 1; done) >/dev/null 2>&1 &");
+}
+
+/// Sends `word` over the guest's connection; what came back so far.
+fn echo_of(g: &mut Guest, word: &str) -> String {
+    g.run(&format!(
+        "echo {word} >&3; for i in $(seq 1 100); do grep -q {word} /tmp/from-host && break; \
+         sleep 0.2; done; cat /tmp/from-host"
+    ))
+}
+
+fn wait_listening(ns: &NetNs) {
+    ns.sh("for i in $(seq 1 300); do ss -ltn | grep -q :4444 && exit 0; sleep 0.1; done; exit 1")
+        .ok("the target listens");
+}
+
+/// After the migration: the source ended, the target runs the same boot,
+/// its counter goes on from `counted` and its TCP connection works.
+fn runs_on_at_the_target(g: &mut Guest, t: &mut Guest, boot_count: &Value, counted: u64) {
+    assert!(
+        g.vmm.wait_exit(Duration::from_secs(60)).is_some(),
+        "the source ends\n{}",
+        g.report()
+    );
+    assert!(
+        t.vmm
+            .wait_for("restored from migration", Duration::from_secs(60)),
+        "{}",
+        t.report()
+    );
+    let s = t.ctl().status();
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(&s["boot_count"], boot_count, "the same boot: {s}");
+    let first = counter(t);
+    let next: u64 = t
+        .run("sleep 3; cat /tmp/counter")
+        .trim()
+        .parse()
+        .expect("the counter");
+    assert!(
+        first >= counted && next > first,
+        "the counter goes on from {counted}: {first}, then {next}\n{}",
+        t.report()
+    );
+    assert!(
+        echo_of(t, "after").contains("after"),
+        "the TCP connection survives the move\n{}",
+        t.report()
+    );
+}
+
 #[test]
 fn a_live_migration_keeps_the_guests_counter_tcp_connection_and_disk_and_a_target_killed_mid_copy_changes_nothing(
 ) {
     scenario(|h| {
-        let net = NetNs::bridged(h, "mig-n");
-        let a = NetNs::new(h, "mig-a");
-        let b = NetNs::new(h, "mig-b");
-        join(h, &a, &net, "a", "10.0.2.11");
-        join(h, &b, &net, "b", "10.0.2.12");
+        let mut w = world(h);
+        let (a, b) = (&w.a, &w.b);
         let dir = HostDir::new(h, "migration");
         let img = dir.join("shared.img");
         let tok = dir.join("token");
         h.sh(&format!("truncate -s 16M {img} && echo {TOKEN} > {tok}"))
             .ok("the shared disk and the token");
-        let mut g = Guest::start_in(h, spec(&a, &img, &[]), dir);
-        g.wait_shell(INIT_OK);
-        g.run(&format!(
-            "ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
-        ));
-        // The guest's TCP peer, on the network.
-        let mut echo = h
-            .spawn(
-                &[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &net.name,
-                    "socat",
-                    "TCP-LISTEN:7000,reuseaddr",
-                    "EXEC:cat",
-                ],
-                &[],
-            )
-            .expect("echo server");
-        net.sh(
-            "for i in $(seq 1 100); do ss -ltn | grep -q :7000 && exit 0; sleep 0.1; done; exit 1",
-        )
-        .ok("the echo server listens");
-        g.run(&format!(
-            "mkfifo /tmp/to-host; exec 3<>/tmp/to-host; \
-             nc {HOST_IP} 7000 </tmp/to-host >/tmp/from-host 2>&1 &"
-        ));
-        let echo_of = |g: &mut Guest, word: &str| {
-            g.run(&format!(
-                "echo {word} >&3; for i in $(seq 1 100); do grep -q {word} /tmp/from-host && break; \
-                 sleep 0.2; done; cat /tmp/from-host"
-            ))
-        };
-        assert!(echo_of(&mut g, "before").contains("before"));
+        let mut g = Guest::start_in(h, spec(a, &img, &[]), dir);
+        guest_with_a_connection(&mut g);
         g.run("echo on-the-disk | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null");
-        g.run(
-            "(i=0; while :; do i=$((i+1)); echo $i >/tmp/counter; sleep 1; done) >/dev/null 2>&1 &",
-        );
         let boot_count = g.ctl().status()["boot_count"].clone();
 
         // A target that dies during the copy: the source's guest runs on.
@@ -124,17 +190,14 @@ fn a_live_migration_keeps_the_guests_counter_tcp_connection_and_disk_and_a_targe
         ];
         let doomed = Guest::start_in(
             h,
-            spec(&b, &img, &target_args).name("g-target"),
+            spec(b, &img, &target_args).name("g-target"),
             HostDir::new(h, "mig-doomed"),
         );
         let mut c = g.ctl();
         let want = format!(r#"{{"cmd":"migrate","to":"10.0.2.12:4444","token":"{TOKEN}"}}"#);
         // The target listens once its process is up; then it is frozen
         // (the connection is made, nothing answers) and killed.
-        b.sh(
-            "for i in $(seq 1 300); do ss -ltn | grep -q :4444 && exit 0; sleep 0.1; done; exit 1",
-        )
-        .ok("the target listens");
+        wait_listening(b);
         let frozen = h.sh(&format!(
             "pid=$(pgrep -f -- '[-]-control {}' | head -n 1); [ -n \"$pid\" ] && kill -STOP $pid",
             doomed.sock.display()
@@ -162,52 +225,105 @@ fn a_live_migration_keeps_the_guests_counter_tcp_connection_and_disk_and_a_targe
         // The real one.
         let mut t = Guest::start_in(
             h,
-            spec(&b, &img, &target_args).name("g-target"),
+            spec(b, &img, &target_args).name("g-target"),
             HostDir::new(h, "mig-target"),
         );
-        b.sh(
-            "for i in $(seq 1 300); do ss -ltn | grep -q :4444 && exit 0; sleep 0.1; done; exit 1",
-        )
-        .ok("the target listens");
+        wait_listening(b);
         let counted = counter(&mut g);
         let r = g.ctl().ok(&want);
         eprintln!("live migration of a 256 MiB mini guest between two namespaces (test host): {r}");
         assert!(r["downtime_ms"].as_u64().is_some(), "{r}");
-        assert!(
-            g.vmm.wait_exit(Duration::from_secs(60)).is_some(),
-            "the source ends\n{}",
-            g.report()
-        );
-        assert!(
-            t.vmm
-                .wait_for("restored from migration", Duration::from_secs(60)),
-            "{}",
-            t.report()
-        );
-        let s = t.ctl().status();
-        assert_eq!(s["state"], "running", "{s}");
-        assert_eq!(s["boot_count"], boot_count, "the same boot: {s}");
-        let first = counter(&mut t);
-        let next: u64 = t
-            .run("sleep 3; cat /tmp/counter")
-            .trim()
-            .parse()
-            .expect("the counter");
-        assert!(
-            first >= counted && next > first,
-            "the counter goes on from {counted}: {first}, then {next}\n{}",
-            t.report()
-        );
-        assert!(
-            echo_of(&mut t, "after").contains("after"),
-            "the TCP connection survives the move\n{}",
-            t.report()
-        );
+        runs_on_at_the_target(&mut g, &mut t, &boot_count, counted);
         assert_eq!(
             t.run("dd if=/dev/vda bs=512 count=1 2>/dev/null | head -c 12"),
             "on-the-disk\n",
             "the disk, on the target"
         );
-        let _ = echo.kill();
+        let _ = w.echo.kill();
+    });
+}
+
+#[test]
+fn with_disks_copy_the_targets_own_image_receives_every_write_the_guest_made_while_it_moved() {
+    scenario(|h| {
+        let mut w = world(h);
+        let (a, b) = (&w.a, &w.b);
+        let dir = HostDir::new(h, "migration-copy");
+        let src = dir.join("source.img");
+        let dst = dir.join("target.img");
+        let tok = dir.join("token");
+        // The target's image starts full of what must not survive.
+        h.sh(&format!(
+            "truncate -s 64M {src} && yes stale | head -c 64M > {dst} && echo {TOKEN} > {tok}"
+        ))
+        .ok("the two images and the token");
+        let mut g = Guest::start_in(h, spec(a, &src, &[]), dir);
+        guest_with_a_connection(&mut g);
+        // 8 MiB of random data, then a writer that keeps writing its
+        // count at 32 MiB, synced, until told to stop.
+        let data = g.run(
+            "dd if=/dev/urandom of=/dev/vda bs=1M count=8 conv=fsync 2>/dev/null; \
+             dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1",
+        );
+        g.run(
+            "(n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); \
+              echo \"count $n\" | dd of=/dev/vda bs=512 seek=65536 count=1 conv=sync,fsync 2>/dev/null; \
+              echo $n > /tmp/written; done; touch /tmp/stopped) >/dev/null 2>&1 &",
+        );
+        let boot_count = g.ctl().status()["boot_count"].clone();
+        let target_args = [
+            "--incoming",
+            "10.0.2.12:4444",
+            "--incoming-token-file",
+            &tok,
+        ];
+        let mut t = Guest::start_in(
+            h,
+            spec(b, &dst, &target_args).name("g-target"),
+            HostDir::new(h, "mig-copy-target"),
+        );
+        wait_listening(b);
+        let counted = counter(&mut g);
+        let before: u64 = g.run("cat /tmp/written").trim().parse().expect("writes");
+        let r = g.ctl().ok(&format!(
+            r#"{{"cmd":"migrate","to":"10.0.2.12:4444","token":"{TOKEN}","disks":"copy"}}"#
+        ));
+        eprintln!("live migration with a 64 MiB disk copied, written throughout (test host): {r}");
+        assert!(
+            r["disk_bytes"].as_u64().unwrap_or(0) >= 8 << 20,
+            "the disk's data went over: {r}"
+        );
+        runs_on_at_the_target(&mut g, &mut t, &boot_count, counted);
+        // The writer went on at the target; stopped, its last count is on
+        // the target's image, and so are the 8 MiB.
+        t.run("touch /tmp/stop; for i in $(seq 1 100); do [ -e /tmp/stopped ] && break; sleep 0.1; done");
+        let last: u64 = t.run("cat /tmp/written").trim().parse().expect("writes");
+        assert!(last > before, "the writer ran on: {before}, then {last}");
+        t.vmm.child.kill().expect("kill the target's VMM");
+        assert!(
+            t.vmm.wait_exit(Duration::from_secs(30)).is_some(),
+            "{}",
+            t.report()
+        );
+        let on_image = h
+            .sh(&format!(
+                "dd if={dst} bs=512 skip=65536 count=1 2>/dev/null | head -n 1; \
+                 dd if={dst} bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1; \
+                 dd if={dst} bs=1M skip=9 count=23 2>/dev/null | tr -d '\\000' | wc -c"
+            ))
+            .ok("read the target's image");
+        let mut lines = on_image.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("count {last}").as_str()),
+            "{on_image}"
+        );
+        assert_eq!(lines.next(), Some(data.trim()), "the 8 MiB: {on_image}");
+        assert_eq!(
+            lines.next().map(str::trim),
+            Some("0"),
+            "nothing of the stale image is left between them: {on_image}"
+        );
+        let _ = w.echo.kill();
     });
 }

@@ -7,10 +7,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use devices::bus::lock;
-use protocol::{ControlError, ErrorCode, Event, MigrationInfo};
+use devices::virtio::{CopyReader, CopySource, COPY_CHUNK};
+use protocol::{ControlError, DiskMigration, ErrorCode, Event, MigrationInfo};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::wire::{self, Hello, Kind, MAX_RUN};
+use super::wire::{self, Hello, HelloDisk, Kind, MAX_RUN};
 use super::{region_offsets, PAGE};
 use crate::runtime::SharedVm;
 use crate::vm::migration::Stopped;
@@ -109,6 +110,144 @@ fn send_all(
     Ok(sent)
 }
 
+/// The disks' readers, each with the disk's index.
+type Readers = Vec<(u32, CopyReader)>;
+
+/// What the passes while the guest ran leave: their count, the memory
+/// sent, and the pages and disk chunks written during the last one.
+type Precopied = (u32, u64, Vec<Vec<u64>>, Vec<Vec<u64>>);
+
+fn disk_err(e: std::io::Error) -> ControlError {
+    err(
+        ErrorCode::HostError,
+        format!("migration: reading a disk: {e}"),
+    )
+}
+
+/// Sends `data` (read at `off` of disk `idx`) in runs of chunks that are
+/// not all zeros (the target's image starts as zeros); returns the bytes
+/// sent.
+fn send_nonzero(
+    conn: &mut impl Write,
+    idx: u32,
+    off: u64,
+    data: &[u8],
+) -> Result<u64, ControlError> {
+    let mut sent = 0u64;
+    let chunks: Vec<&[u8]> = data.chunks(COPY_CHUNK as usize).collect();
+    let mut i = 0;
+    while i < chunks.len() {
+        if crate::snapshot::format::is_zero(chunks[i]) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < chunks.len() && !crate::snapshot::format::is_zero(chunks[i]) {
+            i += 1;
+        }
+        let start = first * COPY_CHUNK as usize;
+        let end = (start + (i - first) * COPY_CHUNK as usize).min(data.len());
+        let at = off + start as u64;
+        let run = &data[start..end];
+        wire::write_frame(
+            conn,
+            Kind::Disk,
+            &[&idx.to_le_bytes(), &at.to_le_bytes(), run],
+        )
+        .map_err(io_err("sending a disk"))?;
+        sent += run.len() as u64;
+    }
+    Ok(sent)
+}
+
+/// The first pass over the disks: everything that holds data (holes and
+/// chunks of zeros are skipped).
+fn send_disks_all(conn: &mut impl Write, readers: &mut Readers) -> Result<u64, ControlError> {
+    let mut sent = 0u64;
+    for (idx, r) in readers.iter_mut() {
+        let size = r.size();
+        let mut off = 0u64;
+        while off < size {
+            let data = r.next_data(off).map_err(disk_err)?;
+            if data >= size {
+                break;
+            }
+            let start = (data / COPY_CHUNK * COPY_CHUNK).max(off);
+            let n = (r.max() as u64).min(size - start) as usize;
+            let bytes = r.read(start, n).map_err(disk_err)?;
+            sent += send_nonzero(conn, *idx, start, bytes)?;
+            off = start + n as u64;
+        }
+    }
+    Ok(sent)
+}
+
+/// The disks' chunks written since the last look (one bitmap per reader).
+fn disk_dirty(disks: &[(u32, CopySource)]) -> Vec<Vec<u64>> {
+    disks
+        .iter()
+        .map(|(_, d)| d.log().map(|l| l.take()).unwrap_or_default())
+        .collect()
+}
+
+/// Sends the chunks set in `dirty` (one bitmap per reader), zeros too.
+fn send_disk_chunks(
+    conn: &mut impl Write,
+    readers: &mut Readers,
+    dirty: &[Vec<u64>],
+) -> Result<u64, ControlError> {
+    let mut sent = 0u64;
+    let per_run = (MAX_RUN as u64 / COPY_CHUNK).max(1);
+    for ((idx, r), words) in readers.iter_mut().zip(dirty) {
+        let size = r.size();
+        let chunks = size.div_ceil(COPY_CHUNK);
+        let set = |c: u64| {
+            words
+                .get((c / 64) as usize)
+                .is_some_and(|w| w & (1 << (c % 64)) != 0)
+        };
+        let mut c = 0u64;
+        while c < chunks {
+            if !set(c) {
+                c += 1;
+                continue;
+            }
+            let first = c;
+            while c < chunks && set(c) && c - first < per_run {
+                c += 1;
+            }
+            let off = first * COPY_CHUNK;
+            let n = ((c - first) * COPY_CHUNK).min(size - off) as usize;
+            let bytes = r.read(off, n).map_err(disk_err)?;
+            wire::write_frame(
+                conn,
+                Kind::Disk,
+                &[&idx.to_le_bytes(), &off.to_le_bytes(), bytes],
+            )
+            .map_err(io_err("sending a disk"))?;
+            sent += n as u64;
+        }
+    }
+    Ok(sent)
+}
+
+fn disk_dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
+    dirty
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum::<u64>()
+        * COPY_CHUNK
+}
+
+fn or_into(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
+    for (d, p) in into.iter_mut().zip(from) {
+        for (a, b) in d.iter_mut().zip(p) {
+            *a |= b;
+        }
+    }
+}
+
 fn dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
     dirty
         .iter()
@@ -141,9 +280,11 @@ pub fn run(
     vm: SharedVm,
     to: SocketAddr,
     token: String,
+    disks: DiskMigration,
     publish: Publish,
 ) -> Result<MigrationInfo, ControlError> {
     let t0 = Instant::now();
+    let copy = disks == DiskMigration::Copy;
     let hello = {
         let v = lock(&vm);
         Hello {
@@ -152,6 +293,15 @@ pub fn run(
             mem_mib: v.config.mem_mib,
             vcpus: v.config.vcpus,
             virtio: v.virtio_count(),
+            disks: copy.then(|| {
+                v.disks
+                    .iter()
+                    .map(|d| HelloDisk {
+                        size: d.copy.size(),
+                        copied: !d.read_only,
+                    })
+                    .collect()
+            }),
         }
     };
     let connected = connect(to, &hello);
@@ -164,7 +314,7 @@ pub fn run(
     };
     // Bound first: the guard of a `match` on `lock(..)` would live through
     // its arms, which lock again.
-    let begun = lock(&vm).migration_begin();
+    let begun = lock(&vm).migration_begin(copy);
     let started = match begun {
         Ok(s) => s,
         Err(e) => {
@@ -174,31 +324,49 @@ pub fn run(
         }
     };
     let mut buf = vec![0u8; MAX_RUN];
-    let copy =
-        |conn: &mut TcpStream, buf: &mut [u8]| -> Result<(u32, u64, Vec<Vec<u64>>), ControlError> {
-            let mut pass = 1u32;
-            let mut t = Instant::now();
-            let mut sent = send_all(conn, &started.mem, buf)?;
-            let mut total = sent;
-            loop {
-                let dirty = lock(&vm).migration_dirty(started.boot_count)?;
-                let left = dirty_bytes(&dirty);
-                publish(Event::Migration {
-                    pass,
-                    sent_bytes: sent,
-                    dirty_bytes: left,
-                    pass_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
-                });
-                if left <= SMALL_ENOUGH || pass >= MAX_PASSES {
-                    return Ok((pass, total, dirty));
-                }
-                pass += 1;
-                t = Instant::now();
-                sent = send_pages(conn, &started.mem, &dirty, buf)?;
-                total += sent;
+    let mut readers: Readers = started
+        .disks
+        .iter()
+        .map(|(i, d)| (*i, d.reader(MAX_RUN)))
+        .collect();
+    let mut disk_bytes = 0u64;
+    // Memory and disks, pass after pass: what each pass leaves (memory
+    // pages, disk chunks) goes in the next.
+    let mut precopy = |conn: &mut TcpStream,
+                       buf: &mut [u8],
+                       readers: &mut Readers|
+     -> Result<Precopied, ControlError> {
+        let mut pass = 1u32;
+        let mut t = Instant::now();
+        let mut sent = send_all(conn, &started.mem, buf)?;
+        let mut total = sent;
+        let on_disk = send_disks_all(conn, readers)?;
+        disk_bytes += on_disk;
+        sent += on_disk;
+        loop {
+            let dirty = lock(&vm).migration_dirty(started.boot_count)?;
+            let disk = disk_dirty(&started.disks);
+            let left = dirty_bytes(&dirty) + disk_dirty_bytes(&disk);
+            publish(Event::Migration {
+                pass,
+                sent_bytes: sent,
+                dirty_bytes: left,
+                pass_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+            if left <= SMALL_ENOUGH || pass >= MAX_PASSES {
+                return Ok((pass, total, dirty, disk));
             }
-        };
-    let (passes, mut memory_bytes, pending) = match copy(&mut conn, &mut buf) {
+            pass += 1;
+            t = Instant::now();
+            sent = send_pages(conn, &started.mem, &dirty, buf)?;
+            total += sent;
+            let on_disk = send_disk_chunks(conn, readers, &disk)?;
+            disk_bytes += on_disk;
+            sent += on_disk;
+        }
+    };
+    let copied = precopy(&mut conn, &mut buf, &mut readers);
+    let (passes, mut memory_bytes, pending, pending_disk) = match copied {
         Ok(r) => r,
         Err(e) => {
             lock(&vm).migration_abort(None);
@@ -225,36 +393,44 @@ pub fn run(
     let finish = |g: &mut crate::vm::Vm,
                   conn: &mut TcpStream,
                   stopped: &Stopped,
-                  buf: &mut [u8]|
-     -> Result<u64, ControlError> {
+                  buf: &mut [u8],
+                  readers: &mut Readers|
+     -> Result<(u64, u64), ControlError> {
         // What the devices wrote while they finished their requests, and
         // what was left from the running passes.
         let mut dirty = g.migration_dirty(started.boot_count)?;
-        for (d, p) in dirty.iter_mut().zip(&pending) {
-            for (a, b) in d.iter_mut().zip(p) {
-                *a |= b;
-            }
-        }
+        or_into(&mut dirty, &pending);
         let last = send_pages(conn, &started.mem, &dirty, buf)?;
+        let mut disk = disk_dirty(&started.disks);
+        or_into(&mut disk, &pending_disk);
+        let last_disk = send_disk_chunks(conn, readers, &disk)?;
         let state = serde_json::to_vec(&stopped.captured.snapshot)
             .map_err(|e| err(ErrorCode::Internal, format!("migration: the state: {e}")))?;
         wire::write_frame(conn, Kind::State, &[&state]).map_err(io_err("sending the state"))?;
         let mut inbuf = Vec::new();
         wire::expect(conn, &mut inbuf, Kind::Restored)
             .map_err(wire_err("the target did not rebuild the machine"))?;
-        g.release_images()?;
+        // Shared storage: the target takes the images' locks; copied
+        // disks are the target's own images, and these stay locked here.
+        if !copy {
+            g.release_images()?;
+        }
         if let Err(e) = wire::write_frame(conn, Kind::Go, &[]).and_then(|()| conn.flush()) {
             // The target never heard it: it will not run the guest.
-            take_back(g)?;
+            if !copy {
+                take_back(g)?;
+            }
             return Err(io_err("the go-ahead")(e));
         }
         // The target takes the disks' locks and says it runs the guest.
         match wire::expect(conn, &mut inbuf, Kind::Running) {
-            Ok(()) => Ok(last),
+            Ok(()) => Ok((last, last_disk)),
             Err(wire::WireError::Peer(why)) => {
                 // It refused to run it (and let go of the disks): it runs
                 // here again.
-                take_back(g)?;
+                if !copy {
+                    take_back(g)?;
+                }
                 Err(err(
                     ErrorCode::HostError,
                     format!("migration: the target did not run the guest: {why}"),
@@ -263,7 +439,7 @@ pub fn run(
             Err(e) => Err(unknown(e)),
         }
     };
-    match finish(&mut g, &mut conn, &stopped, &mut buf) {
+    match finish(&mut g, &mut conn, &stopped, &mut buf, &mut readers) {
         Err(e) if e.message.starts_with(UNKNOWN) => {
             // The target may run the guest or not: neither resume it here
             // nor let it be started again (two guests on one disk would
@@ -271,8 +447,9 @@ pub fn run(
             g.migration_unknown();
             Err(e)
         }
-        Ok(last) => {
+        Ok((last, last_disk)) => {
             memory_bytes += last;
+            disk_bytes += last_disk;
             let downtime = stopped.at.elapsed();
             g.migration_done();
             drop(g);
@@ -283,6 +460,7 @@ pub fn run(
                 passes,
                 memory_bytes,
                 last_pass_bytes: last,
+                disk_bytes,
             })
         }
         Err(e) => {

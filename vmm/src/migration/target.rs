@@ -3,15 +3,18 @@
 //! thread; hands the received machine to the first "boot" as a
 //! [`RestoreSource`], which finishes the handshake (`Restored`, `Go`).
 
+use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
 use super::region_offsets;
-use super::wire::{self, Hello, Kind, WireError};
+use super::wire::{self, Hello, HelloDisk, Kind, WireError};
 use crate::config::VmConfig;
 use crate::snapshot::{RestoreSource, VmSnapshot};
 
@@ -40,6 +43,162 @@ pub struct Expect<'a> {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub virtio: usize,
+    /// The VM's disks here, in order (a `"disks":"copy"` migration writes
+    /// into the writable ones).
+    pub disks: Vec<TargetDisk>,
+}
+
+/// A disk of the target's VM, as a copy needs it.
+pub struct TargetDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The guest's capacity, in bytes.
+    pub size: u64,
+    /// The device's image lock, taken for the copy (so that a source on
+    /// the same image, on shared storage, is refused); `None` in tests.
+    pub lock: Option<devices::virtio::ImageLock>,
+}
+
+/// The images a copy writes into, locked until the machine is received;
+/// any failure before lets go of the locks.
+struct Copies<'a> {
+    disks: Vec<Option<(File, &'a TargetDisk)>>,
+    keep: bool,
+}
+
+impl Drop for Copies<'_> {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for (_, d) in self.disks.iter().flatten() {
+            if let Some(l) = &d.lock {
+                let _ = l.release();
+            }
+        }
+    }
+}
+
+fn refused(why: String) -> TargetError {
+    TargetError::Refused(why)
+}
+
+/// Checks the source's disks against ours, locks and empties the images
+/// the copy writes into (its first pass skips what is zero).
+fn prepare_copies<'a>(
+    here: &'a [TargetDisk],
+    there: &[HelloDisk],
+) -> Result<Copies<'a>, TargetError> {
+    if here.len() != there.len() {
+        return Err(refused(format!(
+            "{} disks to copy (here: {})",
+            there.len(),
+            here.len()
+        )));
+    }
+    let mut copies = Copies {
+        disks: Vec::new(),
+        keep: false,
+    };
+    for (i, (t, s)) in here.iter().zip(there).enumerate() {
+        if !s.copied {
+            copies.disks.push(None);
+            continue;
+        }
+        let p = t.path.display();
+        if t.read_only {
+            return Err(refused(format!(
+                "disk{i} ({p}) is read-only here: it cannot take a copy"
+            )));
+        }
+        if t.size != s.size {
+            return Err(refused(format!(
+                "disk{i} is {} bytes, {p} here is {} bytes: the copy needs an image of the same size",
+                s.size, t.size
+            )));
+        }
+        if let Some(l) = &t.lock {
+            l.acquire().map_err(|e| {
+                refused(format!(
+                    "{e}: with \"disks\":\"copy\" the target needs an image of its own"
+                ))
+            })?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&t.path);
+        let f = match f {
+            Ok(f) => f,
+            Err(e) => {
+                // Locked above but not in `copies` yet.
+                if let Some(l) = &t.lock {
+                    let _ = l.release();
+                }
+                return Err(refused(format!("{p}: {e}")));
+            }
+        };
+        copies.disks.push(Some((f, t)));
+        let Some(Some((f, _))) = copies.disks.last() else {
+            continue;
+        };
+        empty(f).map_err(|e| refused(format!("cannot empty {p} for the copy: {e}")))?;
+    }
+    Ok(copies)
+}
+
+/// Makes an image all zeros, keeping its size: a file is cut to nothing
+/// and grown back (holes), a block device has its blocks punched out.
+fn empty(f: &File) -> std::io::Result<()> {
+    let meta = f.metadata()?;
+    let len = meta.len();
+    if meta.is_file() {
+        f.set_len(0)?;
+        return f.set_len(len);
+    }
+    let size = {
+        use std::io::{Seek, SeekFrom};
+        let mut g = f;
+        g.seek(SeekFrom::End(0))?
+    };
+    let n = libc::off_t::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: fallocate on a descriptor we own, inside its size; it
+    // touches no memory of ours.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            n,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A run of a disk: written into its image, if it lies inside it.
+fn write_disk_run(copies: &Copies, payload: &[u8]) -> Result<(), TargetError> {
+    let bad = || refused("a disk run outside the disks copied".to_string());
+    let (idx, rest) = payload.split_at_checked(4).ok_or_else(bad)?;
+    let (off, data) = rest.split_at_checked(8).ok_or_else(bad)?;
+    let idx = u32::from_le_bytes(idx.try_into().map_err(|_| bad())?);
+    let off = u64::from_le_bytes(off.try_into().map_err(|_| bad())?);
+    let Some(Some((f, d))) = copies.disks.get(idx as usize) else {
+        return Err(refused(format!("a run of disk{idx}, which is not copied")));
+    };
+    if off
+        .checked_add(data.len() as u64)
+        .is_none_or(|e| e > d.size)
+    {
+        return Err(refused(format!(
+            "a run of disk{idx} at {off:#x} of {} bytes lies outside it",
+            data.len()
+        )));
+    }
+    f.write_all_at(data, off)
+        .map_err(|e| refused(format!("writing {}: {e}", d.path.display())))
 }
 
 /// Listens on `addr` until a source sends a whole machine; a connection
@@ -136,6 +295,13 @@ pub fn serve_stream<S: Read + Write>(
             wrong.join(", ")
         )));
     }
+    let mut copies = match &hello.disks {
+        Some(there) => prepare_copies(&expect.disks, there)?,
+        None => Copies {
+            disks: Vec::new(),
+            keep: false,
+        },
+    };
     let mem = crate::machine::guest_memory(expect.mem_mib)
         .map_err(|e| TargetError::Refused(e.to_string()))?;
     let regions = region_offsets(&mem);
@@ -162,9 +328,17 @@ pub fn serve_stream<S: Read + Write>(
                 mem.write_slice(data, GuestAddress(start.0 + (off - base)))
                     .map_err(|e| TargetError::Refused(format!("guest memory: {e}")))?;
             }
+            Kind::Disk => write_disk_run(&copies, &buf)?,
             Kind::State => {
                 let snapshot: VmSnapshot = serde_json::from_slice(&buf)
                     .map_err(|e| TargetError::Refused(format!("unreadable state: {e}")))?;
+                // The copies are whole: on the disk before the source
+                // lets go of the guest.
+                for (f, d) in copies.disks.iter().flatten() {
+                    f.sync_all()
+                        .map_err(|e| refused(format!("cannot sync {}: {e}", d.path.display())))?;
+                }
+                copies.keep = true;
                 return Ok((snapshot, mem));
             }
             other => {
@@ -202,6 +376,15 @@ mod tests {
 
     /// What a source would send: the greeting, a hello, then `frames`.
     fn stream(token: &str, mem_mib: u64, frames: &[(Kind, Vec<u8>)]) -> Vec<u8> {
+        stream_with_disks(token, mem_mib, None, frames)
+    }
+
+    fn stream_with_disks(
+        token: &str,
+        mem_mib: u64,
+        disks: Option<Vec<HelloDisk>>,
+        frames: &[(Kind, Vec<u8>)],
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         wire::write_greeting(&mut out).unwrap();
         let hello = Hello {
@@ -210,6 +393,7 @@ mod tests {
             mem_mib,
             vcpus: 1,
             virtio: 0,
+            disks,
         };
         wire::write_frame(
             &mut out,
@@ -246,6 +430,10 @@ mod tests {
     }
 
     fn serve_bytes(bytes: Vec<u8>) -> (Served, Vec<u8>) {
+        serve_bytes_to(bytes, Vec::new())
+    }
+
+    fn serve_bytes_to(bytes: Vec<u8>, disks: Vec<TargetDisk>) -> (Served, Vec<u8>) {
         let mut c = Conn {
             input: Cursor::new(bytes),
             sent: Vec::new(),
@@ -255,6 +443,7 @@ mod tests {
             mem_mib: 4,
             vcpus: 1,
             virtio: 0,
+            disks,
         };
         let r = serve_stream(&mut c, "test", &expect, |_| {});
         (r, c.sent)
@@ -307,6 +496,98 @@ mod tests {
             &[page(0x1000, b"hello"), (Kind::State, b"{not json".to_vec())],
         ));
         assert!(err_of(r).contains("unreadable state"));
+    }
+
+    /// A 1 MiB image full of 0xee (what the target's image held before).
+    fn image(name: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("vmm-target-{name}-{}", std::process::id()));
+        std::fs::write(&p, vec![0xeeu8; 1 << 20]).unwrap();
+        p
+    }
+
+    fn disk(path: &std::path::Path, read_only: bool) -> TargetDisk {
+        TargetDisk {
+            path: path.to_path_buf(),
+            read_only,
+            size: 1 << 20,
+            lock: None,
+        }
+    }
+
+    fn run(idx: u32, off: u64, data: &[u8]) -> (Kind, Vec<u8>) {
+        let mut p = idx.to_le_bytes().to_vec();
+        p.extend_from_slice(&off.to_le_bytes());
+        p.extend_from_slice(data);
+        (Kind::Disk, p)
+    }
+
+    fn copied(size: u64) -> Option<Vec<HelloDisk>> {
+        Some(vec![HelloDisk { size, copied: true }])
+    }
+
+    #[test]
+    fn a_copied_disk_lands_in_the_targets_image_and_the_rest_of_it_reads_as_zeros() {
+        let p = image("copy");
+        let frames = [
+            run(0, 0x1_0000, b"the guest's data"),
+            (Kind::State, b"{not json".to_vec()),
+        ];
+        let (r, _) = serve_bytes_to(
+            stream_with_disks(TOKEN, 4, copied(1 << 20), &frames),
+            vec![disk(&p, false)],
+        );
+        // The state is refused, but the run was written before.
+        assert!(err_of(r).contains("unreadable state"));
+        let img = std::fs::read(&p).unwrap();
+        assert_eq!(img.len(), 1 << 20, "the image keeps its size");
+        assert_eq!(&img[0x1_0000..0x1_0010], b"the guest's data");
+        assert!(
+            img[..0x1_0000].iter().all(|&b| b == 0),
+            "emptied before the copy"
+        );
+        assert!(img[0x1_0010..].iter().all(|&b| b == 0));
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_copy_into_a_read_only_or_other_sized_image_or_outside_it_is_refused() {
+        let p = image("refuse");
+        let (r, sent) = serve_bytes_to(
+            stream_with_disks(TOKEN, 4, copied(2 << 20), &[]),
+            vec![disk(&p, false)],
+        );
+        let e = err_of(r);
+        assert!(
+            e.contains("2097152 bytes") && e.contains("1048576 bytes"),
+            "{e}"
+        );
+        assert!(sent.is_empty(), "refused before Accepted");
+        assert_eq!(std::fs::read(&p).unwrap()[0], 0xee, "untouched");
+        let (r, _) = serve_bytes_to(
+            stream_with_disks(TOKEN, 4, copied(1 << 20), &[]),
+            vec![disk(&p, true)],
+        );
+        assert!(err_of(r).contains("read-only here"));
+        for (frame, what) in [
+            (run(0, (1 << 20) - 2, b"abcd"), "lies outside it"),
+            (run(0, u64::MAX - 1, b"abcd"), "lies outside it"),
+            (run(1, 0, b"abcd"), "not copied"),
+            ((Kind::Disk, vec![0, 0, 0]), "outside the disks copied"),
+        ] {
+            let (r, _) = serve_bytes_to(
+                stream_with_disks(TOKEN, 4, copied(1 << 20), &[frame]),
+                vec![disk(&p, false)],
+            );
+            let e = err_of(r);
+            assert!(e.contains(what), "{e}");
+        }
+        // A shared-storage migration never sends disk runs.
+        let (r, _) = serve_bytes_to(
+            stream(TOKEN, 4, &[run(0, 0, b"abcd")]),
+            vec![disk(&p, false)],
+        );
+        assert!(err_of(r).contains("not copied"));
+        let _ = std::fs::remove_file(&p);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum Kind {
     /// Target → source: the target holds the disks' locks and runs the
     /// guest; the source may end.
     Running = 8,
+    /// Source → target (`"disks":"copy"`): a run of a disk: the disk's
+    /// index (u32 LE), the offset in it (u64 LE), then the bytes.
+    Disk = 9,
 }
 
 impl Kind {
@@ -49,6 +52,7 @@ impl Kind {
             6 => Kind::Go,
             7 => Kind::Error,
             8 => Kind::Running,
+            9 => Kind::Disk,
             _ => return None,
         })
     }
@@ -58,6 +62,7 @@ impl Kind {
         match self {
             Kind::Hello => 64 << 10,
             Kind::Pages => 8 + MAX_RUN as u64,
+            Kind::Disk => 12 + MAX_RUN as u64,
             Kind::State => MAX_PAYLOAD,
             Kind::Error => 4 << 10,
             Kind::Accepted | Kind::Restored | Kind::Go | Kind::Running => 0,
@@ -73,6 +78,19 @@ pub struct Hello {
     pub mem_mib: u64,
     pub vcpus: u8,
     pub virtio: usize,
+    /// `"disks":"copy"`: every disk of the VM in order; absent for shared
+    /// storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<HelloDisk>>,
+}
+
+/// A disk as the source describes it for a copy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloDisk {
+    /// Its size in bytes: the target's image must have the same.
+    pub size: u64,
+    /// Sent (a writable disk); a read-only one is the target's own.
+    pub copied: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

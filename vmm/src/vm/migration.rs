@@ -18,6 +18,9 @@ pub struct Started {
     pub mem: devices::virtio::GuestMemoryMmap,
     /// The boot being migrated: a reset meanwhile ends the migration.
     pub boot_count: u64,
+    /// `"disks":"copy"`: the disks copied (their index among the VM's
+    /// disks), whose writes are logged from now on.
+    pub disks: Vec<(u32, devices::virtio::CopySource)>,
 }
 
 /// The guest stopped for the last pass.
@@ -32,9 +35,10 @@ fn host_error(what: String) -> ControlError {
 }
 
 impl Vm {
-    /// Starts logging the guest's writes and moves its network to the
-    /// userspace datapath (vhost-net's writes would go unlogged).
-    pub(crate) fn migration_begin(&mut self) -> Result<Started, ControlError> {
+    /// Starts logging the guest's writes (to memory, and with `copy` to
+    /// its writable disks) and moves its network to the userspace
+    /// datapath (vhost-net's writes would go unlogged).
+    pub(crate) fn migration_begin(&mut self, copy: bool) -> Result<Started, ControlError> {
         let state = self.state;
         if !matches!(state, VmState::Running | VmState::Paused) {
             return Err(ControlError::invalid_state(format!(
@@ -43,6 +47,11 @@ impl Vm {
         }
         let Some(m) = &self.machine else {
             return Err(ControlError::invalid_state("the VM is not running"));
+        };
+        let disks = if copy {
+            self.disks_to_copy()?
+        } else {
+            Vec::new()
         };
         m.set_dirty_log(true)
             .map_err(|e| host_error(format!("cannot log the guest's writes: {e}")))?;
@@ -58,10 +67,37 @@ impl Vm {
             }
         };
         self.migrating = Some(vhost);
+        // Logged from before the first pass reads them.
+        for (_, d) in &disks {
+            if let Some(log) = d.log() {
+                log.start();
+            }
+        }
         Ok(Started {
             mem,
             boot_count: self.boot_count,
+            disks,
         })
+    }
+
+    /// The writable disks, which a migration with `"disks":"copy"` sends
+    /// (a read-only one cannot change: the target's own copy serves).
+    fn disks_to_copy(&self) -> Result<Vec<(u32, devices::virtio::CopySource)>, ControlError> {
+        let mut out = Vec::new();
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.read_only {
+                continue;
+            }
+            if d.copy.log().is_none() {
+                return Err(host_error(format!(
+                    "{} is too large to track the guest's writes to it: migrate it on shared storage",
+                    d.path.display()
+                )));
+            }
+            let i = u32::try_from(i).map_err(|_| host_error("too many disks".into()))?;
+            out.push((i, d.copy.clone()));
+        }
+        Ok(out)
     }
 
     /// Quiesces each network device, takes its vhost-net instance away and
@@ -219,6 +255,11 @@ impl Vm {
     }
 
     fn migration_end(&mut self) {
+        for d in &self.disks {
+            if let Some(log) = d.copy.log() {
+                log.stop();
+            }
+        }
         if let Some(m) = &self.machine {
             if let Err(e) = m.set_dirty_log(false) {
                 tracing::warn!("migration: cannot stop logging the guest's writes: {e}");

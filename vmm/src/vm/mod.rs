@@ -184,6 +184,8 @@ pub struct DiskSource {
     pub backup: devices::virtio::BackupInbox,
     /// The image's lock, which a migration hands over.
     pub image: devices::virtio::ImageLock,
+    /// What a migration with `"disks":"copy"` reads the disk through.
+    pub copy: devices::virtio::CopySource,
     pub path: std::path::PathBuf,
     pub read_only: bool,
     pub engine: &'static str,
@@ -237,12 +239,16 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         let image = blk
             .image_lock()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", d.path.display())))?;
+        let copy = blk
+            .copy_source()
+            .map_err(|e| VmmError::Setup(format!("{}: {e}", d.path.display())))?;
         let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: d.id.clone(),
             backup,
             image,
+            copy,
             path: d.path.clone(),
             read_only: d.read_only,
             engine,
@@ -274,12 +280,16 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
         let image = blk
             .image_lock()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", img.display())))?;
+        let copy = blk
+            .copy_source()
+            .map_err(|e| VmmError::Setup(format!("{}: {e}", img.display())))?;
         let blk = Arc::new(Mutex::new(blk));
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: Some(MODULES_DISK_SERIAL.into()),
             backup,
             image,
+            copy,
             path: img,
             read_only: true,
             engine,

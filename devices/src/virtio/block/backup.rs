@@ -25,7 +25,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -286,7 +285,7 @@ impl Job {
                 self.cursor += 1;
                 continue;
             }
-            match next_data(src.file, i * CHUNK) {
+            match super::copy::next_data(src.file, i * CHUNK) {
                 // A hole up to `data` (or to the end): nothing to read.
                 Ok(data) if data >= (i + 1) * CHUNK => {
                     // The chunks wholly inside the hole (at least chunk i).
@@ -341,24 +340,14 @@ impl Job {
         let off = i * CHUNK;
         let len = CHUNK.min(self.size - off);
         // O_DIRECT reads whole aligned blocks; the copy takes `len` of them.
-        let align = src.dio.map_or(1, |d| d.offset.max(1));
-        let want = len.div_ceil(align).saturating_mul(align).min(CHUNK) as usize;
-        let buf = &mut self.buf.as_mut_slice()[..want];
-        let mut got = 0usize;
-        while got < len as usize {
-            match src.file.read_at(&mut buf[got..], off + got as u64) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the image is shorter than the disk",
-                    ))
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let data = &buf[..len as usize];
+        super::copy::read_exact_aligned(
+            src.file,
+            src.dio,
+            self.buf.as_mut_slice(),
+            off,
+            len as usize,
+        )?;
+        let data = &self.buf.as_slice()[..len as usize];
         if data.iter().any(|&b| b != 0) {
             self.dst
                 .write_all_at(data, off)
@@ -380,26 +369,5 @@ impl Job {
 impl Drop for Job {
     fn drop(&mut self) {
         self.fail("the disk went away before the copy was complete".into());
-    }
-}
-
-/// The first offset at or after `off` that holds data (`SEEK_DATA`), or the
-/// end of the file when only a hole follows. A file system that cannot
-/// tell says `off` itself: everything is read.
-fn next_data(file: &File, off: u64) -> io::Result<u64> {
-    let Ok(o) = libc::off_t::try_from(off) else {
-        return Ok(off);
-    };
-    // SAFETY: lseek on a descriptor we own; it moves only the file offset,
-    // which no I/O of the device uses (all of it is positional).
-    let r = unsafe { libc::lseek(file.as_raw_fd(), o, libc::SEEK_DATA) };
-    if r >= 0 {
-        return Ok(u64::try_from(r).unwrap_or(off));
-    }
-    let e = io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ENXIO) => Ok(u64::MAX),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(off),
-        _ => Err(e),
     }
 }

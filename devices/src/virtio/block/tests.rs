@@ -676,6 +676,41 @@ fn discard_and_write_zeroes() {
 }
 
 #[test]
+fn a_migrations_write_log_marks_the_chunks_of_completed_writes_and_zeroes_on_both_engines() {
+    for engine in [IoEngine::Sync, IoEngine::Uring] {
+        // 512 KiB: chunks 0 to 7.
+        let mut f = Fixture::build_sized(false, VIRTIO_F_VERSION_1, false, engine, 1024);
+        let src = f.blk.lock().unwrap().copy_source().unwrap();
+        let log = src.log().unwrap();
+        assert_eq!(f.write(0, &[1u8; 512]).1, S_OK);
+        assert_eq!(
+            log.take(),
+            vec![0],
+            "{engine:?}: nothing logged before start"
+        );
+        log.start();
+        // Sector 300 is byte 153 600: chunk 2.
+        assert_eq!(f.write(300, &[7u8; 1024]).1, S_OK);
+        assert_eq!(f.read(600, 512).1, S_OK);
+        // Sector 900 is byte 460 800: chunk 7.
+        assert_eq!(
+            f.discard_like(T_WRITE_ZEROES, &[discard_seg(900, 8, 0)]),
+            S_OK
+        );
+        assert_eq!(
+            log.take(),
+            vec![(1 << 2) | (1 << 7)],
+            "{engine:?}: the writes' chunks, not the read's"
+        );
+        let mut r = src.reader(COPY_CHUNK as usize);
+        assert_eq!(r.read(300 * 512, 1024).unwrap(), &[7u8; 1024][..]);
+        log.stop();
+        assert_eq!(f.write(0, &[2u8; 512]).1, S_OK);
+        assert_eq!(log.take(), vec![0], "{engine:?}: stopped");
+    }
+}
+
+#[test]
 fn writable_image_already_locked_is_a_clear_error() {
     let file = image(8);
     let cfg = BlockConfig {

@@ -246,9 +246,8 @@ struct Disk {
     /// The backup in progress, if any (`backup.rs`). A cell: requests run
     /// through `&self`, and the device's own lock is what serialises them.
     backup: RefCell<Option<Job>>,
-    /// The chunks written while a migration copies the disk (`copy.rs`);
-    /// `None` when the disk is too large to track.
-    log: Option<Arc<WriteLog>>,
+    /// The chunks written while a migration copies the disk (`copy.rs`).
+    log: Arc<WriteLog>,
 }
 
 struct Active {
@@ -412,7 +411,7 @@ impl Block {
                 dio,
                 counters: Arc::default(),
                 backup: RefCell::new(None),
-                log: WriteLog::new(capacity).map(Arc::new),
+                log: Arc::new(WriteLog::new(capacity)),
             },
             queue_sizes: vec![QUEUE_SIZE; usize::from(queues)],
             queue_evts: new_queue_events(usize::from(queues)).map_err(BlockError::EventFd)?,
@@ -960,9 +959,7 @@ impl Disk {
     /// `len` bytes at `off` of the image have been written (a migration's
     /// copy sends them again).
     fn written(&self, off: u64, len: u64) {
-        if let Some(log) = &self.log {
-            log.mark(off, len);
-        }
+        self.log.mark(off, len);
     }
 
     fn io_err(&self, what: &str, e: io::Error) -> u8 {
@@ -1143,8 +1140,16 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         // No completion of the old queue may reach a new one; the guest memory stays mapped
         // meanwhile (each request holds it).
+        // A write finished here is in the image: a migration copying the
+        // disk must send it again (a reset does not end the migration).
+        let disk = &self.disk;
         if let Some(ring) = self.ring.as_mut() {
-            ring.wait_all(|req, _| req.op.mark_read_dirty(&req.mem));
+            ring.wait_all(|req, _| {
+                req.op.mark_read_dirty(&req.mem);
+                if req.op.kind == IoKind::Write {
+                    disk.written(req.op.off, req.op.len);
+                }
+            });
         }
         self.active = None;
     }

@@ -259,15 +259,16 @@ fn with_disks_copy_the_targets_own_image_receives_every_write_the_guest_made_whi
         .ok("the two images and the token");
         let mut g = Guest::start_in(h, spec(a, &src, &[]), dir);
         guest_with_a_connection(&mut g);
-        // 8 MiB of random data, then a writer that keeps writing its
-        // count at 32 MiB, synced, until told to stop.
+        // 8 MiB of random data, then a writer that writes each of its
+        // counts to a sector of its own from 32 MiB on, synced, until told
+        // to stop: before, during and after the migration.
         let data = g.run(
             "dd if=/dev/urandom of=/dev/vda bs=1M count=8 conv=fsync 2>/dev/null; \
              dd if=/dev/vda bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1",
         );
         g.run(
-            "(n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); \
-              echo \"count $n\" | dd of=/dev/vda bs=512 seek=65536 count=1 conv=sync,fsync 2>/dev/null; \
+            "(n=0; while [ ! -e /tmp/stop ] && [ $n -lt 60000 ]; do n=$((n+1)); \
+              echo \"count $n\" | dd of=/dev/vda bs=512 seek=$((65536+n)) count=1 conv=sync,fsync 2>/dev/null; \
               echo $n > /tmp/written; done; touch /tmp/stopped) >/dev/null 2>&1 &",
         );
         let boot_count = g.ctl().status()["boot_count"].clone();
@@ -294,8 +295,21 @@ fn with_disks_copy_the_targets_own_image_receives_every_write_the_guest_made_whi
             "the disk's data went over: {r}"
         );
         runs_on_at_the_target(&mut g, &mut t, &boot_count, counted);
-        // The writer went on at the target; stopped, its last count is on
-        // the target's image, and so are the 8 MiB.
+        // The source's own image holds what the writer wrote there: more
+        // than before the request, so some of it was written while the
+        // disk was being copied (all of it must be on the target's image).
+        let at_source = h
+            .sh(&format!(
+                "dd if={src} bs=512 skip=65537 count=60000 2>/dev/null | tr -s '\\000' '\\n' | grep -c '^count '"
+            ))
+            .ok("read the source's image");
+        let at_source: u64 = at_source.trim().parse().expect("a count");
+        assert!(
+            at_source > before,
+            "the guest wrote its disk during the migration: {before}, then {at_source}"
+        );
+        // The writer went on at the target; stopped, every count it wrote
+        // is on the target's image, and so are the 8 MiB.
         t.run("touch /tmp/stop; for i in $(seq 1 100); do [ -e /tmp/stopped ] && break; sleep 0.1; done");
         let last: u64 = t.run("cat /tmp/written").trim().parse().expect("writes");
         assert!(last > before, "the writer ran on: {before}, then {last}");
@@ -305,24 +319,34 @@ fn with_disks_copy_the_targets_own_image_receives_every_write_the_guest_made_whi
             "{}",
             t.report()
         );
+        let after = 65537 + last;
         let on_image = h
             .sh(&format!(
-                "dd if={dst} bs=512 skip=65536 count=1 2>/dev/null | head -n 1; \
+                "dd if={dst} bs=512 skip=65537 count={last} 2>/dev/null | tr -s '\\000' '\\n' \
+                   | awk '/^count / {{ printf \"%s \", $2 }} END {{ print \"\" }}'; \
                  dd if={dst} bs=1M count=8 2>/dev/null | sha256sum | cut -d' ' -f1; \
-                 dd if={dst} bs=1M skip=9 count=23 2>/dev/null | tr -d '\\000' | wc -c"
+                 dd if={dst} bs=1M skip=8 count=24 2>/dev/null | tr -d '\\000' | wc -c; \
+                 dd if={dst} bs=512 skip={after} 2>/dev/null | tr -d '\\000' | wc -c"
             ))
             .ok("read the target's image");
         let mut lines = on_image.lines();
-        assert_eq!(
-            lines.next(),
-            Some(format!("count {last}").as_str()),
-            "{on_image}"
+        let want: Vec<String> = (1..=last).map(|n| n.to_string()).collect();
+        let counts = lines.next().unwrap_or_default().trim();
+        assert!(
+            counts == want.join(" "),
+            "every count 1..={last} in its sector (the migration began after {before}): {}",
+            &counts[..counts.len().min(2000)]
         );
         assert_eq!(lines.next(), Some(data.trim()), "the 8 MiB: {on_image}");
         assert_eq!(
             lines.next().map(str::trim),
             Some("0"),
             "nothing of the stale image is left between them: {on_image}"
+        );
+        assert_eq!(
+            lines.next().map(str::trim),
+            Some("0"),
+            "nor after the counts: {on_image}"
         );
         let _ = w.echo.kill();
     });

@@ -184,10 +184,7 @@ fn send_disks_all(conn: &mut impl Write, readers: &mut Readers) -> Result<u64, C
 
 /// The disks' chunks written since the last look (one bitmap per reader).
 fn disk_dirty(disks: &[(u32, CopySource)]) -> Vec<Vec<u64>> {
-    disks
-        .iter()
-        .map(|(_, d)| d.log().map(|l| l.take()).unwrap_or_default())
-        .collect()
+    disks.iter().map(|(_, d)| d.log().take()).collect()
 }
 
 /// Sends the chunks set in `dirty` (one bitmap per reader), zeros too.
@@ -286,7 +283,22 @@ pub fn run(
     let t0 = Instant::now();
     let copy = disks == DiskMigration::Copy;
     let hello = {
-        let v = lock(&vm);
+        let mut v = lock(&vm);
+        if copy {
+            // Before the target empties its images: a log that cannot be
+            // set up refuses the copy here, not half way.
+            let checked = v.disks_to_copy().and_then(|d| {
+                d.iter().try_for_each(|(_, c)| {
+                    c.log()
+                        .start()
+                        .map_err(|e| err(ErrorCode::HostError, format!("cannot copy a disk: {e}")))
+                })
+            });
+            if let Err(e) = checked {
+                v.migration_abort(None);
+                return Err(e);
+            }
+        }
         Hello {
             token,
             name: v.config.name.clone(),

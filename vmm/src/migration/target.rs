@@ -62,17 +62,29 @@ pub struct TargetDisk {
 /// The images a copy writes into, locked until the machine is received;
 /// any failure before lets go of the locks.
 struct Copies<'a> {
-    disks: Vec<Option<(File, &'a TargetDisk)>>,
+    disks: Vec<Option<Copy<'a>>>,
     keep: bool,
 }
+
+/// One image being written.
+struct Copy<'a> {
+    file: File,
+    disk: &'a TargetDisk,
+    /// Written since the last sync.
+    unsynced: u64,
+}
+
+/// Written data is synced every this many bytes, so that the last sync
+/// (before `Restored`, while the guest is stopped) is short.
+const SYNC_EVERY: u64 = 256 << 20;
 
 impl Drop for Copies<'_> {
     fn drop(&mut self) {
         if self.keep {
             return;
         }
-        for (_, d) in self.disks.iter().flatten() {
-            if let Some(l) = &d.lock {
+        for c in self.disks.iter().flatten() {
+            if let Some(l) = &c.disk.lock {
                 let _ = l.release();
             }
         }
@@ -101,11 +113,18 @@ fn prepare_copies<'a>(
         keep: false,
     };
     for (i, (t, s)) in here.iter().zip(there).enumerate() {
+        let p = t.path.display();
         if !s.copied {
+            // Read-only there: it must be read-only here too (the
+            // target's own copy of it serves).
+            if !t.read_only {
+                return Err(refused(format!(
+                    "disk{i} is read-only at the source and {p} is writable here"
+                )));
+            }
             copies.disks.push(None);
             continue;
         }
-        let p = t.path.display();
         if t.read_only {
             return Err(refused(format!(
                 "disk{i} ({p}) is read-only here: it cannot take a copy"
@@ -129,65 +148,78 @@ fn prepare_copies<'a>(
             .custom_flags(libc::O_CLOEXEC)
             .open(&t.path);
         let f = match f {
+            // The path may name another file than the device's by now.
+            Ok(f) if t.lock.as_ref().is_none_or(|l| l.same_file(&f)) => Ok(f),
+            Ok(_) => Err(format!("{p} is no longer the image this VMM opened")),
+            Err(e) => Err(format!("{p}: {e}")),
+        };
+        let f = match f {
             Ok(f) => f,
             Err(e) => {
                 // Locked above but not in `copies` yet.
                 if let Some(l) = &t.lock {
                     let _ = l.release();
                 }
-                return Err(refused(format!("{p}: {e}")));
+                return Err(refused(e));
             }
         };
-        copies.disks.push(Some((f, t)));
-        let Some(Some((f, _))) = copies.disks.last() else {
+        copies.disks.push(Some(Copy {
+            file: f,
+            disk: t,
+            unsynced: 0,
+        }));
+        let Some(Some(c)) = copies.disks.last() else {
             continue;
         };
-        empty(f).map_err(|e| refused(format!("cannot empty {p} for the copy: {e}")))?;
+        empty(&c.file).map_err(|e| refused(format!("cannot empty {p} for the copy: {e}")))?;
     }
     Ok(copies)
 }
 
-/// Makes an image all zeros, keeping its size: a file is cut to nothing
-/// and grown back (holes), a block device has its blocks punched out.
+/// Makes an image all zeros, keeping its size (and a file's
+/// preallocation where the file system punches holes): its blocks are
+/// punched out; where that is not supported, a file is cut to nothing and
+/// grown back, and a block device has its range zeroed.
 fn empty(f: &File) -> std::io::Result<()> {
     let meta = f.metadata()?;
-    let len = meta.len();
-    if meta.is_file() {
-        f.set_len(0)?;
-        return f.set_len(len);
-    }
     let size = {
         use std::io::{Seek, SeekFrom};
         let mut g = f;
         g.seek(SeekFrom::End(0))?
     };
     let n = libc::off_t::try_from(size).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // SAFETY: fallocate on a descriptor we own, inside its size; it
-    // touches no memory of ours.
-    let r = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            0,
-            n,
-        )
+    let fallocate = |mode: libc::c_int| {
+        // SAFETY: fallocate on a descriptor we own, inside its size; it
+        // touches no memory of ours.
+        if unsafe { libc::fallocate(f.as_raw_fd(), mode, 0, n) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
+    match fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            if meta.is_file() {
+                f.set_len(0)?;
+                f.set_len(size)
+            } else {
+                fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+            }
+        }
+        r => r,
     }
-    Ok(())
 }
 
 /// A run of a disk: written into its image, if it lies inside it.
-fn write_disk_run(copies: &Copies, payload: &[u8]) -> Result<(), TargetError> {
+fn write_disk_run(copies: &mut Copies, payload: &[u8]) -> Result<(), TargetError> {
     let bad = || refused("a disk run outside the disks copied".to_string());
     let (idx, rest) = payload.split_at_checked(4).ok_or_else(bad)?;
     let (off, data) = rest.split_at_checked(8).ok_or_else(bad)?;
     let idx = u32::from_le_bytes(idx.try_into().map_err(|_| bad())?);
     let off = u64::from_le_bytes(off.try_into().map_err(|_| bad())?);
-    let Some(Some((f, d))) = copies.disks.get(idx as usize) else {
+    let Some(Some(c)) = copies.disks.get_mut(idx as usize) else {
         return Err(refused(format!("a run of disk{idx}, which is not copied")));
     };
+    let d = c.disk;
     if off
         .checked_add(data.len() as u64)
         .is_none_or(|e| e > d.size)
@@ -197,8 +229,17 @@ fn write_disk_run(copies: &Copies, payload: &[u8]) -> Result<(), TargetError> {
             data.len()
         )));
     }
-    f.write_all_at(data, off)
-        .map_err(|e| refused(format!("writing {}: {e}", d.path.display())))
+    c.file
+        .write_all_at(data, off)
+        .map_err(|e| refused(format!("writing {}: {e}", d.path.display())))?;
+    c.unsynced += data.len() as u64;
+    if c.unsynced >= SYNC_EVERY {
+        c.unsynced = 0;
+        c.file
+            .sync_data()
+            .map_err(|e| refused(format!("syncing {}: {e}", d.path.display())))?;
+    }
+    Ok(())
 }
 
 /// Listens on `addr` until a source sends a whole machine; a connection
@@ -328,15 +369,16 @@ pub fn serve_stream<S: Read + Write>(
                 mem.write_slice(data, GuestAddress(start.0 + (off - base)))
                     .map_err(|e| TargetError::Refused(format!("guest memory: {e}")))?;
             }
-            Kind::Disk => write_disk_run(&copies, &buf)?,
+            Kind::Disk => write_disk_run(&mut copies, &buf)?,
             Kind::State => {
                 let snapshot: VmSnapshot = serde_json::from_slice(&buf)
                     .map_err(|e| TargetError::Refused(format!("unreadable state: {e}")))?;
                 // The copies are whole: on the disk before the source
                 // lets go of the guest.
-                for (f, d) in copies.disks.iter().flatten() {
-                    f.sync_all()
-                        .map_err(|e| refused(format!("cannot sync {}: {e}", d.path.display())))?;
+                for c in copies.disks.iter().flatten() {
+                    c.file.sync_all().map_err(|e| {
+                        refused(format!("cannot sync {}: {e}", c.disk.path.display()))
+                    })?;
                 }
                 copies.keep = true;
                 return Ok((snapshot, mem));
@@ -568,6 +610,19 @@ mod tests {
             vec![disk(&p, true)],
         );
         assert!(err_of(r).contains("read-only here"));
+        let (r, _) = serve_bytes_to(
+            stream_with_disks(
+                TOKEN,
+                4,
+                Some(vec![HelloDisk {
+                    size: 1 << 20,
+                    copied: false,
+                }]),
+                &[],
+            ),
+            vec![disk(&p, false)],
+        );
+        assert!(err_of(r).contains("read-only at the source"));
         for (frame, what) in [
             (run(0, (1 << 20) - 2, b"abcd"), "lies outside it"),
             (run(0, u64::MAX - 1, b"abcd"), "lies outside it"),

@@ -69,8 +69,9 @@ impl Vm {
         self.migrating = Some(vhost);
         // Logged from before the first pass reads them.
         for (_, d) in &disks {
-            if let Some(log) = d.log() {
-                log.start();
+            if let Err(e) = d.log().start() {
+                self.migration_end();
+                return Err(host_error(format!("cannot copy a disk: {e}")));
             }
         }
         Ok(Started {
@@ -82,17 +83,13 @@ impl Vm {
 
     /// The writable disks, which a migration with `"disks":"copy"` sends
     /// (a read-only one cannot change: the target's own copy serves).
-    fn disks_to_copy(&self) -> Result<Vec<(u32, devices::virtio::CopySource)>, ControlError> {
+    pub(crate) fn disks_to_copy(
+        &self,
+    ) -> Result<Vec<(u32, devices::virtio::CopySource)>, ControlError> {
         let mut out = Vec::new();
         for (i, d) in self.disks.iter().enumerate() {
             if d.read_only {
                 continue;
-            }
-            if d.copy.log().is_none() {
-                return Err(host_error(format!(
-                    "{} is too large to track the guest's writes to it: migrate it on shared storage",
-                    d.path.display()
-                )));
             }
             let i = u32::try_from(i).map_err(|_| host_error("too many disks".into()))?;
             out.push((i, d.copy.clone()));
@@ -256,9 +253,7 @@ impl Vm {
 
     fn migration_end(&mut self) {
         for d in &self.disks {
-            if let Some(log) = d.copy.log() {
-                log.stop();
-            }
+            d.copy.log().stop();
         }
         if let Some(m) = &self.machine {
             if let Err(e) = m.set_dirty_log(false) {

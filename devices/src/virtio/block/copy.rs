@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::direct::{AlignedBuf, DioAlign};
 
@@ -25,35 +25,46 @@ pub const CHUNK: u64 = super::backup::CHUNK;
 
 /// The chunks the guest wrote since the last [`WriteLog::take`], logged
 /// only between [`WriteLog::start`] and [`WriteLog::stop`] (a disk that is
-/// not being copied pays one atomic load per write).
+/// not being copied pays one atomic load per write, and has no bitmap:
+/// it is allocated at the first start, 2 MiB per TiB).
 pub struct WriteLog {
     on: AtomicBool,
     chunks: u64,
-    words: Vec<AtomicU64>,
+    words: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl WriteLog {
-    /// A log for a disk of `size` bytes; `None` when its bitmap cannot be
-    /// allocated (that disk then cannot be copied, and says so).
-    pub(super) fn new(size: u64) -> Option<Self> {
-        let chunks = size.div_ceil(CHUNK);
-        let n = usize::try_from(chunks.div_ceil(64)).ok()?;
-        let mut words = Vec::new();
-        words.try_reserve_exact(n).ok()?;
-        words.resize_with(n, || AtomicU64::new(0));
-        Some(WriteLog {
+    /// A log for a disk of `size` bytes.
+    pub(super) fn new(size: u64) -> Self {
+        WriteLog {
             on: AtomicBool::new(false),
-            chunks,
-            words,
-        })
+            chunks: size.div_ceil(CHUNK),
+            words: OnceLock::new(),
+        }
     }
 
-    /// Starts logging, from an empty log.
-    pub fn start(&self) {
-        for w in &self.words {
+    /// Starts logging, from an empty log; fails when the bitmap cannot be
+    /// allocated (the disk cannot be copied then).
+    pub fn start(&self) -> Result<(), String> {
+        let words = match self.words.get() {
+            Some(w) => w,
+            None => {
+                let n = usize::try_from(self.chunks.div_ceil(64))
+                    .map_err(|_| "the disk is too large to track".to_string())?;
+                let mut v = Vec::new();
+                v.try_reserve_exact(n)
+                    .map_err(|_| "no memory to track the guest's writes to the disk".to_string())?;
+                v.resize_with(n, || AtomicU64::new(0));
+                // Another start at once (there is none: one migration at
+                // a time) would keep its own; either is empty.
+                self.words.get_or_init(|| v.into_boxed_slice())
+            }
+        };
+        for w in words.iter() {
             w.store(0, Ordering::Relaxed);
         }
         self.on.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Stops logging (a migration ended either way).
@@ -66,10 +77,13 @@ impl WriteLog {
         if len == 0 || !self.on.load(Ordering::Acquire) {
             return;
         }
+        let Some(words) = self.words.get() else {
+            return;
+        };
         let first = off / CHUNK;
         let last = (off.saturating_add(len - 1) / CHUNK).min(self.chunks.saturating_sub(1));
         for i in first..=last {
-            if let Some(w) = self.words.get((i / 64) as usize) {
+            if let Some(w) = words.get((i / 64) as usize) {
                 w.fetch_or(1 << (i % 64), Ordering::AcqRel);
             }
         }
@@ -78,10 +92,9 @@ impl WriteLog {
     /// The chunks written since the last take (bit i of word i/64: chunk
     /// i), clearing them.
     pub fn take(&self) -> Vec<u64> {
-        self.words
-            .iter()
-            .map(|w| w.swap(0, Ordering::AcqRel))
-            .collect()
+        self.words.get().map_or_else(Vec::new, |w| {
+            w.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect()
+        })
     }
 }
 
@@ -93,7 +106,7 @@ pub struct CopySource {
     file: Arc<File>,
     dio: Option<DioAlign>,
     size: u64,
-    log: Option<Arc<WriteLog>>,
+    log: Arc<WriteLog>,
 }
 
 impl CopySource {
@@ -101,7 +114,7 @@ impl CopySource {
         file: &File,
         dio: Option<DioAlign>,
         size: u64,
-        log: Option<Arc<WriteLog>>,
+        log: Arc<WriteLog>,
     ) -> io::Result<Self> {
         Ok(CopySource {
             file: Arc::new(file.try_clone()?),
@@ -116,9 +129,9 @@ impl CopySource {
         self.size
     }
 
-    /// Its write log; `None` when the disk is too large to track.
-    pub fn log(&self) -> Option<&WriteLog> {
-        self.log.as_deref()
+    /// Its write log.
+    pub fn log(&self) -> &WriteLog {
+        &self.log
     }
 
     /// A reader with its own (aligned) buffer of `max` bytes.
@@ -245,10 +258,10 @@ mod tests {
 
     #[test]
     fn a_log_marks_only_while_started_and_every_chunk_a_write_touches() {
-        let log = WriteLog::new(200 * CHUNK).unwrap();
+        let log = WriteLog::new(200 * CHUNK);
         log.mark(0, 4096);
         assert!(bits(&log.take()).is_empty(), "not started: nothing");
-        log.start();
+        log.start().unwrap();
         log.mark(CHUNK - 512, 1024);
         log.mark(130 * CHUNK, 1);
         log.mark(199 * CHUNK, u64::MAX);
@@ -271,7 +284,8 @@ mod tests {
             .unwrap();
         f.set_len(64 * CHUNK).unwrap();
         f.write_all_at(b"far in", 40 * CHUNK).unwrap();
-        let src = CopySource::new(&f, None, 64 * CHUNK, None).unwrap();
+        let src =
+            CopySource::new(&f, None, 64 * CHUNK, Arc::new(WriteLog::new(64 * CHUNK))).unwrap();
         let mut r = src.reader(CHUNK as usize);
         let d = r.next_data(0).unwrap();
         assert!(d <= 40 * CHUNK, "{d}");

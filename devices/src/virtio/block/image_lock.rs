@@ -60,6 +60,16 @@ impl ImageLock {
     pub fn acquire(&self) -> Result<(), BlockError> {
         flock(&self.file, &self.path, self.read_only)
     }
+
+    /// Whether `other` is this image (the same device and inode): a file
+    /// opened again by its path may be another one if the path changed.
+    pub fn same_file(&self, other: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), other.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino() && a.rdev() == b.rdev(),
+            _ => false,
+        }
+    }
 }
 
 impl Block {

@@ -681,14 +681,13 @@ fn a_migrations_write_log_marks_the_chunks_of_completed_writes_and_zeroes_on_bot
         // 512 KiB: chunks 0 to 7.
         let mut f = Fixture::build_sized(false, VIRTIO_F_VERSION_1, false, engine, 1024);
         let src = f.blk.lock().unwrap().copy_source().unwrap();
-        let log = src.log().unwrap();
+        let log = src.log();
         assert_eq!(f.write(0, &[1u8; 512]).1, S_OK);
-        assert_eq!(
-            log.take(),
-            vec![0],
-            "{engine:?}: nothing logged before start"
+        assert!(
+            log.take().is_empty(),
+            "{engine:?}: nothing logged before the first start"
         );
-        log.start();
+        log.start().unwrap();
         // Sector 300 is byte 153 600: chunk 2.
         assert_eq!(f.write(300, &[7u8; 1024]).1, S_OK);
         assert_eq!(f.read(600, 512).1, S_OK);

@@ -286,6 +286,8 @@ fn times_table(title: &str, peers: &[Peer], t: &[Vec<f64>]) {
 fn main() -> ExitCode {
     let mut runs = 5usize;
     let mut only: Vec<String> = vec!["boot".into(), "sshd".into(), "disk".into(), "net".into()];
+    // The guests' sizes of the snapshot and migration rows.
+    let mut sizes: Vec<u32> = vec![256, 1024, 4096];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -298,8 +300,23 @@ fn main() -> ExitCode {
                     .map(str::to_string)
                     .collect()
             }
+            "--mib" => {
+                let given: Option<Vec<u32>> = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|m| m.parse().ok())
+                    .collect();
+                match given {
+                    Some(v) if !v.is_empty() => sizes = v,
+                    _ => {
+                        eprintln!("testhost-bench: error: --mib takes sizes in MiB, e.g. 256,1024");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             "--help" | "-h" => {
-                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot,migration]   (scripts/bench.sh --testhost)");
+                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot,migration] [--mib 256,1024,4096 (snapshot, migration)]   (scripts/bench.sh --testhost)");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -307,6 +324,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         }
+    }
+    // Two guests of the largest size side by side (a migration's source
+    // and target) need a test host with room for them; untouched guest
+    // memory is never allocated, but each VMM maps all of its own.
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let two_sized = only.iter().any(|o| o == "snapshot" || o == "migration");
+    if two_sized && largest > 1024 && std::env::var_os("VMM_TESTHOST_MEMORY").is_none() {
+        let mib = (2 * largest + 4096).to_string();
+        println!("testhost-bench: a test host of {mib} MiB for {largest} MiB guests");
+        std::env::set_var("VMM_TESTHOST_MEMORY", mib);
     }
     let h = host();
     let entry = kernel_dir().join("mini");
@@ -342,11 +369,11 @@ fn main() -> ExitCode {
     }
 
     if only.iter().any(|o| o == "snapshot") {
-        snapshot::rows(runs, &g);
+        snapshot::rows(runs, &g, &sizes);
     }
 
     if only.iter().any(|o| o == "migration") {
-        migration::rows(runs, &g);
+        migration::rows(runs, &g, &sizes);
     }
 
     if only.iter().any(|o| o == "disk") {

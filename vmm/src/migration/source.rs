@@ -26,6 +26,51 @@ const MAX_PASSES: u32 = 30;
 const ANSWER: Duration = Duration::from_secs(120);
 /// The same, while the guest is stopped.
 const FINAL: Duration = Duration::from_secs(30);
+/// The most the guest stays stopped for the last pass, the state and the
+/// target's rebuild, all together; past it the guest runs on here.
+const FINAL_PHASE: Duration = Duration::from_secs(60);
+
+/// A connection whose every read and write ends by `until` (a deadline for
+/// a whole phase, where the socket's own timeouts are per call).
+struct Timed<'a> {
+    conn: &'a mut TcpStream,
+    until: Instant,
+}
+
+impl Timed<'_> {
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the guest was stopped for {} s, the most allowed",
+                    FINAL_PHASE.as_secs()
+                ),
+            ));
+        }
+        Ok(left)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_write_timeout(Some(left))?;
+        self.conn.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.conn.flush()
+    }
+}
+
+impl std::io::Read for Timed<'_> {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_read_timeout(Some(left))?;
+        self.conn.read(b)
+    }
+}
 
 fn err(code: ErrorCode, what: impl Into<String>) -> ControlError {
     ControlError::new(code, what.into())
@@ -409,19 +454,26 @@ pub fn run(
                   readers: &mut Readers|
      -> Result<(u64, u64), ControlError> {
         // What the devices wrote while they finished their requests, and
-        // what was left from the running passes.
+        // what was left from the running passes; up to the target's
+        // rebuild, all within one deadline.
+        let mut t = Timed {
+            conn: &mut *conn,
+            until: stopped.at + FINAL_PHASE,
+        };
         let mut dirty = g.migration_dirty(started.boot_count)?;
         or_into(&mut dirty, &pending);
-        let last = send_pages(conn, &started.mem, &dirty, buf)?;
+        let last = send_pages(&mut t, &started.mem, &dirty, buf)?;
         let mut disk = disk_dirty(&started.disks);
         or_into(&mut disk, &pending_disk);
-        let last_disk = send_disk_chunks(conn, readers, &disk)?;
+        let last_disk = send_disk_chunks(&mut t, readers, &disk)?;
         let state = serde_json::to_vec(&stopped.captured.snapshot)
             .map_err(|e| err(ErrorCode::Internal, format!("migration: the state: {e}")))?;
-        wire::write_frame(conn, Kind::State, &[&state]).map_err(io_err("sending the state"))?;
+        wire::write_frame(&mut t, Kind::State, &[&state]).map_err(io_err("sending the state"))?;
         let mut inbuf = Vec::new();
-        wire::expect(conn, &mut inbuf, Kind::Restored)
+        wire::expect(&mut t, &mut inbuf, Kind::Restored)
             .map_err(wire_err("the target did not rebuild the machine"))?;
+        let _ = conn.set_read_timeout(Some(FINAL));
+        let _ = conn.set_write_timeout(Some(FINAL));
         // Shared storage: the target takes the images' locks; copied
         // disks are the target's own images, and these stay locked here.
         if !copy {

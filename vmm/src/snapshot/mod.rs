@@ -354,10 +354,17 @@ fn write_dir(
         source,
     })?;
     let r = write_files(machine, snapshot, &part).and_then(|taken| {
+        // The files' names are in the directory for good, then the
+        // directory's new name in its parent: a snapshot answered as
+        // taken survives a crash of the host.
+        sync_dir(&part)?;
         std::fs::rename(&part, path).map_err(|source| SnapshotError::File {
             path: path.to_path_buf(),
             source,
         })?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
         Ok(taken)
     });
     if r.is_err() {
@@ -366,6 +373,16 @@ fn write_dir(
         let _ = std::fs::remove_dir(&part);
     }
     r
+}
+
+/// `fsync` of a directory (its entries).
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SnapshotError::File {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn write_files(

@@ -10,7 +10,12 @@
 //! * `memory`: guest RAM, each region after the other in address order,
 //!   as raw bytes (all-zero MiBs left as holes: the file is sparse). Its
 //!   length, checksum and which MiBs hold data are in the state
-//!   ([`MemoryInfo`]); a restore reads those MiBs only.
+//!   ([`MemoryInfo`]); a restore reads those MiBs only, to check the
+//!   checksum, and then maps them into guest memory copy-on-write
+//!   (`MAP_PRIVATE`, as Firecracker does): nothing is copied, the guest
+//!   pages its memory in as it touches it, and its writes stay its own.
+//!   The file must not be changed while a VM restored from it runs
+//!   (deleting it is harmless: the mapping keeps it).
 //!
 //! A reader refuses another format version outright: the state's types
 //! change with it, and a guest restored from a misread state would run on
@@ -18,6 +23,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use devices::virtio::GuestMemoryMmap;
@@ -194,25 +200,109 @@ pub fn read_memory(
     }
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; CHUNK];
-    for (i, (file_off, addr, n)) in pieces(mem).enumerate() {
-        if !has_data(&info.data, i) {
-            continue;
-        }
-        let piece = &mut buf[..n];
+    let read = |piece: &mut [u8], file_off: u64| {
         input
             .read_exact_at(piece, file_off)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => FormatError::MemoryCorrupt,
                 _ => FormatError::Io(e),
-            })?;
+            })
+    };
+    for (i, (file_off, _, n)) in pieces(mem).enumerate() {
+        if !has_data(&info.data, i) {
+            continue;
+        }
+        let piece = &mut buf[..n];
+        read(piece, file_off)?;
         crc_piece(&mut crc, file_off, piece);
-        mem.write_slice(piece, addr)
-            .map_err(|e| io::Error::other(e.to_string()))?;
     }
     if crc.finalize() != info.crc32 {
         return Err(FormatError::MemoryCorrupt);
     }
+    // Checked: now in guest memory, mapped where the file system allows it,
+    // copied where not.
+    for (i, (file_off, addr, n)) in pieces(mem).enumerate() {
+        if !has_data(&info.data, i) {
+            continue;
+        }
+        match map_piece(mem, input, file_off, addr, n)? {
+            Mapped::Yes => continue,
+            Mapped::CopyInstead => {}
+        }
+        let piece = &mut buf[..n];
+        read(piece, file_off)?;
+        mem.write_slice(piece, addr)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+    }
     Ok(())
+}
+
+/// What [`map_piece`] did.
+enum Mapped {
+    Yes,
+    /// The file cannot be mapped there; the guest memory is as it was
+    /// (anonymous, zero): copy the piece in.
+    CopyInstead,
+}
+
+/// Maps `n` bytes of `input` at `file_off` over guest memory at `addr`,
+/// copy-on-write. The guest memory there is fresh (never touched), so
+/// nothing is lost; KVM follows the new mapping (its MMU notifier).
+fn map_piece(
+    mem: &GuestMemoryMmap,
+    input: &File,
+    file_off: u64,
+    addr: GuestAddress,
+    n: usize,
+) -> Result<Mapped, FormatError> {
+    let host = mem
+        .get_slice(addr, n)
+        .map_err(|e| io::Error::other(e.to_string()))?
+        .ptr_guard_mut()
+        .as_ptr();
+    let Ok(off) = libc::off_t::try_from(file_off) else {
+        return Ok(Mapped::CopyInstead);
+    };
+    // SAFETY: `host..host+n` lies inside one region of `mem` (get_slice
+    // checked it), a mapping `mem` owns and keeps until it is dropped (its
+    // munmap covers whatever is mapped there then). MAP_FIXED replaces
+    // those pages, which nothing has touched yet, with private pages of
+    // the file: the same size, readable and writable as before.
+    let p = unsafe {
+        libc::mmap(
+            host.cast(),
+            n,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            input.as_raw_fd(),
+            off,
+        )
+    };
+    if p != libc::MAP_FAILED {
+        return Ok(Mapped::Yes);
+    }
+    let e = io::Error::last_os_error();
+    // A failed MAP_FIXED may have unmapped the range already: fresh
+    // anonymous memory goes back there (the caller copies the piece in),
+    // or the restore fails rather than leave a hole in guest memory.
+    // SAFETY: as above, with anonymous memory: what the region had.
+    let back = unsafe {
+        libc::mmap(
+            host.cast(),
+            n,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if back == libc::MAP_FAILED {
+        return Err(FormatError::Io(io::Error::other(format!(
+            "cannot map the snapshot's memory ({e}) nor give the guest its memory back: {}",
+            io::Error::last_os_error()
+        ))));
+    }
+    Ok(Mapped::CopyInstead)
 }
 
 #[cfg(test)]

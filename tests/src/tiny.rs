@@ -193,14 +193,32 @@ pub fn write_guest(path: &Path, asm: &Asm) -> std::io::Result<()> {
 /// stdio. Callers add arguments or environment, then
 /// [`crate::VmmProcess::spawn_cmd`].
 pub fn vmm_command(dir: &Path, name: &str, asm: &Asm, sock: &Path) -> std::process::Command {
+    vmm_command_sized(dir, name, asm, sock, 64)
+}
+
+/// [`vmm_command`] with `mib` MiB of guest memory.
+pub fn vmm_command_sized(
+    dir: &Path,
+    name: &str,
+    asm: &Asm,
+    sock: &Path,
+    mib: u32,
+) -> std::process::Command {
     let k = dir.join("tiny.elf");
     write_guest(&k, asm).expect("write the tiny guest");
     let mut cmd = std::process::Command::new(crate::bin("vmm"));
-    cmd.args(["--name", name, "--memory", "64", "--console", "stdio"])
-        .arg("--kernel")
-        .arg(&k)
-        .arg("--control")
-        .arg(sock);
+    cmd.args([
+        "--name",
+        name,
+        "--memory",
+        &mib.to_string(),
+        "--console",
+        "stdio",
+    ])
+    .arg("--kernel")
+    .arg(&k)
+    .arg("--control")
+    .arg(sock);
     cmd
 }
 

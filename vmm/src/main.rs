@@ -4,6 +4,7 @@ use clap::Parser;
 use vmm::config::{Cli, VmConfig};
 
 fn main() -> ExitCode {
+    vmm::seccomp::one_malloc_arena();
     vmm::fatal::install_panic_policy();
     tracing_subscriber::fmt()
         .with_env_filter(

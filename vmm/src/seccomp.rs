@@ -289,6 +289,19 @@ const MIGRATION: &[(i64, &str)] = &[
     ),
 ];
 
+/// Makes every thread allocate from glibc's main arena. A thread's own
+/// arena, the first time it gives memory back (`shrink_heap`), has glibc
+/// read `/proc/sys/vm/overcommit_memory`: an `openat` that the vCPU, disk
+/// and migration threads' filters refuse, so the VMM died with SIGSYS at
+/// the end of a 4 GiB guest's migration (its bitmaps are large enough to
+/// be freed back). The main arena grows and trims with `brk` and never
+/// reads it. Call first thing in `main`, before any thread.
+pub fn one_malloc_arena() {
+    // SAFETY: mallopt changes an allocator setting; no thread exists yet
+    // and no memory is handed out by it.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// The spawner's own calls: thread creation. Its list is these plus its
 /// children's (vCPU and hook runner: see [`list`]), since a child's filter
 /// only narrows the one it inherits.

@@ -93,9 +93,21 @@ fn migrate_with(src: &Vm, port: u16, token: &str, more: &str) -> serde_json::Val
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    ask(src, port, token, more)
+}
+
+/// Asks for a migration to `port` at once (a fake target accepts one
+/// connection only: no probe first).
+fn ask(src: &Vm, port: u16, token: &str, more: &str) -> serde_json::Value {
     src.ctl().call(&format!(
         r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{token}"{more}}}"#
     ))
+}
+
+/// The answer is a refusal that says `why`.
+fn assert_refused(r: &serde_json::Value, why: &str) {
+    assert_eq!(r["ok"], false, "{r}");
+    assert!(r["error"].as_str().unwrap_or_default().contains(why), "{r}");
 }
 
 #[test]
@@ -219,9 +231,7 @@ fn a_copied_disk_arrives_whole_in_the_targets_own_image_and_the_sources_own_imag
     let port = free_port();
     let same = target_with(&dst_dir, port, &["--disk", &disk(&src_img)]);
     let r = migrate_with(&src, port, TOKEN, copy);
-    assert_eq!(r["ok"], false, "{r}");
-    let e = r["error"].as_str().unwrap_or_default();
-    assert!(e.contains("needs an image of its own"), "{r}");
+    assert_refused(&r, "needs an image of its own");
     assert!(src.runs_on(5), "{}", src.p.report());
     assert!(contiguous(&src.letters()), "{}", src.letters());
     drop(same);
@@ -268,9 +278,7 @@ fn a_target_that_breaks_off_mid_copy_leaves_the_guest_running_at_its_source() {
         c.read_exact(&mut some).unwrap();
         // Dropped: the connection closes mid-copy.
     });
-    let r = src.ctl().call(&format!(
-        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
-    ));
+    let r = ask(&src, port, TOKEN, "");
     fake.join().unwrap();
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["code"], "host_error", "{r}");
@@ -292,14 +300,7 @@ fn a_wrong_token_is_refused_by_the_target_which_listens_on_and_takes_the_right_o
     let port = free_port();
     let dst = target(&dst_dir, port);
     let r = migrate(&src, port, "not-the-token-not-the-token-not");
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("wrong token"),
-        "{r}"
-    );
+    assert_refused(&r, "wrong token");
     assert!(src.runs_on(5), "{}", src.p.report());
     assert!(!dst.p.output().contains('a'), "the target ran nothing");
     let r = migrate(&src, port, TOKEN);
@@ -387,18 +388,9 @@ fn a_target_that_refuses_the_stopped_machine_leaves_the_guest_running_at_its_sou
     let (port, fake) = fake_target(|c| {
         c.write_all(&frame(7, b"no room for it here")).unwrap();
     });
-    let r = src.ctl().call(&format!(
-        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
-    ));
+    let r = ask(&src, port, TOKEN, "");
     fake.join().unwrap();
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("no room for it here"),
-        "{r}"
-    );
+    assert_refused(&r, "no room for it here");
     // Stopped for the last pass, then on again: not a letter lost or doubled.
     assert!(src.runs_on(10), "the guest runs on\n{}", src.p.report());
     assert!(contiguous(&src.letters()), "{}", src.letters());
@@ -407,17 +399,9 @@ fn a_target_that_refuses_the_stopped_machine_leaves_the_guest_running_at_its_sou
     let (port, fake) = fake_target(|c| {
         c.write_all(&frame(7, b"still no room")).unwrap();
     });
-    let r = src.ctl().call(&format!(
-        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
-    ));
+    let r = ask(&src, port, TOKEN, "");
     fake.join().unwrap();
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("still no room"),
-        "{r}"
-    );
+    assert_refused(&r, "still no room");
     assert!(src.runs_on(3), "{}", src.p.report());
 }
 
@@ -433,18 +417,9 @@ fn a_target_that_takes_the_go_ahead_and_goes_silent_leaves_the_source_stopped_fo
         c.read_exact(&mut go).unwrap();
         assert_eq!(go[0], 6, "the go-ahead");
     });
-    let r = src.ctl().call(&format!(
-        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
-    ));
+    let r = ask(&src, port, TOKEN, "");
     fake.join().unwrap();
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("outcome unknown"),
-        "{r}"
-    );
+    assert_refused(&r, "outcome unknown");
     // The guest may be running there: not here, and not again.
     let mut c = src.ctl();
     assert_eq!(c.status()["state"], "stopped");
@@ -469,18 +444,9 @@ fn a_target_that_refuses_after_the_go_ahead_gives_the_guest_back_to_its_source()
         c.write_all(&frame(7, b"cannot lock the disk here"))
             .unwrap();
     });
-    let r = src.ctl().call(&format!(
-        r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#
-    ));
+    let r = ask(&src, port, TOKEN, "");
     fake.join().unwrap();
-    assert_eq!(r["ok"], false, "{r}");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cannot lock the disk here"),
-        "{r}"
-    );
+    assert_refused(&r, "cannot lock the disk here");
     assert!(src.runs_on(10), "the guest runs on\n{}", src.p.report());
     assert!(contiguous(&src.letters()), "{}", src.letters());
     assert_eq!(src.ctl().status()["state"], "running");

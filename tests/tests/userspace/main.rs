@@ -8,6 +8,7 @@
 mod addresses;
 mod backup;
 mod boot;
+mod connection;
 mod console;
 mod disk;
 mod disk_kernel;

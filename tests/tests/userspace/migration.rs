@@ -10,17 +10,12 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tests::guest::{scenario, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP, INIT_OK};
+use tests::guest::{scenario, Guest, HostDir, NetNs, Spec};
+
+use crate::connection::{counter, counter_after, echo_of, echo_server, guest_with_a_connection};
 
 const TOKEN: &str = "migration-token-0123456789abcdef";
 const MAC: &str = "52:54:00:12:34:70";
-
-fn counter(g: &mut Guest) -> u64 {
-    g.run("cat /tmp/counter")
-        .trim()
-        .parse()
-        .expect("the guest's counter")
-}
 
 /// Joins a host namespace (with its `tap0`) to the network namespace
 /// `net`: a bridge of the TAP and a veth to `net`'s bridge, and `ip` on
@@ -78,51 +73,13 @@ fn world(h: &'static tests::Host) -> World {
     join(h, &a, &net, "a", "10.0.2.11");
     join(h, &b, &net, "b", "10.0.2.12");
     // The guest's TCP peer, on the network.
-    let echo = h
-        .spawn(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &net.name,
-                "socat",
-                "TCP-LISTEN:7000,reuseaddr",
-                "EXEC:cat",
-            ],
-            &[],
-        )
-        .expect("echo server");
-    net.sh("for i in $(seq 1 100); do ss -ltn | grep -q :7000 && exit 0; sleep 0.1; done; exit 1")
-        .ok("the echo server listens");
+    let echo = echo_server(h, &net);
     World {
         _net: net,
         a,
         b,
         echo,
     }
-}
-
-/// The guest, on host `a`: its address, a TCP connection to the echo
-/// server (fd 3 in, /tmp/from-host out) and a counter in /tmp/counter.
-fn guest_with_a_connection(g: &mut Guest) {
-    g.wait_shell(INIT_OK);
-    g.run(&format!(
-        "ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
-    ));
-    g.run(&format!(
-        "mkfifo /tmp/to-host; exec 3<>/tmp/to-host; \
-         nc {HOST_IP} 7000 </tmp/to-host >/tmp/from-host 2>&1 &"
-    ));
-    assert!(echo_of(g, "before").contains("before"), "{}", g.report());
-    g.run("(i=0; while :; do i=$((i+1)); echo $i >/tmp/counter; sleep 1; done) >/dev/null 2>&1 &");
-}
-
-/// Sends `word` over the guest's connection; what came back so far.
-fn echo_of(g: &mut Guest, word: &str) -> String {
-    g.run(&format!(
-        "echo {word} >&3; for i in $(seq 1 100); do grep -q {word} /tmp/from-host && break; \
-         sleep 0.2; done; cat /tmp/from-host"
-    ))
 }
 
 fn wait_listening(ns: &NetNs) {
@@ -148,11 +105,7 @@ fn runs_on_at_the_target(g: &mut Guest, t: &mut Guest, boot_count: &Value, count
     assert_eq!(s["state"], "running", "{s}");
     assert_eq!(&s["boot_count"], boot_count, "the same boot: {s}");
     let first = counter(t);
-    let next: u64 = t
-        .run("sleep 3; cat /tmp/counter")
-        .trim()
-        .parse()
-        .expect("the counter");
+    let next = counter_after(t, 3);
     assert!(
         first >= counted && next > first,
         "the counter goes on from {counted}: {first}, then {next}\n{}",
@@ -211,11 +164,7 @@ fn a_live_migration_keeps_the_guests_counter_tcp_connection_and_disk_and_a_targe
         assert_eq!(r["ok"], false, "{r}");
         assert_eq!(g.ctl().status()["state"], "running");
         let before = counter(&mut g);
-        let later: u64 = g
-            .run("sleep 2; cat /tmp/counter")
-            .trim()
-            .parse()
-            .expect("the counter");
+        let later = counter_after(&mut g, 2);
         assert!(
             later > before,
             "the source's guest runs on: {before}, {later}"

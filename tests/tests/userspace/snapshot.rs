@@ -5,24 +5,9 @@
 
 use std::time::Duration;
 
-use tests::guest::{scenario, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP, INIT_OK};
+use tests::guest::{scenario, Guest, HostDir, NetNs, Spec, INIT_OK};
 
-/// The guest's counter (`/tmp/counter`).
-fn counter(g: &mut Guest) -> u64 {
-    g.run("cat /tmp/counter")
-        .trim()
-        .parse()
-        .expect("the guest's counter")
-}
-
-/// Writes `word` into the guest's open connection (fd 3 of its shell) and
-/// waits for the host's echo of it.
-fn echo_through_the_connection(g: &mut Guest, word: &str) -> String {
-    g.run(&format!(
-        "echo {word} >&3; for i in $(seq 1 100); do grep -q {word} /tmp/from-host && break; \
-         sleep 0.2; done; cat /tmp/from-host"
-    ))
-}
+use crate::connection::{counter, counter_after, echo_of, echo_server, guest_with_a_connection};
 
 /// The restored VMM's `status`, or its report if it is gone.
 fn restored_status(g: &Guest) -> serde_json::Value {
@@ -49,42 +34,9 @@ fn a_restored_vm_runs_on(vhost: &str) {
             &snaps,
         ]);
         let mut g = Guest::start_in(h, spec, dir);
-        g.wait_shell(INIT_OK);
-        g.run(&format!(
-            "ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
-        ));
         // The host's side of the connection: an echo server.
-        let mut echo = h
-            .spawn(
-                &[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    "socat",
-                    "TCP-LISTEN:7000,reuseaddr",
-                    "EXEC:cat",
-                ],
-                &[],
-            )
-            .expect("echo server");
-        ns.sh(
-            "for i in $(seq 1 100); do ss -ltn | grep -q :7000 && exit 0; sleep 0.1; done; exit 1",
-        )
-        .ok("the echo server listens");
-        // The guest's side: nc reading a FIFO that the shell keeps open as
-        // fd 3, so the connection lives as long as the shell.
-        g.run(&format!(
-            "mkfifo /tmp/to-host; exec 3<>/tmp/to-host; \
-             nc {HOST_IP} 7000 </tmp/to-host >/tmp/from-host 2>&1 &"
-        ));
-        assert!(
-            echo_through_the_connection(&mut g, "before").contains("before"),
-            "the connection carries data before the snapshot"
-        );
-        g.run(
-            "(i=0; while :; do i=$((i+1)); echo $i >/tmp/counter; sleep 1; done) >/dev/null 2>&1 &",
-        );
+        let mut echo = echo_server(h, &ns);
+        guest_with_a_connection(&mut g);
         let counted = counter(&mut g);
         let boot_count = g.ctl().status()["boot_count"].clone();
 
@@ -106,18 +58,14 @@ fn a_restored_vm_runs_on(vhost: &str) {
             "the same boot, not a new one: {s}"
         );
         let first = counter(&mut g);
-        let later: u64 = g
-            .run("sleep 3; cat /tmp/counter")
-            .trim()
-            .parse()
-            .expect("the counter");
+        let later = counter_after(&mut g, 3);
         assert!(
             first >= counted && later > first,
             "the counter goes on from {counted}: {first}, then {later}\n{}",
             g.report()
         );
         assert!(
-            echo_through_the_connection(&mut g, "after").contains("after"),
+            echo_of(&mut g, "after").contains("after"),
             "the TCP connection survives the restore\n{}",
             g.report()
         );

@@ -35,6 +35,70 @@ pub mod wire;
 /// granularity).
 pub const PAGE: u64 = 4096;
 
+/// Bitmaps of what was written (bit i of word i/64: page or chunk i), as
+/// KVM's dirty log, vm-memory's and the disks' write logs give them.
+pub mod bits {
+    /// How many bits are set.
+    pub fn count(maps: &[Vec<u64>]) -> u64 {
+        maps.iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// ORs `from` into `into`, map by map.
+    pub fn or_into(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
+        for (d, p) in into.iter_mut().zip(from) {
+            for (a, b) in d.iter_mut().zip(p) {
+                *a |= b;
+            }
+        }
+    }
+
+    /// The runs of set bits among the first `n` of `words`, each at most
+    /// `max` long: (first, length).
+    pub fn runs(words: &[u64], n: u64, max: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let set = move |i: u64| {
+            words
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        };
+        let max = max.max(1);
+        let mut i = 0u64;
+        std::iter::from_fn(move || {
+            while i < n && !set(i) {
+                i += 1;
+            }
+            if i >= n {
+                return None;
+            }
+            let first = i;
+            while i < n && set(i) && i - first < max {
+                i += 1;
+            }
+            Some((first, i - first))
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn runs_are_split_at_clear_bits_at_the_limit_and_at_n() {
+            let words = [0b1110_0111u64, 1 << 63, 1];
+            let r: Vec<_> = runs(&words, 129, 2).collect();
+            assert_eq!(r, vec![(0, 2), (2, 1), (5, 2), (7, 1), (127, 2)]);
+            let r: Vec<_> = runs(&words, 128, 64).collect();
+            assert_eq!(r, vec![(0, 3), (5, 3), (127, 1)]);
+            assert_eq!(count(&[words.to_vec()]), 8);
+            let mut into = vec![vec![1u64, 0]];
+            or_into(&mut into, &[vec![2, 4]]);
+            assert_eq!(into, vec![vec![3, 4]]);
+        }
+    }
+}
+
 /// Each memory region's offset in guest RAM laid out as one file (the
 /// migration stream's and the snapshot's addressing): (start address,
 /// length, file offset).

@@ -12,7 +12,7 @@ use protocol::{ControlError, DiskMigration, ErrorCode, Event, MigrationInfo};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::wire::{self, Hello, HelloDisk, Kind, MAX_RUN};
-use super::{region_offsets, PAGE};
+use super::{bits, region_offsets, PAGE};
 use crate::runtime::SharedVm;
 use crate::vm::migration::Stopped;
 use crate::vm::Publish;
@@ -103,24 +103,9 @@ fn send_pages(
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     for ((start, len, file_off), words) in region_offsets(mem).into_iter().zip(dirty) {
-        let pages = len / PAGE;
-        let mut page = 0u64;
-        while page < pages {
-            let set = |p: u64| {
-                words
-                    .get((p / 64) as usize)
-                    .is_some_and(|w| w & (1 << (p % 64)) != 0)
-            };
-            if !set(page) {
-                page += 1;
-                continue;
-            }
-            // A run of dirty pages, at most MAX_RUN bytes.
-            let first = page;
-            while page < pages && set(page) && (page - first + 1) * PAGE <= MAX_RUN as u64 {
-                page += 1;
-            }
-            let n = ((page - first) * PAGE) as usize;
+        // Runs of dirty pages, at most MAX_RUN bytes each.
+        for (first, pages) in bits::runs(words, len / PAGE, MAX_RUN as u64 / PAGE) {
+            let n = (pages * PAGE) as usize;
             let run = &mut buf[..n];
             mem.read_slice(run, GuestAddress(start.0 + first * PAGE))
                 .map_err(|e| err(ErrorCode::HostError, format!("reading guest memory: {e}")))?;
@@ -239,27 +224,16 @@ fn send_disk_chunks(
     dirty: &[Vec<u64>],
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
-    let per_run = (MAX_RUN as u64 / COPY_CHUNK).max(1);
     for ((idx, r), words) in readers.iter_mut().zip(dirty) {
         let size = r.size();
-        let chunks = size.div_ceil(COPY_CHUNK);
-        let set = |c: u64| {
-            words
-                .get((c / 64) as usize)
-                .is_some_and(|w| w & (1 << (c % 64)) != 0)
-        };
-        let mut c = 0u64;
-        while c < chunks {
-            if !set(c) {
-                c += 1;
-                continue;
-            }
-            let first = c;
-            while c < chunks && set(c) && c - first < per_run {
-                c += 1;
-            }
+        let runs = bits::runs(
+            words,
+            size.div_ceil(COPY_CHUNK),
+            MAX_RUN as u64 / COPY_CHUNK,
+        );
+        for (first, chunks) in runs {
             let off = first * COPY_CHUNK;
-            let n = ((c - first) * COPY_CHUNK).min(size - off) as usize;
+            let n = (chunks * COPY_CHUNK).min(size - off) as usize;
             let bytes = r.read(off, n).map_err(disk_err)?;
             wire::write_frame(
                 conn,
@@ -271,32 +245,6 @@ fn send_disk_chunks(
         }
     }
     Ok(sent)
-}
-
-fn disk_dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
-    dirty
-        .iter()
-        .flatten()
-        .map(|w| u64::from(w.count_ones()))
-        .sum::<u64>()
-        * COPY_CHUNK
-}
-
-fn or_into(into: &mut [Vec<u64>], from: &[Vec<u64>]) {
-    for (d, p) in into.iter_mut().zip(from) {
-        for (a, b) in d.iter_mut().zip(p) {
-            *a |= b;
-        }
-    }
-}
-
-fn dirty_bytes(dirty: &[Vec<u64>]) -> u64 {
-    dirty
-        .iter()
-        .flatten()
-        .map(|w| u64::from(w.count_ones()))
-        .sum::<u64>()
-        * PAGE
 }
 
 /// Connects, greets and is accepted by the target.
@@ -331,11 +279,13 @@ pub fn run(
         let mut v = lock(&vm);
         if copy {
             // Before the target empties its images: a log that cannot be
-            // set up refuses the copy here, not half way.
+            // allocated refuses the copy here, not half way (logging starts
+            // with the first pass).
             let checked = v.disks_to_copy().and_then(|d| {
                 d.iter().try_for_each(|(_, c)| {
                     c.log()
-                        .start()
+                        .prepare()
+                        .map(|_| ())
                         .map_err(|e| err(ErrorCode::HostError, format!("cannot copy a disk: {e}")))
                 })
             });
@@ -403,7 +353,7 @@ pub fn run(
         loop {
             let dirty = lock(&vm).migration_dirty(started.boot_count)?;
             let disk = disk_dirty(&started.disks);
-            let left = dirty_bytes(&dirty) + disk_dirty_bytes(&disk);
+            let left = bits::count(&dirty) * PAGE + bits::count(&disk) * COPY_CHUNK;
             publish(Event::Migration {
                 pass,
                 sent_bytes: sent,
@@ -461,10 +411,10 @@ pub fn run(
             until: stopped.at + FINAL_PHASE,
         };
         let mut dirty = g.migration_dirty(started.boot_count)?;
-        or_into(&mut dirty, &pending);
+        bits::or_into(&mut dirty, &pending);
         let last = send_pages(&mut t, &started.mem, &dirty, buf)?;
         let mut disk = disk_dirty(&started.disks);
-        or_into(&mut disk, &pending_disk);
+        bits::or_into(&mut disk, &pending_disk);
         let last_disk = send_disk_chunks(&mut t, readers, &disk)?;
         let state = serde_json::to_vec(&stopped.captured.snapshot)
             .map_err(|e| err(ErrorCode::Internal, format!("migration: the state: {e}")))?;

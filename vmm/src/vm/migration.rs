@@ -168,11 +168,7 @@ impl Vm {
             .take_kvm_dirty_log()
             .map_err(|e| host_error(format!("cannot read the guest's writes: {e}")))?;
         let ours = devices::virtio::take_dirty_pages(&m.mem);
-        for (k, o) in kvm.iter_mut().zip(ours) {
-            for (a, b) in k.iter_mut().zip(o) {
-                *a |= b;
-            }
-        }
+        crate::migration::bits::or_into(&mut kvm, &ours);
         Ok(kvm)
     }
 

@@ -43,24 +43,28 @@ impl WriteLog {
         }
     }
 
-    /// Starts logging, from an empty log; fails when the bitmap cannot be
-    /// allocated (the disk cannot be copied then).
+    /// Allocates the bitmap if it is not yet; fails when it cannot be (the
+    /// disk cannot be copied then).
+    pub fn prepare(&self) -> Result<&[AtomicU64], String> {
+        if let Some(w) = self.words.get() {
+            return Ok(w);
+        }
+        let n = usize::try_from(self.chunks.div_ceil(64))
+            .map_err(|_| "the disk is too large to track".to_string())?;
+        let mut v = Vec::new();
+        v.try_reserve_exact(n)
+            .map_err(|_| "no memory to track the guest's writes to the disk".to_string())?;
+        v.resize_with(n, || AtomicU64::new(0));
+        // Another prepare at once (there is none: one migration at a time)
+        // would keep its own; either is empty.
+        Ok(self.words.get_or_init(|| v.into_boxed_slice()))
+    }
+
+    /// Starts logging, from an empty log ([`WriteLog::prepare`] first, if
+    /// it was not called).
     pub fn start(&self) -> Result<(), String> {
-        let words = match self.words.get() {
-            Some(w) => w,
-            None => {
-                let n = usize::try_from(self.chunks.div_ceil(64))
-                    .map_err(|_| "the disk is too large to track".to_string())?;
-                let mut v = Vec::new();
-                v.try_reserve_exact(n)
-                    .map_err(|_| "no memory to track the guest's writes to the disk".to_string())?;
-                v.resize_with(n, || AtomicU64::new(0));
-                // Another start at once (there is none: one migration at
-                // a time) would keep its own; either is empty.
-                self.words.get_or_init(|| v.into_boxed_slice())
-            }
-        };
-        for w in words.iter() {
+        let words = self.prepare()?;
+        for w in words {
             w.store(0, Ordering::Relaxed);
         }
         self.on.store(true, Ordering::SeqCst);

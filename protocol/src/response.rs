@@ -60,6 +60,16 @@ pub struct NetInfo {
     pub rx_bytes: Option<u64>,
     #[serde(default)]
     pub tx_bytes: Option<u64>,
+    /// Queue pairs offered (one per vCPU by default, where the TAP is
+    /// `multi_queue`) and how many the guest's driver uses.
+    #[serde(default)]
+    pub queue_pairs: u64,
+    #[serde(default)]
+    pub queue_pairs_enabled: u64,
+    /// Frames `[received, sent]` per queue pair on the userspace datapath
+    /// (vhost-net's frames never pass through the VMM: zeros there).
+    #[serde(default)]
+    pub pair_frames: Vec<[u64; 2]>,
 }
 
 /// One disk in `status`.

@@ -772,7 +772,7 @@ impl NetNs {
             tag,
             "a TAP",
             &format!(
-                "ip -n $ns tuntap add dev tap0 mode tap; \
+                "ip -n $ns tuntap add dev tap0 mode tap multi_queue; \
                  ip -n $ns addr add {HOST_IP}/24 dev tap0; ip -n $ns link set tap0 up"
             ),
         )

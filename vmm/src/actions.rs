@@ -70,6 +70,9 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     // What the TAP received came from the guest.
                     rx_bytes: tap_tx,
                     tx_bytes: tap_rx,
+                    queue_pairs: n.counters.queue_pairs() as u64,
+                    queue_pairs_enabled: n.counters.enabled_pairs(),
+                    pair_frames: n.counters.pair_frames(),
                 }
             })
             .collect(),

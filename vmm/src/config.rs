@@ -183,9 +183,10 @@ pub struct Cli {
     /// usual choice).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
-    /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off]
+    /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off][,queues=N]
     /// [,bridge=BRIDGE][,ip=ADDR[/LEN]]... (repeatable; vhost-net where /dev/vhost-net opens,
-    /// by default; bridge and ip are for `vmm net up`).
+    /// by default; one queue pair per vCPU by default, where the TAP is multi_queue; bridge and
+    /// ip are for `vmm net up`).
     #[arg(long = "net", value_name = "SPEC")]
     pub nets: Vec<String>,
 }
@@ -303,6 +304,8 @@ pub struct NetSpec {
     pub mac: Option<[u8; 6]>,
     /// `vhost=auto|on|off`: the host kernel's datapath (vhost-net) or ours.
     pub vhost: devices::virtio::net::vhost::VhostMode,
+    /// `queues=N`: queue pairs (1 to 16); default one per vCPU.
+    pub queues: Option<u16>,
     /// `bridge=NAME`: the host bridge `vmm net up` puts the TAP on (the VMM
     /// itself ignores it).
     pub bridge: Option<String>,
@@ -412,6 +415,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
     let mut tap = None;
     let mut mac = None;
     let mut vhost = Default::default();
+    let mut queues = None;
     let mut bridge = None;
     let mut addresses = Vec::new();
     for (k, v) in spec_pairs("--net", spec)? {
@@ -425,6 +429,15 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
                 )
             }
             "vhost" => vhost = v.parse().map_err(err)?,
+            "queues" => {
+                let max = devices::virtio::net::MAX_QUEUE_PAIRS;
+                queues = Some(
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|n| (1..=max).contains(n))
+                        .ok_or_else(|| err(format!("queues={v}: use 1 to {max}")))?,
+                )
+            }
             "bridge" if crate::hostnet::valid_ifname(v) => bridge = Some(v.to_string()),
             "bridge" => {
                 return Err(err(format!(
@@ -441,7 +454,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
             }
             other => {
                 return Err(err(format!(
-                    "unknown key '{other}' (tap, mac, vhost, bridge, ip)"
+                    "unknown key '{other}' (tap, mac, vhost, queues, bridge, ip)"
                 )))
             }
         }
@@ -451,6 +464,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
         tap,
         mac,
         vhost,
+        queues,
         bridge,
         addresses,
     })
@@ -991,6 +1005,12 @@ mod tests {
         assert_eq!(parse_net("tap=t").unwrap().vhost, VhostMode::Auto);
         assert_eq!(parse_net("tap=t,vhost=off").unwrap().vhost, VhostMode::Off);
         assert_eq!(parse_net("tap=t,vhost=on").unwrap().vhost, VhostMode::On);
+        assert_eq!(parse_net("tap=t").unwrap().queues, None);
+        assert_eq!(parse_net("tap=t,queues=4").unwrap().queues, Some(4));
+        for bad in ["queues=0", "queues=17", "queues=x"] {
+            let e = parse_net(&format!("tap=t,{bad}")).unwrap_err().to_string();
+            assert!(e.contains("use 1 to 16"), "{e}");
+        }
         let e = parse_net("tap=t,vhost=yes").unwrap_err().to_string();
         assert!(e.contains("vhost=yes: expected auto, on or off"), "{e}");
     }

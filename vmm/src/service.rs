@@ -115,14 +115,14 @@ pub fn check(cfg: &VmConfig) -> Result<String, String> {
     // the user's own access to the node does not matter.
     let mut nets = Vec::new();
     for n in &cfg.nets {
-        let vhost = n.vhost.resolve().map_err(|e| {
+        let vhost = n.vhost.resolve(1).map_err(|e| {
             format!(
                 "net {}: vhost=on, but {}: {e}",
                 n.tap,
                 devices::virtio::net::vhost::VHOST_NET_DEV
             )
         })?;
-        let datapath = if vhost.is_some() {
+        let datapath = if !vhost.is_empty() {
             "vhost-net"
         } else {
             "userspace"

@@ -180,6 +180,15 @@ pub trait VirtioDevice: Send {
     fn quiesce(&mut self) -> Result<Vec<QueueState>, StateError>;
     /// Whether `activate` succeeded and no `reset` came since.
     fn is_activated(&self) -> bool;
+    /// What a snapshot keeps of the device beyond its queues: the queue
+    /// pairs a multi-queue virtio-net's driver enabled (read after
+    /// [`quiesce`](Self::quiesce)); `None` for other devices.
+    fn saved_queue_pairs(&self) -> Option<u16> {
+        None
+    }
+    /// Puts back what [`saved_queue_pairs`](Self::saved_queue_pairs)
+    /// returned, right after a restore's activation.
+    fn restore_queue_pairs(&mut self, _pairs: u16) {}
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling past the end.

@@ -1,6 +1,9 @@
 //! virtio-net over a TAP device.
 //!
-//! Queues: 0 = RX, 1 = TX. The TAP carries a 12-byte `virtio_net_hdr_v1`
+//! Queues: 0 = RX, 1 = TX, and with more than one queue pair (`queues=N`,
+//! a multi-queue TAP) 2k = RX and 2k+1 = TX of pair k, then the control
+//! queue ([`ctrl`]). Each pair has its own TAP queue, and with vhost-net
+//! its own vhost-net instance (a kernel worker per pair). The TAP carries a 12-byte `virtio_net_hdr_v1`
 //! in front of every frame (`IFF_VNET_HDR`, `TUNSETVNETHDRSZ`), so the
 //! guest's checksum/GSO metadata passes through untouched and frames move
 //! between the TAP and guest memory with `readv`/`writev` and no copy.
@@ -38,16 +41,17 @@
 //! same VM on the same TAP, different for different TAP names.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use self::ctrl::Ctrl;
 use self::vhost::{VhostMode, VhostPath};
-use super::iov::{parse_chain, push_iovecs, write_segs, Seg, IOV_MAX};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::{
     drain_eventfd, new_queue_events, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt,
@@ -57,11 +61,12 @@ use crate::state::StateError;
 
 /// virtio device ID of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
-/// Size of each queue.
+/// Size of each RX and TX queue.
 pub const QUEUE_SIZE: u16 = 256;
-const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
-const RX: usize = 0;
-const TX: usize = 1;
+/// Size of the control queue (a few commands per driver start).
+const CTRL_QUEUE_SIZE: u16 = 64;
+/// The most queue pairs a `--net` may ask for (one per vCPU, as disks).
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// The largest frame the TAP can hand us: vnet header, Ethernet + VLAN
 /// header, 64 KiB of GSO payload.
 const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 4 + 65535;
@@ -79,6 +84,8 @@ pub const F_HOST_TSO6: u64 = 1 << 12;
 pub const F_HOST_ECN: u64 = 1 << 13;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 pub const F_STATUS: u64 = 1 << 16;
+pub const F_CTRL_VQ: u64 = 1 << 17;
+pub const F_MQ: u64 = 1 << 22;
 const S_LINK_UP: u16 = 1;
 
 const OFFERED: u64 = COMMON_FEATURES
@@ -94,11 +101,27 @@ const OFFERED: u64 = COMMON_FEATURES
     | F_MRG_RXBUF
     | F_STATUS;
 
+mod ctrl;
 mod migrate;
+mod rx;
 mod rx_dirty;
 mod state;
+mod stats;
+mod tx;
 pub mod vhost;
 pub use migrate::rarp_frame;
+use stats::inc;
+pub use stats::{format_mac, mac_from_name, parse_mac, NetCounters, NetStats};
+
+/// Queue index of pair `p`'s RX queue.
+fn rx_index(p: usize) -> usize {
+    2 * p
+}
+
+/// Queue index of pair `p`'s TX queue.
+fn tx_index(p: usize) -> usize {
+    2 * p + 1
+}
 
 /// One `--net`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +132,9 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The datapath: the host kernel's vhost-net or the VMM's own.
     pub vhost: VhostMode,
+    /// Queue pairs to offer (1 to [`MAX_QUEUE_PAIRS`]); a TAP made
+    /// without `multi_queue` gets one whatever this says.
+    pub queues: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,172 +147,84 @@ pub enum NetError {
     Vhost { name: String, source: io::Error },
 }
 
-/// A stable, locally administered unicast MAC derived from `name`.
-pub fn mac_from_name(name: &str) -> [u8; 6] {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    [(b[2] & 0xfe) | 0x02, b[3], b[4], b[5], b[6], b[7]]
-}
-
-/// `aa:bb:cc:dd:ee:ff`, what [`parse_mac`] reads.
-pub fn format_mac(mac: [u8; 6]) -> String {
-    let [a, b, c, d, e, f] = mac;
-    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for m in &mut mac {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
-        *m = u8::from_str_radix(p, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
-
-/// Per-device counters, readable without the device lock.
-#[derive(Debug, Default)]
-pub struct NetCounters {
-    rx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
-    tx_packets: AtomicU64,
-    tx_bytes: AtomicU64,
-    rx_dropped: AtomicU64,
-    tx_dropped: AtomicU64,
-    invalid_chains: AtomicU64,
-    rx_deferred: AtomicU64,
-    /// Whether the kernel's datapath serves the device (or will, at its
-    /// next activation): the counters above then stay still.
-    vhost: std::sync::atomic::AtomicBool,
-}
-
-/// A snapshot of [`NetCounters`]. Byte counts exclude the vnet header.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetStats {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    /// Frames the TAP refused to hand over (read errors, short frames).
-    pub rx_dropped: u64,
-    /// Frames the TAP refused (write errors).
-    pub tx_dropped: u64,
-    /// Chains returned unused: wrong direction, outside guest memory,
-    /// malformed, RX buffers smaller than the vnet header.
-    pub invalid_chains: u64,
-    /// Times the TAP was taken out of the event loop for lack of RX buffers.
-    pub rx_deferred: u64,
-    /// vhost-net moves the frames (the counters above do not count them).
-    pub vhost: bool,
-}
-
-impl NetStats {
-    /// "vhost-net" or "userspace".
-    pub fn datapath(&self) -> &'static str {
-        if self.vhost {
-            "vhost-net"
-        } else {
-            "userspace"
-        }
-    }
-}
-
-impl NetCounters {
-    pub fn snapshot(&self) -> NetStats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        NetStats {
-            rx_packets: g(&self.rx_packets),
-            rx_bytes: g(&self.rx_bytes),
-            tx_packets: g(&self.tx_packets),
-            tx_bytes: g(&self.tx_bytes),
-            rx_dropped: g(&self.rx_dropped),
-            tx_dropped: g(&self.tx_dropped),
-            invalid_chains: g(&self.invalid_chains),
-            rx_deferred: g(&self.rx_deferred),
-            vhost: self.vhost.load(Ordering::Relaxed),
-        }
-    }
-}
-
-fn inc(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
-}
-
 /// Event-loop tokens (`Events` data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Token {
-    RxQueue,
-    TxQueue,
-    Tap,
     /// The datapath changed (activation, reset): re-register.
     Wake,
-    /// vhost-net signalled used buffers on a queue.
-    RxCall,
-    TxCall,
+    /// The driver queued a control command.
+    Ctrl,
+    /// Pair `p`'s RX or TX queue was notified.
+    RxQueue(usize),
+    TxQueue(usize),
+    /// Pair `p`'s TAP queue has frames.
+    Tap(usize),
+    /// vhost-net signalled used buffers on queue `q`.
+    Call(usize),
 }
 
 impl Token {
-    const ALL: [Token; 6] = [
-        Token::RxQueue,
-        Token::TxQueue,
-        Token::Tap,
-        Token::Wake,
-        Token::RxCall,
-        Token::TxCall,
-    ];
+    const INDEX: u32 = 0xffff;
 
     fn data(self) -> u32 {
-        match self {
-            Token::RxQueue => RX as u32,
-            Token::TxQueue => TX as u32,
-            Token::Tap => 2,
-            Token::Wake => 3,
-            Token::RxCall => 4,
-            Token::TxCall => 5,
-        }
+        let (kind, i) = match self {
+            Token::Wake => (0, 0),
+            Token::Ctrl => (1, 0),
+            Token::RxQueue(p) => (2, p),
+            Token::TxQueue(p) => (3, p),
+            Token::Tap(p) => (4, p),
+            Token::Call(q) => (5, q),
+        };
+        (kind << 16) | (u32::try_from(i).unwrap_or(Self::INDEX) & Self::INDEX)
     }
 
     fn from_data(d: u32) -> Option<Self> {
-        Token::ALL.into_iter().find(|t| t.data() == d)
+        let i = usize::try_from(d & Self::INDEX).ok()?;
+        Some(match d >> 16 {
+            0 => Token::Wake,
+            1 => Token::Ctrl,
+            2 => Token::RxQueue(i),
+            3 => Token::TxQueue(i),
+            4 => Token::Tap(i),
+            5 => Token::Call(i),
+            _ => return None,
+        })
     }
 }
 
-/// An RX chain popped from the ring and checked, not yet used.
-struct RxChain {
-    head: u16,
-    segs: Vec<Seg>,
-    /// Host `(address, length)` of each buffer, resolved once when the
-    /// chain is popped (plain integers keep the device `Send`; they stay
-    /// valid while `Active::mem` lives).
-    host: Vec<(usize, usize)>,
-    cap: usize,
+impl Net {
+    /// The token of queue `i`'s eventfd.
+    fn queue_token(&self, i: usize) -> Token {
+        if i >= 2 * self.taps.len() {
+            Token::Ctrl
+        } else if i % 2 == 0 {
+            Token::RxQueue(i / 2)
+        } else {
+            Token::TxQueue(i / 2)
+        }
+    }
+
+    /// The queue index an event is about, for queue notifications.
+    fn token_queue(&self, t: Token) -> Option<usize> {
+        match t {
+            Token::RxQueue(p) => Some(rx_index(p)),
+            Token::TxQueue(p) => Some(tx_index(p)),
+            Token::Ctrl => Some(2 * self.taps.len()),
+            _ => None,
+        }
+    }
 }
 
-enum RxOutcome {
-    /// The TAP has nothing more to read.
-    Drained,
-    /// A frame may be waiting but the guest gave no (or too few) buffers.
-    NoBuffers,
-    /// This wake-up's budget of frames is spent; the TAP may hold more
-    /// (it stays polled, so the event loop comes back after the others).
-    Budget,
-}
-
+/// One queue pair served by the userspace datapath.
 struct Active {
+    /// Which queue pair this is.
+    pair: usize,
     mem: Arc<GuestMemoryMmap>,
     rx: Queue,
     tx: Queue,
     interrupt: Interrupt,
     mrg_rxbuf: bool,
-    rx_chains: VecDeque<RxChain>,
+    rx_chains: VecDeque<rx::RxChain>,
     /// Sum of `rx_chains` capacities.
     rx_cap: usize,
     /// A frame read ahead into `bounce` (its length), waiting for buffers.
@@ -310,24 +248,40 @@ unsafe impl Send for IovScratch {}
 /// A virtio-net device. See the [module docs](super) for how it is shared
 /// between the MMIO bus and the event loop.
 pub struct Net {
-    tap: Tap,
+    /// One TAP queue per queue pair (one for a single-queue TAP).
+    taps: Vec<Tap>,
     mac: [u8; 6],
-    config: [u8; 8],
+    /// MAC, status, max_virtqueue_pairs.
+    config: [u8; 10],
+    queue_sizes: Vec<u16>,
     queue_evts: Vec<EventFd>,
-    active: Option<Active>,
-    tap_registered: bool,
-    /// The vhost-net instance activations try first (opened with the
-    /// device, kept for its life: see [`vhost`]).
-    vhost_dev: Option<std::fs::File>,
-    /// The kernel datapath, while it runs.
-    vhost: Option<VhostPath>,
-    /// vhost-net's used-buffer signals (RX, TX); always polled.
+    /// The pairs the userspace datapath serves, from pair 0; empty while
+    /// not activated or while vhost-net serves them.
+    active: Vec<Active>,
+    /// The control queue, while activated with one.
+    ctrl: Option<Ctrl>,
+    /// Every queue as the last activation got it, in index order: what a
+    /// snapshot saves for queues no datapath serves (a pair the driver left
+    /// unused), the running ones' positions replacing theirs.
+    activated: Vec<QueueState>,
+    /// The queue pairs the driver enabled (`VIRTIO_NET_CTRL_MQ`); 1 until
+    /// it asks for more. Kept across a quiesce, for the snapshot.
+    enabled: u16,
+    tap_registered: Vec<bool>,
+    /// The vhost-net instances activations try first, one per pair
+    /// (opened with the device, kept for its life: see [`vhost`]); empty
+    /// for the userspace datapath.
+    vhost_dev: Vec<File>,
+    /// The kernel datapath, one per pair, while it runs.
+    vhost: Vec<VhostPath>,
+    /// vhost-net's used-buffer signals, one per RX and TX queue; always
+    /// polled.
     calls: Vec<EventFd>,
     /// Written at activation and reset: the event loop re-registers.
     wake: EventFd,
-    /// Whether the queue eventfds are polled (not while vhost-net serves
-    /// them: every guest kick would wake the event loop for nothing).
-    queues_registered: bool,
+    /// The queues whose eventfds are not polled: those vhost-net serves
+    /// (every guest kick would wake the event loop for nothing).
+    unpolled: Vec<usize>,
     counters: Arc<NetCounters>,
     /// Frames (RX) or chains (TX) served per wake-up at most; `None`: the
     /// queue's size. See the module's documentation.
@@ -335,44 +289,65 @@ pub struct Net {
 }
 
 impl Net {
-    /// Opens the TAP named in `cfg`.
+    /// Opens the TAP named in `cfg`, one queue per pair.
     pub fn new(cfg: &NetConfig) -> Result<Self, NetError> {
-        let tap = Tap::open(&cfg.tap).map_err(|source| NetError::Tap {
+        let want = usize::from(cfg.queues.clamp(1, MAX_QUEUE_PAIRS));
+        let taps = Tap::open_queues(&cfg.tap, want).map_err(|source| NetError::Tap {
             name: cfg.tap.clone(),
             source,
         })?;
+        if taps.len() < want {
+            tracing::warn!(
+                "virtio-net {}: the TAP was made without multi_queue: one queue pair instead of {want}",
+                cfg.tap
+            );
+        }
         let mac = cfg.mac.unwrap_or_else(|| mac_from_name(&cfg.tap));
-        let vhost_dev = cfg.vhost.resolve().map_err(|source| NetError::Vhost {
-            name: cfg.tap.clone(),
-            source,
-        })?;
-        let mut net = Self::with_tap(tap, mac)?;
+        let vhost_dev = cfg
+            .vhost
+            .resolve(taps.len())
+            .map_err(|source| NetError::Vhost {
+                name: cfg.tap.clone(),
+                source,
+            })?;
+        let mut net = Self::with_taps(taps, mac)?;
         net.counters
             .vhost
-            .store(vhost_dev.is_some(), Ordering::Relaxed);
+            .store(!vhost_dev.is_empty(), Ordering::Relaxed);
         net.vhost_dev = vhost_dev;
         Ok(net)
     }
 
-    fn with_tap(tap: Tap, mac: [u8; 6]) -> Result<Self, NetError> {
-        let mut config = [0u8; 8];
+    fn with_taps(taps: Vec<Tap>, mac: [u8; 6]) -> Result<Self, NetError> {
+        let pairs = taps.len().max(1);
+        let mut config = [0u8; 10];
         config[..6].copy_from_slice(&mac);
-        config[6..].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        config[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        let max_pairs = u16::try_from(pairs).unwrap_or(MAX_QUEUE_PAIRS);
+        config[8..].copy_from_slice(&max_pairs.to_le_bytes());
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * pairs];
+        if pairs > 1 {
+            queue_sizes.push(CTRL_QUEUE_SIZE);
+        }
         Ok(Self {
-            tap,
+            tap_registered: vec![false; pairs],
+            taps,
             mac,
             config,
-            queue_evts: new_queue_events(2).map_err(NetError::EventFd)?,
-            active: None,
-            tap_registered: false,
-            vhost_dev: None,
-            vhost: None,
-            calls: new_queue_events(2).map_err(NetError::EventFd)?,
+            queue_evts: new_queue_events(queue_sizes.len()).map_err(NetError::EventFd)?,
+            queue_sizes,
+            active: Vec::new(),
+            ctrl: None,
+            activated: Vec::new(),
+            enabled: 1,
+            vhost_dev: Vec::new(),
+            vhost: Vec::new(),
+            calls: new_queue_events(2 * pairs).map_err(NetError::EventFd)?,
             wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(NetError::EventFd)?,
-            queues_registered: false,
+            unpolled: Vec::new(),
             budget: None,
-            counters: Arc::default(),
+            counters: Arc::new(NetCounters::with_pairs(pairs)),
         })
     }
 
@@ -380,8 +355,16 @@ impl Net {
     /// the fuzz targets).
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn with_fd(fd: std::os::fd::OwnedFd, mac: [u8; 6]) -> Self {
+        Self::with_fds(vec![fd], mac)
+    }
+
+    /// A multi-queue device over sockets, one per queue pair (tests and
+    /// the fuzz targets).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn with_fds(fds: Vec<std::os::fd::OwnedFd>, mac: [u8; 6]) -> Self {
+        let taps = fds.into_iter().map(Tap::from_fd).collect();
         #[allow(clippy::unwrap_used)]
-        Self::with_tap(Tap::from_fd(fd), mac).unwrap()
+        Self::with_taps(taps, mac).unwrap()
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -389,7 +372,12 @@ impl Net {
     }
 
     pub fn tap_name(&self) -> &str {
-        self.tap.name()
+        self.taps.first().map_or("", |t| t.name())
+    }
+
+    /// The queue pairs offered (the TAP's queues).
+    pub fn queue_pairs(&self) -> usize {
+        self.taps.len()
     }
 
     /// The datapath activations use: "vhost-net" or "userspace" (the
@@ -408,140 +396,23 @@ impl Net {
         self.counters.snapshot()
     }
 
-    fn set_tap_polling(&mut self, ops: &mut EventOps, on: bool) {
-        if self.tap_registered == on {
-            return;
+    /// Attaches the first `n` TAP queues and detaches the others, so the
+    /// kernel steers frames only to pairs the driver serves. Returns
+    /// whether every queue followed.
+    fn steer_to(&mut self, n: usize) -> bool {
+        let mut ok = true;
+        for (i, tap) in self.taps.iter_mut().enumerate() {
+            if let Err(e) = tap.set_attached(i < n) {
+                tracing::warn!("virtio-net {}: TUNSETQUEUE on queue {i}: {e}", tap.name());
+                ok = false;
+            }
         }
-        let ev = Events::with_data(&self.tap, Token::Tap.data(), EventSet::IN);
-        let r = if on { ops.add(ev) } else { ops.remove(ev) };
-        match r {
-            Ok(()) => self.tap_registered = on,
-            Err(e) => tracing::error!(
-                "virtio-net {}: cannot change TAP polling: {e:?}",
-                self.tap.name()
-            ),
-        }
+        ok
     }
 
-    /// Moves frames from the TAP to the guest until one side runs dry, and
-    /// starts or stops polling the TAP accordingly.
-    fn handle_rx(&mut self, ops: &mut EventOps) {
-        let Some(a) = self.active.as_mut() else {
-            self.set_tap_polling(ops, false);
-            return;
-        };
-        let mem = a.mem.clone();
-        let mut used = false;
-        let mut outcome = RxOutcome::Drained;
-        let mut frames = self.budget.unwrap_or_else(|| a.rx.size()).max(1);
-        for _ in 0..8 {
-            let (o, u) = a.process_rx(&self.tap, &self.counters, &mut frames);
-            used |= u;
-            outcome = o;
-            if !matches!(outcome, RxOutcome::NoBuffers) {
-                break;
-            }
-            // Out of buffers: ask the guest to notify us when it adds some.
-            // If it added some meanwhile, go on reading.
-            match a.rx.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::debug!("virtio-net: enable_notification: {e}");
-                    break;
-                }
-            }
-        }
-        if used && a.rx.needs_notification(&*mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
-        }
-        match outcome {
-            RxOutcome::Drained | RxOutcome::Budget => {
-                // The TAP is polled while there are buffers: RX
-                // notifications are not needed meanwhile.
-                if let Err(e) = a.rx.disable_notification(&*mem) {
-                    tracing::debug!("virtio-net: disable_notification: {e}");
-                }
-                self.set_tap_polling(ops, true);
-            }
-            RxOutcome::NoBuffers => {
-                if self.tap_registered {
-                    inc(&self.counters.rx_deferred, 1);
-                }
-                self.set_tap_polling(ops, false);
-            }
-        }
-    }
-
-    /// Sends every available TX chain to the TAP.
-    fn process_tx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mem = a.mem.clone();
-        let c = &self.counters;
-        let mut used = false;
-        let mut iovs: Vec<libc::iovec> = Vec::new();
-        let budget = self.budget.unwrap_or_else(|| a.tx.size()).max(1);
-        let mut served: u16 = 0;
-        let mut more = false;
-        'wake: loop {
-            if let Err(e) = a.tx.disable_notification(&*mem) {
-                tracing::debug!("virtio-net: disable_notification: {e}");
-            }
-            let mut popped = false;
-            while let Some(chain) = a.tx.pop_descriptor_chain(&*mem) {
-                popped = true;
-                let head = chain.head_index();
-                iovs.clear();
-                match parse_chain(chain) {
-                    Ok(p)
-                        if p.writable.is_empty()
-                            && p.readable_len() >= VNET_HDR_LEN as u64
-                            && push_iovecs(&mem, &p.readable, &mut iovs).is_some() =>
-                    {
-                        match self.tap.writev(&iovs) {
-                            Ok(_) => {
-                                inc(&c.tx_packets, 1);
-                                inc(&c.tx_bytes, p.readable_len() - VNET_HDR_LEN as u64);
-                            }
-                            Err(e) => {
-                                tracing::debug!("virtio-net {}: TAP write: {e}", self.tap.name());
-                                inc(&c.tx_dropped, 1);
-                            }
-                        }
-                    }
-                    _ => inc(&c.invalid_chains, 1),
-                }
-                match a.tx.add_used(&*mem, head, 0) {
-                    Ok(()) => used = true,
-                    Err(e) => tracing::debug!("virtio-net: cannot return TX chain {head}: {e}"),
-                }
-                served = served.saturating_add(1);
-                if served >= budget {
-                    // Notifications stay off: the self-kick below brings
-                    // the event loop back, the guest need not.
-                    more = true;
-                    break 'wake;
-                }
-            }
-            match a.tx.enable_notification(&*mem) {
-                Ok(true) if popped => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!("virtio-net: enable_notification: {e}");
-                    break;
-                }
-            }
-        }
-        if used && a.tx.needs_notification(&*mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
-        }
-        if more {
-            if let Err(e) = self.queue_evts[TX].write(1) {
-                tracing::warn!("virtio-net: cannot re-arm its TX queue: {e}");
-            }
-        }
+    fn set_enabled(&mut self, n: u16) {
+        self.enabled = n;
+        self.counters.enabled.store(u64::from(n), Ordering::Relaxed);
     }
 
     /// Overrides the per-wake-up budget (tests).
@@ -549,227 +420,21 @@ impl Net {
     pub(crate) fn set_budget(&mut self, n: u16) {
         self.budget = Some(n);
     }
-}
 
-impl Active {
-    /// Pops and checks RX chains until `need` bytes are at hand or the ring
-    /// is empty. Returns whether chains were returned as invalid.
-    fn fill_rx(&mut self, need: usize, c: &NetCounters) -> bool {
-        let mem = self.mem.clone();
-        let mut used = false;
-        let mut iovs = Vec::new();
-        while self.rx_cap < need {
-            let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            iovs.clear();
-            match parse_chain(chain) {
-                Ok(p)
-                    if p.readable.is_empty()
-                        && p.writable_len() >= VNET_HDR_LEN as u64
-                        && push_iovecs(&mem, &p.writable, &mut iovs).is_some() =>
-                {
-                    let cap = usize::try_from(p.writable_len()).unwrap_or(usize::MAX);
-                    self.rx_cap = self.rx_cap.saturating_add(cap);
-                    self.rx_chains.push_back(RxChain {
-                        head,
-                        segs: p.writable,
-                        host: iovs
-                            .iter()
-                            .map(|v| (v.iov_base as usize, v.iov_len))
-                            .collect(),
-                        cap,
-                    });
-                }
-                _ => {
-                    inc(&c.invalid_chains, 1);
-                    used |= self.rx.add_used(&*mem, head, 0).is_ok();
-                }
-            }
-        }
-        used
+    /// The pairs an activation can serve: `pairs` negotiated, counted from
+    /// pair 0 up to the first whose queues the driver did not set up.
+    fn usable_pairs(queues: &[Queue], pairs: usize) -> usize {
+        (0..pairs)
+            .take_while(|&p| {
+                [rx_index(p), tx_index(p)]
+                    .iter()
+                    .all(|&i| queues.get(i).is_some_and(|q| q.ready()))
+            })
+            .count()
     }
 
-    /// Reads frames from the TAP into RX buffers. Returns the outcome and
-    /// whether used buffers were added.
-    fn process_rx(&mut self, tap: &Tap, c: &NetCounters, frames: &mut u16) -> (RxOutcome, bool) {
-        let mut used = false;
-        let mut errors = 0;
-        loop {
-            if *frames == 0 {
-                return (RxOutcome::Budget, used);
-            }
-            if self.pending > 0 {
-                used |= self.fill_rx(self.pending, c);
-                if self.rx_cap < self.pending {
-                    return (RxOutcome::NoBuffers, used);
-                }
-                let n = std::mem::take(&mut self.pending);
-                self.complete_rx(n, true, c);
-                used = true;
-                *frames = frames.saturating_sub(1);
-                continue;
-            }
-            let need = if self.mrg_rxbuf { MAX_FRAME } else { 1 };
-            used |= self.fill_rx(need, c);
-            if self.rx_chains.is_empty() {
-                return (RxOutcome::NoBuffers, used);
-            }
-            // A reader may report more than fit (the TAP counts a frame it
-            // truncated): never trust `n` beyond the buffers offered.
-            let result = match self.rx_iovecs() {
-                Some(cap) => tap.readv(&self.rx_iov.0).map(|n| (n.min(cap), false)),
-                None => {
-                    // Not enough room for a maximal frame: read ahead into
-                    // the bounce buffer, deliver when it fits.
-                    self.bounce.resize(MAX_FRAME, 0);
-                    let iov = [libc::iovec {
-                        iov_base: self.bounce.as_mut_ptr().cast(),
-                        iov_len: self.bounce.len(),
-                    }];
-                    tap.readv(&iov).map(|n| (n.min(MAX_FRAME), true))
-                }
-            };
-            if let Ok((n, false)) = result {
-                // Written behind vm-memory's back: mark it (even a runt
-                // that is dropped below changed the buffers).
-                self.mark_rx_written(n);
-            }
-            match result {
-                Ok((0, _)) => return (RxOutcome::Drained, used),
-                Ok((n, _)) if n < VNET_HDR_LEN => inc(&c.rx_dropped, 1),
-                Ok((n, true)) => self.pending = n,
-                Ok((n, false)) => {
-                    self.complete_rx(n, false, c);
-                    used = true;
-                    *frames = frames.saturating_sub(1);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return (RxOutcome::Drained, used);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // The TAP dropped the frame (e.g. it did not fit).
-                    tracing::debug!("virtio-net: TAP read: {e}");
-                    inc(&c.rx_dropped, 1);
-                    errors += 1;
-                    if errors > 16 {
-                        return (RxOutcome::Drained, used);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Builds `rx_iov` over the chains at hand for a direct read and
-    /// returns their total size, or `None` when they cannot hold a maximal
-    /// frame (MRG_RXBUF).
-    fn rx_iovecs(&mut self) -> Option<usize> {
-        let iovs = &mut self.rx_iov.0;
-        iovs.clear();
-        let mut cap = 0usize;
-        for ch in &self.rx_chains {
-            iovs.extend(ch.host.iter().map(|&(base, len)| libc::iovec {
-                iov_base: base as *mut libc::c_void,
-                iov_len: len,
-            }));
-            cap = cap.saturating_add(ch.cap);
-            if !self.mrg_rxbuf || cap >= MAX_FRAME {
-                break;
-            }
-        }
-        if iovs.len() > IOV_MAX || (self.mrg_rxbuf && cap < MAX_FRAME) {
-            return None;
-        }
-        Some(cap)
-    }
-
-    /// Hands a frame of `n` bytes to the guest: it is already in the front
-    /// chains (direct read) or in `bounce` (`from_bounce`).
-    fn complete_rx(&mut self, n: usize, from_bounce: bool, c: &NetCounters) {
-        let mem = self.mem.clone();
-        let mut parts = std::mem::take(&mut self.rx_parts);
-        parts.clear();
-        let mut first_segs: Option<Vec<Seg>> = None;
-        let mut done = 0usize;
-        while done < n {
-            let Some(ch) = self.rx_chains.pop_front() else {
-                break;
-            };
-            self.rx_cap -= ch.cap;
-            let len = ch.cap.min(n - done);
-            if from_bounce
-                && write_segs(&mem, &ch.segs, 0, &self.bounce[done..done + len]).is_none()
-            {
-                inc(&c.invalid_chains, 1);
-            }
-            parts.push((ch.head, len as u32));
-            if first_segs.is_none() {
-                first_segs = Some(ch.segs);
-            }
-            done += len;
-        }
-        let num_buffers = parts.len() as u16;
-        if let Some(segs) = first_segs {
-            // The TAP leaves num_buffers alone: fill it in before the guest
-            // can see the first buffer.
-            let _ = write_segs(&mem, &segs, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
-        }
-        for &(head, len) in &parts {
-            if let Err(e) = self.rx.add_used(&*mem, head, len) {
-                tracing::debug!("virtio-net: cannot return RX chain {head}: {e}");
-            }
-        }
-        self.rx_parts = parts;
-        inc(&c.rx_packets, 1);
-        inc(&c.rx_bytes, (n - VNET_HDR_LEN) as u64);
-    }
-}
-
-impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn device_features(&self) -> u64 {
-        OFFERED
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        tracing::debug!("virtio-net: config write at {offset:#x} ignored");
-    }
-
-    fn activate(
-        &mut self,
-        mem: Arc<GuestMemoryMmap>,
-        mut queues: Vec<Queue>,
-        acked: u64,
-        interrupt: Interrupt,
-    ) -> Result<(), ActivateError> {
-        if queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len(),
-            });
-        }
-        if let Some(i) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::InvalidQueue(i));
-        }
-        let tx = queues.remove(TX);
-        let rx = queues.remove(RX);
+    /// Sets the TAP's offloads to what the guest accepted.
+    fn set_offloads(&self, acked: u64) {
         let mut offload = 0;
         if acked & F_GUEST_CSUM != 0 {
             offload |= libc::TUN_F_CSUM;
@@ -783,42 +448,124 @@ impl VirtioDevice for Net {
                 offload |= libc::TUN_F_TSO_ECN;
             }
         }
-        // If this fails the TAP keeps handing over plain frames only, which
-        // every guest accepts.
-        if let Err(e) = self.tap.set_offload(offload) {
-            tracing::warn!(
-                "virtio-net {}: TUNSETOFFLOAD {offload:#x}: {e}",
-                self.tap.name()
-            );
+        // The offloads are the TAP's (every queue's): set through the
+        // first. If this fails the TAP keeps handing over plain frames
+        // only, which every guest accepts.
+        if let Some(tap) = self.taps.first() {
+            if let Err(e) = tap.set_offload(offload) {
+                tracing::warn!("virtio-net {}: TUNSETOFFLOAD {offload:#x}: {e}", tap.name());
+            }
         }
-        if let Some(dev) = &self.vhost_dev {
-            match self.start_vhost(dev, &mem, [&rx, &tx], acked, &interrupt) {
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn device_features(&self) -> u64 {
+        if self.taps.len() > 1 {
+            OFFERED | F_CTRL_VQ | F_MQ
+        } else {
+            OFFERED
+        }
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!("virtio-net: config write at {offset:#x} ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: Arc<GuestMemoryMmap>,
+        queues: Vec<Queue>,
+        acked: u64,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        // Without MQ the driver knows one pair, and a control queue (if it
+        // took one) sits right after it (virtio 1.2, 5.1.2).
+        let pairs = if acked & F_MQ != 0 {
+            self.taps.len()
+        } else {
+            1
+        };
+        let usable = Self::usable_pairs(&queues, pairs);
+        if usable == 0 {
+            let i = [RX_OF_PAIR0, TX_OF_PAIR0]
+                .into_iter()
+                .find(|&i| !queues.get(i).is_some_and(|q| q.ready()))
+                .unwrap_or(RX_OF_PAIR0);
+            return Err(ActivateError::InvalidQueue(i));
+        }
+        self.set_offloads(acked);
+        self.activated = queues.iter().map(Queue::state).collect();
+        // Until the driver asks for more (VIRTIO_NET_CTRL_MQ), one pair.
+        self.set_enabled(1);
+        self.steer_to(1);
+        let mut queues = queues.into_iter().map(Some).collect::<Vec<_>>();
+        let mut take = |i: usize| queues.get_mut(i).and_then(Option::take);
+        let mut pair_queues = Vec::with_capacity(usable);
+        for p in 0..usable {
+            if let (Some(rx), Some(tx)) = (take(rx_index(p)), take(tx_index(p))) {
+                pair_queues.push((rx, tx));
+            }
+        }
+        self.ctrl = take(2 * pairs)
+            .filter(|q| acked & F_CTRL_VQ != 0 && q.ready())
+            .map(|q| Ctrl::new(2 * pairs, mem.clone(), q, interrupt.clone()));
+        if !self.vhost_dev.is_empty() {
+            match self.start_vhost(&mem, &pair_queues, acked, &interrupt) {
                 Ok(v) => {
-                    self.vhost = Some(v);
+                    self.vhost = v;
                     self.counters.vhost.store(true, Ordering::Relaxed);
+                    self.kick_ctrl();
                     self.wake_event_loop();
                     return Ok(());
                 }
                 Err(e) => tracing::warn!(
                     "virtio-net {}: vhost-net did not start ({e}); this activation uses the userspace datapath",
-                    self.tap.name()
+                    self.tap_name()
                 ),
             }
         }
         self.counters.vhost.store(false, Ordering::Relaxed);
-        self.active = Some(Active {
-            mem,
-            rx,
-            tx,
-            interrupt,
-            mrg_rxbuf: acked & F_MRG_RXBUF != 0,
-            rx_chains: VecDeque::new(),
-            rx_cap: 0,
-            pending: 0,
-            bounce: Vec::new(),
-            rx_iov: IovScratch::default(),
-            rx_parts: Vec::new(),
-        });
+        self.active = pair_queues
+            .into_iter()
+            .enumerate()
+            .map(|(pair, (rx, tx))| Active {
+                pair,
+                mem: mem.clone(),
+                rx,
+                tx,
+                interrupt: interrupt.clone(),
+                mrg_rxbuf: acked & F_MRG_RXBUF != 0,
+                rx_chains: VecDeque::new(),
+                rx_cap: 0,
+                pending: 0,
+                bounce: Vec::new(),
+                rx_iov: IovScratch::default(),
+                rx_parts: Vec::new(),
+            })
+            .collect();
         // The event loop picks the device up from here: the RX kick starts
         // polling the TAP, the TX kick sends what was queued early (the
         // wake-up registers the queue eventfds again after vhost-net).
@@ -834,17 +581,23 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         // Chains popped but unused and a read-ahead frame go with it; the
         // TAP is unregistered at its next event.
-        self.active = None;
-        if let Some(v) = self.vhost.take() {
-            v.stop();
+        self.active.clear();
+        self.ctrl = None;
+        self.activated.clear();
+        if !self.vhost.is_empty() {
+            self.vhost.clear();
             self.wake_event_loop();
         }
+        self.set_enabled(1);
+        self.steer_to(1);
         // The next activation tries the kernel's datapath again.
         self.counters
             .vhost
-            .store(self.vhost_dev.is_some(), Ordering::Relaxed);
-        if let Err(e) = self.tap.set_offload(0) {
-            tracing::debug!("virtio-net: TUNSETOFFLOAD 0: {e}");
+            .store(!self.vhost_dev.is_empty(), Ordering::Relaxed);
+        if let Some(tap) = self.taps.first() {
+            if let Err(e) = tap.set_offload(0) {
+                tracing::debug!("virtio-net: TUNSETOFFLOAD 0: {e}");
+            }
         }
     }
 
@@ -853,22 +606,46 @@ impl VirtioDevice for Net {
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some() || self.vhost.is_some()
+        !self.active.is_empty() || !self.vhost.is_empty()
+    }
+
+    fn saved_queue_pairs(&self) -> Option<u16> {
+        (self.taps.len() > 1).then_some(self.enabled)
+    }
+
+    fn restore_queue_pairs(&mut self, pairs: u16) {
+        if let Err(why) = self.enable_pairs(pairs) {
+            tracing::warn!(
+                "virtio-net {}: the snapshot's {pairs} queue pairs: {why}",
+                self.tap_name()
+            );
+        }
     }
 }
 
+const RX_OF_PAIR0: usize = 0;
+const TX_OF_PAIR0: usize = 1;
+
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        let fixed = [
-            (Token::Wake, &self.wake),
-            (Token::RxCall, &self.calls[RX]),
-            (Token::TxCall, &self.calls[TX]),
-        ];
+        let mut fixed = vec![(Token::Wake, &self.wake)];
+        fixed.extend(
+            self.calls
+                .iter()
+                .enumerate()
+                .map(|(q, e)| (Token::Call(q), e)),
+        );
+        fixed.extend(
+            self.queue_evts
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (self.queue_token(i), e)),
+        );
         for (t, evt) in fixed {
             if let Err(e) = ops.add(Events::with_data(evt, t.data(), EventSet::IN)) {
                 tracing::error!(
                     "virtio-net {}: cannot register an eventfd: {e:?}",
-                    self.tap.name()
+                    self.tap_name()
                 );
             }
         }
@@ -876,44 +653,61 @@ impl MutEventSubscriber for Net {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match Token::from_data(events.data()) {
+        let token = Token::from_data(events.data());
+        // A queue's notification: the control queue's wherever the driver
+        // put it (after the last pair it negotiated, which is not the
+        // device's last queue when it took CTRL_VQ without MQ).
+        if let Some(q) = token.and_then(|t| self.token_queue(t)) {
+            // vhost-net's queues' kicks are the kernel's to read.
+            let kernels = q < 2 * self.vhost.len();
+            if let (Some(evt), false) = (self.queue_evts.get(q), kernels) {
+                drain_eventfd(evt);
+            }
+            if self.ctrl.as_ref().is_some_and(|c| c.index() == q) {
+                self.process_ctrl(ops);
+                return;
+            }
+        }
+        match token {
             Some(Token::Wake) => {
                 drain_eventfd(&self.wake);
                 self.sync_registrations(ops);
             }
-            Some(t @ (Token::RxCall | Token::TxCall)) => {
-                drain_eventfd(&self.calls[if t == Token::RxCall { RX } else { TX }]);
-                if let Some(v) = &self.vhost {
+            Some(Token::Call(q)) => {
+                if let Some(evt) = self.calls.get(q) {
+                    drain_eventfd(evt);
+                }
+                if let Some(v) = self.vhost.first() {
                     v.signal_used();
                 }
             }
+            // A queue no pair and no control queue uses.
+            Some(Token::Ctrl) => {}
             // Served by the kernel now (a kick that raced the wake-up).
-            Some(Token::RxQueue | Token::TxQueue | Token::Tap) if self.vhost.is_some() => {
+            Some(Token::RxQueue(_) | Token::TxQueue(_) | Token::Tap(_))
+                if !self.vhost.is_empty() =>
+            {
                 self.sync_registrations(ops);
             }
-            Some(Token::RxQueue) => {
-                drain_eventfd(&self.queue_evts[RX]);
-                if self.active.is_some() {
-                    self.handle_rx(ops);
+            Some(Token::RxQueue(p)) => {
+                if !self.active.is_empty() {
+                    self.handle_rx(p, ops);
                 }
             }
-            Some(Token::TxQueue) => {
-                drain_eventfd(&self.queue_evts[TX]);
-                self.process_tx();
-            }
-            Some(Token::Tap) => {
+            Some(Token::TxQueue(p)) => self.process_tx(p),
+            Some(Token::Tap(p)) => {
                 if events
                     .event_set()
                     .intersects(EventSet::ERROR | EventSet::HANG_UP)
                 {
                     tracing::error!(
-                        "virtio-net {}: TAP error/hang-up; not polling it",
-                        self.tap.name()
+                        "virtio-net {}: TAP queue {p} error/hang-up; not polling it",
+                        self.tap_name()
                     );
-                    self.set_tap_polling(ops, false);
+                    self.set_tap_polling(p, ops, false);
                     return;
                 }
-                self.handle_rx(ops);
+                self.handle_rx(p, ops);
             }
             None => tracing::warn!("virtio-net: unexpected event {}", events.data()),
         }

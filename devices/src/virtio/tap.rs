@@ -14,6 +14,10 @@ pub struct Tap {
     name: String,
     /// False for the socket stand-ins tests use: TUN ioctls are skipped.
     is_tap: bool,
+    /// One queue of a multi-queue TAP (`IFF_MULTI_QUEUE`).
+    multi_queue: bool,
+    /// Whether the kernel steers frames to this queue (`TUNSETQUEUE`).
+    attached: bool,
 }
 
 impl Tap {
@@ -21,6 +25,34 @@ impl Tap {
     /// `IFF_NO_PI | IFF_VNET_HDR`, a 12-byte vnet header, no offloads yet,
     /// nonblocking.
     pub fn open(name: &str) -> io::Result<Self> {
+        Self::open_queue(name, false)
+    }
+
+    /// Opens up to `n` queues of the TAP `name` (one per virtio-net queue
+    /// pair). The kernel refuses to mix: a TAP made without `multi_queue`
+    /// takes only single-queue opens and one made with it only multi-queue
+    /// ones (EINVAL either way), so the other kind is tried on EINVAL, and
+    /// a single-queue TAP gives one queue whatever `n` is (the caller
+    /// offers fewer pairs). Every queue but the first is detached
+    /// ([`Self::set_attached`]): until the driver enables more pairs the
+    /// kernel steers every frame to the first.
+    pub fn open_queues(name: &str, n: usize) -> io::Result<Vec<Self>> {
+        let einval = |e: &io::Error| e.raw_os_error() == Some(libc::EINVAL);
+        let first = match Self::open_queue(name, n > 1) {
+            Err(e) if einval(&e) => Self::open_queue(name, n <= 1)?,
+            r => r?,
+        };
+        let multi = first.multi_queue;
+        let mut taps = vec![first];
+        while multi && taps.len() < n {
+            let mut q = Self::open_queue(name, true)?;
+            q.set_attached(false)?;
+            taps.push(q);
+        }
+        Ok(taps)
+    }
+
+    fn open_queue(name: &str, multi_queue: bool) -> io::Result<Self> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['\0', '/']) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -37,8 +69,13 @@ impl Tap {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
+        let mq = if multi_queue {
+            libc::IFF_MULTI_QUEUE
+        } else {
+            0
+        };
         ifr.ifr_ifru.ifru_flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | mq) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one `ifreq`, which outlives the call.
         if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
             return Err(io::Error::last_os_error());
@@ -52,6 +89,8 @@ impl Tap {
             fd: file.into(),
             name: name.to_owned(),
             is_tap: true,
+            multi_queue,
+            attached: true,
         };
         tap.set_offload(0)?;
         Ok(tap)
@@ -65,7 +104,33 @@ impl Tap {
             fd,
             name: "test".into(),
             is_tap: false,
+            multi_queue: false,
+            attached: true,
         }
+    }
+
+    /// `TUNSETQUEUE`: whether the kernel steers frames to this queue of a
+    /// multi-queue TAP (and takes frames written to it). A single-queue TAP
+    /// stays attached. Asking for the state it is in does nothing (the
+    /// kernel would answer EINVAL).
+    pub fn set_attached(&mut self, on: bool) -> io::Result<()> {
+        if !self.is_tap || !self.multi_queue || self.attached == on {
+            return Ok(());
+        }
+        // SAFETY: ifreq is plain old data; all zeros is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        let flag = if on {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        ifr.ifr_ifru.ifru_flags = flag as libc::c_short;
+        // SAFETY: TUNSETQUEUE reads one `ifreq`, which outlives the call.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::TUNSETQUEUE, &ifr) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.attached = on;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

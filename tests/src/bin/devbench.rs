@@ -12,6 +12,8 @@
 
 #[path = "devbench/block.rs"]
 mod block;
+#[path = "devbench/block_qd.rs"]
+mod block_qd;
 #[path = "devbench/driver.rs"]
 mod driver;
 #[path = "devbench/guest.rs"]
@@ -184,6 +186,23 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             fig.add(units, offs.len() as f64, h, d);
         }
         fig.row(t, "host pread/pwrite O_DIRECT, QD1");
+    }
+    // Deep queues: io_uring on both sides, on one request queue and on
+    // four (a guest with a queue per CPU).
+    let offs = block::offsets(Op::RandRead, size, o.rand_ios * 4);
+    for (queues, label) in [
+        (1u16, "blk rand read 4 KiB, QD32"),
+        (4, "blk rand read 4 KiB, QD32, 4 queues"),
+    ] {
+        let mut fig = Figure::new(label, "kIOPS", 1e3);
+        for _ in 0..o.rounds {
+            let h = block_qd::host_pass(&o.file, &offs, 32)
+                .map_err(|e| format!("{label}: host: {e}"))?;
+            let d = block_qd::device_pass(&o.file, &offs, 32, queues)
+                .map_err(|e| format!("{label}: device: {e}"))?;
+            fig.add(offs.len() as f64, offs.len() as f64, h, d);
+        }
+        fig.row(t, "host io_uring O_DIRECT, QD32");
     }
     let n = o.rand_ios;
     let mut lat = Vec::new();

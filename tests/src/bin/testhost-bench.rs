@@ -9,8 +9,10 @@
 //! * boot: process start → `VMM-INIT-OK` (user space) on the serial
 //!   console; ours vs QEMU `-M microvm` and `-M q35`;
 //! * disk: the guest's busybox `dd` with O_DIRECT over a 256 MiB virtio
-//!   disk (`vmm.run=blkbench`), the image `direct=on` for us and
-//!   `cache=none,aio=native` for QEMU, on an ext4;
+//!   disk (`vmm.run=blkbench`): 1 MiB sequential reads and writes, 4 KiB
+//!   reads one at a time (QD1) and 32 at a time (QD32, 32 `dd`s); the
+//!   image `direct=on` for us and `cache=none,aio=io_uring` for QEMU, on
+//!   an ext4;
 //! * net: 64 MiB each way over TCP between the guest and its TAP's host
 //!   end (`vmm.run=netbench`, timed in the guest), ours vs QEMU's
 //!   virtio-net, both userspace (`vhost=off`), then both with vhost-net;
@@ -245,6 +247,17 @@ fn dd_rate(out: &str, name: &str) -> Option<f64> {
     (secs > 0.0).then(|| bytes / secs / 1e6)
 }
 
+/// Reads per second from a `vmm-bench: NAME 8192 reads, 3.2 seconds` line.
+fn iops(out: &str, name: &str) -> Option<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("vmm-bench: {name} ")))?;
+    let w: Vec<&str> = line.split_whitespace().collect();
+    let reads: f64 = w.get(2)?.parse().ok()?;
+    let secs: f64 = w.get(4)?.parse().ok()?;
+    (secs > 0.0).then(|| reads / secs)
+}
+
 /// MB/s from a `vmm-bench: net-tx 64 MiB 2.31 s` line.
 fn net_rate(out: &str, name: &str) -> Option<f64> {
     let line = out
@@ -395,7 +408,7 @@ fn main() -> ExitCode {
                 Peer::Microvm,
                 vec![
                     "-drive".into(),
-                    format!("file={img},if=none,id=d0,format=raw,cache=none,aio=native"),
+                    format!("file={img},if=none,id=d0,format=raw,cache=none,aio=io_uring"),
                     "-device".into(),
                     "virtio-blk-device,drive=d0".into(),
                 ],
@@ -403,6 +416,8 @@ fn main() -> ExitCode {
         ];
         let mut rd: Vec<Vec<f64>> = vec![Vec::new(); 2];
         let mut wr: Vec<Vec<f64>> = vec![Vec::new(); 2];
+        let mut qd1: Vec<Vec<f64>> = vec![Vec::new(); 2];
+        let mut qd32: Vec<Vec<f64>> = vec![Vec::new(); 2];
         for r in 0..runs {
             for (i, (p, dev)) in cases.iter().enumerate() {
                 let out = run_script(h, &[], *p, &g, "vmm.run=blkbench", dev);
@@ -415,6 +430,13 @@ fn main() -> ExitCode {
                         );
                         rd[i].push(a);
                         wr[i].push(b);
+                        if let (Some(q1), Some(q32)) =
+                            (iops(&out, "qd1-read"), iops(&out, "qd32-read"))
+                        {
+                            eprintln!("  4 KiB reads: QD1 {q1:.0} IOPS, QD32 {q32:.0} IOPS");
+                            qd1[i].push(q1);
+                            qd32[i].push(q32);
+                        }
                     }
                     _ => eprintln!(
                         "{}: no dd figures:\n{}",
@@ -427,12 +449,17 @@ fn main() -> ExitCode {
         }
         let _ = h.sh(&format!("umount {mnt}"));
         let mut tab = Table::new(&[
-            "guest dd, O_DIRECT, 1 MiB",
-            "vmm MB/s",
-            "QEMU MB/s",
+            "guest dd, O_DIRECT",
+            "vmm",
+            "QEMU microvm (aio=io_uring)",
             "vmm / QEMU",
         ]);
-        for (label, v) in [("sequential read", &rd), ("sequential write", &wr)] {
+        for (label, v) in [
+            ("sequential read 1 MiB, MB/s", &rd),
+            ("sequential write 1 MiB, MB/s", &wr),
+            ("random read 4 KiB QD1, IOPS", &qd1),
+            ("random read 4 KiB QD32, IOPS", &qd32),
+        ] {
             let (a, b) = (
                 median(&v[0]).map(|s| s.median),
                 median(&v[1]).map(|s| s.median),

@@ -16,6 +16,7 @@ mod kernel_upgrade;
 mod lifecycle;
 mod migration;
 mod net;
+mod net_mq;
 mod panic;
 mod server;
 mod snapshot;

@@ -106,7 +106,13 @@ pub fn up(port: &Port, bridge: Option<&str>, filter: bool) -> Result<(), NetErro
             return Err(NetError::NotTap(tap.to_string()));
         }
     } else {
-        run("ip", &["tuntap", "add", "dev", tap, "mode", "tap"], None)?;
+        // multi_queue: one TAP queue per virtio-net queue pair (a TAP made
+        // without it gives the VM one pair).
+        run(
+            "ip",
+            &["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"],
+            None,
+        )?;
     }
     // Filtering first: the TAP is never up on the bridge without it.
     if filter {

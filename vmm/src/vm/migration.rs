@@ -99,17 +99,17 @@ impl Vm {
 
     /// Quiesces each network device, takes its vhost-net instance away and
     /// starts it again on the userspace datapath. Returns the instances.
-    fn nets_to_userspace(&self) -> Result<Vec<Option<File>>, ControlError> {
+    fn nets_to_userspace(&self) -> Result<Vec<Vec<File>>, ControlError> {
         let mut taken = Vec::new();
         let first = self.virtio.len() - self.nets.len();
         for (i, n) in self.nets.iter().enumerate() {
             let Some(slot) = self.virtio.get(first + i) else {
-                taken.push(None);
+                taken.push(Vec::new());
                 continue;
             };
             let mut t = lock(&slot.transport);
             let vhost = lock(&n.device).take_vhost();
-            if vhost.is_some() {
+            if !vhost.is_empty() {
                 // Restarted without it; on any failure it keeps (or gets
                 // back) vhost-net, and the migration does not begin.
                 let saved = t.save_state();
@@ -127,7 +127,7 @@ impl Vm {
                     }
                     drop(t);
                     let mut back = taken;
-                    back.resize_with(self.nets.len(), || None);
+                    back.resize_with(self.nets.len(), Vec::new);
                     self.nets_back(back);
                     return Err(host_error(format!(
                         "cannot move {} off vhost-net for the migration: {e}",
@@ -142,10 +142,10 @@ impl Vm {
 
     /// Gives the network devices their vhost-net instances back (they use
     /// them from their next activation: restarted here).
-    fn nets_back(&self, vhost: Vec<Option<File>>) {
+    fn nets_back(&self, vhost: Vec<Vec<File>>) {
         let first = self.virtio.len() - self.nets.len();
         for (i, (n, dev)) in self.nets.iter().zip(vhost).enumerate() {
-            if dev.is_none() {
+            if dev.is_empty() {
                 continue;
             }
             lock(&n.device).put_vhost(dev);

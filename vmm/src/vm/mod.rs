@@ -159,7 +159,7 @@ pub struct Vm {
     /// KVM's MSR list, read at the first snapshot.
     msr_index: Option<Arc<Vec<u32>>>,
     /// A migration is running: the vhost-net instances it took away.
-    migrating: Option<Vec<Option<std::fs::File>>>,
+    migrating: Option<Vec<Vec<std::fs::File>>>,
     /// The snapshot just restored was of a paused VM.
     restored_paused: bool,
     /// The guest was migrated to another host: it never boots here again.
@@ -301,13 +301,24 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
     let mut nets: Vec<Subscriber> = Vec::new();
     let mut net_sources = Vec::new();
     for n in &config.nets {
+        // One queue pair per vCPU unless asked otherwise, as a physical
+        // NIC gives each CPU its queue.
+        let queues = n
+            .queues
+            .unwrap_or_else(|| u16::from(config.vcpus).min(devices::virtio::net::MAX_QUEUE_PAIRS));
         let net = Net::new(&NetConfig {
             tap: n.tap.clone(),
             mac: n.mac,
             vhost: n.vhost,
+            queues,
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
-        tracing::info!("virtio-net {}: {} datapath", n.tap, net.datapath());
+        tracing::info!(
+            "virtio-net {}: {} datapath, {} queue pair(s)",
+            n.tap,
+            net.datapath(),
+            net.queue_pairs()
+        );
         let (mac, counters) = (net.mac(), net.counters());
         let net = Arc::new(Mutex::new(net));
         net_sources.push(NetSource {

@@ -102,6 +102,10 @@ pub struct TransportState {
     /// Every queue, in index order: the registers the driver wrote and,
     /// when the device was running (DRIVER_OK), where it stopped.
     pub queues: Vec<SavedQueue>,
+    /// A multi-queue virtio-net's enabled queue pairs (what its driver
+    /// asked on the control queue); absent for other devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_pairs: Option<u16>,
 }
 
 impl MmioTransport {
@@ -151,6 +155,7 @@ impl MmioTransport {
             }
         }
         let queues = self.queues.iter().map(|q| q.state().into()).collect();
+        let queue_pairs = lock(&self.device).saved_queue_pairs();
         // Read after quiescing: the completions it wrote may have raised
         // an interrupt.
         Ok(TransportState {
@@ -164,6 +169,7 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             config_generation: self.interrupt.config_generation(),
             queues,
+            queue_pairs,
         })
     }
 
@@ -203,6 +209,9 @@ impl MmioTransport {
                     NAME,
                     format!("device {} did not start: {e}", self.device_id),
                 ));
+            }
+            if let Some(n) = s.queue_pairs {
+                lock(&self.device).restore_queue_pairs(n);
             }
             for evt in &self.queue_evts {
                 if let Err(e) = evt.write(1) {

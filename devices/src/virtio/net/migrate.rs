@@ -33,20 +33,24 @@ pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
 impl Net {
     /// Takes the vhost-net instance away, so that the next activation uses
     /// the userspace datapath (quiesce and restore the device around this).
-    pub fn take_vhost(&mut self) -> Option<File> {
-        self.vhost_dev.take()
+    pub fn take_vhost(&mut self) -> Vec<File> {
+        std::mem::take(&mut self.vhost_dev)
     }
 
     /// Gives back what [`Net::take_vhost`] took (for the next activation).
-    pub fn put_vhost(&mut self, dev: Option<File>) {
-        if dev.is_some() {
-            self.vhost_dev = dev;
+    pub fn put_vhost(&mut self, devs: Vec<File>) {
+        if !devs.is_empty() {
+            self.vhost_dev = devs;
         }
     }
 
-    /// Sends the guest's announcement on the TAP.
+    /// Sends the guest's announcement on the TAP (its first queue: the
+    /// frame leaves the host's side of the TAP whichever queue sends it).
     pub fn announce(&self) -> io::Result<()> {
-        self.tap.write_frame(&rarp_frame(self.mac)).map(|_| ())
+        match self.taps.first() {
+            Some(tap) => tap.write_frame(&rarp_frame(self.mac)).map(|_| ()),
+            None => Ok(()),
+        }
     }
 }
 

@@ -18,6 +18,11 @@
 //!   `rx_dropped`: it has left the TAP and cannot be put back, and one lost
 //!   frame is what a network may do anyway (the sender's TCP resends).
 //!
+//! A multi-queue device quiesces every pair it serves and its control
+//! queue; a pair the driver left unused keeps the state the activation
+//! gave it, and [`Net::saved_queue_pairs`](crate::virtio::VirtioDevice::saved_queue_pairs)
+//! keeps how many pairs the driver enabled.
+//!
 //! The TAP's offloads stay as negotiated: the next activation sets them
 //! again, and a reset clears them.
 //!
@@ -28,41 +33,78 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress};
 
-use super::{inc, Active, Net};
+use super::{inc, rx_index, tx_index, Active, Net};
 use crate::state::StateError;
 use crate::virtio::GuestMemoryMmap;
 
 impl Net {
     /// See the module's documentation.
     pub(super) fn quiesce_queues(&mut self) -> Result<Vec<QueueState>, StateError> {
-        if let Some(v) = self.vhost.as_mut() {
-            return match v.quiesce(&self.calls) {
-                Ok(queues) => {
-                    self.vhost = None;
-                    // As after a reset: the event loop polls the queue
-                    // eventfds again, and the next activation tries the
-                    // kernel's datapath again.
-                    self.counters
-                        .vhost
-                        .store(self.vhost_dev.is_some(), Ordering::Relaxed);
-                    self.wake_event_loop();
-                    Ok(queues.to_vec())
-                }
-                Err(why) => Err(StateError::new(
-                    "virtio-net",
-                    format!("{}: {why}", self.tap.name()),
-                )),
-            };
+        if !self.vhost.is_empty() {
+            return self.quiesce_vhost();
         }
-        let Some(mut a) = self.active.take() else {
+        if self.active.is_empty() {
             return Ok(Vec::new());
-        };
-        if a.pending > 0 {
-            inc(&self.counters.rx_dropped, 1);
         }
-        a.give_back_rx();
-        // Queue-index order: RX is 0, TX is 1.
-        Ok(vec![a.rx.state(), a.tx.state()])
+        let mut states = std::mem::take(&mut self.activated);
+        for (p, mut a) in std::mem::take(&mut self.active).into_iter().enumerate() {
+            if a.pending > 0 {
+                inc(&self.counters.rx_dropped, 1);
+            }
+            a.give_back_rx();
+            put(&mut states, rx_index(p), a.rx.state());
+            put(&mut states, tx_index(p), a.tx.state());
+        }
+        if let Some(c) = self.ctrl.take() {
+            put(&mut states, c.index(), c.state());
+        }
+        Ok(states)
+    }
+
+    fn quiesce_vhost(&mut self) -> Result<Vec<QueueState>, StateError> {
+        let mut states = self.activated.clone();
+        for (p, v) in self.vhost.iter_mut().enumerate() {
+            let calls = self
+                .calls
+                .get(rx_index(p)..=tx_index(p))
+                .unwrap_or_default();
+            match v.quiesce(calls) {
+                Ok([rx, tx]) => {
+                    put(&mut states, rx_index(p), rx);
+                    put(&mut states, tx_index(p), tx);
+                }
+                Err(why) => {
+                    // The failed pair attached its TAP again; so do the
+                    // pairs before it: the datapath carries on as it was.
+                    for w in self.vhost.iter().take(p) {
+                        w.reattach_all();
+                    }
+                    return Err(StateError::new(
+                        "virtio-net",
+                        format!("{}: {why}", self.tap_name()),
+                    ));
+                }
+            }
+        }
+        self.vhost.clear();
+        if let Some(c) = self.ctrl.take() {
+            put(&mut states, c.index(), c.state());
+        }
+        self.activated.clear();
+        // As after a reset: the event loop polls the queue eventfds again,
+        // and the next activation tries the kernel's datapath again.
+        self.counters
+            .vhost
+            .store(!self.vhost_dev.is_empty(), Ordering::Relaxed);
+        self.wake_event_loop();
+        Ok(states)
+    }
+}
+
+/// Sets `states[i]`, where the activation had a queue `i`.
+fn put(states: &mut [QueueState], i: usize, state: QueueState) {
+    if let Some(s) = states.get_mut(i) {
+        *s = state;
     }
 }
 

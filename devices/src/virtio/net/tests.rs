@@ -154,7 +154,7 @@ impl Fixture {
     }
 
     fn tap_polled(&self) -> bool {
-        self.net.lock().unwrap().tap_registered
+        self.net.lock().unwrap().tap_registered[0]
     }
 
     /// Queues a TX chain with the given readable buffers and notifies.
@@ -520,6 +520,7 @@ fn tap_test_body() {
         tap: "vtest0".into(),
         mac: None,
         vhost: super::vhost::VhostMode::Off,
+        queues: 1,
     }) {
         Ok(n) => n,
         Err(e) => {
@@ -642,3 +643,5 @@ fn an_rx_wake_up_delivers_at_most_its_budget_and_the_tap_brings_it_back() {
 
 mod dirty;
 mod state;
+
+mod mq;

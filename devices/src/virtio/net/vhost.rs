@@ -21,8 +21,12 @@
 //! sizes), and a reset stops the kernel's use of guest memory before it
 //! returns (`VHOST_NET_SET_BACKEND` -1 stops a queue and flushes it).
 //!
-//! `/dev/vhost-net` is opened once, when the device is made (start-up,
-//! still root), and that one vhost instance serves every activation of
+//! A multi-queue device has one vhost-net instance per queue pair, each
+//! with its TAP queue (so one kernel worker per pair, as QEMU does), and
+//! the VMM keeps serving the control queue.
+//!
+//! `/dev/vhost-net` is opened once per pair, when the device is made
+//! (start-up, still root), and those instances serve every activation of
 //! the device, as QEMU does: a reset detaches the TAP from both queues, the
 //! next DRIVER_OK programs the instance again. So a VMM that has dropped to
 //! `--user` and confined itself (Landlock) keeps vhost-net across guest
@@ -51,7 +55,11 @@ use vm_memory::{Address as _, Bytes as _, GuestAddress};
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{F_MRG_RXBUF, RX, TX};
+use super::F_MRG_RXBUF;
+
+/// A vhost-net instance's vrings: each serves one queue pair.
+const RX: usize = 0;
+const TX: usize = 1;
 use crate::virtio::{
     GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -90,14 +98,16 @@ impl std::str::FromStr for VhostMode {
 }
 
 impl VhostMode {
-    /// The vhost-net instance activations will use, or `None` for the
-    /// userspace datapath: `on` insists (an error where `/dev/vhost-net`
-    /// cannot be opened), `auto` takes it where it opens.
-    pub fn resolve(self) -> io::Result<Option<File>> {
+    /// The vhost-net instances activations will use, one per queue pair,
+    /// or none for the userspace datapath: `on` insists (an error where
+    /// `/dev/vhost-net` cannot be opened), `auto` takes them where they
+    /// open.
+    pub fn resolve(self, pairs: usize) -> io::Result<Vec<File>> {
+        let all = || (0..pairs).map(|_| open()).collect::<io::Result<Vec<_>>>();
         match self {
-            VhostMode::Off => Ok(None),
-            VhostMode::On => open().map(Some),
-            VhostMode::Auto => Ok(open().ok()),
+            VhostMode::Off => Ok(Vec::new()),
+            VhostMode::On => all(),
+            VhostMode::Auto => Ok(all().unwrap_or_default()),
         }
     }
 }
@@ -172,6 +182,8 @@ pub enum VhostError {
     Backend(io::Error),
     #[error("cannot duplicate a descriptor: {0}")]
     Dup(io::Error),
+    #[error("{0} queue pairs, but fewer vhost-net instances or TAP queues")]
+    Pairs(usize),
 }
 
 /// A running kernel datapath; dropping it (or [`VhostPath::stop`]) stops
@@ -291,13 +303,7 @@ impl VhostPath {
         self.interrupt.signal_used_queue();
     }
 
-    /// Stops the kernel datapath: when this returns it no longer touches
-    /// guest memory or the rings.
-    pub(super) fn stop(self) {
-        drop(self);
-    }
-
-    /// Stops the kernel datapath as [`Self::stop`] does and returns where
+    /// Stops the kernel datapath as dropping it does and returns where
     /// each queue (RX, TX) stopped, for a snapshot. Detaching a queue's
     /// backend flushes it, so every chain the kernel took is used by then:
     /// `VHOST_GET_VRING_BASE` gives the next avail index, the used ring's
@@ -361,6 +367,12 @@ impl VhostPath {
         }
     }
 
+    /// Attaches the TAP again to both queues, after a quiesce whose
+    /// snapshot failed on another pair.
+    pub(super) fn reattach_all(&self) {
+        self.reattach(2);
+    }
+
     /// The used ring's index of queue `i`, from guest memory.
     fn used_idx(&self, i: usize) -> Option<u16> {
         let q = self.queues.get(i)?;
@@ -380,33 +392,45 @@ impl Drop for VhostPath {
 }
 
 impl super::Net {
-    /// Hands the activated queues to the kernel, on vhost-net instance
-    /// `dev` (the device's own).
+    /// Hands the activated queue pairs to the kernel, each on its own
+    /// vhost-net instance (the device's) and TAP queue. All or none: a
+    /// pair that fails stops the ones started.
     pub(super) fn start_vhost(
         &self,
-        dev: &File,
         mem: &Arc<GuestMemoryMmap>,
-        queues: [&Queue; 2],
+        pairs: &[(Queue, Queue)],
         acked: u64,
         interrupt: &Interrupt,
-    ) -> Result<VhostPath, VhostError> {
+    ) -> Result<Vec<VhostPath>, VhostError> {
         use std::os::fd::AsRawFd;
-        // The kernel takes its own reference to the TAP's file; a duplicate
-        // keeps ours independent of it.
-        // SAFETY: the TAP's descriptor is open for as long as `self`; the
-        // borrowed descriptor is only duplicated here.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.tap.as_raw_fd()) };
-        let tap = File::from(fd.try_clone_to_owned().map_err(VhostError::Dup)?);
-        VhostPath::start(
-            dev,
-            mem.clone(),
-            queues,
-            acked,
-            tap,
-            &self.queue_evts,
-            &self.calls,
-            interrupt.clone(),
-        )
+        let mut paths = Vec::with_capacity(pairs.len());
+        for (p, (rx, tx)) in pairs.iter().enumerate() {
+            let (Some(dev), Some(tap)) = (self.vhost_dev.get(p), self.taps.get(p)) else {
+                return Err(VhostError::Pairs(pairs.len()));
+            };
+            let q = super::rx_index(p)..super::tx_index(p) + 1;
+            let (Some(kicks), Some(calls)) = (self.queue_evts.get(q.clone()), self.calls.get(q))
+            else {
+                return Err(VhostError::Pairs(pairs.len()));
+            };
+            // The kernel takes its own reference to the TAP's file; a
+            // duplicate keeps ours independent of it.
+            // SAFETY: the TAP's descriptor is open for as long as `self`;
+            // the borrowed descriptor is only duplicated here.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(tap.as_raw_fd()) };
+            let tap = File::from(fd.try_clone_to_owned().map_err(VhostError::Dup)?);
+            paths.push(VhostPath::start(
+                dev,
+                mem.clone(),
+                [rx, tx],
+                acked,
+                tap,
+                kicks,
+                calls,
+                interrupt.clone(),
+            )?);
+        }
+        Ok(paths)
     }
 
     /// Wakes the event loop to re-register (see [`Self::sync_registrations`]).
@@ -414,34 +438,47 @@ impl super::Net {
         if let Err(e) = self.wake.write(1) {
             tracing::warn!(
                 "virtio-net {}: cannot wake the event loop: {e}",
-                self.tap.name()
+                self.tap_name()
             );
         }
     }
 
-    /// Polls the queue eventfds exactly while the userspace datapath may
-    /// serve them, and the TAP never while the kernel's runs.
+    /// Polls the queue eventfds except those vhost-net serves (the
+    /// control queue, and any queue no running pair has, stay polled), and
+    /// the TAP never while the kernel's datapath runs.
     pub(super) fn sync_registrations(&mut self, ops: &mut event_manager::EventOps) {
         use event_manager::{EventSet, Events};
-        let want = self.vhost.is_none();
-        if self.queues_registered != want {
-            for (t, evt) in [super::Token::RxQueue, super::Token::TxQueue]
-                .into_iter()
-                .zip(&self.queue_evts)
-            {
-                let ev = Events::with_data(evt, t.data(), EventSet::IN);
-                let r = if want { ops.add(ev) } else { ops.remove(ev) };
-                if let Err(e) = r {
-                    tracing::error!(
-                        "virtio-net {}: cannot change queue polling: {e:?}",
-                        self.tap.name()
-                    );
-                }
+        let served: Vec<usize> = (0..2 * self.vhost.len()).collect();
+        let changes: Vec<(usize, bool)> = self
+            .unpolled
+            .iter()
+            .filter(|i| !served.contains(i))
+            .map(|&i| (i, true))
+            .chain(
+                served
+                    .iter()
+                    .filter(|i| !self.unpolled.contains(i))
+                    .map(|&i| (i, false)),
+            )
+            .collect();
+        for (i, on) in changes {
+            let Some(evt) = self.queue_evts.get(i) else {
+                continue;
+            };
+            let ev = Events::with_data(evt, self.queue_token(i).data(), EventSet::IN);
+            let r = if on { ops.add(ev) } else { ops.remove(ev) };
+            if let Err(e) = r {
+                tracing::error!(
+                    "virtio-net {}: cannot change queue polling: {e:?}",
+                    self.tap_name()
+                );
             }
-            self.queues_registered = want;
         }
-        if !want {
-            self.set_tap_polling(ops, false);
+        self.unpolled = served;
+        if !self.vhost.is_empty() {
+            for p in 0..self.taps.len() {
+                self.set_tap_polling(p, ops, false);
+            }
         }
     }
 }

@@ -206,6 +206,7 @@ impl DeviceSide {
             tap: tap.to_owned(),
             mac: None,
             vhost: devices::virtio::net::vhost::VhostMode::Off,
+            queues: 1,
         })
         .map_err(io::Error::other)?;
         let counters = net.counters();

@@ -1,0 +1,283 @@
+//! Receiving: frames from a TAP queue into its pair's RX ring (see the
+//! [module docs](super) for the buffering rules).
+
+use std::io;
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::QueueT;
+
+use super::{inc, Active, Net, NetCounters, Token, MAX_FRAME, NUM_BUFFERS_OFFSET};
+use crate::virtio::iov::{parse_chain, push_iovecs, write_segs, Seg, IOV_MAX};
+use crate::virtio::tap::{Tap, VNET_HDR_LEN};
+
+/// An RX chain popped from the ring and checked, not yet used.
+pub(super) struct RxChain {
+    pub(super) head: u16,
+    pub(super) segs: Vec<Seg>,
+    /// Host `(address, length)` of each buffer, resolved once when the
+    /// chain is popped (plain integers keep the device `Send`; they stay
+    /// valid while `Active::mem` lives).
+    host: Vec<(usize, usize)>,
+    pub(super) cap: usize,
+}
+
+enum RxOutcome {
+    /// The TAP has nothing more to read.
+    Drained,
+    /// A frame may be waiting but the guest gave no (or too few) buffers.
+    NoBuffers,
+    /// This wake-up's budget of frames is spent; the TAP may hold more
+    /// (it stays polled, so the event loop comes back after the others).
+    Budget,
+}
+
+impl Net {
+    /// Starts or stops polling pair `p`'s TAP queue.
+    pub(super) fn set_tap_polling(&mut self, p: usize, ops: &mut EventOps, on: bool) {
+        let (Some(tap), Some(reg)) = (self.taps.get(p), self.tap_registered.get_mut(p)) else {
+            return;
+        };
+        if *reg == on {
+            return;
+        }
+        let ev = Events::with_data(tap, Token::Tap(p).data(), EventSet::IN);
+        let r = if on { ops.add(ev) } else { ops.remove(ev) };
+        match r {
+            Ok(()) => *reg = on,
+            Err(e) => tracing::error!(
+                "virtio-net {}: cannot change TAP polling: {e:?}",
+                tap.name()
+            ),
+        }
+    }
+
+    /// Moves frames from the TAP to the guest until one side runs dry, and
+    /// starts or stops polling the TAP accordingly.
+    pub(super) fn handle_rx(&mut self, p: usize, ops: &mut EventOps) {
+        // A pair the driver has not enabled gets no frames: its TAP queue
+        // is detached, and nothing polls it.
+        let enabled = p < usize::from(self.enabled);
+        let (Some(a), Some(tap), true) = (self.active.get_mut(p), self.taps.get(p), enabled) else {
+            self.set_tap_polling(p, ops, false);
+            return;
+        };
+        let mem = a.mem.clone();
+        let mut used = false;
+        let mut outcome = RxOutcome::Drained;
+        let mut frames = self.budget.unwrap_or_else(|| a.rx.size()).max(1);
+        for _ in 0..8 {
+            let (o, u) = a.process_rx(tap, &self.counters, &mut frames);
+            used |= u;
+            outcome = o;
+            if !matches!(outcome, RxOutcome::NoBuffers) {
+                break;
+            }
+            // Out of buffers: ask the guest to notify us when it adds some.
+            // If it added some meanwhile, go on reading.
+            match a.rx.enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::debug!("virtio-net: enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+        if used && a.rx.needs_notification(&*mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+        }
+        match outcome {
+            RxOutcome::Drained | RxOutcome::Budget => {
+                // The TAP is polled while there are buffers: RX
+                // notifications are not needed meanwhile.
+                if let Err(e) = a.rx.disable_notification(&*mem) {
+                    tracing::debug!("virtio-net: disable_notification: {e}");
+                }
+                self.set_tap_polling(p, ops, true);
+            }
+            RxOutcome::NoBuffers => {
+                if self.tap_registered.get(p).copied().unwrap_or(false) {
+                    inc(&self.counters.rx_deferred, 1);
+                }
+                self.set_tap_polling(p, ops, false);
+            }
+        }
+    }
+}
+
+impl Active {
+    /// Pops and checks RX chains until `need` bytes are at hand or the ring
+    /// is empty. Returns whether chains were returned as invalid.
+    fn fill_rx(&mut self, need: usize, c: &NetCounters) -> bool {
+        let mem = self.mem.clone();
+        let mut used = false;
+        let mut iovs = Vec::new();
+        while self.rx_cap < need {
+            let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            iovs.clear();
+            match parse_chain(chain) {
+                Ok(p)
+                    if p.readable.is_empty()
+                        && p.writable_len() >= VNET_HDR_LEN as u64
+                        && push_iovecs(&mem, &p.writable, &mut iovs).is_some() =>
+                {
+                    let cap = usize::try_from(p.writable_len()).unwrap_or(usize::MAX);
+                    self.rx_cap = self.rx_cap.saturating_add(cap);
+                    self.rx_chains.push_back(RxChain {
+                        head,
+                        segs: p.writable,
+                        host: iovs
+                            .iter()
+                            .map(|v| (v.iov_base as usize, v.iov_len))
+                            .collect(),
+                        cap,
+                    });
+                }
+                _ => {
+                    inc(&c.invalid_chains, 1);
+                    used |= self.rx.add_used(&*mem, head, 0).is_ok();
+                }
+            }
+        }
+        used
+    }
+
+    /// Reads frames from the TAP into RX buffers. Returns the outcome and
+    /// whether used buffers were added.
+    fn process_rx(&mut self, tap: &Tap, c: &NetCounters, frames: &mut u16) -> (RxOutcome, bool) {
+        let mut used = false;
+        let mut errors = 0;
+        loop {
+            if *frames == 0 {
+                return (RxOutcome::Budget, used);
+            }
+            if self.pending > 0 {
+                used |= self.fill_rx(self.pending, c);
+                if self.rx_cap < self.pending {
+                    return (RxOutcome::NoBuffers, used);
+                }
+                let n = std::mem::take(&mut self.pending);
+                self.complete_rx(n, true, c);
+                used = true;
+                *frames = frames.saturating_sub(1);
+                continue;
+            }
+            let need = if self.mrg_rxbuf { MAX_FRAME } else { 1 };
+            used |= self.fill_rx(need, c);
+            if self.rx_chains.is_empty() {
+                return (RxOutcome::NoBuffers, used);
+            }
+            // A reader may report more than fit (the TAP counts a frame it
+            // truncated): never trust `n` beyond the buffers offered.
+            let result = match self.rx_iovecs() {
+                Some(cap) => tap.readv(&self.rx_iov.0).map(|n| (n.min(cap), false)),
+                None => {
+                    // Not enough room for a maximal frame: read ahead into
+                    // the bounce buffer, deliver when it fits.
+                    self.bounce.resize(MAX_FRAME, 0);
+                    let iov = [libc::iovec {
+                        iov_base: self.bounce.as_mut_ptr().cast(),
+                        iov_len: self.bounce.len(),
+                    }];
+                    tap.readv(&iov).map(|n| (n.min(MAX_FRAME), true))
+                }
+            };
+            if let Ok((n, false)) = result {
+                // Written behind vm-memory's back: mark it (even a runt
+                // that is dropped below changed the buffers).
+                self.mark_rx_written(n);
+            }
+            match result {
+                Ok((0, _)) => return (RxOutcome::Drained, used),
+                Ok((n, _)) if n < VNET_HDR_LEN => inc(&c.rx_dropped, 1),
+                Ok((n, true)) => self.pending = n,
+                Ok((n, false)) => {
+                    self.complete_rx(n, false, c);
+                    used = true;
+                    *frames = frames.saturating_sub(1);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return (RxOutcome::Drained, used);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // The TAP dropped the frame (e.g. it did not fit).
+                    tracing::debug!("virtio-net: TAP read: {e}");
+                    inc(&c.rx_dropped, 1);
+                    errors += 1;
+                    if errors > 16 {
+                        return (RxOutcome::Drained, used);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Builds `rx_iov` over the chains at hand for a direct read and
+    /// returns their total size, or `None` when they cannot hold a maximal
+    /// frame (MRG_RXBUF).
+    fn rx_iovecs(&mut self) -> Option<usize> {
+        let iovs = &mut self.rx_iov.0;
+        iovs.clear();
+        let mut cap = 0usize;
+        for ch in &self.rx_chains {
+            iovs.extend(ch.host.iter().map(|&(base, len)| libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            }));
+            cap = cap.saturating_add(ch.cap);
+            if !self.mrg_rxbuf || cap >= MAX_FRAME {
+                break;
+            }
+        }
+        if iovs.len() > IOV_MAX || (self.mrg_rxbuf && cap < MAX_FRAME) {
+            return None;
+        }
+        Some(cap)
+    }
+
+    /// Hands a frame of `n` bytes to the guest: it is already in the front
+    /// chains (direct read) or in `bounce` (`from_bounce`).
+    fn complete_rx(&mut self, n: usize, from_bounce: bool, c: &NetCounters) {
+        let mem = self.mem.clone();
+        let mut parts = std::mem::take(&mut self.rx_parts);
+        parts.clear();
+        let mut first_segs: Option<Vec<Seg>> = None;
+        let mut done = 0usize;
+        while done < n {
+            let Some(ch) = self.rx_chains.pop_front() else {
+                break;
+            };
+            self.rx_cap -= ch.cap;
+            let len = ch.cap.min(n - done);
+            if from_bounce
+                && write_segs(&mem, &ch.segs, 0, &self.bounce[done..done + len]).is_none()
+            {
+                inc(&c.invalid_chains, 1);
+            }
+            parts.push((ch.head, len as u32));
+            if first_segs.is_none() {
+                first_segs = Some(ch.segs);
+            }
+            done += len;
+        }
+        let num_buffers = parts.len() as u16;
+        if let Some(segs) = first_segs {
+            // The TAP leaves num_buffers alone: fill it in before the guest
+            // can see the first buffer.
+            let _ = write_segs(&mem, &segs, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
+        }
+        for &(head, len) in &parts {
+            if let Err(e) = self.rx.add_used(&*mem, head, len) {
+                tracing::debug!("virtio-net: cannot return RX chain {head}: {e}");
+            }
+        }
+        self.rx_parts = parts;
+        inc(&c.rx_packets, 1);
+        c.count_pair(self.pair, 0);
+        inc(&c.rx_bytes, (n - VNET_HDR_LEN) as u64);
+    }
+}

@@ -197,7 +197,7 @@ impl Net {
     fn queue_token(&self, i: usize) -> Token {
         if i >= 2 * self.taps.len() {
             Token::Ctrl
-        } else if i % 2 == 0 {
+        } else if i.is_multiple_of(2) {
             Token::RxQueue(i / 2)
         } else {
             Token::TxQueue(i / 2)

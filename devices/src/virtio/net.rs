@@ -533,7 +533,7 @@ impl VirtioDevice for Net {
             .filter(|q| acked & F_CTRL_VQ != 0 && q.ready())
             .map(|q| Ctrl::new(2 * pairs, mem.clone(), q, interrupt.clone()));
         if !self.vhost_dev.is_empty() {
-            match self.start_vhost(&mem, &pair_queues, acked, &interrupt) {
+            match self.start_vhost(&mem, &mut pair_queues, acked, &interrupt) {
                 Ok(v) => {
                     self.vhost = v;
                     self.counters.vhost.store(true, Ordering::Relaxed);

@@ -45,9 +45,15 @@ impl Tap {
         let multi = first.multi_queue;
         let mut taps = vec![first];
         while multi && taps.len() < n {
-            let mut q = Self::open_queue(name, true)?;
-            q.set_attached(false)?;
-            taps.push(q);
+            // A queue that will not open (the TAP's queue limit, a file
+            // limit) leaves the VM fewer pairs, not no network.
+            match Self::open_queue(name, true).and_then(|mut q| q.set_attached(false).map(|()| q)) {
+                Ok(q) => taps.push(q),
+                Err(e) => {
+                    tracing::warn!("TAP {name}: queue {} of {n}: {e}", taps.len());
+                    break;
+                }
+            }
         }
         Ok(taps)
     }

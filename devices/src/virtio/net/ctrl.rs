@@ -30,6 +30,8 @@ pub const ERR: u8 = 1;
 /// The most command bytes read (header and data): every command this
 /// device knows is far shorter.
 const MAX_COMMAND: usize = 64;
+/// Commands served per wake-up at most.
+const CTRL_BUDGET: u16 = 4;
 
 /// The control queue while the device runs.
 pub(super) struct Ctrl {
@@ -100,10 +102,11 @@ impl Net {
         };
         let mem = ctrl.mem.clone();
         let mut used = false;
-        // A queue's worth per wake-up (each command may cost a TUNSETQUEUE
-        // per TAP queue): a driver that refills the ring as fast comes
-        // back after the other events, through a kick of its own.
-        let mut budget = ctrl.queue.size();
+        // A few commands per wake-up (one that changes the pair count costs
+        // a TUNSETQUEUE per TAP queue, each taking the host's RTNL lock): a
+        // driver that refills the ring as fast comes back after the other
+        // events, through a kick of its own. Linux sends one at a time.
+        let mut budget = CTRL_BUDGET;
         while let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) {
             budget = budget.saturating_sub(1);
             if budget == 0 {

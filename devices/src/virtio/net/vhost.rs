@@ -200,8 +200,9 @@ pub(super) struct VhostPath {
 }
 
 impl VhostPath {
-    /// Starts the kernel datapath of vhost-net instance `dev` over
-    /// `queues` (RX, TX), guest kicks on `kicks`, its signals on `calls`.
+    /// Programs vhost-net instance `dev` for `queues` (RX, TX), guest
+    /// kicks on `kicks`, its signals on `calls`; the kernel does nothing
+    /// with them until [`Self::attach`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         dev: &File,
@@ -285,17 +286,22 @@ impl VhostPath {
                 .set_vring_kick(i, &kicks[i])
                 .map_err(ioctl("VHOST_SET_VRING_KICK"))?;
         }
+        Ok(path)
+    }
+
+    /// Hands the TAP to both queues: from here the kernel moves frames.
+    /// Buffers the driver posted before DRIVER_OK (and kicks that came
+    /// before the kernel listened) are picked up now.
+    fn attach(&self, kicks: &[EventFd]) -> Result<(), VhostError> {
         for i in [RX, TX] {
-            handle
-                .set_backend(i, Some(&path._tap))
+            self.handle
+                .set_backend(i, Some(&self._tap))
                 .map_err(VhostError::Backend)?;
         }
-        // Buffers the driver posted before DRIVER_OK (and kicks that came
-        // before the kernel listened) are picked up now.
         for k in kicks {
             let _ = k.write(1);
         }
-        Ok(path)
+        Ok(())
     }
 
     /// The kernel signalled used buffers on a queue.
@@ -398,19 +404,22 @@ impl super::Net {
     pub(super) fn start_vhost(
         &self,
         mem: &Arc<GuestMemoryMmap>,
-        pairs: &[(Queue, Queue)],
+        pairs: &mut [(Queue, Queue)],
         acked: u64,
         interrupt: &Interrupt,
     ) -> Result<Vec<VhostPath>, VhostError> {
         use std::os::fd::AsRawFd;
+        // Every instance is programmed before any is handed its TAP: a
+        // failure up to there leaves the rings untouched by the kernel.
         let mut paths = Vec::with_capacity(pairs.len());
         for (p, (rx, tx)) in pairs.iter().enumerate() {
             let (Some(dev), Some(tap)) = (self.vhost_dev.get(p), self.taps.get(p)) else {
                 return Err(VhostError::Pairs(pairs.len()));
             };
-            let q = super::rx_index(p)..super::tx_index(p) + 1;
-            let (Some(kicks), Some(calls)) = (self.queue_evts.get(q.clone()), self.calls.get(q))
-            else {
+            let (Some(kicks), Some(calls)) = (
+                self.pair_fds(&self.queue_evts, p),
+                self.pair_fds(&self.calls, p),
+            ) else {
                 return Err(VhostError::Pairs(pairs.len()));
             };
             // The kernel takes its own reference to the TAP's file; a
@@ -430,7 +439,30 @@ impl super::Net {
                 interrupt.clone(),
             )?);
         }
+        for p in 0..paths.len() {
+            let kicks = self.pair_fds(&self.queue_evts, p).unwrap_or_default();
+            let Err(e) = paths[p].attach(kicks) else {
+                continue;
+            };
+            // The pairs attached may have moved already: the userspace
+            // datapath takes over from where the kernel stopped.
+            for (i, (q, path)) in pairs.iter_mut().zip(paths.iter_mut()).enumerate() {
+                let calls = self.pair_fds(&self.calls, i).unwrap_or_default();
+                if let Ok([rx, tx]) = path.quiesce(calls) {
+                    for (queue, st) in [(&mut q.0, rx), (&mut q.1, tx)] {
+                        queue.set_next_avail(st.next_avail);
+                        queue.set_next_used(st.next_used);
+                    }
+                }
+            }
+            return Err(e);
+        }
         Ok(paths)
+    }
+
+    /// Pair `p`'s two eventfds (RX, TX) of `fds`.
+    fn pair_fds<'a>(&self, fds: &'a [EventFd], p: usize) -> Option<&'a [EventFd]> {
+        fds.get(super::rx_index(p)..super::tx_index(p) + 1)
     }
 
     /// Wakes the event loop to re-register (see [`Self::sync_registrations`]).

@@ -225,3 +225,29 @@ fn a_driver_with_a_control_queue_but_no_mq_finds_it_after_the_first_pair() {
         "one pair without MQ"
     );
 }
+
+#[test]
+fn a_ring_full_of_commands_is_served_a_few_per_wake_up_and_all_answered() {
+    let mut m = Mq::start();
+    let mut heads = Vec::new();
+    for i in 0..20u64 {
+        let cmd = CMD + i * 16;
+        let ack = ACK + i;
+        let n = 1 + (i % 2) as u8;
+        m.mem
+            .write_slice(&[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, n, 0], GuestAddress(cmd))
+            .unwrap();
+        heads.push(m.q[4].add_chain(&m.mem, &[(cmd, 4, false), (ack, 1, true)]));
+    }
+    write_reg(&mut m.t, reg::QUEUE_NOTIFY, 4);
+    // One wake-up serves a few and re-arms the queue.
+    m.em.run_with_timeout(20).unwrap();
+    let first = m.q[4].used(&m.mem).len();
+    assert!((1..20).contains(&first), "{first} served in one wake-up");
+    m.settle();
+    assert_eq!(first + m.q[4].used(&m.mem).len(), 20);
+    let mut acks = [0xeeu8; 20];
+    m.mem.read_slice(&mut acks, GuestAddress(ACK)).unwrap();
+    assert!(acks.iter().all(|&a| a == OK), "{acks:?}");
+    assert_eq!(m.net.lock().unwrap().enabled, 2, "the last command wins");
+}

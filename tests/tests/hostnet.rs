@@ -244,7 +244,9 @@ fn send_as_vm(ns: &str, tap: &str, frames: &[Vec<u8>]) {
             .unwrap();
         let mut ifr = [0u8; 40];
         ifr[..tap.len()].copy_from_slice(tap.as_bytes());
-        let flags: i16 = (libc::IFF_TAP | libc::IFF_NO_PI) as i16;
+        // `vmm net up` makes multi-queue TAPs: a queue of one attaches
+        // only as a multi-queue open.
+        let flags: i16 = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as i16;
         ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
         // SAFETY: TUNSETIFF reads and writes a 40-byte ifreq we own.
         let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };

@@ -778,6 +778,22 @@ impl NetNs {
         )
     }
 
+    /// As [`NetNs::new`] with a single-queue TAP: QEMU with one queue pair
+    /// opens its TAP without `IFF_MULTI_QUEUE`, which the kernel refuses
+    /// on a multi-queue TAP (the side-by-side benchmarks; our VMM takes
+    /// either).
+    pub fn single_queue(host: &'static Host, tag: &str) -> NetNs {
+        Self::create(
+            host,
+            tag,
+            "a TAP",
+            &format!(
+                "ip -n $ns tuntap add dev tap0 mode tap; \
+                 ip -n $ns addr add {HOST_IP}/24 dev tap0; ip -n $ns link set tap0 up"
+            ),
+        )
+    }
+
     /// A namespace standing for a host whose VMs are on a bridge: `br0`
     /// with [`HOST_IP`]/24 and [`HOST_IP6`]/64, no TAP (`vmm net up`
     /// makes the VMs' TAPs).

@@ -63,7 +63,8 @@ fn devices(peer: Peer, img: &str, modules: &str) -> Vec<String> {
 /// test host's emulator fault, or no greeting in time).
 fn once(h: &'static Host, peer: Peer, g: &Guest, modules: &str) -> Option<f64> {
     for attempt in 1..=3 {
-        let ns = NetNs::new(h, "bench-sshd");
+        // Single-queue: QEMU's one pair cannot open a multi-queue TAP.
+        let ns = NetNs::single_queue(h, "bench-sshd");
         let dir = HostDir::new(h, "bench-sshd");
         let img = dir.join("root.ext4");
         let src = tests::repo_root().join("build/disks/debian-server.ext4");

@@ -327,6 +327,14 @@ fn spec_pairs<'a>(flag: &str, spec: &'a str) -> Result<Vec<(&'a str, &'a str)>, 
         .collect()
 }
 
+/// `queues=N` of a `--disk` or `--net`: 1 to `max`.
+fn parse_queues(v: &str, max: u16) -> Result<u16, String> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| format!("queues={v}: use 1 to {max}"))
+}
+
 /// A mode flag's value (`--seccomp`, `--sandbox`), its default when not given.
 fn parse_mode<T>(flag: &str, value: Option<String>) -> Result<T, ConfigError>
 where
@@ -380,13 +388,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
             }
             "io" => engine = v.parse().map_err(err)?,
             "queues" => {
-                let max = devices::virtio::block::MAX_QUEUES;
-                queues = Some(
-                    v.parse::<u16>()
-                        .ok()
-                        .filter(|n| (1..=max).contains(n))
-                        .ok_or_else(|| err(format!("queues={v}: use 1 to {max}")))?,
-                )
+                queues = Some(parse_queues(v, devices::virtio::block::MAX_QUEUES).map_err(err)?)
             }
             other => {
                 return Err(err(format!(
@@ -430,13 +432,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
             }
             "vhost" => vhost = v.parse().map_err(err)?,
             "queues" => {
-                let max = devices::virtio::net::MAX_QUEUE_PAIRS;
-                queues = Some(
-                    v.parse::<u16>()
-                        .ok()
-                        .filter(|n| (1..=max).contains(n))
-                        .ok_or_else(|| err(format!("queues={v}: use 1 to {max}")))?,
-                )
+                queues = Some(parse_queues(v, devices::virtio::net::MAX_QUEUE_PAIRS).map_err(err)?)
             }
             "bridge" if crate::hostnet::valid_ifname(v) => bridge = Some(v.to_string()),
             "bridge" => {

@@ -264,9 +264,6 @@ pub struct Net {
     /// snapshot saves for queues no datapath serves (a pair the driver left
     /// unused), the running ones' positions replacing theirs.
     activated: Vec<QueueState>,
-    /// The queue pairs the driver enabled (`VIRTIO_NET_CTRL_MQ`); 1 until
-    /// it asks for more. Kept across a quiesce, for the snapshot.
-    enabled: u16,
     tap_registered: Vec<bool>,
     /// The vhost-net instances activations try first, one per pair
     /// (opened with the device, kept for its life: see [`vhost`]); empty
@@ -339,7 +336,6 @@ impl Net {
             active: Vec::new(),
             ctrl: None,
             activated: Vec::new(),
-            enabled: 1,
             vhost_dev: Vec::new(),
             vhost: Vec::new(),
             calls: new_queue_events(2 * pairs).map_err(NetError::EventFd)?,
@@ -410,8 +406,14 @@ impl Net {
         ok
     }
 
+    /// The queue pairs the driver enabled (`VIRTIO_NET_CTRL_MQ`); 1 until
+    /// it asks for more. Kept across a quiesce, for the snapshot. The
+    /// counters hold it, so that `status` reads it without the lock.
+    fn enabled(&self) -> usize {
+        usize::try_from(self.counters.enabled_pairs()).unwrap_or(1)
+    }
+
     fn set_enabled(&mut self, n: u16) {
-        self.enabled = n;
         self.counters.enabled.store(u64::from(n), Ordering::Relaxed);
     }
 
@@ -510,10 +512,10 @@ impl VirtioDevice for Net {
         };
         let usable = Self::usable_pairs(&queues, pairs);
         if usable == 0 {
-            let i = [RX_OF_PAIR0, TX_OF_PAIR0]
+            let i = [rx_index(0), tx_index(0)]
                 .into_iter()
                 .find(|&i| !queues.get(i).is_some_and(|q| q.ready()))
-                .unwrap_or(RX_OF_PAIR0);
+                .unwrap_or(rx_index(0));
             return Err(ActivateError::InvalidQueue(i));
         }
         self.set_offloads(acked);
@@ -610,7 +612,9 @@ impl VirtioDevice for Net {
     }
 
     fn saved_queue_pairs(&self) -> Option<u16> {
-        (self.taps.len() > 1).then_some(self.enabled)
+        u16::try_from(self.counters.enabled_pairs())
+            .ok()
+            .filter(|_| self.taps.len() > 1)
     }
 
     fn restore_queue_pairs(&mut self, pairs: u16) {
@@ -622,9 +626,6 @@ impl VirtioDevice for Net {
         }
     }
 }
-
-const RX_OF_PAIR0: usize = 0;
-const TX_OF_PAIR0: usize = 1;
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {

@@ -106,16 +106,12 @@ impl Net {
         // a TUNSETQUEUE per TAP queue, each taking the host's RTNL lock): a
         // driver that refills the ring as fast comes back after the other
         // events, through a kick of its own. Linux sends one at a time.
-        let mut budget = CTRL_BUDGET;
-        while let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) {
-            budget = budget.saturating_sub(1);
-            if budget == 0 {
-                if let Some(evt) = self.queue_evts.get(ctrl.index) {
-                    if let Err(e) = evt.write(1) {
-                        tracing::warn!("virtio-net: cannot re-arm its control queue: {e}");
-                    }
-                }
-            }
+        let mut served = 0;
+        while served < CTRL_BUDGET {
+            let Some(chain) = ctrl.queue.pop_descriptor_chain(&*mem) else {
+                break;
+            };
+            served += 1;
             let head = chain.head_index();
             let mut written = 0;
             match parse_chain(chain) {
@@ -140,8 +136,12 @@ impl Net {
                 Ok(()) => used = true,
                 Err(e) => tracing::debug!("virtio-net: cannot return control chain {head}: {e}"),
             }
-            if budget == 0 {
-                break;
+        }
+        if served == CTRL_BUDGET {
+            if let Some(evt) = self.queue_evts.get(ctrl.index) {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("virtio-net: cannot re-arm its control queue: {e}");
+                }
             }
         }
         if used && ctrl.queue.needs_notification(&*mem).unwrap_or(true) {
@@ -192,7 +192,7 @@ impl Net {
         }
         if !self.steer_to(want) {
             // Back to what it was: frames keep going where they are served.
-            self.steer_to(usize::from(self.enabled));
+            self.steer_to(self.enabled());
             return Err(format!("the TAP cannot steer to {n} queues"));
         }
         self.set_enabled(n);

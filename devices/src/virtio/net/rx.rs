@@ -56,7 +56,7 @@ impl Net {
     pub(super) fn handle_rx(&mut self, p: usize, ops: &mut EventOps) {
         // A pair the driver has not enabled gets no frames: its TAP queue
         // is detached, and nothing polls it.
-        let enabled = p < usize::from(self.enabled);
+        let enabled = p < self.enabled();
         let (Some(a), Some(tap), true) = (self.active.get_mut(p), self.taps.get(p), enabled) else {
             self.set_tap_polling(p, ops, false);
             return;

@@ -22,6 +22,12 @@ impl Mq {
     /// A two-pair device, started by a driver that took MQ and the control
     /// queue.
     fn start() -> Self {
+        Self::with_driver(VIRTIO_F_VERSION_1 | F_CTRL_VQ | F_MQ, 5)
+    }
+
+    /// A two-pair device started by a driver that took `features` and set
+    /// up its first `queues` queues (RX0, TX0, RX1, TX1, control).
+    fn with_driver(features: u64, queues: usize) -> Self {
         let (d0, h0) = seqpacket_pair();
         let (d1, h1) = seqpacket_pair();
         let net = Arc::new(Mutex::new(Net::with_fds(vec![d0, d1], MAC)));
@@ -37,8 +43,7 @@ impl Mq {
             TestQueue::new(0xa000, QUEUE_SIZE),
             TestQueue::new(0xd000, 64),
         ];
-        let refs: Vec<&TestQueue> = q.iter().collect();
-        let features = VIRTIO_F_VERSION_1 | F_CTRL_VQ | F_MQ;
+        let refs: Vec<&TestQueue> = q.iter().take(queues).collect();
         assert_eq!(start(&mut t, features, &refs), 0xf);
         let mut m = Self {
             t,
@@ -59,15 +64,20 @@ impl Mq {
     /// Sends a control command; returns the answer byte and the length
     /// the device reported.
     fn command(&mut self, bytes: &[u8]) -> (u8, u32) {
+        self.command_on(4, bytes)
+    }
+
+    /// Sends a control command on queue `ctrl`.
+    fn command_on(&mut self, ctrl: usize, bytes: &[u8]) -> (u8, u32) {
         self.mem.write_slice(&[0xee], GuestAddress(ACK)).unwrap();
         self.mem.write_slice(bytes, GuestAddress(CMD)).unwrap();
-        let head = self.q[4].add_chain(
+        let head = self.q[ctrl].add_chain(
             &self.mem,
             &[(CMD, bytes.len() as u32, false), (ACK, 1, true)],
         );
-        write_reg(&mut self.t, reg::QUEUE_NOTIFY, 4);
+        write_reg(&mut self.t, reg::QUEUE_NOTIFY, ctrl as u32);
         self.settle();
-        let used = self.q[4].used(&self.mem);
+        let used = self.q[ctrl].used(&self.mem);
         assert_eq!(used.len(), 1);
         assert_eq!(used[0].0, u32::from(head));
         let mut ack = [0u8];
@@ -142,7 +152,7 @@ fn bad_control_commands_are_refused_and_change_nothing() {
     ] {
         assert_eq!(m.command(bad), (ERR, 1), "{bad:?}");
     }
-    assert_eq!(m.net.lock().unwrap().enabled, 1);
+    assert_eq!(m.net.lock().unwrap().enabled(), 1);
 
     // A chain with no room for the answer comes back unused.
     m.mem.write_slice(&[4, 0, 2, 0], GuestAddress(CMD)).unwrap();
@@ -150,7 +160,7 @@ fn bad_control_commands_are_refused_and_change_nothing() {
     write_reg(&mut m.t, reg::QUEUE_NOTIFY, 4);
     m.settle();
     assert_eq!(m.q[4].used(&m.mem)[0].1, 0);
-    assert_eq!(m.net.lock().unwrap().enabled, 1);
+    assert_eq!(m.net.lock().unwrap().enabled(), 1);
     assert_eq!(m.net.lock().unwrap().stats().invalid_chains, 1);
 }
 
@@ -163,7 +173,7 @@ fn a_snapshot_keeps_the_enabled_pairs_and_every_queue() {
     assert_eq!(s.queues.len(), 5);
     assert_eq!(s.queues[4].next_avail, 1, "the control queue's position");
     m.t.restore_state(&s).unwrap();
-    assert_eq!(m.net.lock().unwrap().enabled, 2);
+    assert_eq!(m.net.lock().unwrap().enabled(), 2);
     // Pair 1 still receives after the restore.
     m.post_rx(2, RX1BUF);
     send(&m.hosts[1], &framed(&payload(64, 3)));
@@ -173,55 +183,23 @@ fn a_snapshot_keeps_the_enabled_pairs_and_every_queue() {
 
 #[test]
 fn a_driver_without_mq_gets_one_pair_and_no_control_queue() {
-    let (d0, _h0) = seqpacket_pair();
-    let (d1, h1) = seqpacket_pair();
-    let net = Arc::new(Mutex::new(Net::with_fds(vec![d0, d1], MAC)));
-    let handle = GuestMemoryHandle::new(guest_memory());
-    let mem = handle.get().unwrap();
-    let mut t = MmioTransport::new(net.clone(), handle).unwrap();
-    let mut em = Manager::new().unwrap();
-    em.add_subscriber(net.clone());
-    let rx = TestQueue::new(0x1000, QUEUE_SIZE);
-    let tx = TestQueue::new(0x4000, QUEUE_SIZE);
-    assert_eq!(start(&mut t, VIRTIO_F_VERSION_1, &[&rx, &tx]), 0xf);
-    while em.run_with_timeout(20).unwrap() > 0 {}
-    let n = net.lock().unwrap();
+    let m = Mq::with_driver(VIRTIO_F_VERSION_1, 2);
+    let n = m.net.lock().unwrap();
     assert_eq!(n.active.len(), 1);
     assert!(n.ctrl.is_none());
-    drop(n);
-    drop((mem, h1));
 }
 
 #[test]
 fn a_driver_with_a_control_queue_but_no_mq_finds_it_after_the_first_pair() {
-    let (d0, _h0) = seqpacket_pair();
-    let (d1, _h1) = seqpacket_pair();
-    let net = Arc::new(Mutex::new(Net::with_fds(vec![d0, d1], MAC)));
-    let handle = GuestMemoryHandle::new(guest_memory());
-    let mem = handle.get().unwrap();
-    let mut t = MmioTransport::new(net.clone(), handle).unwrap();
-    let mut em = Manager::new().unwrap();
-    em.add_subscriber(net.clone());
-    let rx = TestQueue::new(0x1000, QUEUE_SIZE);
-    let tx = TestQueue::new(0x4000, QUEUE_SIZE);
-    let mut ctrl = TestQueue::new(0x7000, 64);
-    let features = VIRTIO_F_VERSION_1 | F_CTRL_VQ;
-    assert_eq!(start(&mut t, features, &[&rx, &tx, &ctrl]), 0xf);
-    while em.run_with_timeout(20).unwrap() > 0 {}
-    let mut command = |bytes: &[u8]| {
-        mem.write_slice(bytes, GuestAddress(CMD)).unwrap();
-        ctrl.add_chain(&mem, &[(CMD, bytes.len() as u32, false), (ACK, 1, true)]);
-        write_reg(&mut t, reg::QUEUE_NOTIFY, 2);
-        while em.run_with_timeout(20).unwrap() > 0 {}
-        assert_eq!(ctrl.used(&mem).len(), 1, "queue 2 is the control queue");
-        let mut ack = [0u8];
-        mem.read_slice(&mut ack, GuestAddress(ACK)).unwrap();
-        ack[0]
-    };
-    assert_eq!(command(&[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 1, 0]), OK);
+    let mut m = Mq::with_driver(VIRTIO_F_VERSION_1 | F_CTRL_VQ, 3);
+    // Queue 2 is the control queue: each command is answered there.
     assert_eq!(
-        command(&[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0]),
-        ERR,
+        m.command_on(2, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 1, 0]),
+        (OK, 1)
+    );
+    assert_eq!(
+        m.command_on(2, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0]),
+        (ERR, 1),
         "one pair without MQ"
     );
 }
@@ -249,5 +227,5 @@ fn a_ring_full_of_commands_is_served_a_few_per_wake_up_and_all_answered() {
     let mut acks = [0xeeu8; 20];
     m.mem.read_slice(&mut acks, GuestAddress(ACK)).unwrap();
     assert!(acks.iter().all(|&a| a == OK), "{acks:?}");
-    assert_eq!(m.net.lock().unwrap().enabled, 2, "the last command wins");
+    assert_eq!(m.net.lock().unwrap().enabled(), 2, "the last command wins");
 }

@@ -26,7 +26,11 @@ macro_rules! check {
         let mut dev = $dev;
         let before = dev.save_state();
         match dev.restore_state($state) {
-            Ok(()) => assert_eq!(&dev.save_state(), $state, "a restored state saves back unchanged"),
+            Ok(()) => assert_eq!(
+                &dev.save_state(),
+                $state,
+                "a restored state saves back unchanged"
+            ),
             Err(e) => {
                 assert!(!e.to_string().contains('\n'), "one line: {e}");
                 assert_eq!(dev.save_state(), before, "a refused state changes nothing");
@@ -49,7 +53,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let sink = Arc::new(RecordingSink::default());
     let d = &snap.devices;
-    check!(SerialDevice::new(irq(), Box::new(std::io::sink()), None), &d.serial);
+    check!(
+        SerialDevice::new(irq(), Box::new(std::io::sink()), None),
+        &d.serial
+    );
     check!(I8042Device::new(irq(), sink.clone()), &d.i8042);
     check!(AcpiPmDevice::new(sink.clone()), &d.acpi_pm);
     check!(PvPanicDevice::new(sink.clone()), &d.pvpanic);

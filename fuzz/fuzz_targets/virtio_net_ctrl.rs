@@ -17,12 +17,11 @@ use arbitrary::Arbitrary;
 use devices::virtio::mmio::reg;
 use devices::virtio::net::{F_CTRL_VQ, F_MQ};
 use devices::virtio::test_utils::{start, write_reg, TestQueue};
-use devices::virtio::{GuestMemoryHandle, MmioTransport, Net, VirtioDevice, VIRTIO_F_VERSION_1};
-use event_manager::SubscriberOps;
+use devices::virtio::{MmioTransport, Net, VirtioDevice, VIRTIO_F_VERSION_1};
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_fuzz::net::{send, seqpacket_pair, Manager};
-use vmm_fuzz::virtio::{fill_stream, guest_memory, queue_size, Alloc, BufSpec, RING_AREA};
+use vmm_fuzz::net::{send, seqpacket_pair, served, settle, Manager};
+use vmm_fuzz::virtio::{fill_stream, queue_size, Alloc, BufSpec, RING_AREA};
 
 /// Room for one small queue's rings (size 32 at most here).
 const QUEUE_AREA: u64 = 0x600;
@@ -31,15 +30,26 @@ const MAX_SIZE: u16 = 32;
 #[derive(Arbitrary, Debug)]
 enum Op {
     /// A command laid out as a driver does: its bytes, then the answer.
-    Command { bytes: Vec<u8> },
+    Command {
+        bytes: Vec<u8>,
+    },
     /// Any chain at all on the control queue.
-    Raw { bufs: Vec<BufSpec>, data: Vec<u8> },
+    Raw {
+        bufs: Vec<BufSpec>,
+        data: Vec<u8>,
+    },
     /// A notification of any queue.
     Notify(u8),
     /// A frame arrives on pair `p`'s TAP queue; an RX buffer is posted on
     /// pair `p` first when `post` says so.
-    Frame { pair: bool, post: bool },
-    Restart { features: u64, sizes: [u8; 5] },
+    Frame {
+        pair: bool,
+        post: bool,
+    },
+    Restart {
+        features: u64,
+        sizes: [u8; 5],
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -64,7 +74,11 @@ struct Harness {
 impl Harness {
     fn restart(&mut self, features: u64, sizes: [u8; 5]) {
         write_reg(&mut self.t, reg::STATUS, 0);
-        let offered = self.net.lock().unwrap_or_else(|e| e.into_inner()).device_features();
+        let offered = self
+            .net
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_features();
         self.acked = (features & offered) | VIRTIO_F_VERSION_1;
         self.queues = (0..5)
             .map(|i| {
@@ -81,12 +95,7 @@ impl Harness {
     }
 
     fn settle(&mut self) {
-        for _ in 0..64 {
-            if self.em.run_with_timeout(0).expect("event loop") == 0 {
-                return;
-            }
-        }
-        panic!("the event loop never went idle");
+        settle(&mut self.em);
     }
 
     fn mq(&self) -> bool {
@@ -115,12 +124,7 @@ impl Harness {
 fuzz_target!(|input: Input| {
     let (d0, h0) = seqpacket_pair();
     let (d1, h1) = seqpacket_pair();
-    let net = Arc::new(Mutex::new(Net::with_fds(vec![d0, d1], [2, 0, 0, 0, 0, 1])));
-    let handle = GuestMemoryHandle::new(guest_memory());
-    let mem = handle.get().expect("memory");
-    let t = MmioTransport::new(net.clone(), handle).expect("transport");
-    let mut em = Manager::new().expect("event manager");
-    em.add_subscriber(net.clone());
+    let (net, t, mem, em) = served(Net::with_fds(vec![d0, d1], [2, 0, 0, 0, 0, 1]));
     let mut h = Harness {
         net,
         t,
@@ -158,7 +162,9 @@ fuzz_target!(|input: Input| {
                     continue;
                 }
                 let mut answer = [0u8];
-                h.mem.read_slice(&mut answer, GuestAddress(ack)).expect("ack");
+                h.mem
+                    .read_slice(&mut answer, GuestAddress(ack))
+                    .expect("ack");
                 let serving = if h.mq() { 2 } else { 1 };
                 let want = match bytes {
                     [4, 0, a, b, ..] => {
@@ -212,7 +218,10 @@ fuzz_target!(|input: Input| {
                 h.settle();
                 let used = h.queues[rxq].used(&h.mem);
                 if p as u64 >= h.enabled() {
-                    assert!(used.iter().all(|&(_, len)| len == 0), "a frame on a disabled pair");
+                    assert!(
+                        used.iter().all(|&(_, len)| len == 0),
+                        "a frame on a disabled pair"
+                    );
                 }
             }
             Op::Restart { features, sizes } => h.restart(features, sizes),

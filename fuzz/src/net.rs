@@ -87,15 +87,40 @@ pub struct NetHarness {
     pub alloc: Alloc,
 }
 
+/// `net` on its transport over fresh guest memory, registered with an
+/// event manager of its own.
+pub fn served(
+    net: Net,
+) -> (
+    Arc<Mutex<Net>>,
+    MmioTransport,
+    Arc<GuestMemoryMmap>,
+    Manager,
+) {
+    let net = Arc::new(Mutex::new(net));
+    let handle = GuestMemoryHandle::new(guest_memory());
+    let mem = handle.get().expect("memory");
+    let t = MmioTransport::new(net.clone(), handle).expect("transport");
+    let mut em = Manager::new().expect("event manager");
+    em.add_subscriber(net.clone());
+    (net, t, mem, em)
+}
+
+/// Runs the event loop until it is idle (bounded: a device that keeps
+/// re-arming itself forever would be a bug of its own).
+pub fn settle(em: &mut Manager) {
+    for _ in 0..64 {
+        if em.run_with_timeout(0).expect("event loop") == 0 {
+            return;
+        }
+    }
+    panic!("the event loop never went idle");
+}
+
 impl NetHarness {
     pub fn new(features: u64, rx_size: u8, tx_size: u8) -> Self {
         let (dev, host) = seqpacket_pair();
-        let net = Arc::new(Mutex::new(Net::with_fd(dev, MAC)));
-        let handle = GuestMemoryHandle::new(guest_memory());
-        let mem = handle.get().expect("memory");
-        let t = MmioTransport::new(net.clone(), handle).expect("transport");
-        let mut em = Manager::new().expect("event manager");
-        em.add_subscriber(net.clone());
+        let (net, t, mem, em) = served(Net::with_fd(dev, MAC));
         let mut h = Self {
             net,
             t,
@@ -125,15 +150,8 @@ impl NetHarness {
         write_reg(&mut self.t, reg::QUEUE_NOTIFY, queue as u32);
     }
 
-    /// Runs the event loop until it is idle (bounded: a device that keeps
-    /// re-arming itself forever would be a bug of its own).
     pub fn settle(&mut self) {
-        for _ in 0..64 {
-            if self.em.run_with_timeout(0).expect("event loop") == 0 {
-                return;
-            }
-        }
-        panic!("the event loop never went idle");
+        settle(&mut self.em);
     }
 
     pub fn stats(&self) -> NetStats {

@@ -830,6 +830,17 @@ impl NetNs {
         ))
     }
 
+    /// Starts `argv` inside the namespace, in the background.
+    pub fn spawn(&self, argv: &[&str]) -> std::io::Result<crate::host::Proc> {
+        let prefix = self.exec_prefix();
+        let full: Vec<&str> = prefix
+            .iter()
+            .map(String::as_str)
+            .chain(argv.iter().copied())
+            .collect();
+        self.host.spawn(&full, &[])
+    }
+
     /// A command line prefix that runs inside the namespace.
     pub fn exec_prefix(&self) -> Vec<String> {
         vec![

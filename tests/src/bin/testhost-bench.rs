@@ -247,26 +247,22 @@ fn dd_rate(out: &str, name: &str) -> Option<f64> {
     (secs > 0.0).then(|| bytes / secs / 1e6)
 }
 
-/// Reads per second from a `vmm-bench: NAME 8192 reads, 3.2 seconds` line.
-fn iops(out: &str, name: &str) -> Option<f64> {
+/// The third word of a `vmm-bench: NAME COUNT UNIT SECONDS ...` line
+/// divided by its fifth: reads per second from `vmm-bench: qd1-read 8192
+/// reads, 3.2 seconds`, MiB per second from `vmm-bench: net-tx 64 MiB 2.31 s`.
+fn per_second(out: &str, name: &str) -> Option<f64> {
     let line = out
         .lines()
         .find(|l| l.contains(&format!("vmm-bench: {name} ")))?;
     let w: Vec<&str> = line.split_whitespace().collect();
-    let reads: f64 = w.get(2)?.parse().ok()?;
+    let count: f64 = w.get(2)?.parse().ok()?;
     let secs: f64 = w.get(4)?.parse().ok()?;
-    (secs > 0.0).then(|| reads / secs)
+    (secs > 0.0).then(|| count / secs)
 }
 
 /// MB/s from a `vmm-bench: net-tx 64 MiB 2.31 s` line.
 fn net_rate(out: &str, name: &str) -> Option<f64> {
-    let line = out
-        .lines()
-        .find(|l| l.contains(&format!("vmm-bench: {name} ")))?;
-    let w: Vec<&str> = line.split_whitespace().collect();
-    let mib: f64 = w.get(2)?.parse().ok()?;
-    let secs: f64 = w.get(4)?.parse().ok()?;
-    (secs > 0.0).then(|| mib * 1048576.0 / secs / 1e6)
+    per_second(out, name).map(|mib| mib * 1048576.0 / 1e6)
 }
 
 fn median(v: &[f64]) -> Option<Stats> {
@@ -431,7 +427,7 @@ fn main() -> ExitCode {
                         rd[i].push(a);
                         wr[i].push(b);
                         if let (Some(q1), Some(q32)) =
-                            (iops(&out, "qd1-read"), iops(&out, "qd32-read"))
+                            (per_second(&out, "qd1-read"), per_second(&out, "qd32-read"))
                         {
                             eprintln!("  4 KiB reads: QD1 {q1:.0} IOPS, QD32 {q32:.0} IOPS");
                             qd1[i].push(q1);

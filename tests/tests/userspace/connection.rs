@@ -4,23 +4,11 @@
 
 use tests::guest::{Guest, NetNs, GUEST_IP, HOST_IP, INIT_OK};
 use tests::host::Proc;
-use tests::Host;
 
 /// An echo server on port 7000 in `ns`, listening when this returns.
-pub fn echo_server(h: &Host, ns: &NetNs) -> Proc {
-    let echo = h
-        .spawn(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &ns.name,
-                "socat",
-                "TCP-LISTEN:7000,reuseaddr",
-                "EXEC:cat",
-            ],
-            &[],
-        )
+pub fn echo_server(ns: &NetNs) -> Proc {
+    let echo = ns
+        .spawn(&["socat", "TCP-LISTEN:7000,reuseaddr", "EXEC:cat"])
         .expect("echo server");
     ns.sh("for i in $(seq 1 100); do ss -ltn | grep -q :7000 && exit 0; sleep 0.1; done; exit 1")
         .ok("the echo server listens");

@@ -73,7 +73,7 @@ fn world(h: &'static tests::Host) -> World {
     join(h, &a, &net, "a", "10.0.2.11");
     join(h, &b, &net, "b", "10.0.2.12");
     // The guest's TCP peer, on the network.
-    let echo = echo_server(h, &net);
+    let echo = echo_server(&net);
     World {
         _net: net,
         a,

@@ -199,20 +199,13 @@ fn ping_and_move_64_mib_each_way(
             .unwrap_or_default()
             .to_string();
         let recv = dir.join("from-guest");
-        let mut listener = h
-            .spawn(
-                &[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    "socat",
-                    "-u",
-                    "TCP-LISTEN:5001,reuseaddr",
-                    &format!("CREATE:{recv}"),
-                ],
-                &[],
-            )
+        let mut listener = ns
+            .spawn(&[
+                "socat",
+                "-u",
+                "TCP-LISTEN:5001,reuseaddr",
+                &format!("CREATE:{recv}"),
+            ])
             .expect("socat listener");
         let t0 = Instant::now();
         g.run_status(
@@ -250,21 +243,12 @@ fn a_guest_that_takes_no_receive_buffers_cannot_stop_the_vmm() {
             "ip neigh replace {GUEST_IP} lladdr 52:54:00:12:34:57 dev tap0 nud permanent"
         ))
         .ok("static neighbour");
-        let mut flood = h
-            .spawn(
-                &[
-                    "ip",
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    "sh",
-                    "-c",
-                    &format!(
-                        "head -c 50000000 /dev/zero | socat -u - UDP:{GUEST_IP}:9,sndbuf=1048576"
-                    ),
-                ],
-                &[],
-            )
+        let mut flood = ns
+            .spawn(&[
+                "sh",
+                "-c",
+                &format!("head -c 50000000 /dev/zero | socat -u - UDP:{GUEST_IP}:9,sndbuf=1048576"),
+            ])
             .expect("flood");
         // Meanwhile the control socket and the console answer promptly.
         let mut ctl = g.ctl();

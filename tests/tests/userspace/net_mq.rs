@@ -26,21 +26,14 @@ fn two_cpu_guest(h: &'static tests::Host, ns: &NetNs, vhost: &str) -> Guest {
 /// Sends 8 MiB to the host from each vCPU in turn (`taskset`): the
 /// driver's transmit-queue map sends a CPU's packets on its own queue,
 /// and the TAP steers a flow's answers to the queue it came from.
-fn send_from_each_cpu(h: &'static tests::Host, ns: &NetNs, g: &mut Guest) {
-    let mut sink = h
-        .spawn(
-            &[
-                "ip",
-                "netns",
-                "exec",
-                &ns.name,
-                "socat",
-                "-u",
-                "TCP-LISTEN:5003,reuseaddr,fork",
-                "OPEN:/dev/null",
-            ],
-            &[],
-        )
+fn send_from_each_cpu(ns: &NetNs, g: &mut Guest) {
+    let mut sink = ns
+        .spawn(&[
+            "socat",
+            "-u",
+            "TCP-LISTEN:5003,reuseaddr,fork",
+            "OPEN:/dev/null",
+        ])
         .expect("socat sink");
     for cpu in 0..2 {
         let out = g.run(&format!(
@@ -77,7 +70,7 @@ fn a_two_vcpu_guest_gets_a_queue_pair_per_cpu_and_sends_on_both_over_either_data
     scenario(|h| {
         let ns = NetNs::new(h, "mq");
         let mut g = two_cpu_guest(h, &ns, "off");
-        send_from_each_cpu(h, &ns, &mut g);
+        send_from_each_cpu(&ns, &mut g);
         let net = both_pairs_in_use(&mut g);
         assert_eq!(net["datapath"], "userspace");
         eprintln!("userspace datapath, two pairs: {net}");
@@ -96,7 +89,7 @@ fn a_two_vcpu_guest_gets_a_queue_pair_per_cpu_and_sends_on_both_over_either_data
         let mut g = two_cpu_guest(h, &ns, "on");
         let before = vhost_worker_ticks(h, &g);
         assert_eq!(before.len(), 2, "one vhost-net worker per pair: {before:?}");
-        send_from_each_cpu(h, &ns, &mut g);
+        send_from_each_cpu(&ns, &mut g);
         let net = both_pairs_in_use(&mut g);
         assert_eq!(net["datapath"], "vhost-net");
         let after = vhost_worker_ticks(h, &g);

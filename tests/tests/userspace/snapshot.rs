@@ -35,7 +35,7 @@ fn a_restored_vm_runs_on(vhost: &str) {
         ]);
         let mut g = Guest::start_in(h, spec, dir);
         // The host's side of the connection: an echo server.
-        let mut echo = echo_server(h, &ns);
+        let mut echo = echo_server(&ns);
         guest_with_a_connection(&mut g);
         let counted = counter(&mut g);
         let boot_count = g.ctl().status()["boot_count"].clone();

@@ -146,8 +146,13 @@ impl Uring {
         Ok(())
     }
 
-    /// Hands the queued requests to the kernel.
+    /// Hands the queued requests to the kernel. Nothing queued, no system
+    /// call: a wake-up that only returned completions or answered GET_ID
+    /// costs no `io_uring_enter`.
     pub(super) fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
@@ -160,9 +165,10 @@ impl Uring {
     }
 
     /// Takes every completion the kernel has posted: `(request, result)` where the result is
-    /// the bytes moved or `-errno`.
+    /// the bytes moved or `-errno`. The eventfd is not read: the event loop
+    /// watches it edge-triggered (each completion the kernel posts is a new
+    /// edge), and every completion posted before this call is taken.
     pub(super) fn reap(&mut self, mut done: impl FnMut(InFlight, i32)) {
-        let _ = self.evt.read();
         loop {
             let Some(cqe) = self.ring.completion().next() else {
                 return;
@@ -194,16 +200,27 @@ impl Uring {
             if left.is_zero() {
                 return;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.evt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd, for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.wait_event(left);
             self.reap(&mut done);
         }
+    }
+
+    /// Sleeps until the kernel posts a completion, `left` at most. The
+    /// eventfd is read here (and only here): the event loop never reads it,
+    /// so it stays readable after the first completion, and a wait that did
+    /// not empty it would not sleep.
+    fn wait_event(&self, left: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd, for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        // Emptied before the caller reaps: a completion posted after that
+        // makes it readable again, so the next wait does not miss it.
+        let _ = self.evt.read();
     }
 
     pub(super) fn wait_all(&mut self, mut done: impl FnMut(InFlight, i32)) {
@@ -235,14 +252,7 @@ impl Drop for Uring {
             if left.is_zero() {
                 break;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.evt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd, for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            self.wait_event(left);
             self.reap(|req, _| req.op.mark_read_dirty(&req.mem));
         }
         if self.in_flight > 0 {

@@ -175,7 +175,7 @@ impl Dev {
 
     fn serve(&mut self) {
         match self {
-            Dev::Blk(b) => b.lock().unwrap().process_queue(),
+            Dev::Blk(b) => b.lock().unwrap().serve_kick(),
             Dev::Net(_, em, host) => {
                 for _ in 0..64 {
                     if em.run_with_timeout(0).unwrap() == 0 {
@@ -211,6 +211,7 @@ fuzz_target!(|input: Input| {
             // Two: the transport's multi-queue paths (a queue left not
             // ready is the device's to skip) are fuzzed too.
             queues: 2,
+            poll: Default::default(),
         })
         .unwrap();
         Dev::Blk(Arc::new(Mutex::new(blk)))

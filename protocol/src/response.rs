@@ -82,6 +82,12 @@ pub struct DiskInfo {
     pub read_only: bool,
     /// How requests reach the image: `io_uring` or `sync`.
     pub engine: String,
+    /// The disk's `poll_us` (0: its thread sleeps as soon as it is idle).
+    #[serde(default)]
+    pub poll_us: u32,
+    /// Requests and completions its thread found while polling.
+    #[serde(default)]
+    pub polled: u64,
     /// Bytes the guest read and wrote since the VMM started.
     pub read_bytes: u64,
     pub write_bytes: u64,

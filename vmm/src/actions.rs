@@ -52,6 +52,8 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     path: d.path.display().to_string(),
                     read_only: d.read_only,
                     engine: d.engine.to_string(),
+                    poll_us: d.poll_us,
+                    polled: s.polled,
                     read_bytes: s.read_bytes,
                     write_bytes: s.write_bytes,
                     io_errors: s.io_errors,

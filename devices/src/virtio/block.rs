@@ -50,7 +50,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
@@ -62,6 +62,7 @@ mod backup;
 mod copy;
 mod direct;
 mod image_lock;
+mod poll;
 mod request;
 mod serve;
 mod state;
@@ -76,6 +77,8 @@ pub use copy::{CopyReader, CopySource, WriteLog, CHUNK as COPY_CHUNK};
 pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
 pub use image_lock::ImageLock;
+use poll::PollWindow;
+pub use poll::MAX_POLL;
 use request::{Disk, Handled};
 use uring::{InFlight, IoKind, IoOp, Uring};
 
@@ -141,6 +144,10 @@ pub struct BlockConfig {
     /// guest's blk-mq gives each CPU its own); 0 is 1, at most
     /// [`MAX_QUEUES`].
     pub queues: u16,
+    /// Adaptive polling up to this long after the last work (`poll_us`;
+    /// see [`poll`](self::poll)); zero (the default) is off, at most
+    /// [`MAX_POLL`].
+    pub poll: Duration,
 }
 
 /// How a disk's reads, writes and flushes reach the image.
@@ -201,6 +208,7 @@ pub struct BlockCounters {
     io_errors: AtomicU64,
     unsupported: AtomicU64,
     invalid_chains: AtomicU64,
+    polled: AtomicU64,
 }
 
 /// A snapshot of [`BlockCounters`].
@@ -219,6 +227,9 @@ pub struct BlockStats {
     pub unsupported: u64,
     /// Chains returned with no status (see the module table).
     pub invalid_chains: u64,
+    /// Requests and completions the disk's thread found while polling,
+    /// without a wake-up (`poll_us`).
+    pub polled: u64,
 }
 
 impl BlockCounters {
@@ -234,6 +245,7 @@ impl BlockCounters {
             io_errors: g(&self.io_errors),
             unsupported: g(&self.unsupported),
             invalid_chains: g(&self.invalid_chains),
+            polled: g(&self.polled),
         }
     }
 }
@@ -267,6 +279,11 @@ pub struct Block {
     backup_timer: TimerFd,
     /// Backup requests from the control socket's thread.
     backup_inbox: BackupInbox,
+    /// How long to poll before sleeping (`poll_us`).
+    poll: PollWindow,
+    /// When the thread last finished work: how long the guest or the disk
+    /// then took is what adapts the window.
+    idle_since: Option<Instant>,
 }
 
 /// Event-loop token of the io_uring completion eventfd (queue eventfds use their index).
@@ -411,6 +428,8 @@ impl Block {
             features,
             active: None,
             budget: None,
+            poll: PollWindow::new(cfg.poll),
+            idle_since: None,
         })
     }
 
@@ -671,7 +690,9 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == RING_TOKEN {
+            self.woken();
             self.complete_ring(None);
+            self.poll_for_work();
             return;
         }
         if events.data() == BACKUP_INBOX_TOKEN {
@@ -684,7 +705,7 @@ impl MutEventSubscriber for Block {
             self.backup_step();
             return;
         }
-        self.process_queue();
+        self.serve_kick();
     }
 }
 

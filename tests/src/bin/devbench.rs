@@ -26,6 +26,7 @@ mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use block::Op;
 use driver::Pass;
@@ -38,6 +39,9 @@ usage: devbench [options]
   --file-mib N      its size (default 256)
   --rand-ios N      4 KiB random reads per round (default 5000)
   --frames N        frames per network round (default 50000)
+  --poll-us N       also the random-read rows with the disk's adaptive
+                    polling up to N µs (`--disk ...,poll_us=N`; default 50,
+                    0: no such rows)
   --only LIST       block,net (default both)
   --guest           also boot `mini` with the image as /dev/vda and run dd
                     with O_DIRECT inside (needs guest user space: hardware KVM)
@@ -50,6 +54,7 @@ struct Opts {
     file: PathBuf,
     file_mib: u64,
     rand_ios: usize,
+    poll_us: u64,
     frames: usize,
     only: Vec<String>,
     guest: bool,
@@ -64,6 +69,7 @@ fn parse() -> Result<Opts, String> {
         file: PathBuf::from("target/devbench.img"),
         file_mib: 256,
         rand_ios: 5000,
+        poll_us: 50,
         frames: 50_000,
         only: vec!["block".into(), "net".into()],
         guest: false,
@@ -83,6 +89,7 @@ fn parse() -> Result<Opts, String> {
             "--file" => o.file = PathBuf::from(val()?),
             "--file-mib" => o.file_mib = num(val()?)?.max(8) as u64,
             "--rand-ios" => o.rand_ios = num(val()?)?.max(100),
+            "--poll-us" => o.poll_us = num(val()?)?.min(1000) as u64,
             "--frames" => o.frames = num(val()?)?.clamp(1000, net::MAX_FRAMES),
             "--only" => o.only = val()?.split(',').map(str::to_owned).collect(),
             "--guest" => o.guest = true,
@@ -166,22 +173,51 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
         o.file.display()
     );
     block::prepare_file(&o.file, size).map_err(|e| format!("{}: {e}", o.file.display()))?;
-    let cases = [
-        (Op::SeqRead, "blk seq read 1 MiB", "MB/s", 1e6),
-        (Op::SeqWrite, "blk seq write 1 MiB", "MB/s", 1e6),
-        (Op::RandRead, "blk rand read 4 KiB", "kIOPS", 1e3),
+    let poll = Duration::from_micros(o.poll_us);
+    let polled = format!("poll_us={}", o.poll_us);
+    let mut cases = vec![
+        (
+            Op::SeqRead,
+            "blk seq read 1 MiB".to_string(),
+            "MB/s",
+            1e6,
+            Duration::ZERO,
+        ),
+        (
+            Op::SeqWrite,
+            "blk seq write 1 MiB".into(),
+            "MB/s",
+            1e6,
+            Duration::ZERO,
+        ),
+        (
+            Op::RandRead,
+            "blk rand read 4 KiB".into(),
+            "kIOPS",
+            1e3,
+            Duration::ZERO,
+        ),
     ];
-    for (op, label, unit, scale) in cases {
+    if !poll.is_zero() {
+        cases.push((
+            Op::RandRead,
+            format!("blk rand read 4 KiB, {polled}"),
+            "kIOPS",
+            1e3,
+            poll,
+        ));
+    }
+    for (op, label, unit, scale, poll) in cases {
         let offs = block::offsets(op, size, o.rand_ios);
         let units = match op {
             Op::RandRead => offs.len() as f64,
             _ => (offs.len() * op.block()) as f64,
         };
-        let mut fig = Figure::new(label, unit, scale);
+        let mut fig = Figure::new(&label, unit, scale);
         for _ in 0..o.rounds {
             let h =
                 block::host_pass(&o.file, op, &offs).map_err(|e| format!("{label}: host: {e}"))?;
-            let d = block::device_pass(&o.file, op, &offs)
+            let d = block::device_pass(&o.file, op, &offs, poll)
                 .map_err(|e| format!("{label}: device: {e}"))?;
             fig.add(units, offs.len() as f64, h, d);
         }
@@ -190,15 +226,27 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
     // Deep queues: io_uring on both sides, on one request queue and on
     // four (a guest with a queue per CPU).
     let offs = block::offsets(Op::RandRead, size, o.rand_ios * 4);
-    for (queues, label) in [
-        (1u16, "blk rand read 4 KiB, QD32"),
-        (4, "blk rand read 4 KiB, QD32, 4 queues"),
-    ] {
-        let mut fig = Figure::new(label, "kIOPS", 1e3);
+    let mut deep = vec![
+        (
+            1u16,
+            "blk rand read 4 KiB, QD32".to_string(),
+            Duration::ZERO,
+        ),
+        (
+            4,
+            "blk rand read 4 KiB, QD32, 4 queues".into(),
+            Duration::ZERO,
+        ),
+    ];
+    if !poll.is_zero() {
+        deep.push((1, format!("blk rand read 4 KiB, QD32, {polled}"), poll));
+    }
+    for (queues, label, poll) in deep {
+        let mut fig = Figure::new(&label, "kIOPS", 1e3);
         for _ in 0..o.rounds {
             let h = block_qd::host_pass(&o.file, &offs, 32)
                 .map_err(|e| format!("{label}: host: {e}"))?;
-            let d = block_qd::device_pass(&o.file, &offs, 32, queues)
+            let d = block_qd::device_pass(&o.file, &offs, 32, queues, poll)
                 .map_err(|e| format!("{label}: device: {e}"))?;
             fig.add(offs.len() as f64, offs.len() as f64, h, d);
         }

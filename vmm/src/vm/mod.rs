@@ -189,6 +189,8 @@ pub struct DiskSource {
     pub path: std::path::PathBuf,
     pub read_only: bool,
     pub engine: &'static str,
+    /// `poll_us` (0: the disk's thread does not poll).
+    pub poll_us: u32,
     pub counters: Arc<devices::virtio::BlockCounters>,
 }
 
@@ -231,6 +233,7 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
                 // One unless asked: over virtio-mmio every queue shares the
                 // disk's one I/O thread and one interrupt (docs/notes.md).
                 queues: d.queues.unwrap_or(1),
+                poll: std::time::Duration::from_micros(d.poll_us.into()),
             },
         )
         .map_err(|e| VmmError::Setup(e.to_string()))?;
@@ -252,6 +255,7 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             path: d.path.clone(),
             read_only: d.read_only,
             engine,
+            poll_us: d.poll_us,
             counters,
         });
         add_slot(blk.clone())?;
@@ -272,6 +276,7 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
                 direct: false,
                 engine: devices::virtio::IoEngine::Auto,
                 queues: 1,
+                poll: Default::default(),
             },
         )
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
@@ -293,6 +298,7 @@ fn create_virtio(config: &VmConfig, mem: &GuestMemoryHandle) -> Result<VirtioSet
             path: img,
             read_only: true,
             engine,
+            poll_us: 0,
             counters,
         });
         add_slot(blk.clone())?;

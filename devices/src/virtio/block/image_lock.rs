@@ -96,6 +96,7 @@ mod tests {
             direct: false,
             engine: IoEngine::Sync,
             queues: 1,
+            poll: Default::default(),
         }
     }
 

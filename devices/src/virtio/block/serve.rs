@@ -3,15 +3,19 @@
 
 use super::*;
 
+/// The longest one wake-up keeps serving what polling finds.
+const POLL_SPAN: Duration = Duration::from_micros(500);
+
 impl Block {
     /// Serves the available requests of every ready queue, at most a
     /// budget's worth of each (see the module's documentation), then
     /// signals the guest if it wants an interrupt. Called from the event
-    /// loop on a queue notification.
-    pub fn process_queue(&mut self) {
+    /// loop on a queue notification. Returns how many chains it took.
+    pub fn process_queue(&mut self) -> usize {
         let Some(active) = self.active.as_mut() else {
-            return;
+            return 0;
         };
+        let mut taken = 0;
         let mem = active.mem.clone();
         let mut notify = false;
         for (qi, queue) in active.queues.iter_mut().enumerate() {
@@ -29,6 +33,7 @@ impl Block {
                 let mut popped = false;
                 while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
                     popped = true;
+                    taken += 1;
                     let head = chain.head_index();
                     let len = match self.disk.handle(&mem, chain) {
                         Handled::Done(len) => len,
@@ -114,20 +119,22 @@ impl Block {
         if notify {
             active.interrupt.signal_used_queue();
         }
+        taken
     }
 
-    /// Completes the requests io_uring finished (`wait_all`: every request
-    /// in flight, waiting for them): status, used ring, interrupt.
-    /// Completes what io_uring finished; with `wait_until`, waits for every
-    /// request in flight until then at most.
-    pub(super) fn complete_ring(&mut self, wait_until: Option<std::time::Instant>) {
+    /// Completes what io_uring finished (status, used ring, interrupt);
+    /// with `wait_until`, waits for every request in flight until then at
+    /// most. Returns how many it completed.
+    pub(super) fn complete_ring(&mut self, wait_until: Option<std::time::Instant>) -> usize {
         let (Some(ring), Some(active)) = (self.ring.as_mut(), self.active.as_mut()) else {
-            return;
+            return 0;
         };
         let disk = &self.disk;
+        let mut completed = 0;
         // The queues that got a chain back.
         let mut used = vec![false; active.queues.len()];
         let mut done = |mut req: InFlight, res| {
+            completed += 1;
             let r = disk.async_result(&req.mem, &mut req.op, res);
             let len = disk.complete(&req.mem, req.status_addr, &req.op, r);
             let Some(queue) = active.queues.get_mut(req.queue) else {
@@ -152,6 +159,14 @@ impl Block {
         if notify {
             active.interrupt.signal_used_queue();
         }
+        completed
+    }
+
+    /// Overrides the polling window (tests).
+    #[cfg(test)]
+    pub(crate) fn force_poll(&mut self, max: Duration) {
+        self.poll = PollWindow::new(max);
+        self.poll.force(max);
     }
 
     /// Requests io_uring has in flight (tests).
@@ -164,5 +179,74 @@ impl Block {
     #[cfg(test)]
     pub(crate) fn set_budget(&mut self, n: u16) {
         self.budget = Some(n);
+    }
+
+    /// What the event loop does on a queue kick: serves the queues, then
+    /// polls for more (`poll_us`) before the thread sleeps.
+    pub fn serve_kick(&mut self) {
+        self.woken();
+        self.process_queue();
+        self.poll_for_work();
+    }
+
+    /// The thread woke for a kick or a completion: how long after its last
+    /// work that came adapts the polling window.
+    pub(super) fn woken(&mut self) {
+        if let Some(since) = self.idle_since.take() {
+            self.poll.observe(since.elapsed());
+        }
+    }
+
+    /// Before the thread sleeps, keeps looking for the guest's next request
+    /// and io_uring's next completion for the polling window (see
+    /// [`poll`](super::poll)); serves what comes, each find restarting the
+    /// window. Returns after [`POLL_SPAN`] of finds at most, so the
+    /// thread's other events (backups, the VMM stopping) and the device's
+    /// lock (config reads, `status`) are not kept waiting; the kicks and
+    /// completions left bring it back.
+    pub(super) fn poll_for_work(&mut self) {
+        let began = Instant::now();
+        let mut idle_from = began;
+        while !self.poll.current().is_zero() {
+            let now = Instant::now();
+            let mut found = 0;
+            if self.ring.as_mut().is_some_and(Uring::has_completions) {
+                found += self.complete_ring(None);
+            }
+            if self.requests_ready() {
+                let taken = self.process_queue();
+                if taken == 0 {
+                    // The avail index moved but nothing could be taken (a
+                    // broken ring): spinning on it would only burn CPU.
+                    break;
+                }
+                found += taken;
+            }
+            if found > 0 {
+                inc(&self.disk.counters.polled, found as u64);
+                self.poll.observe(now.saturating_duration_since(idle_from));
+                idle_from = Instant::now();
+                if idle_from.saturating_duration_since(began) >= POLL_SPAN {
+                    break;
+                }
+            } else if now.saturating_duration_since(idle_from) >= self.poll.current() {
+                break;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        self.idle_since = Some(idle_from);
+    }
+
+    /// A ready queue whose avail index is past what the device took.
+    fn requests_ready(&self) -> bool {
+        let Some(active) = self.active.as_ref() else {
+            return false;
+        };
+        active.queues.iter().any(|q| {
+            q.ready()
+                && q.avail_idx(&*active.mem, std::sync::atomic::Ordering::Acquire)
+                    .is_ok_and(|i| i.0 != q.next_avail())
+        })
     }
 }

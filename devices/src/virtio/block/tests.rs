@@ -110,6 +110,7 @@ impl Fixture {
             direct,
             engine,
             queues: queues.0,
+            poll: Default::default(),
         };
         let mut file = image(sectors);
         let mut blk = Block::new(&cfg(&file));
@@ -225,6 +226,7 @@ impl Fixture {
 
 mod backup;
 mod dirty;
+mod polling;
 mod queues;
 mod state;
 

@@ -103,6 +103,12 @@ impl Uring {
         &self.evt
     }
 
+    /// The kernel posted completions not taken yet (a look at the shared
+    /// ring, no system call).
+    pub(super) fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// Requests handed to the kernel and not completed yet.
     pub(super) fn in_flight(&self) -> usize {
         self.in_flight

@@ -103,7 +103,7 @@ pub fn host_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
 
 /// The same I/O as virtio-blk requests through the real device
 /// (`direct=on`), transport and event loop.
-pub fn device_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
+pub fn device_pass(path: &Path, op: Op, offsets: &[u64], poll: Duration) -> io::Result<Pass> {
     let (mut d, mut q) = start_device(BlockConfig {
         path: path.to_owned(),
         read_only: false,
@@ -111,6 +111,7 @@ pub fn device_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
         direct: true,
         engine: devices::virtio::IoEngine::Auto,
         queues: 1,
+        poll,
     })?;
     // The guest's data pages are real, written pages (as the host buffer
     // is), not the untouched zero page.
@@ -143,6 +144,7 @@ pub fn device_round_trips(path: &Path, count: usize) -> io::Result<Pass> {
         direct: true,
         engine: devices::virtio::IoEngine::Auto,
         queues: 1,
+        poll: Default::default(),
     })?;
     let sw = Stopwatch::start(d.device_cpu_secs());
     for _ in 0..count {

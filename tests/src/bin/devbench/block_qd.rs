@@ -78,7 +78,13 @@ pub fn host_pass(path: &Path, offsets: &[u64], depth: usize) -> io::Result<Pass>
 /// The same reads as virtio-blk requests, `depth` in flight spread over
 /// `queues` request queues, through the real device (`direct=on`,
 /// io_uring), transport and event loop.
-pub fn device_pass(path: &Path, offsets: &[u64], depth: usize, queues: u16) -> io::Result<Pass> {
+pub fn device_pass(
+    path: &Path,
+    offsets: &[u64],
+    depth: usize,
+    queues: u16,
+    poll: Duration,
+) -> io::Result<Pass> {
     let blk = Block::new(&BlockConfig {
         path: path.to_owned(),
         read_only: true,
@@ -86,6 +92,7 @@ pub fn device_pass(path: &Path, offsets: &[u64], depth: usize, queues: u16) -> i
         direct: true,
         engine: devices::virtio::IoEngine::Auto,
         queues,
+        poll,
     })
     .map_err(io::Error::other)?;
     let mut d = Driver::new(Arc::new(Mutex::new(blk)), MEM)?;

@@ -38,6 +38,7 @@ fn reopen(f: Fixture, engine: IoEngine, read_only: bool) -> Fixture {
         direct: false,
         engine,
         queues: 1,
+        poll: Default::default(),
     });
     let blk = Arc::new(Mutex::new(blk.unwrap()));
     let t = MmioTransport::new(blk.clone(), handle).unwrap();

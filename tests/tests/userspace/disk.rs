@@ -130,8 +130,9 @@ fn a_disk_gives_each_vcpu_a_queue_and_writes_from_both_at_once_land_intact() {
 
 /// The guest writes 4 MiB to its disk with `conv=fsync`; once dd has
 /// returned, the VMM is killed with SIGKILL: the data is in the image.
-/// `engine`: the disk's `io=` (`status` must show it in use).
-fn fsynced_data_survives_sigkill(direct: bool, engine: &str) {
+/// `engine`: the disk's `io=` (`status` must show it in use); `poll_us`:
+/// its polling window (with one, `status` must show polling found work).
+fn fsynced_data_survives_sigkill(direct: bool, engine: &str, poll_us: u32) {
     scenario(|h| {
         let dir = HostDir::new(h, "fsync");
         // O_DIRECT needs a file system that has it: tmpfs before Linux 6.6
@@ -150,7 +151,7 @@ fn fsynced_data_survives_sigkill(direct: bool, engine: &str) {
         };
         h.sh(&format!("truncate -s 16M {img}")).ok("image");
         let opts = if direct { ",direct=on" } else { "" };
-        let opts = format!("{opts},io={engine}");
+        let opts = format!("{opts},io={engine},poll_us={poll_us}");
         let spec = Spec::new("mini")
             .memory(128)
             .args(&["--disk", &format!("path={img},id=data{opts}")]);
@@ -167,6 +168,18 @@ fn fsynced_data_survives_sigkill(direct: bool, engine: &str) {
         g.run("dd if=/tmp/p of=/dev/vda bs=1M conv=fsync 2>/dev/null");
         let status = g.ctl().status();
         assert_eq!(status["disks"][0]["write_bytes"], 4 << 20, "{status}");
+        assert_eq!(status["disks"][0]["poll_us"], poll_us, "{status}");
+        // Reads one at a time (what polling is for): the window grows
+        // when the guest's next request comes soon after the last.
+        g.run("dd if=/dev/vda of=/dev/null bs=4k count=2048 iflag=direct 2>/dev/null");
+        let status = g.ctl().status();
+        let polled = status["disks"][0]["polled"].as_u64().unwrap_or_default();
+        eprintln!("disk poll_us={poll_us}: polling found {polled} requests and completions");
+        if poll_us == 0 {
+            assert_eq!(polled, 0, "{status}");
+        } else {
+            assert!(polled > 0, "polling found nothing: {status}");
+        }
         g.vmm.child.kill().expect("SIGKILL the VMM");
         let st = g.vmm.wait_exit(Duration::from_secs(30));
         assert_eq!(
@@ -185,17 +198,18 @@ fn fsynced_data_survives_sigkill(direct: bool, engine: &str) {
 
 #[test]
 fn data_the_guest_fsynced_is_in_the_image_after_the_vmm_is_killed() {
-    fsynced_data_survives_sigkill(false, "sync");
+    fsynced_data_survives_sigkill(false, "sync", 0);
 }
 
 #[test]
 fn data_the_guest_fsynced_is_in_a_direct_io_image_after_the_vmm_is_killed() {
-    fsynced_data_survives_sigkill(true, "io_uring");
+    fsynced_data_survives_sigkill(true, "io_uring", 0);
 }
 
 #[test]
-fn data_the_guest_fsynced_through_io_uring_is_in_the_image_after_the_vmm_is_killed() {
-    fsynced_data_survives_sigkill(false, "io_uring");
+fn data_the_guest_fsynced_through_a_polling_io_uring_disk_is_in_the_image_after_the_vmm_is_killed()
+{
+    fsynced_data_survives_sigkill(false, "io_uring", 1000);
 }
 
 /// A device-mapper `delay` disk (every I/O waits `delay_ms`) over a loop

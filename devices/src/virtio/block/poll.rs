@@ -46,6 +46,11 @@ impl PollWindow {
         }
     }
 
+    /// The operator asked for polling (`poll_us` above zero).
+    pub fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
     /// How long to keep polling after the last work.
     pub fn current(&self) -> Duration {
         self.current

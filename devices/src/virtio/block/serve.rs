@@ -205,6 +205,9 @@ impl Block {
     /// lock (config reads, `status`) are not kept waiting; the kicks and
     /// completions left bring it back.
     pub(super) fn poll_for_work(&mut self) {
+        if !self.poll.enabled() {
+            return;
+        }
         let began = Instant::now();
         let mut idle_from = began;
         while !self.poll.current().is_zero() {

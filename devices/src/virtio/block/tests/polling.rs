@@ -11,6 +11,14 @@ const HDR2: u64 = 0x50_0000;
 const DATA2: u64 = 0x50_1000;
 const STATUS2: u64 = 0x50_2000;
 
+/// Publishes a 512-byte read of `sector` (no kick); its head.
+fn publish_read(f: &mut Fixture, sector: u64) -> u16 {
+    f.hdr(T_IN, sector);
+    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let bufs = [(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)];
+    f.q.add_chain(&f.mem, &bufs)
+}
+
 #[test]
 fn a_polling_disk_serves_a_request_the_guest_published_without_a_kick() {
     let mut f = Fixture::new(true);
@@ -38,12 +46,7 @@ fn a_polling_disk_serves_a_request_the_guest_published_without_a_kick() {
         mem.write_obj(2u16, GuestAddress(avail + 2)).unwrap();
     });
 
-    f.hdr(T_IN, 1);
-    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let head1 = f.q.add_chain(
-        &f.mem,
-        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
-    );
+    let head1 = publish_read(&mut f, 1);
     write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);
     // One wake-up, for the one kick.
     f.run();
@@ -63,12 +66,7 @@ fn a_polling_disk_serves_a_request_the_guest_published_without_a_kick() {
 fn a_polling_disk_completes_io_uring_reads_without_waking_again() {
     let mut f = Fixture::uring();
     f.blk.lock().unwrap().force_poll(Duration::from_millis(300));
-    f.hdr(T_IN, 2);
-    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let head = f.q.add_chain(
-        &f.mem,
-        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
-    );
+    let head = publish_read(&mut f, 2);
     write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);
     // Without polling, the completion needs a wake-up of its own.
     f.run();
@@ -80,12 +78,7 @@ fn a_polling_disk_completes_io_uring_reads_without_waking_again() {
 #[test]
 fn a_disk_that_does_not_poll_leaves_an_unkicked_request_for_the_kick() {
     let mut f = Fixture::new(true);
-    f.hdr(T_IN, 3);
-    f.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-    let head = f.q.add_chain(
-        &f.mem,
-        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
-    );
+    let head = publish_read(&mut f, 3);
     f.run();
     assert!(f.q.used(&f.mem).is_empty(), "served without a kick");
     assert_eq!(f.notify_and_wait(head), 513);

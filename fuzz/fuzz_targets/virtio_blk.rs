@@ -216,9 +216,11 @@ fn finish_backup(h: &Harness, b: Backup) {
 #[derive(Arbitrary, Debug)]
 struct Input {
     disk: DiskKind,
-    /// The disk's thread polls after each kick (`poll_us`): the avail
-    /// index read in a loop, whatever the guest left there.
-    poll: bool,
+    /// The disk's `poll_us`, 0 to 8 µs (past 8 µs a kick spins longer
+    /// than it finds anything here), the window open from the first kick:
+    /// the avail index read in a loop, whatever the guest left there, and
+    /// the limits below the first window (1 to 3 µs).
+    poll_us: u8,
     features: u64,
     size: u8,
     ops: Vec<Op>,
@@ -466,7 +468,7 @@ fuzz_target!(|input: Input| {
         DiskKind::ReadOnly => (true, false),
         DiskKind::Direct => (false, img.direct_ok),
     };
-    let blk = Block::new(&BlockConfig {
+    let mut blk = Block::new(&BlockConfig {
         path: img.path.clone(),
         read_only,
         id: Some("fuzz-serial".into()),
@@ -475,13 +477,13 @@ fuzz_target!(|input: Input| {
         // in-order model; the io_uring engine parses the same way (Disk::handle).
         engine: devices::virtio::IoEngine::Sync,
         queues: 1,
-        poll: if input.poll {
-            std::time::Duration::from_micros(20)
-        } else {
-            std::time::Duration::ZERO
-        },
+        poll: std::time::Duration::ZERO,
     })
     .expect("open the image");
+    let poll = std::time::Duration::from_micros(u64::from(input.poll_us % 9));
+    if !poll.is_zero() {
+        blk.force_poll(poll);
+    }
     let blk = Arc::new(Mutex::new(blk));
     let handle = GuestMemoryHandle::new(guest_memory());
     let mem = handle.get().unwrap();

@@ -41,6 +41,9 @@
 //! keep the event loop here for good, starving the console, the control
 //! socket and the other devices. With work left, the device kicks its own
 //! queue eventfd and yields; the event loop comes back after the others.
+//! A polling disk (`poll_us`, see [`poll`](self::poll)) may serve past that
+//! budget for a bounded time ([`serve`](self::serve)'s `POLL_SPAN` plus one
+//! window) before it yields.
 
 use std::cell::RefCell;
 use std::fs::{File, OpenOptions};
@@ -690,9 +693,7 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         if events.data() == RING_TOKEN {
-            self.woken();
-            self.complete_ring(None);
-            self.poll_for_work();
+            self.serve_completions();
             return;
         }
         if events.data() == BACKUP_INBOX_TOKEN {

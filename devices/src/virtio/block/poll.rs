@@ -67,12 +67,13 @@ impl PollWindow {
                 self.current = Duration::ZERO;
             }
         } else {
-            self.current = (self.current * 2).clamp(GROW_FROM, self.max);
+            // Not `clamp`: `max` may be below GROW_FROM (poll_us=1..3).
+            self.current = (self.current * 2).max(GROW_FROM).min(self.max);
         }
     }
 
-    /// Sets the window (tests).
-    #[cfg(test)]
+    /// Sets the window (tests, fuzzing).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn force(&mut self, current: Duration) {
         self.current = current;
     }
@@ -121,6 +122,16 @@ mod tests {
         assert_eq!(w.current(), GROW_FROM);
         w.observe(10_000 * US);
         assert_eq!(w.current(), Duration::ZERO, "an idle disk stops spinning");
+    }
+
+    #[test]
+    fn a_limit_below_the_first_window_is_the_window() {
+        for max in 1..4 {
+            let mut w = PollWindow::new(max * US);
+            w.observe(US / 2);
+            w.observe(US);
+            assert_eq!(w.current(), max * US);
+        }
     }
 
     #[test]

@@ -150,6 +150,15 @@ impl Block {
         } else {
             ring.reap(&mut done);
         }
+        // Requests a full completion queue held back (EBUSY) go now: the
+        // guest may be waiting on them and never kick again.
+        if let Err(e) = ring.submit() {
+            crate::limited!(
+                warn,
+                "virtio-blk {}: io_uring submit: {e}",
+                disk.path.display()
+            );
+        }
         let mem = &*active.mem;
         let notify = active
             .queues
@@ -162,9 +171,10 @@ impl Block {
         completed
     }
 
-    /// Overrides the polling window (tests).
-    #[cfg(test)]
-    pub(crate) fn force_poll(&mut self, max: Duration) {
+    /// Polls up to `max` from the first wake-up on, without waiting for
+    /// the window to grow (tests, fuzzing).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn force_poll(&mut self, max: Duration) {
         self.poll = PollWindow::new(max);
         self.poll.force(max);
     }
@@ -184,26 +194,44 @@ impl Block {
     /// What the event loop does on a queue kick: serves the queues, then
     /// polls for more (`poll_us`) before the thread sleeps.
     pub fn serve_kick(&mut self) {
-        self.woken();
-        self.process_queue();
-        self.poll_for_work();
+        let woke = self.poll.enabled().then(Instant::now);
+        let served = self.process_queue();
+        self.after_wake(woke, served);
     }
 
-    /// The thread woke for a kick or a completion: how long after its last
-    /// work that came adapts the polling window.
-    pub(super) fn woken(&mut self) {
-        if let Some(since) = self.idle_since.take() {
-            self.poll.observe(since.elapsed());
+    /// What the event loop does when io_uring posted completions.
+    pub(super) fn serve_completions(&mut self) {
+        let woke = self.poll.enabled().then(Instant::now);
+        let completed = self.complete_ring(None);
+        self.after_wake(woke, completed);
+    }
+
+    /// After a wake-up at `woke` that served `found` requests or
+    /// completions: how long after the last work they came adapts the
+    /// polling window, then the thread polls. A wake-up that found nothing
+    /// (the edge of a kick or completion polling already served) says
+    /// nothing about the guest's pace, and polling after it would only
+    /// spin again: it changes nothing.
+    fn after_wake(&mut self, woke: Option<Instant>, found: usize) {
+        let Some(woke) = woke else {
+            return;
+        };
+        if found == 0 {
+            return;
         }
+        if let Some(since) = self.idle_since.take() {
+            self.poll.observe(woke.saturating_duration_since(since));
+        }
+        self.poll_for_work();
     }
 
     /// Before the thread sleeps, keeps looking for the guest's next request
     /// and io_uring's next completion for the polling window (see
     /// [`poll`](super::poll)); serves what comes, each find restarting the
-    /// window. Returns after [`POLL_SPAN`] of finds at most, so the
-    /// thread's other events (backups, the VMM stopping) and the device's
-    /// lock (config reads, `status`) are not kept waiting; the kicks and
-    /// completions left bring it back.
+    /// window. Stops finding after [`POLL_SPAN`] (so at most that plus one
+    /// window and one batch in all), so the thread's other events (backups,
+    /// the VMM stopping) and the device's lock (config reads, `status`) are
+    /// not kept waiting; the kicks and completions left bring it back.
     pub(super) fn poll_for_work(&mut self) {
         if !self.poll.enabled() {
             return;
@@ -213,25 +241,26 @@ impl Block {
         while !self.poll.current().is_zero() {
             let now = Instant::now();
             let mut found = 0;
+            let mut broken = false;
             if self.ring.as_mut().is_some_and(Uring::has_completions) {
                 found += self.complete_ring(None);
             }
             if self.requests_ready() {
                 let taken = self.process_queue();
-                if taken == 0 {
-                    // The avail index moved but nothing could be taken (a
-                    // broken ring): spinning on it would only burn CPU.
-                    break;
-                }
+                // The avail index moved but nothing could be taken (a
+                // broken ring): spinning on it would only burn CPU.
+                broken = taken == 0;
                 found += taken;
             }
             if found > 0 {
                 inc(&self.disk.counters.polled, found as u64);
                 self.poll.observe(now.saturating_duration_since(idle_from));
                 idle_from = Instant::now();
-                if idle_from.saturating_duration_since(began) >= POLL_SPAN {
+                if broken || idle_from.saturating_duration_since(began) >= POLL_SPAN {
                     break;
                 }
+            } else if broken {
+                break;
             } else if now.saturating_duration_since(idle_from) >= self.poll.current() {
                 break;
             } else {

@@ -201,6 +201,10 @@ impl Uring {
         deadline: Instant,
         mut done: impl FnMut(InFlight, i32),
     ) {
+        // Anything still queued (held back by EBUSY) would never complete.
+        if let Err(e) = self.submit() {
+            tracing::warn!("virtio-blk: io_uring submit: {e}");
+        }
         while self.in_flight > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -211,8 +215,9 @@ impl Uring {
         }
     }
 
-    /// Sleeps until the kernel posts a completion, `left` at most. The
-    /// eventfd is read here (and only here): the event loop never reads it,
+    /// Sleeps until the kernel posts a completion, `left` at most (a
+    /// snapshot's wait, and the wait at exit). The eventfd is read here
+    /// (and only here): the event loop never reads it,
     /// so it stays readable after the first completion, and a wait that did
     /// not empty it would not sleep.
     fn wait_event(&self, left: Duration) {

@@ -259,9 +259,7 @@ impl Block {
                 if broken || idle_from.saturating_duration_since(began) >= POLL_SPAN {
                     break;
                 }
-            } else if broken {
-                break;
-            } else if now.saturating_duration_since(idle_from) >= self.poll.current() {
+            } else if broken || now.saturating_duration_since(idle_from) >= self.poll.current() {
                 break;
             } else {
                 std::hint::spin_loop();

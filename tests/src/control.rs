@@ -8,6 +8,9 @@ use serde_json::Value;
 
 use crate::host::{Host, Stream};
 
+/// How long a read waits for the VMM's answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(90);
+
 pub struct Ctl {
     reader: BufReader<Stream>,
     writer: Stream,
@@ -25,7 +28,7 @@ impl Ctl {
         loop {
             match host.connect(path) {
                 Ok(s) => {
-                    let _ = s.set_read_timeout(Some(Duration::from_secs(90)));
+                    let _ = s.set_read_timeout(Some(READ_TIMEOUT));
                     let writer = s.try_clone().expect("clone socket");
                     return Ctl {
                         reader: BufReader::new(s),
@@ -54,15 +57,30 @@ impl Ctl {
     }
 
     /// Sends one request line and returns the next line that is a response
-    /// (event lines in between are skipped).
+    /// (event lines in between are skipped). A request that may take its
+    /// time (`timeout_s`, as `reboot` and `shutdown` have) is waited for
+    /// that long and a margin, so the VMM's own answer (`forced`, or an
+    /// error) is what a slow guest produces, not the client giving up.
     pub fn call(&mut self, line: &str) -> Value {
+        let patient = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v["timeout_s"].as_u64())
+            .map(|s| Duration::from_secs(s.saturating_add(30)))
+            .filter(|d| *d > READ_TIMEOUT);
+        if let Some(wait) = patient {
+            let _ = self.writer.set_read_timeout(Some(wait));
+        }
         self.send_line(line);
-        loop {
+        let v = loop {
             let v = self.read_value();
             if v.get("ok").is_some() {
-                return v;
+                break v;
             }
+        };
+        if patient.is_some() {
+            let _ = self.writer.set_read_timeout(Some(READ_TIMEOUT));
         }
+        v
     }
 
     /// `call` that asserts success.

@@ -108,13 +108,7 @@ impl Block {
             }
         }
         if let Some(ring) = self.ring.as_mut() {
-            if let Err(e) = ring.submit() {
-                crate::limited!(
-                    warn,
-                    "virtio-blk {}: io_uring submit: {e}",
-                    self.disk.path.display()
-                );
-            }
+            submit(ring, &self.disk);
         }
         if notify {
             active.interrupt.signal_used_queue();
@@ -152,13 +146,7 @@ impl Block {
         }
         // Requests a full completion queue held back (EBUSY) go now: the
         // guest may be waiting on them and never kick again.
-        if let Err(e) = ring.submit() {
-            crate::limited!(
-                warn,
-                "virtio-blk {}: io_uring submit: {e}",
-                disk.path.display()
-            );
-        }
+        submit(ring, disk);
         let mem = &*active.mem;
         let notify = active
             .queues
@@ -232,10 +220,7 @@ impl Block {
     /// window and one batch in all), so the thread's other events (backups,
     /// the VMM stopping) and the device's lock (config reads, `status`) are
     /// not kept waiting; the kicks and completions left bring it back.
-    pub(super) fn poll_for_work(&mut self) {
-        if !self.poll.enabled() {
-            return;
-        }
+    fn poll_for_work(&mut self) {
         let began = Instant::now();
         let mut idle_from = began;
         while !self.poll.current().is_zero() {
@@ -278,5 +263,17 @@ impl Block {
                 && q.avail_idx(&*active.mem, std::sync::atomic::Ordering::Acquire)
                     .is_ok_and(|i| i.0 != q.next_avail())
         })
+    }
+}
+
+/// Hands io_uring what is queued. A failure is logged (rate-limited); the
+/// requests stay queued for the next submit.
+fn submit(ring: &mut Uring, disk: &Disk) {
+    if let Err(e) = ring.submit() {
+        crate::limited!(
+            warn,
+            "virtio-blk {}: io_uring submit: {e}",
+            disk.path.display()
+        );
     }
 }

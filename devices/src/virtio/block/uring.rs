@@ -193,9 +193,9 @@ impl Uring {
         }
     }
 
-    /// Waits until nothing is in flight, handing each completion to `done`.
-    /// Waits for every request in flight until `deadline` at most (a
-    /// snapshot must not hang on a dead disk); what is left stays in flight.
+    /// Waits for every request in flight until `deadline` at most, handing
+    /// each completion to `done` (a snapshot, or a VMM stopping, must not
+    /// hang on a dead disk); what is left stays in flight.
     pub(super) fn wait_all_until(
         &mut self,
         deadline: Instant,
@@ -257,15 +257,9 @@ impl Drop for Uring {
         // but not for ever (a VMM stopping must not hang on a dead disk). What is still in
         // flight then keeps its guest memory mapped for good (leaked), so a late completion
         // can never land in memory reused for something else.
-        let deadline = Instant::now() + DROP_WAIT;
-        while self.in_flight > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            self.wait_event(left);
-            self.reap(|req, _| req.op.mark_read_dirty(&req.mem));
-        }
+        self.wait_all_until(Instant::now() + DROP_WAIT, |req, _| {
+            req.op.mark_read_dirty(&req.mem)
+        });
         if self.in_flight > 0 {
             tracing::warn!(
                 "virtio-blk: {} requests still in flight at exit; their guest memory stays mapped",

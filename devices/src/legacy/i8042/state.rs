@@ -127,35 +127,17 @@ impl I8042Device {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::sync::Arc;
-
     use super::super::{
         CMD_KBD_DISABLE, CMD_KBD_ENABLE, CMD_READ_CTR, CMD_READ_OUTP, CMD_SELF_TEST,
         COMMAND_OFFSET, CTRL_ALT_DEL_SET1, CTR_SYS, CTR_XLATE, DATA_OFFSET, DEFAULT_CTR, KBD_ACK,
         STR_CMD, STR_OBF,
     };
     use super::*;
-    use crate::legacy::test_util::{fired, irq, RecordingSink};
+    use crate::legacy::test_util::fired;
     use crate::legacy::EventFdTrigger;
     use crate::BusDevice;
 
-    fn dev() -> (I8042Device, EventFdTrigger, Arc<RecordingSink>) {
-        let t = irq();
-        let sink = Arc::new(RecordingSink::default());
-        (I8042Device::new(t.clone(), sink.clone()), t, sink)
-    }
-
-    fn status(d: &mut I8042Device) -> u8 {
-        let mut b = [0];
-        d.read(COMMAND_OFFSET, &mut b);
-        b[0]
-    }
-
-    fn data(d: &mut I8042Device) -> u8 {
-        let mut b = [0];
-        d.read(DATA_OFFSET, &mut b);
-        b[0]
-    }
+    use super::super::tests::{data, dev, status};
 
     /// Translation on, Ctrl+Alt+Del queued (set 1) with the first byte's
     /// interrupt raised and read once, a keyboard LED command waiting for

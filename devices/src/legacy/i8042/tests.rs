@@ -2,19 +2,20 @@ use super::*;
 use crate::legacy::test_util::{fired, irq, RecordingSink};
 use crate::Bus;
 
-fn dev() -> (I8042Device, EventFdTrigger, Arc<RecordingSink>) {
+/// A device with its interrupt and its event sink (also the state tests').
+pub(super) fn dev() -> (I8042Device, EventFdTrigger, Arc<RecordingSink>) {
     let t = irq();
     let sink = Arc::new(RecordingSink::default());
     (I8042Device::new(t.clone(), sink.clone()), t, sink)
 }
 
-fn status(d: &mut I8042Device) -> u8 {
+pub(super) fn status(d: &mut I8042Device) -> u8 {
     let mut b = [0];
     d.read(COMMAND_OFFSET, &mut b);
     b[0]
 }
 
-fn data(d: &mut I8042Device) -> u8 {
+pub(super) fn data(d: &mut I8042Device) -> u8 {
     let mut b = [0];
     d.read(DATA_OFFSET, &mut b);
     b[0]

@@ -12,6 +12,14 @@ impl Block {
     /// signals the guest if it wants an interrupt. Called from the event
     /// loop on a queue notification. Returns how many chains it took.
     pub fn process_queue(&mut self) -> usize {
+        self.serve_queues(true)
+    }
+
+    /// [`process_queue`](Self::process_queue); `rearm` turns the guest's
+    /// kicks back on once a queue is empty and looks once more (what a
+    /// wake-up must do before the thread sleeps). Polling passes `false`:
+    /// its kicks stay off until it ends (see [`Self::suppress_kicks`]).
+    fn serve_queues(&mut self, rearm: bool) -> usize {
         let Some(active) = self.active.as_mut() else {
             return 0;
         };
@@ -27,8 +35,10 @@ impl Block {
             let mut used_any = false;
             let mut more = false;
             'wake: loop {
-                if let Err(e) = queue.disable_notification(&*mem) {
-                    tracing::debug!("virtio-blk: disable_notification: {e}");
+                if rearm {
+                    if let Err(e) = queue.disable_notification(&*mem) {
+                        tracing::debug!("virtio-blk: disable_notification: {e}");
+                    }
                 }
                 let mut popped = false;
                 while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
@@ -84,6 +94,9 @@ impl Block {
                         more = true;
                         break 'wake;
                     }
+                }
+                if !rearm {
+                    break;
                 }
                 match queue.enable_notification(&*mem) {
                     // More arrived meanwhile; but if nothing could be popped the
@@ -220,9 +233,20 @@ impl Block {
     /// window and one batch in all), so the thread's other events (backups,
     /// the VMM stopping) and the device's lock (config reads, `status`) are
     /// not kept waiting; the kicks and completions left bring it back.
+    ///
+    /// The guest is told not to kick meanwhile (each kick is an exit for
+    /// the guest and a stale edge for this thread); when polling ends the
+    /// kicks are turned back on and the queues looked at once more, so a
+    /// request published in between is served, not left for a kick the
+    /// guest was told not to send.
     fn poll_for_work(&mut self) {
         let began = Instant::now();
         let mut idle_from = began;
+        if self.poll.current().is_zero() {
+            self.idle_since = Some(idle_from);
+            return;
+        }
+        self.suppress_kicks();
         while !self.poll.current().is_zero() {
             let now = Instant::now();
             let mut found = 0;
@@ -231,7 +255,7 @@ impl Block {
                 found += self.complete_ring(None);
             }
             if self.requests_ready() {
-                let taken = self.process_queue();
+                let taken = self.serve_queues(false);
                 // The avail index moved but nothing could be taken (a
                 // broken ring): spinning on it would only burn CPU.
                 broken = taken == 0;
@@ -250,7 +274,40 @@ impl Block {
                 std::hint::spin_loop();
             }
         }
+        let taken = self.process_queue();
+        if taken > 0 {
+            inc(&self.disk.counters.polled, taken as u64);
+            idle_from = Instant::now();
+        }
         self.idle_since = Some(idle_from);
+    }
+
+    /// Asks the guest not to kick its ready queues: `VRING_USED_F_NO_NOTIFY`,
+    /// or with EVENT_IDX an `avail_event` the guest has already passed.
+    /// (virtio-queue's `disable_notification` leaves `avail_event` alone
+    /// with EVENT_IDX, where it still asks for a kick at the next request.)
+    /// [`Self::process_queue`] turns them back on.
+    fn suppress_kicks(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &*active.mem;
+        for q in active.queues.iter_mut().filter(|q| q.ready()) {
+            if !q.event_idx_enabled() {
+                if let Err(e) = q.disable_notification(mem) {
+                    tracing::debug!("virtio-blk: disable_notification: {e}");
+                }
+                continue;
+            }
+            // avail_event follows the used ring's flags, index and entries.
+            let Some(addr) = q.used_ring().checked_add(4 + 8 * u64::from(q.size())) else {
+                continue;
+            };
+            let passed = q.next_avail().wrapping_sub(1);
+            if let Err(e) = mem.store(passed.to_le(), GuestAddress(addr), Ordering::Release) {
+                tracing::debug!("virtio-blk: cannot write avail_event: {e}");
+            }
+        }
     }
 
     /// A ready queue whose avail index is past what the device took.

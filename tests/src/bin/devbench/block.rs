@@ -187,7 +187,11 @@ fn request(
     q.add(&mem, &bufs)
         .ok_or_else(|| io::Error::other("queue full"))?;
     q.publish(&mem)?;
-    d.notify(0)?;
+    // As a real driver: no kick while the device said it needs none (it
+    // is serving the queue, or polling it).
+    if q.kick_needed(&mem) {
+        d.notify(0)?;
+    }
     loop {
         if !d.wait_interrupt(Duration::from_secs(10))? {
             return Err(io::Error::other("no interrupt from virtio-blk in 10 s"));

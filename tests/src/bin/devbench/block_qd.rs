@@ -142,7 +142,9 @@ pub fn device_pass(
         for (q, t) in touched.iter().enumerate() {
             if *t {
                 qs[q].publish(&mem)?;
-                d.notify(q)?;
+                if qs[q].kick_needed(&mem) {
+                    d.notify(q)?;
+                }
             }
         }
         if in_flight == 0 {

@@ -70,6 +70,12 @@ pub struct NetInfo {
     /// (vhost-net's frames never pass through the VMM: zeros there).
     #[serde(default)]
     pub pair_frames: Vec<[u64; 2]>,
+    /// How long (µs) vhost-net's worker busy-polls before it sleeps, as
+    /// the host kernel holds it (`--net ...,poll_us=N`); 0 where it does
+    /// not poll, on the userspace datapath, or before the guest's driver
+    /// started the device.
+    #[serde(default)]
+    pub poll_us: u64,
 }
 
 /// One disk in `status`.

@@ -75,6 +75,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     queue_pairs: n.counters.queue_pairs() as u64,
                     queue_pairs_enabled: n.counters.enabled_pairs(),
                     pair_frames: n.counters.pair_frames(),
+                    poll_us: u64::from(n.counters.vhost_poll_us()),
                 }
             })
             .collect(),

@@ -29,7 +29,10 @@
 //! fast, or a guest that refills its TX ring as fast, would otherwise keep
 //! the event loop here for good. RX then yields with the TAP still polled
 //! (epoll reports it again after the other ready events); TX kicks its own
-//! queue eventfd.
+//! queue eventfd. Within a wake-up the guest is signalled every
+//! [`SIGNAL_BATCH`] used entries (if it wants to be: EVENT_IDX), not only
+//! at the end, so its driver refills RX buffers and reclaims TX ones while
+//! the device goes on instead of after it ran dry.
 //!
 //! vhost-net (`vhost=auto|on|off`, [`vhost`]): where `/dev/vhost-net` can
 //! be opened the host kernel moves the frames instead of this file; the
@@ -67,6 +70,28 @@ pub const QUEUE_SIZE: u16 = 256;
 const CTRL_QUEUE_SIZE: u16 = 64;
 /// The most queue pairs a `--net` may ask for (one per vCPU, as disks).
 pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// Used entries after which a long wake-up signals the guest before it
+/// ends, so that the driver recycles buffers while the device goes on
+/// (EVENT_IDX still decides whether the guest wants it). vhost-net's
+/// batch is the same 64.
+const SIGNAL_BATCH: u16 = 64;
+/// Counts one more used entry of `q` in this wake-up; every
+/// [`SIGNAL_BATCH`], signals the guest if it wants an interrupt now.
+fn signal_every_batch(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    unsignalled: &mut u16,
+) {
+    *unsignalled = unsignalled.saturating_add(1);
+    if *unsignalled >= SIGNAL_BATCH {
+        *unsignalled = 0;
+        if q.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_used_queue();
+        }
+    }
+}
+
 /// The largest frame the TAP can hand us: vnet header, Ethernet + VLAN
 /// header, 64 KiB of GSO payload.
 const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 4 + 65535;
@@ -135,6 +160,9 @@ pub struct NetConfig {
     /// Queue pairs to offer (1 to [`MAX_QUEUE_PAIRS`]); a TAP made
     /// without `multi_queue` gets one whatever this says.
     pub queues: u16,
+    /// vhost-net's busy polling, µs (0: off); the userspace datapath
+    /// ignores it.
+    pub poll_us: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +297,8 @@ pub struct Net {
     /// (opened with the device, kept for its life: see [`vhost`]); empty
     /// for the userspace datapath.
     vhost_dev: Vec<File>,
+    /// vhost-net's busy polling asked for, µs (`NetConfig::poll_us`).
+    poll_us: u32,
     /// The kernel datapath, one per pair, while it runs.
     vhost: Vec<VhostPath>,
     /// vhost-net's used-buffer signals, one per RX and TX queue; always
@@ -311,7 +341,15 @@ impl Net {
         net.counters
             .vhost
             .store(!vhost_dev.is_empty(), Ordering::Relaxed);
+        if vhost_dev.is_empty() && cfg.poll_us > 0 {
+            tracing::warn!(
+                "virtio-net {}: poll_us={} is vhost-net's busy polling, and this device has the userspace datapath: no polling",
+                cfg.tap,
+                cfg.poll_us
+            );
+        }
         net.vhost_dev = vhost_dev;
+        net.poll_us = cfg.poll_us;
         Ok(net)
     }
 
@@ -337,6 +375,7 @@ impl Net {
             ctrl: None,
             activated: Vec::new(),
             vhost_dev: Vec::new(),
+            poll_us: 0,
             vhost: Vec::new(),
             calls: new_queue_events(2 * pairs).map_err(NetError::EventFd)?,
             wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)
@@ -537,6 +576,8 @@ impl VirtioDevice for Net {
         if !self.vhost_dev.is_empty() {
             match self.start_vhost(&mem, &mut pair_queues, acked, &interrupt) {
                 Ok(v) => {
+                    let held = v.iter().map(|p| p.poll_us).min().unwrap_or(0);
+                    self.counters.poll_us.store(held, Ordering::Relaxed);
                     self.vhost = v;
                     self.counters.vhost.store(true, Ordering::Relaxed);
                     self.kick_ctrl();
@@ -550,6 +591,7 @@ impl VirtioDevice for Net {
             }
         }
         self.counters.vhost.store(false, Ordering::Relaxed);
+        self.counters.poll_us.store(0, Ordering::Relaxed);
         self.active = pair_queues
             .into_iter()
             .enumerate()
@@ -590,6 +632,7 @@ impl VirtioDevice for Net {
             self.vhost.clear();
             self.wake_event_loop();
         }
+        self.counters.poll_us.store(0, Ordering::Relaxed);
         self.set_enabled(1);
         self.steer_to(1);
         // The next activation tries the kernel's datapath again.

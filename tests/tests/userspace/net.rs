@@ -7,23 +7,24 @@ use std::time::{Duration, Instant};
 
 use tests::guest::{scenario, Guest, HostDir, NetNs, Spec, GUEST_IP, HOST_IP, INIT_OK};
 
-/// A mini guest with eth0 up at GUEST_IP; `vhost` is the `--net` key's
-/// value (`off`: the VMM's own datapath, `on`: vhost-net).
-fn net_guest(h: &'static tests::Host, ns: &NetNs, mac: &str, vhost: &str) -> Guest {
-    net_guest_with(h, ns, mac, vhost, &[])
+/// A mini guest with eth0 up at GUEST_IP; `keys` are the `--net` keys
+/// after its MAC (`vhost=off`: the VMM's own datapath, `vhost=on`:
+/// vhost-net).
+fn net_guest(h: &'static tests::Host, ns: &NetNs, mac: &str, keys: &str) -> Guest {
+    net_guest_with(h, ns, mac, keys, &[])
 }
 
 fn net_guest_with(
     h: &'static tests::Host,
     ns: &NetNs,
     mac: &str,
-    vhost: &str,
+    keys: &str,
     extra: &[&str],
 ) -> Guest {
     let spec = Spec::new("mini")
         .memory(384)
         .netns(ns)
-        .args(&["--net", &format!("tap=tap0,mac={mac},vhost={vhost}")])
+        .args(&["--net", &format!("tap=tap0,mac={mac},{keys}")])
         .args(extra);
     let mut g = Guest::start_in(h, spec, HostDir::new(h, "net"));
     g.wait_shell(INIT_OK);
@@ -40,10 +41,11 @@ fn guest_and_host_ping_each_other_and_move_64_mib_each_way_intact() {
         let mac = "52:54:00:12:34:56";
         // As an operator runs it: dropped to an unprivileged user once
         // the TAP, /dev/kvm and the socket are open (vmm/src/sandbox.rs).
-        let mut g = net_guest_with(h, &ns, mac, "off", &["--user", "nobody"]);
+        let mut g = net_guest_with(h, &ns, mac, "vhost=off", &["--user", "nobody"]);
         ping_and_move_64_mib_each_way(h, &ns, &mut g, mac);
         let s = g.ctl().status();
         assert_eq!(s["nets"][0]["datapath"], "userspace", "{s}");
+        assert_eq!(s["nets"][0]["poll_us"], 0, "{s}");
         assert!(
             s["nets"][0]["rx_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
             "{s}"
@@ -72,7 +74,7 @@ fn guest_and_host_ping_each_other_and_move_64_mib_each_way_intact() {
 }
 
 #[test]
-fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_for_a_vmm_run_as_nobody_and_survives_a_driver_reset(
+fn over_vhost_net_busy_polling_the_same_traffic_is_moved_by_the_host_kernel_for_a_vmm_run_as_nobody_and_survives_a_driver_reset(
 ) {
     scenario(|h| {
         let ns = NetNs::new(h, "vhost");
@@ -80,7 +82,8 @@ fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_for_a_vmm_run_as_
         // nobody cannot open /dev/vhost-net (root's alone, 0600): the VMM
         // opened its vhost-net instance before it dropped to nobody, and
         // keeps it across driver resets (devices::virtio::net::vhost).
-        let mut g = net_guest_with(h, &ns, mac, "on", &["--user", "nobody"]);
+        // With the kernel's worker busy-polling up to 50 µs (poll_us).
+        let mut g = net_guest_with(h, &ns, mac, "vhost=on,poll_us=50", &["--user", "nobody"]);
         let uid = h
             .sh(&format!(
                 "{} grep ^Uid: /proc/$pid/status | cut -f2",
@@ -95,6 +98,8 @@ fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_for_a_vmm_run_as_
         assert_eq!(net["datapath"], "vhost-net", "{s}");
         assert_eq!(net["tap"], "tap0", "{s}");
         assert_eq!(net["mac"], mac, "{s}");
+        // As the kernel holds it (read back from vhost-net).
+        assert_eq!(net["poll_us"], 50, "{s}");
         // The TAP counted the 64 MiB each way (the VMM never saw them).
         for dir in ["rx_bytes", "tx_bytes"] {
             assert!(net[dir].as_u64().unwrap_or(0) >= 64 << 20, "{dir}: {s}");
@@ -125,7 +130,10 @@ fn over_vhost_net_the_same_traffic_is_moved_by_the_host_kernel_for_a_vmm_run_as_
         ));
         let out = g.run(&format!("ping -c 2 -W 5 {HOST_IP}"));
         assert!(out.contains("2 packets received"), "{out}");
-        assert_eq!(g.ctl().status()["nets"][0]["datapath"], "vhost-net");
+        let s = g.ctl().status();
+        assert_eq!(s["nets"][0]["datapath"], "vhost-net", "{s}");
+        // The new activation asked the kernel again.
+        assert_eq!(s["nets"][0]["poll_us"], 50, "{s}");
         // The same instance serves the new activation: still one worker.
         assert_eq!(vhost_workers(h, &g), 1, "the kernel's worker for this VMM");
     });
@@ -228,7 +236,7 @@ fn ping_and_move_64_mib_each_way(
 fn a_guest_that_takes_no_receive_buffers_cannot_stop_the_vmm() {
     scenario(|h| {
         let ns = NetNs::new(h, "rx");
-        let mut g = net_guest(h, &ns, "52:54:00:12:34:57", "off");
+        let mut g = net_guest(h, &ns, "52:54:00:12:34:57", "vhost=off");
         g.run(&format!("ping -c 1 -W 5 {HOST_IP}"));
         // Unbind the driver: the device is reset and no buffer is posted.
         let dev = g.run("basename $(readlink /sys/class/net/eth0/device)");

@@ -28,6 +28,9 @@ pub struct NetSpec {
     pub vhost: devices::virtio::net::vhost::VhostMode,
     /// `queues=N`: queue pairs (1 to 16); default one per vCPU.
     pub queues: Option<u16>,
+    /// `poll_us=N`: vhost-net's busy polling, up to N µs (0 to 1000);
+    /// default 0, off.
+    pub poll_us: u32,
     /// `bridge=NAME`: the host bridge `vmm net up` puts the TAP on (the VMM
     /// itself ignores it).
     pub bridge: Option<String>,
@@ -113,7 +116,8 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
     })
 }
 
-/// `poll_us=N` of a `--disk`: 0 (off) to the device's limit.
+/// `poll_us=N` of a `--disk` or `--net`: 0 (off) to the disk's limit
+/// (one limit for both, so one rule for the operator).
 fn parse_poll_us(v: &str) -> Result<u32, String> {
     let max = devices::virtio::block::MAX_POLL.as_micros();
     v.parse::<u32>()
@@ -132,6 +136,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
     let mut mac = None;
     let mut vhost = Default::default();
     let mut queues = None;
+    let mut poll_us = 0;
     let mut bridge = None;
     let mut addresses = Vec::new();
     for (k, v) in spec_pairs("--net", spec)? {
@@ -148,6 +153,7 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
             "queues" => {
                 queues = Some(parse_queues(v, devices::virtio::net::MAX_QUEUE_PAIRS).map_err(err)?)
             }
+            "poll_us" => poll_us = parse_poll_us(v).map_err(err)?,
             "bridge" if crate::hostnet::valid_ifname(v) => bridge = Some(v.to_string()),
             "bridge" => {
                 return Err(err(format!(
@@ -164,17 +170,23 @@ pub fn parse_net(spec: &str) -> Result<NetSpec, ConfigError> {
             }
             other => {
                 return Err(err(format!(
-                    "unknown key '{other}' (tap, mac, vhost, queues, bridge, ip)"
+                    "unknown key '{other}' (tap, mac, vhost, queues, poll_us, bridge, ip)"
                 )))
             }
         }
     }
     let tap = tap.ok_or_else(|| err("tap= is required".into()))?;
+    if poll_us > 0 && vhost == devices::virtio::net::vhost::VhostMode::Off {
+        return Err(err(format!(
+            "poll_us={poll_us} is vhost-net's busy polling: it needs vhost=auto or vhost=on"
+        )));
+    }
     Ok(NetSpec {
         tap,
         mac,
         vhost,
         queues,
+        poll_us,
         bridge,
         addresses,
     })

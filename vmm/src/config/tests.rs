@@ -179,6 +179,37 @@ fn disk_and_net_specs_parse_and_bad_ones_say_why() {
 }
 
 #[test]
+fn a_net_asks_vhost_net_to_busy_poll_and_refuses_polling_it_cannot_have() {
+    assert_eq!(parse_net("tap=t").unwrap().poll_us, 0, "off by default");
+    assert_eq!(parse_net("tap=t,poll_us=50").unwrap().poll_us, 50);
+    assert_eq!(
+        parse_net("tap=t,vhost=on,poll_us=1000").unwrap().poll_us,
+        1000
+    );
+    // Off is off with either datapath.
+    assert_eq!(parse_net("tap=t,vhost=off,poll_us=0").unwrap().poll_us, 0);
+    for p in ["1001", "-1", "soon", ""] {
+        let e = parse_net(&format!("tap=t,poll_us={p}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("poll_us={p}: use 0 (off) to 1000")),
+            "{e}"
+        );
+    }
+    // The userspace datapath does not poll: asking for both is a mistake
+    // said at start-up, not a setting silently dropped.
+    let e = parse_net("tap=t,vhost=off,poll_us=20")
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("--net "), "{e}");
+    assert!(
+        e.contains("poll_us=20 is vhost-net's busy polling: it needs vhost=auto or vhost=on"),
+        "{e}"
+    );
+}
+
+#[test]
 fn a_net_names_its_bridge_and_the_addresses_it_may_send_from() {
     let n = parse_net("tap=tap-web1,bridge=br0,ip=10.0.2.2,ip=2001:db8::/64").unwrap();
     assert_eq!(n.bridge.as_deref(), Some("br0"));

@@ -165,6 +165,7 @@ pub(super) fn create_virtio(
             mac: n.mac,
             vhost: n.vhost,
             queues,
+            poll_us: n.poll_us,
         })
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         tracing::info!(

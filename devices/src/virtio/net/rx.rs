@@ -150,6 +150,7 @@ impl Active {
     fn process_rx(&mut self, tap: &Tap, c: &NetCounters, frames: &mut u16) -> (RxOutcome, bool) {
         let mut used = false;
         let mut errors = 0;
+        let mut unsignalled: u16 = 0;
         loop {
             if *frames == 0 {
                 return (RxOutcome::Budget, used);
@@ -163,6 +164,7 @@ impl Active {
                 self.complete_rx(n, true, c);
                 used = true;
                 *frames = frames.saturating_sub(1);
+                self.signal_every_batch(&mut unsignalled);
                 continue;
             }
             let need = if self.mrg_rxbuf { MAX_FRAME } else { 1 };
@@ -198,6 +200,7 @@ impl Active {
                     self.complete_rx(n, false, c);
                     used = true;
                     *frames = frames.saturating_sub(1);
+                    self.signal_every_batch(&mut unsignalled);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return (RxOutcome::Drained, used);
@@ -214,6 +217,10 @@ impl Active {
                 }
             }
         }
+    }
+
+    fn signal_every_batch(&mut self, unsignalled: &mut u16) {
+        super::signal_every_batch(&mut self.rx, &self.mem, &self.interrupt, unsignalled);
     }
 
     /// Builds `rx_iov` over the chains at hand for a direct read and

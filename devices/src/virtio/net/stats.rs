@@ -51,6 +51,9 @@ pub struct NetCounters {
     pub(super) pairs: Vec<[AtomicU64; 2]>,
     /// The queue pairs the driver enabled.
     pub(super) enabled: AtomicU64,
+    /// How long (µs) vhost-net's worker busy-polls, as the kernel said
+    /// at the running activation; 0 without polling or vhost-net.
+    pub(super) poll_us: std::sync::atomic::AtomicU32,
 }
 
 /// A snapshot of [`NetCounters`]. Byte counts exclude the vnet header.
@@ -125,6 +128,13 @@ impl NetCounters {
     /// The queue pairs the guest's driver uses.
     pub fn enabled_pairs(&self) -> u64 {
         self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// How long (µs) vhost-net's worker busy-polls the running datapath,
+    /// as the kernel holds it: 0 where it does not poll, on the userspace
+    /// datapath, or before the driver starts the device.
+    pub fn vhost_poll_us(&self) -> u32 {
+        self.poll_us.load(Ordering::Relaxed)
     }
 
     /// Frames `[received, sent]` per queue pair, on the userspace datapath

@@ -521,6 +521,7 @@ fn tap_test_body() {
         mac: None,
         vhost: super::vhost::VhostMode::Off,
         queues: 1,
+        poll_us: 0,
     }) {
         Ok(n) => n,
         Err(e) => {
@@ -642,6 +643,7 @@ fn an_rx_wake_up_delivers_at_most_its_budget_and_the_tap_brings_it_back() {
 }
 
 mod dirty;
+mod signal;
 mod state;
 
 mod mq;

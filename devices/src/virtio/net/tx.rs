@@ -23,6 +23,7 @@ impl Net {
         let budget = self.budget.unwrap_or_else(|| a.tx.size()).max(1);
         let mut served: u16 = 0;
         let mut more = false;
+        let mut unsignalled: u16 = 0;
         'wake: loop {
             if let Err(e) = a.tx.disable_notification(&*mem) {
                 tracing::debug!("virtio-net: disable_notification: {e}");
@@ -56,6 +57,7 @@ impl Net {
                     Ok(()) => used = true,
                     Err(e) => tracing::debug!("virtio-net: cannot return TX chain {head}: {e}"),
                 }
+                super::signal_every_batch(&mut a.tx, &mem, &a.interrupt, &mut unsignalled);
                 served = served.saturating_add(1);
                 if served >= budget {
                     // Notifications stay off: the self-kick below brings

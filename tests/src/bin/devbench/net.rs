@@ -207,6 +207,7 @@ impl DeviceSide {
             mac: None,
             vhost: devices::virtio::net::vhost::VhostMode::Off,
             queues: 1,
+            poll_us: 0,
         })
         .map_err(io::Error::other)?;
         let counters = net.counters();

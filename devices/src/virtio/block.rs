@@ -287,6 +287,10 @@ pub struct Block {
     /// When the thread last finished work: how long the guest or the disk
     /// then took is what adapts the window.
     idle_since: Option<Instant>,
+    /// Runs once, right before a queue's kicks are re-armed (tests: the
+    /// guest publishing at the worst moment).
+    #[cfg(test)]
+    pub(crate) before_rearm: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// Event-loop token of the io_uring completion eventfd (queue eventfds use their index).
@@ -433,6 +437,8 @@ impl Block {
             budget: None,
             poll: PollWindow::new(cfg.poll),
             idle_since: None,
+            #[cfg(test)]
+            before_rearm: None,
         })
     }
 

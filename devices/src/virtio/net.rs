@@ -75,15 +75,16 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// (EVENT_IDX still decides whether the guest wants it). vhost-net's
 /// batch is the same 64.
 const SIGNAL_BATCH: u16 = 64;
-/// Counts one more used entry of `q` in this wake-up; every
+/// Counts `added` more used entries of `q` in this wake-up; every
 /// [`SIGNAL_BATCH`], signals the guest if it wants an interrupt now.
 fn signal_every_batch(
     q: &mut Queue,
     mem: &GuestMemoryMmap,
     interrupt: &Interrupt,
     unsignalled: &mut u16,
+    added: u16,
 ) {
-    *unsignalled = unsignalled.saturating_add(1);
+    *unsignalled = unsignalled.saturating_add(added);
     if *unsignalled >= SIGNAL_BATCH {
         *unsignalled = 0;
         if q.needs_notification(mem).unwrap_or(true) {
@@ -313,6 +314,10 @@ pub struct Net {
     /// Frames (RX) or chains (TX) served per wake-up at most; `None`: the
     /// queue's size. See the module's documentation.
     budget: Option<u16>,
+    /// Runs once, right before the TX queue's kicks are re-armed (tests:
+    /// the guest publishing at the worst moment).
+    #[cfg(test)]
+    pub(crate) before_rearm: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Net {
@@ -382,6 +387,8 @@ impl Net {
                 .map_err(NetError::EventFd)?,
             unpolled: Vec::new(),
             budget: None,
+            #[cfg(test)]
+            before_rearm: None,
             counters: Arc::new(NetCounters::with_pairs(pairs)),
         })
     }

@@ -34,6 +34,7 @@ impl Block {
             let mut served: u16 = 0;
             let mut used_any = false;
             let mut more = false;
+            let mut rechecked = false;
             'wake: loop {
                 if rearm {
                     if let Err(e) = queue.disable_notification(&*mem) {
@@ -98,10 +99,20 @@ impl Block {
                 if !rearm {
                     break;
                 }
+                #[cfg(test)]
+                if let Some(hook) = self.before_rearm.take() {
+                    hook();
+                }
                 match queue.enable_notification(&*mem) {
-                    // More arrived meanwhile; but if nothing could be popped the
-                    // avail ring is broken and looping would spin.
-                    Ok(true) if popped => continue,
+                    // More arrived meanwhile. Also after a pass that popped
+                    // nothing: the guest may have published between that
+                    // pass's look and the re-arm, while told not to kick.
+                    // Once only, though: an avail index that moved but
+                    // yields nothing is a broken ring, and would spin.
+                    Ok(true) if popped || !rechecked => {
+                        rechecked |= !popped;
+                        continue;
+                    }
                     Ok(_) => break,
                     Err(e) => {
                         tracing::debug!("virtio-blk: enable_notification: {e}");

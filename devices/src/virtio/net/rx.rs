@@ -219,8 +219,11 @@ impl Active {
         }
     }
 
+    /// After a frame: counts the used entries it took (several with
+    /// MRG_RXBUF) towards the next mid-wake-up interrupt.
     fn signal_every_batch(&mut self, unsignalled: &mut u16) {
-        super::signal_every_batch(&mut self.rx, &self.mem, &self.interrupt, unsignalled);
+        let added = u16::try_from(self.rx_parts.len()).unwrap_or(u16::MAX);
+        super::signal_every_batch(&mut self.rx, &self.mem, &self.interrupt, unsignalled, added);
     }
 
     /// Builds `rx_iov` over the chains at hand for a direct read and

@@ -87,6 +87,10 @@ impl Net {
             }
         }
         self.vhost.clear();
+        // No kernel worker polls for this device any more.
+        self.counters
+            .poll_us
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         if let Some(c) = self.ctrl.take() {
             put(&mut states, c.index(), c.state());
         }

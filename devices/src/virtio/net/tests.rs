@@ -627,6 +627,30 @@ fn a_tx_wake_up_sends_at_most_its_budget_and_comes_back_for_the_rest() {
     }
 }
 
+/// The guest queues a frame right after the device's last look at the TX
+/// ring and before it turns kicks back on (it was told not to kick, so it
+/// does not): the re-arm sees the index moved and the same wake-up sends
+/// it.
+#[test]
+fn a_frame_queued_just_before_tx_kicks_are_re_armed_is_sent_without_a_kick() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);
+    let frame = framed(&payload(60, 9));
+    f.mem.write_slice(&frame, GuestAddress(TXBUF)).unwrap();
+    let head = f.txq.alloc(1)[0];
+    f.txq
+        .write_desc(&f.mem, head, TXBUF, frame.len() as u32, 0, 0);
+    let (mem, avail) = (f.mem.clone(), f.txq.avail);
+    f.net.lock().unwrap().before_rearm = Some(Box::new(move || {
+        mem.write_obj(head, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+    }));
+    // A wake-up that finds nothing.
+    write_reg(&mut f.t, reg::QUEUE_NOTIFY, 1);
+    f.em.run_with_timeout(20).unwrap();
+    assert_eq!(f.txq.used(&f.mem), vec![(u32::from(head), 0)]);
+    assert_eq!(recv_timeout(&host, 1000).as_deref(), Some(&frame[..]));
+}
+
 #[test]
 fn an_rx_wake_up_delivers_at_most_its_budget_and_the_tap_brings_it_back() {
     let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);

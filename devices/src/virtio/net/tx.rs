@@ -24,6 +24,7 @@ impl Net {
         let mut served: u16 = 0;
         let mut more = false;
         let mut unsignalled: u16 = 0;
+        let mut rechecked = false;
         'wake: loop {
             if let Err(e) = a.tx.disable_notification(&*mem) {
                 tracing::debug!("virtio-net: disable_notification: {e}");
@@ -57,7 +58,7 @@ impl Net {
                     Ok(()) => used = true,
                     Err(e) => tracing::debug!("virtio-net: cannot return TX chain {head}: {e}"),
                 }
-                super::signal_every_batch(&mut a.tx, &mem, &a.interrupt, &mut unsignalled);
+                super::signal_every_batch(&mut a.tx, &mem, &a.interrupt, &mut unsignalled, 1);
                 served = served.saturating_add(1);
                 if served >= budget {
                     // Notifications stay off: the self-kick below brings
@@ -66,8 +67,17 @@ impl Net {
                     break 'wake;
                 }
             }
+            #[cfg(test)]
+            if let Some(hook) = self.before_rearm.take() {
+                hook();
+            }
             match a.tx.enable_notification(&*mem) {
-                Ok(true) if popped => continue,
+                // As virtio-blk's queue loop: more arrived, also after a
+                // pass that popped nothing (once: a broken ring would spin).
+                Ok(true) if popped || !rechecked => {
+                    rechecked |= !popped;
+                    continue;
+                }
                 Ok(_) => break,
                 Err(e) => {
                     tracing::debug!("virtio-net: enable_notification: {e}");

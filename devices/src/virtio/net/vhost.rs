@@ -340,12 +340,15 @@ impl VhostPath {
                 .map_err(ioctl("VHOST_SET_VRING_KICK"))?;
         }
         // Set on every activation, 0 included: the instance outlives them.
-        // A kernel without busy polling still moves frames: a warning.
+        // A kernel without busy polling still moves frames: a warning, if
+        // polling was asked for.
         let held = [RX, TX].map(|i| handle.set_busyloop(i, poll_us));
         path.poll_us = match held {
             [Ok(rx), Ok(tx)] => rx.min(tx),
             [Err(e), _] | [_, Err(e)] => {
-                tracing::warn!("vhost-net: busy polling (poll_us={poll_us}) refused: {e}");
+                if poll_us > 0 {
+                    tracing::warn!("vhost-net: busy polling (poll_us={poll_us}) refused: {e}");
+                }
                 0
             }
         };

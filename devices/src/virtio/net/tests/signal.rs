@@ -51,11 +51,27 @@ fn a_long_rx_wake_up_signals_the_guest_every_batch_not_only_at_its_end() {
 }
 
 #[test]
-fn with_event_idx_the_batches_signal_only_where_the_guest_asked() {
+fn with_event_idx_a_long_wake_up_signals_no_more_than_the_guest_asked_for() {
     let (mut f, _host) = Fixture::with_socket(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
-    // The driver wants an interrupt once entry 99 is used: the batch
-    // that ends at 128 crosses it, the others do not.
+    // The driver wants an interrupt once entry 99 is used: one, which
+    // the batch that ends at 128 gives (ignoring EVENT_IDX would give 3).
     f.txq.set_used_event(&f.mem, 99);
     let n = 2 * usize::from(SIGNAL_BATCH) + 2;
     assert_eq!(one_tx_pass(&mut f, n), 1);
+}
+
+#[test]
+fn rx_counts_the_buffers_a_merged_frame_takes_towards_the_next_interrupt() {
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1 | F_MRG_RXBUF);
+    // Frames of two 1 KiB buffers each: 40 frames use 80 entries.
+    f.post_rx(200, 1024);
+    f.settle();
+    for i in 0..40 {
+        send(&host, &framed(&payload(1500, i as u8)));
+    }
+    let before = asked(&f);
+    assert_eq!(used_per_pass(&mut f, false), vec![80], "one wake-up");
+    // After the 64th entry (frame 32), and at the end.
+    assert_eq!(asked(&f) - before, 2);
+    assert_eq!(f.stats().rx_packets, 40);
 }

@@ -90,8 +90,8 @@ use super::iov::{
     ParsedChain, Seg,
 };
 use super::{
-    new_queue_events, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice,
-    COMMON_FEATURES,
+    new_queue_events, read_config_bytes, rearm_and_recheck, ActivateError, GuestMemoryMmap,
+    Interrupt, VirtioDevice, COMMON_FEATURES,
 };
 use crate::state::StateError;
 

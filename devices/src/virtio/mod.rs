@@ -342,6 +342,34 @@ impl GuestMemoryHandle {
     }
 }
 
+/// The end of a pass over a queue in a device's serve loop (disable
+/// kicks, pop all, re-arm): turns the guest's kicks back on and says
+/// whether to pass again. Yes when more arrived meanwhile; also once after
+/// a pass that popped nothing, since the guest may have published between
+/// that pass's look and the re-arm while told not to kick; but not twice,
+/// as an avail index that moved yet yields nothing is a broken ring and
+/// would spin. `rechecked` carries that "once" across a wake-up's passes.
+pub(crate) fn rearm_and_recheck(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    popped: bool,
+    rechecked: &mut bool,
+    dev: &str,
+) -> bool {
+    use virtio_queue::QueueT;
+    match q.enable_notification(mem) {
+        Ok(true) if popped || !*rechecked => {
+            *rechecked |= !popped;
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            tracing::debug!("{dev}: enable_notification: {e}");
+            false
+        }
+    }
+}
+
 /// Drains a queue-notification eventfd; `EAGAIN` (nothing pending) is fine.
 pub(crate) fn drain_eventfd(evt: &EventFd) {
     if let Err(e) = evt.read() {

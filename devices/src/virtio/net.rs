@@ -583,9 +583,7 @@ impl VirtioDevice for Net {
         if !self.vhost_dev.is_empty() {
             match self.start_vhost(&mem, &mut pair_queues, acked, &interrupt) {
                 Ok(v) => {
-                    let held = v.iter().map(|p| p.poll_us).min().unwrap_or(0);
-                    self.counters.poll_us.store(held, Ordering::Relaxed);
-                    self.vhost = v;
+                    self.set_vhost(v);
                     self.counters.vhost.store(true, Ordering::Relaxed);
                     self.kick_ctrl();
                     self.wake_event_loop();
@@ -598,7 +596,6 @@ impl VirtioDevice for Net {
             }
         }
         self.counters.vhost.store(false, Ordering::Relaxed);
-        self.counters.poll_us.store(0, Ordering::Relaxed);
         self.active = pair_queues
             .into_iter()
             .enumerate()
@@ -636,10 +633,9 @@ impl VirtioDevice for Net {
         self.ctrl = None;
         self.activated.clear();
         if !self.vhost.is_empty() {
-            self.vhost.clear();
+            self.set_vhost(Vec::new());
             self.wake_event_loop();
         }
-        self.counters.poll_us.store(0, Ordering::Relaxed);
         self.set_enabled(1);
         self.steer_to(1);
         // The next activation tries the kernel's datapath again.

@@ -103,21 +103,8 @@ impl Block {
                 if let Some(hook) = self.before_rearm.take() {
                     hook();
                 }
-                match queue.enable_notification(&*mem) {
-                    // More arrived meanwhile. Also after a pass that popped
-                    // nothing: the guest may have published between that
-                    // pass's look and the re-arm, while told not to kick.
-                    // Once only, though: an avail index that moved but
-                    // yields nothing is a broken ring, and would spin.
-                    Ok(true) if popped || !rechecked => {
-                        rechecked |= !popped;
-                        continue;
-                    }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::debug!("virtio-blk: enable_notification: {e}");
-                        break;
-                    }
+                if !rearm_and_recheck(queue, &mem, popped, &mut rechecked, "virtio-blk") {
+                    break;
                 }
             }
             if used_any && queue.needs_notification(&*mem).unwrap_or(true) {

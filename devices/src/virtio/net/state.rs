@@ -86,11 +86,7 @@ impl Net {
                 }
             }
         }
-        self.vhost.clear();
-        // No kernel worker polls for this device any more.
-        self.counters
-            .poll_us
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.set_vhost(Vec::new());
         if let Some(c) = self.ctrl.take() {
             put(&mut states, c.index(), c.state());
         }

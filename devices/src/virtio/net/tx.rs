@@ -4,6 +4,7 @@ use virtio_queue::QueueT;
 
 use super::{inc, tx_index, Net};
 use crate::virtio::iov::{parse_chain, push_iovecs};
+use crate::virtio::rearm_and_recheck;
 use crate::virtio::tap::VNET_HDR_LEN;
 
 impl Net {
@@ -71,18 +72,8 @@ impl Net {
             if let Some(hook) = self.before_rearm.take() {
                 hook();
             }
-            match a.tx.enable_notification(&*mem) {
-                // As virtio-blk's queue loop: more arrived, also after a
-                // pass that popped nothing (once: a broken ring would spin).
-                Ok(true) if popped || !rechecked => {
-                    rechecked |= !popped;
-                    continue;
-                }
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::debug!("virtio-net: enable_notification: {e}");
-                    break;
-                }
+            if !rearm_and_recheck(&mut a.tx, &mem, popped, &mut rechecked, "virtio-net") {
+                break;
             }
         }
         if used && a.tx.needs_notification(&*mem).unwrap_or(true) {

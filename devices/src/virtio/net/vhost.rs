@@ -247,7 +247,7 @@ pub(super) struct VhostPath {
     queues: [QueueState; 2],
     /// How long (µs) the kernel's worker busy-polls both queues, as the
     /// kernel reported it (0: it does not).
-    pub(super) poll_us: u32,
+    poll_us: u32,
 }
 
 impl VhostPath {
@@ -464,6 +464,18 @@ impl Drop for VhostPath {
 }
 
 impl super::Net {
+    /// Replaces the running kernel datapath (none: empty), and with it
+    /// what `status` says vhost-net's workers busy-poll: what the kernel
+    /// holds for these paths, 0 without any. Every change of `vhost` goes
+    /// through here, so the two cannot disagree.
+    pub(super) fn set_vhost(&mut self, paths: Vec<VhostPath>) {
+        let held = paths.iter().map(|p| p.poll_us).min().unwrap_or(0);
+        self.counters
+            .poll_us
+            .store(held, std::sync::atomic::Ordering::Relaxed);
+        self.vhost = paths;
+    }
+
     /// Hands the activated queue pairs to the kernel, each on its own
     /// vhost-net instance (the device's) and TAP queue. All or none: a
     /// pair that fails stops the ones started.

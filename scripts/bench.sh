@@ -26,7 +26,7 @@ if [ "${1:-}" = "--testhost" ]; then
     scripts/host-deps.sh
     . scripts/testhost-needed.sh
     resources/build-kernels.sh mini debian-6.1 modules server ${in_testhost:+testhost}
-    cargo build --release -q -p vmm -p tests --bin vmm --bin vmm-testhost --bin testhost-bench
+    cargo build --release -q -p vmm -p tests --bin vmm --bin vmm-testhost --bin testhost-bench --bin devbench
     exec "${CARGO_TARGET_DIR:-target}/release/testhost-bench" "$@"
 fi
 

@@ -43,6 +43,9 @@ usage: devbench [options]
                     polling up to N µs (`--disk ...,poll_us=N`; default 50,
                     0: no such rows)
   --only LIST       block,net (default both)
+  --no-vhost        no vhost-net rows (by default they follow the userspace
+                    ones where /dev/vhost-net exists; the VMM's default
+                    datapath there)
   --guest           also boot `mini` with the image as /dev/vda and run dd
                     with O_DIRECT inside (needs guest user space: hardware KVM)
   --guest-timeout S limit for that boot (default 900)
@@ -57,6 +60,7 @@ struct Opts {
     poll_us: u64,
     frames: usize,
     only: Vec<String>,
+    vhost: bool,
     guest: bool,
     guest_timeout: u64,
     kernel_dir: PathBuf,
@@ -72,6 +76,7 @@ fn parse() -> Result<Opts, String> {
         poll_us: 50,
         frames: 50_000,
         only: vec!["block".into(), "net".into()],
+        vhost: true,
         guest: false,
         guest_timeout: 900,
         kernel_dir: PathBuf::from("build/kernels"),
@@ -92,6 +97,7 @@ fn parse() -> Result<Opts, String> {
             "--poll-us" => o.poll_us = num(val()?)?.min(1000) as u64,
             "--frames" => o.frames = num(val()?)?.clamp(1000, net::MAX_FRAMES),
             "--only" => o.only = val()?.split(',').map(str::to_owned).collect(),
+            "--no-vhost" => o.vhost = false,
             "--guest" => o.guest = true,
             "--guest-timeout" => o.guest_timeout = num(val()?)? as u64,
             "--kernel-dir" => o.kernel_dir = PathBuf::from(val()?),
@@ -286,17 +292,42 @@ fn run_net(o: &Opts, t: &mut Table) -> Result<(), String> {
     let dev_tap = "dbench-virtio";
     let raw_tap = "dbench-raw";
     let raw = net::RawTap::open(raw_tap).map_err(|e| format!("TAP {raw_tap}: {e}"))?;
-    net::bring_up(raw_tap).map_err(|e| e.to_string())?;
-    let device = || net::DeviceSide::new(dev_tap).map_err(|e| format!("virtio-net: {e}"));
+    net::bring_up(raw_tap, o.frames).map_err(|e| e.to_string())?;
+    // The userspace datapath everywhere; vhost-net's (the VMM's default
+    // where the host has it) too when this host has /dev/vhost-net.
+    let mut datapaths = vec![(false, "")];
+    if o.vhost && net::vhost_available() {
+        datapaths.push((true, ", vhost-net"));
+    } else if o.vhost {
+        eprintln!("devbench: no /dev/vhost-net here: no vhost-net rows");
+    }
+    for (vhost, path) in datapaths {
+        run_net_path(o, t, &raw, raw_tap, dev_tap, vhost, path)?;
+    }
+    Ok(())
+}
+
+/// The network rows of one datapath (`vhost`: the kernel's).
+fn run_net_path(
+    o: &Opts,
+    t: &mut Table,
+    raw: &net::RawTap,
+    raw_tap: &str,
+    dev_tap: &str,
+    vhost: bool,
+    path: &str,
+) -> Result<(), String> {
+    let device =
+        || net::DeviceSide::new(dev_tap, vhost, o.frames).map_err(|e| format!("virtio-net: {e}"));
     for (len, what) in [(60usize, "60 B"), (1514, "1514 B")] {
         let frame = net::frame(len);
         let n = o.frames;
-        let mut tx_pps = Figure::new(&format!("net TX {what} frames"), "kpps", 1e3);
-        let mut rx_pps = Figure::new(&format!("net RX {what} frames"), "kpps", 1e3);
-        let mut tx_mb = Figure::new(&format!("net TX {what} frames"), "MB/s", 1e6);
-        let mut rx_mb = Figure::new(&format!("net RX {what} frames"), "MB/s", 1e6);
+        let mut tx_pps = Figure::new(&format!("net TX {what} frames{path}"), "kpps", 1e3);
+        let mut rx_pps = Figure::new(&format!("net RX {what} frames{path}"), "kpps", 1e3);
+        let mut tx_mb = Figure::new(&format!("net TX {what} frames{path}"), "MB/s", 1e6);
+        let mut rx_mb = Figure::new(&format!("net RX {what} frames{path}"), "MB/s", 1e6);
         for _ in 0..o.rounds {
-            let h = net::raw_tx(&raw, &frame, n).map_err(|e| format!("raw TX: {e}"))?;
+            let h = net::raw_tx(raw, &frame, n).map_err(|e| format!("raw TX: {e}"))?;
             let d = device()?
                 .tx(&frame, n)
                 .map_err(|e| format!("virtio TX: {e}"))?;
@@ -304,7 +335,7 @@ fn run_net(o: &Opts, t: &mut Table) -> Result<(), String> {
             tx_mb.add((n * len) as f64, n as f64, h, d);
 
             net::inject(raw_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
-            let h = net::raw_rx(&raw, n).map_err(|e| format!("raw RX: {e}"))?;
+            let h = net::raw_rx(raw, n).map_err(|e| format!("raw RX: {e}"))?;
             let mut dev = device()?;
             net::inject(dev_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
             let d = dev.rx(n, len).map_err(|e| format!("virtio RX: {e}"))?;

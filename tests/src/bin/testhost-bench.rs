@@ -23,7 +23,11 @@
 //!   only when asked (`--only snapshot`);
 //! * migration: live migration of an idle guest of 256 MiB and 1 GiB over
 //!   the loopback, ours against QEMU's (`testhost_bench/migration.rs`);
-//!   only when asked (`--only migration`).
+//!   only when asked (`--only migration`);
+//! * devices: the host-side device harness (`devbench --only net`, no
+//!   guest) where the host has `/dev/vhost-net`, so that its rows cover
+//!   the kernel's datapath as well as ours; only when asked (`--only
+//!   devices`).
 
 // The benchmark's table and statistics helpers (this binary uses a part).
 #[allow(dead_code)]
@@ -292,6 +296,22 @@ fn times_table(title: &str, peers: &[Peer], t: &[Vec<f64>]) {
     tab.print();
 }
 
+/// The device harness's network rows where this host has vhost-net: its
+/// own table (device vs a raw TAP), printed as it comes.
+fn devices_rows(h: &Host, runs: usize) {
+    // Emulated CPUs move some 50-100 k frames a second: 5,000 a round.
+    let cmd = format!(
+        "{} --only net --rounds {runs} --frames 5000",
+        bin("devbench").display()
+    );
+    eprintln!("devices: {cmd}");
+    let out = h.sh_timeout(&cmd, Duration::from_secs(1800));
+    println!("\ndevice harness (devbench) on this host:\n{}", out.stdout);
+    if !out.status.success() {
+        println!("devbench failed ({}): {}", out.status, out.stderr.trim());
+    }
+}
+
 fn main() -> ExitCode {
     let mut runs = 5usize;
     let mut only: Vec<String> = vec!["boot".into(), "sshd".into(), "disk".into(), "net".into()];
@@ -325,7 +345,7 @@ fn main() -> ExitCode {
                 }
             }
             "--help" | "-h" => {
-                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot,migration] [--mib 256,1024,4096 (snapshot, migration)]   (scripts/bench.sh --testhost)");
+                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot,migration,devices] [--mib 256,1024,4096 (snapshot, migration)]   (scripts/bench.sh --testhost)");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -383,6 +403,10 @@ fn main() -> ExitCode {
 
     if only.iter().any(|o| o == "migration") {
         migration::rows(runs, &g, &sizes);
+    }
+
+    if only.iter().any(|o| o == "devices") {
+        devices_rows(h, runs);
     }
 
     if only.iter().any(|o| o == "disk") {

@@ -13,11 +13,18 @@
 //! `TUNSETOFFLOAD`) to hand us only what the guest accepted.
 //!
 //! RX: with MRG_RXBUF a frame may fill several chains (`num_buffers` in the
-//! header says how many). When the chains at hand can hold a maximal frame
-//! (64 KiB + headers) the frame is read straight into them; otherwise it is
-//! read into a bounce buffer and copied once enough chains are there, so a
-//! guest that posts few buffers still gets every frame. Without MRG_RXBUF
-//! each frame goes into one chain.
+//! header says how many). Frames are read straight into the guest's
+//! buffers, in one of two ways (see `rx`): while frames fit one chain
+//! (MTU-sized traffic, the usual case) the read covers the front chain and
+//! a bounce buffer behind it, and a frame that overflows has its rest copied
+//! into the next chains; after such a frame, and for the next
+//! [`BIG_FRAMES_HOLD`] frames, the read covers as many chains as hold a
+//! maximal frame (64 KiB + headers: TSO streams), so big frames are not
+//! copied. Fewer iovecs per read is what the first way saves: the kernel
+//! copies and checks each one. When the chains at hand cannot hold a
+//! maximal frame the frame is read into the bounce buffer and copied once
+//! enough chains are there, so a guest that posts few buffers still gets
+//! every frame. Without MRG_RXBUF each frame goes into one chain.
 //!
 //! When the guest has no RX buffers the TAP is taken out of the event loop
 //! (frames wait in the TAP's queue) and RX queue notifications are turned
@@ -96,6 +103,11 @@ fn signal_every_batch(
 /// The largest frame the TAP can hand us: vnet header, Ethernet + VLAN
 /// header, 64 KiB of GSO payload.
 const MAX_FRAME: usize = VNET_HDR_LEN + 14 + 4 + 65535;
+/// After a frame that did not fit one RX chain, the next this many frames
+/// are read over enough chains for a maximal frame (see the module docs):
+/// a TSO stream stays there, an odd big frame among small ones costs one
+/// copy and this many wider reads.
+const BIG_FRAMES_HOLD: u16 = 64;
 /// Offset of `num_buffers` in the vnet header.
 const NUM_BUFFERS_OFFSET: u64 = 10;
 
@@ -256,9 +268,14 @@ struct Active {
     rx_chains: VecDeque<rx::RxChain>,
     /// Sum of `rx_chains` capacities.
     rx_cap: usize,
-    /// A frame read ahead into `bounce` (its length), waiting for buffers.
+    /// A frame read ahead (its length), waiting for buffers: its first
+    /// `pending_in_place` bytes in the front chain, the rest in `bounce`.
     pending: usize,
+    pending_in_place: usize,
     bounce: Vec<u8>,
+    /// Frames left to read over chains for a maximal frame (the last big
+    /// frame was this recent; see [`BIG_FRAMES_HOLD`]).
+    big_frames_hold: u16,
     /// Scratch space reused for every frame (no allocation per frame).
     rx_iov: IovScratch,
     rx_parts: Vec<(u16, u32)>,
@@ -609,7 +626,9 @@ impl VirtioDevice for Net {
                 rx_chains: VecDeque::new(),
                 rx_cap: 0,
                 pending: 0,
+                pending_in_place: 0,
                 bounce: Vec::new(),
+                big_frames_hold: 0,
                 rx_iov: IovScratch::default(),
                 rx_parts: Vec::new(),
             })

@@ -6,7 +6,7 @@ use std::io;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::QueueT;
 
-use super::{inc, Active, Net, NetCounters, Token, MAX_FRAME, NUM_BUFFERS_OFFSET};
+use super::{inc, Active, Net, NetCounters, Token, BIG_FRAMES_HOLD, MAX_FRAME, NUM_BUFFERS_OFFSET};
 use crate::virtio::iov::{parse_chain, push_iovecs, write_segs, Seg, IOV_MAX};
 use crate::virtio::tap::{Tap, VNET_HDR_LEN};
 
@@ -19,6 +19,21 @@ pub(super) struct RxChain {
     /// valid while `Active::mem` lives).
     host: Vec<(usize, usize)>,
     pub(super) cap: usize,
+}
+
+/// How the next frame is read from the TAP (MRG_RXBUF decides; see the
+/// [module docs](super)).
+#[derive(Clone, Copy)]
+enum RxRead {
+    /// Into the chains at hand, which hold this many bytes: enough for a
+    /// maximal frame, or the one chain a frame gets without MRG_RXBUF.
+    Direct(usize),
+    /// Into the front chain, which holds this many bytes, and the bounce
+    /// buffer behind it for the rest of a frame that does not fit.
+    Split(usize),
+    /// Into the bounce buffer alone: wide reads are due but the chains at
+    /// hand cannot hold a maximal frame.
+    Bounce,
 }
 
 enum RxOutcome {
@@ -161,51 +176,31 @@ impl Active {
                     return (RxOutcome::NoBuffers, used);
                 }
                 let n = std::mem::take(&mut self.pending);
-                self.complete_rx(n, true, c);
+                let in_place = std::mem::take(&mut self.pending_in_place);
+                self.complete_rx(n, in_place, c);
                 used = true;
                 *frames = frames.saturating_sub(1);
                 self.signal_every_batch(&mut unsignalled);
                 continue;
             }
-            let need = if self.mrg_rxbuf { MAX_FRAME } else { 1 };
-            used |= self.fill_rx(need, c);
-            if self.rx_chains.is_empty() {
-                return (RxOutcome::NoBuffers, used);
-            }
-            // A reader may report more than fit (the TAP counts a frame it
-            // truncated): never trust `n` beyond the buffers offered.
-            let result = match self.rx_iovecs() {
-                Some(cap) => tap.readv(&self.rx_iov.0).map(|n| (n.min(cap), false)),
-                None => {
-                    // Not enough room for a maximal frame: read ahead into
-                    // the bounce buffer, deliver when it fits.
-                    self.bounce.resize(MAX_FRAME, 0);
-                    let iov = [libc::iovec {
-                        iov_base: self.bounce.as_mut_ptr().cast(),
-                        iov_len: self.bounce.len(),
-                    }];
-                    tap.readv(&iov).map(|n| (n.min(MAX_FRAME), true))
-                }
+            // Wide reads need chains for a maximal frame; a read over the
+            // front chain and the bounce buffer needs one.
+            let need = if self.mrg_rxbuf && self.big_frames_hold > 0 {
+                MAX_FRAME
+            } else {
+                1
             };
-            if let Ok((n, false)) = result {
-                // Written behind vm-memory's back: mark it (even a runt
-                // that is dropped below changed the buffers).
-                self.mark_rx_written(n);
-            }
-            match result {
-                Ok((0, _)) => return (RxOutcome::Drained, used),
-                Ok((n, _)) if n < VNET_HDR_LEN => inc(&c.rx_dropped, 1),
-                Ok((n, true)) => self.pending = n,
-                Ok((n, false)) => {
-                    self.complete_rx(n, false, c);
-                    used = true;
-                    *frames = frames.saturating_sub(1);
-                    self.signal_every_batch(&mut unsignalled);
-                }
+            used |= self.fill_rx(need, c);
+            let Some(front_cap) = self.rx_chains.front().map(|ch| ch.cap) else {
+                return (RxOutcome::NoBuffers, used);
+            };
+            let read = self.rx_iovecs();
+            let got = match tap.readv(&self.rx_iov.0) {
+                Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return (RxOutcome::Drained, used);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // The TAP dropped the frame (e.g. it did not fit).
                     tracing::debug!("virtio-net: TAP read: {e}");
@@ -214,8 +209,43 @@ impl Active {
                     if errors > 16 {
                         return (RxOutcome::Drained, used);
                     }
+                    continue;
                 }
+            };
+            // A reader may report more than fit (the TAP counts a frame it
+            // truncated): never trust it beyond the buffers offered. How
+            // much of the frame is in the guest's chains already:
+            let (n, in_place) = match read {
+                RxRead::Direct(cap) => (got.min(cap), got.min(cap)),
+                RxRead::Split(cap) => (got.min(MAX_FRAME), got.min(cap)),
+                RxRead::Bounce => (got.min(MAX_FRAME), 0),
+            };
+            // Written behind vm-memory's back: mark it (even a runt that is
+            // dropped below changed the buffers).
+            self.mark_rx_written(in_place);
+            if n == 0 {
+                return (RxOutcome::Drained, used);
             }
+            if n < VNET_HDR_LEN {
+                inc(&c.rx_dropped, 1);
+                continue;
+            }
+            // A frame bigger than one chain: read the next ones wide.
+            if n > front_cap {
+                self.big_frames_hold = BIG_FRAMES_HOLD;
+            } else {
+                self.big_frames_hold = self.big_frames_hold.saturating_sub(1);
+            }
+            if in_place < n {
+                // The rest waits in the bounce buffer for enough chains.
+                self.pending = n;
+                self.pending_in_place = in_place;
+                continue;
+            }
+            self.complete_rx(n, n, c);
+            used = true;
+            *frames = frames.saturating_sub(1);
+            self.signal_every_batch(&mut unsignalled);
         }
     }
 
@@ -226,12 +256,11 @@ impl Active {
         super::signal_every_batch(&mut self.rx, &self.mem, &self.interrupt, unsignalled, added);
     }
 
-    /// Builds `rx_iov` over the chains at hand for a direct read and
-    /// returns their total size, or `None` when they cannot hold a maximal
-    /// frame (MRG_RXBUF).
-    fn rx_iovecs(&mut self) -> Option<usize> {
+    /// Builds `rx_iov` for the next read (see [`RxRead`]).
+    fn rx_iovecs(&mut self) -> RxRead {
         let iovs = &mut self.rx_iov.0;
         iovs.clear();
+        let wide = self.mrg_rxbuf && self.big_frames_hold > 0;
         let mut cap = 0usize;
         for ch in &self.rx_chains {
             iovs.extend(ch.host.iter().map(|&(base, len)| libc::iovec {
@@ -239,19 +268,34 @@ impl Active {
                 iov_len: len,
             }));
             cap = cap.saturating_add(ch.cap);
-            if !self.mrg_rxbuf || cap >= MAX_FRAME {
+            if !wide || cap >= MAX_FRAME {
                 break;
             }
         }
-        if iovs.len() > IOV_MAX || (self.mrg_rxbuf && cap < MAX_FRAME) {
-            return None;
+        if iovs.len() <= IOV_MAX && (!self.mrg_rxbuf || cap >= MAX_FRAME) {
+            return RxRead::Direct(cap);
         }
-        Some(cap)
+        self.bounce.resize(MAX_FRAME, 0);
+        let bounce = self.bounce.as_mut_ptr().cast();
+        // One more iovec for the bounce buffer.
+        if iovs.len() < IOV_MAX && !wide {
+            iovs.push(libc::iovec {
+                iov_base: bounce,
+                iov_len: MAX_FRAME - cap,
+            });
+            return RxRead::Split(cap);
+        }
+        iovs.clear();
+        iovs.push(libc::iovec {
+            iov_base: bounce,
+            iov_len: MAX_FRAME,
+        });
+        RxRead::Bounce
     }
 
-    /// Hands a frame of `n` bytes to the guest: it is already in the front
-    /// chains (direct read) or in `bounce` (`from_bounce`).
-    fn complete_rx(&mut self, n: usize, from_bounce: bool, c: &NetCounters) {
+    /// Hands a frame of `n` bytes to the guest: its first `in_place` bytes
+    /// are already in the front chains, the rest at the start of `bounce`.
+    fn complete_rx(&mut self, n: usize, in_place: usize, c: &NetCounters) {
         let mem = self.mem.clone();
         let mut parts = std::mem::take(&mut self.rx_parts);
         parts.clear();
@@ -263,10 +307,17 @@ impl Active {
             };
             self.rx_cap -= ch.cap;
             let len = ch.cap.min(n - done);
-            if from_bounce
-                && write_segs(&mem, &ch.segs, 0, &self.bounce[done..done + len]).is_none()
-            {
-                inc(&c.invalid_chains, 1);
+            let end = done + len;
+            if end > in_place {
+                // This chain's bytes from `from` on are in the bounce buffer.
+                let from = in_place.max(done);
+                let copied = self
+                    .bounce
+                    .get(from - in_place..end - in_place)
+                    .and_then(|src| write_segs(&mem, &ch.segs, (from - done) as u64, src));
+                if copied.is_none() {
+                    inc(&c.invalid_chains, 1);
+                }
             }
             parts.push((ch.head, len as u32));
             if first_segs.is_none() {

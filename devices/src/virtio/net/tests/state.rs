@@ -111,9 +111,20 @@ fn rx_buffers_the_device_held_are_offered_again_after_a_restore() {
 #[test]
 fn held_rx_buffers_behind_an_invalid_one_are_returned_empty() {
     let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1 | F_MRG_RXBUF);
-    let a = f.rxq.add_chain(&f.mem, &[(RXBUF, 2048, true)]);
-    let bad = f.rxq.add_chain(&f.mem, &[(RXBUF + 4096, 2048, false)]);
-    let c = f.rxq.add_chain(&f.mem, &[(RXBUF + 8192, 2048, true)]);
+    // A frame bigger than a chain first: the device then takes chains for
+    // a maximal frame before each read, so it holds several.
+    let first = f.post_rx(2, 2048);
+    send(&host, &framed(&payload(3000, 4)));
+    f.settle();
+    assert_eq!(
+        f.rxq.used(&f.mem),
+        vec![(u32::from(first[0].0), 2048), (u32::from(first[1].0), 964)]
+    );
+    let _ = f.t.interrupt_event().read();
+    write_reg(&mut f.t, reg::INTERRUPT_ACK, 1);
+    let a = f.rxq.add_chain(&f.mem, &[(RXBUF + 0x10000, 2048, true)]);
+    let bad = f.rxq.add_chain(&f.mem, &[(RXBUF + 0x11000, 2048, false)]);
+    let c = f.rxq.add_chain(&f.mem, &[(RXBUF + 0x12000, 2048, true)]);
     write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);
     f.settle();
     assert_eq!(f.rxq.used(&f.mem), vec![(u32::from(bad), 0)]);
@@ -124,7 +135,7 @@ fn held_rx_buffers_behind_an_invalid_one_are_returned_empty() {
     // ring would give `bad` again) and is returned empty, with an
     // interrupt.
     assert_eq!(f.rxq.used(&f.mem), vec![(u32::from(a), 0)]);
-    assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (2, 2));
+    assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (4, 4));
     assert_eq!(s.interrupt_status, crate::virtio::INT_USED_RING);
 
     f.t.restore_state(&s).unwrap();

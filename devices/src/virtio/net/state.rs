@@ -5,16 +5,18 @@
 //!   each queue stopped ([`VhostPath::quiesce`](super::vhost::VhostPath::quiesce)).
 //! - **Userspace**: TX takes a chain, sends it and returns it in one go
 //!   under the device's lock, so nothing of TX is in flight. RX keeps
-//!   chains it has popped and not yet filled (`Active::rx_chains`, with
-//!   MRG_RXBUF enough for a maximal frame): they go back to the avail ring
+//!   chains it has popped and not yet filled (`Active::rx_chains`: the one
+//!   the next read starts in, or with MRG_RXBUF after a big frame enough
+//!   for a maximal frame): they go back to the avail ring
 //!   (`next_avail` rewound over them) so the next activation offers them
 //!   to frames again. Only where the ring interleaves them with chains
 //!   already returned as invalid can they not be rewound over; those are
 //!   returned used with length 0, which a driver takes as an empty
 //!   (dropped) frame and refills.
 //!
-//!   A frame read from the TAP ahead, waiting in the bounce buffer for
-//!   enough RX buffers (`Active::pending`), is dropped and counted in
+//!   A frame read from the TAP ahead, waiting in the bounce buffer (its
+//!   start perhaps in the front chain) for enough RX buffers
+//!   (`Active::pending`), is dropped and counted in
 //!   `rx_dropped`: it has left the TAP and cannot be put back, and one lost
 //!   frame is what a network may do anyway (the sender's TCP resends).
 //!

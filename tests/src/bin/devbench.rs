@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use block::Op;
+use block::{Op, Wait};
 use driver::Pass;
 use report::{stats, Table};
 
@@ -188,6 +188,7 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             "MB/s",
             1e6,
             Duration::ZERO,
+            Wait::Interrupt,
         ),
         (
             Op::SeqWrite,
@@ -195,6 +196,7 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             "MB/s",
             1e6,
             Duration::ZERO,
+            Wait::Interrupt,
         ),
         (
             Op::RandRead,
@@ -202,6 +204,7 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             "kIOPS",
             1e3,
             Duration::ZERO,
+            Wait::Interrupt,
         ),
     ];
     if !poll.is_zero() {
@@ -211,9 +214,20 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             "kIOPS",
             1e3,
             poll,
+            Wait::Interrupt,
+        ));
+        // Neither side sleeps: what the device path costs when the guest
+        // polls its queue too (Linux's virtio-blk poll queues).
+        cases.push((
+            Op::RandRead,
+            format!("blk rand read 4 KiB, {polled}, driver polls"),
+            "kIOPS",
+            1e3,
+            poll,
+            Wait::Polls,
         ));
     }
-    for (op, label, unit, scale, poll) in cases {
+    for (op, label, unit, scale, poll, wait) in cases {
         let offs = block::offsets(op, size, o.rand_ios);
         let units = match op {
             Op::RandRead => offs.len() as f64,
@@ -223,7 +237,7 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
         for _ in 0..o.rounds {
             let h =
                 block::host_pass(&o.file, op, &offs).map_err(|e| format!("{label}: host: {e}"))?;
-            let d = block::device_pass(&o.file, op, &offs, poll)
+            let d = block::device_pass(&o.file, op, &offs, poll, wait)
                 .map_err(|e| format!("{label}: device: {e}"))?;
             fig.add(units, offs.len() as f64, h, d);
         }
@@ -237,22 +251,35 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             1u16,
             "blk rand read 4 KiB, QD32".to_string(),
             Duration::ZERO,
+            Wait::Interrupt,
         ),
         (
             4,
             "blk rand read 4 KiB, QD32, 4 queues".into(),
             Duration::ZERO,
+            Wait::Interrupt,
         ),
     ];
     if !poll.is_zero() {
-        deep.push((1, format!("blk rand read 4 KiB, QD32, {polled}"), poll));
+        deep.push((
+            1,
+            format!("blk rand read 4 KiB, QD32, {polled}"),
+            poll,
+            Wait::Interrupt,
+        ));
+        deep.push((
+            1,
+            format!("blk rand read 4 KiB, QD32, {polled}, driver polls"),
+            poll,
+            Wait::Polls,
+        ));
     }
-    for (queues, label, poll) in deep {
+    for (queues, label, poll, wait) in deep {
         let mut fig = Figure::new(&label, "kIOPS", 1e3);
         for _ in 0..o.rounds {
             let h = block_qd::host_pass(&o.file, &offs, 32)
                 .map_err(|e| format!("{label}: host: {e}"))?;
-            let d = block_qd::device_pass(&o.file, &offs, 32, queues, poll)
+            let d = block_qd::device_pass(&o.file, &offs, 32, queues, poll, wait)
                 .map_err(|e| format!("{label}: device: {e}"))?;
             fig.add(offs.len() as f64, offs.len() as f64, h, d);
         }

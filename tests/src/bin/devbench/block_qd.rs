@@ -17,7 +17,7 @@ use devices::virtio::{Block, BlockConfig, VIRTIO_F_VERSION_1};
 use io_uring::{opcode, types, IoUring};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::block::RAND_BLOCK;
+use crate::block::{Wait, RAND_BLOCK};
 use crate::driver::{thread_cpu_secs, Driver, Pass, Stopwatch, Vq};
 
 /// `VIRTIO_BLK_F_MQ`.
@@ -84,6 +84,7 @@ pub fn device_pass(
     depth: usize,
     queues: u16,
     poll: Duration,
+    wait: Wait,
 ) -> io::Result<Pass> {
     let blk = Block::new(&BlockConfig {
         path: path.to_owned(),
@@ -104,6 +105,9 @@ pub fn device_pass(
         d.start(VIRTIO_F_VERSION_1 | F_MQ, &refs)?;
     }
     let mem = d.mem.clone();
+    for q in &qs {
+        q.set_interrupts(&mem, wait == Wait::Interrupt)?;
+    }
     let gm = |e| io::Error::other(format!("guest memory: {e}"));
     // Slot s: its header, status byte and data page; on queue s % queues.
     let nq = qs.len();
@@ -150,7 +154,18 @@ pub fn device_pass(
         if in_flight == 0 {
             break;
         }
-        if !d.wait_interrupt(Duration::from_secs(10))? {
+        let mut completed = false;
+        if wait == Wait::Polls {
+            let started = std::time::Instant::now();
+            while !qs.iter().any(|q| q.has_used(&mem)) {
+                std::hint::spin_loop();
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err(io::Error::other("no completion from virtio-blk in 10 s"));
+                }
+            }
+            completed = true;
+        }
+        if !completed && !d.wait_interrupt(Duration::from_secs(10))? {
             return Err(io::Error::other("no interrupt from virtio-blk in 10 s"));
         }
         for (q, vq) in qs.iter_mut().enumerate() {

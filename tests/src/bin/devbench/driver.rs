@@ -278,6 +278,15 @@ impl Vq {
         }
     }
 
+    /// Asks the device for interrupts on this queue, or not
+    /// (`VRING_AVAIL_F_NO_INTERRUPT`: a driver that polls the used ring, as
+    /// Linux does on virtio-blk's poll queues).
+    pub fn set_interrupts(&self, mem: &GuestMemoryMmap, on: bool) -> io::Result<()> {
+        let flags: u16 = if on { 0 } else { 1 };
+        mem.write_obj(flags, GuestAddress(self.avail))
+            .map_err(|e| io::Error::other(format!("avail flags: {e}")))
+    }
+
     /// Writes a chain of `(addr, len, device_writable)` buffers and puts it
     /// in the avail ring (not yet visible: see [`Vq::publish`]).
     pub fn add(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> Option<u16> {
@@ -351,6 +360,13 @@ impl Vq {
 
     /// Takes the used entries the device has returned: `(head, len)`. The
     /// chains stay allocated: [`Vq::recycle`] or [`Vq::release`] each.
+    /// Whether the device returned chains not taken yet (a polling
+    /// driver's check).
+    pub fn has_used(&self, mem: &GuestMemoryMmap) -> bool {
+        mem.load::<u16>(GuestAddress(self.used + 2), Ordering::Acquire)
+            .is_ok_and(|idx| idx != self.used_idx)
+    }
+
     pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
         let Ok(idx) = mem.load::<u16>(GuestAddress(self.used + 2), Ordering::Acquire) else {
             return Vec::new();

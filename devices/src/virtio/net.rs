@@ -21,8 +21,9 @@
 //! [`BIG_FRAMES_HOLD`] frames, the read covers as many chains as hold a
 //! maximal frame (64 KiB + headers: TSO streams), so big frames are not
 //! copied. Fewer iovecs per read is what the first way saves: the kernel
-//! copies and checks each one. When the chains at hand cannot hold a
-//! maximal frame the frame is read into the bounce buffer and copied once
+//! copies and checks each one. When wide reads are due but the guest has
+//! not posted chains for a maximal frame, the read covers those it has and
+//! the bounce buffer behind them, and what overflows is copied on once
 //! enough chains are there, so a guest that posts few buffers still gets
 //! every frame. Without MRG_RXBUF each frame goes into one chain.
 //!

@@ -181,6 +181,36 @@ impl TestQueue {
         idx[0]
     }
 
+    /// Writes the `(addr, len, writable)` buffers as an indirect table at
+    /// `table` and makes a one-descriptor chain pointing at it available.
+    /// Returns the head index.
+    pub fn add_indirect_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        table: u64,
+        bufs: &[(u64, u32, bool)],
+    ) -> u16 {
+        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
+            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
+            let next = if k + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT;
+                (k + 1) as u16
+            } else {
+                0
+            };
+            let a = GuestAddress(table + 16 * k as u64);
+            mem.write_obj(addr, a).unwrap();
+            mem.write_obj(len, a.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+            mem.write_obj(next, a.unchecked_add(14)).unwrap();
+        }
+        let head = self.alloc(1)[0];
+        let table_len = u32::try_from(16 * bufs.len()).unwrap();
+        self.write_desc(mem, head, table, table_len, VRING_DESC_F_INDIRECT, 0);
+        self.push_avail(mem, head);
+        head
+    }
+
     /// New used-ring entries `(id, len)` since the last call.
     pub fn used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u32, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();

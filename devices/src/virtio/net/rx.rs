@@ -28,11 +28,14 @@ enum RxRead {
     /// Into the chains at hand, which hold this many bytes: enough for a
     /// maximal frame, or the one chain a frame gets without MRG_RXBUF.
     Direct(usize),
-    /// Into the front chain, which holds this many bytes, and the bounce
-    /// buffer behind it for the rest of a frame that does not fit.
+    /// Into the chains at hand, which hold this many bytes (the front one,
+    /// or every one held when wide reads are due but they cannot hold a
+    /// maximal frame), and the bounce buffer behind them for the rest of a
+    /// frame that does not fit.
     Split(usize),
-    /// Into the bounce buffer alone: wide reads are due but the chains at
-    /// hand cannot hold a maximal frame.
+    /// Into the bounce buffer alone: the chains at hand take more iovecs
+    /// than one `readv` accepts (`IOV_MAX`, a guest's chain of a thousand
+    /// descriptors).
     Bounce,
 }
 
@@ -218,6 +221,9 @@ impl Active {
             let (n, in_place) = match read {
                 RxRead::Direct(cap) => (got.min(cap), got.min(cap)),
                 RxRead::Split(cap) => (got.min(MAX_FRAME), got.min(cap)),
+                // Without MRG_RXBUF a frame has one chain: cut to it, as a
+                // direct read into that chain would cut it.
+                RxRead::Bounce if !self.mrg_rxbuf => (got.min(front_cap), 0),
                 RxRead::Bounce => (got.min(MAX_FRAME), 0),
             };
             // Written behind vm-memory's back: mark it (even a runt that is
@@ -277,8 +283,10 @@ impl Active {
         }
         self.bounce.resize(MAX_FRAME, 0);
         let bounce = self.bounce.as_mut_ptr().cast();
-        // One more iovec for the bounce buffer.
-        if iovs.len() < IOV_MAX && !wide {
+        // The chains at hand (one, or all held when wide reads are due but
+        // the guest has not posted enough for a maximal frame) and the
+        // bounce buffer for the rest: one more iovec.
+        if self.mrg_rxbuf && iovs.len() < IOV_MAX {
             iovs.push(libc::iovec {
                 iov_base: bounce,
                 iov_len: MAX_FRAME - cap,

@@ -5,9 +5,10 @@
 //!   each queue stopped ([`VhostPath::quiesce`](super::vhost::VhostPath::quiesce)).
 //! - **Userspace**: TX takes a chain, sends it and returns it in one go
 //!   under the device's lock, so nothing of TX is in flight. RX keeps
-//!   chains it has popped and not yet filled (`Active::rx_chains`: the one
-//!   the next read starts in, or with MRG_RXBUF after a big frame enough
-//!   for a maximal frame): they go back to the avail ring
+//!   chains it has popped and not yet used (`Active::rx_chains`: the one
+//!   the next read starts in, with MRG_RXBUF after a big frame enough for
+//!   a maximal frame, and what is left of those until they are used):
+//!   they go back to the avail ring
 //!   (`next_avail` rewound over them) so the next activation offers them
 //!   to frames again. Only where the ring interleaves them with chains
 //!   already returned as invalid can they not be rewound over; those are
@@ -15,7 +16,8 @@
 //!   (dropped) frame and refills.
 //!
 //!   A frame read from the TAP ahead, waiting in the bounce buffer (its
-//!   start perhaps in the front chain) for enough RX buffers
+//!   start perhaps in the chains held, which are given back all the same:
+//!   what the guest finds in them is not a frame) for enough RX buffers
 //!   (`Active::pending`), is dropped and counted in
 //!   `rx_dropped`: it has left the TAP and cannot be put back, and one lost
 //!   frame is what a network may do anyway (the sender's TCP resends).

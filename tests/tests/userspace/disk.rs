@@ -169,9 +169,16 @@ fn fsynced_data_survives_sigkill(direct: bool, engine: &str, poll_us: u32) {
         let status = g.ctl().status();
         assert_eq!(status["disks"][0]["write_bytes"], 4 << 20, "{status}");
         assert_eq!(status["disks"][0]["poll_us"], poll_us, "{status}");
-        // Reads one at a time (what polling is for): the window grows
-        // when the guest's next request comes soon after the last.
-        g.run("dd if=/dev/vda of=/dev/null bs=4k count=2048 iflag=direct 2>/dev/null");
+        // Small direct reads (what polling is for): the window grows when
+        // the guest's next request comes soon after the last. Four readers
+        // at once, so that gaps stay within the window even when the
+        // emulated guest is slow (one reader under a loaded test host left
+        // every gap longer than 1 ms once, and polling found nothing).
+        g.run(
+            "for i in 0 1 2 3; do \
+               dd if=/dev/vda of=/dev/null bs=4k count=512 skip=$((i * 512)) iflag=direct 2>/dev/null & \
+             done; wait",
+        );
         let status = g.ctl().status();
         let polled = status["disks"][0]["polled"].as_u64().unwrap_or_default();
         eprintln!("disk poll_us={poll_us}: polling found {polled} requests and completions");

@@ -135,11 +135,7 @@ impl TestQueue {
         flags: u16,
         next: u16,
     ) {
-        let a = GuestAddress(self.desc + 16 * u64::from(index));
-        mem.write_obj(addr, a).unwrap();
-        mem.write_obj(len, a.unchecked_add(8)).unwrap();
-        mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-        mem.write_obj(next, a.unchecked_add(14)).unwrap();
+        write_desc_at(mem, self.desc, index, addr, len, flags, next);
     }
 
     /// Makes `head` available.
@@ -167,16 +163,7 @@ impl TestQueue {
     /// makes it available. Returns the head index.
     pub fn add_chain(&mut self, mem: &GuestMemoryMmap, bufs: &[(u64, u32, bool)]) -> u16 {
         let idx = self.alloc(bufs.len() as u16);
-        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
-            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
-            let next = if k + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT;
-                idx[k + 1]
-            } else {
-                0
-            };
-            self.write_desc(mem, idx[k], addr, len, flags, next);
-        }
+        write_linked(mem, self.desc, &idx, bufs);
         self.push_avail(mem, idx[0]);
         idx[0]
     }
@@ -190,20 +177,8 @@ impl TestQueue {
         table: u64,
         bufs: &[(u64, u32, bool)],
     ) -> u16 {
-        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
-            let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
-            let next = if k + 1 < bufs.len() {
-                flags |= VRING_DESC_F_NEXT;
-                (k + 1) as u16
-            } else {
-                0
-            };
-            let a = GuestAddress(table + 16 * k as u64);
-            mem.write_obj(addr, a).unwrap();
-            mem.write_obj(len, a.unchecked_add(8)).unwrap();
-            mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-            mem.write_obj(next, a.unchecked_add(14)).unwrap();
-        }
+        let idx: Vec<u16> = (0..bufs.len() as u16).collect();
+        write_linked(mem, table, &idx, bufs);
         let head = self.alloc(1)[0];
         let table_len = u32::try_from(16 * bufs.len()).unwrap();
         self.write_desc(mem, head, table, table_len, VRING_DESC_F_INDIRECT, 0);
@@ -235,5 +210,38 @@ impl TestQueue {
     pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
         mem.write_obj(v, GuestAddress(self.avail + 4 + 2 * u64::from(self.size)))
             .unwrap();
+    }
+}
+
+/// Writes descriptor `index` of the table at `table`.
+fn write_desc_at(
+    mem: &GuestMemoryMmap,
+    table: u64,
+    index: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
+    let a = GuestAddress(table + 16 * u64::from(index));
+    mem.write_obj(addr, a).unwrap();
+    mem.write_obj(len, a.unchecked_add(8)).unwrap();
+    mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+    mem.write_obj(next, a.unchecked_add(14)).unwrap();
+}
+
+/// Writes `bufs` as descriptors `idx` (one each, in order) of the table at
+/// `table`, each linked to the next.
+fn write_linked(mem: &GuestMemoryMmap, table: u64, idx: &[u16], bufs: &[(u64, u32, bool)]) {
+    for (k, (&(addr, len, w), &i)) in bufs.iter().zip(idx).enumerate() {
+        let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
+        let next = match idx.get(k + 1) {
+            Some(&n) => {
+                flags |= VRING_DESC_F_NEXT;
+                n
+            }
+            None => 0,
+        };
+        write_desc_at(mem, table, i, addr, len, flags, next);
     }
 }

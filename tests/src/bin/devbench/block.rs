@@ -112,6 +112,25 @@ pub enum Wait {
     Polls,
 }
 
+/// Waits as `wait` says: until one of `qs` has used entries to take, or
+/// until the device's interrupt (which may find nothing new to take).
+pub fn wait_completion(d: &mut Driver, qs: &[Vq], wait: Wait) -> io::Result<()> {
+    match wait {
+        Wait::Polls => {
+            let started = std::time::Instant::now();
+            while !qs.iter().any(|q| q.has_used(&d.mem)) {
+                std::hint::spin_loop();
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err(io::Error::other("no completion from virtio-blk in 10 s"));
+                }
+            }
+            Ok(())
+        }
+        Wait::Interrupt if d.wait_interrupt(Duration::from_secs(10))? => Ok(()),
+        Wait::Interrupt => Err(io::Error::other("no interrupt from virtio-blk in 10 s")),
+    }
+}
+
 /// The same I/O as virtio-blk requests through the real device
 /// (`direct=on`), transport and event loop.
 pub fn device_pass(
@@ -211,16 +230,8 @@ fn request(
     if q.kick_needed(&mem) {
         d.notify(0)?;
     }
-    let started = std::time::Instant::now();
     loop {
-        if wait == Wait::Polls {
-            std::hint::spin_loop();
-            if started.elapsed() > Duration::from_secs(10) {
-                return Err(io::Error::other("no completion from virtio-blk in 10 s"));
-            }
-        } else if !d.wait_interrupt(Duration::from_secs(10))? {
-            return Err(io::Error::other("no interrupt from virtio-blk in 10 s"));
-        }
+        wait_completion(d, std::slice::from_ref(q), wait)?;
         let used = q.take_used(&mem);
         for &(head, _) in &used {
             q.release(head);

@@ -17,7 +17,7 @@ use devices::virtio::{Block, BlockConfig, VIRTIO_F_VERSION_1};
 use io_uring::{opcode, types, IoUring};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::block::{Wait, RAND_BLOCK};
+use crate::block::{wait_completion, Wait, RAND_BLOCK};
 use crate::driver::{thread_cpu_secs, Driver, Pass, Stopwatch, Vq};
 
 /// `VIRTIO_BLK_F_MQ`.
@@ -154,20 +154,7 @@ pub fn device_pass(
         if in_flight == 0 {
             break;
         }
-        let mut completed = false;
-        if wait == Wait::Polls {
-            let started = std::time::Instant::now();
-            while !qs.iter().any(|q| q.has_used(&mem)) {
-                std::hint::spin_loop();
-                if started.elapsed() > Duration::from_secs(10) {
-                    return Err(io::Error::other("no completion from virtio-blk in 10 s"));
-                }
-            }
-            completed = true;
-        }
-        if !completed && !d.wait_interrupt(Duration::from_secs(10))? {
-            return Err(io::Error::other("no interrupt from virtio-blk in 10 s"));
-        }
+        wait_completion(&mut d, &qs, wait)?;
         for (q, vq) in qs.iter_mut().enumerate() {
             for (head, _) in vq.take_used(&mem) {
                 vq.release(head);

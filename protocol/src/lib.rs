@@ -30,8 +30,8 @@ pub use framing::{FrameError, LineBuffer};
 pub use request::{encode_request, parse_request, parse_request_bytes, Request};
 pub use response::{
     BackupInfo, ConsoleAttached, DiskInfo, KernelEntry, KernelList, KernelSelection, LogInfo,
-    MigrationInfo, NetInfo, Reply, Response, SnapshotInfo, StatusInfo, StopOutcome, StopResult,
-    WatchdogInfo,
+    MigrationInfo, NetInfo, QueueInfo, Reply, Response, SnapshotInfo, StatusInfo, StopOutcome,
+    StopResult, WatchdogInfo,
 };
 pub use types::{DiskMigration, PanicAction, ParseEnumError, ResetCause, VmState, WatchdogAction};
 

@@ -76,6 +76,40 @@ pub struct NetInfo {
     /// started the device.
     #[serde(default)]
     pub poll_us: u64,
+    /// The running queues as guest memory holds them (RX 0, TX 0, RX 1,
+    /// ..., then the control queue); empty before the driver started the
+    /// device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueInfo>,
+    /// The transport's INTERRUPT_STATUS: bit 0 used buffers, bit 1 a
+    /// configuration change, raised and not yet acknowledged by the driver.
+    #[serde(default)]
+    pub interrupt_status: u32,
+}
+
+/// Where one running virtqueue stands (split ring, indices wrap at 2^16):
+/// what places a stalled device. The driver posted `avail_idx - used_idx`
+/// buffers the device has not returned; a used index past `used_event`
+/// with `interrupt_status` clear means the interrupt was raised and
+/// acknowledged, set means the driver has not taken it yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// The queue's index on the device.
+    pub queue: u16,
+    /// Descriptors in the ring.
+    pub size: u16,
+    /// Buffers the driver has posted.
+    pub avail_idx: u16,
+    /// Buffers the device has returned.
+    pub used_idx: u16,
+    /// With EVENT_IDX: the driver wants an interrupt once the used index
+    /// passes this.
+    #[serde(default)]
+    pub used_event: Option<u16>,
+    /// With EVENT_IDX: the device wants a notification once the avail
+    /// index passes this.
+    #[serde(default)]
+    pub avail_event: Option<u16>,
 }
 
 /// One disk in `status`.
@@ -99,6 +133,12 @@ pub struct DiskInfo {
     pub write_bytes: u64,
     /// Requests that failed on the host side (the guest saw an I/O error).
     pub io_errors: u64,
+    /// The running queues as guest memory holds them (see [`NetInfo`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<QueueInfo>,
+    /// The transport's INTERRUPT_STATUS (see [`NetInfo`]).
+    #[serde(default)]
+    pub interrupt_status: u32,
 }
 
 /// `watchdog` and `set-watchdog`: `{"ok":true,"armed":true,"timeout_s":30,...}`.

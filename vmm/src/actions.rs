@@ -1,12 +1,14 @@
 //! The control socket's actions layer: executes typed requests on the VM.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, TryLockError};
 use std::time::Duration;
 
 use devices::bus::lock;
+use devices::virtio::MmioTransport;
 use protocol::{
     ControlError, DiskInfo, ErrorCode, Event, KernelEntry, KernelList, KernelSelection, NetInfo,
-    Reply, Request, StatusInfo, WatchdogInfo,
+    QueueInfo, Reply, Request, StatusInfo, WatchdogInfo,
 };
 
 use crate::config::{library_entries, library_entry};
@@ -47,6 +49,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .iter()
             .map(|d| {
                 let s = d.counters.snapshot();
+                let rings = ring_info(&d.transport);
                 DiskInfo {
                     id: d.id.clone(),
                     path: d.path.display().to_string(),
@@ -57,6 +60,8 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     read_bytes: s.read_bytes,
                     write_bytes: s.write_bytes,
                     io_errors: s.io_errors,
+                    queues: rings.0,
+                    interrupt_status: rings.1,
                 }
             })
             .collect(),
@@ -65,6 +70,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .iter()
             .map(|n| {
                 let (tap_rx, tap_tx) = tap_bytes(&n.tap).unzip();
+                let rings = ring_info(&n.transport);
                 NetInfo {
                     tap: n.tap.clone(),
                     mac: devices::virtio::net::format_mac(n.mac),
@@ -76,10 +82,38 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     queue_pairs_enabled: n.counters.enabled_pairs(),
                     pair_frames: n.counters.pair_frames(),
                     poll_us: u64::from(n.counters.vhost_poll_us()),
+                    queues: rings.0,
+                    interrupt_status: rings.1,
                 }
             })
             .collect(),
     }
+}
+
+/// A device's running queues and INTERRUPT_STATUS, read from guest
+/// memory. The transport's lock is only tried: a vCPU holds it for one
+/// register access, but an activation or a reset waits under it for the
+/// device (a stalled disk's thread), and `status` must answer anyway;
+/// then the queues are left out this time.
+fn ring_info(transport: &Mutex<MmioTransport>) -> (Vec<QueueInfo>, u32) {
+    let t = match transport.try_lock() {
+        Ok(t) => t,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return (Vec::new(), 0),
+    };
+    let queues = t
+        .ring_views()
+        .into_iter()
+        .map(|r| QueueInfo {
+            queue: r.queue,
+            size: r.size,
+            avail_idx: r.avail_idx,
+            used_idx: r.used_idx,
+            used_event: r.used_event,
+            avail_event: r.avail_event,
+        })
+        .collect();
+    (queues, t.interrupt().status())
 }
 
 /// The TAP's own byte counters (received, transmitted) from

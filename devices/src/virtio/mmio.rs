@@ -43,7 +43,9 @@ use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use super::{GuestMemoryHandle, VIRTIO_RING_F_EVENT_IDX};
 use crate::bus::{lock, BusDevice};
 
+mod rings;
 mod state;
+pub use rings::RingView;
 pub use state::{SavedQueue, TransportState};
 
 /// Size of one virtio-mmio device window on the bus.

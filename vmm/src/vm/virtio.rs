@@ -18,6 +18,8 @@ pub struct NetSource {
     pub tap: String,
     pub mac: [u8; 6],
     pub counters: Arc<devices::virtio::net::NetCounters>,
+    /// Its transport, for the rings' indices (`status`).
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// A disk as `status` shows it.
@@ -37,6 +39,8 @@ pub struct DiskSource {
     /// `poll_us` (0: the disk's thread does not poll).
     pub poll_us: u32,
     pub counters: Arc<devices::virtio::BlockCounters>,
+    /// Its transport, for the rings' indices (`status`).
+    pub transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// The virtio devices: their MMIO slots, the event-loop subscribers (net)
@@ -62,12 +66,13 @@ pub(super) fn create_virtio(
         let (base, gsi) = crate::layout::virtio_mmio_slot(slots.len());
         let t = MmioTransport::new(dev, mem.clone())
             .map_err(|e| VmmError::Setup(format!("virtio transport: {e}")))?;
+        let transport = Arc::new(Mutex::new(t));
         slots.push(VirtioSlot {
-            transport: Arc::new(Mutex::new(t)),
+            transport: transport.clone(),
             base,
             gsi,
         });
-        Ok::<(), VmmError>(())
+        Ok::<_, VmmError>(transport)
     };
     for (i, d) in config.disks.iter().enumerate() {
         let blk = open_block(
@@ -94,6 +99,7 @@ pub(super) fn create_virtio(
             .copy_source()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", d.path.display())))?;
         let blk = Arc::new(Mutex::new(blk));
+        let transport = add_slot(blk.clone())?;
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: d.id.clone(),
@@ -105,8 +111,8 @@ pub(super) fn create_virtio(
             engine,
             poll_us: d.poll_us,
             counters,
+            transport,
         });
-        add_slot(blk.clone())?;
         disks.push((format!("disk{i}"), blk));
     }
     // The kernel library's modules (every entry's `/lib/modules/<release>`
@@ -137,6 +143,7 @@ pub(super) fn create_virtio(
             .copy_source()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", img.display())))?;
         let blk = Arc::new(Mutex::new(blk));
+        let transport = add_slot(blk.clone())?;
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: Some(MODULES_DISK_SERIAL.into()),
@@ -148,8 +155,8 @@ pub(super) fn create_virtio(
             engine,
             poll_us: 0,
             counters,
+            transport,
         });
-        add_slot(blk.clone())?;
         disks.push((format!("disk{i}"), blk));
     }
     let mut nets: Vec<Subscriber> = Vec::new();
@@ -176,13 +183,14 @@ pub(super) fn create_virtio(
         );
         let (mac, counters) = (net.mac(), net.counters());
         let net = Arc::new(Mutex::new(net));
+        let transport = add_slot(net.clone())?;
         net_sources.push(NetSource {
             device: net.clone(),
             tap: n.tap.clone(),
             mac,
             counters,
+            transport,
         });
-        add_slot(net.clone())?;
         nets.push(net);
     }
     Ok((slots, nets, disks, sources, net_sources))

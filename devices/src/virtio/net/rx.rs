@@ -9,6 +9,7 @@ use virtio_queue::QueueT;
 use super::{inc, Active, Net, NetCounters, Token, BIG_FRAMES_HOLD, MAX_FRAME, NUM_BUFFERS_OFFSET};
 use crate::virtio::iov::{parse_chain, push_iovecs, write_segs, Seg, IOV_MAX};
 use crate::virtio::tap::{Tap, VNET_HDR_LEN};
+use crate::virtio::used::add_used_batch;
 
 /// An RX chain popped from the ring and checked, not yet used.
 pub(super) struct RxChain {
@@ -101,7 +102,7 @@ impl Net {
                 }
             }
         }
-        if used && a.rx.needs_notification(&*mem).unwrap_or(true) {
+        if used && a.rx_signal.needs_notification(&a.rx, &*mem) {
             a.interrupt.signal_used_queue();
         }
         match outcome {
@@ -259,7 +260,10 @@ impl Active {
     /// MRG_RXBUF) towards the next mid-wake-up interrupt.
     fn signal_every_batch(&mut self, unsignalled: &mut u16) {
         let added = u16::try_from(self.rx_parts.len()).unwrap_or(u16::MAX);
-        super::signal_every_batch(&mut self.rx, &self.mem, &self.interrupt, unsignalled, added);
+        let (rx, signal, mem) = (&self.rx, &mut self.rx_signal, &self.mem);
+        super::signal_every_batch(&self.interrupt, unsignalled, added, || {
+            signal.needs_notification(rx, &**mem)
+        });
     }
 
     /// Builds `rx_iov` for the next read (see [`RxRead`]).
@@ -339,10 +343,10 @@ impl Active {
             // can see the first buffer.
             let _ = write_segs(&mem, &segs, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
         }
-        for &(head, len) in &parts {
-            if let Err(e) = self.rx.add_used(&*mem, head, len) {
-                tracing::debug!("virtio-net: cannot return RX chain {head}: {e}");
-            }
+        // All of the frame's entries or none: a driver polling the used
+        // ring meanwhile must not see the first without the rest.
+        if let Err(e) = add_used_batch(&mut self.rx, &*mem, &parts) {
+            tracing::debug!("virtio-net: cannot return an RX frame's chains: {e}");
         }
         self.rx_parts = parts;
         inc(&c.rx_packets, 1);

@@ -143,7 +143,7 @@ impl Active {
             }
         }
         self.rx.set_next_avail(next.wrapping_sub(rewind));
-        if used && self.rx.needs_notification(&*mem).unwrap_or(true) {
+        if used && self.rx_signal.needs_notification(&self.rx, &*mem) {
             self.interrupt.signal_used_queue();
         }
     }

@@ -59,7 +59,9 @@ impl Net {
                     Ok(()) => used = true,
                     Err(e) => tracing::debug!("virtio-net: cannot return TX chain {head}: {e}"),
                 }
-                super::signal_every_batch(&mut a.tx, &mem, &a.interrupt, &mut unsignalled, 1);
+                super::signal_every_batch(&a.interrupt, &mut unsignalled, 1, || {
+                    a.tx.needs_notification(&*mem).unwrap_or(true)
+                });
                 served = served.saturating_add(1);
                 if served >= budget {
                     // Notifications stay off: the self-kick below brings

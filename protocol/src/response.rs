@@ -83,6 +83,8 @@ pub struct NetInfo {
     pub queues: Vec<QueueInfo>,
     /// The transport's INTERRUPT_STATUS: bit 0 used buffers, bit 1 a
     /// configuration change, raised and not yet acknowledged by the driver.
+    /// The queues are left out (empty) when the transport stayed busy for
+    /// the whole read (a device being started or reset).
     #[serde(default)]
     pub interrupt_status: u32,
 }
@@ -90,8 +92,8 @@ pub struct NetInfo {
 /// Where one running virtqueue stands (split ring, indices wrap at 2^16):
 /// what places a stalled device. The driver posted `avail_idx - used_idx`
 /// buffers the device has not returned; a used index past `used_event`
-/// with `interrupt_status` clear means the interrupt was raised and
-/// acknowledged, set means the driver has not taken it yet.
+/// means the driver asked for an interrupt it has not yet caught up with
+/// (still pending if `interrupt_status` is set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueInfo {
     /// The queue's index on the device.

@@ -49,7 +49,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .iter()
             .map(|d| {
                 let s = d.counters.snapshot();
-                let rings = ring_info(&d.transport);
+                let queues = ring_info(&d.transport);
                 DiskInfo {
                     id: d.id.clone(),
                     path: d.path.display().to_string(),
@@ -60,8 +60,8 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     read_bytes: s.read_bytes,
                     write_bytes: s.write_bytes,
                     io_errors: s.io_errors,
-                    queues: rings.0,
-                    interrupt_status: rings.1,
+                    queues,
+                    interrupt_status: d.interrupt.status(),
                 }
             })
             .collect(),
@@ -70,7 +70,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .iter()
             .map(|n| {
                 let (tap_rx, tap_tx) = tap_bytes(&n.tap).unzip();
-                let rings = ring_info(&n.transport);
+                let queues = ring_info(&n.transport);
                 NetInfo {
                     tap: n.tap.clone(),
                     mac: devices::virtio::net::format_mac(n.mac),
@@ -82,27 +82,33 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     queue_pairs_enabled: n.counters.enabled_pairs(),
                     pair_frames: n.counters.pair_frames(),
                     poll_us: u64::from(n.counters.vhost_poll_us()),
-                    queues: rings.0,
-                    interrupt_status: rings.1,
+                    queues,
+                    interrupt_status: n.interrupt.status(),
                 }
             })
             .collect(),
     }
 }
 
-/// A device's running queues and INTERRUPT_STATUS, read from guest
-/// memory. The transport's lock is only tried: a vCPU holds it for one
-/// register access, but an activation or a reset waits under it for the
-/// device (a stalled disk's thread), and `status` must answer anyway;
+/// A device's running queues, read from guest memory. A vCPU holds the
+/// transport's lock for one register access, so a busy lock is tried again
+/// for up to a millisecond; an activation or a reset waits under it for
+/// the device (a stalled disk's thread), and `status` must answer anyway:
 /// then the queues are left out this time.
-fn ring_info(transport: &Mutex<MmioTransport>) -> (Vec<QueueInfo>, u32) {
-    let t = match transport.try_lock() {
-        Ok(t) => t,
-        Err(TryLockError::Poisoned(p)) => p.into_inner(),
-        Err(TryLockError::WouldBlock) => return (Vec::new(), 0),
+fn ring_info(transport: &Mutex<MmioTransport>) -> Vec<QueueInfo> {
+    let mut tries = 0;
+    let t = loop {
+        match transport.try_lock() {
+            Ok(t) => break t,
+            Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+            Err(TryLockError::WouldBlock) if tries < 10 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Err(TryLockError::WouldBlock) => return Vec::new(),
+        }
     };
-    let queues = t
-        .ring_views()
+    t.ring_views()
         .into_iter()
         .map(|r| QueueInfo {
             queue: r.queue,
@@ -112,8 +118,7 @@ fn ring_info(transport: &Mutex<MmioTransport>) -> (Vec<QueueInfo>, u32) {
             used_event: r.used_event,
             avail_event: r.avail_event,
         })
-        .collect();
-    (queues, t.interrupt().status())
+        .collect()
 }
 
 /// The TAP's own byte counters (received, transmitted) from

@@ -79,7 +79,7 @@ pub fn add_used_batch<M: GuestMemory>(
 /// entries are published with [`add_used_batch`]: it remembers where the
 /// used index stood when it last answered, instead of counting
 /// `add_used` calls.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct UsedSignal {
     /// The used index at the last answer.
     old: u16,

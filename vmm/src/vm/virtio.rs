@@ -4,7 +4,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::{Block, BlockConfig, GuestMemoryHandle, MmioTransport, Net, NetConfig};
+use devices::virtio::{
+    Block, BlockConfig, GuestMemoryHandle, Interrupt, MmioTransport, Net, NetConfig,
+};
 
 use super::VmmError;
 use crate::config::{VmConfig, MODULES_DISK_SERIAL};
@@ -20,6 +22,8 @@ pub struct NetSource {
     pub counters: Arc<devices::virtio::net::NetCounters>,
     /// Its transport, for the rings' indices (`status`).
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its INTERRUPT_STATUS, readable without the transport's lock.
+    pub interrupt: Interrupt,
 }
 
 /// A disk as `status` shows it.
@@ -41,6 +45,8 @@ pub struct DiskSource {
     pub counters: Arc<devices::virtio::BlockCounters>,
     /// Its transport, for the rings' indices (`status`).
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its INTERRUPT_STATUS, readable without the transport's lock.
+    pub interrupt: Interrupt,
 }
 
 /// The virtio devices: their MMIO slots, the event-loop subscribers (net)
@@ -66,13 +72,14 @@ pub(super) fn create_virtio(
         let (base, gsi) = crate::layout::virtio_mmio_slot(slots.len());
         let t = MmioTransport::new(dev, mem.clone())
             .map_err(|e| VmmError::Setup(format!("virtio transport: {e}")))?;
+        let interrupt = t.interrupt().clone();
         let transport = Arc::new(Mutex::new(t));
         slots.push(VirtioSlot {
             transport: transport.clone(),
             base,
             gsi,
         });
-        Ok::<_, VmmError>(transport)
+        Ok::<_, VmmError>((transport, interrupt))
     };
     for (i, d) in config.disks.iter().enumerate() {
         let blk = open_block(
@@ -99,7 +106,7 @@ pub(super) fn create_virtio(
             .copy_source()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", d.path.display())))?;
         let blk = Arc::new(Mutex::new(blk));
-        let transport = add_slot(blk.clone())?;
+        let (transport, interrupt) = add_slot(blk.clone())?;
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: d.id.clone(),
@@ -112,6 +119,7 @@ pub(super) fn create_virtio(
             poll_us: d.poll_us,
             counters,
             transport,
+            interrupt,
         });
         disks.push((format!("disk{i}"), blk));
     }
@@ -143,7 +151,7 @@ pub(super) fn create_virtio(
             .copy_source()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", img.display())))?;
         let blk = Arc::new(Mutex::new(blk));
-        let transport = add_slot(blk.clone())?;
+        let (transport, interrupt) = add_slot(blk.clone())?;
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: Some(MODULES_DISK_SERIAL.into()),
@@ -156,6 +164,7 @@ pub(super) fn create_virtio(
             poll_us: 0,
             counters,
             transport,
+            interrupt,
         });
         disks.push((format!("disk{i}"), blk));
     }
@@ -183,13 +192,14 @@ pub(super) fn create_virtio(
         );
         let (mac, counters) = (net.mac(), net.counters());
         let net = Arc::new(Mutex::new(net));
-        let transport = add_slot(net.clone())?;
+        let (transport, interrupt) = add_slot(net.clone())?;
         net_sources.push(NetSource {
             device: net.clone(),
             tap: n.tap.clone(),
             mac,
             counters,
             transport,
+            interrupt,
         });
         nets.push(net);
     }

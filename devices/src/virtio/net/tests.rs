@@ -774,6 +774,7 @@ fn an_rx_wake_up_delivers_at_most_its_budget_and_the_tap_brings_it_back() {
 }
 
 mod dirty;
+mod publish;
 mod signal;
 mod state;
 

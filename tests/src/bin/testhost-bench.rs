@@ -523,7 +523,13 @@ fn main() -> ExitCode {
                 // The host end: a sink on 5001, a 64 MiB source on 5002;
                 // `fork`, so that a guest run again after the emulator
                 // wedged it (or one that retries a refused connection)
-                // finds them still listening.
+                // finds them still listening. The source sends one way
+                // only (`-U`): a two-way socat ends the connection 0.5 s
+                // (its `-t`) after the client shuts its sending half, which
+                // busybox `nc </dev/null` does at once on this machine,
+                // cutting the 64 MiB short for a client that has not
+                // drained it by then. (Two of QEMU's runs "failed" at
+                // ~6.4 MB on 2026-12-06; that is the likely cause.)
                 let sink = h.spawn(
                     &[
                         &prefix[..],
@@ -542,6 +548,7 @@ fn main() -> ExitCode {
                         &prefix[..],
                         &[
                             "socat",
+                            "-U",
                             "TCP-LISTEN:5002,reuseaddr,fork",
                             "SYSTEM:head -c 67108864 /dev/zero",
                         ],

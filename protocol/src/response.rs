@@ -83,8 +83,6 @@ pub struct NetInfo {
     pub queues: Vec<QueueInfo>,
     /// The transport's INTERRUPT_STATUS: bit 0 used buffers, bit 1 a
     /// configuration change, raised and not yet acknowledged by the driver.
-    /// The queues are left out (empty) when the transport stayed busy for
-    /// the whole read (a device being started or reset).
     #[serde(default)]
     pub interrupt_status: u32,
 }

@@ -1,11 +1,10 @@
 //! The control socket's actions layer: executes typed requests on the VM.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, TryLockError};
 use std::time::Duration;
 
 use devices::bus::lock;
-use devices::virtio::MmioTransport;
+use devices::virtio::RingWatch;
 use protocol::{
     ControlError, DiskInfo, ErrorCode, Event, KernelEntry, KernelList, KernelSelection, NetInfo,
     QueueInfo, Reply, Request, StatusInfo, WatchdogInfo,
@@ -49,7 +48,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .iter()
             .map(|d| {
                 let s = d.counters.snapshot();
-                let queues = ring_info(&d.transport);
+                let queues = ring_info(&d.rings);
                 DiskInfo {
                     id: d.id.clone(),
                     path: d.path.display().to_string(),
@@ -70,7 +69,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             .iter()
             .map(|n| {
                 let (tap_rx, tap_tx) = tap_bytes(&n.tap).unzip();
-                let queues = ring_info(&n.transport);
+                let queues = ring_info(&n.rings);
                 NetInfo {
                     tap: n.tap.clone(),
                     mac: devices::virtio::net::format_mac(n.mac),
@@ -90,25 +89,10 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
     }
 }
 
-/// A device's running queues, read from guest memory. A vCPU holds the
-/// transport's lock for one register access, so a busy lock is tried again
-/// for up to a millisecond; an activation or a reset waits under it for
-/// the device (a stalled disk's thread), and `status` must answer anyway:
-/// then the queues are left out this time.
-fn ring_info(transport: &Mutex<MmioTransport>) -> Vec<QueueInfo> {
-    let mut tries = 0;
-    let t = loop {
-        match transport.try_lock() {
-            Ok(t) => break t,
-            Err(TryLockError::Poisoned(p)) => break p.into_inner(),
-            Err(TryLockError::WouldBlock) if tries < 10 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            Err(TryLockError::WouldBlock) => return Vec::new(),
-        }
-    };
-    t.ring_views()
+/// A device's running queues, read from guest memory.
+fn ring_info(rings: &RingWatch) -> Vec<QueueInfo> {
+    rings
+        .views()
         .into_iter()
         .map(|r| QueueInfo {
             queue: r.queue,

@@ -45,7 +45,7 @@ use crate::bus::{lock, BusDevice};
 
 mod rings;
 mod state;
-pub use rings::RingView;
+pub use rings::{RingView, RingWatch};
 pub use state::{SavedQueue, TransportState};
 
 /// Size of one virtio-mmio device window on the bus.
@@ -115,6 +115,8 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     queue_sel: u32,
     status: u32,
+    /// The running queues, for reports that must not wait for this lock.
+    rings: RingWatch,
 }
 
 impl MmioTransport {
@@ -150,6 +152,7 @@ impl MmioTransport {
             driver_features_sel: 0,
             queue_sel: 0,
             status: 0,
+            rings: RingWatch::default(),
         })
     }
 
@@ -169,6 +172,11 @@ impl MmioTransport {
         &self.interrupt
     }
 
+    /// The running queues' rings, shared (see [`RingWatch`]).
+    pub fn rings(&self) -> RingWatch {
+        self.rings.clone()
+    }
+
     /// Current device status register.
     pub fn status(&self) -> u32 {
         self.status
@@ -182,6 +190,7 @@ impl MmioTransport {
     /// Resets device, queues and interrupt state, as a guest write of 0 to
     /// Status does. The VMM calls this on every guest reset.
     pub fn reset(&mut self) {
+        self.rings.stop();
         lock(&self.device).reset();
         for q in &mut self.queues {
             q.reset();
@@ -417,7 +426,10 @@ impl MmioTransport {
             copy.set_event_idx(event_idx);
             queues.push(copy);
         }
-        lock(&self.device).activate(mem, queues, self.driver_features, self.interrupt.clone())
+        let rings = mem.clone();
+        lock(&self.device).activate(mem, queues, self.driver_features, self.interrupt.clone())?;
+        self.rings.start(rings, event_idx, &self.queues);
+        Ok(())
     }
 }
 

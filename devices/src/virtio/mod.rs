@@ -91,7 +91,9 @@ pub use block::{
     IoEngine, WriteLog, BACKUP_CHUNK, COPY_CHUNK,
 };
 pub use dirty::{clear_dirty_pages, take_dirty_pages, DIRTY_PAGE_SIZE};
-pub use mmio::{MmioTransport, RingView, SavedQueue, TransportState, MMIO_SIZE, NOTIFY_OFFSET};
+pub use mmio::{
+    MmioTransport, RingView, RingWatch, SavedQueue, TransportState, MMIO_SIZE, NOTIFY_OFFSET,
+};
 pub use net::{Net, NetConfig, NetError, NetStats};
 
 /// Guest memory as the whole VMM sees it: every region carries a dirty-page

@@ -30,6 +30,18 @@ const USED_ELEM: u64 = 8;
 const AVAIL_HEADER: u64 = 4;
 const AVAIL_ELEM: u64 = 2;
 
+/// Guest address of `used_event`, the avail ring's last slot (EVENT_IDX).
+pub(crate) fn used_event_addr(q: &Queue) -> Option<u64> {
+    q.avail_ring()
+        .checked_add(AVAIL_HEADER + AVAIL_ELEM * u64::from(q.size()))
+}
+
+/// Guest address of `avail_event`, the used ring's last slot (EVENT_IDX).
+pub(crate) fn avail_event_addr(q: &Queue) -> Option<u64> {
+    q.used_ring()
+        .checked_add(USED_HEADER + USED_ELEM * u64::from(q.size()))
+}
+
 /// Why a batch was not published (nothing of it is visible to the driver).
 #[derive(Debug, thiserror::Error)]
 pub enum UsedError {
@@ -106,11 +118,8 @@ impl UsedSignal {
         if !q.event_idx_enabled() {
             return true;
         }
-        let addr = q
-            .avail_ring()
-            .checked_add(AVAIL_HEADER + AVAIL_ELEM * u64::from(q.size()));
-        let Some(event) =
-            addr.and_then(|a| mem.load::<u16>(GuestAddress(a), Ordering::Relaxed).ok())
+        let Some(event) = used_event_addr(q)
+            .and_then(|a| mem.load::<u16>(GuestAddress(a), Ordering::Relaxed).ok())
         else {
             return true;
         };

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::{
-    Block, BlockConfig, GuestMemoryHandle, Interrupt, MmioTransport, Net, NetConfig,
+    Block, BlockConfig, GuestMemoryHandle, Interrupt, MmioTransport, Net, NetConfig, RingWatch,
 };
 
 use super::VmmError;
@@ -20,8 +20,8 @@ pub struct NetSource {
     pub tap: String,
     pub mac: [u8; 6],
     pub counters: Arc<devices::virtio::net::NetCounters>,
-    /// Its transport, for the rings' indices (`status`).
-    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its running rings, for their indices (`status`).
+    pub rings: RingWatch,
     /// Its INTERRUPT_STATUS, readable without the transport's lock.
     pub interrupt: Interrupt,
 }
@@ -43,8 +43,8 @@ pub struct DiskSource {
     /// `poll_us` (0: the disk's thread does not poll).
     pub poll_us: u32,
     pub counters: Arc<devices::virtio::BlockCounters>,
-    /// Its transport, for the rings' indices (`status`).
-    pub transport: Arc<Mutex<MmioTransport>>,
+    /// Its running rings, for their indices (`status`).
+    pub rings: RingWatch,
     /// Its INTERRUPT_STATUS, readable without the transport's lock.
     pub interrupt: Interrupt,
 }
@@ -72,14 +72,13 @@ pub(super) fn create_virtio(
         let (base, gsi) = crate::layout::virtio_mmio_slot(slots.len());
         let t = MmioTransport::new(dev, mem.clone())
             .map_err(|e| VmmError::Setup(format!("virtio transport: {e}")))?;
-        let interrupt = t.interrupt().clone();
-        let transport = Arc::new(Mutex::new(t));
+        let shown = (t.rings(), t.interrupt().clone());
         slots.push(VirtioSlot {
-            transport: transport.clone(),
+            transport: Arc::new(Mutex::new(t)),
             base,
             gsi,
         });
-        Ok::<_, VmmError>((transport, interrupt))
+        Ok::<_, VmmError>(shown)
     };
     for (i, d) in config.disks.iter().enumerate() {
         let blk = open_block(
@@ -106,7 +105,7 @@ pub(super) fn create_virtio(
             .copy_source()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", d.path.display())))?;
         let blk = Arc::new(Mutex::new(blk));
-        let (transport, interrupt) = add_slot(blk.clone())?;
+        let (rings, interrupt) = add_slot(blk.clone())?;
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: d.id.clone(),
@@ -118,7 +117,7 @@ pub(super) fn create_virtio(
             engine,
             poll_us: d.poll_us,
             counters,
-            transport,
+            rings,
             interrupt,
         });
         disks.push((format!("disk{i}"), blk));
@@ -151,7 +150,7 @@ pub(super) fn create_virtio(
             .copy_source()
             .map_err(|e| VmmError::Setup(format!("{}: {e}", img.display())))?;
         let blk = Arc::new(Mutex::new(blk));
-        let (transport, interrupt) = add_slot(blk.clone())?;
+        let (rings, interrupt) = add_slot(blk.clone())?;
         sources.push(DiskSource {
             id: format!("disk{i}"),
             name: Some(MODULES_DISK_SERIAL.into()),
@@ -163,7 +162,7 @@ pub(super) fn create_virtio(
             engine,
             poll_us: 0,
             counters,
-            transport,
+            rings,
             interrupt,
         });
         disks.push((format!("disk{i}"), blk));
@@ -192,13 +191,13 @@ pub(super) fn create_virtio(
         );
         let (mac, counters) = (net.mac(), net.counters());
         let net = Arc::new(Mutex::new(net));
-        let (transport, interrupt) = add_slot(net.clone())?;
+        let (rings, interrupt) = add_slot(net.clone())?;
         net_sources.push(NetSource {
             device: net.clone(),
             tap: n.tap.clone(),
             mac,
             counters,
-            transport,
+            rings,
             interrupt,
         });
         nets.push(net);

@@ -4,12 +4,14 @@
 //! never took) without a debugger on the guest or the VMM.
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use super::{status, MmioTransport};
-use crate::virtio::VIRTIO_RING_F_EVENT_IDX;
+use crate::bus::lock;
+use crate::virtio::used::{avail_event_addr, used_event_addr};
+use crate::virtio::GuestMemoryMmap;
 
 /// One running queue's split-ring indices, as guest memory holds them at
 /// the moment of reading (all wrap at 2^16).
@@ -31,52 +33,76 @@ pub struct RingView {
     pub avail_event: Option<u16>,
 }
 
-/// Byte offset of the `used_event` / `avail_event` slot behind a ring of
-/// `size` elements of `elem` bytes (after the 4-byte flags and index).
-fn event_offset(size: u16, elem: u64) -> u64 {
-    4 + elem * u64::from(size)
+/// The rings of a running device, as the transport started them: shared
+/// with whoever reports them (`status`), so that reading them never waits
+/// for the transport's lock, which an activation or a reset holds while it
+/// waits for the device (a stalled disk's thread). Its own lock is held
+/// only to copy the rings in or out, or to read a few indices.
+#[derive(Clone, Default)]
+pub struct RingWatch(Arc<Mutex<Option<Running>>>);
+
+struct Running {
+    mem: Arc<GuestMemoryMmap>,
+    event_idx: bool,
+    /// The queues the driver enabled, with their index on the device.
+    queues: Vec<(u16, Queue)>,
 }
 
-fn read_u16<M: GuestMemory>(mem: &M, addr: u64, offset: u64) -> Option<u16> {
-    let a = addr.checked_add(offset)?;
-    mem.read_obj::<u16>(GuestAddress(a)).ok().map(u16::from_le)
+fn read_u16<M: GuestMemory>(mem: &M, addr: Option<u64>) -> Option<u16> {
+    mem.read_obj::<u16>(GuestAddress(addr?))
+        .ok()
+        .map(u16::from_le)
 }
 
-fn view<M: GuestMemory>(i: usize, q: &Queue, mem: &M, event_idx: bool) -> Option<RingView> {
-    let size = q.size();
+fn view<M: GuestMemory>(i: u16, q: &Queue, mem: &M, event_idx: bool) -> Option<RingView> {
     Some(RingView {
-        queue: u16::try_from(i).ok()?,
-        size,
+        queue: i,
+        size: q.size(),
         avail_idx: q.avail_idx(mem, Ordering::Acquire).ok()?.0,
         used_idx: q.used_idx(mem, Ordering::Acquire).ok()?.0,
         used_event: event_idx
-            .then(|| read_u16(mem, q.avail_ring(), event_offset(size, 2)))
+            .then(|| read_u16(mem, used_event_addr(q)))
             .flatten(),
         avail_event: event_idx
-            .then(|| read_u16(mem, q.used_ring(), event_offset(size, 8)))
+            .then(|| read_u16(mem, avail_event_addr(q)))
             .flatten(),
     })
 }
 
-impl MmioTransport {
+impl RingWatch {
+    /// The device started (DRIVER_OK) with these queues.
+    pub(super) fn start(&self, mem: Arc<GuestMemoryMmap>, event_idx: bool, queues: &[Queue]) {
+        let queues = (0u16..)
+            .zip(queues)
+            .filter(|(_, q)| q.ready())
+            // (virtio-queue's Queue is not Clone; its state round-trips.)
+            .filter_map(|(i, q)| Some((i, Queue::try_from(q.state()).ok()?)))
+            .collect();
+        *lock(&self.0) = Some(Running {
+            mem,
+            event_idx,
+            queues,
+        });
+    }
+
+    /// The device stopped (reset): nothing to show, and its memory let go.
+    pub(super) fn stop(&self) {
+        *lock(&self.0) = None;
+    }
+
     /// The indices of every queue the driver enabled, read from guest
-    /// memory now; empty unless the device is running (DRIVER_OK). Guest
-    /// memory is the truth for either datapath (the VMM's threads or the
-    /// host kernel's vhost-net worker move the used index there), so this
-    /// takes no device lock.
-    pub fn ring_views(&self) -> Vec<RingView> {
-        if self.status & status::DRIVER_OK == 0 {
-            return Vec::new();
-        }
-        let Some(mem) = self.mem.get() else {
+    /// memory now; empty unless the device is running. Guest memory is the
+    /// truth for either datapath (the VMM's threads or the host kernel's
+    /// vhost-net worker move the used index there), so this takes no
+    /// device lock.
+    pub fn views(&self) -> Vec<RingView> {
+        let running = lock(&self.0);
+        let Some(r) = running.as_ref() else {
             return Vec::new();
         };
-        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        self.queues
+        r.queues
             .iter()
-            .enumerate()
-            .filter(|(_, q)| q.ready())
-            .filter_map(|(i, q)| view(i, q, &*mem, event_idx))
+            .filter_map(|(i, q)| view(*i, q, &*r.mem, r.event_idx))
             .collect()
     }
 }
@@ -87,7 +113,7 @@ mod tests {
     use super::super::tests::{queues, setup};
     use super::*;
     use crate::virtio::test_utils::*;
-    use crate::virtio::VIRTIO_F_VERSION_1;
+    use crate::virtio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
     fn used_idx_and_avail_event(q: &TestQueue, mem: &impl GuestMemory, used: u16, event: u16) {
         let (ring, len) = q.used_ring();
@@ -100,7 +126,7 @@ mod tests {
         let (_, mut t) = setup();
         let mut qs = queues();
         let features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
-        assert_eq!(t.ring_views(), Vec::new(), "nothing before DRIVER_OK");
+        assert_eq!(t.rings().views(), Vec::new(), "nothing before DRIVER_OK");
         assert_eq!(start(&mut t, features, &[&qs[0], &qs[1]]), 0xf);
         let mem = t.mem.get().unwrap();
         for _ in 0..3 {
@@ -109,7 +135,7 @@ mod tests {
         qs[0].set_used_event(&mem, 1);
         used_idx_and_avail_event(&qs[0], &*mem, 2, 5);
         assert_eq!(
-            t.ring_views(),
+            t.rings().views(),
             vec![
                 RingView {
                     queue: 0,
@@ -131,7 +157,7 @@ mod tests {
         );
         // A reset stops the device: nothing is running to show.
         write_reg(&mut t, reg::STATUS, 0);
-        assert_eq!(t.ring_views(), Vec::new());
+        assert_eq!(t.rings().views(), Vec::new());
     }
 
     #[test]
@@ -147,7 +173,7 @@ mod tests {
         qs[1].add_chain(&mem, &[(0x8000, 64, true)]);
         used_idx_and_avail_event(&qs[1], &*mem, 1, 9);
         assert_eq!(
-            t.ring_views(),
+            t.rings().views(),
             vec![RingView {
                 queue: 1,
                 size: 32,

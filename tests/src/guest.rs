@@ -747,8 +747,15 @@ fn log_retry(kind: &str, panic: &(dyn std::any::Any + Send)) {
         .map(String::as_str)
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("(no message)");
-    let first = msg.lines().next().unwrap_or_default();
-    log_note(&format!("{kind}, ran again: {first}"));
+    // A passing rerun swallows the failure's output: an undiagnosed one
+    // keeps its whole message here (a stalled transfer's `status`, with
+    // the rings, is in it), which `./test.sh` prints at the end.
+    let shown = if kind.starts_with("UNDIAGNOSED") {
+        msg
+    } else {
+        msg.lines().next().unwrap_or_default()
+    };
+    log_note(&format!("{kind}, ran again: {shown}"));
 }
 
 /// A network namespace on a host with a TAP (`tap0`, 10.0.2.1/24 on the

@@ -128,6 +128,23 @@ fn pump(mut r: impl Read + Send + 'static, sh: Arc<(Mutex<Shared>, Condvar)>) {
     });
 }
 
+/// Waits until the pump behind `sh` has read its pipe to the end, or
+/// `deadline`.
+fn drained(sh: &(Mutex<Shared>, Condvar), deadline: Instant) {
+    let (m, cv) = sh;
+    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+    while !g.closed {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        g = cv
+            .wait_timeout(g, deadline - now)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
 impl VmmProcess {
     /// Starts the vmm binary on this machine with `args` and `--console stdio`.
     pub fn spawn(args: &[&str]) -> VmmProcess {
@@ -169,11 +186,14 @@ impl VmmProcess {
     pub fn from_proc(mut child: Proc) -> VmmProcess {
         let stdout = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
         let stderr = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
-        if let Some(o) = child.take_stdout() {
-            pump(o, stdout.clone());
-        }
-        if let Some(e) = child.take_stderr() {
-            pump(e, stderr.clone());
+        for (pipe, sh) in [
+            (child.take_stdout(), &stdout),
+            (child.take_stderr(), &stderr),
+        ] {
+            match pipe {
+                Some(p) => pump(p, sh.clone()),
+                None => sh.0.lock().unwrap_or_else(|e| e.into_inner()).closed = true,
+            }
         }
         let stdin = child.take_stdin();
         VmmProcess {
@@ -273,6 +293,15 @@ impl VmmProcess {
         }
         let s = self.child.wait_timeout(timeout);
         self.status = s;
+        if s.is_some() {
+            // The process is gone, but its last words may still be in the
+            // pipes: a caller reading stderr right after this must see
+            // them (a missing-snapshot error read too early was empty).
+            // Bounded, since a grandchild may hold a pipe open.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            drained(&self.stdout, deadline);
+            drained(&self.stderr, deadline);
+        }
         s
     }
 

@@ -19,9 +19,13 @@ scripts/host-deps.sh
 resources/build-kernels.sh mini disk debian-6.1 debian-6.12 modules server testhost
 export VMM_REQUIRE_KERNELS=1
 cargo build --workspace --all-targets
-rm -f target/testhost-retries.log
+rm -f target/testhost-retries.log target/testhost-times.log
 status=0
 cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}" || status=$?
+if [ -s target/testhost-times.log ]; then
+    echo "==> user-space scenarios, slowest first (seconds, retries included):"
+    sort -rn target/testhost-times.log
+fi
 if [ -s target/testhost-retries.log ]; then
     echo "==> tests the test host ran twice (docs/notes.md, \"The test host\"):"
     cat target/testhost-retries.log

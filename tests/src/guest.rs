@@ -653,12 +653,14 @@ pub fn scenario(body: impl Fn(&'static Host)) {
         .is_test_host()
         .then(|| ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()));
     let mut undiagnosed_retried = false;
+    let first_started = Instant::now();
     for attempt in 1..=MAX_RUNS {
         EMULATOR_FAULT.with(|f| f.set(false));
         VMM_STDERRS.with(|v| v.borrow_mut().clear());
         let started = Instant::now();
         let h = host();
         let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| body(h))) else {
+            log_time(first_started.elapsed(), started.elapsed(), attempt);
             return;
         };
         let last = attempt == MAX_RUNS;
@@ -737,6 +739,26 @@ pub fn log_note(line: &str) {
         .open(path)
     {
         let _ = writeln!(f, "{test}: {line}");
+    }
+}
+
+/// Appends a passed scenario's time to `target/testhost-times.log`, which
+/// `./test.sh` prints slowest first: where the suite's time goes, and
+/// what the emulator's faults cost (`total` against `last`).
+fn log_time(total: Duration, last: Duration, runs: u32) {
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    let path = crate::repo_root().join("target/testhost-times.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(
+            f,
+            "{:6.0} s  {test} (passing run {:.0} s, runs {runs})",
+            total.as_secs_f64(),
+            last.as_secs_f64()
+        );
     }
 }
 

@@ -606,21 +606,22 @@ thread_local! {
         std::cell::RefCell::new(Vec::new());
 }
 
-/// Did a VMM of this scenario run log a triple fault at the test host's
-/// own VMRUN address?
+/// Did a VMM of this scenario run log a triple fault in the test host?
+/// No user-space scenario makes its guest triple-fault, and in the test
+/// host every one so far was the emulator fault's other form, at any
+/// point of a run (docs/notes.md, "Left to do" (d)): the reading
+/// `Guest::wedge_note` gives a timeout, here for a failure that no
+/// `Guest` method diagnosed (a reboot test's boot count one too high).
+/// On hardware KVM it fails the test.
 fn emulator_triple_fault_in_run(h: &Host) -> bool {
     if !h.is_test_host() {
         return false;
     }
-    // One log of all the run's VMMs: the test host's kallsyms is read once.
-    let logs = VMM_STDERRS.with(|v| {
+    VMM_STDERRS.with(|v| {
         v.borrow()
             .iter()
-            .map(|f| f())
-            .collect::<Vec<_>>()
-            .join("\n")
-    });
-    crate::testhost::wedge::triple_fault_at_vmrun(h, &logs)
+            .any(|f| !crate::testhost::wedge::triple_fault_rips(&f()).is_empty())
+    })
 }
 
 /// Runs a test's body on the current host. If the body fails *and* the

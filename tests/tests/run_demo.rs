@@ -18,57 +18,112 @@ const T: Duration = Duration::from_secs(300);
 
 /// Reads the terminal until `needle` shows after byte `from`; fails at the
 /// deadline or when the demo exits first (reads poll, so neither is missed).
-fn read_until(
+fn try_read_until(
     r: &mut std::fs::File,
     buf: &mut Vec<u8>,
     from: usize,
     needle: &str,
     child: &mut std::process::Child,
-) -> usize {
+) -> Result<usize, String> {
     let deadline = Instant::now() + T;
     loop {
         if let Some(i) = String::from_utf8_lossy(&buf[from.min(buf.len())..]).find(needle) {
-            return from + i + needle.len();
+            return Ok(from + i + needle.len());
         }
-        assert!(
-            Instant::now() < deadline,
-            "{needle:?} not seen on the terminal within {T:?}:\n{}",
-            String::from_utf8_lossy(buf)
-        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{needle:?} not seen on the terminal within {T:?}:\n{}",
+                String::from_utf8_lossy(buf)
+            ));
+        }
         if let Ok(Some(st)) = child.try_wait() {
             let _ = read_some(r, buf);
-            panic!(
+            return Err(format!(
                 "the demo exited ({st}) before {needle:?}:\n{}",
                 String::from_utf8_lossy(buf)
-            );
+            ));
         }
         let _ = read_some(r, buf);
     }
 }
 
-#[test]
-fn the_demo_gives_a_guest_shell_on_the_terminal_and_a_control_socket() {
-    let run_dir = TempDir::new("demo-run");
-    let bindir = bin("vmm")
-        .parent()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+/// The demo's process, killed when dropped: a failed test must not leave
+/// a test host running (one left behind by a failed run slowed the rest of
+/// `./test.sh` by a CPU for an hour; its QEMU dies with `vmm-testhost`).
+struct Demo(std::process::Child);
+
+impl std::ops::Deref for Demo {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Demo {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The demo on a fresh terminal: the process, the terminal's read and
+/// write ends.
+fn start_demo(run_dir: &TempDir, bindir: &str) -> (Demo, std::fs::File, std::fs::File) {
     let (master, slave) = open_pty();
     let mut cmd = Command::new(repo_root().join("scripts/demo.sh"));
-    cmd.env("BIN", &bindir)
+    cmd.env("BIN", bindir)
         .env("VMM_RUN_DIR", run_dir.path())
         .env("TERM", "xterm");
     attach_to_pty(&mut cmd, &slave);
-    let mut child = cmd.spawn().expect("start scripts/demo.sh");
+    let child = Demo(cmd.spawn().expect("start scripts/demo.sh"));
     // The Command holds copies of the terminal's slave side: closed here,
     // so that the demo's end shows as the terminal's end.
     drop(cmd);
     drop(slave);
-    let mut out = std::fs::File::from(master.try_clone().expect("dup pty"));
-    let mut input = std::fs::File::from(master);
-    let mut screen = Vec::new();
+    let out = std::fs::File::from(master.try_clone().expect("dup pty"));
+    (child, out, std::fs::File::from(master))
+}
 
-    let at = read_until(&mut out, &mut screen, 0, "VMM-INIT-OK", &mut child);
+/// What the demo prints when the guest runs inside the test host.
+const IN_TESTHOST: &str = "the guest runs inside the test host";
+
+#[test]
+fn the_demo_gives_a_guest_shell_on_the_terminal_and_a_control_socket() {
+    let bindir = bin("vmm")
+        .parent()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    // In the test host the emulator now and then wedges a guest's boot
+    // (docs/notes.md, "The test host"; the suite's guests are started
+    // again for it, `Guest::wait_boot`): a boot that never reaches user
+    // space there gets one more demo, said loudly and logged in
+    // target/testhost-retries.log. On hardware KVM it fails at once.
+    let mut attempt = 1;
+    let (run_dir, mut child, mut out, mut input, mut screen, at) = loop {
+        let run_dir = TempDir::new("demo-run");
+        let (mut child, mut out, input) = start_demo(&run_dir, &bindir);
+        let mut screen = Vec::new();
+        match try_read_until(&mut out, &mut screen, 0, "VMM-INIT-OK", &mut child) {
+            Ok(at) => break (run_dir, child, out, input, screen, at),
+            Err(e) if attempt == 1 && String::from_utf8_lossy(&screen).contains(IN_TESTHOST) => {
+                eprintln!("{e}\nNOTE: the demo's guest did not reach user space in the test host: running the demo once more");
+                tests::guest::log_note(&format!(
+                    "the demo's guest did not reach user space in the test host, demo run again: {}",
+                    e.lines().next().unwrap_or_default()
+                ));
+                let _ = child.kill();
+                let _ = child.wait();
+                attempt += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     // The console shell answers what is typed (typed again until the
     // shell is there to read it). The typed line says demo-$((6*7)), so
     // demo-42 is the shell's answer; its line end depends on how many

@@ -729,38 +729,42 @@ fn spend_retry_time(d: Duration) -> Duration {
     *spent
 }
 
-/// Appends a line to `target/testhost-retries.log` (what `./test.sh`
-/// prints at the end).
-pub fn log_note(line: &str) {
-    let test = std::thread::current().name().unwrap_or("?").to_string();
-    let path = crate::repo_root().join("target/testhost-retries.log");
+/// The name of the running test (its thread's), for the logs below.
+fn test_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_string()
+}
+
+/// Appends `line` to `target/<log>`, for `./test.sh` to print at the end.
+fn append_to_log(log: &str, line: &str) {
+    let path = crate::repo_root().join("target").join(log);
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
     {
-        let _ = writeln!(f, "{test}: {line}");
+        let _ = writeln!(f, "{line}");
     }
+}
+
+/// Appends a line to `target/testhost-retries.log` (what `./test.sh`
+/// prints at the end).
+pub fn log_note(line: &str) {
+    append_to_log("testhost-retries.log", &format!("{}: {line}", test_name()));
 }
 
 /// Appends a passed scenario's time to `target/testhost-times.log`, which
 /// `./test.sh` prints slowest first: where the suite's time goes, and
 /// what the emulator's faults cost (`total` against `last`).
 fn log_time(total: Duration, last: Duration, runs: u32) {
-    let test = std::thread::current().name().unwrap_or("?").to_string();
-    let path = crate::repo_root().join("target/testhost-times.log");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(
-            f,
-            "{:6.0} s  {test} (passing run {:.0} s, runs {runs})",
+    append_to_log(
+        "testhost-times.log",
+        &format!(
+            "{:6.0} s  {} (passing run {:.0} s, runs {runs})",
             total.as_secs_f64(),
+            test_name(),
             last.as_secs_f64()
-        );
-    }
+        ),
+    );
 }
 
 /// Appends a retried failure to `target/testhost-retries.log`.

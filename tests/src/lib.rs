@@ -132,17 +132,10 @@ fn pump(mut r: impl Read + Send + 'static, sh: Arc<(Mutex<Shared>, Condvar)>) {
 /// `deadline`.
 fn drained(sh: &(Mutex<Shared>, Condvar), deadline: Instant) {
     let (m, cv) = sh;
-    let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-    while !g.closed {
-        let now = Instant::now();
-        if now >= deadline {
-            return;
-        }
-        g = cv
-            .wait_timeout(g, deadline - now)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
+    let g = m.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = cv.wait_timeout_while(g, deadline.saturating_duration_since(Instant::now()), |s| {
+        !s.closed
+    });
 }
 
 impl VmmProcess {

@@ -181,32 +181,32 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
     block::prepare_file(&o.file, size).map_err(|e| format!("{}: {e}", o.file.display()))?;
     let poll = Duration::from_micros(o.poll_us);
     let polled = format!("poll_us={}", o.poll_us);
-    let mut cases = vec![
-        (
-            Op::SeqRead,
-            "blk seq read 1 MiB".to_string(),
-            "MB/s",
-            1e6,
+    let halt = ", driver halt-polls";
+    let mut cases = Vec::new();
+    for (op, what, unit, scale) in [
+        (Op::SeqRead, "blk seq read 1 MiB", "MB/s", 1e6),
+        (Op::SeqWrite, "blk seq write 1 MiB", "MB/s", 1e6),
+        (Op::RandRead, "blk rand read 4 KiB", "kIOPS", 1e3),
+    ] {
+        cases.push((
+            op,
+            what.to_string(),
+            unit,
+            scale,
             Duration::ZERO,
             Wait::Interrupt,
-        ),
-        (
-            Op::SeqWrite,
-            "blk seq write 1 MiB".into(),
-            "MB/s",
-            1e6,
+        ));
+        // The driver waits for the interrupt as a vCPU on a KVM host does
+        // (halt polling, KVM's default).
+        cases.push((
+            op,
+            format!("{what}{halt}"),
+            unit,
+            scale,
             Duration::ZERO,
-            Wait::Interrupt,
-        ),
-        (
-            Op::RandRead,
-            "blk rand read 4 KiB".into(),
-            "kIOPS",
-            1e3,
-            Duration::ZERO,
-            Wait::Interrupt,
-        ),
-    ];
+            Wait::HaltPolls,
+        ));
+    }
     if !poll.is_zero() {
         cases.push((
             Op::RandRead,
@@ -215,6 +215,14 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             1e3,
             poll,
             Wait::Interrupt,
+        ));
+        cases.push((
+            Op::RandRead,
+            format!("blk rand read 4 KiB, {polled}{halt}"),
+            "kIOPS",
+            1e3,
+            poll,
+            Wait::HaltPolls,
         ));
         // Neither side sleeps: what the device path costs when the guest
         // polls its queue too (Linux's virtio-blk poll queues).
@@ -254,10 +262,22 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             Wait::Interrupt,
         ),
         (
+            1,
+            format!("blk rand read 4 KiB, QD32{halt}"),
+            Duration::ZERO,
+            Wait::HaltPolls,
+        ),
+        (
             4,
             "blk rand read 4 KiB, QD32, 4 queues".into(),
             Duration::ZERO,
             Wait::Interrupt,
+        ),
+        (
+            4,
+            format!("blk rand read 4 KiB, QD32, 4 queues{halt}"),
+            Duration::ZERO,
+            Wait::HaltPolls,
         ),
     ];
     if !poll.is_zero() {
@@ -266,6 +286,12 @@ fn run_block(o: &Opts, t: &mut Table, notes: &mut Vec<String>) -> Result<(), Str
             format!("blk rand read 4 KiB, QD32, {polled}"),
             poll,
             Wait::Interrupt,
+        ));
+        deep.push((
+            1,
+            format!("blk rand read 4 KiB, QD32, {polled}{halt}"),
+            poll,
+            Wait::HaltPolls,
         ));
         deep.push((
             1,
@@ -344,45 +370,58 @@ fn run_net_path(
     vhost: bool,
     path: &str,
 ) -> Result<(), String> {
-    let device =
-        || net::DeviceSide::new(dev_tap, vhost, o.frames).map_err(|e| format!("virtio-net: {e}"));
-    for (len, what) in [(60usize, "60 B"), (1514, "1514 B")] {
-        let frame = net::frame(len);
-        let n = o.frames;
-        let mut tx_pps = Figure::new(&format!("net TX {what} frames{path}"), "kpps", 1e3);
-        let mut rx_pps = Figure::new(&format!("net RX {what} frames{path}"), "kpps", 1e3);
-        let mut tx_mb = Figure::new(&format!("net TX {what} frames{path}"), "MB/s", 1e6);
-        let mut rx_mb = Figure::new(&format!("net RX {what} frames{path}"), "MB/s", 1e6);
-        for _ in 0..o.rounds {
-            let h = net::raw_tx(raw, &frame, n).map_err(|e| format!("raw TX: {e}"))?;
-            let d = device()?
-                .tx(&frame, n)
-                .map_err(|e| format!("virtio TX: {e}"))?;
-            tx_pps.add(n as f64, n as f64, h, d);
-            tx_mb.add((n * len) as f64, n as f64, h, d);
-
-            net::inject(raw_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
-            let h = net::raw_rx(raw, n).map_err(|e| format!("raw RX: {e}"))?;
-            let mut dev = device()?;
-            net::inject(dev_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
-            let d = dev.rx(n, len).map_err(|e| format!("virtio RX: {e}"))?;
-            rx_pps.add(n as f64, n as f64, h, d);
-            rx_mb.add((n * len) as f64, n as f64, h, d);
-        }
-        let fig = if len == 60 {
-            [&tx_pps, &rx_pps]
-        } else {
-            [&tx_mb, &rx_mb]
+    // The driver sleeping on the interrupt, then waiting for it as a vCPU
+    // on KVM does (halt polling, KVM's default).
+    for (halt_poll, waits) in [
+        (None, ""),
+        (
+            Some(driver::HaltPoll::new(driver::HaltPoll::KVM_DEFAULT_MAX)),
+            ", driver halt-polls",
+        ),
+    ] {
+        let path = format!("{path}{waits}");
+        let device = || {
+            net::DeviceSide::new(dev_tap, vhost, o.frames, halt_poll)
+                .map_err(|e| format!("virtio-net: {e}"))
         };
-        for f in fig {
-            f.row(
-                t,
-                if f.label.contains("TX") {
-                    "write() to a TAP"
-                } else {
-                    "read() from a TAP"
-                },
-            );
+        for (len, what) in [(60usize, "60 B"), (1514, "1514 B")] {
+            let frame = net::frame(len);
+            let n = o.frames;
+            let mut tx_pps = Figure::new(&format!("net TX {what} frames{path}"), "kpps", 1e3);
+            let mut rx_pps = Figure::new(&format!("net RX {what} frames{path}"), "kpps", 1e3);
+            let mut tx_mb = Figure::new(&format!("net TX {what} frames{path}"), "MB/s", 1e6);
+            let mut rx_mb = Figure::new(&format!("net RX {what} frames{path}"), "MB/s", 1e6);
+            for _ in 0..o.rounds {
+                let h = net::raw_tx(raw, &frame, n).map_err(|e| format!("raw TX: {e}"))?;
+                let d = device()?
+                    .tx(&frame, n)
+                    .map_err(|e| format!("virtio TX: {e}"))?;
+                tx_pps.add(n as f64, n as f64, h, d);
+                tx_mb.add((n * len) as f64, n as f64, h, d);
+
+                net::inject(raw_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
+                let h = net::raw_rx(raw, n).map_err(|e| format!("raw RX: {e}"))?;
+                let mut dev = device()?;
+                net::inject(dev_tap, &frame, n).map_err(|e| format!("inject: {e}"))?;
+                let d = dev.rx(n, len).map_err(|e| format!("virtio RX: {e}"))?;
+                rx_pps.add(n as f64, n as f64, h, d);
+                rx_mb.add((n * len) as f64, n as f64, h, d);
+            }
+            let fig = if len == 60 {
+                [&tx_pps, &rx_pps]
+            } else {
+                [&tx_mb, &rx_mb]
+            };
+            for f in fig {
+                f.row(
+                    t,
+                    if f.label.contains("TX") {
+                        "write() to a TAP"
+                    } else {
+                        "read() from a TAP"
+                    },
+                );
+            }
         }
     }
     Ok(())

@@ -14,7 +14,7 @@ use devices::virtio::block::AlignedBuf;
 use devices::virtio::{Block, BlockConfig, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::driver::{thread_cpu_secs, Driver, Pass, Stopwatch, Vq};
+use crate::driver::{thread_cpu_secs, Driver, HaltPoll, Pass, Stopwatch, Vq};
 
 pub const SEQ_BLOCK: usize = 1 << 20;
 pub const RAND_BLOCK: usize = 4096;
@@ -102,14 +102,25 @@ pub fn host_pass(path: &Path, op: Op, offsets: &[u64]) -> io::Result<Pass> {
 }
 
 /// How the harness's driver learns that a request completed.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
     /// It sleeps until the device's interrupt (a guest's usual queue).
     Interrupt,
+    /// It waits for the device's interrupt as a vCPU on KVM does: halt
+    /// polling first (KVM's default, see [`crate::driver::HaltPoll`]),
+    /// then sleep.
+    HaltPolls,
     /// It spins on the used ring with interrupts off, as a Linux guest does
     /// on virtio-blk's poll queues (`virtio_blk.poll_queues=N`, io_uring
     /// with IOPOLL, `fio --hipri`).
     Polls,
+}
+
+impl Wait {
+    /// The driver's halt polling for this way of waiting.
+    pub fn halt_poll(self) -> Option<HaltPoll> {
+        (self == Wait::HaltPolls).then(|| HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX))
+    }
 }
 
 /// Waits as `wait` says: until one of `qs` has used entries to take, or
@@ -126,8 +137,10 @@ pub fn wait_completion(d: &mut Driver, qs: &[Vq], wait: Wait) -> io::Result<()> 
             }
             Ok(())
         }
-        Wait::Interrupt if d.wait_interrupt(Duration::from_secs(10))? => Ok(()),
-        Wait::Interrupt => Err(io::Error::other("no interrupt from virtio-blk in 10 s")),
+        Wait::Interrupt | Wait::HaltPolls if d.wait_interrupt(Duration::from_secs(10))? => Ok(()),
+        Wait::Interrupt | Wait::HaltPolls => {
+            Err(io::Error::other("no interrupt from virtio-blk in 10 s"))
+        }
     }
 }
 
@@ -154,7 +167,8 @@ pub fn device_pass(
     d.mem
         .write_slice(&vec![0x5au8; SEQ_BLOCK], GuestAddress(DATA))
         .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
-    q.set_interrupts(&d.mem, wait == Wait::Interrupt)?;
+    d.set_halt_poll(wait.halt_poll());
+    q.set_interrupts(&d.mem, wait != Wait::Polls)?;
     let len = op.block() as u32;
     let sw = Stopwatch::start(d.device_cpu_secs());
     for &off in offsets {

@@ -105,8 +105,9 @@ pub fn device_pass(
         d.start(VIRTIO_F_VERSION_1 | F_MQ, &refs)?;
     }
     let mem = d.mem.clone();
+    d.set_halt_poll(wait.halt_poll());
     for q in &qs {
-        q.set_interrupts(&mem, wait == Wait::Interrupt)?;
+        q.set_interrupts(&mem, wait != Wait::Polls)?;
     }
     let gm = |e| io::Error::other(format!("guest memory: {e}"));
     // Slot s: its header, status byte and data page; on queue s % queues.

@@ -36,6 +36,52 @@ pub struct Driver {
     /// The event-loop thread's id, for its CPU time in /proc.
     loop_tid: libc::pid_t,
     event_loop: Option<JoinHandle<()>>,
+    /// Whether, and how, the driver polls for its interrupt before it
+    /// sleeps (see [`HaltPoll`]).
+    halt_poll: Option<HaltPoll>,
+}
+
+/// KVM's halt polling (`virt/kvm/kvm_main.c`, `kvm_vcpu_halt`), which every
+/// vCPU on a KVM host does by default: a vCPU that halts waiting for an
+/// interrupt first checks for one for up to its window before the host
+/// schedules its thread out, so an interrupt that comes within the window
+/// costs no scheduler wake-up. The window adapts per vCPU: it starts at
+/// nothing, grows to 10 µs and then doubles when a halt ended after the
+/// window but within `halt_poll_ns` (x86's default 200 µs), and drops to
+/// nothing after a halt longer than that (`halt_poll_ns_shrink=0`). The
+/// harness's driver stands in for the guest's vCPU; with this it waits for
+/// the device's interrupt as such a vCPU does, still interrupt-driven: the
+/// device decides to signal and writes the irqfd, the driver sees the
+/// eventfd become readable.
+#[derive(Clone, Copy, Debug)]
+pub struct HaltPoll {
+    window: Duration,
+    max: Duration,
+}
+
+impl HaltPoll {
+    /// KVM's x86 default `halt_poll_ns`.
+    pub const KVM_DEFAULT_MAX: Duration = Duration::from_micros(200);
+    const GROW_START: Duration = Duration::from_micros(10);
+
+    pub fn new(max: Duration) -> HaltPoll {
+        HaltPoll {
+            window: Duration::ZERO,
+            max,
+        }
+    }
+
+    /// Adapts the window after a halt that lasted `halted`.
+    fn after_halt(&mut self, halted: Duration) {
+        if halted <= self.window {
+            return;
+        }
+        if !self.window.is_zero() && halted > self.max {
+            self.window = Duration::ZERO;
+        } else if self.window < self.max && halted < self.max {
+            self.window = (self.window * 2).max(Self::GROW_START).min(self.max);
+        }
+    }
 }
 
 /// One timed pass: wall-clock seconds, and the CPU seconds of the thread
@@ -153,6 +199,7 @@ impl Driver {
             stop,
             loop_tid,
             event_loop: Some(event_loop),
+            halt_poll: None,
         })
     }
 
@@ -225,11 +272,32 @@ impl Driver {
             .write(1)
     }
 
+    /// Whether the driver halt-polls as a KVM vCPU does before it sleeps
+    /// on the interrupt (`None`: it sleeps at once).
+    pub fn set_halt_poll(&mut self, hp: Option<HaltPoll>) {
+        self.halt_poll = hp;
+    }
+
     /// Waits for the irqfd to fire, then reads and acknowledges
     /// INTERRUPT_STATUS as the guest's handler does. False on timeout.
     pub fn wait_interrupt(&mut self, timeout: Duration) -> io::Result<bool> {
-        if !wait_readable(self.irq.as_raw_fd(), timeout)? {
+        let fd = self.irq.as_raw_fd();
+        let halted = std::time::Instant::now();
+        let mut pending = false;
+        if let Some(hp) = self.halt_poll {
+            while halted.elapsed() < hp.window {
+                if wait_readable(fd, Duration::ZERO)? {
+                    pending = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        if !pending && !wait_readable(fd, timeout)? {
             return Ok(false);
+        }
+        if let Some(hp) = self.halt_poll.as_mut() {
+            hp.after_halt(halted.elapsed());
         }
         let _ = self.irq.read();
         let isr = self.read_reg(reg::INTERRUPT_STATUS);
@@ -410,4 +478,49 @@ pub fn eventfd_ping_pong(rounds: usize) -> io::Result<(f64, f64)> {
         .join()
         .map_err(|_| io::Error::other("responder panicked"))??;
     Ok((secs / rounds as f64 * 1e6, cpu / rounds as f64 * 1e6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HaltPoll;
+    use std::time::Duration;
+
+    const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn halt_polling_starts_off_and_grows_from_ten_microseconds_by_doubling_up_to_its_limit() {
+        let mut hp = HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX);
+        assert_eq!(hp.window, Duration::ZERO);
+        let mut windows = Vec::new();
+        for _ in 0..7 {
+            // Each halt ends just after the window, within the limit.
+            hp.after_halt((hp.window + US).min(HaltPoll::KVM_DEFAULT_MAX - US));
+            windows.push(hp.window.as_micros());
+        }
+        assert_eq!(windows, [10, 20, 40, 80, 160, 200, 200]);
+    }
+
+    #[test]
+    fn a_halt_that_the_window_covered_leaves_it_as_it_is() {
+        let mut hp = HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX);
+        hp.after_halt(5 * US);
+        hp.after_halt(15 * US);
+        assert_eq!(hp.window, 20 * US);
+        hp.after_halt(19 * US);
+        assert_eq!(hp.window, 20 * US);
+    }
+
+    #[test]
+    fn a_halt_longer_than_the_limit_turns_polling_off_until_halts_are_short_again() {
+        let mut hp = HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX);
+        hp.after_halt(5 * US);
+        assert_eq!(hp.window, 10 * US);
+        hp.after_halt(Duration::from_millis(5));
+        assert_eq!(hp.window, Duration::ZERO);
+        // A long halt with polling already off changes nothing.
+        hp.after_halt(Duration::from_millis(5));
+        assert_eq!(hp.window, Duration::ZERO);
+        hp.after_halt(50 * US);
+        assert_eq!(hp.window, 10 * US);
+    }
 }

@@ -25,7 +25,7 @@ use devices::virtio::tap::VNET_HDR_LEN as VNET_HDR;
 use devices::virtio::{Net, NetConfig, VIRTIO_F_VERSION_1};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::driver::{thread_cpu_secs, wait_readable, Driver, Pass, Stopwatch, Vq};
+use crate::driver::{thread_cpu_secs, wait_readable, Driver, HaltPoll, Pass, Stopwatch, Vq};
 
 const RXQ: u64 = 0x1_0000;
 const TXQ: u64 = 0x2_0000;
@@ -254,8 +254,14 @@ impl DeviceSide {
     }
 
     /// Opens (creates) the TAP, starts the device (its datapath in the
-    /// kernel with `vhost`) and sets the link up.
-    pub fn new(tap: &str, vhost: bool, frames: usize) -> io::Result<DeviceSide> {
+    /// kernel with `vhost`) and sets the link up. The driver waits for
+    /// interrupts with `halt_poll` (see [`crate::driver::HaltPoll`]).
+    pub fn new(
+        tap: &str,
+        vhost: bool,
+        frames: usize,
+        halt_poll: Option<HaltPoll>,
+    ) -> io::Result<DeviceSide> {
         use devices::virtio::net::vhost::VhostMode;
         let net = Net::new(&NetConfig {
             tap: tap.to_owned(),
@@ -267,6 +273,7 @@ impl DeviceSide {
         .map_err(io::Error::other)?;
         let counters = net.counters();
         let mut d = Driver::new(Arc::new(Mutex::new(net)), MEM)?;
+        d.set_halt_poll(halt_poll);
         let rx = Vq::new(0, RXQ, QSIZE);
         let tx = Vq::new(1, TXQ, QSIZE);
         d.start(VIRTIO_F_VERSION_1 | F_MRG_RXBUF, &[&rx, &tx])?;

@@ -374,10 +374,7 @@ fn run_net_path(
     // on KVM does (halt polling, KVM's default).
     for (halt_poll, waits) in [
         (None, ""),
-        (
-            Some(driver::HaltPoll::new(driver::HaltPoll::KVM_DEFAULT_MAX)),
-            ", driver halt-polls",
-        ),
+        (Some(driver::HaltPoll::default()), ", driver halt-polls"),
     ] {
         let path = format!("{path}{waits}");
         let device = || {

@@ -119,7 +119,7 @@ pub enum Wait {
 impl Wait {
     /// The driver's halt polling for this way of waiting.
     pub fn halt_poll(self) -> Option<HaltPoll> {
-        (self == Wait::HaltPolls).then(|| HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX))
+        (self == Wait::HaltPolls).then(HaltPoll::default)
     }
 }
 

@@ -53,33 +53,25 @@ pub struct Driver {
 /// the device's interrupt as such a vCPU does, still interrupt-driven: the
 /// device decides to signal and writes the irqfd, the driver sees the
 /// eventfd become readable.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct HaltPoll {
     window: Duration,
-    max: Duration,
 }
 
 impl HaltPoll {
-    /// KVM's x86 default `halt_poll_ns`.
-    pub const KVM_DEFAULT_MAX: Duration = Duration::from_micros(200);
+    /// KVM's x86 default `halt_poll_ns`: the longest window.
+    pub const MAX: Duration = Duration::from_micros(200);
     const GROW_START: Duration = Duration::from_micros(10);
-
-    pub fn new(max: Duration) -> HaltPoll {
-        HaltPoll {
-            window: Duration::ZERO,
-            max,
-        }
-    }
 
     /// Adapts the window after a halt that lasted `halted`.
     fn after_halt(&mut self, halted: Duration) {
         if halted <= self.window {
             return;
         }
-        if !self.window.is_zero() && halted > self.max {
+        if !self.window.is_zero() && halted > Self::MAX {
             self.window = Duration::ZERO;
-        } else if self.window < self.max && halted < self.max {
-            self.window = (self.window * 2).max(Self::GROW_START).min(self.max);
+        } else if self.window < Self::MAX && halted < Self::MAX {
+            self.window = (self.window * 2).max(Self::GROW_START).min(Self::MAX);
         }
     }
 }
@@ -489,12 +481,12 @@ mod tests {
 
     #[test]
     fn halt_polling_starts_off_and_grows_from_ten_microseconds_by_doubling_up_to_its_limit() {
-        let mut hp = HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX);
+        let mut hp = HaltPoll::default();
         assert_eq!(hp.window, Duration::ZERO);
         let mut windows = Vec::new();
         for _ in 0..7 {
             // Each halt ends just after the window, within the limit.
-            hp.after_halt((hp.window + US).min(HaltPoll::KVM_DEFAULT_MAX - US));
+            hp.after_halt((hp.window + US).min(HaltPoll::MAX - US));
             windows.push(hp.window.as_micros());
         }
         assert_eq!(windows, [10, 20, 40, 80, 160, 200, 200]);
@@ -502,7 +494,7 @@ mod tests {
 
     #[test]
     fn a_halt_that_the_window_covered_leaves_it_as_it_is() {
-        let mut hp = HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX);
+        let mut hp = HaltPoll::default();
         hp.after_halt(5 * US);
         hp.after_halt(15 * US);
         assert_eq!(hp.window, 20 * US);
@@ -512,7 +504,7 @@ mod tests {
 
     #[test]
     fn a_halt_longer_than_the_limit_turns_polling_off_until_halts_are_short_again() {
-        let mut hp = HaltPoll::new(HaltPoll::KVM_DEFAULT_MAX);
+        let mut hp = HaltPoll::default();
         hp.after_halt(5 * US);
         assert_eq!(hp.window, 10 * US);
         hp.after_halt(Duration::from_millis(5));

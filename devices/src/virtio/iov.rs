@@ -60,10 +60,21 @@ pub(crate) fn total_len(segs: &[Seg]) -> u64 {
 pub(crate) fn parse_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<ParsedChain, ChainError> {
-    let mut parsed = ParsedChain {
-        well_ordered: true,
-        ..Default::default()
-    };
+    let mut parsed = ParsedChain::default();
+    parse_chain_into(chain, &mut parsed)?;
+    Ok(parsed)
+}
+
+/// [`parse_chain`] into `parsed`, whose lists are cleared first and keep
+/// their allocations: a datapath that parses a chain per frame reuses one.
+pub(crate) fn parse_chain_into(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    parsed: &mut ParsedChain,
+) -> Result<(), ChainError> {
+    parsed.readable.clear();
+    parsed.writable.clear();
+    parsed.well_ordered = true;
+    parsed.last = None;
     let mut last_has_next = false;
     for desc in chain {
         let seg = Seg {
@@ -85,13 +96,39 @@ pub(crate) fn parse_chain(
     if parsed.last.is_none() || last_has_next {
         return Err(ChainError::Malformed);
     }
-    Ok(parsed)
+    Ok(())
 }
 
 /// The bytes `[offset, offset + len)` of the stream formed by `segs`.
 /// Returns `None` if the stream is shorter.
-pub(crate) fn sub_segs(segs: &[Seg], mut offset: u64, mut len: u64) -> Option<Vec<Seg>> {
+pub(crate) fn sub_segs(segs: &[Seg], offset: u64, len: u64) -> Option<Vec<Seg>> {
     let mut out = Vec::new();
+    each_sub_seg(segs, offset, len, |s| {
+        out.push(s);
+        Some(())
+    })?;
+    Some(out)
+}
+
+/// Calls `f` on each piece of [`sub_segs`] without collecting them (no
+/// allocation: the datapaths do this per frame). Nothing is called when the
+/// stream is shorter or an address overflows: the walk is checked first.
+fn each_sub_seg(
+    segs: &[Seg],
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(Seg) -> Option<()>,
+) -> Option<()> {
+    walk_sub_segs(segs, offset, len, |_| Some(()))?;
+    walk_sub_segs(segs, offset, len, &mut f)
+}
+
+fn walk_sub_segs(
+    segs: &[Seg],
+    mut offset: u64,
+    mut len: u64,
+    mut f: impl FnMut(Seg) -> Option<()>,
+) -> Option<()> {
     for s in segs {
         if len == 0 {
             break;
@@ -102,15 +139,15 @@ pub(crate) fn sub_segs(segs: &[Seg], mut offset: u64, mut len: u64) -> Option<Ve
             continue;
         }
         let take = (slen - offset).min(len);
-        out.push(Seg {
+        f(Seg {
             addr: s.addr.checked_add(offset)?,
             // `take <= s.len`, so it fits in u32.
             len: u32::try_from(take).ok()?,
-        });
+        })?;
         len -= take;
         offset = 0;
     }
-    (len == 0).then_some(out)
+    (len == 0).then_some(())
 }
 
 /// Reads `buf.len()` bytes at `offset` of the stream formed by `segs`.
@@ -121,12 +158,12 @@ pub(crate) fn read_segs(
     buf: &mut [u8],
 ) -> Option<()> {
     let mut done = 0usize;
-    for s in sub_segs(segs, offset, buf.len() as u64)? {
+    each_sub_seg(segs, offset, buf.len() as u64, |s| {
         let n = s.len as usize;
-        mem.read_slice(&mut buf[done..done + n], s.addr).ok()?;
+        mem.read_slice(buf.get_mut(done..done + n)?, s.addr).ok()?;
         done += n;
-    }
-    Some(())
+        Some(())
+    })
 }
 
 /// Writes `data` at `offset` of the stream formed by `segs`.
@@ -137,12 +174,12 @@ pub(crate) fn write_segs(
     data: &[u8],
 ) -> Option<()> {
     let mut done = 0usize;
-    for s in sub_segs(segs, offset, data.len() as u64)? {
+    each_sub_seg(segs, offset, data.len() as u64, |s| {
         let n = s.len as usize;
-        mem.write_slice(&data[done..done + n], s.addr).ok()?;
+        mem.write_slice(data.get(done..done + n)?, s.addr).ok()?;
         done += n;
-    }
-    Some(())
+        Some(())
+    })
 }
 
 /// Appends host iovecs covering `segs` to `out`. Fails if any byte is
@@ -310,6 +347,67 @@ mod tests {
         );
         assert_eq!(sub_segs(&segs, 20, 5), None);
         assert_eq!(sub_segs(&segs, 24, 0), Some(vec![]));
+    }
+
+    #[test]
+    fn reads_and_writes_span_buffers_and_a_short_stream_is_left_untouched() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let segs = [
+            Seg {
+                addr: GuestAddress(0x1000),
+                len: 16,
+            },
+            Seg {
+                addr: GuestAddress(0x2000),
+                len: 8,
+            },
+        ];
+        let data: Vec<u8> = (1..=10).collect();
+        assert_eq!(write_segs(&mem, &segs, 12, &data), Some(()));
+        let mut back = [0u8; 10];
+        assert_eq!(read_segs(&mem, &segs, 12, &mut back), Some(()));
+        assert_eq!(&back[..], &data[..]);
+        let mut first = [0u8; 4];
+        mem.read_slice(&mut first, GuestAddress(0x100c)).unwrap();
+        assert_eq!(first, [1, 2, 3, 4]);
+        // 20 bytes from offset 12 run past the 24-byte stream: none written.
+        assert_eq!(write_segs(&mem, &segs, 12, &[0xff; 20]), None);
+        assert_eq!(read_segs(&mem, &segs, 12, &mut back), Some(()));
+        assert_eq!(&back[..], &data[..], "a refused write changes nothing");
+        assert_eq!(read_segs(&mem, &segs, 20, &mut [0u8; 5]), None);
+    }
+
+    #[test]
+    fn parsing_into_a_reused_chain_forgets_the_previous_one() {
+        use crate::virtio::test_utils::TestQueue;
+        use virtio_queue::{Queue, QueueT};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut tq = TestQueue::new(0x1000, 16);
+        tq.add_chain(
+            &mem,
+            &[(0x4000, 10, false), (0x5000, 20, true), (0x6000, 30, true)],
+        );
+        tq.add_chain(&mem, &[(0x7000, 40, true)]);
+        let mut q = Queue::new(16).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(tq.desc as u32), Some(0));
+        q.set_avail_ring_address(Some(tq.avail as u32), Some(0));
+        q.set_used_ring_address(Some(tq.used as u32), Some(0));
+        q.set_ready(true);
+        let mut parsed = ParsedChain::default();
+        parse_chain_into(q.pop_descriptor_chain(&mem).unwrap(), &mut parsed).unwrap();
+        assert_eq!((parsed.readable.len(), parsed.writable.len()), (1, 2));
+        parse_chain_into(q.pop_descriptor_chain(&mem).unwrap(), &mut parsed).unwrap();
+        assert!(parsed.readable.is_empty());
+        assert_eq!(
+            parsed.writable,
+            vec![Seg {
+                addr: GuestAddress(0x7000),
+                len: 40
+            }]
+        );
+        assert!(parsed.well_ordered);
+        assert_eq!(parsed.writable_len(), 40);
     }
 
     #[test]

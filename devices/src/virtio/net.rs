@@ -63,6 +63,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::ctrl::Ctrl;
 use self::vhost::{VhostMode, VhostPath};
+use super::iov::ParsedChain;
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::used::UsedSignal;
 use super::{
@@ -284,6 +285,12 @@ struct Active {
     /// Scratch space reused for every frame (no allocation per frame).
     rx_iov: IovScratch,
     rx_parts: Vec<(u16, u32)>,
+    /// Per-chain scratch, reused for the same reason: the chain being
+    /// parsed, its host iovecs, and the lists of chains already used.
+    rx_parsed: ParsedChain,
+    fill_iov: IovScratch,
+    rx_spare: Vec<rx::RxChain>,
+    tx_parsed: ParsedChain,
 }
 
 /// Host iovecs built for one `readv` and dropped right after it.
@@ -637,6 +644,10 @@ impl VirtioDevice for Net {
                 big_frames_hold: 0,
                 rx_iov: IovScratch::default(),
                 rx_parts: Vec::new(),
+                rx_parsed: ParsedChain::default(),
+                fill_iov: IovScratch::default(),
+                rx_spare: Vec::new(),
+                tx_parsed: ParsedChain::default(),
             })
             .collect();
         // The event loop picks the device up from here: the RX kick starts

@@ -7,11 +7,13 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::QueueT;
 
 use super::{inc, Active, Net, NetCounters, Token, BIG_FRAMES_HOLD, MAX_FRAME, NUM_BUFFERS_OFFSET};
-use crate::virtio::iov::{parse_chain, push_iovecs, write_segs, Seg, IOV_MAX};
+use crate::virtio::iov::{parse_chain_into, push_iovecs, write_segs, Seg, IOV_MAX};
 use crate::virtio::tap::{Tap, VNET_HDR_LEN};
 use crate::virtio::used::add_used_batch;
+use crate::virtio::GuestMemoryMmap;
 
 /// An RX chain popped from the ring and checked, not yet used.
+#[derive(Default)]
 pub(super) struct RxChain {
     pub(super) head: u16,
     pub(super) segs: Vec<Seg>,
@@ -39,6 +41,10 @@ enum RxRead {
     /// descriptors).
     Bounce,
 }
+
+/// The longest segment list a spare chain keeps (see
+/// [`Active::spare_chain`]).
+const SPARE_SEGS: usize = 16;
 
 enum RxOutcome {
     /// The TAP has nothing more to read.
@@ -85,7 +91,7 @@ impl Net {
         let mut outcome = RxOutcome::Drained;
         let mut frames = self.budget.unwrap_or_else(|| a.rx.size()).max(1);
         for _ in 0..8 {
-            let (o, u) = a.process_rx(tap, &self.counters, &mut frames);
+            let (o, u) = a.process_rx(&mem, tap, &self.counters, &mut frames);
             used |= u;
             outcome = o;
             if !matches!(outcome, RxOutcome::NoBuffers) {
@@ -127,46 +133,50 @@ impl Net {
 impl Active {
     /// Pops and checks RX chains until `need` bytes are at hand or the ring
     /// is empty. Returns whether chains were returned as invalid.
-    fn fill_rx(&mut self, need: usize, c: &NetCounters) -> bool {
-        let mem = self.mem.clone();
+    fn fill_rx(&mut self, mem: &GuestMemoryMmap, need: usize, c: &NetCounters) -> bool {
         let mut used = false;
-        let mut iovs = Vec::new();
         while self.rx_cap < need {
-            let Some(chain) = self.rx.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = self.rx.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
+            let iovs = &mut self.fill_iov.0;
             iovs.clear();
-            match parse_chain(chain) {
-                Ok(p)
-                    if p.readable.is_empty()
-                        && p.writable_len() >= VNET_HDR_LEN as u64
-                        && push_iovecs(&mem, &p.writable, &mut iovs).is_some() =>
-                {
-                    let cap = usize::try_from(p.writable_len()).unwrap_or(usize::MAX);
-                    self.rx_cap = self.rx_cap.saturating_add(cap);
-                    self.rx_chains.push_back(RxChain {
-                        head,
-                        segs: p.writable,
-                        host: iovs
-                            .iter()
-                            .map(|v| (v.iov_base as usize, v.iov_len))
-                            .collect(),
-                        cap,
-                    });
-                }
-                _ => {
-                    inc(&c.invalid_chains, 1);
-                    used |= self.rx.add_used(&*mem, head, 0).is_ok();
-                }
+            let p = &mut self.rx_parsed;
+            let ok = parse_chain_into(chain, p).is_ok()
+                && p.readable.is_empty()
+                && p.writable_len() >= VNET_HDR_LEN as u64
+                && push_iovecs(mem, &p.writable, iovs).is_some();
+            if !ok {
+                inc(&c.invalid_chains, 1);
+                used |= self.rx.add_used(mem, head, 0).is_ok();
+                continue;
             }
+            let cap = usize::try_from(p.writable_len()).unwrap_or(usize::MAX);
+            self.rx_cap = self.rx_cap.saturating_add(cap);
+            // A spare chain's lists (or new ones) take the parsed ones'
+            // place: no allocation per frame once the ring has gone round.
+            let mut ch = self.rx_spare.pop().unwrap_or_default();
+            std::mem::swap(&mut ch.segs, &mut p.writable);
+            ch.host.clear();
+            ch.host
+                .extend(iovs.iter().map(|v| (v.iov_base as usize, v.iov_len)));
+            ch.head = head;
+            ch.cap = cap;
+            self.rx_chains.push_back(ch);
         }
         used
     }
 
     /// Reads frames from the TAP into RX buffers. Returns the outcome and
     /// whether used buffers were added.
-    fn process_rx(&mut self, tap: &Tap, c: &NetCounters, frames: &mut u16) -> (RxOutcome, bool) {
+    fn process_rx(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        tap: &Tap,
+        c: &NetCounters,
+        frames: &mut u16,
+    ) -> (RxOutcome, bool) {
         let mut used = false;
         let mut errors = 0;
         let mut unsignalled: u16 = 0;
@@ -175,13 +185,13 @@ impl Active {
                 return (RxOutcome::Budget, used);
             }
             if self.pending > 0 {
-                used |= self.fill_rx(self.pending, c);
+                used |= self.fill_rx(mem, self.pending, c);
                 if self.rx_cap < self.pending {
                     return (RxOutcome::NoBuffers, used);
                 }
                 let n = std::mem::take(&mut self.pending);
                 let in_place = std::mem::take(&mut self.pending_in_place);
-                self.complete_rx(n, in_place, c);
+                self.complete_rx(mem, n, in_place, c);
                 used = true;
                 *frames = frames.saturating_sub(1);
                 self.signal_every_batch(&mut unsignalled);
@@ -194,7 +204,7 @@ impl Active {
             } else {
                 1
             };
-            used |= self.fill_rx(need, c);
+            used |= self.fill_rx(mem, need, c);
             let Some(front_cap) = self.rx_chains.front().map(|ch| ch.cap) else {
                 return (RxOutcome::NoBuffers, used);
             };
@@ -249,7 +259,7 @@ impl Active {
                 self.pending_in_place = in_place;
                 continue;
             }
-            self.complete_rx(n, n, c);
+            self.complete_rx(mem, n, n, c);
             used = true;
             *frames = frames.saturating_sub(1);
             self.signal_every_batch(&mut unsignalled);
@@ -305,13 +315,21 @@ impl Active {
         RxRead::Bounce
     }
 
+    /// Keeps a used chain's lists for the next chain popped (at most a
+    /// ring's worth: a guest's chain of a thousand descriptors once does
+    /// not keep its lists forever).
+    fn spare_chain(&mut self, ch: RxChain) {
+        if self.rx_spare.len() < usize::from(self.rx.size()) && ch.segs.capacity() <= SPARE_SEGS {
+            self.rx_spare.push(ch);
+        }
+    }
+
     /// Hands a frame of `n` bytes to the guest: its first `in_place` bytes
     /// are already in the front chains, the rest at the start of `bounce`.
-    fn complete_rx(&mut self, n: usize, in_place: usize, c: &NetCounters) {
-        let mem = self.mem.clone();
+    fn complete_rx(&mut self, mem: &GuestMemoryMmap, n: usize, in_place: usize, c: &NetCounters) {
         let mut parts = std::mem::take(&mut self.rx_parts);
         parts.clear();
-        let mut first_segs: Option<Vec<Seg>> = None;
+        let mut first: Option<RxChain> = None;
         let mut done = 0usize;
         while done < n {
             let Some(ch) = self.rx_chains.pop_front() else {
@@ -326,26 +344,34 @@ impl Active {
                 let copied = self
                     .bounce
                     .get(from - in_place..end - in_place)
-                    .and_then(|src| write_segs(&mem, &ch.segs, (from - done) as u64, src));
+                    .and_then(|src| write_segs(mem, &ch.segs, (from - done) as u64, src));
                 if copied.is_none() {
                     inc(&c.invalid_chains, 1);
                 }
             }
             parts.push((ch.head, len as u32));
-            if first_segs.is_none() {
-                first_segs = Some(ch.segs);
+            if first.is_none() {
+                first = Some(ch);
+            } else {
+                self.spare_chain(ch);
             }
             done += len;
         }
         let num_buffers = parts.len() as u16;
-        if let Some(segs) = first_segs {
+        if let Some(ch) = first {
             // The TAP leaves num_buffers alone: fill it in before the guest
             // can see the first buffer.
-            let _ = write_segs(&mem, &segs, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
+            let _ = write_segs(
+                mem,
+                &ch.segs,
+                NUM_BUFFERS_OFFSET,
+                &num_buffers.to_le_bytes(),
+            );
+            self.spare_chain(ch);
         }
         // All of the frame's entries or none: a driver polling the used
         // ring meanwhile must not see the first without the rest.
-        if let Err(e) = add_used_batch(&mut self.rx, &*mem, &parts) {
+        if let Err(e) = add_used_batch(&mut self.rx, mem, &parts) {
             tracing::debug!("virtio-net: cannot return an RX frame's chains: {e}");
         }
         self.rx_parts = parts;

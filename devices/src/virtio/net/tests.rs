@@ -270,6 +270,43 @@ fn rx_without_mrg_rxbuf_uses_one_chain_per_frame() {
 }
 
 #[test]
+fn rx_chains_of_changing_shapes_each_get_their_whole_frame() {
+    // The device reuses a used chain's lists for the next chain it pops:
+    // a chain of three buffers after one-buffer chains, and one-buffer
+    // chains after it, must each be filled as their own descriptors say.
+    let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1);
+    for round in 0..3u8 {
+        let frame = framed(&payload(700, round));
+        let (head, bufs): (u16, Vec<(u64, u32)>) = if round == 1 {
+            let b = vec![(0x40000, 12), (0x41000, 300), (0x42000, 1000)];
+            let descs: Vec<(u64, u32, bool)> = b.iter().map(|&(a, l)| (a, l, true)).collect();
+            let head = f.rxq.add_chain(&f.mem, &descs);
+            write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);
+            (head, b)
+        } else {
+            let (head, addr) = f.post_rx(1, 2048)[0];
+            (head, vec![(addr, 2048)])
+        };
+        f.settle();
+        send(&host, &frame);
+        f.settle();
+        assert_eq!(
+            f.rxq.used(&f.mem),
+            vec![(u32::from(head), 712)],
+            "round {round}"
+        );
+        let mut got = Vec::new();
+        for (addr, len) in bufs {
+            got.extend(f.read_mem(addr, len as usize));
+        }
+        got.truncate(712);
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+        assert_eq!(&got[12..], &frame[12..], "round {round}");
+    }
+    assert_eq!(f.stats().rx_packets, 3);
+}
+
+#[test]
 fn rx_mrg_rxbuf_frame_spans_chains_and_says_how_many() {
     let (mut f, host) = Fixture::with_socket(VIRTIO_F_VERSION_1 | F_MRG_RXBUF);
     // 256 x 512 bytes: the frame's start is read into the first chain, its

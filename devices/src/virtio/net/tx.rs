@@ -3,7 +3,7 @@
 use virtio_queue::QueueT;
 
 use super::{inc, tx_index, Net};
-use crate::virtio::iov::{parse_chain, push_iovecs};
+use crate::virtio::iov::{parse_chain_into, push_iovecs};
 use crate::virtio::rearm_and_recheck;
 use crate::virtio::tap::VNET_HDR_LEN;
 
@@ -35,8 +35,9 @@ impl Net {
                 popped = true;
                 let head = chain.head_index();
                 iovs.clear();
-                match parse_chain(chain) {
-                    Ok(parsed)
+                let parsed = &mut a.tx_parsed;
+                match parse_chain_into(chain, parsed) {
+                    Ok(())
                         if parsed.writable.is_empty()
                             && parsed.readable_len() >= VNET_HDR_LEN as u64
                             && push_iovecs(&mem, &parsed.readable, &mut iovs).is_some() =>

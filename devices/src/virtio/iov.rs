@@ -383,9 +383,10 @@ mod tests {
         use virtio_queue::{Queue, QueueT};
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut tq = TestQueue::new(0x1000, 16);
+        // Writable before readable: not well ordered.
         tq.add_chain(
             &mem,
-            &[(0x4000, 10, false), (0x5000, 20, true), (0x6000, 30, true)],
+            &[(0x4000, 10, true), (0x5000, 20, false), (0x6000, 30, false)],
         );
         tq.add_chain(&mem, &[(0x7000, 40, true)]);
         let mut q = Queue::new(16).unwrap();
@@ -396,7 +397,8 @@ mod tests {
         q.set_ready(true);
         let mut parsed = ParsedChain::default();
         parse_chain_into(q.pop_descriptor_chain(&mem).unwrap(), &mut parsed).unwrap();
-        assert_eq!((parsed.readable.len(), parsed.writable.len()), (1, 2));
+        assert_eq!((parsed.readable.len(), parsed.writable.len()), (2, 1));
+        assert!(!parsed.well_ordered);
         parse_chain_into(q.pop_descriptor_chain(&mem).unwrap(), &mut parsed).unwrap();
         assert!(parsed.readable.is_empty());
         assert_eq!(
@@ -408,6 +410,7 @@ mod tests {
         );
         assert!(parsed.well_ordered);
         assert_eq!(parsed.writable_len(), 40);
+        assert_eq!(parsed.last, Some((parsed.writable[0], true)));
     }
 
     #[test]

@@ -63,7 +63,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use self::ctrl::Ctrl;
 use self::vhost::{VhostMode, VhostPath};
-use super::iov::ParsedChain;
+use super::iov::{ParsedChain, IOV_MAX};
 use super::tap::{Tap, VNET_HDR_LEN};
 use super::used::UsedSignal;
 use super::{
@@ -291,6 +291,21 @@ struct Active {
     fill_iov: IovScratch,
     rx_spare: Vec<rx::RxChain>,
     tx_parsed: ParsedChain,
+    tx_iov: IovScratch,
+}
+
+/// The most entries a per-frame scratch list keeps between frames (as
+/// many iovecs as one `readv` takes): a guest's chain of thousands of
+/// descriptors (indirect tables allow 65,535) is served, and then its
+/// lists are let go rather than kept for good.
+const SCRATCH_KEEP: usize = IOV_MAX;
+
+/// Empties `v` and gives back its memory beyond [`SCRATCH_KEEP`] entries.
+fn trim_scratch<T>(v: &mut Vec<T>) {
+    if v.capacity() > SCRATCH_KEEP {
+        v.clear();
+        v.shrink_to(SCRATCH_KEEP);
+    }
 }
 
 /// Host iovecs built for one `readv` and dropped right after it.
@@ -648,6 +663,7 @@ impl VirtioDevice for Net {
                 fill_iov: IovScratch::default(),
                 rx_spare: Vec::new(),
                 tx_parsed: ParsedChain::default(),
+                tx_iov: IovScratch::default(),
             })
             .collect();
         // The event loop picks the device up from here: the RX kick starts

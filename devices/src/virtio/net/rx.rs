@@ -6,7 +6,10 @@ use std::io;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::QueueT;
 
-use super::{inc, Active, Net, NetCounters, Token, BIG_FRAMES_HOLD, MAX_FRAME, NUM_BUFFERS_OFFSET};
+use super::{
+    inc, trim_scratch, Active, Net, NetCounters, Token, BIG_FRAMES_HOLD, MAX_FRAME,
+    NUM_BUFFERS_OFFSET,
+};
 use crate::virtio::iov::{parse_chain_into, push_iovecs, write_segs, Seg, IOV_MAX};
 use crate::virtio::tap::{Tap, VNET_HDR_LEN};
 use crate::virtio::used::add_used_batch;
@@ -165,6 +168,9 @@ impl Active {
             ch.cap = cap;
             self.rx_chains.push_back(ch);
         }
+        trim_scratch(&mut self.fill_iov.0);
+        trim_scratch(&mut self.rx_parsed.readable);
+        trim_scratch(&mut self.rx_parsed.writable);
         used
     }
 
@@ -315,9 +321,10 @@ impl Active {
         RxRead::Bounce
     }
 
-    /// Keeps a used chain's lists for the next chain popped (at most a
-    /// ring's worth: a guest's chain of a thousand descriptors once does
-    /// not keep its lists forever).
+    /// Keeps a used chain's lists for the next chain popped: at most a
+    /// ring's worth, none with room for more than [`SPARE_SEGS`] segments
+    /// (a guest's chain of a thousand descriptors once does not keep its
+    /// lists for good).
     fn spare_chain(&mut self, ch: RxChain) {
         if self.rx_spare.len() < usize::from(self.rx.size()) && ch.segs.capacity() <= SPARE_SEGS {
             self.rx_spare.push(ch);

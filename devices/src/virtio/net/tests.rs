@@ -278,7 +278,8 @@ fn rx_chains_of_changing_shapes_each_get_their_whole_frame() {
     for round in 0..3u8 {
         let frame = framed(&payload(700, round));
         let (head, bufs): (u16, Vec<(u64, u32)>) = if round == 1 {
-            let b = vec![(0x40000, 12), (0x41000, 300), (0x42000, 1000)];
+            // num_buffers (bytes 10 and 11) straddles the first two.
+            let b = vec![(0x40000, 11), (0x41000, 300), (0x42000, 1000)];
             let descs: Vec<(u64, u32, bool)> = b.iter().map(|&(a, l)| (a, l, true)).collect();
             let head = f.rxq.add_chain(&f.mem, &descs);
             write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);

@@ -2,7 +2,7 @@
 
 use virtio_queue::QueueT;
 
-use super::{inc, tx_index, Net};
+use super::{inc, trim_scratch, tx_index, Net};
 use crate::virtio::iov::{parse_chain_into, push_iovecs};
 use crate::virtio::rearm_and_recheck;
 use crate::virtio::tap::VNET_HDR_LEN;
@@ -20,7 +20,6 @@ impl Net {
         let mem = a.mem.clone();
         let c = &self.counters;
         let mut used = false;
-        let mut iovs: Vec<libc::iovec> = Vec::new();
         let budget = self.budget.unwrap_or_else(|| a.tx.size()).max(1);
         let mut served: u16 = 0;
         let mut more = false;
@@ -34,15 +33,16 @@ impl Net {
             while let Some(chain) = a.tx.pop_descriptor_chain(&*mem) {
                 popped = true;
                 let head = chain.head_index();
+                let iovs = &mut a.tx_iov.0;
                 iovs.clear();
                 let parsed = &mut a.tx_parsed;
                 match parse_chain_into(chain, parsed) {
                     Ok(())
                         if parsed.writable.is_empty()
                             && parsed.readable_len() >= VNET_HDR_LEN as u64
-                            && push_iovecs(&mem, &parsed.readable, &mut iovs).is_some() =>
+                            && push_iovecs(&mem, &parsed.readable, iovs).is_some() =>
                     {
-                        match tap.writev(&iovs) {
+                        match tap.writev(iovs) {
                             Ok(_) => {
                                 inc(&c.tx_packets, 1);
                                 c.count_pair(p, 1);
@@ -79,6 +79,9 @@ impl Net {
                 break;
             }
         }
+        trim_scratch(&mut a.tx_iov.0);
+        trim_scratch(&mut a.tx_parsed.readable);
+        trim_scratch(&mut a.tx_parsed.writable);
         if used && a.tx.needs_notification(&*mem).unwrap_or(true) {
             a.interrupt.signal_used_queue();
         }

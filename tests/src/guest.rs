@@ -440,6 +440,56 @@ impl Guest {
         Ctl::connect_on(self.host, &self.sock)
     }
 
+    /// Sends a `reboot` or `shutdown` request, which waits for the guest's
+    /// own shutdown (up to its `timeout_s`), and returns the answer, which
+    /// must be a success. In the test host the wait is watched: after
+    /// every [`WATCH_SLICE`] of console silence the guest is checked for
+    /// the emulator's wedge. The VMM's forced reset at the deadline ends a
+    /// wedge, so once the answer ("forced") is in, nothing could tell the
+    /// emulator's fault from a guest that ignored the request any more.
+    pub fn graceful(&self, ctl: &mut Ctl, line: &str) -> serde_json::Value {
+        let v = if self.host.is_test_host() {
+            self.call_watched(ctl, line)
+        } else {
+            ctl.call(line)
+        };
+        assert_eq!(v["ok"], serde_json::Value::Bool(true), "{line} -> {v}");
+        v
+    }
+
+    fn call_watched(&self, ctl: &mut Ctl, line: &str) -> serde_json::Value {
+        use std::sync::mpsc::{channel, RecvTimeoutError};
+        std::thread::scope(|s| {
+            let (done, answered) = channel();
+            let call = s.spawn(move || {
+                let v = ctl.call(line);
+                let _ = done.send(());
+                v
+            });
+            let mut noted = false;
+            loop {
+                let len = self.vmm.len();
+                match answered.recv_timeout(WATCH_SLICE) {
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+                if !noted && self.vmm.len() == len && self.wedged() {
+                    noted = true;
+                    EMULATOR_FAULT.with(|f| f.set(true));
+                    eprintln!(
+                        "NOTE: the test host's emulator wedged this guest while `{line}` \
+                         waited for it (docs/notes.md), not the VMM: the VMM will force \
+                         the request at its deadline"
+                    );
+                }
+            }
+            match call.join() {
+                Ok(v) => v,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
     /// For assertion messages.
     pub fn report(&self) -> String {
         format!("{}\n{}", self.vmm.report(), self.host.report())

@@ -71,7 +71,7 @@ fn a_debian_kernel_package_installed_in_the_server_boots_at_its_reboot_and_a_lib
         let mut ctl = g.ctl();
         ctl.ok(r#"{"cmd":"set-kernel","name":"disk"}"#);
         let from = g.vmm.len();
-        let r = ctl.ok(r#"{"cmd":"reboot","timeout_s":300}"#);
+        let r = g.graceful(&mut ctl, r#"{"cmd":"reboot","timeout_s":300}"#);
         assert_eq!(r["result"], "graceful", "{r}\n{}", g.report());
         g.expect_from(from, &format!("kernel disk:{release}"), BOOT);
         g.expect_from(from, LOGIN, BOOT);
@@ -101,7 +101,7 @@ fn a_debian_kernel_package_installed_in_the_server_boots_at_its_reboot_and_a_lib
         // its emulator fault.)
         ctl.ok(r#"{"cmd":"set-kernel","name":"mini"}"#);
         let from = g.vmm.len();
-        let r = ctl.ok(r#"{"cmd":"reboot","timeout_s":300}"#);
+        let r = g.graceful(&mut ctl, r#"{"cmd":"reboot","timeout_s":300}"#);
         assert_eq!(r["result"], "graceful", "{r}\n{}", g.report());
         g.expect_from(from, "kernel mini", BOOT);
         g.expect_from(

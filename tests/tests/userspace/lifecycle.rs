@@ -15,7 +15,7 @@ fn shutdown_reaches_the_guests_init_and_the_vm_stops_cleanly() {
         let mut g = boot(h, Spec::new("mini").cmdline("vmm.init=busybox"));
         g.run("echo ready");
         let mut ctl = g.ctl();
-        let r = ctl.ok(r#"{"cmd":"shutdown","timeout_s":60}"#);
+        let r = g.graceful(&mut ctl, r#"{"cmd":"shutdown","timeout_s":60}"#);
         assert_eq!(r["result"], "graceful", "{r}");
         assert!(
             g.vmm.output().contains("vmm-init: shutting down"),
@@ -49,7 +49,7 @@ fn a_reboot_from_the_guest_and_one_from_the_socket_stay_in_one_process() {
         g.expect_count(INIT_OK, 2, BOOT);
         // 2. A graceful reboot from the control socket (Ctrl-Alt-Del → init).
         let mut ctl = g.ctl();
-        let r = ctl.ok(r#"{"cmd":"reboot","timeout_s":120}"#);
+        let r = g.graceful(&mut ctl, r#"{"cmd":"reboot","timeout_s":120}"#);
         assert_eq!(r["result"], "graceful", "{r}");
         g.expect_count(INIT_OK, 3, BOOT);
         let s = ctl.status();

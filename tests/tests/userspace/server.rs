@@ -147,7 +147,7 @@ fn a_reboot_from_the_control_socket_is_carried_out_by_systemd() {
         // Reboot: Ctrl-Alt-Del, which systemd turns into a clean reboot;
         // the guest comes back and answers again.
         let from = g.vmm.len();
-        let r = g.ctl().ok(r#"{"cmd":"reboot","timeout_s":300}"#);
+        let r = g.graceful(&mut g.ctl(), r#"{"cmd":"reboot","timeout_s":300}"#);
         assert_eq!(r["result"], "graceful", "{r}\n{}", g.report());
         let text = g.vmm.output_from(from);
         assert!(
@@ -168,7 +168,7 @@ fn a_shutdown_from_the_control_socket_is_carried_out_by_systemd() {
         assert_systemd_running(&ns);
         // Shutdown: the ACPI power button; systemd powers off cleanly.
         let from = g.vmm.len();
-        let r = g.ctl().ok(r#"{"cmd":"shutdown","timeout_s":300}"#);
+        let r = g.graceful(&mut g.ctl(), r#"{"cmd":"shutdown","timeout_s":300}"#);
         assert_eq!(r["result"], "graceful", "{r}\n{}", g.report());
         let text = g.vmm.output_from(from);
         assert!(

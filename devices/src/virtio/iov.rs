@@ -320,9 +320,9 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn sub_segs_carves_ranges_across_buffers() {
-        let segs = [
+    /// 16 bytes at 0x1000, then 8 at 0x2000.
+    fn two_segs() -> [Seg; 2] {
+        [
             Seg {
                 addr: GuestAddress(0x1000),
                 len: 16,
@@ -331,7 +331,12 @@ mod tests {
                 addr: GuestAddress(0x2000),
                 len: 8,
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn sub_segs_carves_ranges_across_buffers() {
+        let segs = two_segs();
         assert_eq!(
             sub_segs(&segs, 12, 8),
             Some(vec![
@@ -352,16 +357,7 @@ mod tests {
     #[test]
     fn reads_and_writes_span_buffers_and_a_short_stream_is_left_untouched() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-        let segs = [
-            Seg {
-                addr: GuestAddress(0x1000),
-                len: 16,
-            },
-            Seg {
-                addr: GuestAddress(0x2000),
-                len: 8,
-            },
-        ];
+        let segs = two_segs();
         let data: Vec<u8> = (1..=10).collect();
         assert_eq!(write_segs(&mem, &segs, 12, &data), Some(()));
         let mut back = [0u8; 10];
@@ -380,7 +376,7 @@ mod tests {
     #[test]
     fn parsing_into_a_reused_chain_forgets_the_previous_one() {
         use crate::virtio::test_utils::TestQueue;
-        use virtio_queue::{Queue, QueueT};
+        use virtio_queue::QueueT;
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         let mut tq = TestQueue::new(0x1000, 16);
         // Writable before readable: not well ordered.
@@ -389,12 +385,7 @@ mod tests {
             &[(0x4000, 10, true), (0x5000, 20, false), (0x6000, 30, false)],
         );
         tq.add_chain(&mem, &[(0x7000, 40, true)]);
-        let mut q = Queue::new(16).unwrap();
-        q.set_size(16);
-        q.set_desc_table_address(Some(tq.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(tq.avail as u32), Some(0));
-        q.set_used_ring_address(Some(tq.used as u32), Some(0));
-        q.set_ready(true);
+        let mut q = tq.device_queue(false);
         let mut parsed = ParsedChain::default();
         parse_chain_into(q.pop_descriptor_chain(&mem).unwrap(), &mut parsed).unwrap();
         assert_eq!((parsed.readable.len(), parsed.writable.len()), (2, 1));

@@ -206,6 +206,20 @@ impl TestQueue {
         (self.used, 6 + 8 * u64::from(self.size))
     }
 
+    /// The device side of this ring, without a transport: a ready
+    /// virtio-queue `Queue` at its addresses (tests of the queue helpers).
+    pub fn device_queue(&self, event_idx: bool) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let mut q = virtio_queue::Queue::new(self.size).unwrap();
+        q.set_size(self.size);
+        q.set_desc_table_address(Some(self.desc as u32), Some(0));
+        q.set_avail_ring_address(Some(self.avail as u32), Some(0));
+        q.set_used_ring_address(Some(self.used as u32), Some(0));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        q
+    }
+
     /// Sets `used_event` (for EVENT_IDX tests).
     pub fn set_used_event(&self, mem: &GuestMemoryMmap, v: u16) {
         mem.write_obj(v, GuestAddress(self.avail + 4 + 2 * u64::from(self.size)))

@@ -134,17 +134,6 @@ mod tests {
     use crate::virtio::test_utils::*;
     use vm_memory::Address;
 
-    fn queue(tq: &TestQueue, event_idx: bool) -> Queue {
-        let mut q = Queue::new(tq.size).unwrap();
-        q.set_size(tq.size);
-        q.set_desc_table_address(Some(tq.desc as u32), Some(0));
-        q.set_avail_ring_address(Some(tq.avail as u32), Some(0));
-        q.set_used_ring_address(Some(tq.used as u32), Some(0));
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        q
-    }
-
     fn used_idx(mem: &crate::virtio::GuestMemoryMmap, tq: &TestQueue) -> u16 {
         mem.read_obj(GuestAddress(tq.used + 2)).unwrap()
     }
@@ -153,7 +142,7 @@ mod tests {
     fn a_batch_lands_in_order_and_moves_the_index_once_across_the_wrap() {
         let mem = guest_memory();
         let tq = TestQueue::new(0x1000, 4);
-        let mut q = queue(&tq, true);
+        let mut q = tq.device_queue(true);
         // Three entries already used: the batch of three wraps the ring.
         q.set_next_used(3);
         add_used_batch(&mut q, &mem, &[(2, 100), (0, 4096), (3, 7)]).unwrap();
@@ -174,7 +163,7 @@ mod tests {
     fn a_batch_with_a_head_outside_the_ring_publishes_nothing() {
         let mem = guest_memory();
         let tq = TestQueue::new(0x1000, 4);
-        let mut q = queue(&tq, true);
+        let mut q = tq.device_queue(true);
         let e = add_used_batch(&mut q, &mem, &[(1, 10), (4, 10)]).unwrap_err();
         assert!(matches!(e, UsedError::BadHead(4)), "{e}");
         assert_eq!(used_idx(&mem, &tq), 0);
@@ -185,7 +174,7 @@ mod tests {
     fn the_driver_is_signalled_once_the_used_index_crosses_used_event_and_not_before() {
         let mem = guest_memory();
         let tq = TestQueue::new(0x1000, 16);
-        let mut q = queue(&tq, true);
+        let mut q = tq.device_queue(true);
         let mut s = UsedSignal::new(&q);
         // The driver wants an interrupt once entry 2 (index 3) is used.
         tq.set_used_event(&mem, 2);
@@ -206,7 +195,7 @@ mod tests {
     fn without_event_idx_every_call_signals() {
         let mem = guest_memory();
         let tq = TestQueue::new(0x1000, 16);
-        let mut q = queue(&tq, false);
+        let mut q = tq.device_queue(false);
         let mut s = UsedSignal::new(&q);
         tq.set_used_event(&mem, 100);
         add_used_batch(&mut q, &mem, &[(0, 1)]).unwrap();
@@ -217,7 +206,7 @@ mod tests {
     fn a_restored_queue_counts_from_its_saved_position() {
         let mem = guest_memory();
         let tq = TestQueue::new(0x1000, 16);
-        let mut q = queue(&tq, true);
+        let mut q = tq.device_queue(true);
         q.set_next_used(40);
         let mut s = UsedSignal::new(&q);
         // used_event 30 was crossed before the snapshot, not now.

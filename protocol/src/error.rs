@@ -80,6 +80,9 @@ pub enum ErrorCode {
     Overloaded,
     /// The host failed to carry it out (a file could not be written).
     HostError,
+    /// Called off by another request before it was carried out (a
+    /// `migrate` that `migrate-cancel` stopped): nothing of it took effect.
+    Cancelled,
     /// A bug in the VMM: the request was not answered properly.
     Internal,
 }
@@ -95,6 +98,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::HostError => "host_error",
+            ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
         }
     }

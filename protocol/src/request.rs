@@ -109,7 +109,15 @@ pub enum Request {
         /// writable disk is copied into the target's own image of the same size).
         #[serde(skip_serializing_if = "is_shared", default)]
         disks: DiskMigration,
+        /// The most MiB/s the copy sends while the guest runs (none: as fast as the link; the
+        /// last pass, with the guest stopped, is never held back).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed_mib_s: Option<u64>,
     },
+    /// `{"cmd":"migrate-cancel"}`: calls off the running `migrate` while the guest still runs
+    /// at this host (operator only); its `migrate` answers `cancelled` and the guest runs on
+    /// here. Once the guest has stopped for the last pass it is too late.
+    MigrateCancel,
 }
 
 fn is_shared(d: &DiskMigration) -> bool {
@@ -142,6 +150,7 @@ impl Request {
         "backup",
         "snapshot",
         "migrate",
+        "migrate-cancel",
     ];
 
     /// The command name (`cmd`) of this request.
@@ -166,6 +175,7 @@ impl Request {
             Request::Backup { .. } => "backup",
             Request::Snapshot { .. } => "snapshot",
             Request::Migrate { .. } => "migrate",
+            Request::MigrateCancel => "migrate-cancel",
         }
     }
 }
@@ -311,7 +321,9 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
                     return Err(args.invalid("disks", format!("one of {}", DiskMigration::NAMES)))
                 }
             },
+            speed_mib_s: args.opt_u64("speed_mib_s", MAX_BACKUP_SPEED_MIB_S)?,
         },
+        "migrate-cancel" => Request::MigrateCancel,
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
         other => return Err(ProtocolError::UnknownCommand(other.to_string())),
     };
@@ -410,12 +422,15 @@ mod tests {
                 to: "192.0.2.7:4444".into(),
                 token: "s3cret".into(),
                 disks: DiskMigration::Shared,
+                speed_mib_s: None,
             },
             Request::Migrate {
                 to: "[2001:db8::7]:4444".into(),
                 token: "s3cret".into(),
                 disks: DiskMigration::Copy,
+                speed_mib_s: Some(100),
             },
+            Request::MigrateCancel,
         ]
     }
 
@@ -552,6 +567,14 @@ mod tests {
         assert_eq!(
             err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","disks":true}"#),
             "invalid argument 'disks' for migrate: expected one of shared, copy"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","speed_mib_s":-1}"#),
+            "invalid argument 'speed_mib_s' for migrate: expected an integer from 0 to 1048576"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"migrate-cancel","now":true}"#),
+            "unknown argument 'now' for migrate-cancel"
         );
         assert_eq!(
             err(r#"{"cmd":"shutdown","timeout_s":-1}"#),

@@ -651,6 +651,7 @@ mod tests {
             ErrorCode::Unsupported,
             ErrorCode::Overloaded,
             ErrorCode::HostError,
+            ErrorCode::Cancelled,
             ErrorCode::Internal,
         ] {
             let line = error_line(&ControlError::new(code, "m"));

@@ -1,8 +1,8 @@
 //! Live migration between two VMM processes on this machine's KVM, with a
 //! tiny guest that prints the alphabet, its letter in a register: the
 //! target goes on at the next letter and the source ends; a target that
-//! breaks off mid-copy, a wrong token or a customer's request leave the
-//! guest running at its source.
+//! breaks off mid-copy, a wrong token, the operator's cancel or a
+//! customer's request leave the guest running at its source.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -87,13 +87,18 @@ fn migrate(src: &Vm, port: u16, token: &str) -> serde_json::Value {
 
 /// The same, with more arguments (`,"disks":"copy"`).
 fn migrate_with(src: &Vm, port: u16, token: &str, more: &str) -> serde_json::Value {
+    wait_listening(port);
+    ask(src, port, token, more)
+}
+
+/// Waits (at most 5 s) until a target listens on `port`.
+fn wait_listening(port: u16) {
     for _ in 0..500 {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    ask(src, port, token, more)
 }
 
 /// Asks for a migration to `port` at once (a fake target accepts one
@@ -310,6 +315,104 @@ fn a_wrong_token_is_refused_by_the_target_which_listens_on_and_takes_the_right_o
 }
 
 #[test]
+fn a_paced_migration_can_be_cancelled_and_the_next_one_keeps_to_its_speed_limit_and_completes() {
+    let d = TempDir::new("migr-tiny-cancel");
+    let src_dir = d.path().join("src");
+    let dst_dir = d.path().join("dst");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    // 6 MiB of data on a copied disk, besides ~2 MiB of memory: seconds at
+    // 1 MiB/s, where the same copy unpaced takes a fraction of one.
+    let (src_img, dst_img) = (src_dir.join("disk.img"), dst_dir.join("disk.img"));
+    let f = std::fs::File::create(&src_img).unwrap();
+    f.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &vec![0x5a; 6 << 20], 0).unwrap();
+    std::fs::write(&dst_img, vec![0xeeu8; 8 << 20]).unwrap();
+    let disk = |p: &Path| format!("path={}", p.display());
+    let mut src = start(&src_dir, "src", &["--disk", &disk(&src_img)]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    let port = free_port();
+    let dst = target_with(&dst_dir, port, &["--disk", &disk(&dst_img)]);
+    let mut ctl = src.ctl();
+    // Nothing to call off yet.
+    let e = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
+    assert_eq!(e["code"], "invalid_state", "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no migration"),
+        "{e}"
+    );
+
+    // Called off while it goes.
+    let paced = r#","disks":"copy","speed_mib_s":1"#;
+    wait_listening(port);
+    let line = format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"{paced}}}"#);
+    let sock = src.sock.clone();
+    let (answer, cancel) = std::thread::scope(|s| {
+        let asked = s.spawn(|| Ctl::connect(&sock).call(&line));
+        // Until the `migrate` line is taken, there is nothing to cancel.
+        let mut r = serde_json::Value::Null;
+        for _ in 0..1000 {
+            r = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
+            if r["ok"] == true || r["code"] != "invalid_state" || asked.is_finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (asked.join().expect("the migrate call"), r)
+    });
+    assert_eq!(cancel["ok"], true, "{cancel}\n{answer}");
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert_eq!(answer["code"], "cancelled", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("runs on here"),
+        "{answer}"
+    );
+    // The guest never noticed but for its letters going on.
+    assert!(src.runs_on(10), "{}", src.p.report());
+    assert!(contiguous(&src.letters()), "{}", src.letters());
+    assert_eq!(ctl.status()["state"], "running");
+    let e = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
+    assert_eq!(e["code"], "invalid_state", "{e}");
+    assert!(!dst.p.output().contains('a'), "the target ran nothing");
+
+    // The target listens on; the next migration keeps to its limit while
+    // the guest runs (the last pass, with the guest stopped, does not).
+    let mut sub = src.ctl();
+    sub.ok(r#"{"cmd":"subscribe"}"#);
+    let r = migrate_with(&src, port, TOKEN, paced);
+    assert_eq!(r["ok"], true, "{r}\n{}", dst.p.report());
+    let ev = sub.wait_event("migration", T).expect("a migration event");
+    let n = |k: &str| ev[k].as_u64().unwrap_or_else(|| panic!("{k} in {ev}"));
+    assert_eq!(n("pass"), 1, "{ev}");
+    let sent = n("sent_bytes");
+    assert!(
+        sent >= 6 << 20,
+        "the disk's data went in the first pass: {ev}"
+    );
+    // Paced from its first byte, one frame (at most 1 MiB) ahead at most.
+    let least_ms = (sent - (1 << 20)) * 1000 / (1 << 20);
+    assert!(n("pass_ms") >= least_ms, "faster than 1 MiB/s: {ev}\n{r}");
+    assert!(
+        src.p.wait_exit(T).is_some_and(|s| s.success()),
+        "{}",
+        src.p.report()
+    );
+    assert!(dst.runs_on(3), "{}", dst.p.report());
+    assert!(
+        std::fs::read(&dst_img).unwrap() == std::fs::read(&src_img).unwrap(),
+        "the target's image is the source's, byte for byte"
+    );
+    let e = Ctl::connect(&dst.sock).call(r#"{"cmd":"migrate-cancel"}"#);
+    assert_eq!(e["code"], "invalid_state", "{e}");
+}
+
+#[test]
 fn migrate_is_the_operators_and_wants_an_address() {
     let d = TempDir::new("migr-tiny-refused");
     let src = start(d.path(), "src", &["--allow-user", "65534"]);
@@ -340,6 +443,24 @@ fn migrate_is_the_operators_and_wants_an_address() {
         ))
         .output()
         .expect("setpriv and socat (scripts/host-deps.sh installs them)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"code\":\"forbidden\""), "{text}");
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "echo '{{\"cmd\":\"migrate-cancel\"}}' | socat -t 5 - UNIX-CONNECT:{}",
+            src.sock.display()
+        ))
+        .output()
+        .expect("setpriv and socat");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\"code\":\"forbidden\""), "{text}");
     assert!(src.runs_on(3), "{}", src.p.report());

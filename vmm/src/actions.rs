@@ -1,6 +1,8 @@
 //! The control socket's actions layer: executes typed requests on the VM.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use devices::bus::lock;
@@ -339,29 +341,44 @@ impl ControlHandler for VmControlHandler {
                 Err(e) => Err(e),
             },
             Request::Snapshot { dir, stop } => snapshot(&mut vm, responder.peer(), &dir, stop),
-            Request::Migrate { to, token, disks } => {
-                match migrate_checks(&mut vm, responder.peer(), &to) {
-                    Ok(addr) => {
-                        let publish = vm.hooks.publish.clone();
-                        drop(vm);
-                        let shared = self.vm.clone();
-                        let p2 = publish.clone();
-                        let spawned = crate::spawner::spawn("migration".into(), move || {
-                            crate::seccomp::install(crate::seccomp::Kind::Migration);
-                            let r = crate::migration::source::run(shared, addr, token, disks, p2);
-                            let done = r.is_ok();
-                            responder.send(r.map(Reply::Migrated));
-                            if done {
-                                crate::migration::source::end_process();
-                            }
-                        });
-                        if let Err(e) = spawned {
-                            tracing::error!("cannot start the migration's thread: {e}");
-                            lock(&self.vm).migration_abort(None);
+            Request::Migrate {
+                to,
+                token,
+                disks,
+                speed_mib_s,
+            } => match migrate_checks(&mut vm, responder.peer(), &to) {
+                Ok((addr, cancel)) => {
+                    let publish = vm.hooks.publish.clone();
+                    drop(vm);
+                    let shared = self.vm.clone();
+                    let p2 = publish.clone();
+                    let spawned = crate::spawner::spawn("migration".into(), move || {
+                        crate::seccomp::install(crate::seccomp::Kind::Migration);
+                        let flow = crate::migration::flow::Flow::new(cancel, speed_mib_s);
+                        let r = crate::migration::source::run(shared, addr, token, disks, flow, p2);
+                        let done = r.is_ok();
+                        responder.send(r.map(Reply::Migrated));
+                        if done {
+                            crate::migration::source::end_process();
                         }
-                        return;
+                    });
+                    if let Err(e) = spawned {
+                        tracing::error!("cannot start the migration's thread: {e}");
+                        lock(&self.vm).migration_abort(None);
                     }
-                    Err(e) => Err(e),
+                    return;
+                }
+                Err(e) => Err(e),
+            },
+            Request::MigrateCancel => {
+                if responder.peer().operator {
+                    done(vm.cancel_migration())
+                } else {
+                    Err(ControlError::new(
+                        ErrorCode::Forbidden,
+                        "permission denied: migrate-cancel is the host operator's \
+                         (root or the VMM's owner)",
+                    ))
                 }
             }
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
@@ -374,12 +391,12 @@ impl ControlHandler for VmControlHandler {
 }
 
 /// `migrate`: the operator's; the VM must be running or paused, and the
-/// target an address.
+/// target an address. Returns it and the migration's cancel flag.
 fn migrate_checks(
     vm: &mut Vm,
     peer: &crate::control::PeerIdentity,
     to: &str,
-) -> Result<std::net::SocketAddr, ControlError> {
+) -> Result<(std::net::SocketAddr, Arc<AtomicBool>), ControlError> {
     if !peer.operator {
         return Err(ControlError::new(
             ErrorCode::Forbidden,
@@ -398,8 +415,8 @@ fn migrate_checks(
     }
     // Claimed now, under the VM's lock: a second `migrate` (or a
     // `snapshot`) is refused until this one ends.
-    vm.reserve_migration()?;
-    Ok(addr)
+    let cancel = vm.reserve_migration()?;
+    Ok((addr, cancel))
 }
 
 /// `snapshot`: the operator's, into a new directory of `--snapshot-dir`.

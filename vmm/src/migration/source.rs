@@ -11,6 +11,7 @@ use devices::virtio::{CopyReader, CopySource, COPY_CHUNK};
 use protocol::{ControlError, DiskMigration, ErrorCode, Event, MigrationInfo};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::flow::{cancelled, Flow};
 use super::wire::{self, Hello, HelloDisk, Kind, MAX_RUN};
 use super::{bits, region_offsets, PAGE};
 use crate::runtime::SharedVm;
@@ -100,6 +101,7 @@ fn send_pages(
     mem: &devices::virtio::GuestMemoryMmap,
     dirty: &[Vec<u64>],
     buf: &mut [u8],
+    flow: &mut Flow,
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     for ((start, len, file_off), words) in region_offsets(mem).into_iter().zip(dirty) {
@@ -110,6 +112,7 @@ fn send_pages(
             mem.read_slice(run, GuestAddress(start.0 + first * PAGE))
                 .map_err(|e| err(ErrorCode::HostError, format!("reading guest memory: {e}")))?;
             let off = file_off + first * PAGE;
+            flow.before_send(n as u64)?;
             wire::write_frame(conn, Kind::Pages, &[&off.to_le_bytes(), run])
                 .map_err(io_err("sending memory"))?;
             sent += n as u64;
@@ -124,6 +127,7 @@ fn send_all(
     conn: &mut impl Write,
     mem: &devices::virtio::GuestMemoryMmap,
     buf: &mut [u8],
+    flow: &mut Flow,
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     for (off, addr, n) in crate::snapshot::format::pieces(mem) {
@@ -133,6 +137,7 @@ fn send_all(
         if crate::snapshot::format::is_zero(piece) {
             continue;
         }
+        flow.before_send(n as u64)?;
         wire::write_frame(conn, Kind::Pages, &[&off.to_le_bytes(), piece])
             .map_err(io_err("sending memory"))?;
         sent += n as u64;
@@ -162,6 +167,7 @@ fn send_nonzero(
     idx: u32,
     off: u64,
     data: &[u8],
+    flow: &mut Flow,
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     let chunks: Vec<&[u8]> = data.chunks(COPY_CHUNK as usize).collect();
@@ -179,6 +185,7 @@ fn send_nonzero(
         let end = (start + (i - first) * COPY_CHUNK as usize).min(data.len());
         let at = off + start as u64;
         let run = &data[start..end];
+        flow.before_send(run.len() as u64)?;
         wire::write_frame(
             conn,
             Kind::Disk,
@@ -192,7 +199,11 @@ fn send_nonzero(
 
 /// The first pass over the disks: everything that holds data (holes and
 /// chunks of zeros are skipped).
-fn send_disks_all(conn: &mut impl Write, readers: &mut Readers) -> Result<u64, ControlError> {
+fn send_disks_all(
+    conn: &mut impl Write,
+    readers: &mut Readers,
+    flow: &mut Flow,
+) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     for (idx, r) in readers.iter_mut() {
         let size = r.size();
@@ -205,7 +216,7 @@ fn send_disks_all(conn: &mut impl Write, readers: &mut Readers) -> Result<u64, C
             let start = (data / COPY_CHUNK * COPY_CHUNK).max(off);
             let n = (r.max() as u64).min(size - start) as usize;
             let bytes = r.read(start, n).map_err(disk_err)?;
-            sent += send_nonzero(conn, *idx, start, bytes)?;
+            sent += send_nonzero(conn, *idx, start, bytes, flow)?;
             off = start + n as u64;
         }
     }
@@ -222,6 +233,7 @@ fn send_disk_chunks(
     conn: &mut impl Write,
     readers: &mut Readers,
     dirty: &[Vec<u64>],
+    flow: &mut Flow,
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     for ((idx, r), words) in readers.iter_mut().zip(dirty) {
@@ -235,6 +247,7 @@ fn send_disk_chunks(
             let off = first * COPY_CHUNK;
             let n = (chunks * COPY_CHUNK).min(size - off) as usize;
             let bytes = r.read(off, n).map_err(disk_err)?;
+            flow.before_send(n as u64)?;
             wire::write_frame(
                 conn,
                 Kind::Disk,
@@ -265,12 +278,14 @@ fn connect(to: SocketAddr, hello: &Hello) -> Result<TcpStream, ControlError> {
     Ok(conn)
 }
 
-/// Runs a migration to `to` to its end; the answer for `migrate`.
+/// Runs a migration to `to` to its end, its copy paced and called off as
+/// `flow` says while the guest runs; the answer for `migrate`.
 pub fn run(
     vm: SharedVm,
     to: SocketAddr,
     token: String,
     disks: DiskMigration,
+    mut flow: Flow,
     publish: Publish,
 ) -> Result<MigrationInfo, ControlError> {
     let t0 = Instant::now();
@@ -341,13 +356,14 @@ pub fn run(
     // pages, disk chunks) goes in the next.
     let mut precopy = |conn: &mut TcpStream,
                        buf: &mut [u8],
-                       readers: &mut Readers|
+                       readers: &mut Readers,
+                       flow: &mut Flow|
      -> Result<Precopied, ControlError> {
         let mut pass = 1u32;
         let mut t = Instant::now();
-        let mut sent = send_all(conn, &started.mem, buf)?;
+        let mut sent = send_all(conn, &started.mem, buf, flow)?;
         let mut total = sent;
-        let on_disk = send_disks_all(conn, readers)?;
+        let on_disk = send_disks_all(conn, readers, flow)?;
         disk_bytes += on_disk;
         sent += on_disk;
         loop {
@@ -363,16 +379,18 @@ pub fn run(
             if left <= SMALL_ENOUGH || pass >= MAX_PASSES {
                 return Ok((pass, total, dirty, disk));
             }
+            // Called off between passes too (a pass may send nothing).
+            flow.before_send(0)?;
             pass += 1;
             t = Instant::now();
-            sent = send_pages(conn, &started.mem, &dirty, buf)?;
+            sent = send_pages(conn, &started.mem, &dirty, buf, flow)?;
             total += sent;
-            let on_disk = send_disk_chunks(conn, readers, &disk)?;
+            let on_disk = send_disk_chunks(conn, readers, &disk, flow)?;
             disk_bytes += on_disk;
             sent += on_disk;
         }
     };
-    let copied = precopy(&mut conn, &mut buf, &mut readers);
+    let copied = precopy(&mut conn, &mut buf, &mut readers, &mut flow);
     let (passes, mut memory_bytes, pending, pending_disk) = match copied {
         Ok(r) => r,
         Err(e) => {
@@ -388,6 +406,15 @@ pub fn run(
     let _ = conn.set_read_timeout(Some(FINAL));
     let _ = conn.set_write_timeout(Some(FINAL));
     let mut g = lock(&vm);
+    // A cancel that came after the last running pass, before this lock:
+    // the guest has not stopped yet, so it still counts.
+    if flow.is_cancelled() {
+        g.migration_abort(None);
+        drop(g);
+        let e = cancelled();
+        give_up(&mut conn, &e.message);
+        return Err(e);
+    }
     let stopped = match g.migration_stop(started.boot_count) {
         Ok(s) => s,
         Err(e) => {
@@ -410,12 +437,14 @@ pub fn run(
             conn: &mut *conn,
             until: stopped.at + FINAL_PHASE,
         };
+        // Downtime: neither paced nor to be called off.
+        let mut flat_out = Flow::unlimited();
         let mut dirty = g.migration_dirty(started.boot_count)?;
         bits::or_into(&mut dirty, &pending);
-        let last = send_pages(&mut t, &started.mem, &dirty, buf)?;
+        let last = send_pages(&mut t, &started.mem, &dirty, buf, &mut flat_out)?;
         let mut disk = disk_dirty(&started.disks);
         bits::or_into(&mut disk, &pending_disk);
-        let last_disk = send_disk_chunks(&mut t, readers, &disk)?;
+        let last_disk = send_disk_chunks(&mut t, readers, &disk, &mut flat_out)?;
         let state = serde_json::to_vec(&stopped.captured.snapshot)
             .map_err(|e| err(ErrorCode::Internal, format!("migration: the state: {e}")))?;
         wire::write_frame(&mut t, Kind::State, &[&state]).map_err(io_err("sending the state"))?;

@@ -4,6 +4,8 @@
 //! stop, and undoing all of it when the migration fails.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use devices::bus::lock;
@@ -318,8 +320,8 @@ impl Vm {
 
     /// Claims the VM for a migration about to start (a second `migrate`
     /// is refused from now on); `migration_begin` or `migration_abort`
-    /// follows.
-    pub(crate) fn reserve_migration(&mut self) -> Result<(), ControlError> {
+    /// follows. Returns the flag `migrate-cancel` sets for this one.
+    pub(crate) fn reserve_migration(&mut self) -> Result<Arc<AtomicBool>, ControlError> {
         if self.migrated_away {
             return Err(ControlError::invalid_state(
                 "this VM has migrated away: this VMM will not run it again",
@@ -331,6 +333,27 @@ impl Vm {
             ));
         }
         self.migrating = Some(Vec::new());
+        self.migration_cancel = Arc::default();
+        Ok(self.migration_cancel.clone())
+    }
+
+    /// `migrate-cancel`: calls the running migration off. Its thread holds
+    /// the VM's lock from the guest's stop for the last pass to the end,
+    /// so whoever gets here finds the guest still running here (the copy
+    /// stops at its next frame and the guest runs on) or the migration
+    /// over.
+    pub(crate) fn cancel_migration(&self) -> Result<(), ControlError> {
+        if self.migrated_away {
+            return Err(ControlError::invalid_state(
+                "too late: this VM has migrated away and runs on the target",
+            ));
+        }
+        if self.migrating.is_none() {
+            return Err(ControlError::invalid_state(
+                "no migration of this VM is running",
+            ));
+        }
+        self.migration_cancel.store(true, Ordering::Release);
         Ok(())
     }
 }

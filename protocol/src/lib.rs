@@ -50,4 +50,4 @@ pub const DEFAULT_STOP_TIMEOUT_S: u64 = 60;
 pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 
 /// Largest accepted `speed_mib_s` of `backup` and `migrate` (1 TiB/s: no limit in practice).
-pub const MAX_BACKUP_SPEED_MIB_S: u64 = 1 << 20;
+pub const MAX_SPEED_MIB_S: u64 = 1 << 20;

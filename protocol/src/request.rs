@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
 use crate::types::{DiskMigration, WatchdogAction};
-use crate::{MAX_BACKUP_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
+use crate::{MAX_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
 
 /// A typed control request. The wire form is one JSON object per line with the command name
 /// in `cmd` and the arguments as further members; unknown arguments are refused.
@@ -303,7 +303,7 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
         "backup" => Request::Backup {
             disk: args.string("disk")?,
             to: args.string("to")?,
-            speed_mib_s: args.opt_u64("speed_mib_s", MAX_BACKUP_SPEED_MIB_S)?,
+            speed_mib_s: args.opt_u64("speed_mib_s", MAX_SPEED_MIB_S)?,
         },
         "snapshot" => Request::Snapshot {
             dir: args.string("dir")?,
@@ -321,7 +321,7 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
                     return Err(args.invalid("disks", format!("one of {}", DiskMigration::NAMES)))
                 }
             },
-            speed_mib_s: args.opt_u64("speed_mib_s", MAX_BACKUP_SPEED_MIB_S)?,
+            speed_mib_s: args.opt_u64("speed_mib_s", MAX_SPEED_MIB_S)?,
         },
         "migrate-cancel" => Request::MigrateCancel,
         // `cmd` comes from `Request::NAMES`, all of which are handled above.

@@ -1,7 +1,6 @@
 //! The control socket's actions layer: executes typed requests on the VM.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -391,12 +390,12 @@ impl ControlHandler for VmControlHandler {
 }
 
 /// `migrate`: the operator's; the VM must be running or paused, and the
-/// target an address. Returns it and the migration's cancel flag.
+/// target an address. Returns it and what `migrate-cancel` reaches.
 fn migrate_checks(
     vm: &mut Vm,
     peer: &crate::control::PeerIdentity,
     to: &str,
-) -> Result<(std::net::SocketAddr, Arc<AtomicBool>), ControlError> {
+) -> Result<(std::net::SocketAddr, Arc<crate::migration::flow::Cancel>), ControlError> {
     if !peer.operator {
         return Err(ControlError::new(
             ErrorCode::Forbidden,

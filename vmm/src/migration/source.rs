@@ -131,6 +131,8 @@ fn send_all(
 ) -> Result<u64, ControlError> {
     let mut sent = 0u64;
     for (off, addr, n) in crate::snapshot::format::pieces(mem) {
+        // Zero pieces send nothing: a cancel is looked for on each.
+        flow.check()?;
         let piece = &mut buf[..n];
         mem.read_slice(piece, addr)
             .map_err(|e| err(ErrorCode::HostError, format!("reading guest memory: {e}")))?;
@@ -209,6 +211,7 @@ fn send_disks_all(
         let size = r.size();
         let mut off = 0u64;
         while off < size {
+            flow.check()?;
             let data = r.next_data(off).map_err(disk_err)?;
             if data >= size {
                 break;
@@ -260,10 +263,12 @@ fn send_disk_chunks(
     Ok(sent)
 }
 
-/// Connects, greets and is accepted by the target.
-fn connect(to: SocketAddr, hello: &Hello) -> Result<TcpStream, ControlError> {
+/// Connects, greets and is accepted by the target; from the connection
+/// on, a cancel shuts it down.
+fn connect(to: SocketAddr, hello: &Hello, flow: &Flow) -> Result<TcpStream, ControlError> {
     let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(10))
         .map_err(io_err(&format!("cannot reach {to}")))?;
+    flow.watch(&conn);
     let _ = conn.set_nodelay(true);
     conn.set_read_timeout(Some(ANSWER))
         .map_err(io_err("socket"))?;
@@ -326,11 +331,15 @@ pub fn run(
             }),
         }
     };
-    let connected = connect(to, &hello);
+    let connected = connect(to, &hello, &flow).and_then(|c| {
+        // Called off while it connected: nothing has begun.
+        flow.check().map(|()| c)
+    });
     let mut conn = match connected {
         Ok(c) => c,
         Err(e) => {
             lock(&vm).migration_abort(None);
+            let e = flow.or_cancelled(e);
             return Err(e);
         }
     };
@@ -394,6 +403,8 @@ pub fn run(
     let (passes, mut memory_bytes, pending, pending_disk) = match copied {
         Ok(r) => r,
         Err(e) => {
+            // A cancel shut the connection down: the error is its.
+            let e = flow.or_cancelled(e);
             lock(&vm).migration_abort(None);
             give_up(&mut conn, &e.message);
             return Err(e);

@@ -4,7 +4,6 @@
 //! stop, and undoing all of it when the migration fails.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,6 +11,7 @@ use devices::bus::lock;
 use protocol::{ControlError, ErrorCode, VmState};
 
 use super::Vm;
+use crate::migration::flow::Cancel;
 use crate::snapshot::Captured;
 
 /// What a migration copies from, fixed at its start.
@@ -320,8 +320,8 @@ impl Vm {
 
     /// Claims the VM for a migration about to start (a second `migrate`
     /// is refused from now on); `migration_begin` or `migration_abort`
-    /// follows. Returns the flag `migrate-cancel` sets for this one.
-    pub(crate) fn reserve_migration(&mut self) -> Result<Arc<AtomicBool>, ControlError> {
+    /// follows. Returns what `migrate-cancel` reaches of this one.
+    pub(crate) fn reserve_migration(&mut self) -> Result<Arc<Cancel>, ControlError> {
         if self.migrated_away {
             return Err(ControlError::invalid_state(
                 "this VM has migrated away: this VMM will not run it again",
@@ -340,12 +340,11 @@ impl Vm {
     /// `migrate-cancel`: calls the running migration off. Its thread holds
     /// the VM's lock from the guest's stop for the last pass to the end,
     /// so whoever gets here finds the guest still running here (the copy
-    /// stops at its next frame and the guest runs on) or the migration
-    /// over.
+    /// stops and the guest runs on) or the migration over.
     pub(crate) fn cancel_migration(&self) -> Result<(), ControlError> {
         if self.migrated_away {
             return Err(ControlError::invalid_state(
-                "too late: this VM has migrated away and runs on the target",
+                "too late: this VM's migration is over and its guest does not run here (see the target)",
             ));
         }
         if self.migrating.is_none() {
@@ -353,7 +352,7 @@ impl Vm {
                 "no migration of this VM is running",
             ));
         }
-        self.migration_cancel.store(true, Ordering::Release);
+        self.migration_cancel.cancel();
         Ok(())
     }
 }

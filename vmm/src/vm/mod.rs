@@ -162,8 +162,8 @@ pub struct Vm {
     msr_index: Option<Arc<Vec<u32>>>,
     /// A migration is running: the vhost-net instances it took away.
     migrating: Option<Vec<Vec<std::fs::File>>>,
-    /// Set by `migrate-cancel`; a new one for each migration.
-    migration_cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// What `migrate-cancel` reaches; a new one for each migration.
+    migration_cancel: Arc<crate::migration::flow::Cancel>,
     /// The snapshot just restored was of a paused VM.
     restored_paused: bool,
     /// The guest was migrated to another host: it never boots here again.

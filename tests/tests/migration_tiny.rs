@@ -422,6 +422,41 @@ fn a_paced_migration_can_be_cancelled_and_the_next_one_keeps_to_its_speed_limit_
 }
 
 #[test]
+fn a_cancel_ends_at_once_a_migration_waiting_on_a_target_that_never_answers() {
+    let d = TempDir::new("migr-tiny-silent");
+    let src = start(d.path(), "src", &[]);
+    assert!(src.p.wait_for("READY", T), "{}", src.p.report());
+    // A target that takes the connection and the greeting and says
+    // nothing: the source would wait two minutes for its answer.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (greeted, heard) = std::sync::mpsc::channel();
+    let silent = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut greeting = [0u8; 12];
+        c.read_exact(&mut greeting).unwrap();
+        greeted.send(()).unwrap();
+        // Until the source lets go of the connection.
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    });
+    let line = format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","token":"{TOKEN}"}}"#);
+    let sock = src.sock.clone();
+    let answer = std::thread::scope(|s| {
+        let asked = s.spawn(|| Ctl::connect(&sock).call(&line));
+        heard.recv_timeout(T).expect("the source connects");
+        let r = src.ctl().call(r#"{"cmd":"migrate-cancel"}"#);
+        assert_eq!(r["ok"], true, "{r}");
+        // Within the test client's 90 s, not after the source's 120 s.
+        asked.join().expect("the migrate call")
+    });
+    assert_eq!(answer["code"], "cancelled", "{answer}");
+    silent.join().expect("the source closed the connection");
+    assert!(src.runs_on(5), "{}", src.p.report());
+    assert_eq!(src.ctl().status()["state"], "running");
+}
+
+#[test]
 fn migrate_is_the_operators_and_wants_an_address() {
     let d = TempDir::new("migr-tiny-refused");
     let src = start(d.path(), "src", &["--allow-user", "65534"]);

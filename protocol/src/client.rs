@@ -310,6 +310,7 @@ mod tests {
             uptime_ms: 5,
             boot_count: 1,
             last_reset: None,
+            migrating: false,
             watchdog: None,
             on_panic: None,
             disks: vec![],

@@ -43,6 +43,10 @@ pub struct StatusInfo {
     /// The VM's network interfaces, in the guest's order; absent without.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetInfo>,
+    /// A live migration of this VM is running (`migrate-cancel` can call
+    /// it off while the guest runs here); absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub migrating: bool,
 }
 
 /// One network interface in `status`.
@@ -473,6 +477,7 @@ mod tests {
             uptime_ms: 1234,
             boot_count: 2,
             last_reset: Some(ResetCause::Watchdog),
+            migrating: true,
             watchdog: Some(WatchdogInfo {
                 armed: true,
                 timeout_s: Some(30),

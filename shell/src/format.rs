@@ -468,6 +468,7 @@ mod tests {
             uptime_ms: 3_723_000,
             boot_count: 2,
             last_reset: Some(ResetCause::Watchdog),
+            migrating: false,
             watchdog: Some(WatchdogInfo {
                 armed: true,
                 timeout_s: Some(30),

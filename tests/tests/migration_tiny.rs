@@ -335,6 +335,7 @@ fn a_paced_migration_can_be_cancelled_and_the_next_one_keeps_to_its_speed_limit_
     let dst = target_with(&dst_dir, port, &["--disk", &disk(&dst_img)]);
     let mut ctl = src.ctl();
     // Nothing to call off yet.
+    assert_eq!(ctl.status()["migrating"], serde_json::Value::Null);
     let e = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
     assert_eq!(e["code"], "invalid_state", "{e}");
     assert!(
@@ -352,20 +353,15 @@ fn a_paced_migration_can_be_cancelled_and_the_next_one_keeps_to_its_speed_limit_
     let sock = src.sock.clone();
     let (answer, cancel) = std::thread::scope(|s| {
         let asked = s.spawn(|| Ctl::connect(&sock).call(&line));
-        // Until the `migrate` line is taken, there is nothing to cancel.
+        // `status` says when the `migrate` line has been taken.
         let deadline = std::time::Instant::now() + T;
-        let mut r;
-        loop {
-            r = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
-            if r["ok"] == true
-                || r["code"] != "invalid_state"
-                || asked.is_finished()
-                || std::time::Instant::now() > deadline
-            {
-                break;
-            }
+        while ctl.status()["migrating"] != true
+            && !asked.is_finished()
+            && std::time::Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
+        let r = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
         (asked.join().expect("the migrate call"), r)
     });
     assert_eq!(cancel["ok"], true, "{cancel}\n{answer}");
@@ -381,7 +377,9 @@ fn a_paced_migration_can_be_cancelled_and_the_next_one_keeps_to_its_speed_limit_
     // The guest never noticed but for its letters going on.
     assert!(src.runs_on(10), "{}", src.p.report());
     assert!(contiguous(&src.letters()), "{}", src.letters());
-    assert_eq!(ctl.status()["state"], "running");
+    let s = ctl.status();
+    assert_eq!(s["state"], "running", "{s}");
+    assert_eq!(s["migrating"], serde_json::Value::Null, "{s}");
     let e = ctl.call(r#"{"cmd":"migrate-cancel"}"#);
     assert_eq!(e["code"], "invalid_state", "{e}");
     assert!(

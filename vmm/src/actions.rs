@@ -42,6 +42,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
         uptime_ms: vm.uptime().as_millis() as u64,
         boot_count: vm.boot_count,
         last_reset: vm.last_reset,
+        migrating: vm.migrating(),
         watchdog: Some(watchdog_info(vm)),
         on_panic: Some(vm.panic_action),
         disks: vm

@@ -57,6 +57,7 @@ fn status_info() -> StatusInfo {
         uptime_ms: 42,
         boot_count: 1,
         last_reset: None,
+        migrating: false,
         watchdog: None,
         on_panic: None,
         disks: vec![],

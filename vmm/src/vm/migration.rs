@@ -337,6 +337,12 @@ impl Vm {
         Ok(self.migration_cancel.clone())
     }
 
+    /// A migration of this VM is running (reserved, copying, or in its
+    /// final phase).
+    pub(crate) fn migrating(&self) -> bool {
+        self.migrating.is_some()
+    }
+
     /// `migrate-cancel`: calls the running migration off. Its thread holds
     /// the VM's lock from the guest's stop for the last pass to the end,
     /// so whoever gets here finds the guest still running here (the copy

@@ -139,3 +139,43 @@ impl Ctl {
         &mut self.reader
     }
 }
+
+/// Sends `line` (if any) on the control socket at `sock` as uid and gid
+/// 65534 (nobody, no supplementary groups), through `setpriv` and
+/// `socat`: a client the VMM's access rules must judge. The socket and
+/// its directory are opened to everyone first, so that what decides is
+/// the VMM's own SO_PEERCRED check. Returns what came back (stdout) and
+/// what `setpriv`/`socat` said (stderr).
+pub fn send_as_nobody(sock: &Path, line: Option<&str>) -> (String, String) {
+    let dir = sock.parent().unwrap_or(Path::new("/"));
+    for (mode, path) in [("0755", dir), ("0666", sock)] {
+        let st = std::process::Command::new("chmod")
+            .arg(mode)
+            .arg(path)
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "chmod {mode} {}",
+            path.display()
+        );
+    }
+    let send = line.map_or(String::new(), |l| format!("echo '{l}' | "));
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(format!(
+            "{send}socat -t 5 - UNIX-CONNECT:{}",
+            sock.display()
+        ))
+        .output()
+        .expect("setpriv and socat (scripts/host-deps.sh installs them)");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -501,47 +501,11 @@ fn a_user_not_allowed_is_refused_with_one_line() {
 }
 
 /// Connects as uid/gid 65534 (no groups) and sends `line` (if any): the
-/// first line back, and all that came back. The socket and its directory
-/// are opened to everyone first, so that what decides is the VMM's own
-/// SO_PEERCRED check.
+/// first line back, and all that came back (`send_as_nobody`).
 fn as_nobody(vm: &Vm, line: Option<&str>) -> (Value, String) {
-    let sock = vm.sock();
-    let dir = sock.parent().map(Path::to_path_buf).unwrap_or_default();
-    for (mode, path) in [("0755", &dir), ("0666", &sock)] {
-        let st = std::process::Command::new("chmod")
-            .arg(mode)
-            .arg(path)
-            .status();
-        assert!(
-            st.is_ok_and(|s| s.success()),
-            "chmod {mode} {}",
-            path.display()
-        );
-    }
-    let send = line.map_or(String::new(), |l| format!("echo '{l}' | "));
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(format!(
-            "{send}socat -t 5 - UNIX-CONNECT:{}",
-            sock.display()
-        ))
-        .output()
-        .expect("setpriv and socat (scripts/host-deps.sh installs them)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (text, err) = tests::control::send_as_nobody(&vm.sock(), line);
     let first = serde_json::from_str(text.lines().next().unwrap_or("{}")).unwrap_or(Value::Null);
-    (
-        first,
-        format!(
-            "stdout: {text} stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    (first, format!("stdout: {text} stderr: {err}"))
 }
 
 #[test]

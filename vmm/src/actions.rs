@@ -370,17 +370,12 @@ impl ControlHandler for VmControlHandler {
                 }
                 Err(e) => Err(e),
             },
-            Request::MigrateCancel => {
-                if responder.peer().operator {
-                    done(vm.cancel_migration())
-                } else {
-                    Err(ControlError::new(
-                        ErrorCode::Forbidden,
-                        "permission denied: migrate-cancel is the host operator's \
-                         (root or the VMM's owner)",
-                    ))
-                }
-            }
+            Request::MigrateCancel => done(
+                responder
+                    .peer()
+                    .require_operator("migrate-cancel")
+                    .and_then(|()| vm.cancel_migration()),
+            ),
             Request::Console { .. } | Request::Log { .. } | Request::Subscribe => Err(
                 ControlError::internal("internal error: handled by the server"),
             ),
@@ -397,12 +392,7 @@ fn migrate_checks(
     peer: &crate::control::PeerIdentity,
     to: &str,
 ) -> Result<(std::net::SocketAddr, Arc<crate::migration::flow::Cancel>), ControlError> {
-    if !peer.operator {
-        return Err(ControlError::new(
-            ErrorCode::Forbidden,
-            "permission denied: migrate is the host operator's (root or the VMM's owner)",
-        ));
-    }
+    peer.require_operator("migrate")?;
     let addr = crate::migration::source::parse_target(to)?;
     let state = vm.state();
     if !matches!(
@@ -426,12 +416,7 @@ fn snapshot(
     dir: &str,
     stop: bool,
 ) -> Result<Reply, ControlError> {
-    if !peer.operator {
-        return Err(ControlError::new(
-            ErrorCode::Forbidden,
-            "permission denied: snapshot is the host operator's (root or the VMM's owner)",
-        ));
-    }
+    peer.require_operator("snapshot")?;
     let Some(base) = vm.config.snapshot_dir.as_deref() else {
         return Err(ControlError::new(
             ErrorCode::Unsupported,

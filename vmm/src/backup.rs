@@ -41,12 +41,7 @@ pub fn prepare(
     to: &str,
     speed_mib_s: Option<u64>,
 ) -> Result<Prepared, ControlError> {
-    if !peer.operator {
-        return Err(ControlError::new(
-            ErrorCode::Forbidden,
-            "permission denied: backup is the host operator's (root or the VMM's owner)",
-        ));
-    }
+    peer.require_operator("backup")?;
     let Some(dir) = vm.config.backup_dir.as_deref() else {
         return Err(ControlError::new(
             ErrorCode::Unsupported,

@@ -115,6 +115,18 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
+    /// Refuses `cmd` (`forbidden`) to anyone but the operator: requests
+    /// that copy the VM's disks or memory out, or move it.
+    pub fn require_operator(&self, cmd: &str) -> Result<(), protocol::ControlError> {
+        if self.operator {
+            return Ok(());
+        }
+        Err(protocol::ControlError::new(
+            protocol::ErrorCode::Forbidden,
+            format!("permission denied: {cmd} is the host operator's (root or the VMM's owner)"),
+        ))
+    }
+
     /// Reads `SO_PEERCRED` of a connected stream. Supplementary groups are looked up only when
     /// the policy could admit the peer through them and nothing else admits it.
     pub fn of(stream: &UnixStream, policy: &AccessPolicy) -> io::Result<Self> {

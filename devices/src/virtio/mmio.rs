@@ -773,6 +773,23 @@ mod tests {
     }
 
     #[test]
+    fn while_another_writer_raises_the_irqfd_the_used_bit_reads_set_through_acks() {
+        let (_, mut t) = setup();
+        let direct = t.interrupt().direct_used();
+        assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
+        write_reg(&mut t, reg::INTERRUPT_ACK, 1);
+        assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
+        // The VMM's own signals still go through: a config change shows
+        // with it and is acknowledged on its own.
+        t.interrupt().signal_config_change();
+        assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 3);
+        write_reg(&mut t, reg::INTERRUPT_ACK, 3);
+        assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
+        drop(direct);
+        assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
     fn config_space_is_at_0x100_with_any_width() {
         let (dev, mut t) = setup();
         let mut b = [0u8; 2];

@@ -210,6 +210,10 @@ struct InterruptInner {
     status: AtomicU32,
     config_generation: AtomicU32,
     evt: EventFd,
+    /// How many [`DirectUsed`] guards are alive: while any is, something
+    /// outside the VMM (vhost-net's kernel workers) writes `evt` itself
+    /// for used buffers, and INTERRUPT_STATUS reports the used-ring bit.
+    direct: AtomicU32,
     /// Signals asked for, coalesced or not (tests: when a device signals).
     #[cfg(test)]
     asked: std::sync::atomic::AtomicU64,
@@ -231,9 +235,24 @@ impl Interrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
             evt: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            direct: AtomicU32::new(0),
             #[cfg(test)]
             asked: Default::default(),
         })))
+    }
+
+    /// Lets another writer of [`Self::event`] (vhost-net's kernel worker,
+    /// whose call eventfd it becomes) raise used-buffer interrupts without
+    /// the VMM: until the guard is dropped INTERRUPT_STATUS reports the
+    /// used-ring bit set, since virtio-mmio's handler ignores an interrupt
+    /// whose bits are clear and the VMM no longer sees each one go by.
+    /// Linux then walks every queue's used ring, as it would for the bit;
+    /// one with nothing new returns at once. Dropping the guard does not
+    /// touch the status: whoever drops it while an interrupt may be on its
+    /// way sets the bit (see `VhostPath::quiesce`).
+    pub fn direct_used(&self) -> DirectUsed {
+        self.0.direct.fetch_add(1, Ordering::SeqCst);
+        DirectUsed(self.clone())
     }
 
     /// Signals used buffers on some queue (INTERRUPT_STATUS bit 0).
@@ -265,9 +284,15 @@ impl Interrupt {
         self.0.asked.load(Ordering::SeqCst)
     }
 
-    /// Current INTERRUPT_STATUS.
+    /// Current INTERRUPT_STATUS: the bits pending, and the used-ring bit
+    /// while a [`DirectUsed`] guard lives.
     pub fn status(&self) -> u32 {
-        self.0.status.load(Ordering::SeqCst)
+        let pending = self.0.status.load(Ordering::SeqCst);
+        if self.0.direct.load(Ordering::SeqCst) > 0 {
+            pending | INT_USED_RING
+        } else {
+            pending
+        }
     }
 
     /// InterruptACK: clears the given bits.
@@ -305,6 +330,16 @@ impl Interrupt {
     /// The eventfd to register as the KVM irqfd.
     pub fn event(&self) -> &EventFd {
         &self.0.evt
+    }
+}
+
+/// While alive, used-buffer interrupts come from outside the VMM: see
+/// [`Interrupt::direct_used`].
+pub struct DirectUsed(Interrupt);
+
+impl Drop for DirectUsed {
+    fn drop(&mut self) {
+        self.0 .0.direct.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -44,8 +44,8 @@
 //!
 //! vhost-net (`vhost=auto|on|off`, [`vhost`]): where `/dev/vhost-net` can
 //! be opened the host kernel moves the frames instead of this file; the
-//! device, its features and activation stay here, and the event loop only
-//! relays the kernel's used-buffer signals as interrupts.
+//! device, its features and activation stay here; the kernel raises the
+//! guest's used-buffer interrupts on the irqfd itself.
 //!
 //! MAC: the configured one, else one derived from the TAP name with
 //! FNV-1a (locally administered, unicast): stable across restarts of the
@@ -203,8 +203,6 @@ enum Token {
     TxQueue(usize),
     /// Pair `p`'s TAP queue has frames.
     Tap(usize),
-    /// vhost-net signalled used buffers on queue `q`.
-    Call(usize),
 }
 
 impl Token {
@@ -217,7 +215,6 @@ impl Token {
             Token::RxQueue(p) => (2, p),
             Token::TxQueue(p) => (3, p),
             Token::Tap(p) => (4, p),
-            Token::Call(q) => (5, q),
         };
         (kind << 16) | (u32::try_from(i).unwrap_or(Self::INDEX) & Self::INDEX)
     }
@@ -230,7 +227,6 @@ impl Token {
             2 => Token::RxQueue(i),
             3 => Token::TxQueue(i),
             4 => Token::Tap(i),
-            5 => Token::Call(i),
             _ => return None,
         })
     }
@@ -346,9 +342,6 @@ pub struct Net {
     poll_us: u32,
     /// The kernel datapath, one per pair, while it runs.
     vhost: Vec<VhostPath>,
-    /// vhost-net's used-buffer signals, one per RX and TX queue; always
-    /// polled.
-    calls: Vec<EventFd>,
     /// Written at activation and reset: the event loop re-registers.
     wake: EventFd,
     /// The queues whose eventfds are not polled: those vhost-net serves
@@ -426,7 +419,6 @@ impl Net {
             vhost_dev: Vec::new(),
             poll_us: 0,
             vhost: Vec::new(),
-            calls: new_queue_events(2 * pairs).map_err(NetError::EventFd)?,
             wake: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(NetError::EventFd)?,
             unpolled: Vec::new(),
@@ -729,12 +721,6 @@ impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         let mut fixed = vec![(Token::Wake, &self.wake)];
         fixed.extend(
-            self.calls
-                .iter()
-                .enumerate()
-                .map(|(q, e)| (Token::Call(q), e)),
-        );
-        fixed.extend(
             self.queue_evts
                 .iter()
                 .enumerate()
@@ -771,14 +757,6 @@ impl MutEventSubscriber for Net {
             Some(Token::Wake) => {
                 drain_eventfd(&self.wake);
                 self.sync_registrations(ops);
-            }
-            Some(Token::Call(q)) => {
-                if let Some(evt) = self.calls.get(q) {
-                    drain_eventfd(evt);
-                }
-                if let Some(v) = self.vhost.first() {
-                    v.signal_used();
-                }
             }
             // A queue no pair and no control queue uses.
             Some(Token::Ctrl) => {}

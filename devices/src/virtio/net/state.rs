@@ -68,11 +68,7 @@ impl Net {
     fn quiesce_vhost(&mut self) -> Result<Vec<QueueState>, StateError> {
         let mut states = self.activated.clone();
         for (p, v) in self.vhost.iter_mut().enumerate() {
-            let calls = self
-                .calls
-                .get(rx_index(p)..=tx_index(p))
-                .unwrap_or_default();
-            match v.quiesce(calls) {
+            match v.quiesce() {
                 Ok([rx, tx]) => {
                     put(&mut states, rx_index(p), rx);
                     put(&mut states, tx_index(p), tx);

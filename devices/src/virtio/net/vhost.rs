@@ -5,11 +5,16 @@
 //! reset); at DRIVER_OK it hands the kernel the guest memory table, each
 //! ring's addresses and position, the queue-notification eventfd the guest
 //! kicks (the same one KVM's ioeventfd writes, so a kick reaches the kernel
-//! without the VMM) and the TAP. The kernel's "used buffers" signals come
-//! back on a call eventfd per queue, which the VMM's event loop turns into
-//! INTERRUPT_STATUS + irqfd: virtio-mmio's handler reads INTERRUPT_STATUS
-//! first and ignores an interrupt whose bit is clear, so the call eventfd
-//! cannot be the irqfd itself (virtio-pci with MSI-X could).
+//! without the VMM) and the TAP. The kernel's "used buffers" signals go
+//! straight to the guest: every queue's call eventfd is the device's
+//! irqfd, so KVM injects the interrupt without waking the VMM. Since
+//! virtio-mmio's handler ignores an interrupt whose INTERRUPT_STATUS bits
+//! are clear, the device reports the used-ring bit set while the kernel's
+//! datapath runs ([`Interrupt::direct_used`]); Linux then walks each
+//! queue's used ring, which costs nothing for a queue with nothing new.
+//! (Until 2026-12-07 the VMM's event loop relayed each call into the bit
+//! and the irqfd: one thread wake-up per interrupt, as QEMU's virtio-mmio
+//! still does.)
 //!
 //! The TAP keeps its 12-byte vnet header (`VHOST_NET_F_VIRTIO_NET_HDR` is
 //! not negotiated): the kernel passes the guest's header through to the
@@ -63,7 +68,7 @@ use super::F_MRG_RXBUF;
 const RX: usize = 0;
 const TX: usize = 1;
 use crate::virtio::{
-    GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    DirectUsed, GuestMemoryMmap, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -242,6 +247,9 @@ pub(super) struct VhostPath {
     /// The kernel holds references to these; keep them for its lifetime.
     _tap: File,
     interrupt: Interrupt,
+    /// The kernel raises the irqfd itself while this lives; dropped after
+    /// [`Drop::drop`] has detached the queues.
+    _direct: DirectUsed,
     /// The queues as handed over (RX, TX): their configuration, for
     /// [`VhostPath::quiesce`] to return with the kernel's positions.
     queues: [QueueState; 2],
@@ -252,8 +260,8 @@ pub(super) struct VhostPath {
 
 impl VhostPath {
     /// Programs vhost-net instance `dev` for `queues` (RX, TX), guest
-    /// kicks on `kicks`, its signals on `calls`; the kernel does nothing
-    /// with them until [`Self::attach`].
+    /// kicks on `kicks`, its used-buffer signals on `interrupt`'s irqfd;
+    /// the kernel does nothing with them until [`Self::attach`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         dev: &File,
@@ -262,7 +270,6 @@ impl VhostPath {
         acked: u64,
         tap: File,
         kicks: &[EventFd],
-        calls: &[EventFd],
         interrupt: Interrupt,
         poll_us: u32,
     ) -> Result<Self, VhostError> {
@@ -276,6 +283,7 @@ impl VhostPath {
                 mem: mem.clone(),
             },
             _tap: tap,
+            _direct: interrupt.direct_used(),
             interrupt,
             queues: [queues[RX].state(), queues[TX].state()],
             poll_us: 0,
@@ -332,8 +340,9 @@ impl VhostPath {
             handle
                 .set_vring_base(i, q.next_avail())
                 .map_err(ioctl("VHOST_SET_VRING_BASE"))?;
+            // KVM's irqfd: the kernel's signal is the guest's interrupt.
             handle
-                .set_vring_call(i, &calls[i])
+                .set_vring_call(i, path.interrupt.event())
                 .map_err(ioctl("VHOST_SET_VRING_CALL"))?;
             handle
                 .set_vring_kick(i, &kicks[i])
@@ -370,21 +379,19 @@ impl VhostPath {
         Ok(())
     }
 
-    /// The kernel signalled used buffers on a queue.
-    pub(super) fn signal_used(&self) {
-        self.interrupt.signal_used_queue();
-    }
-
     /// Stops the kernel datapath as dropping it does and returns where
     /// each queue (RX, TX) stopped, for a snapshot. Detaching a queue's
     /// backend flushes it, so every chain the kernel took is used by then:
     /// `VHOST_GET_VRING_BASE` gives the next avail index, the used ring's
-    /// index in guest memory the next used one. A used-buffer signal the
-    /// event loop has not relayed yet becomes INTERRUPT_STATUS now (it
-    /// would be lost with the datapath). Where a queue cannot be detached
+    /// index in guest memory the next used one. The used-ring bit is set
+    /// for good (and the irqfd raised once more): an interrupt the kernel
+    /// raised may still wait for the guest, whose handler would find the
+    /// bit clear once the datapath, and with it the bit it reports, is
+    /// gone. A spurious interrupt costs the guest a look at its rings; a
+    /// lost one stalls a queue for good. Where a queue cannot be detached
     /// the ones already detached are attached again: the datapath keeps
     /// running, and the reason comes back.
-    pub(super) fn quiesce(&mut self, calls: &[EventFd]) -> Result<[QueueState; 2], String> {
+    pub(super) fn quiesce(&mut self) -> Result<[QueueState; 2], String> {
         for (n, i) in [RX, TX].into_iter().enumerate() {
             if let Err(e) = self.handle.set_backend(i, None) {
                 self.reattach(n);
@@ -415,15 +422,7 @@ impl VhostPath {
                 q.next_used = used;
             }
         }
-        // Drain both (no short cut): a stale signal would only cost a
-        // spurious interrupt after the next activation, but why have it.
-        let signalled = calls
-            .iter()
-            .map(|c| c.read().is_ok_and(|n| n > 0))
-            .fold(false, |a, b| a | b);
-        if signalled {
-            self.interrupt.signal_used_queue();
-        }
+        self.interrupt.signal_used_queue();
         // The caller drops the path, which detaches the queues again: a
         // no-op for the kernel.
         Ok(self.queues)
@@ -494,10 +493,7 @@ impl super::Net {
             let (Some(dev), Some(tap)) = (self.vhost_dev.get(p), self.taps.get(p)) else {
                 return Err(VhostError::Pairs(pairs.len()));
             };
-            let (Some(kicks), Some(calls)) = (
-                self.pair_fds(&self.queue_evts, p),
-                self.pair_fds(&self.calls, p),
-            ) else {
+            let Some(kicks) = self.pair_fds(&self.queue_evts, p) else {
                 return Err(VhostError::Pairs(pairs.len()));
             };
             // The kernel takes its own reference to the TAP's file; a
@@ -513,7 +509,6 @@ impl super::Net {
                 acked,
                 tap,
                 kicks,
-                calls,
                 interrupt.clone(),
                 self.poll_us,
             )?);
@@ -525,9 +520,8 @@ impl super::Net {
             };
             // The pairs attached may have moved already: the userspace
             // datapath takes over from where the kernel stopped.
-            for (i, (q, path)) in pairs.iter_mut().zip(paths.iter_mut()).enumerate() {
-                let calls = self.pair_fds(&self.calls, i).unwrap_or_default();
-                if let Ok([rx, tx]) = path.quiesce(calls) {
+            for (q, path) in pairs.iter_mut().zip(paths.iter_mut()) {
+                if let Ok([rx, tx]) = path.quiesce() {
                     for (queue, st) in [(&mut q.0, rx), (&mut q.1, tx)] {
                         queue.set_next_avail(st.next_avail);
                         queue.set_next_used(st.next_used);

@@ -80,6 +80,10 @@ pub enum Event {
         dirty_bytes: u64,
         /// That pass's length, in milliseconds.
         pass_ms: u64,
+        /// The vCPUs' throttle from this pass on, in percent of their time
+        /// (`auto_converge`; absent: none).
+        #[serde(default, skip_serializing_if = "crate::response::is_zero_u8")]
+        throttle_pct: u8,
     },
 }
 
@@ -194,6 +198,7 @@ mod tests {
                 sent_bytes: 1 << 28,
                 dirty_bytes: 1 << 22,
                 pass_ms: 3000,
+                throttle_pct: 30,
             },
         ]
     }

@@ -113,6 +113,12 @@ pub enum Request {
         /// last pass, with the guest stopped, is never held back).
         #[serde(skip_serializing_if = "Option::is_none")]
         speed_mib_s: Option<u64>,
+        /// Slow the guest's vCPUs down while the copy cannot catch up with its writes (a pass
+        /// leaves more than half of what it sent, twice running): 20 % of their time taken, then
+        /// 10 % more after each such pass, up to 99 %; none again when the migration ends,
+        /// however it ends.
+        #[serde(skip_serializing_if = "is_false", default)]
+        auto_converge: bool,
     },
     /// `{"cmd":"migrate-cancel"}`: calls off the running `migrate` while the guest still runs
     /// at this host (operator only); its `migrate` answers `cancelled` and the guest runs on
@@ -322,6 +328,7 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
                 }
             },
             speed_mib_s: args.opt_u64("speed_mib_s", MAX_SPEED_MIB_S)?,
+            auto_converge: args.opt_bool("auto_converge")?.unwrap_or(false),
         },
         "migrate-cancel" => Request::MigrateCancel,
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
@@ -423,12 +430,14 @@ mod tests {
                 token: "s3cret".into(),
                 disks: DiskMigration::Shared,
                 speed_mib_s: None,
+                auto_converge: false,
             },
             Request::Migrate {
                 to: "[2001:db8::7]:4444".into(),
                 token: "s3cret".into(),
                 disks: DiskMigration::Copy,
                 speed_mib_s: Some(100),
+                auto_converge: true,
             },
             Request::MigrateCancel,
         ]
@@ -560,6 +569,10 @@ mod tests {
 
     #[test]
     fn invalid_arguments_say_what_is_expected() {
+        assert_eq!(
+            err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","auto_converge":"yes"}"#),
+            "invalid argument 'auto_converge' for migrate: expected true or false"
+        );
         assert_eq!(
             err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","disks":"rsync"}"#),
             "invalid argument 'disks' for migrate: expected one of shared, copy"

@@ -47,6 +47,10 @@ pub struct StatusInfo {
     /// it off while the guest runs here); absent otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub migrating: bool,
+    /// How much of its vCPUs' time a migration's `auto_converge` takes from
+    /// the guest right now, in percent; absent: none.
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub throttle_pct: u8,
 }
 
 /// One network interface in `status`.
@@ -276,6 +280,14 @@ pub struct MigrationInfo {
     /// Disk data sent in all, in bytes (`"disks":"copy"`; 0 for shared storage).
     #[serde(default)]
     pub disk_bytes: u64,
+    /// The most the guest's vCPUs were slowed down, in percent of their time
+    /// (`auto_converge`; absent: never).
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub throttle_pct: u8,
+}
+
+pub(crate) fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
 }
 
 /// `log`: `{"ok":true,"data":"...","bytes":1234,"total_bytes":99999}`.
@@ -478,6 +490,7 @@ mod tests {
             boot_count: 2,
             last_reset: Some(ResetCause::Watchdog),
             migrating: true,
+            throttle_pct: 50,
             watchdog: Some(WatchdogInfo {
                 armed: true,
                 timeout_s: Some(30),
@@ -557,6 +570,7 @@ mod tests {
                 memory_bytes: 300 << 20,
                 last_pass_bytes: 1 << 20,
                 disk_bytes: 16 << 20,
+                throttle_pct: 40,
             }),
         ]
     }

@@ -188,6 +188,15 @@ pub fn status(s: &StatusInfo, style: Style) -> String {
     if let Some(action) = s.on_panic {
         row(&mut out, style, "on panic", action.as_str());
     }
+    // The host's operator moves the VM live; a customer who finds the
+    // machine slow sees why.
+    if s.migrating {
+        let how = match s.throttle_pct {
+            0 => "to another host, live".to_string(),
+            p => format!("to another host, live; slowed down {p} % until the copy catches up"),
+        };
+        row(&mut out, style, "moving", &style.yellow(&how));
+    }
     out
 }
 
@@ -469,6 +478,7 @@ mod tests {
             boot_count: 2,
             last_reset: Some(ResetCause::Watchdog),
             migrating: false,
+            throttle_pct: 0,
             watchdog: Some(WatchdogInfo {
                 armed: true,
                 timeout_s: Some(30),
@@ -523,6 +533,26 @@ mod tests {
             "watchdog    armed, 12 s left of 30 s; on expiry: reset (1 expiry so far)\n"
         ));
         assert!(text.contains("on panic    pause\n"));
+        assert!(!text.contains("moving"));
+    }
+
+    #[test]
+    fn status_says_when_the_vm_is_being_moved_and_slowed_down_for_it() {
+        let mut s = status_info();
+        s.migrating = true;
+        let text = status(&s, Style::PLAIN);
+        assert!(
+            text.contains("moving      to another host, live\n"),
+            "{text}"
+        );
+        s.throttle_pct = 40;
+        let text = status(&s, Style::PLAIN);
+        assert!(
+            text.contains(
+                "moving      to another host, live; slowed down 40 % until the copy catches up\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
         boot_count: vm.boot_count,
         last_reset: vm.last_reset,
         migrating: vm.migrating(),
+        throttle_pct: vm.throttle_pct(),
         watchdog: Some(watchdog_info(vm)),
         on_panic: Some(vm.panic_action),
         disks: vm
@@ -346,6 +347,7 @@ impl ControlHandler for VmControlHandler {
                 token,
                 disks,
                 speed_mib_s,
+                auto_converge,
             } => match migrate_checks(&mut vm, responder.peer(), &to) {
                 Ok((addr, cancel)) => {
                     let publish = vm.hooks.publish.clone();
@@ -355,7 +357,11 @@ impl ControlHandler for VmControlHandler {
                     let spawned = crate::spawner::spawn("migration".into(), move || {
                         crate::seccomp::install(crate::seccomp::Kind::Migration);
                         let flow = crate::migration::flow::Flow::new(cancel, speed_mib_s);
-                        let r = crate::migration::source::run(shared, addr, token, disks, flow, p2);
+                        let how = crate::migration::source::How {
+                            disks,
+                            auto_converge,
+                        };
+                        let r = crate::migration::source::run(shared, addr, token, how, flow, p2);
                         let done = r.is_ok();
                         responder.send(r.map(Reply::Migrated));
                         if done {

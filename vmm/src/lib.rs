@@ -28,6 +28,7 @@ pub mod seccomp;
 pub mod service;
 pub mod snapshot;
 pub mod spawner;
+pub mod throttle;
 pub mod timer;
 pub mod vcpu;
 pub mod vm;

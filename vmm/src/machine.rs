@@ -162,6 +162,8 @@ pub struct Machine {
     /// One edge = the ACPI power button pressed.
     pub power_button: EventFd,
     pub fallback: Arc<FallbackCounters>,
+    /// A migration's throttle of the vCPUs (`auto_converge`).
+    pub throttle: Arc<crate::throttle::Throttle>,
     pub started: Instant,
     pub mem: GuestMemoryMmap,
     /// The CPUID each vCPU was given (a snapshot keeps it).
@@ -314,6 +316,7 @@ impl Machine {
 
         let supported = cpu::supported_cpuid(kvm)?;
         let fallback = Arc::new(FallbackCounters::default());
+        let throttle = crate::throttle::Throttle::new();
         let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
         let mut cpuids = Vec::with_capacity(usize::from(cfg.vcpus));
         let mut first_run = env.on_first_run;
@@ -359,6 +362,7 @@ impl Machine {
                 mem: mem.clone(),
                 events: env.events.clone(),
                 fallback: fallback.clone(),
+                throttle: throttle.clone(),
                 on_first_run: if id == 0 { first_run.take() } else { None },
             };
             // A restored machine waits for its virtio devices.
@@ -372,6 +376,7 @@ impl Machine {
             pvpanic,
             power_button,
             fallback,
+            throttle,
             started,
             mem,
             cpuids,

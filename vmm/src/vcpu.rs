@@ -109,6 +109,16 @@ impl VcpuControl {
         self.cv.notify_all();
     }
 
+    /// Keeps a running vCPU out of the guest for `d` (a migration's
+    /// throttle); a pause or an exit asked for meanwhile ends it at once.
+    fn nap(&self, d: Duration) {
+        let g = lock(&self.want);
+        let _ = self
+            .cv
+            .wait_timeout_while(g, d, |s| s.0 == Want::Run)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+
     /// Waits until the vCPU sits outside `KVM_RUN` (paused or exiting).
     fn wait_parked(&self, timeout: Duration) -> bool {
         let g = lock(&self.want);
@@ -146,6 +156,23 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
 
 fn kick_signal() -> libc::c_int {
     SIGRTMIN()
+}
+
+/// Kicks thread `tid` of this process out of `KVM_RUN` (a throttled
+/// vCPU's slice is over). A thread that is no vCPU, or one gone, is
+/// unaffected: the handler does nothing outside `KVM_RUN`, `ESRCH` is
+/// ignored.
+pub fn kick_thread(tid: libc::pid_t) {
+    // SAFETY: tgkill takes plain integers; the signal's handler is
+    // installed (`init_kick_signal`) before any vCPU runs.
+    unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            libc::c_long::from(tid),
+            libc::c_long::from(kick_signal()),
+        );
+    }
 }
 
 /// Installs the kick handler once per process.
@@ -226,6 +253,8 @@ pub struct Vcpu {
     pub mem: GuestMemoryMmap,
     pub events: VmEventQueue,
     pub fallback: Arc<FallbackCounters>,
+    /// The machine's migration throttle (naps after kicks while above 0).
+    pub throttle: Arc<crate::throttle::Throttle>,
     /// Called on the vCPU thread right before its first KVM_RUN.
     pub on_first_run: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -261,6 +290,7 @@ impl Vcpu {
         // Before the first guest instruction this thread runs.
         crate::seccomp::install(crate::seccomp::Kind::Vcpu);
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        let _kicked = self.throttle.register();
         let mut first = self.on_first_run.take();
         crate::fatal::inject("vcpu");
         let mut parked = false;
@@ -377,6 +407,11 @@ impl Vcpu {
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
+                    // A throttled vCPU's slice is over: its nap, unless a
+                    // pause or an exit is what kicked it.
+                    if let Some(d) = self.throttle.nap() {
+                        control.nap(d);
+                    }
                     Next::Continue
                 }
                 Err(e) => {

@@ -15,6 +15,7 @@ use super::flow::{cancelled, Flow};
 use super::wire::{self, Hello, HelloDisk, Kind, MAX_RUN};
 use super::{bits, region_offsets, PAGE};
 use crate::runtime::SharedVm;
+use crate::throttle::Converge;
 use crate::vm::migration::Stopped;
 use crate::vm::Publish;
 
@@ -283,18 +284,25 @@ fn connect(to: SocketAddr, hello: &Hello, flow: &Flow) -> Result<TcpStream, Cont
     Ok(conn)
 }
 
+/// What `migrate` asked for besides the target and the pace.
+pub struct How {
+    pub disks: DiskMigration,
+    /// Throttle the vCPUs while the copy falls behind ([`crate::throttle`]).
+    pub auto_converge: bool,
+}
+
 /// Runs a migration to `to` to its end, its copy paced and called off as
 /// `flow` says while the guest runs; the answer for `migrate`.
 pub fn run(
     vm: SharedVm,
     to: SocketAddr,
     token: String,
-    disks: DiskMigration,
+    how: How,
     mut flow: Flow,
     publish: Publish,
 ) -> Result<MigrationInfo, ControlError> {
     let t0 = Instant::now();
-    let copy = disks == DiskMigration::Copy;
+    let copy = how.disks == DiskMigration::Copy;
     let hello = {
         let mut v = lock(&vm);
         if copy {
@@ -361,6 +369,9 @@ pub fn run(
         .map(|(i, d)| (*i, d.reader(MAX_RUN)))
         .collect();
     let mut disk_bytes = 0u64;
+    let mut converge = Converge::default();
+    // The most the vCPUs were throttled (what held, not what was asked).
+    let mut peak = 0u8;
     // Memory and disks, pass after pass: what each pass leaves (memory
     // pages, disk chunks) goes in the next.
     let mut precopy = |conn: &mut TcpStream,
@@ -375,17 +386,27 @@ pub fn run(
         let on_disk = send_disks_all(conn, readers, flow)?;
         disk_bytes += on_disk;
         sent += on_disk;
+        let mut throttle = 0u8;
         loop {
             let dirty = lock(&vm).migration_dirty(started.boot_count)?;
             let disk = disk_dirty(&started.disks);
             let left = bits::count(&dirty) * PAGE + bits::count(&disk) * COPY_CHUNK;
+            let last = left <= SMALL_ENOUGH || pass >= MAX_PASSES;
+            if how.auto_converge && !last {
+                let want = converge.after_pass(sent, left, SMALL_ENOUGH);
+                if want != throttle {
+                    throttle = lock(&vm).migration_throttle(started.boot_count, want)?;
+                    peak = peak.max(throttle);
+                }
+            }
             publish(Event::Migration {
                 pass,
                 sent_bytes: sent,
                 dirty_bytes: left,
                 pass_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                throttle_pct: throttle,
             });
-            if left <= SMALL_ENOUGH || pass >= MAX_PASSES {
+            if last {
                 return Ok((pass, total, dirty, disk));
             }
             // Called off between passes too (a pass may send nothing).
@@ -515,6 +536,7 @@ pub fn run(
                 memory_bytes,
                 last_pass_bytes: last,
                 disk_bytes,
+                throttle_pct: peak,
             })
         }
         Err(e) => {

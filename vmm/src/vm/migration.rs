@@ -183,6 +183,21 @@ impl Vm {
         }
     }
 
+    /// Takes `pct` percent of the vCPUs' time from now on (auto-converge;
+    /// 0: none). A throttle that cannot start is a warning: the migration
+    /// goes on unthrottled. Returns what holds now.
+    pub(crate) fn migration_throttle(
+        &mut self,
+        boot_count: u64,
+        pct: u8,
+    ) -> Result<u8, ControlError> {
+        let m = self.same_boot(boot_count)?;
+        if let Err(e) = m.throttle.set(pct) {
+            tracing::warn!("migration: cannot throttle the vCPUs ({pct} %): {e}");
+        }
+        Ok(m.throttle.pct())
+    }
+
     /// Stops the guest for the last pass: vCPUs parked, devices quiesced,
     /// the state read. On failure the guest runs on.
     pub(crate) fn migration_stop(&mut self, boot_count: u64) -> Result<Stopped, ControlError> {
@@ -254,6 +269,9 @@ impl Vm {
             d.copy.log().stop();
         }
         if let Some(m) = &self.machine {
+            // The guest gets all of its vCPUs' time back, however the
+            // migration ended (this is every way out but a success).
+            let _ = m.throttle.set(0);
             if let Err(e) = m.set_dirty_log(false) {
                 tracing::warn!("migration: cannot stop logging the guest's writes: {e}");
             }
@@ -341,6 +359,11 @@ impl Vm {
     /// final phase).
     pub(crate) fn migrating(&self) -> bool {
         self.migrating.is_some()
+    }
+
+    /// The share of the vCPUs' time a migration's throttle takes now.
+    pub(crate) fn throttle_pct(&self) -> u8 {
+        self.machine.as_ref().map_or(0, |m| m.throttle.pct())
     }
 
     /// `migrate-cancel`: calls the running migration off. Its thread holds

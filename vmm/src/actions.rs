@@ -85,7 +85,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     pair_frames: n.counters.pair_frames(),
                     poll_us: u64::from(n.counters.vhost_poll_us()),
                     queues,
-                    interrupt_status: n.interrupt.status(),
+                    interrupt_status: n.interrupt.pending(),
                 }
             })
             .collect(),

@@ -63,10 +63,11 @@ pub enum Kind {
     ConsoleLog,
     Hook,
     Migration,
+    Throttle,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::EventLoop,
         Kind::Vcpu,
         Kind::Disk,
@@ -74,6 +75,7 @@ impl Kind {
         Kind::ConsoleLog,
         Kind::Hook,
         Kind::Migration,
+        Kind::Throttle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -85,6 +87,7 @@ impl Kind {
             Kind::ConsoleLog => "console-log",
             Kind::Hook => "alert-hook",
             Kind::Migration => "migration",
+            Kind::Throttle => "throttle",
         }
     }
 }
@@ -352,6 +355,8 @@ fn list(kind: Kind) -> impl Iterator<Item = &'static (i64, &'static str)> {
         Kind::ConsoleLog => &[CONSOLE_LOG],
         Kind::Hook => &[HOOK],
         Kind::Migration => &[MIGRATION, VCPU],
+        // Sleeps and signals the vCPUs: nothing beyond what all need.
+        Kind::Throttle => &[],
     };
     COMMON.iter().chain(own.iter().flat_map(|l| l.iter()))
 }

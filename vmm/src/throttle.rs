@@ -11,7 +11,9 @@
 //!   next one.
 //! - [`Throttle`] applies it to one machine: every vCPU, once kicked out of
 //!   the guest, naps for its share ([`nap`]) before it enters again; a
-//!   kicker thread, alive only while the throttle is above 0, kicks each
+//!   kicker thread (`throttle`, under a seccomp filter of what every
+//!   thread needs: it sleeps and signals), alive only while the throttle
+//!   is above 0, kicks each
 //!   vCPU once per slice and nap ([`period`]), so a vCPU runs about one
 //!   [`SLICE`] between naps. A nap waits on the vCPU's own control, so a
 //!   pause or an exit ends it at once.
@@ -131,7 +133,7 @@ impl Throttle {
         }
         let weak = Arc::downgrade(self);
         let started = crate::spawner::spawn("throttle".into(), move || {
-            crate::seccomp::install(crate::seccomp::Kind::Migration);
+            crate::seccomp::install(crate::seccomp::Kind::Throttle);
             kick_while_throttled(&weak);
         });
         match started {
@@ -184,11 +186,15 @@ fn kick_while_throttled(weak: &Weak<Throttle>) {
             }
             pct
         };
-        let tids = lock(&t.tids).clone();
-        drop(t);
-        for tid in tids {
-            crate::vcpu::kick_thread(tid);
+        {
+            // Under the lock: a vCPU thread takes itself off the list
+            // before it ends, so every tid here is still its thread's.
+            let tids = lock(&t.tids);
+            for &tid in tids.iter() {
+                crate::vcpu::kick_thread(tid);
+            }
         }
+        drop(t);
         std::thread::sleep(period(pct));
     }
 }

@@ -7,7 +7,7 @@ use std::cell::Cell;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use devices::virtio::GuestMemoryMmap;
@@ -19,6 +19,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::emulate;
 use crate::events::{VmEvent, VmEventQueue};
+
+/// How often a napping vCPU looks whether its throttle was lifted.
+const NAP_STEP: Duration = Duration::from_millis(10);
 
 /// What the VMM wants a vCPU to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,13 +113,22 @@ impl VcpuControl {
     }
 
     /// Keeps a running vCPU out of the guest for `d` (a migration's
-    /// throttle); a pause or an exit asked for meanwhile ends it at once.
-    fn nap(&self, d: Duration) {
-        let g = lock(&self.want);
-        let _ = self
-            .cv
-            .wait_timeout_while(g, d, |s| s.0 == Want::Run)
-            .unwrap_or_else(|e| e.into_inner());
+    /// throttle); a pause or an exit asked for meanwhile ends it at once,
+    /// and `over` (the throttle lifted), looked at every 10 ms, too: a nap
+    /// at 99 % is most of a second.
+    fn nap(&self, d: Duration, over: impl Fn() -> bool) {
+        let until = Instant::now() + d;
+        let mut g = lock(&self.want);
+        while g.0 == Want::Run && !over() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            g = match self.cv.wait_timeout(g, left.min(NAP_STEP)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
     }
 
     /// Waits until the vCPU sits outside `KVM_RUN` (paused or exiting).
@@ -410,7 +422,8 @@ impl Vcpu {
                     // A throttled vCPU's slice is over: its nap, unless a
                     // pause or an exit is what kicked it.
                     if let Some(d) = self.throttle.nap() {
-                        control.nap(d);
+                        let throttle = &self.throttle;
+                        control.nap(d, || throttle.pct() == 0);
                     }
                     Next::Continue
                 }
@@ -516,6 +529,37 @@ pub fn read_phys(mem: &GuestMemoryMmap, addr: u64, buf: &mut [u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nap_ends_early_for_a_pause_or_a_lifted_throttle_and_runs_its_length_otherwise() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let c = Arc::new(VcpuControl::new(Want::Run));
+        let t0 = Instant::now();
+        c.nap(Duration::from_millis(30), || false);
+        assert!(t0.elapsed() >= Duration::from_millis(30));
+        // A pause asked for meanwhile: the nap ends as it is asked.
+        let c2 = c.clone();
+        let pauser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            c2.set(Want::Pause);
+        });
+        let t0 = Instant::now();
+        c.nap(Duration::from_secs(30), || false);
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        pauser.join().unwrap();
+        // The throttle lifted: seen within a step.
+        c.set(Want::Run);
+        let lifted = Arc::new(AtomicBool::new(false));
+        let l2 = lifted.clone();
+        let lifter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            l2.store(true, Ordering::SeqCst);
+        });
+        let t0 = Instant::now();
+        c.nap(Duration::from_secs(30), || lifted.load(Ordering::SeqCst));
+        assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+        lifter.join().unwrap();
+    }
 
     #[test]
     fn control_parks_on_pause_and_releases_on_run() {

@@ -777,6 +777,8 @@ mod tests {
         let (_, mut t) = setup();
         let direct = t.interrupt().direct_used();
         assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
+        // Nothing the VMM raised: `status` and a snapshot see none.
+        assert_eq!(t.interrupt().pending(), 0);
         write_reg(&mut t, reg::INTERRUPT_ACK, 1);
         assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
         // The VMM's own signals still go through: a config change shows

@@ -295,6 +295,13 @@ impl Interrupt {
         }
     }
 
+    /// The bits the VMM raised and the guest has not acknowledged, without
+    /// the used-ring bit a [`DirectUsed`] guard reports: what `status` shows
+    /// and a snapshot keeps (a quiesce sets the bit for real first).
+    pub fn pending(&self) -> u32 {
+        self.0.status.load(Ordering::SeqCst)
+    }
+
     /// InterruptACK: clears the given bits.
     pub fn ack(&self, bits: u32) {
         self.0.status.fetch_and(!bits, Ordering::SeqCst);

@@ -205,6 +205,9 @@ impl Vm {
         let running = self.state == VmState::Running;
         let m = self.same_boot(boot_count)?;
         let at = Instant::now();
+        // The guest stops: nothing left to slow down (the kicker ends),
+        // and should it run on here after all, it runs at full speed.
+        let _ = m.throttle.set(0);
         if running {
             m.pause();
             self.watchdog.pause();

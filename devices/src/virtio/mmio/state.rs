@@ -166,7 +166,7 @@ impl MmioTransport {
             driver_features_sel: self.driver_features_sel,
             queue_sel: self.queue_sel,
             status: self.status,
-            interrupt_status: self.interrupt.status(),
+            interrupt_status: self.interrupt.pending(),
             config_generation: self.interrupt.config_generation(),
             queues,
             queue_pairs,

@@ -459,6 +459,12 @@ impl Drop for VhostPath {
                 tracing::warn!("vhost-net: detaching the TAP from queue {i}: {e}");
             }
         }
+        // As in `quiesce` (a no-op after one, the bit being set): the
+        // used-ring bit this path reported goes with its guard, while an
+        // interrupt the kernel raised may still be on its way (or, where a
+        // detach failed, more may come). After a device reset the
+        // transport clears it again.
+        self.interrupt.signal_used_queue();
     }
 }
 

@@ -146,6 +146,19 @@ fn start(h: &Host, prefix: &[&str], argv: &[String]) -> VmmProcess {
     VmmProcess::from_proc(p)
 }
 
+/// [`start`] where a peer that cannot be started (the test host's agent,
+/// slowed or hung by its emulator, did not answer) is a lost run, not the
+/// end of the benchmark.
+fn try_start(h: &Host, prefix: &[&str], argv: &[String]) -> Result<VmmProcess, Wait> {
+    let mut full: Vec<&str> = prefix.to_vec();
+    full.extend(argv.iter().map(String::as_str));
+    h.spawn(&full, &[]).map(VmmProcess::from_proc).map_err(|e| {
+        let prog = argv.first().map_or("", String::as_str);
+        eprintln!("NOTE: cannot start {prog} in the test host ({e}): run lost");
+        Wait::TimedOut
+    })
+}
+
 enum Wait {
     Seen,
     /// The test host's emulator fault (`tests::testhost::wedge`): the
@@ -191,7 +204,7 @@ fn unwedged<T>(what: &str, mut once: impl FnMut() -> Result<T, Wait>) -> Option<
 fn boot_once(h: &Host, peer: Peer, g: &Guest) -> Option<f64> {
     unwedged(peer.label(), || {
         let t0 = Instant::now();
-        let mut p = start(h, &[], &argv(peer, g, "", &[]));
+        let mut p = try_start(h, &[], &argv(peer, g, "", &[]))?;
         let w = wait_marker(h, &p, MARKER);
         let t = t0.elapsed().as_secs_f64();
         let _ = p.child.kill();
@@ -215,7 +228,7 @@ fn run_script(
     devices: &[String],
 ) -> String {
     let once = || {
-        let mut p = start(h, prefix, &argv(peer, g, extra, devices));
+        let mut p = try_start(h, prefix, &argv(peer, g, extra, devices))?;
         let w = wait_marker(h, &p, "vmm-bench: done");
         let _ = p.wait_exit(Duration::from_secs(30));
         let _ = p.child.kill();

@@ -33,7 +33,15 @@ impl Agent {
         let _ = s.set_nodelay(true);
         proto::write_json(&mut s, req)?;
         s.set_read_timeout(Some(timeout))?;
-        let line = read_reply_line(&mut s)?;
+        // A read timeout reads as EAGAIN ("Resource temporarily
+        // unavailable"), which once passed for a failed fork: say what it is.
+        let line = read_reply_line(&mut s).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the test host's agent did not answer within {timeout:?}"),
+            ),
+            _ => e,
+        })?;
         s.set_read_timeout(None)?;
         let reply: Reply = serde_json::from_str(&line).map_err(|e| {
             io::Error::new(

@@ -247,9 +247,8 @@ impl Interrupt {
     /// used-ring bit set, since virtio-mmio's handler ignores an interrupt
     /// whose bits are clear and the VMM no longer sees each one go by.
     /// Linux then walks every queue's used ring, as it would for the bit;
-    /// one with nothing new returns at once. Dropping the guard does not
-    /// touch the status: whoever drops it while an interrupt may be on its
-    /// way sets the bit (see `VhostPath::quiesce`).
+    /// one with nothing new returns at once. Dropping the guard sets the
+    /// bit for real and raises the irqfd once (see [`DirectUsed`]).
     pub fn direct_used(&self) -> DirectUsed {
         self.0.direct.fetch_add(1, Ordering::SeqCst);
         DirectUsed(self.clone())
@@ -341,12 +340,19 @@ impl Interrupt {
 }
 
 /// While alive, used-buffer interrupts come from outside the VMM: see
-/// [`Interrupt::direct_used`].
+/// [`Interrupt::direct_used`]. Drop it once the other writer has stopped.
 pub struct DirectUsed(Interrupt);
 
 impl Drop for DirectUsed {
+    /// The reported bit goes, while an interrupt the other writer raised
+    /// may still wait for the guest, whose handler would then find the bit
+    /// clear: the bit is set for real instead (a no-op when it already
+    /// is). A spurious interrupt costs the guest a look at its rings; a
+    /// lost one stalls a queue for good (EVENT_IDX). After a device reset
+    /// the transport clears it again.
     fn drop(&mut self) {
         self.0 .0.direct.fetch_sub(1, Ordering::SeqCst);
+        self.0.signal_used_queue();
     }
 }
 

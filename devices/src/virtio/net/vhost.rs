@@ -246,7 +246,6 @@ pub(super) struct VhostPath {
     handle: Handle,
     /// The kernel holds references to these; keep them for its lifetime.
     _tap: File,
-    interrupt: Interrupt,
     /// The kernel raises the irqfd itself while this lives; dropped after
     /// [`Drop::drop`] has detached the queues.
     _direct: DirectUsed,
@@ -270,7 +269,7 @@ impl VhostPath {
         acked: u64,
         tap: File,
         kicks: &[EventFd],
-        interrupt: Interrupt,
+        interrupt: &Interrupt,
         poll_us: u32,
     ) -> Result<Self, VhostError> {
         let ioctl = |what: &'static str| move |source| VhostError::Ioctl { what, source };
@@ -284,7 +283,6 @@ impl VhostPath {
             },
             _tap: tap,
             _direct: interrupt.direct_used(),
-            interrupt,
             queues: [queues[RX].state(), queues[TX].state()],
             poll_us: 0,
         };
@@ -342,7 +340,7 @@ impl VhostPath {
                 .map_err(ioctl("VHOST_SET_VRING_BASE"))?;
             // KVM's irqfd: the kernel's signal is the guest's interrupt.
             handle
-                .set_vring_call(i, path.interrupt.event())
+                .set_vring_call(i, interrupt.event())
                 .map_err(ioctl("VHOST_SET_VRING_CALL"))?;
             handle
                 .set_vring_kick(i, &kicks[i])
@@ -383,12 +381,7 @@ impl VhostPath {
     /// each queue (RX, TX) stopped, for a snapshot. Detaching a queue's
     /// backend flushes it, so every chain the kernel took is used by then:
     /// `VHOST_GET_VRING_BASE` gives the next avail index, the used ring's
-    /// index in guest memory the next used one. The used-ring bit is set
-    /// for good (and the irqfd raised once more): an interrupt the kernel
-    /// raised may still wait for the guest, whose handler would find the
-    /// bit clear once the datapath, and with it the bit it reports, is
-    /// gone. A spurious interrupt costs the guest a look at its rings; a
-    /// lost one stalls a queue for good. Where a queue cannot be detached
+    /// index in guest memory the next used one. Where a queue cannot be detached
     /// the ones already detached are attached again: the datapath keeps
     /// running, and the reason comes back.
     pub(super) fn quiesce(&mut self) -> Result<[QueueState; 2], String> {
@@ -422,9 +415,9 @@ impl VhostPath {
                 q.next_used = used;
             }
         }
-        self.interrupt.signal_used_queue();
-        // The caller drops the path, which detaches the queues again: a
-        // no-op for the kernel.
+        // The caller drops the path, which detaches the queues again (a
+        // no-op for the kernel) and, with its guard, sets the used-ring
+        // bit it reported.
         Ok(self.queues)
     }
 
@@ -459,12 +452,7 @@ impl Drop for VhostPath {
                 tracing::warn!("vhost-net: detaching the TAP from queue {i}: {e}");
             }
         }
-        // As in `quiesce` (a no-op after one, the bit being set): the
-        // used-ring bit this path reported goes with its guard, while an
-        // interrupt the kernel raised may still be on its way (or, where a
-        // detach failed, more may come). After a device reset the
-        // transport clears it again.
-        self.interrupt.signal_used_queue();
+        // `_direct` goes after this: the used-ring bit is set for real.
     }
 }
 
@@ -515,7 +503,7 @@ impl super::Net {
                 acked,
                 tap,
                 kicks,
-                interrupt.clone(),
+                interrupt,
                 self.poll_us,
             )?);
         }

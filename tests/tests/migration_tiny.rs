@@ -641,7 +641,7 @@ const DIRTY_LEN: u32 = 16 << 20;
 
 /// A guest that writes its 16 MiB range over and over (a letter a sweep).
 fn start_dirtier(dir: &Path, name: &str) -> Vm {
-    let vm = start_guest(dir, name, &dirtier(DIRTY_BASE, DIRTY_LEN, 0), 64, &[]);
+    let vm = start_guest(dir, name, &dirtier(DIRTY_BASE, DIRTY_LEN), 64, &[]);
     assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
     vm
 }

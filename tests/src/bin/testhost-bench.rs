@@ -137,22 +137,21 @@ fn argv(peer: Peer, g: &Guest, extra: &str, devices: &[String]) -> Vec<String> {
     v
 }
 
-fn start(h: &Host, prefix: &[&str], argv: &[String]) -> VmmProcess {
+fn spawn_peer(h: &Host, prefix: &[&str], argv: &[String]) -> std::io::Result<VmmProcess> {
     let mut full: Vec<&str> = prefix.to_vec();
     full.extend(argv.iter().map(String::as_str));
-    let p = h
-        .spawn(&full, &[])
-        .unwrap_or_else(|e| panic!("start {}: {e}", argv[0]));
-    VmmProcess::from_proc(p)
+    h.spawn(&full, &[]).map(VmmProcess::from_proc)
+}
+
+fn start(h: &Host, prefix: &[&str], argv: &[String]) -> VmmProcess {
+    spawn_peer(h, prefix, argv).unwrap_or_else(|e| panic!("start {}: {e}", argv[0]))
 }
 
 /// [`start`] where a peer that cannot be started (the test host's agent,
 /// slowed or hung by its emulator, did not answer) is a lost run, not the
 /// end of the benchmark.
 fn try_start(h: &Host, prefix: &[&str], argv: &[String]) -> Result<VmmProcess, Wait> {
-    let mut full: Vec<&str> = prefix.to_vec();
-    full.extend(argv.iter().map(String::as_str));
-    h.spawn(&full, &[]).map(VmmProcess::from_proc).map_err(|e| {
+    spawn_peer(h, prefix, argv).map_err(|e| {
         let prog = argv.first().map_or("", String::as_str);
         eprintln!("NOTE: cannot start {prog} in the test host ({e}): run lost");
         Wait::TimedOut

@@ -98,9 +98,10 @@ pub struct FallbackSummary {
     pub kinds: Vec<(String, u64)>,
 }
 
-/// Fresh guest RAM of `mem_mib` MiB, laid out as every boot's.
+/// Fresh guest RAM of `mem_mib` MiB, laid out as every boot's, on huge
+/// page boundaries (see `devices::virtio::guest_ram`).
 pub fn guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, MachineError> {
-    GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_mib << 20)).map_err(|e| {
+    devices::virtio::guest_ram(&layout::ram_regions(mem_mib << 20)).map_err(|e| {
         MachineError::Memory {
             mib: mem_mib,
             detail: e.to_string(),

@@ -71,6 +71,7 @@ mod dirty;
 mod iov;
 pub mod mmio;
 pub mod net;
+mod ram;
 pub mod tap;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;
@@ -95,18 +96,19 @@ pub use mmio::{
     MmioTransport, RingView, RingWatch, SavedQueue, TransportState, MMIO_SIZE, NOTIFY_OFFSET,
 };
 pub use net::{Net, NetConfig, NetError, NetStats};
+pub use ram::{guest_ram, GuestBitmap, HUGE_PAGE};
 
 /// Guest memory as the whole VMM sees it: every region carries a dirty-page
-/// bitmap ([`AtomicBitmap`](vm_memory::bitmap::AtomicBitmap), one bit per
+/// bitmap ([`GuestBitmap`], an [`AtomicBitmap`](vm_memory::bitmap::AtomicBitmap), one bit per
 /// [`DIRTY_PAGE_SIZE`] page) that records the writes the VMM itself makes
 /// into guest memory, for live migration (KVM's dirty log sees only the
 /// vCPUs' writes). Writes through vm-memory's API mark it by themselves; the
 /// devices mark what the kernel writes through raw iovecs once it is done.
-/// See [`take_dirty_pages`].
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// See [`take_dirty_pages`]. The VMM makes it with [`guest_ram`].
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<GuestBitmap>;
 
 /// One region of [`GuestMemoryMmap`].
-pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<GuestBitmap>;
 
 /// `VIRTIO_F_VERSION_1`: virtio 1.x; the transport refuses drivers without it.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;

@@ -24,6 +24,12 @@
 //! * migration: live migration of an idle guest of 256 MiB and 1 GiB over
 //!   the loopback, ours against QEMU's (`testhost_bench/migration.rs`);
 //!   only when asked (`--only migration`);
+//! * memory: the guest's first write of 160 MiB and its rewrite
+//!   (`testhost_bench/memory.rs`); only when asked (`--only memory`);
+//! * converge: live migration of a guest that writes faster than its
+//!   paced link, ours without and with `auto_converge` against QEMU's
+//!   `auto-converge` (`testhost_bench/migration.rs`); only when asked
+//!   (`--only converge`, the first `--mib` size, 256 MiB by default);
 //! * devices: the host-side device harness (`devbench --only net`, no
 //!   guest) where the host has `/dev/vhost-net`, so that its rows cover
 //!   the kernel's datapath as well as ours; only when asked (`--only
@@ -34,6 +40,8 @@
 #[path = "bench/report.rs"]
 mod report;
 
+#[path = "testhost_bench/memory.rs"]
+mod memory;
 #[path = "testhost_bench/migration.rs"]
 mod migration;
 #[path = "testhost_bench/snapshot.rs"]
@@ -357,7 +365,7 @@ fn main() -> ExitCode {
                 }
             }
             "--help" | "-h" => {
-                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,snapshot,migration,devices] [--mib 256,1024,4096 (snapshot, migration)]   (scripts/bench.sh --testhost)");
+                println!("testhost-bench [--runs N] [--only boot,disk,net,sshd,memory,snapshot,migration,converge,devices] [--mib 256,1024,4096 (snapshot, migration; converge: the first)]   (scripts/bench.sh --testhost)");
                 return ExitCode::SUCCESS;
             }
             other => {
@@ -370,7 +378,9 @@ fn main() -> ExitCode {
     // and target) need a test host with room for them; untouched guest
     // memory is never allocated, but each VMM maps all of its own.
     let largest = sizes.iter().copied().max().unwrap_or(0);
-    let two_sized = only.iter().any(|o| o == "snapshot" || o == "migration");
+    let two_sized = only
+        .iter()
+        .any(|o| o == "snapshot" || o == "migration" || o == "converge");
     if two_sized && largest > 1024 && std::env::var_os("VMM_TESTHOST_MEMORY").is_none() {
         let mib = (2 * largest + 4096).to_string();
         println!("testhost-bench: a test host of {mib} MiB for {largest} MiB guests");
@@ -415,6 +425,14 @@ fn main() -> ExitCode {
 
     if only.iter().any(|o| o == "migration") {
         migration::rows(runs, &g, &sizes);
+    }
+
+    if only.iter().any(|o| o == "memory") {
+        memory::rows(runs, &g);
+    }
+
+    if only.iter().any(|o| o == "converge") {
+        migration::converge_rows(runs, &g, sizes.first().copied().unwrap_or(256));
     }
 
     if only.iter().any(|o| o == "devices") {

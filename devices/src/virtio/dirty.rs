@@ -18,7 +18,7 @@ use vm_memory::{GuestMemoryBackend, MmapRegion};
 use super::GuestMemoryMmap;
 
 /// Bytes of guest memory per bit of the bitmaps: the page size
-/// `GuestMemoryMmap::from_ranges` gives them (the host's, 4 KiB on x86-64).
+/// `AtomicBitmap::with_len` gives them (the host's, 4 KiB on x86-64).
 pub const DIRTY_PAGE_SIZE: u64 = 4096;
 
 /// Takes the pages the VMM wrote since the last call (or

@@ -8,8 +8,7 @@
 //! page. A region placed 0x1a8000 past a boundary (as one was, measured in
 //! the test host) never gets a single one, even where the host's THP mode is
 //! `always`; where it is `madvise` (Ubuntu's default) nothing is a huge page
-//! without `MADV_HUGEPAGE`. QEMU and Cloud Hypervisor align and advise the
-//! same way.
+//! without `MADV_HUGEPAGE`. QEMU aligns and advises its RAM the same way.
 //!
 //! `MADV_DONTDUMP`: a VMM that aborts (every panic does) writes a core file
 //! where the host keeps them; the customer's memory has no place in it, and
@@ -85,8 +84,15 @@ struct Mapping {
 }
 
 impl Mapping {
-    /// `len` bytes of fresh zero memory at a [`HUGE_PAGE`]-aligned address.
+    /// `len` bytes of fresh zero memory at a [`HUGE_PAGE`]-aligned address;
+    /// `len` a whole number of 4 KiB pages (guest RAM comes in MiBs).
     fn new(len: usize) -> io::Result<Mapping> {
+        if len == 0 || !len.is_multiple_of(4096) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("guest memory of {len} bytes is not a whole number of pages"),
+            ));
+        }
         let span = len
             .checked_add(HUGE_PAGE)
             .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
@@ -107,10 +113,9 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let base = base as usize;
-        let start = base.next_multiple_of(HUGE_PAGE);
-        let head = start - base;
-        let tail = span - head - len;
-        // SAFETY: both pieces lie within the mapping made above and outside
+        let (start, head, tail) = carve(base, span, len);
+        // SAFETY: both pieces lie within the mapping made above (page
+        // aligned: `base`, `start` and `len` are) and outside
         // [start, start + len), which nothing has seen yet.
         unsafe {
             if head > 0 {
@@ -120,13 +125,42 @@ impl Mapping {
                 libc::munmap((start + len) as *mut libc::c_void, tail);
             }
         }
-        for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTDUMP] {
-            // SAFETY: advice on our own mapping, which changes no contents.
-            // A kernel without THP refuses MADV_HUGEPAGE (EINVAL): the
-            // memory works as before, with small pages.
-            unsafe { libc::madvise(start as *mut libc::c_void, len, advice) };
-        }
+        advise(start as *mut u8, len);
         Ok(Mapping { addr: start, len })
+    }
+}
+
+/// Where in a mapping of `span` bytes at `base` the [`HUGE_PAGE`]-aligned
+/// `len` bytes start, and how much of it lies before (`head`) and after
+/// (`tail`) them: (start, head, tail). `span` is `len + HUGE_PAGE`.
+fn carve(base: usize, span: usize, len: usize) -> (usize, usize, usize) {
+    let start = base.next_multiple_of(HUGE_PAGE);
+    let head = start - base;
+    (start, head, span - head - len)
+}
+
+/// Advises `len` bytes of guest RAM at `host` as the top of this file says:
+/// for a new mapping, and again wherever a `MAP_FIXED` mapping replaced a
+/// piece of it (a snapshot's memory file mapped over it), since a new
+/// mapping keeps none of the old one's advice. A kernel without THP
+/// refuses `MADV_HUGEPAGE` (EINVAL): the memory works as before, with
+/// small pages. A refused `MADV_DONTDUMP` is logged.
+pub fn advise(host: *mut u8, len: usize) {
+    // SAFETY: these two advices change no contents and no access rights, at
+    // any address: at worst the kernel refuses them.
+    let huge = unsafe { libc::madvise(host.cast(), len, libc::MADV_HUGEPAGE) };
+    if huge != 0 {
+        tracing::debug!(
+            "guest memory: no huge pages (MADV_HUGEPAGE: {})",
+            io::Error::last_os_error()
+        );
+    }
+    // SAFETY: as above.
+    if unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTDUMP) } != 0 {
+        tracing::warn!(
+            "guest memory stays in core dumps (MADV_DONTDUMP: {})",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -221,8 +255,32 @@ mod tests {
                 .unwrap(),
             7
         );
-        // Beyond the regions there is nothing (the trimmed slack included).
-        assert!(mem.read_obj::<u8>(GuestAddress(6 << 20)).is_err());
+    }
+
+    #[test]
+    fn the_aligned_part_fits_and_the_slack_around_it_is_whole_pages() {
+        let len = 6 << 20;
+        let span = len + HUGE_PAGE;
+        for base in [
+            0x7f00_0000_0000usize,
+            0x7f00_0000_1000,
+            0x7f00_001f_f000,
+            0x7f00_0010_0000,
+        ] {
+            let (start, head, tail) = carve(base, span, len);
+            assert_eq!(start % HUGE_PAGE, 0);
+            assert_eq!(start, base + head);
+            assert!(head < HUGE_PAGE);
+            assert_eq!(head + len + tail, span);
+            assert_eq!((head % 4096, tail % 4096), (0, 0));
+            assert!(tail >= 4096, "base {base:#x}: {tail}");
+        }
+    }
+
+    #[test]
+    fn memory_that_is_not_whole_pages_is_refused() {
+        assert!(guest_ram(&[(GuestAddress(0), 0)]).is_err());
+        assert!(guest_ram(&[(GuestAddress(0), (1 << 20) + 512)]).is_err());
     }
 
     #[test]
@@ -243,13 +301,18 @@ mod tests {
     }
 
     #[test]
-    fn writes_through_vm_memory_mark_the_regions_bitmap() {
+    fn writes_through_vm_memory_are_dirty_pages_for_a_migration() {
         let mem = guest_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
         mem.write_obj(1u8, GuestAddress(0x5000)).unwrap();
         let r = mem.iter().next().unwrap();
-        let bits = MmapRegion::bitmap(r);
-        assert!(bits.dirty_at(0x5000));
-        assert!(!bits.dirty_at(0x4000));
+        assert!(MmapRegion::bitmap(r).dirty_at(0x5000));
+        assert!(!MmapRegion::bitmap(r).dirty_at(0x4000));
+        let taken = crate::virtio::take_dirty_pages(&mem);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0][0], 1 << 5, "page 5 only");
+        assert!(crate::virtio::take_dirty_pages(&mem)[0]
+            .iter()
+            .all(|w| *w == 0));
     }
 
     #[test]

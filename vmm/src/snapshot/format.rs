@@ -279,6 +279,9 @@ fn map_piece(
         )
     };
     if p != libc::MAP_FAILED {
+        // A new mapping keeps none of guest RAM's advice (huge pages, no
+        // core dumps): given again.
+        devices::virtio::advise(host, n);
         return Ok(Mapped::Yes);
     }
     let e = io::Error::last_os_error();
@@ -302,6 +305,7 @@ fn map_piece(
             io::Error::last_os_error()
         ))));
     }
+    devices::virtio::advise(host, n);
     Ok(Mapped::CopyInstead)
 }
 
@@ -413,6 +417,56 @@ mod tests {
         assert_eq!(&b, b"second region");
         dst.read_slice(&mut b[..5], GuestAddress(0x1000)).unwrap();
         assert_eq!(&b[..5], b"first");
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// The `VmFlags` of the mapping that holds host address `addr`.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for l in smaps.lines() {
+            let range = l
+                .split(' ')
+                .next()
+                .and_then(|w| w.split_once('-'))
+                .and_then(|(a, b)| {
+                    Some((
+                        usize::from_str_radix(a, 16).ok()?,
+                        usize::from_str_radix(b, 16).ok()?,
+                    ))
+                });
+            if let Some((a, b)) = range {
+                inside = a <= addr && addr < b;
+            } else if inside {
+                if let Some(f) = l.strip_prefix("VmFlags:") {
+                    return f.trim().to_string();
+                }
+            }
+        }
+        panic!("{addr:#x} is not mapped");
+    }
+
+    #[test]
+    fn memory_mapped_from_the_file_stays_out_of_core_dumps_as_the_rest_does() {
+        let src = guest(3);
+        src.write_slice(b"data", GuestAddress(0x1000)).unwrap();
+        let (p, file) = temp_file("advice");
+        let info = write_memory(&src, &file).unwrap();
+        let dst = devices::virtio::guest_ram(&[
+            (GuestAddress(0), 3 << 20),
+            (GuestAddress(16 << 20), 1 << 20),
+        ])
+        .unwrap();
+        read_memory(&dst, &file, &info).unwrap();
+        let mut b = [0u8; 4];
+        dst.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&b, b"data");
+        let mapped = dst.get_host_address(GuestAddress(0x1000)).unwrap() as usize;
+        let flags = vm_flags(mapped);
+        assert!(
+            flags.split(' ').any(|f| f == "dd"),
+            "the file's piece lost MADV_DONTDUMP: {flags}"
+        );
         std::fs::remove_file(p).unwrap();
     }
 

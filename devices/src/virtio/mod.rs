@@ -96,7 +96,7 @@ pub use mmio::{
     MmioTransport, RingView, RingWatch, SavedQueue, TransportState, MMIO_SIZE, NOTIFY_OFFSET,
 };
 pub use net::{Net, NetConfig, NetError, NetStats};
-pub use ram::{advise, guest_ram, GuestBitmap, HUGE_PAGE};
+pub use ram::{advise, guest_ram, GuestBitmap};
 
 /// Guest memory as the whole VMM sees it: every region carries a dirty-page
 /// bitmap ([`GuestBitmap`], an [`AtomicBitmap`](vm_memory::bitmap::AtomicBitmap), one bit per

@@ -5,7 +5,7 @@
 //! then over the same file again (memory already mapped). Timed in the
 //! guest from `/proc/uptime`. QEMU maps guest RAM on 2 MiB boundaries with
 //! `MADV_HUGEPAGE`, as we do since 2026-12-07; before, ours were 4 KiB
-//! pages to KVM and the first write ran at ~0.6 of QEMU's.
+//! pages to KVM and the first write ran at ~0.4 of QEMU's.
 
 use std::time::Duration;
 

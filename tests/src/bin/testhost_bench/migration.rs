@@ -27,7 +27,7 @@ use tests::guest::HostDir;
 use tests::{host, Host};
 
 use super::report::{self, stats, Table};
-use super::snapshot::qmp;
+use super::snapshot::{qmp, qmp_until};
 use super::{argv, start, wait_marker, Guest, Peer, Wait, MARKER};
 
 /// The guest's memory-writing load, typed on its console; the marker it
@@ -65,7 +65,7 @@ struct Moved {
     /// Ours: the answer's `passes`; QEMU: `dirty-sync-count`.
     passes: Option<f64>,
     /// The most the guest was slowed down, in %.
-    throttle: Option<f64>,
+    throttle: f64,
     /// The paced link, MiB/s (`Load::Hot`).
     link_mib_s: Option<u64>,
 }
@@ -80,28 +80,6 @@ fn field(text: &str, name: &str) -> Option<f64> {
         .take_while(|c| c.is_ascii_digit() || *c == '.')
         .collect();
     digits.parse().ok()
-}
-
-/// Polls QEMU's `query-migrate` until it completed; its last answer and
-/// the most `cpu-throttle-percentage` it showed meanwhile (a completed
-/// migration shows none).
-fn qemu_done(h: &Host, sock: &str) -> Result<(String, f64), String> {
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let mut throttle = 0f64;
-    while Instant::now() < deadline {
-        let out = qmp(h, sock, &["{\"execute\":\"query-migrate\"}"]);
-        if let Some(t) = field(&out, "cpu-throttle-percentage") {
-            throttle = throttle.max(t);
-        }
-        if out.contains("\"completed\"") {
-            return Ok((out, throttle));
-        }
-        if out.contains("\"failed\"") {
-            return Err(out);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Err("not completed in 900 s".into())
 }
 
 /// One migration of `peer`.
@@ -194,7 +172,7 @@ fn once(h: &Host, peer: Peer, g: &Guest, dir: &HostDir, port: u16, load: Load) -
                     total_s: t / 1e3,
                     downtime_s: d / 1e3,
                     passes: field(&out, "passes"),
-                    throttle: Some(field(&out, "throttle_pct").unwrap_or(0.0)),
+                    throttle: field(&out, "throttle_pct").unwrap_or(0.0),
                     link_mib_s,
                 }),
                 _ => Err(out),
@@ -216,11 +194,26 @@ fn once(h: &Host, peer: Peer, g: &Guest, dir: &HostDir, port: u16, load: Load) -
             ));
             let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
             qmp(h, &src_sock, &cmds);
-            qemu_done(h, &src_sock).map(|(out, throttle)| Moved {
+            // The most `cpu-throttle-percentage` shown on the way: a
+            // completed migration shows none.
+            let mut throttle = 0f64;
+            qmp_until(
+                h,
+                &src_sock,
+                "{\"execute\":\"query-migrate\"}",
+                "\"completed\"",
+                "\"failed\"",
+                |out| {
+                    if let Some(t) = field(out, "cpu-throttle-percentage") {
+                        throttle = throttle.max(t);
+                    }
+                },
+            )
+            .map(|out| Moved {
                 total_s: field(&out, "total-time").unwrap_or(f64::NAN) / 1e3,
                 downtime_s: field(&out, "downtime").unwrap_or(f64::NAN) / 1e3,
                 passes: field(&out, "dirty-sync-count"),
-                throttle: Some(throttle),
+                throttle,
                 link_mib_s,
             })
         }
@@ -244,7 +237,7 @@ fn once(h: &Host, peer: Peer, g: &Guest, dir: &HostDir, port: u16, load: Load) -
                 v.total_s,
                 v.downtime_s,
                 v.passes.map_or("-".into(), |p| p.to_string()),
-                v.throttle.map_or("-".into(), |p| p.to_string()),
+                v.throttle,
                 v.link_mib_s
                     .map_or(String::new(), |l| format!(", link {l} MiB/s")),
                 wall.as_secs_f64()
@@ -360,7 +353,7 @@ pub fn converge_rows(runs: usize, g: &Guest, mib: u32) {
             med(|t| t.total_s).map_or("-".into(), report::dur),
             med(|t| t.downtime_s).map_or("-".into(), report::dur),
             med(|t| t.passes.unwrap_or(f64::NAN)).map_or("-".into(), |p| format!("{p:.0}")),
-            med(|t| t.throttle.unwrap_or(f64::NAN)).map_or("-".into(), |p| format!("{p:.0} %")),
+            med(|t| t.throttle).map_or("-".into(), |p| format!("{p:.0} %")),
             if i == 1 {
                 String::new()
             } else {

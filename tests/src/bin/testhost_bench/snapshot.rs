@@ -38,13 +38,22 @@ pub fn qmp(h: &Host, sock: &str, cmds: &[&str]) -> String {
     .stdout
 }
 
-/// Polls `cmd` over QMP until its reply contains `want` (or `fail`).
-pub fn qmp_until(h: &Host, sock: &str, cmd: &str, want: &str, fail: &str) -> Result<(), String> {
+/// Polls `cmd` over QMP until its reply contains `want` (or `fail`), and
+/// returns that reply; `each` sees every reply on the way.
+pub fn qmp_until(
+    h: &Host,
+    sock: &str,
+    cmd: &str,
+    want: &str,
+    fail: &str,
+    mut each: impl FnMut(&str),
+) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(900);
     while Instant::now() < deadline {
         let out = qmp(h, sock, &[cmd]);
+        each(&out);
         if out.contains(want) {
-            return Ok(());
+            return Ok(out);
         }
         if out.contains(fail) {
             return Err(out);
@@ -105,7 +114,9 @@ fn once(h: &Host, peer: Peer, g: &Guest, dir: &HostDir) -> Option<(f64, f64, u64
                 "{\"execute\":\"query-migrate\"}",
                 "\"completed\"",
                 "\"failed\"",
+                |_| {},
             )
+            .map(drop)
         }
     };
     let save_s = t0.elapsed().as_secs_f64();
@@ -146,13 +157,14 @@ fn once(h: &Host, peer: Peer, g: &Guest, dir: &HostDir) -> Option<(f64, f64, u64
                 "{\"execute\":\"query-status\"}",
                 "\"running\"",
                 "\"shutdown\"",
+                |_| {},
             );
             let t = t1.elapsed().as_secs_f64();
             if let Err(e) = &r {
                 eprintln!("{}: no restore: {e}\n{}", peer.label(), q.report());
             }
             let _ = q.child.kill();
-            r.ok().map(|()| t)
+            r.ok().map(|_| t)
         }
     };
     restored.map(|r| (save_s, r, bytes))

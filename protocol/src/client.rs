@@ -311,6 +311,7 @@ mod tests {
             boot_count: 1,
             last_reset: None,
             migrating: false,
+            snapshotting: false,
             throttle_pct: 0,
             watchdog: None,
             on_panic: None,

@@ -51,3 +51,10 @@ pub const MAX_STOP_TIMEOUT_S: u64 = 86_400;
 
 /// Largest accepted `speed_mib_s` of `backup` and `migrate` (1 TiB/s: no limit in practice).
 pub const MAX_SPEED_MIB_S: u64 = 1 << 20;
+
+/// `migrate`'s downtime budget when the request names none, in ms: QEMU's `downtime-limit`
+/// default, so that a VM moves with the stop its operators know from QEMU.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+/// Largest accepted `downtime_ms` of `migrate`: the last pass's own deadline (60 s).
+pub const MAX_DOWNTIME_MS: u64 = 60_000;

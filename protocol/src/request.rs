@@ -119,6 +119,11 @@ pub enum Request {
         /// however it ends.
         #[serde(skip_serializing_if = "is_false", default)]
         auto_converge: bool,
+        /// How long the guest may stand stopped for the last pass, in ms (none:
+        /// [`DEFAULT_DOWNTIME_MS`](crate::DEFAULT_DOWNTIME_MS)): the passes go on while the guest
+        /// runs until what is left would go over in that time at the rate the copy measured.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        downtime_ms: Option<u64>,
     },
     /// `{"cmd":"migrate-cancel"}`: calls off the running `migrate` while the guest still runs
     /// at this host (operator only); its `migrate` answers `cancelled` and the guest runs on
@@ -207,12 +212,24 @@ impl Args {
     }
 
     fn opt_u64(&mut self, arg: &'static str, max: u64) -> Result<Option<u64>, ProtocolError> {
+        self.opt_in(arg, 0, max)
+    }
+
+    /// An optional integer from `min` to `max`.
+    fn opt_in(
+        &mut self,
+        arg: &'static str,
+        min: u64,
+        max: u64,
+    ) -> Result<Option<u64>, ProtocolError> {
         match self.take(arg) {
             None => Ok(None),
             Some(v) => match v.as_u64() {
-                Some(n) if n <= max => Ok(Some(n)),
-                _ if max == u64::MAX => Err(self.invalid(arg, "a non-negative integer")),
-                _ => Err(self.invalid(arg, format!("an integer from 0 to {max}"))),
+                Some(n) if (min..=max).contains(&n) => Ok(Some(n)),
+                _ if min == 0 && max == u64::MAX => {
+                    Err(self.invalid(arg, "a non-negative integer"))
+                }
+                _ => Err(self.invalid(arg, format!("an integer from {min} to {max}"))),
             },
         }
     }
@@ -329,6 +346,7 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
             },
             speed_mib_s: args.opt_u64("speed_mib_s", MAX_SPEED_MIB_S)?,
             auto_converge: args.opt_bool("auto_converge")?.unwrap_or(false),
+            downtime_ms: args.opt_in("downtime_ms", 1, crate::MAX_DOWNTIME_MS)?,
         },
         "migrate-cancel" => Request::MigrateCancel,
         // `cmd` comes from `Request::NAMES`, all of which are handled above.
@@ -431,6 +449,7 @@ mod tests {
                 disks: DiskMigration::Shared,
                 speed_mib_s: None,
                 auto_converge: false,
+                downtime_ms: None,
             },
             Request::Migrate {
                 to: "[2001:db8::7]:4444".into(),
@@ -438,6 +457,7 @@ mod tests {
                 disks: DiskMigration::Copy,
                 speed_mib_s: Some(100),
                 auto_converge: true,
+                downtime_ms: Some(50),
             },
             Request::MigrateCancel,
         ]
@@ -573,6 +593,15 @@ mod tests {
             err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","auto_converge":"yes"}"#),
             "invalid argument 'auto_converge' for migrate: expected true or false"
         );
+        for bad in ["0", "60001", "-5", "1.5", "\"300\""] {
+            assert_eq!(
+                err(&format!(
+                    r#"{{"cmd":"migrate","to":"192.0.2.7:1","token":"t","downtime_ms":{bad}}}"#
+                )),
+                "invalid argument 'downtime_ms' for migrate: expected an integer from 1 to 60000",
+                "{bad}"
+            );
+        }
         assert_eq!(
             err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","disks":"rsync"}"#),
             "invalid argument 'disks' for migrate: expected one of shared, copy"

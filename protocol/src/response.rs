@@ -47,6 +47,10 @@ pub struct StatusInfo {
     /// it off while the guest runs here); absent otherwise.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub migrating: bool,
+    /// A `snapshot`'s files are being written (the guest is paused and power
+    /// requests are refused until it is answered); absent otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snapshotting: bool,
     /// How much of its vCPUs' time a migration's `auto_converge` takes from
     /// the guest right now, in percent; absent: none.
     #[serde(default, skip_serializing_if = "is_zero_u8")]
@@ -490,6 +494,7 @@ mod tests {
             boot_count: 2,
             last_reset: Some(ResetCause::Watchdog),
             migrating: true,
+            snapshotting: true,
             throttle_pct: 50,
             watchdog: Some(WatchdogInfo {
                 armed: true,

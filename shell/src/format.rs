@@ -197,6 +197,16 @@ pub fn status(s: &StatusInfo, style: Style) -> String {
         };
         row(&mut out, style, "moving", &style.yellow(&how));
     }
+    // The operator's snapshot pauses the guest and holds power requests
+    // back for its few seconds: the customer sees why.
+    if s.snapshotting {
+        row(
+            &mut out,
+            style,
+            "saving",
+            &style.yellow("a snapshot by the host; paused until it is written"),
+        );
+    }
     out
 }
 
@@ -478,6 +488,7 @@ mod tests {
             boot_count: 2,
             last_reset: Some(ResetCause::Watchdog),
             migrating: false,
+            snapshotting: false,
             throttle_pct: 0,
             watchdog: Some(WatchdogInfo {
                 armed: true,
@@ -551,6 +562,18 @@ mod tests {
             text.contains(
                 "moving      to another host, live; slowed down 40 % until the copy catches up\n"
             ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_says_when_the_host_is_saving_a_snapshot_of_the_vm() {
+        let mut s = status_info();
+        assert!(!status(&s, Style::PLAIN).contains("saving"));
+        s.snapshotting = true;
+        let text = status(&s, Style::PLAIN);
+        assert!(
+            text.contains("saving      a snapshot by the host; paused until it is written\n"),
             "{text}"
         );
     }

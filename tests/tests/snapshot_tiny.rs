@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tests::control::Ctl;
-use tests::tiny::{alphabet, letters_of, vmm_command};
+use tests::tiny::{alphabet, dirtier, letters_of, vmm_command, vmm_command_sized};
 use tests::{TempDir, VmmProcess};
 
 const T: Duration = Duration::from_secs(30);
@@ -164,6 +164,95 @@ fn a_snapshot_leaves_the_guest_running_and_refuses_customers_names_outside_its_d
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("s1")]);
     assert_eq!(c.status()["state"], "running");
+}
+
+#[test]
+fn while_a_large_snapshot_is_written_the_control_socket_answers_and_power_requests_are_refused_until_it_is_done(
+) {
+    let dir = TempDir::new("snap-tiny-large");
+    let sock = dir.path().join("run/vm1/control.sock");
+    let snaps = dir.path().join("snapshots");
+    std::fs::create_dir(&snaps).unwrap();
+    // A guest that writes every page of 992 MiB: its memory file is data,
+    // not holes, and takes a while to write.
+    let asm = dirtier(16 << 20, 992 << 20);
+    let mut cmd = vmm_command_sized(dir.path(), "vm1", &asm, &sock, 1024);
+    cmd.arg("--snapshot-dir").arg(&snaps);
+    let vm = Vm {
+        dir: dir.path().to_path_buf(),
+        sock,
+        p: VmmProcess::spawn_cmd(&mut cmd),
+    };
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    // A letter per sweep: one means every page was written.
+    assert!(
+        vm.p.wait_until(0, T, |t| (!letters_of(t).is_empty()).then_some(()))
+            .is_some(),
+        "{}",
+        vm.p.report()
+    );
+    let mut c = vm.ctl();
+    let sock = vm.sock.clone();
+    let (answer, seen, refused) = std::thread::scope(|s| {
+        let asked = s.spawn(|| Ctl::connect(&sock).call(r#"{"cmd":"snapshot","dir":"big"}"#));
+        // `status` answers while the snapshot is written, and says so.
+        let deadline = std::time::Instant::now() + T;
+        let mut seen = None;
+        while seen.is_none() && !asked.is_finished() && std::time::Instant::now() < deadline {
+            let st = c.status();
+            if st["snapshotting"] == true {
+                seen = Some(st);
+            } else {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Meanwhile a reset, a pause or another snapshot is refused, not
+        // queued behind it nor carried out under it.
+        let refused: Vec<serde_json::Value> = if seen.is_some() {
+            [
+                r#"{"cmd":"reset"}"#,
+                r#"{"cmd":"pause"}"#,
+                r#"{"cmd":"snapshot","dir":"second"}"#,
+            ]
+            .iter()
+            .map(|l| c.call(l))
+            .collect()
+        } else {
+            Vec::new()
+        };
+        (asked.join().expect("the snapshot call"), seen, refused)
+    });
+    assert_eq!(answer["ok"], true, "{answer}");
+    let seen = seen
+        .unwrap_or_else(|| panic!("no status answered while the snapshot was written: {answer}"));
+    assert_eq!(seen["state"], "running", "{seen}");
+    for e in &refused {
+        assert_eq!(e["code"], "invalid_state", "{e}");
+        assert!(
+            e["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("snapshot of this VM is being written"),
+            "{e}"
+        );
+    }
+    assert_eq!(refused.len(), 3);
+    assert!(!vm.snapshot("second").exists());
+    assert_eq!(answer["memory_bytes"], 1u64 << 30, "{answer}");
+    // Done: the guest runs on, power requests are served again.
+    let s = c.status();
+    assert_eq!(s["snapshotting"], serde_json::Value::Null, "{s}");
+    assert_eq!(s["boot_count"], 1, "the refused reset did nothing: {s}");
+    let before = vm.letters().len();
+    assert!(
+        vm.p.wait_until(0, T, |t| (letters_of(t).len() > before).then_some(()))
+            .is_some(),
+        "the guest runs on after the snapshot\n{}",
+        vm.p.report()
+    );
+    c.ok(r#"{"cmd":"reset"}"#);
+    assert_eq!(c.status()["boot_count"], 2);
+    assert!(vm.snapshot("big").join("memory").is_file());
 }
 
 #[test]

@@ -43,6 +43,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
         boot_count: vm.boot_count,
         last_reset: vm.last_reset,
         migrating: vm.migrating(),
+        snapshotting: vm.snapshotting(),
         throttle_pct: vm.throttle_pct(),
         watchdog: Some(watchdog_info(vm)),
         on_panic: Some(vm.panic_action),
@@ -298,10 +299,7 @@ impl ControlHandler for VmControlHandler {
             Request::Pause => done(vm.pause()),
             Request::Resume => done(vm.resume()),
             Request::Reset => done(vm.reset(protocol::ResetCause::Command)),
-            Request::Poweroff => {
-                vm.poweroff();
-                Ok(Reply::Done)
-            }
+            Request::Poweroff => done(vm.poweroff_request()),
             Request::Start => done(vm.start()),
             Request::Shutdown { timeout_s } | Request::Reboot { timeout_s } => {
                 let kind = if matches!(request, Request::Shutdown { .. }) {
@@ -341,13 +339,23 @@ impl ControlHandler for VmControlHandler {
                 }
                 Err(e) => Err(e),
             },
-            Request::Snapshot { dir, stop } => snapshot(&mut vm, responder.peer(), &dir, stop),
+            Request::Snapshot { dir, stop } => {
+                match snapshot_begin(&mut vm, responder.peer(), &dir, stop) {
+                    Ok(job) => {
+                        drop(vm);
+                        write_snapshot(self.vm.clone(), job, responder);
+                        return;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Request::Migrate {
                 to,
                 token,
                 disks,
                 speed_mib_s,
                 auto_converge,
+                downtime_ms,
             } => match migrate_checks(&mut vm, responder.peer(), &to) {
                 Ok((addr, cancel)) => {
                     let publish = vm.hooks.publish.clone();
@@ -360,6 +368,9 @@ impl ControlHandler for VmControlHandler {
                         let how = crate::migration::source::How {
                             disks,
                             auto_converge,
+                            downtime: Duration::from_millis(
+                                downtime_ms.unwrap_or(protocol::DEFAULT_DOWNTIME_MS),
+                            ),
                         };
                         let r = crate::migration::source::run(shared, addr, token, how, flow, p2);
                         let done = r.is_ok();
@@ -416,12 +427,13 @@ fn migrate_checks(
 }
 
 /// `snapshot`: the operator's, into a new directory of `--snapshot-dir`.
-fn snapshot(
+/// `snapshot`'s checks and its capture, on the event loop (quick).
+fn snapshot_begin(
     vm: &mut Vm,
     peer: &crate::control::PeerIdentity,
     dir: &str,
     stop: bool,
-) -> Result<Reply, ControlError> {
+) -> Result<crate::vm::SnapshotJob, ControlError> {
     peer.require_operator("snapshot")?;
     let Some(base) = vm.config.snapshot_dir.as_deref() else {
         return Err(ControlError::new(
@@ -436,7 +448,36 @@ fn snapshot(
             path.display()
         )));
     }
-    vm.snapshot(&path, stop).map(Reply::Snapshot)
+    vm.snapshot_begin(&path, stop)
+}
+
+/// Writes the snapshot's files on a thread of its own (seconds for a large
+/// guest: the console and the control socket answer meanwhile), then ends
+/// it under the VM's lock and answers.
+fn write_snapshot(shared: SharedVm, job: crate::vm::SnapshotJob, responder: Responder) {
+    // The thread takes the job; one that cannot start leaves it here, to
+    // be ended unwritten (the machine must not stay held).
+    let slot = Arc::new(std::sync::Mutex::new(Some((job, responder))));
+    let theirs = slot.clone();
+    let vm = shared.clone();
+    let spawned = crate::spawner::spawn("snapshot".into(), move || {
+        crate::seccomp::install(crate::seccomp::Kind::Snapshot);
+        let Some((mut job, responder)) = lock(&theirs).take() else {
+            return;
+        };
+        let written = job.write();
+        let r = lock(&vm).snapshot_end(job, written);
+        responder.send(r.map(Reply::Snapshot));
+    });
+    if let Err(e) = spawned {
+        if let Some((job, responder)) = lock(&slot).take() {
+            let why = crate::snapshot::SnapshotError::Machine(format!(
+                "cannot start the snapshot's thread: {e}"
+            ));
+            let r = lock(&shared).snapshot_end(job, Err(why));
+            responder.send(r.map(Reply::Snapshot));
+        }
+    }
 }
 
 #[cfg(test)]

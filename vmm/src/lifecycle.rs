@@ -7,6 +7,11 @@
 //! The rule that matters to a customer: a pending `shutdown`/`reboot` is
 //! settled by the next power action, whoever takes it, and its deadline
 //! dies with it. A VM that was halted stays halted.
+//!
+//! While a snapshot's files are written (off the event loop, the guest
+//! paused and its devices quiesced as captured) the machine is *held*:
+//! every input is refused, so nothing boots, halts or resumes the machine
+//! under the writer, and the snapshot's own end decides what runs next.
 
 use std::fmt;
 
@@ -69,12 +74,19 @@ pub enum Refusal {
     NotPaused(VmState),
     #[error("the VM is paused: resume it first")]
     Paused,
+    #[error(
+        "a snapshot of this VM is being written (the guest is paused meanwhile): \
+         try again once it is answered"
+    )]
+    Held,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifecycle {
     state: VmState,
     pending: Option<StopKind>,
+    /// A snapshot is being written: every input is refused.
+    held: bool,
 }
 
 impl Default for Lifecycle {
@@ -86,9 +98,13 @@ impl Default for Lifecycle {
 impl fmt::Display for Lifecycle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.pending {
-            Some(k) => write!(f, "{} ({k:?} pending)", self.state),
-            None => write!(f, "{}", self.state),
+            Some(k) => write!(f, "{} ({k:?} pending)", self.state)?,
+            None => write!(f, "{}", self.state)?,
         }
+        if self.held {
+            write!(f, " (held)")?;
+        }
+        Ok(())
     }
 }
 
@@ -98,6 +114,7 @@ impl Lifecycle {
         Lifecycle {
             state: VmState::Stopped,
             pending: None,
+            held: false,
         }
     }
 
@@ -114,9 +131,35 @@ impl Lifecycle {
         self.state = VmState::Stopped;
     }
 
+    /// Holds the machine for a snapshot being written: from now until
+    /// [`Lifecycle::release`], every input is refused ([`Refusal::Held`]).
+    /// Only a machine that runs or is paused can be held, and only once.
+    pub fn hold(&mut self) -> Result<(), Refusal> {
+        if self.held {
+            return Err(Refusal::Held);
+        }
+        if self.state == VmState::Stopped {
+            return Err(Refusal::NotRunning(self.state));
+        }
+        self.held = true;
+        Ok(())
+    }
+
+    /// The snapshot is written (or failed): inputs are served again.
+    pub fn release(&mut self) {
+        self.held = false;
+    }
+
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
     /// Decides what `input` does now. A refusal changes nothing.
     pub fn on(&mut self, input: Input) -> Result<Vec<Action>, Refusal> {
         use Action::*;
+        if self.held {
+            return Err(Refusal::Held);
+        }
         let state = self.state;
         let mut acts = Vec::new();
         // Settles a pending stop that `input` overrides.
@@ -255,7 +298,11 @@ mod tests {
     }
 
     fn at(state: VmState, pending: Option<StopKind>) -> Lifecycle {
-        Lifecycle { state, pending }
+        Lifecycle {
+            state,
+            pending,
+            held: false,
+        }
     }
 
     fn running() -> Lifecycle {
@@ -401,6 +448,37 @@ mod tests {
             assert_eq!(l.on(input), Err(refusal), "{input:?} in {state}");
             assert_eq!(l, at(state, None), "{input:?} in {state} changed the state");
         }
+    }
+
+    #[test]
+    fn a_held_machine_refuses_every_input_unchanged_and_serves_them_again_once_released() {
+        for state in [VmState::Running, VmState::Paused] {
+            for pending in ALL_PENDING {
+                let mut l = at(state, pending);
+                assert_eq!(l.hold(), Ok(()));
+                assert_eq!(l.hold(), Err(Refusal::Held), "held once only");
+                let held = l;
+                for input in all_inputs() {
+                    assert_eq!(l.on(input), Err(Refusal::Held), "{input:?} in {held}");
+                    assert_eq!(l, held, "{input:?} changed {held}");
+                }
+                l.release();
+                assert_eq!(l, at(state, pending), "released as it was");
+                // What it refused is served now, as on a machine never held.
+                for input in all_inputs() {
+                    let (mut a, mut b) = (l, at(state, pending));
+                    assert_eq!(a.on(input), b.on(input), "{input:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stopped_machine_cannot_be_held() {
+        let mut l = at(VmState::Stopped, None);
+        assert_eq!(l.hold(), Err(Refusal::NotRunning(VmState::Stopped)));
+        assert!(!l.is_held());
+        assert_eq!(l.on(Input::Start), Ok(vec![Boot(None)]));
     }
 
     /// Every input in every reachable state, then every second input:

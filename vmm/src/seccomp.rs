@@ -64,10 +64,11 @@ pub enum Kind {
     Hook,
     Migration,
     Throttle,
+    Snapshot,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::EventLoop,
         Kind::Vcpu,
         Kind::Disk,
@@ -76,6 +77,7 @@ impl Kind {
         Kind::Hook,
         Kind::Migration,
         Kind::Throttle,
+        Kind::Snapshot,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +90,7 @@ impl Kind {
             Kind::Hook => "alert-hook",
             Kind::Migration => "migration",
             Kind::Throttle => "throttle",
+            Kind::Snapshot => "snapshot",
         }
     }
 }
@@ -232,13 +235,8 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_renameat, "replacing the state file atomically"),
     (libc::SYS_unlink, "removing the control socket at exit"),
     (libc::SYS_unlinkat, "removing the control socket at exit"),
-    (libc::SYS_mkdir, "a snapshot's directory"),
-    (libc::SYS_mkdirat, "a snapshot's directory"),
-    (libc::SYS_rmdir, "removing a failed snapshot"),
     (libc::SYS_flock, "a migration's target taking its disks' image locks"),
-    (libc::SYS_ftruncate, "a snapshot's memory file taking its length (its zero MiBs are holes)"),
-    (libc::SYS_pwrite64, "a snapshot's memory, MiB by MiB"),
-    (libc::SYS_fsync, "the state file, a snapshot's files"),
+    (libc::SYS_fsync, "the state file"),
     (libc::SYS_fdatasync, "the state file"),
     (libc::SYS_fcntl, "descriptor flags (nonblocking, close-on-exec)"),
     (libc::SYS_dup, "duplicating eventfds"),
@@ -290,6 +288,37 @@ const MIGRATION: &[(i64, &str)] = &[
         libc::SYS_kill,
         "ending its own process once the guest runs on the target",
     ),
+];
+
+/// A snapshot's writer: its directory and files (the event loop captured
+/// the machine), then, under the VM's lock, the devices started again and
+/// the vCPUs resumed or the VM powered off (what a vCPU's device activation
+/// calls, see `VCPU`).
+const SNAPSHOT: &[(i64, &str)] = &[
+    (
+        libc::SYS_openat,
+        "creating the files; opening directories to sync them",
+    ),
+    (libc::SYS_mkdir, "the snapshot's directory"),
+    (libc::SYS_mkdirat, "the snapshot's directory"),
+    (
+        libc::SYS_ftruncate,
+        "the memory file taking its length (its zero MiBs are holes)",
+    ),
+    (libc::SYS_pwrite64, "guest memory, MiB by MiB"),
+    (
+        libc::SYS_fsync,
+        "the files and directories, before the answer",
+    ),
+    (libc::SYS_rename, "the finished directory taking its name"),
+    (libc::SYS_renameat, "the finished directory taking its name"),
+    (
+        libc::SYS_renameat2,
+        "the finished directory taking its name",
+    ),
+    (libc::SYS_unlink, "removing a failed snapshot's files"),
+    (libc::SYS_unlinkat, "removing a failed snapshot's files"),
+    (libc::SYS_rmdir, "removing a failed snapshot's directory"),
 ];
 
 /// Makes every thread allocate from glibc's main arena. A thread's own
@@ -351,12 +380,13 @@ fn list(kind: Kind) -> impl Iterator<Item = &'static (i64, &'static str)> {
         Kind::EventLoop => &[EVENT_LOOP],
         Kind::Vcpu => &[VCPU],
         Kind::Disk => &[DISK],
-        Kind::Spawner => &[SPAWNER, VCPU, HOOK, MIGRATION],
+        Kind::Spawner => &[SPAWNER, VCPU, HOOK, MIGRATION, SNAPSHOT],
         Kind::ConsoleLog => &[CONSOLE_LOG],
         Kind::Hook => &[HOOK],
         Kind::Migration => &[MIGRATION, VCPU],
         // Sleeps and signals the vCPUs: nothing beyond what all need.
         Kind::Throttle => &[],
+        Kind::Snapshot => &[SNAPSHOT, VCPU],
     };
     COMMON.iter().chain(own.iter().flat_map(|l| l.iter()))
 }

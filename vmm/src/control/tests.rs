@@ -58,6 +58,7 @@ fn status_info() -> StatusInfo {
         boot_count: 1,
         last_reset: None,
         migrating: false,
+        snapshotting: false,
         throttle_pct: 0,
         watchdog: None,
         on_panic: None,

@@ -27,6 +27,7 @@
 //! customers'. The disks are the hosts' shared storage: both VMMs open the
 //! same image paths.
 
+pub mod budget;
 pub mod flow;
 pub mod source;
 pub mod target;

@@ -11,6 +11,7 @@ use devices::virtio::{CopyReader, CopySource, COPY_CHUNK};
 use protocol::{ControlError, DiskMigration, ErrorCode, Event, MigrationInfo};
 use vm_memory::{Bytes, GuestAddress};
 
+use super::budget::Budget;
 use super::flow::{cancelled, Flow};
 use super::wire::{self, Hello, HelloDisk, Kind, MAX_RUN};
 use super::{bits, region_offsets, PAGE};
@@ -19,8 +20,6 @@ use crate::throttle::Converge;
 use crate::vm::migration::Stopped;
 use crate::vm::Publish;
 
-/// A pass that leaves at most this much to copy stops the guest.
-const SMALL_ENOUGH: u64 = 4 << 20;
 /// Passes while the guest runs, at most (a guest writing faster than the
 /// link copies never converges: it is then stopped for what is left).
 const MAX_PASSES: u32 = 30;
@@ -289,6 +288,9 @@ pub struct How {
     pub disks: DiskMigration,
     /// Throttle the vCPUs while the copy falls behind ([`crate::throttle`]).
     pub auto_converge: bool,
+    /// How long the guest may stand stopped for the last pass
+    /// ([`super::budget`]).
+    pub downtime: Duration,
 }
 
 /// Runs a migration to `to` to its end, its copy paced and called off as
@@ -370,6 +372,7 @@ pub fn run(
         .collect();
     let mut disk_bytes = 0u64;
     let mut converge = Converge::default();
+    let mut budget = Budget::new(how.downtime);
     // The most the vCPUs were throttled (what held, not what was asked).
     let mut peak = 0u8;
     // Memory and disks, pass after pass: what each pass leaves (memory
@@ -388,12 +391,15 @@ pub fn run(
         sent += on_disk;
         let mut throttle = 0u8;
         loop {
+            let took = t.elapsed();
+            budget.measured(sent, took);
             let dirty = lock(&vm).migration_dirty(started.boot_count)?;
             let disk = disk_dirty(&started.disks);
             let left = bits::count(&dirty) * PAGE + bits::count(&disk) * COPY_CHUNK;
-            let last = left <= SMALL_ENOUGH || pass >= MAX_PASSES;
+            let stop_at = budget.stop_at();
+            let last = left <= stop_at || pass >= MAX_PASSES;
             if how.auto_converge && !last {
-                let want = converge.after_pass(sent, left, SMALL_ENOUGH);
+                let want = converge.after_pass(sent, left, stop_at);
                 if want != throttle {
                     throttle = lock(&vm).migration_throttle(started.boot_count, want)?;
                     peak = peak.max(throttle);
@@ -403,7 +409,7 @@ pub fn run(
                 pass,
                 sent_bytes: sent,
                 dirty_bytes: left,
-                pass_ms: u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                pass_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
                 throttle_pct: throttle,
             });
             if last {

@@ -14,7 +14,13 @@ fn every_filter_compiles_and_every_call_has_its_reason() {
 
 #[test]
 fn the_spawner_allows_everything_its_children_do() {
-    for child in [Kind::Vcpu, Kind::Hook] {
+    for child in [
+        Kind::Vcpu,
+        Kind::Hook,
+        Kind::Migration,
+        Kind::Throttle,
+        Kind::Snapshot,
+    ] {
         for (nr, _) in list(child) {
             assert!(
                 list(Kind::Spawner).any(|(n, _)| n == nr),

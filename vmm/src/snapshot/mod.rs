@@ -12,6 +12,13 @@
 //! step leaves no `NAME`, removes the part, and the VM runs on as before:
 //! the devices are restarted from what was saved whatever happened after.
 //!
+//! The capture is quick and runs on the event loop; the files (guest
+//! memory is most of it: seconds for gigabytes) are written on a thread of
+//! their own (`snapshot`), so the console and the control socket answer
+//! meanwhile. The lifecycle holds the machine while they are written
+//! (every power request is refused, see `lifecycle`), and the thread ends
+//! it under the VM's lock ([`finish`], then resume or power-off).
+//!
 //! The files are described in [`format`].
 
 pub mod format;
@@ -313,34 +320,27 @@ pub fn restart_devices(virtio: &[VirtioSlot], saved: &[TransportState]) {
     }
 }
 
-/// Saves a paused machine into `path` (which must not exist). The virtio
-/// devices are started again from their saved positions before this
-/// returns, unless it succeeded with `stop` (then they stay stopped: the
-/// guest's queued requests are the restored VM's to serve, not this
-/// one's); the caller resumes the vCPUs (or powers the VM off).
-pub fn take(
-    machine: &Machine,
-    virtio: &[VirtioSlot],
-    msr_index: &Arc<Vec<u32>>,
-    meta: Meta,
-    path: &Path,
-    stop: bool,
-) -> Result<Taken, SnapshotError> {
-    let mut captured = capture(machine, virtio, msr_index, &meta)?;
-    let result = write_dir(machine, &mut captured.snapshot, path);
-    if result.is_ok() && stop {
+/// After [`write_dir`] (`written`: it succeeded): the virtio devices
+/// start again from their saved positions, unless the snapshot was taken
+/// with `stop` (then they are reset: the guest's queued requests are the
+/// restored VM's to serve, not this one's); the caller resumes the vCPUs
+/// (or powers the VM off).
+pub fn finish(virtio: &[VirtioSlot], saved: &[TransportState], written: bool, stop: bool) {
+    if written && stop {
         for slot in virtio {
             lock(&slot.transport).reset();
         }
     } else {
-        restart_devices(virtio, &captured.virtio);
+        restart_devices(virtio, saved);
     }
-    result
 }
 
-/// Writes `NAME.part/` and renames it to `NAME`; removes the part on failure.
-fn write_dir(
-    machine: &Machine,
+/// Writes `NAME.part/` with the paused guest's memory `mem` and `snapshot`
+/// (its `memory` filled in here), and renames it to `NAME`; removes the
+/// part on failure. Needs no lock of the VM's: the guest stays paused and
+/// its devices quiesced until [`finish`] (the lifecycle holds the machine).
+pub fn write_dir(
+    mem: &GuestMemoryMmap,
     snapshot: &mut VmSnapshot,
     path: &Path,
 ) -> Result<Taken, SnapshotError> {
@@ -353,7 +353,7 @@ fn write_dir(
         path: part.clone(),
         source,
     })?;
-    let r = write_files(machine, snapshot, &part).and_then(|taken| {
+    let r = write_files(mem, snapshot, &part).and_then(|taken| {
         // The files' names are in the directory for good, then the
         // directory's new name in its parent: a snapshot answered as
         // taken survives a crash of the host.
@@ -386,7 +386,7 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 }
 
 fn write_files(
-    machine: &Machine,
+    mem: &GuestMemoryMmap,
     snapshot: &mut VmSnapshot,
     part: &Path,
 ) -> Result<Taken, SnapshotError> {
@@ -397,11 +397,10 @@ fn write_files(
     };
     let mem_path = part.join(MEMORY_FILE);
     let mf = File::create(&mem_path).map_err(file_err(&mem_path))?;
-    snapshot.memory =
-        format::write_memory(&machine.mem, &mf).map_err(|source| SnapshotError::Format {
-            path: mem_path.clone(),
-            source,
-        })?;
+    snapshot.memory = format::write_memory(mem, &mf).map_err(|source| SnapshotError::Format {
+        path: mem_path.clone(),
+        source,
+    })?;
     mf.sync_all().map_err(file_err(&mem_path))?;
     let state_path = part.join(STATE_FILE);
     let body = serde_json::to_vec(&*snapshot).map_err(|source| SnapshotError::Json {

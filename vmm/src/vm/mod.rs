@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use devices::bus::lock;
 use devices::legacy::ib700::{IB700_BASE, IB700_LEN};
 use devices::legacy::serial::SerialOutput;
-use devices::{GuestEvent, ResetCause as DevResetCause};
+use devices::ResetCause as DevResetCause;
 use kvm_ioctls::Kvm;
 use protocol::{
     ControlError, ErrorCode, Event, PanicAction, ResetCause, StopOutcome, StopResult, VmState,
@@ -23,16 +23,18 @@ use crate::lifecycle::{Action, Input, Lifecycle};
 
 use crate::config::{ConfigError, KernelChoice, KernelSource, VmConfig};
 use crate::cpu::CpuidPolicy;
-use crate::events::{VmEvent, VmEventQueue};
+use crate::events::VmEventQueue;
 use crate::machine::{BootConfig, BootEnv, Machine, MachineError, PioDevice, VirtioSlot};
 use crate::runtime::Subscriber;
 use crate::watchdog::{GuestClock, Watchdog};
 use devices::virtio::GuestMemoryHandle;
 
+mod guest_events;
 pub(crate) mod migration;
 mod snapshot;
 mod virtio;
 
+pub use snapshot::SnapshotJob;
 use virtio::create_virtio;
 pub use virtio::{DiskSource, NetSource};
 
@@ -107,6 +109,10 @@ impl Default for VmHooks {
 /// a Ctrl-Alt-Del before that would start a reboot instead (seen with 5 s
 /// under the test host's emulation).
 pub const SHUTDOWN_NUDGE: Duration = Duration::from_secs(30);
+
+/// How soon a graceful stop's deadline that fell while a snapshot was being
+/// written is looked at again.
+const HELD_RETRY: Duration = Duration::from_millis(100);
 
 pub struct Vm {
     kvm: Kvm,
@@ -420,8 +426,15 @@ impl Vm {
 
     /// Hard power-off: the VM is stopped, the process stays.
     pub fn poweroff(&mut self) {
-        // A power-off is never refused.
+        // Refused only while a snapshot holds the machine, where nothing
+        // inside the VMM powers it off (its vCPUs and watchdog are paused).
         let _ = self.apply(Input::Poweroff);
+    }
+
+    /// `poweroff` from the control socket: as [`Vm::poweroff`], but a
+    /// refusal (a snapshot being written) is the client's answer.
+    pub fn poweroff_request(&mut self) -> Result<(), ControlError> {
+        self.apply(Input::Poweroff).map_err(apply_error)
     }
 
     pub fn start(&mut self) -> Result<(), ControlError> {
@@ -614,6 +627,14 @@ impl Vm {
         if !crate::timer::take_expiry(&mut self.stop_timer) {
             return Flow::Continue;
         }
+        if self.lifecycle.is_held() {
+            // A snapshot is being written: the hard action waits for it,
+            // looked at again shortly (not lost, not taken under it).
+            if let Err(e) = self.stop_timer.reset(HELD_RETRY, None) {
+                tracing::warn!("cannot re-arm the shutdown timer: {e}");
+            }
+            return Flow::Continue;
+        }
         let r = self.apply(Input::StopDeadline);
         self.flow_after(r)
     }
@@ -652,118 +673,6 @@ impl Vm {
                 }
             }
         }
-    }
-
-    fn alert(&self, event: &'static str) {
-        if let Some(hook) = &self.alert_hook {
-            hook.fire(event);
-        }
-    }
-
-    fn guest_panic(&mut self, bits: u8) -> Flow {
-        // Bit 1 alone: a crash kernel is loaded and takes over; no action.
-        if bits & 1 == 0 {
-            devices::limited!(
-                info,
-                "guest reported a crash with kdump loaded (pvpanic {bits:#x})"
-            );
-            return Flow::Continue;
-        }
-        let action = self.panic_action;
-        devices::limited!(
-            warn,
-            vm = self.config.name,
-            "guest kernel panicked; action: {action}"
-        );
-        (self.hooks.publish)(Event::Panic { action });
-        self.alert("panic");
-        match action {
-            PanicAction::Reset => {
-                let r = self.apply(Input::Reset(ResetCause::Panic));
-                self.flow_after(r)
-            }
-            PanicAction::Pause => {
-                if let Err(e) = self.pause() {
-                    tracing::warn!("cannot pause after panic: {e}");
-                }
-                Flow::Continue
-            }
-            PanicAction::Poweroff => self.poweroff_flow(),
-            PanicAction::None => Flow::Continue,
-        }
-    }
-
-    fn watchdog_expired(&mut self) -> Flow {
-        let action = self.watchdog_action;
-        let expiries = self.watchdog.status().expiries;
-        devices::limited!(
-            warn,
-            vm = self.config.name,
-            "watchdog expired; action: {action}"
-        );
-        (self.hooks.publish)(Event::Watchdog { action, expiries });
-        self.alert("watchdog");
-        match action {
-            WatchdogAction::Reset => {
-                let r = self.apply(Input::Reset(ResetCause::Watchdog));
-                self.flow_after(r)
-            }
-            WatchdogAction::Poweroff => self.poweroff_flow(),
-            WatchdogAction::Pause => {
-                let _ = self.pause();
-                Flow::Continue
-            }
-            WatchdogAction::Shutdown => {
-                let timeout = self.stop_timeout;
-                self.graceful_stop(StopKind::Shutdown, timeout, Box::new(|_| {}));
-                Flow::Continue
-            }
-            WatchdogAction::None => Flow::Continue,
-        }
-    }
-
-    /// Handles queued events from vCPUs and devices.
-    pub fn handle_events(&mut self) -> Flow {
-        let boot = self.boot_count;
-        for ev in self.events.drain() {
-            tracing::debug!("vm event: {ev:?}");
-            if self.boot_count != boot || self.state == VmState::Stopped {
-                // Raised by a machine that is gone (a guest often pokes
-                // several reset mechanisms in a row): stale.
-                tracing::debug!("dropping stale event {ev:?}");
-                continue;
-            }
-            let flow = match ev {
-                VmEvent::Guest(GuestEvent::Reset(cause)) => {
-                    self.guest_power(Input::GuestReset(dev_cause(cause)))
-                }
-                VmEvent::Guest(GuestEvent::PowerOff) => self.guest_power(Input::GuestPoweroff),
-                VmEvent::Guest(GuestEvent::Panic(bits)) => self.guest_panic(bits),
-                VmEvent::Guest(GuestEvent::WatchdogExpired) => self.watchdog_expired(),
-                VmEvent::VcpuFailed { vcpu, reason } => {
-                    eprintln!("vmm: vCPU {vcpu}: {reason}");
-                    tracing::error!("vCPU {vcpu}: {reason}");
-                    self.poweroff();
-                    if self.exit_on_poweroff {
-                        Flow::Exit(1)
-                    } else {
-                        Flow::Continue
-                    }
-                }
-                VmEvent::Timer => Flow::Continue,
-            };
-            if let Flow::Exit(_) = flow {
-                return flow;
-            }
-        }
-        Flow::Continue
-    }
-
-    /// The watchdog's host timer fired.
-    pub fn on_watchdog_timer(&mut self) -> Flow {
-        // The device pushes WatchdogExpired on the event queue if it fired.
-        self.watchdog.on_timer();
-        self.handle_events()
     }
 
     /// Feeds console input to the UART; returns how many bytes it took.

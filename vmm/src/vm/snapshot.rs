@@ -155,18 +155,25 @@ impl Vm {
         }
     }
 
-    /// Writes the running (or paused) VM to a new directory `path`; the
-    /// guest is paused meanwhile and then runs on (or, with `stop`, is
-    /// powered off). A failure leaves the VM as it was.
-    pub fn snapshot(
+    /// A snapshot's first half, on the event loop: the guest paused, its
+    /// machine captured and its devices quiesced, the lifecycle holding it.
+    /// The files are written from the job (no lock needed) and
+    /// [`Vm::snapshot_end`] follows, whatever happened. A failure here leaves
+    /// the VM as it was.
+    pub fn snapshot_begin(
         &mut self,
         path: &std::path::Path,
         stop: bool,
-    ) -> Result<protocol::SnapshotInfo, ControlError> {
+    ) -> Result<SnapshotJob, ControlError> {
         let state = self.state;
         if self.migrating.is_some() {
             return Err(ControlError::invalid_state(
                 "a migration of this VM is running",
+            ));
+        }
+        if self.lifecycle.is_held() {
+            return Err(ControlError::invalid_state(
+                "a snapshot of this VM is being written already",
             ));
         }
         let msr_index = self.msr_index()?;
@@ -181,6 +188,12 @@ impl Vm {
         };
         let started = Instant::now();
         let running = state == VmState::Running;
+        let resume = |vm: &Vm, m: &crate::machine::Machine| {
+            if running {
+                vm.watchdog.resume();
+                m.resume();
+            }
+        };
         if running {
             m.pause();
             self.watchdog.pause();
@@ -189,35 +202,102 @@ impl Vm {
         // or a vCPU that stopped for good, is not in any saved register:
         // handled first, then asked again.
         if self.events.pending() {
-            if running {
-                self.watchdog.resume();
-                m.resume();
-            }
+            resume(self, m);
             return Err(ControlError::new(
                 ErrorCode::InvalidState,
                 "the guest is resetting or powering off right now: try again",
             ));
         }
         let meta = self.snapshot_meta();
-        let taken = crate::snapshot::take(m, &self.virtio, &msr_index, meta, path, stop);
-        let paused_us = crate::snapshot::micros(started);
-        match &taken {
-            Ok(_) if stop => self.poweroff(),
-            _ if running => {
+        let captured = match crate::snapshot::capture(m, &self.virtio, &msr_index, &meta) {
+            Ok(c) => c,
+            Err(e) => {
+                resume(self, m);
+                return Err(ControlError::new(
+                    ErrorCode::HostError,
+                    format!("snapshot failed: {e}"),
+                ));
+            }
+        };
+        let mem = m.mem.clone();
+        // Running or paused: it can be held.
+        if let Err(e) = self.lifecycle.hold() {
+            crate::snapshot::restart_devices(&self.virtio, &captured.virtio);
+            if let Some(m) = &self.machine {
+                resume(self, m);
+            }
+            return Err(ControlError::invalid_state(e.to_string()));
+        }
+        Ok(SnapshotJob {
+            mem,
+            captured,
+            path: path.to_path_buf(),
+            stop,
+            running,
+            started,
+        })
+    }
+
+    /// A snapshot's end, under the VM's lock, with what writing its files
+    /// gave: the devices start again and the guest runs on (or, written with
+    /// `stop`, the VM is powered off), and the lifecycle serves requests
+    /// again.
+    pub fn snapshot_end(
+        &mut self,
+        job: SnapshotJob,
+        written: Result<crate::snapshot::Taken, crate::snapshot::SnapshotError>,
+    ) -> Result<protocol::SnapshotInfo, ControlError> {
+        self.lifecycle.release();
+        let ok = written.is_ok();
+        // Held meanwhile: the machine is the one captured, unless the VMM
+        // is being torn down (then nothing is left to start again).
+        if let Some(m) = &self.machine {
+            crate::snapshot::finish(&self.virtio, &job.captured.virtio, ok, job.stop);
+            if ok && job.stop {
+                self.poweroff();
+            } else if job.running {
                 self.watchdog.resume();
                 m.resume();
             }
-            _ => {}
         }
-        let taken = taken.map_err(|e| {
+        if self.events.pending() {
+            // What the guest queued while held (see `handle_events`).
+            let _ = self.events.wake_fd().write(1);
+        }
+        let paused_us = crate::snapshot::micros(job.started);
+        let taken = written.map_err(|e| {
             ControlError::new(ErrorCode::HostError, format!("snapshot failed: {e}"))
         })?;
         Ok(protocol::SnapshotInfo {
-            dir: path.display().to_string(),
+            dir: job.path.display().to_string(),
             memory_bytes: taken.memory_bytes,
             state_bytes: taken.state_bytes,
             paused_us,
-            stopped: stop,
+            stopped: job.stop,
         })
+    }
+
+    /// A snapshot's files are being written (the machine is held).
+    pub(crate) fn snapshotting(&self) -> bool {
+        self.lifecycle.is_held()
+    }
+}
+
+/// A snapshot between [`Vm::snapshot_begin`] and [`Vm::snapshot_end`]:
+/// what its files are written from.
+pub struct SnapshotJob {
+    /// The paused guest's memory (the machine's, shared, not copied).
+    pub mem: devices::virtio::GuestMemoryMmap,
+    pub captured: crate::snapshot::Captured,
+    pub path: std::path::PathBuf,
+    stop: bool,
+    running: bool,
+    started: Instant,
+}
+
+impl SnapshotJob {
+    /// Writes the snapshot's directory (the long part: no lock taken).
+    pub fn write(&mut self) -> Result<crate::snapshot::Taken, crate::snapshot::SnapshotError> {
+        crate::snapshot::write_dir(&self.mem, &mut self.captured.snapshot, &self.path)
     }
 }

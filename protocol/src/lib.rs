@@ -56,5 +56,6 @@ pub const MAX_SPEED_MIB_S: u64 = 1 << 20;
 /// default, so that a VM moves with the stop its operators know from QEMU.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 
-/// Largest accepted `downtime_ms` of `migrate`: the last pass's own deadline (60 s).
-pub const MAX_DOWNTIME_MS: u64 = 60_000;
+/// Largest accepted `downtime_ms` of `migrate`: half the 60 s deadline of the final phase,
+/// which also carries the machine's state and waits for the target's rebuild.
+pub const MAX_DOWNTIME_MS: u64 = 30_000;

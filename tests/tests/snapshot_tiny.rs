@@ -166,20 +166,17 @@ fn a_snapshot_leaves_the_guest_running_and_refuses_customers_names_outside_its_d
     assert_eq!(c.status()["state"], "running");
 }
 
-#[test]
-fn while_a_large_snapshot_is_written_the_control_socket_answers_and_power_requests_are_refused_until_it_is_done(
-) {
-    let dir = TempDir::new("snap-tiny-large");
-    let sock = dir.path().join("run/vm1/control.sock");
-    let snaps = dir.path().join("snapshots");
+/// A 1 GiB guest that has written every page of 992 MiB: its memory file
+/// is data, not holes, and takes a while to write (seconds).
+fn start_large(dir: &Path) -> Vm {
+    let sock = dir.join("run/vm1/control.sock");
+    let snaps = dir.join("snapshots");
     std::fs::create_dir(&snaps).unwrap();
-    // A guest that writes every page of 992 MiB: its memory file is data,
-    // not holes, and takes a while to write.
     let asm = dirtier(16 << 20, 992 << 20);
-    let mut cmd = vmm_command_sized(dir.path(), "vm1", &asm, &sock, 1024);
+    let mut cmd = vmm_command_sized(dir, "vm1", &asm, &sock, 1024);
     cmd.arg("--snapshot-dir").arg(&snaps);
     let vm = Vm {
-        dir: dir.path().to_path_buf(),
+        dir: dir.to_path_buf(),
         sock,
         p: VmmProcess::spawn_cmd(&mut cmd),
     };
@@ -191,21 +188,37 @@ fn while_a_large_snapshot_is_written_the_control_socket_answers_and_power_reques
         "{}",
         vm.p.report()
     );
+    vm
+}
+
+/// Polls `status` until it says a snapshot is being written (`None` if
+/// `asked` was answered first).
+fn while_snapshotting(
+    c: &mut Ctl,
+    asked: &std::thread::ScopedJoinHandle<'_, serde_json::Value>,
+) -> Option<serde_json::Value> {
+    let deadline = std::time::Instant::now() + T;
+    while !asked.is_finished() && std::time::Instant::now() < deadline {
+        let st = c.status();
+        if st["snapshotting"] == true {
+            return Some(st);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[test]
+fn while_a_large_snapshot_is_written_the_control_socket_answers_and_power_requests_are_refused_until_it_is_done(
+) {
+    let dir = TempDir::new("snap-tiny-large");
+    let vm = start_large(dir.path());
     let mut c = vm.ctl();
     let sock = vm.sock.clone();
     let (answer, seen, refused) = std::thread::scope(|s| {
         let asked = s.spawn(|| Ctl::connect(&sock).call(r#"{"cmd":"snapshot","dir":"big"}"#));
         // `status` answers while the snapshot is written, and says so.
-        let deadline = std::time::Instant::now() + T;
-        let mut seen = None;
-        while seen.is_none() && !asked.is_finished() && std::time::Instant::now() < deadline {
-            let st = c.status();
-            if st["snapshotting"] == true {
-                seen = Some(st);
-            } else {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
+        let seen = while_snapshotting(&mut c, &asked);
         // Meanwhile a reset, a pause or another snapshot is refused, not
         // queued behind it nor carried out under it.
         let refused: Vec<serde_json::Value> = if seen.is_some() {
@@ -253,6 +266,29 @@ fn while_a_large_snapshot_is_written_the_control_socket_answers_and_power_reques
     c.ok(r#"{"cmd":"reset"}"#);
     assert_eq!(c.status()["boot_count"], 2);
     assert!(vm.snapshot("big").join("memory").is_file());
+}
+
+#[test]
+fn a_vmm_told_to_exit_while_it_writes_a_snapshot_finishes_it_first() {
+    let dir = TempDir::new("snap-tiny-exit");
+    let mut vm = start_large(dir.path());
+    let mut c = vm.ctl();
+    let sock = vm.sock.clone();
+    let (answer, seen) = std::thread::scope(|s| {
+        let asked = s.spawn(|| Ctl::connect(&sock).call(r#"{"cmd":"snapshot","dir":"last"}"#));
+        let seen = while_snapshotting(&mut c, &asked);
+        if seen.is_some() {
+            // As systemd's stop does once its ExecStop is done.
+            vm.p.child.signal(libc::SIGTERM).expect("SIGTERM");
+        }
+        (asked.join().expect("the snapshot call"), seen)
+    });
+    assert!(seen.is_some(), "never seen writing: {answer}");
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert!(vm.p.wait_exit(T).is_some(), "{}", vm.p.report());
+    let snap = vm.snapshot("last");
+    assert!(snap.join("state").is_file() && snap.join("memory").is_file());
+    assert!(!vm.dir.join("snapshots/last.part").exists());
 }
 
 #[test]

@@ -426,7 +426,6 @@ fn migrate_checks(
     Ok((addr, cancel))
 }
 
-/// `snapshot`: the operator's, into a new directory of `--snapshot-dir`.
 /// `snapshot`'s checks and its capture, on the event loop (quick).
 fn snapshot_begin(
     vm: &mut Vm,

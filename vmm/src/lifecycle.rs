@@ -10,8 +10,12 @@
 //!
 //! While a snapshot's files are written (off the event loop, the guest
 //! paused and its devices quiesced as captured) the machine is *held*:
-//! every input is refused, so nothing boots, halts or resumes the machine
-//! under the writer, and the snapshot's own end decides what runs next.
+//! every input that would boot, halt, pause or resume it is refused, so
+//! nothing changes the machine under the writer, and the snapshot's own
+//! end decides what runs next. A graceful `shutdown`/`reboot` is the one
+//! exception: it only asks the guest (which sees the request when it runs
+//! again), so it is taken, and `systemctl stop` during a snapshot still
+//! shuts the guest down cleanly; its deadline waits for the end (`vm.rs`).
 
 use std::fmt;
 
@@ -132,8 +136,9 @@ impl Lifecycle {
     }
 
     /// Holds the machine for a snapshot being written: from now until
-    /// [`Lifecycle::release`], every input is refused ([`Refusal::Held`]).
-    /// Only a machine that runs or is paused can be held, and only once.
+    /// [`Lifecycle::release`], every input but a graceful stop's request is
+    /// refused ([`Refusal::Held`]). Only a machine that runs or is paused
+    /// can be held, and only once.
     pub fn hold(&mut self) -> Result<(), Refusal> {
         if self.held {
             return Err(Refusal::Held);
@@ -157,7 +162,7 @@ impl Lifecycle {
     /// Decides what `input` does now. A refusal changes nothing.
     pub fn on(&mut self, input: Input) -> Result<Vec<Action>, Refusal> {
         use Action::*;
-        if self.held {
+        if self.held && !matches!(input, Input::Graceful(_)) {
             return Err(Refusal::Held);
         }
         let state = self.state;
@@ -451,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn a_held_machine_refuses_every_input_unchanged_and_serves_them_again_once_released() {
+    fn a_held_machine_refuses_every_power_input_unchanged_and_serves_them_again_once_released() {
         for state in [VmState::Running, VmState::Paused] {
             for pending in ALL_PENDING {
                 let mut l = at(state, pending);
@@ -459,6 +464,9 @@ mod tests {
                 assert_eq!(l.hold(), Err(Refusal::Held), "held once only");
                 let held = l;
                 for input in all_inputs() {
+                    if matches!(input, Input::Graceful(_)) {
+                        continue;
+                    }
                     assert_eq!(l.on(input), Err(Refusal::Held), "{input:?} in {held}");
                     assert_eq!(l, held, "{input:?} changed {held}");
                 }
@@ -471,6 +479,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_graceful_stop_asked_while_held_asks_the_guest_as_on_a_machine_never_held() {
+        for state in [VmState::Running, VmState::Paused] {
+            for pending in ALL_PENDING {
+                for kind in [StopKind::Shutdown, StopKind::Reboot] {
+                    let mut held = at(state, pending);
+                    held.hold().unwrap();
+                    let mut free = at(state, pending);
+                    let input = Input::Graceful(kind);
+                    assert_eq!(held.on(input), free.on(input), "{input:?} in {free}");
+                    assert!(held.is_held(), "still held");
+                    held.release();
+                    assert_eq!(held, free, "{input:?}");
+                }
+            }
+        }
+        // Its deadline, when it falls while held, waits (`vm.rs` retries).
+        let mut l = running();
+        l.hold().unwrap();
+        l.on(Input::Graceful(StopKind::Shutdown)).unwrap();
+        assert_eq!(l.on(Input::StopDeadline), Err(Refusal::Held));
+        l.release();
+        assert_eq!(
+            l.on(Input::StopDeadline),
+            Ok(vec![Halt, Settle(StopResult::Forced)])
+        );
     }
 
     #[test]

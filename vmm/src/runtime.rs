@@ -6,6 +6,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use devices::bus::lock;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
@@ -39,6 +40,10 @@ impl ExitFlag {
             .then(|| *lock(&self.code))
     }
 }
+
+/// The longest a VMM asked to exit waits for a snapshot being written
+/// (systemd's unit allows 120 s for the whole stop).
+const SNAPSHOT_AT_EXIT: Duration = Duration::from_secs(60);
 
 const TOKEN_EVENTS: u32 = 1;
 const TOKEN_WATCHDOG: u32 = 2;
@@ -347,6 +352,19 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         }
         if let Some(code) = exit.get() {
             crate::service::notify_stopping();
+            // A snapshot being written is finished first (its thread ends it
+            // under the VM's lock; the loop serves the control socket
+            // meanwhile), or its directory would be left as `NAME.part`.
+            let since = Instant::now();
+            let mut waited = false;
+            while lock(&vm).snapshotting() && since.elapsed() < SNAPSHOT_AT_EXIT {
+                waited = true;
+                let _ = em.run_with_timeout(100);
+            }
+            if waited {
+                // The snapshot's answer, on its way to its client.
+                let _ = em.run_with_timeout(50);
+            }
             lock(&vm).teardown();
             if stdio {
                 // Let the stdio console flush what the guest printed last.

@@ -43,7 +43,7 @@ fn a_quarter_of(rate_mib_s: f64) -> u64 {
 fn budget_for(mib: u64, speed: u64) -> String {
     format!(
         r#","downtime_ms":{}"#,
-        (mib * 1000 / speed).clamp(1, 60_000)
+        (mib * 1000 / speed).clamp(1, 30_000)
     )
 }
 

@@ -5,8 +5,9 @@
 //! link, stops a guest too late on a slow link and too early on a fast
 //! one, where a few more passes cost nothing but a longer stop would.
 //!
-//! The estimate is what the copy sent while the guest ran over the time it
-//! took, paced or not (a paced copy's rate is the pace), over the last
+//! The estimate is what the copy sent while the guest ran over the wall
+//! time it took, paced or not (a paced copy's rate is the pace), from one
+//! look at the dirty log to the next, over the last
 //! stretch of passes that took [`MEASURED_OVER`] or more (QEMU measures
 //! every 100 ms the same way). The first pass sets it however short, and
 //! it is low there where much memory is zero: those pages are read and
@@ -66,11 +67,6 @@ impl Budget {
         self.rate
             .map_or(0, |r| (r * self.downtime.as_secs_f64()) as u64)
     }
-
-    /// The measured rate, bytes per second (0 before any measurement).
-    pub fn rate(&self) -> u64 {
-        self.rate.map_or(0, |r| r as u64)
-    }
 }
 
 #[cfg(test)]
@@ -85,7 +81,6 @@ mod tests {
         assert_eq!(b.stop_at(), 0, "nothing is known before the first pass");
         // 256 MiB in 8 s: 32 MiB/s, so 9.6 MiB in 300 ms.
         b.measured(256 * MIB, Duration::from_secs(8));
-        assert_eq!(b.rate(), 32 * MIB);
         assert_eq!(b.stop_at(), 32 * MIB * 3 / 10);
         // A budget ten times longer lets ten times as much be left.
         let mut long = Budget::new(Duration::from_secs(3));

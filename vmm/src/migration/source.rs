@@ -391,7 +391,13 @@ pub fn run(
         sent += on_disk;
         let mut throttle = 0u8;
         loop {
-            let took = t.elapsed();
+            // Wall time from one look at the dirty log to the next: the
+            // look itself, the pacing's wait before the pass (the pacer
+            // charges a frame's time to the send after it) and the sends
+            // (QEMU measures its rate between its looks the same way).
+            let now = Instant::now();
+            let took = now.duration_since(t);
+            t = now;
             budget.measured(sent, took);
             let dirty = lock(&vm).migration_dirty(started.boot_count)?;
             let disk = disk_dirty(&started.disks);
@@ -418,7 +424,6 @@ pub fn run(
             // Called off between passes too (a pass may send nothing).
             flow.before_send(0)?;
             pass += 1;
-            t = Instant::now();
             sent = send_pages(conn, &started.mem, &dirty, buf, flow)?;
             total += sent;
             let on_disk = send_disk_chunks(conn, readers, &disk, flow)?;

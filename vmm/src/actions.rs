@@ -459,22 +459,24 @@ fn write_snapshot(shared: SharedVm, job: crate::vm::SnapshotJob, responder: Resp
     let slot = Arc::new(std::sync::Mutex::new(Some((job, responder))));
     let theirs = slot.clone();
     let vm = shared.clone();
+    let end = |vm: &SharedVm, job, written, responder: Responder| {
+        let r = lock(vm).snapshot_end(job, written);
+        responder.send(r.map(Reply::Snapshot));
+    };
     let spawned = crate::spawner::spawn("snapshot".into(), move || {
         crate::seccomp::install(crate::seccomp::Kind::Snapshot);
         let Some((mut job, responder)) = lock(&theirs).take() else {
             return;
         };
         let written = job.write();
-        let r = lock(&vm).snapshot_end(job, written);
-        responder.send(r.map(Reply::Snapshot));
+        end(&vm, job, written, responder);
     });
     if let Err(e) = spawned {
         if let Some((job, responder)) = lock(&slot).take() {
             let why = crate::snapshot::SnapshotError::Machine(format!(
                 "cannot start the snapshot's thread: {e}"
             ));
-            let r = lock(&shared).snapshot_end(job, Err(why));
-            responder.send(r.map(Reply::Snapshot));
+            end(&shared, job, Err(why), responder);
         }
     }
 }

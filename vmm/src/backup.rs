@@ -42,12 +42,7 @@ pub fn prepare(
     speed_mib_s: Option<u64>,
 ) -> Result<Prepared, ControlError> {
     peer.require_operator("backup")?;
-    if vm.snapshotting() {
-        // Its devices are quiesced as captured until the snapshot ends.
-        return Err(ControlError::invalid_state(
-            "a snapshot of this VM is being written: try again once it is answered",
-        ));
-    }
+    vm.refuse_while_snapshotting()?;
     let Some(dir) = vm.config.backup_dir.as_deref() else {
         return Err(ControlError::new(
             ErrorCode::Unsupported,

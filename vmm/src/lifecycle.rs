@@ -89,7 +89,8 @@ pub enum Refusal {
 pub struct Lifecycle {
     state: VmState,
     pending: Option<StopKind>,
-    /// A snapshot is being written: every input is refused.
+    /// A snapshot is being written: every input but a graceful stop's is
+    /// refused.
     held: bool,
 }
 

@@ -16,7 +16,7 @@
 //! memory is most of it: seconds for gigabytes) are written on a thread of
 //! their own (`snapshot`), so the console and the control socket answer
 //! meanwhile. The lifecycle holds the machine while they are written
-//! (every power request is refused, see `lifecycle`), and the thread ends
+//! (every hard power request is refused, see `lifecycle`), and the thread ends
 //! it under the VM's lock ([`finish`], then resume or power-off).
 //!
 //! The files are described in [`format`].

@@ -353,11 +353,7 @@ impl Vm {
                 "a migration of this VM is running already",
             ));
         }
-        if self.lifecycle.is_held() {
-            return Err(ControlError::invalid_state(
-                "a snapshot of this VM is being written: try again once it is answered",
-            ));
-        }
+        self.refuse_while_snapshotting()?;
         self.migrating = Some(Vec::new());
         self.migration_cancel = Arc::default();
         Ok(self.migration_cancel.clone())

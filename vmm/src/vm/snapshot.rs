@@ -171,11 +171,7 @@ impl Vm {
                 "a migration of this VM is running",
             ));
         }
-        if self.lifecycle.is_held() {
-            return Err(ControlError::invalid_state(
-                "a snapshot of this VM is being written already",
-            ));
-        }
+        self.refuse_while_snapshotting()?;
         let msr_index = self.msr_index()?;
         let Some(m) = self
             .machine
@@ -188,8 +184,14 @@ impl Vm {
         };
         let started = Instant::now();
         let running = state == VmState::Running;
-        let resume = |vm: &Vm, m: &crate::machine::Machine| {
-            if running {
+        // Running or paused and not held (looked at above): it can be held,
+        // and every way out before the job is made lets go of it again.
+        self.lifecycle
+            .hold()
+            .map_err(|e| ControlError::invalid_state(e.to_string()))?;
+        let undo = |vm: &mut Vm| {
+            vm.lifecycle.release();
+            if let (true, Some(m)) = (running, &vm.machine) {
                 vm.watchdog.resume();
                 m.resume();
             }
@@ -202,7 +204,7 @@ impl Vm {
         // or a vCPU that stopped for good, is not in any saved register:
         // handled first, then asked again.
         if self.events.pending() {
-            resume(self, m);
+            undo(self);
             return Err(ControlError::new(
                 ErrorCode::InvalidState,
                 "the guest is resetting or powering off right now: try again",
@@ -212,24 +214,15 @@ impl Vm {
         let captured = match crate::snapshot::capture(m, &self.virtio, &msr_index, &meta) {
             Ok(c) => c,
             Err(e) => {
-                resume(self, m);
+                undo(self);
                 return Err(ControlError::new(
                     ErrorCode::HostError,
                     format!("snapshot failed: {e}"),
                 ));
             }
         };
-        let mem = m.mem.clone();
-        // Running or paused: it can be held.
-        if let Err(e) = self.lifecycle.hold() {
-            crate::snapshot::restart_devices(&self.virtio, &captured.virtio);
-            if let Some(m) = &self.machine {
-                resume(self, m);
-            }
-            return Err(ControlError::invalid_state(e.to_string()));
-        }
         Ok(SnapshotJob {
-            mem,
+            mem: m.mem.clone(),
             captured,
             path: path.to_path_buf(),
             stop,
@@ -281,15 +274,27 @@ impl Vm {
     pub(crate) fn snapshotting(&self) -> bool {
         self.lifecycle.is_held()
     }
+
+    /// For requests other than power ones, which the lifecycle refuses
+    /// itself: refused, with the lifecycle's words, while a snapshot holds
+    /// the machine (its devices are quiesced as captured until it ends).
+    pub(crate) fn refuse_while_snapshotting(&self) -> Result<(), ControlError> {
+        if self.snapshotting() {
+            return Err(ControlError::invalid_state(
+                crate::lifecycle::Refusal::Held.to_string(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A snapshot between [`Vm::snapshot_begin`] and [`Vm::snapshot_end`]:
 /// what its files are written from.
 pub struct SnapshotJob {
     /// The paused guest's memory (the machine's, shared, not copied).
-    pub mem: devices::virtio::GuestMemoryMmap,
-    pub captured: crate::snapshot::Captured,
-    pub path: std::path::PathBuf,
+    mem: devices::virtio::GuestMemoryMmap,
+    captured: crate::snapshot::Captured,
+    path: std::path::PathBuf,
     stop: bool,
     running: bool,
     started: Instant,

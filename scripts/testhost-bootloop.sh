@@ -3,13 +3,15 @@
 # to VMM-INIT-OK, a round of MODES at a time, and what became of each.
 # For measuring the test host emulator's fault (docs/notes.md, "The test
 # host"), not a test. From this machine:
-#   target/debug/vmm-testhost run --share "$PWD/build/exp" scripts/testhost-bootloop.sh
+#   target/debug/vmm-testhost run --share "$PWD/build/exp" "$PWD/scripts/testhost-bootloop.sh"
 # (N, MODES, OUT from the environment where `vmm-testhost exec` runs it).
 # MODES:
 #   wait      the guest powers off; the next starts once its vmm exited
 #   kill      at the marker the vmm is SIGKILLed and the next starts at once
 #   killwait  SIGKILL, then the next once it exited
 #   noise     as wait, with netns add/del and tmpfs writes meanwhile
+#   netns     as wait, a namespace with a TAP made and deleted just before
+#             (what a scenario's clean-up and the next one's set-up do)
 # A boot that is not at the marker in 30 s is `loop` when KVM injects
 # page faults into it by the thousand (the fault's wedge), else `stuck`.
 set -u
@@ -27,7 +29,11 @@ while [ "$i" -lt "$N" ]; do
 	i=$((i + 1))
 	for mode in $MODES; do
 		cmd=$(cat "$K/mini/cmdline")
-		case $mode in wait | noise) cmd="$cmd vmm.run=poweroff" ;; esac
+		case $mode in wait | noise | netns) cmd="$cmd vmm.run=poweroff" ;; esac
+		if [ "$mode" = netns ]; then
+			ip netns add bl$$ && ip -n bl$$ tuntap add dev tap0 mode tap multi_queue &&
+				ip -n bl$$ link set tap0 up && ip netns del bl$$
+		fi
 		log=/tmp/bootloop.$i.$mode.log
 		noise=
 		if [ "$mode" = noise ]; then
@@ -62,7 +68,7 @@ while [ "$i" -lt "$N" ]; do
 			wait $pid 2>/dev/null
 		else
 			case $mode in
-			wait | noise) wait $pid ;;
+			wait | noise | netns) wait $pid ;;
 			kill) kill -9 $pid ;;
 			killwait) kill -9 $pid; wait $pid 2>/dev/null ;;
 			esac

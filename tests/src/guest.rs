@@ -679,10 +679,10 @@ fn emulator_triple_fault_in_run(h: &Host) -> bool {
 /// process that is gone or a zombie: a VM torn down while another boots
 /// is the test host emulator's fault's surest trigger measured
 /// (`scripts/testhost-bootloop.sh`: a boot started at once after a SIGKILL
-/// of the previous VMM wedged 4 times in 30, one started after it exited
-/// none in 29; docs/notes.md, "The test host"). Waiting for the VMM's exit
-/// covers most of it; a VM whose last reference goes later (or a wait that
-/// timed out) is what this catches.
+/// of the previous VMM wedged 4 times in 32, one started after it exited
+/// none in the 31 beside them; docs/notes.md, "The test host"). Waiting
+/// for the VMM's exit covers most of it; a VM whose last reference goes
+/// later (or a wait that timed out) is what this catches.
 fn settle_vms(host: &Host) {
     const SETTLE: &str = r#"n=0
 while [ $n -lt 300 ]; do

@@ -250,7 +250,6 @@ impl Guest {
     }
 
     fn spawn_vmm(host: &Host, netns: Option<&str>, args: &[String]) -> VmmProcess {
-        settle_vms(host);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let vmm = match netns {
             Some(ns) => VmmProcess::spawn_on_with(host, &["ip", "netns", "exec", ns], &args),
@@ -683,7 +682,7 @@ fn emulator_triple_fault_in_run(h: &Host) -> bool {
 /// none in the 31 beside them; docs/notes.md, "The test host"). Waiting
 /// for the VMM's exit covers most of it; a VM whose last reference goes
 /// later (or a wait that timed out) is what this catches.
-fn settle_vms(host: &Host) {
+pub(crate) fn settle_vms(host: &Host) {
     const SETTLE: &str = r#"n=0
 while [ $n -lt 300 ]; do
     busy=

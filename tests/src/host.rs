@@ -48,40 +48,14 @@ pub fn host() -> &'static Host {
             h.report()
         );
     }
-    // A test host's own boot meets the emulator's faults too (it is not
-    // the VMM's): a boot that failed is tried again, twice, before the
-    // test fails on it. Before this, the panic came from outside the
-    // scenario's retries, so a stretch of bad boots failed every test
-    // that reached it (a CI run, stop 32, failed five in a row there).
-    let mut failures = Vec::new();
-    for attempt in 1..=TESTHOST_BOOTS {
-        match choose() {
-            Ok(h) => {
-                let h: &'static Host = Box::leak(Box::new(h));
-                *current = Some(h);
-                return h;
-            }
-            Err(e) => {
-                eprintln!("NOTE: test host boot {attempt} of {TESTHOST_BOOTS} failed: {e}");
-                crate::guest::log_note(&format!(
-                    "test host boot {attempt} failed: {}",
-                    first_line(&e)
-                ));
-                failures.push(e);
-            }
+    match choose() {
+        Ok(h) => {
+            let h: &'static Host = Box::leak(Box::new(h));
+            *current = Some(h);
+            h
         }
+        Err(e) => panic!("{e}"),
     }
-    panic!(
-        "the test host did not boot in {TESTHOST_BOOTS} tries:\n{}",
-        failures.join("\n---\n")
-    )
-}
-
-/// Boots of a test host tried before a test fails on them.
-const TESTHOST_BOOTS: u32 = 3;
-
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("")
 }
 
 fn choose() -> Result<Host, String> {

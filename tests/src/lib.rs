@@ -155,6 +155,7 @@ impl VmmProcess {
 
     /// The same, the command line behind `prefix` (e.g. `ip netns exec NS`).
     pub fn spawn_on_with(host: &Host, prefix: &[&str], args: &[&str]) -> VmmProcess {
+        crate::guest::settle_vms(host);
         let vmm = bin("vmm");
         let mut argv = prefix.to_vec();
         argv.push(vmm.to_str().unwrap_or("vmm"));

@@ -40,6 +40,55 @@ fn start_guest(tag: &str, a: Asm, env: &[(&str, &str)], extra: &[&str]) -> (Temp
     (dir, p)
 }
 
+/// A network namespace with a TAP `tap0` in it, deleted on drop: where
+/// a VMM with a network interface runs.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("sc-{tag}-{}", std::process::id());
+        let script = format!(
+            "ip netns add {name} && ip -n {name} tuntap add dev tap0 mode tap && ip -n {name} link set tap0 up"
+        );
+        let st = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .status()
+            .expect("run sh");
+        let ns = Netns(name);
+        assert!(st.success(), "a namespace with a TAP ({script}): {st:?}");
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// As [`start`], with a network interface on `tap0`, the VMM inside a
+/// namespace of its own.
+fn start_with_net(tag: &str, env: &[(&str, &str)]) -> (TempDir, Netns, VmmProcess) {
+    let ns = Netns::new(tag);
+    let dir = TempDir::new(tag);
+    let sock = dir.path().join("control.sock");
+    let mut a = Asm::new();
+    a.print("READY\r\n").spin();
+    let inner = vmm_command(dir.path(), "filtered", &a, &sock);
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .args(["--net", "tap=tap0"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let p = VmmProcess::spawn_cmd(&mut cmd);
+    (dir, ns, p)
+}
+
 /// `(thread name, Seccomp, NoNewPrivs)` of every thread of `pid`.
 fn threads(pid: u32) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
@@ -85,6 +134,36 @@ fn every_thread_of_a_running_vmm_runs_under_its_filter_with_no_new_privs() {
         assert_eq!(nnp, "1", "{name}: NoNewPrivs in {all:?}");
     }
     let _ = p.child.kill();
+}
+
+#[test]
+fn a_network_interface_is_served_on_a_thread_of_its_own_under_its_filter() {
+    let (_dir, _ns, mut p) = start_with_net("seccomp-net", &[]);
+    assert!(
+        p.wait_for("READY", Duration::from_secs(30)),
+        "{}",
+        p.report()
+    );
+    // `ip netns exec` execs the VMM: the child is the VMM itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut all = threads(p.child.id());
+    while !all.iter().any(|(n, _, _)| n == "net0") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        all = threads(p.child.id());
+    }
+    let _ = p.child.kill();
+    let net: Vec<_> = all.iter().filter(|(n, _, _)| n == "net0").collect();
+    assert_eq!(
+        net,
+        [&("net0".to_string(), "2".to_string(), "1".to_string())],
+        "one net0 thread, filtered, with no_new_privs, in {all:?}"
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_a_network_interfaces_thread_ends_the_vmm_naming_the_call() {
+    let (_dir, _ns, mut p) = start_with_net("seccomp-net-kill", &[("VMM_TEST_SECCOMP", "net")]);
+    assert_stopped_naming_socket(&mut p, "net");
 }
 
 #[test]

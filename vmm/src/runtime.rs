@@ -172,22 +172,30 @@ fn install_signal_handlers(evt: &EventFd) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Serves each disk on a thread of its own, with its own event manager
-/// (its queue's ioeventfd is all it waits on). Block I/O is synchronous
-/// (`preadv`/`pwritev`/`fdatasync`), so on the event loop a slow or
-/// stalled image would stall the console, the control socket, the
-/// network and SIGTERM with it; here it stalls only its own disk. The
-/// threads live as long as the process: the devices outlive guest resets.
-fn spawn_disk_threads(disks: Vec<(String, Subscriber)>) -> Result<(), VmmError> {
-    for (name, sub) in disks {
+/// Serves each disk and each network interface on a thread of its own,
+/// with its own event manager (its queues' eventfds, and a TAP's queues,
+/// are all it waits on). Block I/O can be synchronous
+/// (`preadv`/`pwritev`/`fdatasync`), so on the event loop a slow or stalled
+/// image would stall the console, the control socket and SIGTERM with it;
+/// here it stalls only its own disk. A network interface moves whatever
+/// the guest and the TAP's peers send, as fast as they send it: on its own
+/// thread that traffic neither delays the control socket and the console
+/// nor waits behind them, and two interfaces, or an interface and a disk,
+/// are served on two host CPUs at once. The threads live as long as the
+/// process: the devices outlive guest resets.
+fn spawn_io_threads(
+    devices: Vec<(String, Subscriber)>,
+    kind: crate::seccomp::Kind,
+) -> Result<(), VmmError> {
+    for (name, sub) in devices {
         let mut em: EventManager<Subscriber> = EventManager::new()
             .map_err(|e| VmmError::Setup(format!("{name} event manager: {e}")))?;
         em.add_subscriber(sub);
         std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                // Before the first request this thread reads.
-                crate::seccomp::install(crate::seccomp::Kind::Disk);
+                // Before the first request or frame this thread reads.
+                crate::seccomp::install(kind);
                 loop {
                     if let Err(e) = em.run() {
                         tracing::error!("{}: event loop: {e}", name);
@@ -299,9 +307,6 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
         quit: quit.clone(),
         signal,
     })));
-    for sub in lock(&vm).virtio_subscribers.clone() {
-        em.add_subscriber(sub);
-    }
     let stdio = match config.console {
         ConsoleMode::Stdio => true,
         ConsoleMode::None => false,
@@ -339,7 +344,11 @@ pub fn run(config: VmConfig) -> Result<u8, VmmError> {
     }
     crate::sandbox::probe_open_for_tests();
     hub.start_log().map_err(|e| setup("console", &e))?;
-    spawn_disk_threads(lock(&vm).disk_subscribers.clone())?;
+    spawn_io_threads(
+        lock(&vm).disk_subscribers.clone(),
+        crate::seccomp::Kind::Disk,
+    )?;
+    spawn_io_threads(lock(&vm).net_subscribers.clone(), crate::seccomp::Kind::Net)?;
     // From here on every thread is filtered (seccomp.rs), the event loop's
     // own before the first boot.
     crate::spawner::start().map_err(|e| setup("spawner thread", &e))?;

@@ -1,8 +1,9 @@
 //! seccomp filters, one list per kind of thread (`seccompiler`, one BPF
 //! program per kind, compiled once): the event loop (the control socket,
-//! the console, virtio-net's userspace datapath, every boot's set-up), each
-//! vCPU (guest MMIO and port I/O, device activation), each disk's I/O
-//! thread (the guest's block requests), the spawner (`spawner.rs`: it
+//! the console, every boot's set-up), each vCPU (guest MMIO and port I/O,
+//! device activation), each disk's I/O thread (the guest's block
+//! requests), each network interface's (virtio-net's userspace datapath
+//! and control queue), the spawner (`spawner.rs`: it
 //! starts the vCPU and hook threads after start-up), the console log's
 //! writer and the alert hook's runner. Each thread installs its own filter
 //! itself, first thing, before it runs a guest instruction or reads
@@ -59,6 +60,7 @@ pub enum Kind {
     EventLoop,
     Vcpu,
     Disk,
+    Net,
     Spawner,
     ConsoleLog,
     Hook,
@@ -68,10 +70,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::EventLoop,
         Kind::Vcpu,
         Kind::Disk,
+        Kind::Net,
         Kind::Spawner,
         Kind::ConsoleLog,
         Kind::Hook,
@@ -85,6 +88,7 @@ impl Kind {
             Kind::EventLoop => "event-loop",
             Kind::Vcpu => "vcpu",
             Kind::Disk => "disk",
+            Kind::Net => "net",
             Kind::Spawner => "spawner",
             Kind::ConsoleLog => "console-log",
             Kind::Hook => "alert-hook",
@@ -197,9 +201,28 @@ const DISK: &[(i64, &str)] = &[
     (libc::SYS_getrandom, "hash maps' seeds"),
 ];
 
+/// A network interface's I/O thread: its queues' eventfds and its TAP's
+/// queues (the userspace datapath), the control queue's steering, and
+/// the kicks and interrupts around them. It opens nothing and talks to no
+/// socket: the TAP's descriptors were opened at start-up.
+const NET: &[(i64, &str)] = &[
+    (libc::SYS_epoll_wait, "its event loop"),
+    (libc::SYS_epoll_pwait, "its event loop"),
+    (
+        libc::SYS_epoll_ctl,
+        "the TAP's and the queues' polling, as the guest's buffers come and go",
+    ),
+    (libc::SYS_read, "draining eventfds"),
+    (libc::SYS_readv, "TAP frames into guest buffers"),
+    (
+        libc::SYS_ioctl,
+        "the control queue's TUNSETQUEUE (queue pairs enabled by the guest)",
+    ),
+    (libc::SYS_getrandom, "hash maps' seeds"),
+];
+
 /// The event loop after start-up: epoll, the control socket's clients
-/// (whose groups it looks up), the console, the userspace virtio-net
-/// datapath, timers, and every boot's set-up (guest memory, the kernel
+/// (whose groups it looks up), the console, timers, and every boot's set-up (guest memory, the kernel
 /// files, KVM's VM and vCPU ioctls, device resets).
 const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_epoll_wait, "the event loop"),
@@ -208,7 +231,6 @@ const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_poll, "waiting on one descriptor (terminal, glibc NSS)"),
     (libc::SYS_ppoll, "waiting on one descriptor"),
     (libc::SYS_read, "eventfds, timerfds, sockets, stdin, files"),
-    (libc::SYS_readv, "TAP frames into guest buffers"),
     (libc::SYS_pread64, "kernel and initrd files at each boot"),
     (libc::SYS_recvfrom, "control clients"),
     (libc::SYS_recvmsg, "control clients, glibc NSS"),
@@ -380,6 +402,7 @@ fn list(kind: Kind) -> impl Iterator<Item = &'static (i64, &'static str)> {
         Kind::EventLoop => &[EVENT_LOOP],
         Kind::Vcpu => &[VCPU],
         Kind::Disk => &[DISK],
+        Kind::Net => &[NET],
         Kind::Spawner => &[SPAWNER, VCPU, HOOK, MIGRATION, SNAPSHOT],
         Kind::ConsoleLog => &[CONSOLE_LOG],
         Kind::Hook => &[HOOK],

@@ -54,7 +54,7 @@ fn no_thread_may_start_processes_and_guest_facing_ones_open_no_sockets() {
             );
         }
     }
-    for kind in [Kind::Vcpu, Kind::Disk] {
+    for kind in [Kind::Vcpu, Kind::Disk, Kind::Net] {
         for nr in [
             libc::SYS_execve,
             libc::SYS_clone,
@@ -76,6 +76,9 @@ fn no_thread_may_start_processes_and_guest_facing_ones_open_no_sockets() {
     }
     assert!(list(Kind::Disk).all(|(n, _)| *n != libc::SYS_openat));
     assert!(list(Kind::Disk).all(|(n, _)| *n != libc::SYS_ioctl));
+    // A network interface's thread opens nothing either: its TAP's queues
+    // were opened at start-up.
+    assert!(list(Kind::Net).all(|(n, _)| *n != libc::SYS_openat));
     // The threads that run guest code open nothing (vhost-net's
     // instance is opened with its device, at start-up).
     assert!(list(Kind::Vcpu).all(|(n, _)| *n != libc::SYS_openat));

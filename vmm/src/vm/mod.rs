@@ -151,10 +151,11 @@ pub struct Vm {
     /// Signalled by each boot's UART when the guest drained its input FIFO.
     pub serial_input_drained: Option<vmm_sys_util::eventfd::EventFd>,
     virtio: Vec<VirtioSlot>,
-    /// The net devices, for the event loop.
-    pub virtio_subscribers: Vec<Subscriber>,
+    /// The network interfaces, each served on an I/O thread of its own
+    /// (see `runtime::spawn_io_threads`), with a name for it.
+    pub net_subscribers: Vec<(String, Subscriber)>,
     /// The block devices, each served on an I/O thread of its own (see
-    /// `runtime::spawn_disk_threads`), with a name for it.
+    /// `runtime::spawn_io_threads`), with a name for it.
     pub disk_subscribers: Vec<(String, Subscriber)>,
     /// What `status` shows of each disk (read without the device's lock, which a
     /// stalled disk's thread may hold).
@@ -205,7 +206,7 @@ impl Vm {
             .as_deref()
             .map(|cmd| crate::hooks::AlertHook::new(cmd, &config.name));
         let mem_handle = GuestMemoryHandle::empty();
-        let (virtio, virtio_subscribers, disk_subscribers, disks, nets) =
+        let (virtio, net_subscribers, disk_subscribers, disks, nets) =
             create_virtio(&config, &mem_handle)?;
         let boot_disk = match config.disks.first() {
             Some(d) => Some(crate::disk_kernels::BootDisk::open(&d.path).map_err(|e| {
@@ -244,7 +245,7 @@ impl Vm {
             hooks,
             serial_input_drained: None,
             virtio,
-            virtio_subscribers,
+            net_subscribers,
             disk_subscribers,
             disks,
             nets,

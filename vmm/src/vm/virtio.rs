@@ -49,11 +49,11 @@ pub struct DiskSource {
     pub interrupt: Interrupt,
 }
 
-/// The virtio devices: their MMIO slots, the event-loop subscribers (net)
-/// and the disks' subscribers (each for an I/O thread, named).
+/// The virtio devices: their MMIO slots, the network interfaces'
+/// subscribers and the disks' (each for an I/O thread of its own, named).
 pub(super) type VirtioSet = (
     Vec<VirtioSlot>,
-    Vec<Subscriber>,
+    Vec<(String, Subscriber)>,
     Vec<(String, Subscriber)>,
     Vec<DiskSource>,
     Vec<NetSource>,
@@ -167,9 +167,9 @@ pub(super) fn create_virtio(
         });
         disks.push((format!("disk{i}"), blk));
     }
-    let mut nets: Vec<Subscriber> = Vec::new();
+    let mut nets: Vec<(String, Subscriber)> = Vec::new();
     let mut net_sources = Vec::new();
-    for n in &config.nets {
+    for (i, n) in config.nets.iter().enumerate() {
         // One queue pair per vCPU unless asked otherwise, as a physical
         // NIC gives each CPU its queue.
         let queues = n
@@ -200,7 +200,7 @@ pub(super) fn create_virtio(
             rings,
             interrupt,
         });
-        nets.push(net);
+        nets.push((format!("net{i}"), net));
     }
     Ok((slots, nets, disks, sources, net_sources))
 }

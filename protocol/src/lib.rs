@@ -59,3 +59,7 @@ pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// Largest accepted `downtime_ms` of `migrate`: half the 60 s deadline of the final phase,
 /// which also carries the machine's state and waits for the target's rebuild.
 pub const MAX_DOWNTIME_MS: u64 = 30_000;
+
+/// The most `poll_us` a disk may be given (`set-disk`, `--disk ...,poll_us=N`): a millisecond
+/// of spinning after every request is already a host core per busy disk.
+pub const MAX_POLL_US: u64 = 1000;

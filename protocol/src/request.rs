@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
 use crate::types::{DiskMigration, WatchdogAction};
-use crate::{MAX_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
+use crate::{MAX_POLL_US, MAX_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
 
 /// A typed control request. The wire form is one JSON object per line with the command name
 /// in `cmd` and the arguments as further members; unknown arguments are refused.
@@ -71,6 +71,16 @@ pub enum Request {
     Sysrq {
         /// One letter.
         key: String,
+    },
+    /// `{"cmd":"set-disk","disk":"disk0","poll_us":50}`: changes a running disk's settings
+    /// (operator only: what they change is paid in host CPU); answers with the disk as
+    /// `status` shows it.
+    SetDisk {
+        /// The disk: `disk0`, `disk1`... (as `status` lists them) or its `id=`.
+        disk: String,
+        /// Adaptive polling of the disk's thread up to this many µs after its last work (0:
+        /// off), from its next wake-up on (`--disk ...,poll_us=N` at start-up).
+        poll_us: u64,
     },
     /// `{"cmd":"backup","disk":"disk0","to":"/var/backups/vmm/web1/root.img"}`: a
     /// crash-consistent copy of a disk as it was when the request arrived, written while the
@@ -158,6 +168,7 @@ impl Request {
         "watchdog",
         "set-watchdog",
         "sysrq",
+        "set-disk",
         "backup",
         "snapshot",
         "migrate",
@@ -183,6 +194,7 @@ impl Request {
             Request::Watchdog => "watchdog",
             Request::SetWatchdog { .. } => "set-watchdog",
             Request::Sysrq { .. } => "sysrq",
+            Request::SetDisk { .. } => "set-disk",
             Request::Backup { .. } => "backup",
             Request::Snapshot { .. } => "snapshot",
             Request::Migrate { .. } => "migrate",
@@ -323,6 +335,15 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
         "sysrq" => Request::Sysrq {
             key: args.string("key")?,
         },
+        "set-disk" => Request::SetDisk {
+            disk: args.string("disk")?,
+            poll_us: args.opt_u64("poll_us", MAX_POLL_US)?.ok_or(
+                ProtocolError::MissingArgument {
+                    cmd: "set-disk",
+                    arg: "poll_us",
+                },
+            )?,
+        },
         "backup" => Request::Backup {
             disk: args.string("disk")?,
             to: args.string("to")?,
@@ -425,6 +446,14 @@ mod tests {
                 action: WatchdogAction::Shutdown,
             },
             Request::Sysrq { key: "b".into() },
+            Request::SetDisk {
+                disk: "disk0".into(),
+                poll_us: 0,
+            },
+            Request::SetDisk {
+                disk: "root".into(),
+                poll_us: 1000,
+            },
             Request::Backup {
                 disk: "disk0".into(),
                 to: "/var/backups/vmm/web1/root.img".into(),
@@ -585,6 +614,14 @@ mod tests {
             err(r#"{"cmd":"set-watchdog"}"#),
             "missing argument 'action' for set-watchdog"
         );
+        assert_eq!(
+            err(r#"{"cmd":"set-disk","disk":"disk0"}"#),
+            "missing argument 'poll_us' for set-disk"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-disk","poll_us":5}"#),
+            "missing argument 'disk' for set-disk"
+        );
     }
 
     #[test]
@@ -613,6 +650,19 @@ mod tests {
         assert_eq!(
             err(r#"{"cmd":"migrate","to":"192.0.2.7:1","token":"t","speed_mib_s":-1}"#),
             "invalid argument 'speed_mib_s' for migrate: expected an integer from 0 to 1048576"
+        );
+        for bad in ["1001", "-1", "2.5", "\"50\"", "true"] {
+            assert_eq!(
+                err(&format!(
+                    r#"{{"cmd":"set-disk","disk":"disk0","poll_us":{bad}}}"#
+                )),
+                "invalid argument 'poll_us' for set-disk: expected an integer from 0 to 1000",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            err(r#"{"cmd":"set-disk","disk":"disk0","poll_us":5,"iops":100}"#),
+            "unknown argument 'iops' for set-disk"
         );
         assert_eq!(
             err(r#"{"cmd":"migrate-cancel","now":true}"#),

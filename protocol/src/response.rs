@@ -333,6 +333,8 @@ pub enum Reply {
     Log(LogInfo),
     /// `console`.
     Console(ConsoleAttached),
+    /// `set-disk`: the disk as `status` shows it.
+    Disk(DiskInfo),
     /// `backup`.
     Backup(BackupInfo),
     /// `snapshot`.
@@ -352,6 +354,7 @@ impl Serialize for Reply {
             Reply::Watchdog(v) => v.serialize(serializer),
             Reply::Log(v) => v.serialize(serializer),
             Reply::Console(v) => v.serialize(serializer),
+            Reply::Disk(v) => v.serialize(serializer),
             Reply::Backup(v) => v.serialize(serializer),
             Reply::Snapshot(v) => v.serialize(serializer),
             Reply::Migrated(v) => v.serialize(serializer),
@@ -550,6 +553,19 @@ mod tests {
                 total_bytes: 1 << 40,
             }),
             Reply::Console(ConsoleAttached { replay_bytes: 77 }),
+            Reply::Disk(DiskInfo {
+                id: "disk0".into(),
+                path: "/srv/vms/web1/root.img".into(),
+                read_only: false,
+                engine: "io_uring".into(),
+                poll_us: 50,
+                polled: 7,
+                read_bytes: 1 << 20,
+                write_bytes: 4096,
+                io_errors: 0,
+                queues: vec![],
+                interrupt_status: 0,
+            }),
             Reply::Backup(BackupInfo {
                 disk: "disk0".into(),
                 path: "/var/backups/vmm/web1/root.img".into(),
@@ -634,6 +650,7 @@ mod tests {
                 Reply::Watchdog(v) => assert_eq!(&resp.decode::<WatchdogInfo>().unwrap(), v),
                 Reply::Log(v) => assert_eq!(&resp.decode::<LogInfo>().unwrap(), v),
                 Reply::Console(v) => assert_eq!(&resp.decode::<ConsoleAttached>().unwrap(), v),
+                Reply::Disk(v) => assert_eq!(&resp.decode::<DiskInfo>().unwrap(), v),
                 Reply::Backup(v) => assert_eq!(&resp.decode::<BackupInfo>().unwrap(), v),
                 Reply::Snapshot(v) => assert_eq!(&resp.decode::<SnapshotInfo>().unwrap(), v),
                 Reply::Migrated(v) => assert_eq!(&resp.decode::<MigrationInfo>().unwrap(), v),

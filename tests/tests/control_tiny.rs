@@ -590,6 +590,70 @@ fn a_backup_is_the_operators_and_copies_the_disk_whole_into_the_backup_directory
 }
 
 #[test]
+fn the_operator_turns_a_disks_polling_on_and_off_while_it_runs_and_a_customer_cannot() {
+    let dir = TempDir::new("set-disk");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.path().join("run/vm1/control.sock");
+    let asm = ready_then(|a| {
+        a.cli_hlt_forever();
+    });
+    let mut cmd = vmm_command(dir.path(), "vm1", &asm, &sock);
+    cmd.arg("--disk")
+        .arg(format!("path={},id=root", img.display()))
+        .args(["--allow-user", "65534"]);
+    let vm = Vm {
+        p: VmmProcess::spawn_cmd(&mut cmd),
+        dir,
+    };
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    let mut c = vm.ctl();
+    let poll_us = |c: &mut Ctl| c.status()["disks"][0]["poll_us"].clone();
+    assert_eq!(poll_us(&mut c), 0, "off unless asked");
+
+    // Polling is paid in host CPU: the customer may not turn it on.
+    let (r, text) = as_nobody(
+        &vm,
+        Some(r#"{"cmd":"set-disk","disk":"root","poll_us":1000}"#),
+    );
+    assert_eq!(r["code"], "forbidden", "{text}");
+    assert_eq!(poll_us(&mut c), 0);
+
+    // The operator: by `id=` or by `diskN`; the answer is the disk as
+    // `status` shows it.
+    let r = c.call(r#"{"cmd":"set-disk","disk":"root","poll_us":50}"#);
+    assert_eq!(r["ok"], true, "{r}\n{}", vm.p.report());
+    assert_eq!(
+        (&r["id"], &r["poll_us"]),
+        (&"disk0".into(), &50.into()),
+        "{r}"
+    );
+    assert_eq!(poll_us(&mut c), 50);
+    let r = c.call(r#"{"cmd":"set-disk","disk":"disk0","poll_us":0}"#);
+    assert_eq!(r["poll_us"], 0, "{r}");
+    assert_eq!(poll_us(&mut c), 0);
+
+    // Refused with the reason, the setting kept.
+    for (line, code) in [
+        (
+            r#"{"cmd":"set-disk","disk":"disk3","poll_us":5}"#,
+            "not_found",
+        ),
+        (
+            r#"{"cmd":"set-disk","disk":"disk0","poll_us":1001}"#,
+            "bad_request",
+        ),
+        (r#"{"cmd":"set-disk","disk":"disk0"}"#, "bad_request"),
+    ] {
+        let e = c.call(line);
+        assert_eq!(e["ok"], false, "{line}: {e}");
+        assert_eq!(e["code"], code, "{line}: {e}");
+    }
+    assert_eq!(poll_us(&mut c), 0);
+    assert_eq!(c.status()["state"], "running");
+}
+
+#[test]
 fn without_a_backup_directory_backup_is_refused_as_unsupported() {
     let vm = start(
         "backup-none",

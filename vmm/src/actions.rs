@@ -47,27 +47,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
         throttle_pct: vm.throttle_pct(),
         watchdog: Some(watchdog_info(vm)),
         on_panic: Some(vm.panic_action),
-        disks: vm
-            .disks
-            .iter()
-            .map(|d| {
-                let s = d.counters.snapshot();
-                let queues = ring_info(&d.rings);
-                DiskInfo {
-                    id: d.id.clone(),
-                    path: d.path.display().to_string(),
-                    read_only: d.read_only,
-                    engine: d.engine.to_string(),
-                    poll_us: d.poll_us,
-                    polled: s.polled,
-                    read_bytes: s.read_bytes,
-                    write_bytes: s.write_bytes,
-                    io_errors: s.io_errors,
-                    queues,
-                    interrupt_status: d.interrupt.status(),
-                }
-            })
-            .collect(),
+        disks: vm.disks.iter().map(disk_info).collect(),
         nets: vm
             .nets
             .iter()
@@ -91,6 +71,39 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
             })
             .collect(),
     }
+}
+
+/// One disk as `status` (and `set-disk`) shows it.
+fn disk_info(d: &crate::vm::DiskSource) -> DiskInfo {
+    let s = d.counters.snapshot();
+    DiskInfo {
+        id: d.id.clone(),
+        path: d.path.display().to_string(),
+        read_only: d.read_only,
+        engine: d.engine.to_string(),
+        poll_us: d.poll.get(),
+        polled: s.polled,
+        read_bytes: s.read_bytes,
+        write_bytes: s.write_bytes,
+        io_errors: s.io_errors,
+        queues: ring_info(&d.rings),
+        interrupt_status: d.interrupt.status(),
+    }
+}
+
+/// `set-disk`: the operator's; takes effect at the disk's next wake-up
+/// (its thread reads the setting without the device's lock).
+fn set_disk(
+    vm: &Vm,
+    peer: &crate::control::PeerIdentity,
+    disk: &str,
+    poll_us: u64,
+) -> Result<DiskInfo, ControlError> {
+    peer.require_operator("set-disk")?;
+    let d = vm.find_disk(disk)?;
+    // The parser allows at most MAX_POLL_US (1000); the device clamps too.
+    d.poll.set(u32::try_from(poll_us).unwrap_or(u32::MAX));
+    Ok(disk_info(d))
 }
 
 /// A device's running queues, read from guest memory.
@@ -325,6 +338,9 @@ impl ControlHandler for VmControlHandler {
                 Ok(Reply::Watchdog(watchdog_info(&vm)))
             }
             Request::Sysrq { key } => done(vm.sysrq(&key)),
+            Request::SetDisk { disk, poll_us } => {
+                set_disk(&vm, responder.peer(), &disk, poll_us).map(Reply::Disk)
+            }
             Request::Backup {
                 disk,
                 to,

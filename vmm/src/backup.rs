@@ -49,17 +49,7 @@ pub fn prepare(
             "this VM has no --backup-dir: the operator names the directory backups go to",
         ));
     };
-    let source = vm
-        .disks
-        .iter()
-        .find(|d| d.id == disk || d.name.as_deref() == Some(disk))
-        .ok_or_else(|| {
-            let names: Vec<&str> = vm.disks.iter().map(|d| d.id.as_str()).collect();
-            ControlError::new(
-                ErrorCode::NotFound,
-                format!("no disk '{disk}' (this VM has {})", names.join(", ")),
-            )
-        })?;
+    let source = vm.find_disk(disk)?;
     let path = target(dir, to).map_err(|e| ControlError::new(ErrorCode::BadRequest, e))?;
     if path.symlink_metadata().is_ok() {
         return Err(ControlError::new(

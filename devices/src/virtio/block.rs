@@ -81,7 +81,7 @@ pub use direct::AlignedBuf;
 use direct::{bounce_read, bounce_write, in_chunks, DioAlign};
 pub use image_lock::ImageLock;
 use poll::PollWindow;
-pub use poll::MAX_POLL;
+pub use poll::{PollControl, MAX_POLL};
 use request::{Disk, Handled};
 use uring::{InFlight, IoKind, IoOp, Uring};
 
@@ -284,6 +284,8 @@ pub struct Block {
     backup_inbox: BackupInbox,
     /// How long to poll before sleeping (`poll_us`).
     poll: PollWindow,
+    /// The operator's `poll_us`, which `poll` follows at each wake-up.
+    poll_control: PollControl,
     /// When the thread last finished work: how long the guest or the disk
     /// then took is what adapts the window.
     idle_since: Option<Instant>,
@@ -436,6 +438,7 @@ impl Block {
             active: None,
             budget: None,
             poll: PollWindow::new(cfg.poll),
+            poll_control: PollControl::new(cfg.poll),
             idle_since: None,
             #[cfg(test)]
             before_rearm: None,
@@ -458,6 +461,12 @@ impl Block {
     /// Shared counters (read them without locking the device).
     pub fn counters(&self) -> Arc<BlockCounters> {
         self.disk.counters.clone()
+    }
+
+    /// Where the operator changes `poll_us` while the disk runs (read and
+    /// set without the device's lock, which its thread may hold).
+    pub fn poll_control(&self) -> PollControl {
+        self.poll_control.clone()
     }
 
     pub fn stats(&self) -> BlockStats {

@@ -174,18 +174,33 @@ fn fsynced_data_survives_sigkill(direct: bool, engine: &str, poll_us: u32) {
         // at once, so that gaps stay within the window even when the
         // emulated guest is slow (one reader under a loaded test host left
         // every gap longer than 1 ms once, and polling found nothing).
-        g.run(
-            "for i in 0 1 2 3; do \
-               dd if=/dev/vda of=/dev/null bs=4k count=512 skip=$((i * 512)) iflag=direct 2>/dev/null & \
-             done; wait",
-        );
-        let status = g.ctl().status();
-        let polled = status["disks"][0]["polled"].as_u64().unwrap_or_default();
+        let readers = |g: &mut Guest| {
+            g.run(
+                "for i in 0 1 2 3; do \
+                   dd if=/dev/vda of=/dev/null bs=4k count=512 skip=$((i * 512)) iflag=direct 2>/dev/null & \
+                 done; wait",
+            );
+            let status = g.ctl().status();
+            let polled = status["disks"][0]["polled"].as_u64().unwrap_or_default();
+            (status, polled)
+        };
+        let (status, polled) = readers(&mut g);
         eprintln!("disk poll_us={poll_us}: polling found {polled} requests and completions");
         if poll_us == 0 {
             assert_eq!(polled, 0, "{status}");
         } else {
             assert!(polled > 0, "polling found nothing: {status}");
+        }
+        if poll_us == 0 && engine == "io_uring" {
+            // The operator turns polling on while the guest runs: the
+            // disk's thread takes it up at its next wake-up.
+            let r = g
+                .ctl()
+                .call(r#"{"cmd":"set-disk","disk":"data","poll_us":1000}"#);
+            assert_eq!(r["poll_us"], 1000, "{r}");
+            let (status, polled) = readers(&mut g);
+            eprintln!("disk poll_us=1000 set while running: polling found {polled}");
+            assert!(polled > 0, "polling turned on found nothing: {status}");
         }
         g.vmm.child.kill().expect("SIGKILL the VMM");
         let st = g.vmm.wait_exit(Duration::from_secs(30));

@@ -341,3 +341,13 @@ fn library_entries_resolve_with_their_cmdline() {
     assert_eq!(library_entries(&d), vec!["debian-6.1", "mini"]);
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn set_disk_and_the_command_line_allow_the_same_polling_limit() {
+    // `set-disk` is checked by the protocol's parser, `--disk ...,poll_us=N`
+    // here: one rule for the operator.
+    assert_eq!(
+        u128::from(protocol::MAX_POLL_US),
+        devices::virtio::block::MAX_POLL.as_micros()
+    );
+}

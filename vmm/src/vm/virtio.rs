@@ -40,8 +40,9 @@ pub struct DiskSource {
     pub path: std::path::PathBuf,
     pub read_only: bool,
     pub engine: &'static str,
-    /// `poll_us` (0: the disk's thread does not poll).
-    pub poll_us: u32,
+    /// Its `poll_us` (0: the disk's thread does not poll), which
+    /// `set-disk` changes while it runs.
+    pub poll: devices::virtio::PollControl,
     pub counters: Arc<devices::virtio::BlockCounters>,
     /// Its running rings, for their indices (`status`).
     pub rings: RingWatch,
@@ -96,7 +97,7 @@ pub(super) fn create_virtio(
             },
         )
         .map_err(|e| VmmError::Setup(e.to_string()))?;
-        let (engine, counters) = (blk.engine_name(), blk.counters());
+        let (engine, counters, poll) = (blk.engine_name(), blk.counters(), blk.poll_control());
         let backup = blk.backup_inbox();
         let image = blk
             .image_lock()
@@ -115,7 +116,7 @@ pub(super) fn create_virtio(
             path: d.path.clone(),
             read_only: d.read_only,
             engine,
-            poll_us: d.poll_us,
+            poll,
             counters,
             rings,
             interrupt,
@@ -141,7 +142,7 @@ pub(super) fn create_virtio(
             },
         )
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
-        let (engine, counters) = (blk.engine_name(), blk.counters());
+        let (engine, counters, poll) = (blk.engine_name(), blk.counters(), blk.poll_control());
         let backup = blk.backup_inbox();
         let image = blk
             .image_lock()
@@ -160,7 +161,7 @@ pub(super) fn create_virtio(
             path: img,
             read_only: true,
             engine,
-            poll_us: 0,
+            poll,
             counters,
             rings,
             interrupt,
@@ -203,6 +204,23 @@ pub(super) fn create_virtio(
         nets.push((format!("net{i}"), net));
     }
     Ok((slots, nets, disks, sources, net_sources))
+}
+
+impl super::Vm {
+    /// The disk a control request names: `disk0`, `disk1`... (as `status`
+    /// lists them) or its `id=`.
+    pub fn find_disk(&self, disk: &str) -> Result<&DiskSource, protocol::ControlError> {
+        self.disks
+            .iter()
+            .find(|d| d.id == disk || d.name.as_deref() == Some(disk))
+            .ok_or_else(|| {
+                let names: Vec<&str> = self.disks.iter().map(|d| d.id.as_str()).collect();
+                protocol::ControlError::new(
+                    protocol::ErrorCode::NotFound,
+                    format!("no disk '{disk}' (this VM has {})", names.join(", ")),
+                )
+            })
+    }
 }
 
 /// Opens a disk: locked, except for a migration's target, whose source

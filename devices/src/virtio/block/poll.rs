@@ -20,6 +20,8 @@
 //! request, and a guest doing I/O steadily at QD1 keeps its disk's thread
 //! busy. Off unless the operator asks (`poll_us=0`, the default).
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The first window after polling was off or shrank to nothing.
@@ -72,6 +74,19 @@ impl PollWindow {
         }
     }
 
+    /// The operator's limit (`poll_us`).
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
+    /// A new limit while the disk runs (clamped to [`MAX_POLL`]; zero
+    /// turns polling off): a window above it shrinks to it at once, one
+    /// below it grows as the guest shows it would pay off.
+    pub fn set_max(&mut self, max: Duration) {
+        self.max = max.min(MAX_POLL);
+        self.current = self.current.min(self.max);
+    }
+
     /// Sets the window (tests, fuzzing).
     #[cfg(any(test, feature = "fuzzing"))]
     pub fn force(&mut self, current: Duration) {
@@ -79,9 +94,89 @@ impl PollWindow {
     }
 }
 
+/// A disk's `poll_us`, which the operator may change while it runs
+/// (`set-disk`): the disk's thread reads it at each wake-up (one relaxed
+/// load) and follows it ([`PollWindow::set_max`]), so no lock is shared
+/// with the thread that sets it.
+#[derive(Clone, Debug, Default)]
+pub struct PollControl(Arc<AtomicU32>);
+
+impl PollControl {
+    /// Starting at `max` (clamped to [`MAX_POLL`]).
+    pub fn new(max: Duration) -> Self {
+        let c = PollControl::default();
+        c.set_duration(max);
+        c
+    }
+
+    /// Sets the limit to `us` µs, clamped to [`MAX_POLL`]; returns what
+    /// was set.
+    pub fn set(&self, us: u32) -> u32 {
+        let most = u32::try_from(MAX_POLL.as_micros()).unwrap_or(u32::MAX);
+        let us = us.min(most);
+        self.0.store(us, Ordering::Relaxed);
+        us
+    }
+
+    /// Sets the limit to `max`, clamped to [`MAX_POLL`].
+    pub fn set_duration(&self, max: Duration) {
+        self.set(u32::try_from(max.as_micros()).unwrap_or(u32::MAX));
+    }
+
+    /// The limit, µs (0: off).
+    pub fn get(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn max(&self) -> Duration {
+        Duration::from_micros(u64::from(self.get()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lower_limit_set_while_the_disk_runs_shrinks_the_window_at_once() {
+        let mut w = PollWindow::new(50 * US);
+        w.force(32 * US);
+        w.set_max(10 * US);
+        assert_eq!((w.max(), w.current()), (10 * US, 10 * US));
+        w.set_max(Duration::ZERO);
+        assert!(!w.enabled());
+        assert_eq!(w.current(), Duration::ZERO, "off stops polling at once");
+        w.observe(US);
+        assert_eq!(w.current(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_higher_limit_set_while_the_disk_runs_lets_the_window_grow_to_it() {
+        let mut w = PollWindow::new(Duration::ZERO);
+        w.set_max(100 * US);
+        assert_eq!(
+            w.current(),
+            Duration::ZERO,
+            "nothing until the guest shows it pays"
+        );
+        for _ in 0..6 {
+            w.observe(90 * US);
+        }
+        assert_eq!(w.current(), 100 * US);
+    }
+
+    #[test]
+    fn the_operators_setting_is_clamped_to_a_millisecond() {
+        let c = PollControl::new(Duration::from_secs(1));
+        assert_eq!(c.get(), 1000);
+        assert_eq!(c.set(u32::MAX), 1000);
+        assert_eq!(c.set(7), 7);
+        let seen = c.clone();
+        assert_eq!(seen.max(), 7 * US, "a clone sees the same setting");
+        c.set(0);
+        assert_eq!(seen.get(), 0);
+    }
 
     const US: Duration = Duration::from_micros(1);
 

@@ -176,6 +176,7 @@ impl Block {
     pub fn force_poll(&mut self, max: Duration) {
         self.poll = PollWindow::new(max);
         self.poll.force(max);
+        self.poll_control.set_duration(max);
     }
 
     /// Requests io_uring has in flight (tests).
@@ -193,6 +194,7 @@ impl Block {
     /// What the event loop does on a queue kick: serves the queues, then
     /// polls for more (`poll_us`) before the thread sleeps.
     pub fn serve_kick(&mut self) {
+        self.follow_poll_control();
         let woke = self.poll.enabled().then(Instant::now);
         let served = self.process_queue();
         self.after_wake(woke, served);
@@ -200,9 +202,19 @@ impl Block {
 
     /// What the event loop does when io_uring posted completions.
     pub(super) fn serve_completions(&mut self) {
+        self.follow_poll_control();
         let woke = self.poll.enabled().then(Instant::now);
         let completed = self.complete_ring(None);
         self.after_wake(woke, completed);
+    }
+
+    /// Takes up a `poll_us` the operator changed while the disk runs
+    /// (`set-disk`).
+    fn follow_poll_control(&mut self) {
+        let want = self.poll_control.max();
+        if want != self.poll.max() {
+            self.poll.set_max(want);
+        }
     }
 
     /// After a wake-up at `woke` that served `found` requests or

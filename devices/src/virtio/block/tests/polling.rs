@@ -189,3 +189,21 @@ fn a_broken_avail_index_does_not_keep_a_polling_disk_spinning() {
     assert!(f.q.used(&f.mem).is_empty());
     assert_eq!(f.stats().polled, 0);
 }
+
+#[test]
+fn a_disk_whose_polling_the_operator_turns_off_while_it_runs_stops_polling_at_its_next_wake_up() {
+    let mut f = Fixture::uring();
+    f.blk.lock().unwrap().force_poll(Duration::from_millis(300));
+    // What `set-disk` does, from another thread, without the device's lock.
+    let control = f.blk.lock().unwrap().poll_control();
+    control.set(0);
+    let head = publish_read(&mut f, 2);
+    write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);
+    // The kick's wake-up no longer polls for the completion, which comes
+    // on a wake-up of its own.
+    f.run();
+    assert!(f.q.used(&f.mem).is_empty(), "the completion was polled");
+    assert_eq!(f.run_until_used(1), vec![(u32::from(head), 513)]);
+    assert_eq!((f.status(), f.data(512)), (S_OK, vec![2u8; 512]));
+    assert_eq!(f.stats().polled, 0);
+}

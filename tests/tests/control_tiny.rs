@@ -508,6 +508,26 @@ fn as_nobody(vm: &Vm, line: Option<&str>) -> (Value, String) {
     (first, format!("stdout: {text} stderr: {err}"))
 }
 
+/// A guest that says READY and halts, with `img` as its disk `id=root`,
+/// uid 65534 allowed in as a customer, and `extra`; once it is READY.
+fn start_with_root_disk(dir: TempDir, img: &Path, extra: &[String]) -> Vm {
+    let sock = dir.path().join("run/vm1/control.sock");
+    let asm = ready_then(|a| {
+        a.cli_hlt_forever();
+    });
+    let mut cmd = vmm_command(dir.path(), "vm1", &asm, &sock);
+    cmd.arg("--disk")
+        .arg(format!("path={},id=root", img.display()))
+        .args(["--allow-user", "65534"])
+        .args(extra);
+    let vm = Vm {
+        p: VmmProcess::spawn_cmd(&mut cmd),
+        dir,
+    };
+    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    vm
+}
+
 #[test]
 fn a_backup_is_the_operators_and_copies_the_disk_whole_into_the_backup_directory() {
     let dir = TempDir::new("backup-tiny");
@@ -522,21 +542,8 @@ fn a_backup_is_the_operators_and_copies_the_disk_whole_into_the_backup_directory
     f.write_all_at(&data, 0).unwrap();
     f.write_all_at(&data, 6 << 20).unwrap();
     drop(f);
-    let sock = dir.path().join("run/vm1/control.sock");
-    let asm = ready_then(|a| {
-        a.cli_hlt_forever();
-    });
-    let mut cmd = vmm_command(dir.path(), "vm1", &asm, &sock);
-    cmd.arg("--disk")
-        .arg(format!("path={},id=root", img.display()))
-        .arg("--backup-dir")
-        .arg(&backups)
-        .args(["--allow-user", "65534"]);
-    let vm = Vm {
-        p: VmmProcess::spawn_cmd(&mut cmd),
-        dir,
-    };
-    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    let backup_dir = ["--backup-dir".to_string(), backups.display().to_string()];
+    let vm = start_with_root_disk(dir, &img, &backup_dir);
 
     // A customer may run the VM, not copy its disk.
     let (status, text) = as_nobody(&vm, Some(r#"{"cmd":"status"}"#));
@@ -594,19 +601,7 @@ fn the_operator_turns_a_disks_polling_on_and_off_while_it_runs_and_a_customer_ca
     let dir = TempDir::new("set-disk");
     let img = dir.path().join("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
-    let sock = dir.path().join("run/vm1/control.sock");
-    let asm = ready_then(|a| {
-        a.cli_hlt_forever();
-    });
-    let mut cmd = vmm_command(dir.path(), "vm1", &asm, &sock);
-    cmd.arg("--disk")
-        .arg(format!("path={},id=root", img.display()))
-        .args(["--allow-user", "65534"]);
-    let vm = Vm {
-        p: VmmProcess::spawn_cmd(&mut cmd),
-        dir,
-    };
-    assert!(vm.p.wait_for("READY", T), "{}", vm.p.report());
+    let vm = start_with_root_disk(dir, &img, &[]);
     let mut c = vm.ctl();
     let poll_us = |c: &mut Ctl| c.status()["disks"][0]["poll_us"].clone();
     assert_eq!(poll_us(&mut c), 0, "off unless asked");

@@ -57,7 +57,7 @@ pub fn inject(point: &str) {
 }
 
 /// Fault injection for the seccomp tests: `VMM_TEST_SECCOMP=<kind>` makes
-/// each thread of that kind (`vcpu`, `disk`) call `socket(2)`, which no
+/// each thread of that kind (`vcpu`, `disk`, `net`, ...) call `socket(2)`, which no
 /// filtered thread may, right after installing its filter.
 pub fn inject_forbidden_syscall(kind: &str) {
     if std::env::var_os("VMM_TEST_SECCOMP").is_some_and(|k| k == kind) {

@@ -216,7 +216,7 @@ const NET: &[(i64, &str)] = &[
     (libc::SYS_readv, "TAP frames into guest buffers"),
     (
         libc::SYS_ioctl,
-        "the control queue's TUNSETQUEUE (queue pairs enabled by the guest)",
+        "the control queue's TUNSETQUEUE (queue pairs enabled by the guest), and nothing else (an argument rule)",
     ),
     (libc::SYS_getrandom, "hash maps' seeds"),
 ];
@@ -227,7 +227,7 @@ const NET: &[(i64, &str)] = &[
 const EVENT_LOOP: &[(i64, &str)] = &[
     (libc::SYS_epoll_wait, "the event loop"),
     (libc::SYS_epoll_pwait, "the event loop"),
-    (libc::SYS_epoll_ctl, "clients, TAP polling, queue eventfds come and go"),
+    (libc::SYS_epoll_ctl, "clients and timers come and go"),
     (libc::SYS_poll, "waiting on one descriptor (terminal, glibc NSS)"),
     (libc::SYS_ppoll, "waiting on one descriptor"),
     (libc::SYS_read, "eventfds, timerfds, sockets, stdin, files"),
@@ -429,6 +429,22 @@ pub fn allow_list_sizes() -> Vec<(&'static str, usize)> {
 
 static PROGRAMS: OnceLock<Option<Vec<(Kind, BpfProgram)>>> = OnceLock::new();
 
+/// `ioctl(fd, TUNSETQUEUE, ...)` and no other request: all a network
+/// interface's thread asks of the kernel (the rest of its device's ioctls,
+/// TUNSETOFFLOAD and vhost-net's, come with activation and reset, on other
+/// threads).
+fn only_tunsetqueue() -> Result<Vec<seccompiler::SeccompRule>, seccompiler::BackendError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    // The request number fits 32 bits; the kernel takes the low 32 (an
+    // `unsigned int cmd` in `tun_chr_ioctl`).
+    Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+        1,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(libc::TUNSETQUEUE as u32),
+    )?])?])
+}
+
 /// `socket(AF_UNIX, ...)` and nothing else: the event loop talks to no
 /// network.
 fn only_unix_sockets() -> Result<Vec<seccompiler::SeccompRule>, seccompiler::BackendError> {
@@ -466,6 +482,11 @@ fn compile(kind: Kind, mode: Mode) -> Result<BpfProgram, String> {
             }
             _ => only_unix_sockets().map_err(err)?,
         };
+    }
+    if kind == Kind::Net {
+        if let Some(r) = rules.get_mut(&libc::SYS_ioctl) {
+            *r = only_tunsetqueue().map_err(err)?;
+        }
     }
     let mismatch = match mode {
         Mode::Log => SeccompAction::Log,

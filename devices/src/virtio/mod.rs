@@ -7,8 +7,8 @@
 //! - [`MmioTransport`]: the virtio-mmio register file (version 2). It is a
 //!   [`BusDevice`](crate::BusDevice) on the MMIO bus, [`MMIO_SIZE`] bytes wide.
 //! - [`Block`] and [`Net`]: the device models. Each also implements
-//!   `event_manager::MutEventSubscriber` and serves its queues from the VMM's
-//!   event loop.
+//!   `event_manager::MutEventSubscriber` and serves its queues from an event
+//!   manager (the VMM runs one per device, each on an I/O thread of its own).
 //! - [`Interrupt`]: the INTERRUPT_STATUS bits plus the `EventFd` the VMM
 //!   registers as a KVM irqfd.
 //! - [`GuestMemoryHandle`]: the guest memory, swappable per boot.
@@ -17,7 +17,7 @@
 //! Two kinds of threads touch a device:
 //! - vCPU threads, through the MMIO bus, which holds the transport as
 //!   `Arc<Mutex<MmioTransport>>`;
-//! - the VMM thread running the `EventManager`, which holds the device model
+//! - the device's I/O thread running its `EventManager`, which holds the device model
 //!   itself as `Arc<Mutex<Block>>` (or `Net`), coerced to
 //!   `Arc<Mutex<dyn MutEventSubscriber + Send>>`.
 //!

@@ -35,7 +35,8 @@
 //! A wake-up moves at most a queue's worth (the queue size) of frames
 //! each way: a flood from the TAP into a guest that refills its ring as
 //! fast, or a guest that refills its TX ring as fast, would otherwise keep
-//! the event loop here for good. RX then yields with the TAP still polled
+//! its thread here for good (and a second TAP queue, the control queue and
+//! a device reset waiting on its lock). RX then yields with the TAP still polled
 //! (epoll reports it again after the other ready events); TX kicks its own
 //! queue eventfd. Within a wake-up the guest is signalled every
 //! [`SIGNAL_BATCH`] used entries (if it wants to be: EVENT_IDX), not only
@@ -315,7 +316,7 @@ struct IovScratch(Vec<libc::iovec>);
 unsafe impl Send for IovScratch {}
 
 /// A virtio-net device. See the [module docs](super) for how it is shared
-/// between the MMIO bus and the event loop.
+/// between the MMIO bus and its I/O thread's event manager.
 pub struct Net {
     /// One TAP queue per queue pair (one for a single-queue TAP).
     taps: Vec<Tap>,
@@ -342,7 +343,8 @@ pub struct Net {
     poll_us: u32,
     /// The kernel datapath, one per pair, while it runs.
     vhost: Vec<VhostPath>,
-    /// Written at activation and reset: the event loop re-registers.
+    /// Written at activation and reset: the device's event manager
+    /// re-registers.
     wake: EventFd,
     /// The queues whose eventfds are not polled: those vhost-net serves
     /// (every guest kick would wake the event loop for nothing).
@@ -777,7 +779,10 @@ impl MutEventSubscriber for Net {
                     .event_set()
                     .intersects(EventSet::ERROR | EventSet::HANG_UP)
                 {
-                    tracing::error!(
+                    // Rate-limited: each RX kick registers the TAP again,
+                    // and a hung-up TAP reports the hang-up again.
+                    crate::limited!(
+                        error,
                         "virtio-net {}: TAP queue {p} error/hang-up; not polling it",
                         self.tap_name()
                     );

@@ -94,3 +94,56 @@ fn modes_parse() {
         .unwrap_err()
         .contains("on, log or off"));
 }
+
+/// Installs `kind`'s filter in a forked child, which then makes `call`:
+/// whether the child was ended by SIGSYS (the filter refused the call).
+fn refused_in_child(kind: Kind, call: impl FnOnce()) -> bool {
+    // Compiled before the fork: the child only installs it and calls.
+    let prog = compile(kind, Mode::On).unwrap();
+    // SAFETY: the child runs only async-signal-safe work (installing a
+    // compiled filter, one system call, `_exit`) before it ends.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        // SIGSYS's default action ends the child, which is the answer.
+        let code = if seccompiler::apply_filter(&prog).is_ok() {
+            call();
+            0
+        } else {
+            2
+        };
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked; `status` outlives the call.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFSIGNALED(status) || libc::WEXITSTATUS(status) == 0,
+        "the child could not install the filter: {status:#x}"
+    );
+    libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+}
+
+#[test]
+fn a_network_interfaces_thread_may_make_tunsetqueue_and_no_other_ioctl() {
+    let ifr = [0u8; 40];
+    let tunsetqueue = refused_in_child(Kind::Net, || {
+        // SAFETY: an ioctl on a descriptor that is not open (EBADF); `ifr`
+        // outlives the call.
+        unsafe { libc::ioctl(-1, libc::TUNSETQUEUE, ifr.as_ptr()) };
+    });
+    assert!(!tunsetqueue, "TUNSETQUEUE refused");
+    let fionread = refused_in_child(Kind::Net, || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: an ioctl on a descriptor that is not open; `n` outlives it.
+        unsafe { libc::ioctl(-1, libc::FIONREAD, &mut n) };
+    });
+    assert!(fionread, "another ioctl let through");
+    // The event loop may make any (KVM, TUN offloads, vhost-net resets).
+    assert!(!refused_in_child(Kind::EventLoop, || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: as above.
+        unsafe { libc::ioctl(-1, libc::FIONREAD, &mut n) };
+    }));
+}

@@ -215,12 +215,30 @@ impl super::Vm {
             .find(|d| d.id == disk || d.name.as_deref() == Some(disk))
             .ok_or_else(|| {
                 let names: Vec<&str> = self.disks.iter().map(|d| d.id.as_str()).collect();
+                let has = if names.is_empty() {
+                    "this VM has no disks".to_string()
+                } else {
+                    format!("this VM has {}", names.join(", "))
+                };
                 protocol::ControlError::new(
                     protocol::ErrorCode::NotFound,
-                    format!("no disk '{disk}' (this VM has {})", names.join(", ")),
+                    format!("no disk '{}' ({has})", short(disk)),
                 )
             })
     }
+}
+
+/// A client's disk name as an error message quotes it: at most 64 bytes.
+fn short(name: &str) -> String {
+    const MAX: usize = 64;
+    if name.len() <= MAX {
+        return name.to_string();
+    }
+    let mut end = MAX;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &name[..end])
 }
 
 /// Opens a disk: locked, except for a migration's target, whose source

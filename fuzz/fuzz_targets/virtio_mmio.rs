@@ -212,6 +212,7 @@ fuzz_target!(|input: Input| {
             // ready is the device's to skip) are fuzzed too.
             queues: 2,
             poll: Default::default(),
+            limits: Default::default(),
         })
         .unwrap();
         Dev::Blk(Arc::new(Mutex::new(blk)))

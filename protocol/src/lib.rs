@@ -63,3 +63,7 @@ pub const MAX_DOWNTIME_MS: u64 = 30_000;
 /// The most `poll_us` a disk may be given (`set-disk`, `--disk ...,poll_us=N`): a millisecond
 /// of spinning after every request is already a host core per busy disk.
 pub const MAX_POLL_US: u64 = 1000;
+
+/// The highest `iops` limit a disk may be given (`set-disk`, `--disk ...,iops=N`); its `mib_s`
+/// goes up to [`MAX_SPEED_MIB_S`].
+pub const MAX_IOPS: u64 = 10_000_000;

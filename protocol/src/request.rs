@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ProtocolError;
 use crate::types::{DiskMigration, WatchdogAction};
-use crate::{MAX_POLL_US, MAX_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
+use crate::{MAX_IOPS, MAX_POLL_US, MAX_SPEED_MIB_S, MAX_STOP_TIMEOUT_S};
 
 /// A typed control request. The wire form is one JSON object per line with the command name
 /// in `cmd` and the arguments as further members; unknown arguments are refused.
@@ -72,15 +72,22 @@ pub enum Request {
         /// One letter.
         key: String,
     },
-    /// `{"cmd":"set-disk","disk":"disk0","poll_us":50}`: changes a running disk's settings
-    /// (operator only: what they change is paid in host CPU); answers with the disk as
-    /// `status` shows it.
+    /// `{"cmd":"set-disk","disk":"disk0","iops":500}`: changes a running disk's settings, one
+    /// or more of them (operator only: they are what the host's CPU and disks are shared by);
+    /// answers with the disk as `status` shows it.
     SetDisk {
         /// The disk: `disk0`, `disk1`... (as `status` lists them) or its `id=`.
         disk: String,
         /// Adaptive polling of the disk's thread up to this many µs after its last work (0:
         /// off), from its next wake-up on (`--disk ...,poll_us=N` at start-up).
-        poll_us: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        poll_us: Option<u64>,
+        /// At most this many requests a second (0: no limit; `--disk ...,iops=N`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        iops: Option<u64>,
+        /// At most this many MiB of data a second (0: no limit; `--disk ...,mib_s=N`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        mib_s: Option<u64>,
     },
     /// `{"cmd":"backup","disk":"disk0","to":"/var/backups/vmm/web1/root.img"}`: a
     /// crash-consistent copy of a disk as it was when the request arrived, written while the
@@ -335,15 +342,24 @@ pub fn parse_request(line: &str) -> Result<Request, ProtocolError> {
         "sysrq" => Request::Sysrq {
             key: args.string("key")?,
         },
-        "set-disk" => Request::SetDisk {
-            disk: args.string("disk")?,
-            poll_us: args.opt_u64("poll_us", MAX_POLL_US)?.ok_or(
-                ProtocolError::MissingArgument {
+        "set-disk" => {
+            let disk = args.string("disk")?;
+            let poll_us = args.opt_u64("poll_us", MAX_POLL_US)?;
+            let iops = args.opt_u64("iops", MAX_IOPS)?;
+            let mib_s = args.opt_u64("mib_s", MAX_SPEED_MIB_S)?;
+            if poll_us.is_none() && iops.is_none() && mib_s.is_none() {
+                return Err(ProtocolError::MissingArgument {
                     cmd: "set-disk",
-                    arg: "poll_us",
-                },
-            )?,
-        },
+                    arg: "poll_us, iops or mib_s",
+                });
+            }
+            Request::SetDisk {
+                disk,
+                poll_us,
+                iops,
+                mib_s,
+            }
+        }
         "backup" => Request::Backup {
             disk: args.string("disk")?,
             to: args.string("to")?,
@@ -448,11 +464,21 @@ mod tests {
             Request::Sysrq { key: "b".into() },
             Request::SetDisk {
                 disk: "disk0".into(),
-                poll_us: 0,
+                poll_us: Some(0),
+                iops: None,
+                mib_s: None,
             },
             Request::SetDisk {
                 disk: "root".into(),
-                poll_us: 1000,
+                poll_us: Some(1000),
+                iops: Some(500),
+                mib_s: Some(0),
+            },
+            Request::SetDisk {
+                disk: "root".into(),
+                poll_us: None,
+                iops: None,
+                mib_s: Some(100),
             },
             Request::Backup {
                 disk: "disk0".into(),
@@ -616,7 +642,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"cmd":"set-disk","disk":"disk0"}"#),
-            "missing argument 'poll_us' for set-disk"
+            "missing argument 'poll_us, iops or mib_s' for set-disk"
         );
         assert_eq!(
             err(r#"{"cmd":"set-disk","poll_us":5}"#),
@@ -661,8 +687,16 @@ mod tests {
             );
         }
         assert_eq!(
-            err(r#"{"cmd":"set-disk","disk":"disk0","poll_us":5,"iops":100}"#),
-            "unknown argument 'iops' for set-disk"
+            err(r#"{"cmd":"set-disk","disk":"disk0","iops":10000001}"#),
+            "invalid argument 'iops' for set-disk: expected an integer from 0 to 10000000"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-disk","disk":"disk0","mib_s":-1}"#),
+            "invalid argument 'mib_s' for set-disk: expected an integer from 0 to 1048576"
+        );
+        assert_eq!(
+            err(r#"{"cmd":"set-disk","disk":"disk0","poll_us":5,"bps":100}"#),
+            "unknown argument 'bps' for set-disk"
         );
         assert_eq!(
             err(r#"{"cmd":"migrate-cancel","now":true}"#),

@@ -140,6 +140,14 @@ pub struct DiskInfo {
     /// Requests and completions its thread found while polling.
     #[serde(default)]
     pub polled: u64,
+    /// Its limits: requests and MiB a second (0: none).
+    #[serde(default)]
+    pub iops: u64,
+    #[serde(default)]
+    pub mib_s: u64,
+    /// Times a request waited for those limits.
+    #[serde(default)]
+    pub throttled: u64,
     /// Bytes the guest read and wrote since the VMM started.
     pub read_bytes: u64,
     pub write_bytes: u64,
@@ -560,6 +568,9 @@ mod tests {
                 engine: "io_uring".into(),
                 poll_us: 50,
                 polled: 7,
+                iops: 500,
+                mib_s: 100,
+                throttled: 3,
                 read_bytes: 1 << 20,
                 write_bytes: 4096,
                 io_errors: 0,

@@ -597,7 +597,7 @@ fn a_backup_is_the_operators_and_copies_the_disk_whole_into_the_backup_directory
 }
 
 #[test]
-fn the_operator_turns_a_disks_polling_on_and_off_while_it_runs_and_a_customer_cannot() {
+fn the_operator_changes_a_disks_polling_and_limits_while_it_runs_and_a_customer_cannot() {
     let dir = TempDir::new("set-disk");
     let img = dir.path().join("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
@@ -628,6 +628,17 @@ fn the_operator_turns_a_disks_polling_on_and_off_while_it_runs_and_a_customer_ca
     assert_eq!(r["poll_us"], 0, "{r}");
     assert_eq!(poll_us(&mut c), 0);
 
+    // Limits: each setting given changes, the others stay.
+    let r = c.call(r#"{"cmd":"set-disk","disk":"root","iops":500,"mib_s":100}"#);
+    assert_eq!((&r["iops"], &r["mib_s"]), (&500.into(), &100.into()), "{r}");
+    assert_eq!(r["poll_us"], 0, "{r}");
+    let r = c.call(r#"{"cmd":"set-disk","disk":"root","iops":0}"#);
+    assert_eq!((&r["iops"], &r["mib_s"]), (&0.into(), &100.into()), "{r}");
+    let s = c.status();
+    assert_eq!(s["disks"][0]["mib_s"], 100, "{s}");
+    let (r, text) = as_nobody(&vm, Some(r#"{"cmd":"set-disk","disk":"root","mib_s":0}"#));
+    assert_eq!(r["code"], "forbidden", "{text}");
+
     // Refused with the reason, the setting kept.
     for (line, code) in [
         (
@@ -639,6 +650,10 @@ fn the_operator_turns_a_disks_polling_on_and_off_while_it_runs_and_a_customer_ca
             "bad_request",
         ),
         (r#"{"cmd":"set-disk","disk":"disk0"}"#, "bad_request"),
+        (
+            r#"{"cmd":"set-disk","disk":"disk0","iops":"fast"}"#,
+            "bad_request",
+        ),
     ] {
         let e = c.call(line);
         assert_eq!(e["ok"], false, "{line}: {e}");

@@ -76,6 +76,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
 /// One disk as `status` (and `set-disk`) shows it.
 fn disk_info(d: &crate::vm::DiskSource) -> DiskInfo {
     let s = d.counters.snapshot();
+    let limits = d.limits.get();
     DiskInfo {
         id: d.id.clone(),
         path: d.path.display().to_string(),
@@ -83,6 +84,9 @@ fn disk_info(d: &crate::vm::DiskSource) -> DiskInfo {
         engine: d.engine.to_string(),
         poll_us: d.poll.get(),
         polled: s.polled,
+        iops: limits.iops,
+        mib_s: limits.bytes_per_s >> 20,
+        throttled: s.throttled,
         read_bytes: s.read_bytes,
         write_bytes: s.write_bytes,
         io_errors: s.io_errors,
@@ -91,18 +95,37 @@ fn disk_info(d: &crate::vm::DiskSource) -> DiskInfo {
     }
 }
 
+/// What `set-disk` changes; `None`: left as it is.
+struct DiskSettings {
+    poll_us: Option<u64>,
+    iops: Option<u64>,
+    mib_s: Option<u64>,
+}
+
 /// `set-disk`: the operator's; takes effect at the disk's next wake-up
-/// (its thread reads the setting without the device's lock).
+/// (its thread reads the settings without the device's lock).
 fn set_disk(
     vm: &Vm,
     peer: &crate::control::PeerIdentity,
     disk: &str,
-    poll_us: u64,
+    set: DiskSettings,
 ) -> Result<DiskInfo, ControlError> {
     peer.require_operator("set-disk")?;
     let d = vm.find_disk(disk)?;
-    // The parser allows at most MAX_POLL_US (1000); the device clamps too.
-    d.poll.set(u32::try_from(poll_us).unwrap_or(u32::MAX));
+    if let Some(us) = set.poll_us {
+        // The parser allows at most MAX_POLL_US (1000); the device clamps too.
+        d.poll.set(u32::try_from(us).unwrap_or(u32::MAX));
+    }
+    if set.iops.is_some() || set.mib_s.is_some() {
+        let mut limits = d.limits.get();
+        if let Some(n) = set.iops {
+            limits.iops = n;
+        }
+        if let Some(m) = set.mib_s {
+            limits.bytes_per_s = m.saturating_mul(1 << 20);
+        }
+        d.limits.set(limits);
+    }
     Ok(disk_info(d))
 }
 
@@ -338,8 +361,18 @@ impl ControlHandler for VmControlHandler {
                 Ok(Reply::Watchdog(watchdog_info(&vm)))
             }
             Request::Sysrq { key } => done(vm.sysrq(&key)),
-            Request::SetDisk { disk, poll_us } => {
-                set_disk(&vm, responder.peer(), &disk, poll_us).map(Reply::Disk)
+            Request::SetDisk {
+                disk,
+                poll_us,
+                iops,
+                mib_s,
+            } => {
+                let set = DiskSettings {
+                    poll_us,
+                    iops,
+                    mib_s,
+                };
+                set_disk(&vm, responder.peer(), &disk, set).map(Reply::Disk)
             }
             Request::Backup {
                 disk,

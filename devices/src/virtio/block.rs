@@ -69,6 +69,7 @@ mod poll;
 mod request;
 mod serve;
 mod state;
+mod throttle;
 mod uring;
 
 pub use backup::{
@@ -83,6 +84,8 @@ pub use image_lock::ImageLock;
 use poll::PollWindow;
 pub use poll::{PollControl, MAX_POLL};
 use request::{Disk, Handled};
+use throttle::Throttle;
+pub use throttle::{Limits as IoLimits, ThrottleControl, MAX_IOPS};
 use uring::{InFlight, IoKind, IoOp, Uring};
 
 use super::iov::{
@@ -151,6 +154,9 @@ pub struct BlockConfig {
     /// see [`poll`](self::poll)); zero (the default) is off, at most
     /// [`MAX_POLL`].
     pub poll: Duration,
+    /// Requests and bytes a second at most (see [`throttle`]); none by
+    /// default.
+    pub limits: IoLimits,
 }
 
 /// How a disk's reads, writes and flushes reach the image.
@@ -212,6 +218,7 @@ pub struct BlockCounters {
     unsupported: AtomicU64,
     invalid_chains: AtomicU64,
     polled: AtomicU64,
+    throttled: AtomicU64,
 }
 
 /// A snapshot of [`BlockCounters`].
@@ -233,6 +240,8 @@ pub struct BlockStats {
     /// Requests and completions the disk's thread found while polling,
     /// without a wake-up (`poll_us`).
     pub polled: u64,
+    /// Times a request waited for the disk's limits (`iops`, `mib_s`).
+    pub throttled: u64,
 }
 
 impl BlockCounters {
@@ -249,6 +258,7 @@ impl BlockCounters {
             unsupported: g(&self.unsupported),
             invalid_chains: g(&self.invalid_chains),
             polled: g(&self.polled),
+            throttled: g(&self.throttled),
         }
     }
 }
@@ -286,6 +296,12 @@ pub struct Block {
     poll: PollWindow,
     /// The operator's `poll_us`, which `poll` follows at each wake-up.
     poll_control: PollControl,
+    /// The disk's limits (`iops`, `mib_s`), following `throttle_control`
+    /// at each wake-up; `throttle_timer` wakes the thread when a request
+    /// the limits held back may go.
+    throttle: Throttle,
+    throttle_control: ThrottleControl,
+    throttle_timer: TimerFd,
     /// When the thread last finished work: how long the guest or the disk
     /// then took is what adapts the window.
     idle_since: Option<Instant>,
@@ -301,6 +317,8 @@ const RING_TOKEN: u32 = 0x100;
 const BACKUP_TOKEN: u32 = 0x101;
 /// Event-loop token of the backup inbox's eventfd.
 const BACKUP_INBOX_TOKEN: u32 = 0x102;
+/// Event-loop token of the limits' timer.
+const THROTTLE_TOKEN: u32 = 0x103;
 
 impl Block {
     /// Opens and locks the image: writable images get an exclusive `flock`,
@@ -416,6 +434,8 @@ impl Block {
         let backup_timer = TimerFd::new()
             .map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
         let backup_inbox = BackupInbox::new().map_err(BlockError::EventFd)?;
+        let throttle_timer = TimerFd::new()
+            .map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
         Ok(Self {
             ring,
             backup_timer,
@@ -439,6 +459,9 @@ impl Block {
             budget: None,
             poll: PollWindow::new(cfg.poll),
             poll_control: PollControl::new(cfg.poll),
+            throttle: Throttle::new(cfg.limits, Instant::now()),
+            throttle_control: ThrottleControl::new(cfg.limits),
+            throttle_timer,
             idle_since: None,
             #[cfg(test)]
             before_rearm: None,
@@ -467,6 +490,12 @@ impl Block {
     /// set without the device's lock, which its thread may hold).
     pub fn poll_control(&self) -> PollControl {
         self.poll_control.clone()
+    }
+
+    /// Where the operator changes the disk's limits while it runs (as
+    /// [`Self::poll_control`]).
+    pub fn throttle_control(&self) -> ThrottleControl {
+        self.throttle_control.clone()
     }
 
     pub fn stats(&self) -> BlockStats {
@@ -678,6 +707,16 @@ impl MutEventSubscriber for Block {
             );
         }
         if let Err(e) = ops.add(Events::with_data(
+            &self.throttle_timer,
+            THROTTLE_TOKEN,
+            EventSet::IN,
+        )) {
+            tracing::error!(
+                "virtio-blk {}: cannot register the limits' timer: {e:?}",
+                self.disk.path.display()
+            );
+        }
+        if let Err(e) = ops.add(Events::with_data(
             self.backup_inbox.kick(),
             BACKUP_INBOX_TOKEN,
             EventSet::IN,
@@ -713,6 +752,12 @@ impl MutEventSubscriber for Block {
         }
         if events.data() == BACKUP_INBOX_TOKEN {
             self.take_backup_request();
+            return;
+        }
+        if events.data() == THROTTLE_TOKEN {
+            // Read the expiry count so the timer stops being readable.
+            let _ = self.throttle_timer.wait();
+            self.serve_kick();
             return;
         }
         if events.data() == BACKUP_TOKEN {

@@ -89,7 +89,7 @@ use crate::state::StateError;
 pub use block::{
     BackupDone, BackupInbox, BackupReport, BackupRequest, BackupStarted, BackupSubmitError, Block,
     BlockConfig, BlockCounters, BlockError, BlockStats, CopyReader, CopySource, ImageLock,
-    IoEngine, PollControl, WriteLog, BACKUP_CHUNK, COPY_CHUNK,
+    IoEngine, IoLimits, PollControl, ThrottleControl, WriteLog, BACKUP_CHUNK, COPY_CHUNK,
 };
 pub use dirty::{clear_dirty_pages, take_dirty_pages, DIRTY_PAGE_SIZE};
 pub use mmio::{

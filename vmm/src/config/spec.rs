@@ -18,6 +18,10 @@ pub struct DiskSpec {
     pub queues: Option<u16>,
     /// `poll_us=N`: adaptive polling up to N µs (0 to 1000); default 0, off.
     pub poll_us: u32,
+    /// `iops=N`, `mib_s=N`: at most N requests, N MiB a second; default 0,
+    /// no limit.
+    pub iops: u64,
+    pub mib_s: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,6 +85,7 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
     let mut engine = devices::virtio::IoEngine::default();
     let mut queues = None;
     let mut poll_us = 0;
+    let (mut iops, mut mib_s) = (0, 0);
     for (k, v) in spec_pairs("--disk", spec)? {
         match k {
             "path" => path = Some(PathBuf::from(v)),
@@ -97,9 +102,17 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
                 queues = Some(parse_queues(v, devices::virtio::block::MAX_QUEUES).map_err(err)?)
             }
             "poll_us" => poll_us = parse_poll_us(v).map_err(err)?,
+            "iops" => {
+                iops = parse_limit(v, devices::virtio::block::MAX_IOPS)
+                    .map_err(|max| err(format!("iops={v}: use 0 (no limit) to {max}")))?
+            }
+            "mib_s" => {
+                mib_s = parse_limit(v, protocol::MAX_SPEED_MIB_S)
+                    .map_err(|max| err(format!("mib_s={v}: use 0 (no limit) to {max}")))?
+            }
             other => {
                 return Err(err(format!(
-                    "unknown key '{other}' (path, ro, id, direct, io, queues, poll_us)"
+                    "unknown key '{other}' (path, ro, id, direct, io, queues, poll_us, iops, mib_s)"
                 )))
             }
         }
@@ -113,7 +126,14 @@ pub fn parse_disk(spec: &str) -> Result<DiskSpec, ConfigError> {
         engine,
         queues,
         poll_us,
+        iops,
+        mib_s,
     })
+}
+
+/// `iops=N` or `mib_s=N`: 0 (no limit) to `max`; the error is `max`.
+fn parse_limit(v: &str, max: u64) -> Result<u64, u64> {
+    v.parse::<u64>().ok().filter(|n| *n <= max).ok_or(max)
 }
 
 /// `poll_us=N` of a `--disk` or `--net`: 0 (off) to the disk's limit

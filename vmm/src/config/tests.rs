@@ -350,4 +350,26 @@ fn set_disk_and_the_command_line_allow_the_same_polling_limit() {
         u128::from(protocol::MAX_POLL_US),
         devices::virtio::block::MAX_POLL.as_micros()
     );
+    assert_eq!(protocol::MAX_IOPS, devices::virtio::block::MAX_IOPS);
+}
+
+#[test]
+fn a_disk_takes_an_iops_and_a_bandwidth_limit() {
+    let d = parse_disk("path=/y").unwrap();
+    assert_eq!((d.iops, d.mib_s), (0, 0), "no limit by default");
+    let d = parse_disk("path=/y,iops=500,mib_s=100").unwrap();
+    assert_eq!((d.iops, d.mib_s), (500, 100));
+    for (kv, why) in [
+        (
+            "iops=10000001",
+            "iops=10000001: use 0 (no limit) to 10000000",
+        ),
+        ("iops=-1", "iops=-1: use 0 (no limit) to 10000000"),
+        ("mib_s=lots", "mib_s=lots: use 0 (no limit) to 1048576"),
+    ] {
+        let e = parse_disk(&format!("path=/y,{kv}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+    }
 }

@@ -43,6 +43,8 @@ pub struct DiskSource {
     /// Its `poll_us` (0: the disk's thread does not poll), which
     /// `set-disk` changes while it runs.
     pub poll: devices::virtio::PollControl,
+    /// Its limits (`iops`, `mib_s`), which `set-disk` changes while it runs.
+    pub limits: devices::virtio::ThrottleControl,
     pub counters: Arc<devices::virtio::BlockCounters>,
     /// Its running rings, for their indices (`status`).
     pub rings: RingWatch,
@@ -94,10 +96,15 @@ pub(super) fn create_virtio(
                 // disk's one I/O thread and one interrupt (docs/notes.md).
                 queues: d.queues.unwrap_or(1),
                 poll: std::time::Duration::from_micros(d.poll_us.into()),
+                limits: devices::virtio::IoLimits {
+                    iops: d.iops,
+                    bytes_per_s: d.mib_s.saturating_mul(1 << 20),
+                },
             },
         )
         .map_err(|e| VmmError::Setup(e.to_string()))?;
         let (engine, counters, poll) = (blk.engine_name(), blk.counters(), blk.poll_control());
+        let limits = blk.throttle_control();
         let backup = blk.backup_inbox();
         let image = blk
             .image_lock()
@@ -117,6 +124,7 @@ pub(super) fn create_virtio(
             read_only: d.read_only,
             engine,
             poll,
+            limits,
             counters,
             rings,
             interrupt,
@@ -139,10 +147,12 @@ pub(super) fn create_virtio(
                 engine: devices::virtio::IoEngine::Auto,
                 queues: 1,
                 poll: Default::default(),
+                limits: Default::default(),
             },
         )
         .map_err(|e| VmmError::Setup(format!("the kernel library's modules: {e}")))?;
         let (engine, counters, poll) = (blk.engine_name(), blk.counters(), blk.poll_control());
+        let limits = blk.throttle_control();
         let backup = blk.backup_inbox();
         let image = blk
             .image_lock()
@@ -162,6 +172,7 @@ pub(super) fn create_virtio(
             read_only: true,
             engine,
             poll,
+            limits,
             counters,
             rings,
             interrupt,

@@ -97,6 +97,7 @@ mod tests {
             engine: IoEngine::Sync,
             queues: 1,
             poll: Default::default(),
+            limits: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! engine, and returning completions to the guest.
 
 use super::*;
+use virtio_queue::QueueOwnedT;
 
 /// The longest one wake-up keeps serving what polling finds.
 const POLL_SPAN: Duration = Duration::from_micros(500);
@@ -26,7 +27,13 @@ impl Block {
         let mut taken = 0;
         let mem = active.mem.clone();
         let mut notify = false;
+        // The limits held a request back: the other queues wait too (the
+        // limits are the disk's), and no self-kick; the timer comes back.
+        let mut held = false;
         for (qi, queue) in active.queues.iter_mut().enumerate() {
+            if held {
+                break;
+            }
             if !queue.ready() {
                 continue;
             }
@@ -43,6 +50,17 @@ impl Block {
                 }
                 let mut popped = false;
                 while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+                    if !admit(
+                        &mut self.throttle,
+                        &mut self.throttle_timer,
+                        &self.disk,
+                        &chain,
+                    ) {
+                        // Back on the avail ring, for the timer's wake-up.
+                        queue.go_to_previous_position();
+                        held = true;
+                        break 'wake;
+                    }
                     popped = true;
                     taken += 1;
                     let head = chain.head_index();
@@ -110,7 +128,7 @@ impl Block {
             if used_any && queue.needs_notification(&*mem).unwrap_or(true) {
                 notify = true;
             }
-            if more {
+            if more && !held {
                 if let Some(evt) = self.queue_evts.get(qi) {
                     if let Err(e) = evt.write(1) {
                         tracing::warn!("virtio-blk: cannot re-arm its queue: {e}");
@@ -194,7 +212,7 @@ impl Block {
     /// What the event loop does on a queue kick: serves the queues, then
     /// polls for more (`poll_us`) before the thread sleeps.
     pub fn serve_kick(&mut self) {
-        self.follow_poll_control();
+        self.follow_controls();
         let woke = self.poll.enabled().then(Instant::now);
         let served = self.process_queue();
         self.after_wake(woke, served);
@@ -202,18 +220,28 @@ impl Block {
 
     /// What the event loop does when io_uring posted completions.
     pub(super) fn serve_completions(&mut self) {
-        self.follow_poll_control();
+        self.follow_controls();
         let woke = self.poll.enabled().then(Instant::now);
         let completed = self.complete_ring(None);
         self.after_wake(woke, completed);
     }
 
-    /// Takes up a `poll_us` the operator changed while the disk runs
-    /// (`set-disk`).
-    fn follow_poll_control(&mut self) {
+    /// Takes up a `poll_us` or limits the operator changed while the disk
+    /// runs (`set-disk`).
+    fn follow_controls(&mut self) {
         let want = self.poll_control.max();
         if want != self.poll.max() {
             self.poll.set_max(want);
+        }
+        let limits = self.throttle_control.get();
+        if limits != self.throttle.limits() {
+            self.throttle.set(limits, Instant::now());
+            if !limits.any() {
+                // Nothing is held back any more: no wake-up for it.
+                if let Err(e) = self.throttle_timer.clear() {
+                    tracing::debug!("virtio-blk: clearing the limits' timer: {e}");
+                }
+            }
         }
     }
 
@@ -342,5 +370,38 @@ fn submit(ring: &mut Uring, disk: &Disk) {
             "virtio-blk {}: io_uring submit: {e}",
             disk.path.display()
         );
+    }
+}
+
+/// Whether the disk's limits let `chain`'s request go now; if not, the
+/// timer is armed for when they will (the caller puts the chain back).
+fn admit(
+    throttle: &mut Throttle,
+    timer: &mut TimerFd,
+    disk: &Disk,
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+) -> bool {
+    if !throttle.limited() {
+        return true;
+    }
+    // The data's bytes: every descriptor but the 16-byte header and
+    // the status byte. A chain too broken to walk is let through, to
+    // be refused by the request's parser.
+    let total = chain
+        .clone()
+        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())));
+    let data = total.saturating_sub(17);
+    match throttle.admit(data, Instant::now()) {
+        Ok(()) => true,
+        Err(wait) => {
+            inc(&disk.counters.throttled, 1);
+            if let Err(e) = timer.reset(wait, None) {
+                tracing::warn!(
+                    "virtio-blk {}: cannot arm the limits' timer: {e}",
+                    disk.path.display()
+                );
+            }
+            false
+        }
     }
 }

@@ -111,6 +111,7 @@ impl Fixture {
             engine,
             queues: queues.0,
             poll: Default::default(),
+            limits: Default::default(),
         };
         let mut file = image(sectors);
         let mut blk = Block::new(&cfg(&file));
@@ -229,6 +230,7 @@ mod dirty;
 mod polling;
 mod queues;
 mod state;
+mod throttle;
 
 #[test]
 fn config_space_reports_capacity_seg_max_blk_size() {

@@ -161,6 +161,7 @@ pub fn device_pass(
         engine: devices::virtio::IoEngine::Auto,
         queues: 1,
         poll,
+        limits: Default::default(),
     })?;
     // The guest's data pages are real, written pages (as the host buffer
     // is), not the untouched zero page.
@@ -196,6 +197,7 @@ pub fn device_round_trips(path: &Path, count: usize) -> io::Result<Pass> {
         engine: devices::virtio::IoEngine::Auto,
         queues: 1,
         poll: Default::default(),
+        limits: Default::default(),
     })?;
     let sw = Stopwatch::start(d.device_cpu_secs());
     for _ in 0..count {

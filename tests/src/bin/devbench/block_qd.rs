@@ -94,6 +94,7 @@ pub fn device_pass(
         engine: devices::virtio::IoEngine::Auto,
         queues,
         poll,
+        limits: Default::default(),
     })
     .map_err(io::Error::other)?;
     let mut d = Driver::new(Arc::new(Mutex::new(blk)), MEM)?;

@@ -100,6 +100,7 @@ fn a_driver_ok_without_the_first_queue_ready_is_refused() {
         engine: IoEngine::Sync,
         queues: 2,
         poll: Default::default(),
+        limits: Default::default(),
     };
     let mut blk = Block::new(&cfg).unwrap();
     let mut unready: Vec<Queue> = (0..2).map(|_| Queue::new(QUEUE_SIZE).unwrap()).collect();

@@ -39,6 +39,7 @@ fn reopen(f: Fixture, engine: IoEngine, read_only: bool) -> Fixture {
         engine,
         queues: 1,
         poll: Default::default(),
+        limits: Default::default(),
     });
     let blk = Arc::new(Mutex::new(blk.unwrap()));
     let t = MmioTransport::new(blk.clone(), handle).unwrap();

@@ -235,13 +235,11 @@ impl Block {
         }
         let limits = self.throttle_control.get();
         if limits != self.throttle.limits() {
+            // A timer armed for a request held back stays armed even when
+            // the limits are lifted: it is what serves that request if no
+            // kick comes first (this wake-up may be a completion's, which
+            // does not look at the queues).
             self.throttle.set(limits, Instant::now());
-            if !limits.any() {
-                // Nothing is held back any more: no wake-up for it.
-                if let Err(e) = self.throttle_timer.clear() {
-                    tracing::debug!("virtio-blk: clearing the limits' timer: {e}");
-                }
-            }
         }
     }
 

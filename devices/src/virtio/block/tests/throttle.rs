@@ -84,3 +84,19 @@ fn a_byte_limit_counts_the_data_of_each_request() {
     assert_eq!(f.q.used(&f.mem).len(), 2);
     assert_eq!(f.stats().throttled, 1);
 }
+
+#[test]
+fn a_limit_lifted_while_requests_wait_serves_them_without_another_kick() {
+    let mut f = Fixture::new(false);
+    limit_iops(&f, 2);
+    let heads = publish_get_ids(&mut f, 4);
+    write_reg(&mut f.t, reg::QUEUE_NOTIFY, 0);
+    f.run();
+    assert_eq!(f.q.used(&f.mem).len(), 2);
+    limit_iops(&f, 0);
+    // The guest sends nothing more: the timer armed for the held requests
+    // still brings the thread back, which finds the limit gone.
+    let rest = f.run_until_used(2);
+    let want: Vec<(u32, u32)> = heads[2..].iter().map(|&h| (h, 21)).collect();
+    assert_eq!(rest, want);
+}

@@ -301,7 +301,14 @@ pub struct Block {
     /// the limits held back may go.
     throttle: Throttle,
     throttle_control: ThrottleControl,
+    /// The control's generation `throttle` was last set from.
+    throttle_seen: u64,
     throttle_timer: TimerFd,
+    /// A request is being held back (counted once per wait in `throttled`).
+    throttle_waiting: bool,
+    /// Where the next pass over the queues starts while limits are set, so
+    /// that held-back requests do not leave the later queues starved.
+    next_queue: usize,
     /// When the thread last finished work: how long the guest or the disk
     /// then took is what adapts the window.
     idle_since: Option<Instant>,
@@ -319,6 +326,24 @@ const BACKUP_TOKEN: u32 = 0x101;
 const BACKUP_INBOX_TOKEN: u32 = 0x102;
 /// Event-loop token of the limits' timer.
 const THROTTLE_TOKEN: u32 = 0x103;
+/// Event-loop token of the limits' control (`set-disk`).
+const CONTROL_TOKEN: u32 = 0x104;
+
+/// A timer whose read never blocks: a handler earlier in the same batch of
+/// events may have re-armed or disarmed it, which leaves nothing to read.
+fn nonblocking_timer() -> Result<TimerFd, BlockError> {
+    let t =
+        TimerFd::new().map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns.
+    let ok = unsafe {
+        let fl = libc::fcntl(t.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(t.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(BlockError::EventFd(io::Error::last_os_error()));
+    }
+    Ok(t)
+}
 
 impl Block {
     /// Opens and locks the image: writable images get an exclusive `flock`,
@@ -431,11 +456,10 @@ impl Block {
                 }
             },
         };
-        let backup_timer = TimerFd::new()
-            .map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
+        let backup_timer = nonblocking_timer()?;
         let backup_inbox = BackupInbox::new().map_err(BlockError::EventFd)?;
-        let throttle_timer = TimerFd::new()
-            .map_err(|e| BlockError::EventFd(io::Error::from_raw_os_error(e.errno())))?;
+        let throttle_timer = nonblocking_timer()?;
+        let throttle_control = ThrottleControl::new(cfg.limits).map_err(BlockError::EventFd)?;
         Ok(Self {
             ring,
             backup_timer,
@@ -460,8 +484,11 @@ impl Block {
             poll: PollWindow::new(cfg.poll),
             poll_control: PollControl::new(cfg.poll),
             throttle: Throttle::new(cfg.limits, Instant::now()),
-            throttle_control: ThrottleControl::new(cfg.limits),
+            throttle_seen: throttle_control.generation(),
+            throttle_control,
             throttle_timer,
+            throttle_waiting: false,
+            next_queue: 0,
             idle_since: None,
             #[cfg(test)]
             before_rearm: None,
@@ -706,15 +733,16 @@ impl MutEventSubscriber for Block {
                 self.disk.path.display()
             );
         }
-        if let Err(e) = ops.add(Events::with_data(
-            &self.throttle_timer,
-            THROTTLE_TOKEN,
-            EventSet::IN,
-        )) {
-            tracing::error!(
-                "virtio-blk {}: cannot register the limits' timer: {e:?}",
-                self.disk.path.display()
-            );
+        for (fd, token) in [
+            (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
+            (self.throttle_control.wake().as_raw_fd(), CONTROL_TOKEN),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+                tracing::error!(
+                    "virtio-blk {}: cannot register the limits' descriptors: {e:?}",
+                    self.disk.path.display()
+                );
+            }
         }
         if let Err(e) = ops.add(Events::with_data(
             self.backup_inbox.kick(),
@@ -754,9 +782,14 @@ impl MutEventSubscriber for Block {
             self.take_backup_request();
             return;
         }
-        if events.data() == THROTTLE_TOKEN {
-            // Read the expiry count so the timer stops being readable.
-            let _ = self.throttle_timer.wait();
+        if events.data() == THROTTLE_TOKEN || events.data() == CONTROL_TOKEN {
+            // Read so they stop being readable (neither blocks: an earlier
+            // handler may have re-armed the timer, leaving nothing).
+            if events.data() == THROTTLE_TOKEN {
+                let _ = self.throttle_timer.wait();
+            } else {
+                let _ = self.throttle_control.wake().read();
+            }
             self.serve_kick();
             return;
         }

@@ -30,7 +30,17 @@ impl Block {
         // The limits held a request back: the other queues wait too (the
         // limits are the disk's), and no self-kick; the timer comes back.
         let mut held = false;
-        for (qi, queue) in active.queues.iter_mut().enumerate() {
+        let n = active.queues.len();
+        let start = if self.throttle.limited() && n > 0 {
+            self.next_queue = (self.next_queue + 1) % n;
+            self.next_queue
+        } else {
+            0
+        };
+        for qi in (0..n).map(|k| (start + k) % n) {
+            let Some(queue) = active.queues.get_mut(qi) else {
+                continue;
+            };
             if held {
                 break;
             }
@@ -50,11 +60,13 @@ impl Block {
                 }
                 let mut popped = false;
                 while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                    if !admit(
+                    if !self.throttle.limited() {
+                        self.throttle_waiting = false;
+                    } else if !admit(
                         &mut self.throttle,
                         &mut self.throttle_timer,
+                        &mut self.throttle_waiting,
                         &self.disk,
-                        &chain,
                     ) {
                         // Back on the avail ring, for the timer's wake-up.
                         queue.go_to_previous_position();
@@ -67,6 +79,10 @@ impl Block {
                     let len = match self.disk.handle(&mem, chain) {
                         Handled::Done(len) => len,
                         Handled::Io { status_addr, op } => {
+                            if op.kind != IoKind::Flush {
+                                // What the disk will move, as parsed.
+                                self.throttle.charge(op.len);
+                            }
                             let req = InFlight {
                                 queue: qi,
                                 head,
@@ -233,13 +249,15 @@ impl Block {
         if want != self.poll.max() {
             self.poll.set_max(want);
         }
-        let limits = self.throttle_control.get();
-        if limits != self.throttle.limits() {
-            // A timer armed for a request held back stays armed even when
-            // the limits are lifted: it is what serves that request if no
-            // kick comes first (this wake-up may be a completion's, which
-            // does not look at the queues).
-            self.throttle.set(limits, Instant::now());
+        let generation = self.throttle_control.generation();
+        if generation != self.throttle_seen {
+            self.throttle_seen = generation;
+            // A timer armed for a request held back stays armed: `set`
+            // also woke this thread through the control's eventfd, whose
+            // wake-up serves the queues under the new limits (this one may
+            // be a completion's, which does not look at them).
+            self.throttle
+                .set(self.throttle_control.get(), Instant::now());
         }
     }
 
@@ -371,33 +389,29 @@ fn submit(ring: &mut Uring, disk: &Disk) {
     }
 }
 
-/// Whether the disk's limits let `chain`'s request go now; if not, the
-/// timer is armed for when they will (the caller puts the chain back).
-fn admit(
-    throttle: &mut Throttle,
-    timer: &mut TimerFd,
-    disk: &Disk,
-    chain: &DescriptorChain<&GuestMemoryMmap>,
-) -> bool {
-    if !throttle.limited() {
-        return true;
-    }
-    // The data's bytes: every descriptor but the 16-byte header and
-    // the status byte. A chain too broken to walk is let through, to
-    // be refused by the request's parser.
-    let total = chain
-        .clone()
-        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())));
-    let data = total.saturating_sub(17);
-    match throttle.admit(data, Instant::now()) {
-        Ok(()) => true,
+/// Whether the disk's limits let the next request through now (its token
+/// taken); if not, the timer is armed for when they will, and the caller
+/// puts the request back. A timer that cannot be armed lets it through:
+/// better over the limit than a queue nothing would wake.
+fn admit(throttle: &mut Throttle, timer: &mut TimerFd, waiting: &mut bool, disk: &Disk) -> bool {
+    match throttle.admit(Instant::now()) {
+        Ok(()) => {
+            *waiting = false;
+            true
+        }
         Err(wait) => {
-            inc(&disk.counters.throttled, 1);
             if let Err(e) = timer.reset(wait, None) {
-                tracing::warn!(
-                    "virtio-blk {}: cannot arm the limits' timer: {e}",
+                crate::limited!(
+                    warn,
+                    "virtio-blk {}: cannot arm the limits' timer ({e}); the request goes over the limit",
                     disk.path.display()
                 );
+                *waiting = false;
+                return true;
+            }
+            if !*waiting {
+                inc(&disk.counters.throttled, 1);
+                *waiting = true;
             }
             false
         }

@@ -183,9 +183,10 @@ pub struct Cli {
     #[arg(long, value_name = "CMD")]
     pub alert_hook: Option<String>,
     /// A virtio-block disk: path=FILE[,ro=on][,id=NAME][,direct=on][,io=auto|sync|io_uring]
-    /// [,queues=N][,poll_us=N] (repeatable; queues=N offers N request queues, one per vCPU
-    /// being the usual choice; poll_us=N lets the disk's thread poll for the guest's next
-    /// request up to N µs, at most 1000, before it sleeps: lower latency for CPU).
+    /// [,queues=N][,poll_us=N][,iops=N][,mib_s=N] (repeatable; queues=N offers N request
+    /// queues, one per vCPU being the usual choice; poll_us=N lets the disk's thread poll for
+    /// the guest's next request up to N µs, at most 1000, before it sleeps: lower latency for
+    /// CPU; iops=N and mib_s=N limit the disk to N requests and N MiB a second).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// A virtio-net interface on a TAP: tap=NAME[,mac=MAC][,vhost=auto|on|off][,queues=N]

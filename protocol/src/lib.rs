@@ -27,7 +27,9 @@ pub use client::{parse_response_line, Client, ClientError, ServerLine};
 pub use error::{ControlError, ErrorCode, ProtocolError};
 pub use event::{Event, EventMessage};
 pub use framing::{FrameError, LineBuffer};
-pub use request::{encode_request, parse_request, parse_request_bytes, Request};
+pub use request::{
+    encode_request, parse_request, parse_request_bytes, truncate_for_message, Request,
+};
 pub use response::{
     BackupInfo, ConsoleAttached, DiskInfo, KernelEntry, KernelList, KernelSelection, LogInfo,
     MigrationInfo, NetInfo, QueueInfo, Reply, Response, SnapshotInfo, StatusInfo, StopOutcome,

@@ -399,8 +399,9 @@ pub fn parse_request_bytes(line: &[u8]) -> Result<Request, ProtocolError> {
     parse_request(line)
 }
 
-/// Keeps error messages short when a client sends a huge command name.
-fn truncate_for_message(s: &str) -> String {
+/// Keeps error messages short when a client sends a huge name (a command, a disk): at most
+/// 64 bytes, then `...`.
+pub fn truncate_for_message(s: &str) -> String {
     const MAX: usize = 64;
     if s.len() <= MAX {
         return s.to_string();

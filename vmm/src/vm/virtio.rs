@@ -233,23 +233,10 @@ impl super::Vm {
                 };
                 protocol::ControlError::new(
                     protocol::ErrorCode::NotFound,
-                    format!("no disk '{}' ({has})", short(disk)),
+                    format!("no disk '{}' ({has})", protocol::truncate_for_message(disk)),
                 )
             })
     }
-}
-
-/// A client's disk name as an error message quotes it: at most 64 bytes.
-fn short(name: &str) -> String {
-    const MAX: usize = 64;
-    if name.len() <= MAX {
-        return name.to_string();
-    }
-    let mut end = MAX;
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &name[..end])
 }
 
 /// Opens a disk: locked, except for a migration's target, whose source

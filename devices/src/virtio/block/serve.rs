@@ -60,14 +60,14 @@ impl Block {
                 }
                 let mut popped = false;
                 while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                    if !self.throttle.limited() {
-                        self.throttle_waiting = false;
-                    } else if !admit(
-                        &mut self.throttle,
-                        &mut self.throttle_timer,
-                        &mut self.throttle_waiting,
-                        &self.disk,
-                    ) {
+                    if self.throttle.limited()
+                        && !admit(
+                            &mut self.throttle,
+                            &mut self.throttle_timer,
+                            &mut self.throttle_waiting,
+                            &self.disk,
+                        )
+                    {
                         // Back on the avail ring, for the timer's wake-up.
                         queue.go_to_previous_position();
                         held = true;
@@ -258,6 +258,8 @@ impl Block {
             // be a completion's, which does not look at them).
             self.throttle
                 .set(self.throttle_control.get(), Instant::now());
+            // A wait under the new limits is a new one (`throttled`).
+            self.throttle_waiting = false;
         }
     }
 

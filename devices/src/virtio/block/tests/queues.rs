@@ -5,7 +5,7 @@ use super::*;
 
 const F_MQ_BIT: u64 = 1 << 12;
 
-fn two_queues(engine: IoEngine) -> Fixture {
+pub(super) fn two_queues(engine: IoEngine) -> Fixture {
     Fixture::build_queues(
         false,
         VIRTIO_F_VERSION_1,

@@ -112,14 +112,7 @@ fn a_limit_lifted_while_requests_wait_serves_them_without_another_kick() {
 
 #[test]
 fn under_a_limit_a_backlog_on_one_queue_does_not_starve_another() {
-    let mut f = Fixture::build_queues(
-        false,
-        VIRTIO_F_VERSION_1,
-        false,
-        IoEngine::Sync,
-        DISK_SECTORS,
-        (2, 2),
-    );
+    let mut f = super::queues::two_queues(IoEngine::Sync);
     // Ten a second, burst spent on queue 0's backlog first.
     limit_iops(&f, 10);
     publish_get_ids(&mut f, 30);

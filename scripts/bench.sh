@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): the VMM's own costs against QEMU on this host with
 # tiny guests — start-up, memory overhead, idle host CPU, control-socket
-# round trips — and, with --linux, a real `mini` boot (cold vs reset).
+# round trips, interrupt acknowledgements — and, with --linux, a real `mini`
+# boot (cold vs reset).
 #   scripts/bench.sh                 # all tiny-guest figures (~1 minute)
 #   scripts/bench.sh --linux         # + mini Linux boot (minutes under kvm_pvm)
 #   scripts/bench.sh --help          # every option

@@ -94,7 +94,9 @@ pub struct NetInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queues: Vec<QueueInfo>,
     /// The transport's INTERRUPT_STATUS: bit 0 used buffers, bit 1 a
-    /// configuration change, raised and not yet acknowledged by the driver.
+    /// configuration change, raised and not yet taken by the driver
+    /// (acknowledged; for bit 0, whose acknowledgement KVM completes
+    /// without the VMM, read).
     #[serde(default)]
     pub interrupt_status: u32,
 }

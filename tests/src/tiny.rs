@@ -177,6 +177,19 @@ impl Asm {
         self.code.extend_from_slice(&[0xb0, b'a']); // mov al, 'a'
         self
     }
+    /// Writes `v` to the dword at `addr` `n` times (`n` > 0): one MMIO
+    /// exit each where `addr` is a device's register.
+    pub fn mov_mem32_times(&mut self, addr: u32, v: u32, n: u32) -> &mut Self {
+        self.code.push(0xb9); // mov ecx, n
+        self.code.extend_from_slice(&n.to_le_bytes());
+        let top = self.here();
+        self.mov_mem32(addr, v);
+        self.code.push(0x49); // dec ecx
+        self.code.extend_from_slice(&[0x0f, 0x85]); // jnz top
+        let rel = top as i64 - (self.code.len() as i64 + 4);
+        self.code.extend_from_slice(&(rel as i32).to_le_bytes());
+        self
+    }
     /// Busy-waits about `n` iterations (mov ecx, n; loop $).
     pub fn delay(&mut self, n: u32) -> &mut Self {
         self.code.push(0xb9);

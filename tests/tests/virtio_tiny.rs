@@ -1142,6 +1142,8 @@ fn used_buffer_interrupts_reach_the_guest_through_the_ioapic() {
     .print_u32_at("POLLED ISR", base + reg::INTERRUPT_STATUS)
     .mmio_write32(base + reg::INTERRUPT_ACK, 1)
     .print_u32_at("ACKED", base + reg::INTERRUPT_STATUS)
+    .mmio_write32(base + reg::INTERRUPT_ACK, 3)
+    .print_u32_at("BOTH", base + reg::INTERRUPT_STATUS)
     .print("\r\n");
     // Routed: each completion raises the IRQ.
     g.ioapic_route(gsi, VECTOR);
@@ -1178,7 +1180,16 @@ fn used_buffer_interrupts_reach_the_guest_through_the_ioapic() {
     let out = finish(&mut p);
     let v = |prefix: &str, key: &str| must_field(&p, prefix, key);
     assert_eq!(v("POLLED", "ISR") & 1, 1, "used-buffer bit\n{}", p.report());
-    assert_eq!(v("POLLED", "ACKED"), 0, "InterruptACK clears it");
+    // KVM completes the acknowledgement of the used bit alone in the
+    // kernel (`Interrupt::absorb_used_acks`): it never reaches the VMM,
+    // and the bit stays set. One of both bits reaches it and clears them.
+    assert_eq!(
+        v("POLLED", "ACKED"),
+        1,
+        "InterruptACK of the used bit is absorbed\n{}",
+        p.report()
+    );
+    assert_eq!(v("POLLED", "BOTH"), 0, "InterruptACK of both bits clears");
     assert_eq!(
         v("IRQ1", "COUNT"),
         1,
@@ -1186,6 +1197,8 @@ fn used_buffer_interrupts_reach_the_guest_through_the_ioapic() {
         p.report()
     );
     assert_eq!(v("IRQ1", "ISR"), 1, "the handler saw the used-buffer bit");
+    // The handler's acknowledgement stayed in KVM and the bit set: the
+    // second completion raised the line all the same.
     assert_eq!(v("IRQ1", "ST"), 0);
     assert_eq!(v("IRQ2", "COUNT"), 2);
     assert_eq!(v("IRQ2", "ST"), 0);
@@ -1574,7 +1587,9 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
         .print_u32_at("WANTED ISR", isr)
         .print_u16_at("AVAILEVENT", avail_event)
         .print("\r\n")
-        .mmio_write32(base + reg::INTERRUPT_ACK, 1);
+        // Both bits: an acknowledgement that reaches the VMM (the used
+        // bit's alone stays in KVM and the bit set).
+        .mmio_write32(base + reg::INTERRUPT_ACK, 3);
     // Three more with one notification each and used_event = 4: exactly
     // the one that moves used idx from 4 to 5 interrupts.
     g.mem_write16(used_event, 4);

@@ -66,7 +66,7 @@ pub fn status_info(vm: &Vm) -> StatusInfo {
                     pair_frames: n.counters.pair_frames(),
                     poll_us: u64::from(n.counters.vhost_poll_us()),
                     queues,
-                    interrupt_status: n.interrupt.pending(),
+                    interrupt_status: n.interrupt.untaken(),
                 }
             })
             .collect(),
@@ -91,7 +91,7 @@ fn disk_info(d: &crate::vm::DiskSource) -> DiskInfo {
         write_bytes: s.write_bytes,
         io_errors: s.io_errors,
         queues: ring_info(&d.rings),
-        interrupt_status: d.interrupt.status(),
+        interrupt_status: d.interrupt.untaken(),
     }
 }
 

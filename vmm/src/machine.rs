@@ -17,7 +17,7 @@ use devices::legacy::{
     AcpiPmDevice, EventFdTrigger, I8042Device, I8042Port, PvPanicDevice, SerialDevice,
 };
 use devices::virtio::GuestMemoryMmap;
-use devices::virtio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::{MmioTransport, ACK_OFFSET, INT_USED_RING, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::{Bus, BusDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
@@ -309,6 +309,15 @@ impl Machine {
             }
             vm.register_irqfd(t.interrupt_event(), slot.gsi)
                 .map_err(kvm_err("KVM_IRQFD (virtio)"))?;
+            // The guest's acknowledgement of a used-buffer interrupt is
+            // completed in the kernel: see `Interrupt::absorb_used_acks`.
+            vm.register_ioevent(
+                t.interrupt().ack_event(),
+                &IoEventAddress::Mmio(slot.base + ACK_OFFSET),
+                INT_USED_RING,
+            )
+            .map_err(kvm_err("KVM_IOEVENTFD (virtio interrupt ack)"))?;
+            t.interrupt().absorb_used_acks();
             drop(t);
             mmio.insert(slot.transport.clone(), slot.base, MMIO_SIZE)
                 .map_err(|e| dev_err("virtio-mmio", e))?;

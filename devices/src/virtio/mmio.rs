@@ -54,6 +54,9 @@ pub const MMIO_SIZE: u64 = 0x200;
 /// Offset of QueueNotify: register each queue's eventfd as an ioeventfd at
 /// `base + NOTIFY_OFFSET`, 4 bytes, datamatch = queue index.
 pub const NOTIFY_OFFSET: u64 = 0x50;
+/// Offset of InterruptACK: register [`Interrupt::ack_event`](super::Interrupt::ack_event)
+/// there, 4 bytes, datamatch = [`INT_USED_RING`](super::INT_USED_RING).
+pub const ACK_OFFSET: u64 = reg::INTERRUPT_ACK;
 /// Offset of the device config space.
 pub const CONFIG_OFFSET: u64 = 0x100;
 

@@ -2,6 +2,8 @@
 //! guests (and optionally the `mini` Linux kernel). Not a test: it asserts
 //! nothing about timings, it prints a table. Run it via `scripts/bench.sh`.
 
+#[path = "bench/acks.rs"]
+mod acks;
 #[path = "bench/control.rs"]
 mod control;
 #[path = "bench/ctl.rs"]
@@ -27,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use acks::acks;
 use control::control;
 use idle::idle;
 use launch::{Boot, Guests, Vmm, UP};
@@ -44,7 +47,7 @@ usage: bench [options]
   --clients N          concurrent clients (default 50)
   --per-client N       requests per concurrent client (default 200)
   --pc-runs N          runs of QEMU -M pc (SeaBIOS, slow here; default 3, 0 = skip)
-  --only LIST          comma-separated subset of: startup,memory,idle,control,linux
+  --only LIST          comma-separated subset of: startup,memory,idle,control,acks,linux
   --vmm PATH           our vmm binary (default: next to this binary; env VMM_BIN)
   --qemu PATH          qemu-system-x86_64 (default: from PATH)
   --no-qemu            skip the QEMU reference figures
@@ -147,7 +150,7 @@ fn parse_args() -> Result<Opts, String> {
             _ => return Err(format!("unknown argument {a:?}\n{USAGE}")),
         }
     }
-    const SECTIONS: [&str; 5] = ["startup", "memory", "idle", "control", "linux"];
+    const SECTIONS: [&str; 6] = ["startup", "memory", "idle", "control", "acks", "linux"];
     if let Some(bad) = o.only.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
         return Err(format!(
             "--only: unknown section {bad:?} (one of {})",
@@ -300,18 +303,23 @@ fn run(o: Opts) -> Result<bool, String> {
         "4. Control socket: `status` round trip (guest idle)",
         &control,
     );
+    section(
+        "acks",
+        "5. A used-buffer interrupt's acknowledgement (virtio-mmio InterruptACK)",
+        &acks,
+    );
     if cx.o.linux && want("linux") {
         section(
             "linux",
             &format!(
-                "5. Linux `{}`: cold boot vs control-socket reset (same process)",
+                "6. Linux `{}`: cold boot vs control-socket reset (same process)",
                 cx.o.linux_opts.name
             ),
             &|cx: &Ctx| linux::bench(&cx.o.vmm, &cx.o.linux_opts, &cx.tmp.0),
         );
     } else if cx.o.only.is_empty() {
         println!(
-            "\n== 5. Linux boot: skipped (--linux; one boot takes minutes under a software KVM)"
+            "\n== 6. Linux boot: skipped (--linux; one boot takes minutes under a software KVM)"
         );
     }
     println!("\nload average at the end: {}", loadavg());

@@ -38,7 +38,7 @@ impl MmioTransport {
             },
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| q.max_size().into()),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| q.ready().into()),
-            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::INTERRUPT_STATUS => self.interrupt.read_by_guest(),
             reg::STATUS => self.status,
             // No shared memory regions: length reads as all ones.
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,

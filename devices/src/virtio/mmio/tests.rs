@@ -300,6 +300,46 @@ fn interrupt_status_and_ack() {
 }
 
 #[test]
+fn with_used_acks_absorbed_by_kvm_the_guest_reading_the_status_rearms_the_line() {
+    let (_, mut t) = setup();
+    t.interrupt().absorb_used_acks();
+    // Raised once until the guest's handler reads the status...
+    t.interrupt().signal_used_queue();
+    t.interrupt().signal_used_queue();
+    assert_eq!(t.interrupt_event().read().unwrap(), 1);
+    assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
+    // ...whose acknowledgement KVM keeps: the bit stays set, and a
+    // completion after the read raises the line again.
+    t.interrupt().signal_used_queue();
+    assert_eq!(t.interrupt_event().read().unwrap(), 1);
+    assert_eq!(t.interrupt().pending(), 1);
+    // `status` and snapshots read the bits without re-arming anything;
+    // `status` shows the used bit only while the guest has not taken it.
+    assert_eq!(t.interrupt().status(), 1);
+    assert_eq!(t.interrupt().untaken(), 1);
+    t.interrupt().signal_used_queue();
+    assert!(t.interrupt_event().read().is_err());
+    assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 1);
+    assert_eq!(t.interrupt().untaken(), 0);
+    assert_eq!(t.interrupt().pending(), 1);
+    // A config change still fires once until acknowledged (its
+    // acknowledgement always reaches the VMM), and an acknowledgement of
+    // both bits, which KVM does not keep, clears both.
+    t.interrupt().signal_config_change();
+    t.interrupt().signal_config_change();
+    assert_eq!(t.interrupt_event().read().unwrap(), 1);
+    assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 3);
+    write_reg(&mut t, reg::INTERRUPT_ACK, 3);
+    assert_eq!(read_reg(&mut t, reg::INTERRUPT_STATUS), 0);
+    // A reset clears the bit and re-arms the line.
+    t.interrupt().signal_used_queue();
+    write_reg(&mut t, reg::STATUS, 0);
+    assert_eq!(t.interrupt().pending(), 0);
+    t.interrupt().signal_used_queue();
+    assert_eq!(t.interrupt_event().read().unwrap(), 2);
+}
+
+#[test]
 fn while_another_writer_raises_the_irqfd_the_used_bit_reads_set_through_acks() {
     let (_, mut t) = setup();
     let direct = t.interrupt().direct_used();

@@ -14,7 +14,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::virtio::mmio::{reg, status};
-use devices::virtio::{GuestMemoryHandle, GuestMemoryMmap, MmioTransport, VirtioDevice};
+use devices::virtio::{
+    GuestMemoryHandle, GuestMemoryMmap, MmioTransport, VirtioDevice, INT_USED_RING,
+};
 use devices::BusDevice;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
@@ -148,6 +150,9 @@ impl Driver {
             .get()
             .ok_or_else(|| io::Error::other("no guest memory"))?;
         let transport = MmioTransport::new(device.clone(), handle)?;
+        // As the VMM sets it up: KVM keeps the guest's acknowledgement of
+        // the used bit (`wait_interrupt` skips that write as KVM would).
+        transport.interrupt().absorb_used_acks();
         let notify = transport
             .queue_events()
             .iter()
@@ -293,7 +298,11 @@ impl Driver {
         }
         let _ = self.irq.read();
         let isr = self.read_reg(reg::INTERRUPT_STATUS);
-        self.write_reg(reg::INTERRUPT_ACK, isr);
+        // The used bit's acknowledgement alone is KVM's ioeventfd in the
+        // VMM: it never reaches the transport.
+        if isr != INT_USED_RING {
+            self.write_reg(reg::INTERRUPT_ACK, isr);
+        }
         Ok(true)
     }
 }

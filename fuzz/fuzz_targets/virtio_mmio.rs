@@ -247,7 +247,10 @@ fuzz_target!(|input: Input| {
                     reg::STATUS if v == 0 => queue_sel = 0,
                     _ => {}
                 }
-                t.write(offset, &v.to_le_bytes());
+                // KVM completes this one itself where it is registered.
+                if !(input.acks_absorbed && offset == reg::INTERRUPT_ACK && v == 1) {
+                    t.write(offset, &v.to_le_bytes());
+                }
             }
             Op::Read { reg } => {
                 let offset = REGS[usize::from(*reg) % REGS.len()];
@@ -276,7 +279,10 @@ fuzz_target!(|input: Input| {
                         _ => {}
                     }
                 }
-                t.write(offset, data);
+                let kept = input.acks_absorbed && offset == reg::INTERRUPT_ACK && data == [1, 0, 0, 0];
+                if !kept {
+                    t.write(offset, data);
+                }
             }
             Op::RawRead { offset, len } => {
                 let offset = u64::from(*offset % 0x240);

@@ -351,9 +351,9 @@ impl Interrupt {
     /// here on a used-buffer signal raises the line again (see
     /// [`Self::absorb_used_acks`]).
     pub fn read_by_guest(&self) -> u32 {
-        // A swap, not a store: reading the `true` of the signal that raised
-        // the line orders that signal's used-ring writes before the
-        // handler's walk of the rings, which follows this read.
+        // Cleared before the bits are read: a signal after this point
+        // raises the line again; one before it is covered by this read and
+        // the walk of the rings that follows it.
         self.0.raised.swap(false, Ordering::SeqCst);
         self.status()
     }
@@ -372,8 +372,10 @@ impl Interrupt {
     }
 
     /// The bits the VMM raised and the guest has not acknowledged, without
-    /// the used-ring bit a [`DirectUsed`] guard reports: what `status` shows
-    /// and a snapshot keeps (a quiesce sets the bit for real first).
+    /// the used-ring bit a [`DirectUsed`] guard reports: what a snapshot
+    /// keeps (a quiesce sets the bit for real first). With
+    /// acknowledgements kept in KVM that is the used bit once raised, so a
+    /// restore raises one interrupt that may find nothing new (harmless).
     pub fn pending(&self) -> u32 {
         self.0.status.load(Ordering::SeqCst)
     }

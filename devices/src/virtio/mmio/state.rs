@@ -198,6 +198,12 @@ impl MmioTransport {
         self.queue_sel = s.queue_sel;
         self.status = s.status;
         self.queues = queues;
+        // Before the device starts: a request the kicks below restart may
+        // complete at once, and its signal must not be overwritten by the
+        // saved bits (with nothing set, the guest's handler would skip the
+        // rings and, with EVENT_IDX, never hear of that completion).
+        self.interrupt
+            .restore(s.interrupt_status, s.config_generation);
         if s.status & status::DRIVER_OK != 0 {
             if let Err(e) = self.activate() {
                 // As a failed DRIVER_OK: the driver is told to reset the
@@ -219,8 +225,6 @@ impl MmioTransport {
                 }
             }
         }
-        self.interrupt
-            .restore(s.interrupt_status, s.config_generation);
         Ok(())
     }
 

@@ -5,9 +5,10 @@
 use super::*;
 use crate::virtio::VIRTIO_RING_F_EVENT_IDX;
 
-/// Interrupts the device has asked for. (The irqfd counts fewer: it is
-/// written only when INTERRUPT_STATUS goes from clear to set, and nobody
-/// acknowledges during a pass here.)
+/// Interrupts the device has asked for. (The irqfd counts fewer: without
+/// KVM keeping acknowledgements, as here, it is written only when
+/// INTERRUPT_STATUS goes from clear to set, and nobody acknowledges during
+/// a pass here.)
 fn asked(f: &Fixture) -> u64 {
     f.t.interrupt().asked()
 }

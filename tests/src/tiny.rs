@@ -163,7 +163,11 @@ impl Asm {
     }
     /// `jb target` (a backward jump taken when below).
     pub fn jb_back(&mut self, target: usize) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0x82]);
+        self.jcc_back(0x82, target)
+    }
+    /// A near conditional jump (`0f cc rel32`) to an earlier position.
+    fn jcc_back(&mut self, cc: u8, target: usize) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, cc]);
         let rel = target as i64 - (self.code.len() as i64 + 4);
         self.code.extend_from_slice(&(rel as i32).to_le_bytes());
         self
@@ -185,10 +189,7 @@ impl Asm {
         let top = self.here();
         self.mov_mem32(addr, v);
         self.code.push(0x49); // dec ecx
-        self.code.extend_from_slice(&[0x0f, 0x85]); // jnz top
-        let rel = top as i64 - (self.code.len() as i64 + 4);
-        self.code.extend_from_slice(&(rel as i32).to_le_bytes());
-        self
+        self.jcc_back(0x85, top) // jnz top
     }
     /// Busy-waits about `n` iterations (mov ecx, n; loop $).
     pub fn delay(&mut self, n: u32) -> &mut Self {
@@ -202,9 +203,8 @@ impl Asm {
         let top = self.here();
         self.inb(0x64);
         // test al, 1 ; jz top
-        self.code.extend_from_slice(&[0xa8, 0x01, 0x0f, 0x84]);
-        let rel = top as i64 - (self.code.len() as i64 + 4);
-        self.code.extend_from_slice(&(rel as i32).to_le_bytes());
+        self.code.extend_from_slice(&[0xa8, 0x01]);
+        self.jcc_back(0x84, top);
         self.inb(0x60)
     }
     pub fn bytes(&self) -> &[u8] {

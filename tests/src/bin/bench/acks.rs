@@ -15,6 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tests::tiny::{write_guest, Asm};
+use tests::tiny_virtio::{reg, slot_base};
 
 use crate::launch::{Boot, Vmm, QEMU_EXIT_PORT, QEMU_EXIT_VALUE};
 use crate::proc::Proc;
@@ -23,20 +24,17 @@ use crate::Ctx;
 
 /// Writes of each value per run.
 const WRITES: u32 = 100_000;
-/// Our first virtio-mmio slot (`vmm/src/platform.rs`).
-const OURS_BASE: u32 = 0xd000_0000;
 /// QEMU microvm's first virtio-mmio transport (`hw/i386/microvm.c`,
 /// `VIRTIO_MMIO_BASE`): present with or without a device behind it.
 const MICROVM_BASE: u32 = 0xfeb0_0000;
-const INTERRUPT_ACK: u32 = 0x064;
 
 fn guest(dir: &Path, name: &str, base: u32) -> Result<std::path::PathBuf, String> {
     let path = dir.join(name);
     let mut a = Asm::new();
     a.print("ACK-GO\r\n")
-        .mov_mem32_times(base + INTERRUPT_ACK, 1, WRITES)
+        .mov_mem32_times(base + reg::INTERRUPT_ACK, 1, WRITES)
         .print("ACK-USED\r\n")
-        .mov_mem32_times(base + INTERRUPT_ACK, 2, WRITES)
+        .mov_mem32_times(base + reg::INTERRUPT_ACK, 2, WRITES)
         .print("ACK-CONFIG\r\n")
         .outb(QEMU_EXIT_PORT, QEMU_EXIT_VALUE)
         .outb(0x600, 0x34)
@@ -74,7 +72,7 @@ fn once(cx: &Ctx, v: &Vmm, kernel: &Path, disk: &Path) -> Result<(f64, f64), Str
 }
 
 pub(super) fn acks(cx: &Ctx) -> Result<(), String> {
-    let ours_guest = guest(&cx.tmp.0, "acks-ours.elf", OURS_BASE)?;
+    let ours_guest = guest(&cx.tmp.0, "acks-ours.elf", slot_base(0))?;
     let qemu_guest = guest(&cx.tmp.0, "acks-microvm.elf", MICROVM_BASE)?;
     let disk = cx.tmp.0.join("acks.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).map_err(|e| format!("{}: {e}", disk.display()))?;

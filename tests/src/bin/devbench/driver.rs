@@ -143,7 +143,10 @@ impl Driver {
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_bytes)])
+        // Mapped as the VMM maps guest RAM (2 MiB aligned, advised
+        // `MADV_HUGEPAGE`): the device's copies and ring accesses then see
+        // the page sizes they see in a VM.
+        let mem = devices::virtio::guest_ram(&[(GuestAddress(0), mem_bytes)])
             .map_err(|e| io::Error::other(format!("guest memory: {e}")))?;
         let handle = GuestMemoryHandle::new(mem);
         let mem = handle

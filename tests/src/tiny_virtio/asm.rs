@@ -212,6 +212,21 @@ impl Guest {
             .poweroff();
         self.bind(done)
     }
+    /// Polls the u32 at `addr` until every bit of `mask` is set; after
+    /// [`POLL_ITERATIONS`] prints `TIMEOUT <what>` and powers off.
+    pub fn poll_u32_until_bits(&mut self, addr: u32, mask: u32, what: &str) -> &mut Self {
+        let (top, done) = (self.label(), self.label());
+        self.emit(&[0xb9]).emit32(POLL_ITERATIONS); // mov ecx, n
+        self.bind(top);
+        self.mmio_read32_to_eax(addr)
+            .and_eax(mask)
+            .cmp_eax(mask)
+            .je(done);
+        self.emit(&[0x49]); // dec ecx
+        self.jne(top);
+        self.print("TIMEOUT ").print(what).print("\r\n").poweroff();
+        self.bind(done)
+    }
     /// Polls the u16 at `addr` until it differs from `from` (the value the
     /// caller knows it held before the event it waits for); after
     /// [`POLL_ITERATIONS`] prints `TIMEOUT <what>` and powers off.

@@ -1082,27 +1082,22 @@ fn features_ok_needs_version_1_and_driver_ok_without_queues_needs_reset() {
 // ---------------------------------------------------------------------------
 // 7. Interrupts: InterruptStatus/ACK, and a real IRQ through the IOAPIC
 
-#[test]
-fn used_buffer_interrupts_reach_the_guest_through_the_ioapic() {
-    const IDT: u32 = 0x25_0000;
-    const IDTR: u32 = 0x25_1000;
-    const IRQCOUNT: u32 = 0x25_2000;
-    const IRQISR: u32 = 0x25_2004;
-    const STACK_TOP: u32 = 0x1d_f000;
-    const VECTOR: u8 = 0x30;
-    let dir = TempDir::new("virq");
-    let a = dir.path().join("a.img");
-    let b = dir.path().join("b.img");
-    make_image(&a, 64, 0);
-    let before = make_image(&b, 64, 0);
-    // Slot 1 (the second disk) has GSI 6.
-    let slot = 1;
-    let gsi = 6;
-    let base = slot_base(slot);
+/// Where the interrupt tests keep their IDT and its descriptor, the
+/// handler's count of interrupts and the status it last read, and their
+/// stack; and the vector their GSI is routed to.
+const IDT: u32 = 0x25_0000;
+const IDTR: u32 = 0x25_1000;
+const IRQCOUNT: u32 = 0x25_2000;
+const IRQISR: u32 = 0x25_2004;
+const STACK_TOP: u32 = 0x1d_f000;
+const VECTOR: u8 = 0x30;
 
-    let mut g = Guest::new();
-    // The handler: count, read and acknowledge the device's interrupt
-    // status.
+/// Installs, with interrupts off, a handler for [`VECTOR`] that does what
+/// Linux's `vm_interrupt` does with the device at `base`: counts the
+/// interrupt at [`IRQCOUNT`], reads INTERRUPT_STATUS (kept at [`IRQISR`])
+/// and writes it back to InterruptACK. Interrupts then come through the
+/// IOAPIC only; the caller masks and routes its GSIs.
+fn counting_irq_handler(g: &mut Guest, base: u32) {
     let handler = g.irq_handler(|g| {
         g.inc_mem32(IRQCOUNT)
             .mmio_read32_to_eax(base + reg::INTERRUPT_STATUS)
@@ -1121,13 +1116,28 @@ fn used_buffer_interrupts_reach_the_guest_through_the_ioapic() {
         r.extend_from_slice(&IDT.to_le_bytes());
         r
     });
-    g.place(EXPECT, &before[512..1024]);
     g.cli()
         .set_esp(STACK_TOP)
         .lidt(IDTR)
-        .interrupts_via_ioapic_only()
-        .ioapic_mask(5)
-        .ioapic_mask(gsi);
+        .interrupts_via_ioapic_only();
+}
+
+#[test]
+fn used_buffer_interrupts_reach_the_guest_through_the_ioapic() {
+    let dir = TempDir::new("virq");
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    make_image(&a, 64, 0);
+    let before = make_image(&b, 64, 0);
+    // Slot 1 (the second disk) has GSI 6.
+    let slot = 1;
+    let gsi = 6;
+    let base = slot_base(slot);
+
+    let mut g = Guest::new();
+    counting_irq_handler(&mut g, base);
+    g.place(EXPECT, &before[512..1024]);
+    g.ioapic_mask(5).ioapic_mask(gsi);
     let mut q = blk_setup(&mut g, slot);
     // Polled, with the GSI masked: the status register says "used buffer".
     g.blk_request(
@@ -1646,12 +1656,6 @@ fn event_idx_suppresses_interrupts_and_publishes_avail_event() {
 #[test]
 fn with_event_idx_and_the_used_bit_left_set_exactly_the_wanted_completions_interrupt() {
     const F_EVENT_IDX: u32 = 1 << 29;
-    const IDT: u32 = 0x25_0000;
-    const IDTR: u32 = 0x25_1000;
-    const IRQCOUNT: u32 = 0x25_2000;
-    const IRQISR: u32 = 0x25_2004;
-    const STACK_TOP: u32 = 0x1d_f000;
-    const VECTOR: u8 = 0x30;
     // The LAPIC's IRR holds 32 vectors per register, 16 bytes apart.
     const IRR: u32 = LAPIC + 0x200 + 0x10 * (VECTOR as u32 / 32);
     const IRR_BIT: u32 = 1 << (VECTOR % 32);
@@ -1662,29 +1666,8 @@ fn with_event_idx_and_the_used_bit_left_set_exactly_the_wanted_completions_inter
     let (base, gsi) = (slot_base(0), 5);
     let isr = base + reg::INTERRUPT_STATUS;
     let mut g = Guest::new();
-    let handler = g.irq_handler(|g| {
-        g.inc_mem32(IRQCOUNT)
-            .mmio_read32_to_eax(isr)
-            .store_eax(IRQISR)
-            .store_eax(base + reg::INTERRUPT_ACK);
-    });
-    g.place(IDT, &{
-        let mut idt = vec![0u8; 8 * (usize::from(VECTOR) + 1)];
-        idt[8 * usize::from(VECTOR)..]
-            .copy_from_slice(&tests::tiny_virtio::interrupt_gate(handler));
-        idt
-    });
-    g.place(IDTR, &{
-        let mut r = Vec::new();
-        r.extend_from_slice(&(8 * (u16::from(VECTOR) + 1) - 1).to_le_bytes());
-        r.extend_from_slice(&IDT.to_le_bytes());
-        r
-    });
-    g.cli()
-        .set_esp(STACK_TOP)
-        .lidt(IDTR)
-        .interrupts_via_ioapic_only()
-        .ioapic_mask(gsi);
+    counting_irq_handler(&mut g, base);
+    g.ioapic_mask(gsi);
     let mut q = VirtQueue::new(base, 0, QUEUE0, 8);
     let used_event = q.avail + 4 + 2 * u32::from(q.size);
     g.virtio_init(base, F_EVENT_IDX)
